@@ -1,0 +1,83 @@
+"""Calibration text -> a fixed (samples, seqlen) tensor of token windows, reproducible from a seed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import StreamSVDError
+
+DEFAULT_CALIBRATION = "pydoc"  # Python's own reference docs: real English, in every CPython, no download
+
+
+def default_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def read_text_file(path: Path) -> str:
+    """Plain text, or .jsonl with a "text" field per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise StreamSVDError(f"calibration file {path} does not exist", "check the --calib path")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix != ".jsonl":
+        return raw
+    texts = []
+    for lineno, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            texts.append(str(json.loads(line)["text"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise StreamSVDError(
+                f"{path}:{lineno} is not a JSON object with a \"text\" field", 'write one {"text": ...} object per line'
+            ) from e
+    return "\n\n".join(texts)
+
+
+def load_texts(paths: list[str] | None) -> tuple[str, str]:
+    """(text, source description)."""
+    if not paths:
+        return default_text(), "pydoc_data.topics (Python reference documentation, built in)"
+    text = "\n\n".join(read_text_file(Path(p)) for p in paths)
+    return text, ", ".join(str(p) for p in paths)
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer prepends BOS by itself (Gemma's does and needs it; SmolLM2's does not)."""
+    ids = tokenizer("a")["input_ids"]
+    return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
+
+
+def tokenize(tokenizer, text: str) -> tuple[torch.Tensor, int | None]:
+    """All tokens of `text` without special tokens, and the BOS id to start each window with (or None)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long), (tokenizer.bos_token_id if adds_bos(tokenizer) else None)
+
+
+def sample_windows(tokenizer, text: str, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`samples` windows of `seqlen` tokens at random offsets (with replacement, as SVD-LLM/GPTQ do)."""
+    if not text.strip():
+        raise StreamSVDError("the calibration text is empty", "pass a --calib file that contains text")
+    tokens, bos = tokenize(tokenizer, text)
+    body = seqlen - (1 if bos is not None else 0)
+    if tokens.numel() < body + 1:
+        raise StreamSVDError(
+            f"the calibration text has {tokens.numel()} tokens, fewer than one window of --seqlen {seqlen}",
+            "give more calibration text or a smaller --seqlen",
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - body + 1, (samples,), generator=gen)
+    windows = torch.stack([tokens[s : s + body] for s in starts.tolist()])
+    if bos is not None:
+        windows = torch.cat([torch.full((samples, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows

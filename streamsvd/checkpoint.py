@@ -1,0 +1,146 @@
+"""Lazy, validated reading of a Hugging Face safetensors checkpoint (one tensor at a time).
+
+Every shard's header is checked up front (present, parseable, not truncated), so a bad checkpoint
+fails in a second with a clear message instead of an hour into a job.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse a safetensors header and check that the file holds every byte it promises."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("file is shorter than a safetensors header")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8:
+                raise ValueError("header length runs past the end of the file")
+            header = json.loads(f.read(header_len))
+            if not isinstance(header, dict) or not all(
+                k == "__metadata__" or (isinstance(v, dict) and len(v.get("data_offsets", ())) == 2)
+                for k, v in header.items()
+            ):
+                raise ValueError("the header is not a safetensors tensor table")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e})",
+            "re-download or re-export that shard; the checkpoint is corrupt or truncated",
+        ) from e
+    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + data_end > size:
+        raise CheckpointError(
+            f"{path} is truncated: it has {size} bytes but its header needs {8 + header_len + data_end}",
+            "re-download or re-export that shard (an interrupted copy or download leaves this)",
+        )
+    return header
+
+
+class Checkpoint:
+    """A checkpoint directory: config, tensor-to-shard map, memory-mapped reads on demand."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"model directory {self.dir} does not exist", "check the MODEL_DIR path")
+        config_path = self.dir / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(
+                f"{self.dir} has no config.json",
+                "point MODEL_DIR at a Hugging Face checkpoint directory (config.json + *.safetensors); "
+                "for a GGUF file run `streamsvd import-gguf FILE DIR` first",
+            )
+        try:
+            self.config_dict = json.loads(config_path.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{config_path} is not valid JSON ({e})", "restore the original config.json") from e
+        if not isinstance(self.config_dict, dict):
+            raise CheckpointError(f"{config_path} is not a JSON object", "restore the original config.json")
+        self.weight_map = self._read_weight_map()
+        self.headers = {shard: read_safetensors_header(self.dir / shard) for shard in sorted(set(self.weight_map.values()))}
+        for name, shard in self.weight_map.items():
+            if name not in self.headers[shard]:
+                raise CheckpointError(
+                    f"{INDEX_NAME} says {name} is in {shard}, but that shard does not hold it",
+                    "the index and the shards are from different checkpoints; re-download them together",
+                )
+        self._handles: dict[str, object] = {}
+
+    def _read_weight_map(self) -> dict[str, str]:
+        index_path = self.dir / INDEX_NAME
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{index_path} is not a valid index ({e})", "re-download the index file") from e
+            missing = sorted({s for s in weight_map.values() if not (self.dir / s).is_file()})
+            if missing:
+                raise CheckpointError(
+                    f"{index_path.name} names shard(s) that are missing: {', '.join(missing)}",
+                    f"copy the missing shard files into {self.dir}",
+                )
+            return dict(weight_map)
+        single = self.dir / SINGLE_NAME
+        if single.is_file():
+            header = read_safetensors_header(single)
+            return {k: SINGLE_NAME for k in header if k != "__metadata__"}
+        if list(self.dir.glob("*.safetensors")):
+            raise CheckpointError(
+                f"{self.dir} has safetensors shards but no {INDEX_NAME}",
+                f"copy the {INDEX_NAME} that came with the shards",
+            )
+        raise CheckpointError(
+            f"{self.dir} holds no safetensors weights (no {SINGLE_NAME} or {INDEX_NAME})",
+            "convert the checkpoint to safetensors (transformers' save_pretrained does), or import a GGUF "
+            "file with `streamsvd import-gguf`",
+        )
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def dtype_name(self, name: str) -> str:
+        return self.headers[self.weight_map[name]][name]["dtype"]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.headers[self.weight_map[name]][name]["shape"])
+
+    def numel(self, name: str) -> int:
+        n = 1
+        for d in self.shape(name):
+            n *= d
+        return n
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise CheckpointError(
+                f"tensor {name} is missing from the checkpoint in {self.dir}",
+                "the checkpoint does not match its config.json; re-download or re-export it",
+            )
+        shard = self.weight_map[name]
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.dir / shard), framework="pt", device="cpu")
+        return self._handles[shard].get_tensor(name)
+
+    def fingerprint(self) -> dict:
+        """What identifies this checkpoint for resume checks: config and shard sizes."""
+        return {
+            "config": self.config_dict,
+            "shards": {s: (self.dir / s).stat().st_size for s in sorted(self.headers)},
+        }

@@ -1,0 +1,155 @@
+"""The `streamsvd` command line. Every user-facing failure ends as one `error:` line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import StreamSVDError
+
+EPILOG = "Run `streamsvd COMMAND --help` for each command's flags."
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="compress a checkpoint (streaming, resumable)",
+        description="Compress every linear layer of the decoder blocks of MODEL_DIR by activation-aware truncated "
+        "SVD, one block at a time, and write the result to OUT_DIR. Rerun the same command after an "
+        "interruption to resume.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint: config.json, safetensors, tokenizer")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="new or empty directory, or the OUT_DIR of an interrupted job to resume")
+    p.add_argument("--ratio", type=float, default=0.4, help="fraction of each compressed linear's parameters to remove, in (0, 1) (default 0.4)")
+    p.add_argument("--max-mem", default=None, help="memory budget, e.g. 24G or 512M; sizes the batches (default: 75%% of available RAM)")
+    p.add_argument("--calib", action="append", default=[], metavar="FILE",
+                   help="calibration text: plain text or .jsonl with a \"text\" field; repeat for several files "
+                   "(default: Python's built-in reference documentation)")
+    p.add_argument("--calib-samples", type=int, default=64, help="number of calibration windows (default 64)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for choosing the calibration windows (default 0)")
+    p.add_argument("--method", choices=["eig", "cholesky", "svd"], default="eig",
+                   help="eig: SVD-LLM V2 loss-optimised truncation (default, never fails on singular statistics); "
+                   "cholesky: SVD-LLM whitening; svd: plain SVD of the weights (baseline, ignores activations)")
+    p.add_argument("--propagate", choices=["compressed", "original"], default="compressed",
+                   help="feed each block the outputs of the compressed (default) or original previous blocks")
+    p.add_argument("--act-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype of the on-disk block activations (default float32; 16-bit halves the disk use)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a checkpoint or streamsvd output",
+                       description="Perplexity over non-overlapping windows of --text, for an original checkpoint "
+                       "or a streamsvd OUT_DIR.")
+    p.add_argument("model", metavar="MODEL_OR_OUT", help="checkpoint directory or streamsvd OUT_DIR")
+    p.add_argument("--text", action="append", required=True, metavar="FILE", help="evaluation text (plain or .jsonl); repeatable")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows (default: all)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_import(sub) -> None:
+    p = sub.add_parser("import-gguf", help="turn a GGUF file into a safetensors checkpoint",
+                       description="Dequantise a GGUF model file to an ordinary Hugging Face safetensors checkpoint "
+                       "that `streamsvd run` reads.")
+    p.add_argument("gguf", metavar="GGUF", help="the .gguf file")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="new directory for the checkpoint")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weight dtype (default float32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamsvd", description="Streaming truncated-SVD compression of decoder LLMs "
+                                     "under a memory budget.", epilog=EPILOG)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"streamsvd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_eval(sub)
+    _add_import(sub)
+    return parser
+
+
+def cmd_run(args) -> int:
+    from .memory import format_size, parse_size
+    from .pipeline import JobConfig, run_job
+
+    cfg = JobConfig(
+        model_dir=Path(args.model_dir), out_dir=Path(args.out_dir), ratio=args.ratio,
+        max_mem=parse_size(args.max_mem) if args.max_mem else None, calib=args.calib,
+        calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, method=args.method,
+        propagate=args.propagate, act_dtype=args.act_dtype, progress=not args.no_progress,
+    )
+    report = run_job(cfg)
+    print(
+        f"done: {args.out_dir}\n"
+        f"  compressed linears: ratio {report['ratio_linear']:.3f} "
+        f"({report['linear_params_before']:,} -> {report['linear_params_after']:,} parameters)\n"
+        f"  whole model:        ratio {report['ratio_model']:.3f} "
+        f"({report['model_params_before']:,} -> {report['model_params_after']:,} parameters)\n"
+        f"  this run: {report['seconds_this_run']:.1f} s, peak RSS {format_size(report['peak_rss_bytes'])}, "
+        f"batch {report['batch_size']}\n"
+        f"  report: {Path(args.out_dir) / 'streamsvd_report.md'}"
+    )
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .calibration import load_texts
+    from .evaluate import perplexity
+    from .loading import load
+    from .pipeline import _load_tokenizer
+
+    if args.seqlen < 2:
+        raise StreamSVDError(f"--seqlen {args.seqlen} is too short", "use at least 2 tokens per window")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise StreamSVDError(f"--max-windows {args.max_windows} is not positive", "use at least 1, or leave it out")
+    model = load(args.model)
+    tokenizer = _load_tokenizer(Path(args.model))
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and args.seqlen > limit:
+        raise StreamSVDError(f"--seqlen {args.seqlen} is longer than the model allows ({limit})", f"use --seqlen {limit} or less")
+    text, source = load_texts(args.text)
+    result = perplexity(model, tokenizer, text, args.seqlen, args.max_windows, progress=not args.no_progress)
+    result = {"model": args.model, "text": source, **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:.3f} over {result['tokens_scored']} tokens "
+              f"({result['windows']} windows of {args.seqlen}) of {source}")
+    return 0
+
+
+def cmd_import_gguf(args) -> int:
+    import torch
+
+    from .gguf_import import import_gguf
+
+    out = import_gguf(Path(args.gguf), Path(args.out_dir), dtype=getattr(torch, args.dtype))
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "import-gguf": cmd_import_gguf}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except StreamSVDError as e:
+        print(f"error: {e.problem}", file=sys.stderr)
+        if e.fix:
+            print(f"  fix: {e.fix}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished blocks are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Activation-aware truncated SVD of one weight matrix.
+
+Both methods minimise ||W X^T - W' X^T||_F over rank-k W' given only the Gram G = X^T X, and both
+return a spectrum whose truncated tail is exactly that loss: sqrt(sum of dropped sigma^2).
+
+- "eig" (SVD-LLM V2's loss-optimised truncation, the default): G = Q diag(l) Q^T, S = Q diag(sqrt l),
+  SVD of W S = U diag(s) V^T, and W' = U_k U_k^T W. Nothing is inverted, so a singular or
+  rank-deficient G (few calibration tokens, dead channels) cannot make it fail.
+- "cholesky" (SVD-LLM's truncation-aware whitening): G = S S^T by Cholesky (shifted as SVD-LLM does
+  when G is not positive definite), W' = U_k diag(s_k) V_k^T S^{-1}. Same optimum when G is PD.
+- "svd": plain SVD of W (G ignored), the activation-unaware baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("eig", "cholesky", "svd")
+
+
+@dataclass
+class Factors:
+    out_factor: torch.Tensor  # (out, k)
+    in_factor: torch.Tensor  # (k, in)
+    spectrum: torch.Tensor  # all singular values of the whitened matrix, descending, float64
+    shift: float = 0.0  # diagonal added to G before Cholesky (0 when G was positive definite)
+
+    @property
+    def rank(self) -> int:
+        return self.in_factor.shape[0]
+
+    def truncation_loss(self) -> float:
+        """Predicted ||W X^T - W' X^T||_F (exact for eig; for cholesky, on the shifted Gram)."""
+        return float(self.spectrum[self.rank :].pow(2).sum().sqrt())
+
+
+def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
+    """Rank that removes `ratio` of the parameters of an out x in matrix: k = floor(mn(1-R)/(m+n))."""
+    m, n = out_features, in_features
+    return max(1, int(m * n * (1.0 - ratio) // (m + n)))
+
+
+def factorize(weight: torch.Tensor, gram: torch.Tensor | None, rank: int, method: str = "eig") -> Factors:
+    """Factor `weight` (out x in) into (out x k) @ (k x in), computed in float64."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    w = weight.detach().to(torch.float64)
+    m, n = w.shape
+    rank = min(rank, m, n)
+    if method == "svd" or gram is None:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        root = s[:rank].sqrt()
+        return Factors(u[:, :rank] * root, root[:, None] * vh[:rank], s)
+    g = gram.detach().to(torch.float64)
+    if g.shape != (n, n):
+        raise ValueError(f"Gram of shape {tuple(g.shape)} does not match weight input size {n}")
+    if method == "eig":
+        return _factorize_eig(w, g, rank)
+    return _factorize_cholesky(w, g, rank)
+
+
+def _factorize_eig(w: torch.Tensor, g: torch.Tensor, rank: int) -> Factors:
+    evals, evecs = torch.linalg.eigh(g)
+    whitened = w @ (evecs * evals.clamp_min(0).sqrt())
+    u, s, _ = torch.linalg.svd(whitened, full_matrices=False)
+    u_k = u[:, :rank]
+    return Factors(u_k, u_k.T @ w, s)
+
+
+def _factorize_cholesky(w: torch.Tensor, g: torch.Tensor, rank: int) -> Factors:
+    shift = 0.0
+    chol, info = torch.linalg.cholesky_ex(g)
+    if info.item() != 0:
+        # SVD-LLM's remedy: lift the spectrum so the smallest eigenvalue becomes slightly positive.
+        smallest = float(torch.linalg.eigvalsh(g)[0])
+        shift = -smallest + 1e-6 * max(1.0, float(g.diagonal().abs().mean()))
+        chol = torch.linalg.cholesky(g + shift * torch.eye(g.shape[0], dtype=g.dtype))
+    u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
+    root = s[:rank].sqrt()
+    # V_k^T S^{-1}: solve S^T Z^T = V_k instead of forming the inverse.
+    v_k_sinv = torch.linalg.solve_triangular(chol.T, vh[:rank].T, upper=True, left=True)
+    return Factors(u[:, :rank] * root, root[:, None] * v_k_sinv.T, s, shift)

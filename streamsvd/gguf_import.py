@@ -1,0 +1,131 @@
+"""Turn a GGUF file into an ordinary Hugging Face checkpoint.
+
+The rest of streamsvd reads safetensors one tensor at a time; GGUF is quantised and has its own
+tensor names, so it is dequantised once here (by transformers) and written out in HF layout. The
+output is built in a hidden sibling directory and renamed into place at the end, so an interrupted
+import never leaves a directory that looks like a finished checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoint import INDEX_NAME, SINGLE_NAME
+from .errors import StreamSVDError
+
+
+def import_gguf(gguf_path, out_dir, dtype=torch.float32, max_shard_size="2GB") -> Path:
+    """Dequantise `gguf_path` into an HF checkpoint at `out_dir` (which must not hold anything)."""
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    _check_inputs(gguf_path, out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.importing-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_checkpoint(gguf_path, tmp, dtype, max_shard_size)
+        _check_tensor_names(tmp)
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # an empty target is allowed; rename cannot replace it portably
+        try:
+            os.rename(tmp, out_dir)
+        except OSError as e:
+            raise StreamSVDError(
+                f"could not move the imported checkpoint into {out_dir} ({e})",
+                "something else wrote to that directory during the import; pick a new OUT_DIR",
+            ) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _check_inputs(gguf_path: Path, out_dir: Path) -> None:
+    if not gguf_path.is_file():
+        raise StreamSVDError(f"GGUF file {gguf_path} does not exist", "check the path to the .gguf file")
+    try:
+        with open(gguf_path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise StreamSVDError(f"GGUF file {gguf_path} cannot be read ({e})", "check its permissions") from e
+    if magic != b"GGUF":
+        raise StreamSVDError(
+            f"{gguf_path} is not a GGUF file (it does not start with the GGUF magic bytes)",
+            "pass a .gguf model file; split downloads must be concatenated in order first",
+        )
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise StreamSVDError(
+            f"output directory {out_dir} already exists and is not empty",
+            "pick a new OUT_DIR or remove that one; an import never overwrites existing files",
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _write_checkpoint(gguf_path: Path, tmp: Path, dtype, max_shard_size) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, name = str(gguf_path.parent), gguf_path.name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        raise StreamSVDError(
+            f"transformers could not read {gguf_path} ({type(e).__name__}: {e})",
+            "check that the file is complete and that its architecture is one transformers "
+            "supports for GGUF (llama, gemma3, qwen2, mistral, ...)",
+        ) from e
+    # transformers refuses to save a model it still believes is quantised; the weights are already
+    # plain dequantised tensors, so dropping the GGUF marker is all that is needed.
+    with contextlib.suppress(AttributeError):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(tmp)
+    for f in tmp.iterdir():  # safetensors shards come out 0600; a shared cache needs them readable
+        f.chmod(0o644)
+
+
+def saved_tensor_names(ckpt_dir: Path) -> set[str]:
+    """Names of the tensors stored in a checkpoint, from its index or its single file's header."""
+    ckpt_dir = Path(ckpt_dir)
+    index = ckpt_dir / INDEX_NAME
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt_dir / SINGLE_NAME), framework="pt") as f:
+        return set(f.keys())
+
+
+def _check_tensor_names(ckpt_dir: Path) -> None:
+    """Fail the import if the saved names are not the ones the model class loads.
+
+    transformers may rename tensors on save (checkpoint conversion mappings); if it ever did so
+    here, the streaming code, which maps tensor names to modules itself, would silently miss them.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(ckpt_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    state = model.state_dict(keep_vars=True)
+    first_name: dict[int, str] = {}
+    tied = set()
+    for k, v in state.items():  # a tied weight appears under two names with one Parameter
+        if id(v) in first_name:
+            tied.add(k)
+        else:
+            first_name[id(v)] = k
+    expected, saved = set(state), saved_tensor_names(ckpt_dir)
+    missing, unexpected = expected - saved - tied, saved - expected
+    if missing or unexpected:
+        raise StreamSVDError(
+            f"the imported checkpoint's tensor names do not match {type(model).__name__}: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}",
+            "this transformers version renames tensors on save for this architecture; "
+            "report it with the transformers version and the model type",
+        )

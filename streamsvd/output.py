@@ -1,0 +1,101 @@
+"""OUT_DIR layout: shards written as blocks finish, the index last (mergekit's TensorWriter idea).
+
+A reader (streamsvd.load, transformers) only trusts OUT_DIR once the index exists and the state
+file says complete, so an interrupted job never looks like a finished model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
+from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json
+
+REPORT_JSON = "streamsvd_report.json"
+REPORT_MD = "streamsvd_report.md"
+SPECTRA_DIR = "spectra"
+
+
+def block_shard_name(shard: int, total: int) -> str:
+    return f"model-{shard:05d}-of-{total:05d}.safetensors"
+
+
+class OutputWriter:
+    def __init__(self, out_dir: Path, checkpoint: Checkpoint, n_layers: int, layers_path: str = "model.layers"):
+        self.dir = Path(out_dir)
+        self.ckpt = checkpoint
+        self.n_layers = n_layers
+        self.layers_prefix = layers_path + "."
+        self.total_shards = n_layers + 1
+
+    def prepare(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / SPECTRA_DIR).mkdir(exist_ok=True)
+        for stale in list(self.dir.glob(".*.tmp-*")) + list((self.dir / SPECTRA_DIR).glob(".*.tmp-*")):
+            stale.unlink()  # left by a killed process; never renamed into place
+
+    def _save(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp), metadata={"format": "pt"})
+
+    def write_extra_shard(self) -> None:
+        """Tensors outside the decoder layers (embeddings, final norm, untied head), copied unchanged."""
+        tensors = {k: self.ckpt.get(k) for k in self.ckpt.keys() if not k.startswith(self.layers_prefix)}
+        self._save(self.dir / block_shard_name(1, self.total_shards), tensors)
+
+    def write_block(self, index: int, tensors: dict[str, torch.Tensor], spectra: dict[str, torch.Tensor]) -> None:
+        self._save(self.dir / SPECTRA_DIR / f"block-{index:05d}.safetensors", spectra)
+        self._save(self.dir / block_shard_name(index + 2, self.total_shards), tensors)
+
+    def finish(self, config_section: dict, report: dict) -> None:
+        for src in sorted(self.ckpt.dir.iterdir()):
+            if src.is_file() and not _is_weight_file(src.name) and src.name != "config.json":
+                shutil.copyfile(src, self.dir / src.name)
+        config = dict(self.ckpt.config_dict)
+        config["streamsvd"] = config_section
+        atomic_write_json(self.dir / "config.json", config)
+        atomic_write_json(self.dir / REPORT_JSON, report)
+        atomic_write_bytes(self.dir / REPORT_MD, markdown_report(report).encode())
+        weight_map, total_size = {}, 0
+        for shard in range(1, self.total_shards + 1):
+            name = block_shard_name(shard, self.total_shards)
+            with open(self.dir / name, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            for key, info in header.items():
+                if key != "__metadata__":
+                    weight_map[key] = name
+                    total_size += info["data_offsets"][1] - info["data_offsets"][0]
+        atomic_write_json(self.dir / INDEX_NAME, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+
+    def read_report(self) -> dict:
+        return json.loads((self.dir / REPORT_JSON).read_text())
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(".safetensors") or name in (INDEX_NAME, SINGLE_NAME) or name.startswith("streamsvd_")
+
+
+def markdown_report(report: dict) -> str:
+    lines = [
+        "# streamsvd report",
+        "",
+        f"- model: `{report['model_dir']}`",
+        f"- method: {report['method']}, requested ratio {report['ratio_requested']:.3f}",
+        f"- compressed linears: {report['linear_params_before']:,} -> {report['linear_params_after']:,} parameters "
+        f"(ratio {report['ratio_linear']:.3f})",
+        f"- whole model: {report['model_params_before']:,} -> {report['model_params_after']:,} parameters "
+        f"(ratio {report['ratio_model']:.3f})",
+        f"- calibration: {report['calibration']['samples']} x {report['calibration']['seqlen']} tokens of "
+        f"{report['calibration']['source']} (seed {report['calibration']['seed']})",
+        "",
+        "| module | out x in | rank | truncation loss (RMS per token) |",
+        "|---|---|---|---|",
+    ]
+    for name, m in report["modules"].items():
+        lines.append(f"| {name} | {m['out_features']} x {m['in_features']} | {m['rank']} | {m['truncation_loss']:.4g} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,337 @@
+"""`streamsvd run`: stream calibration activations through the model block by block and compress.
+
+One block is in memory at a time. For each block: accumulate the Gram of every distinct linear
+input (pass 1), factor each linear, then push the inputs through the compressed block to make the
+next block's inputs (pass 2). The shard, the spectra and the next inputs are on disk before the
+state file says the block is done, so a killed job resumes at the first unfinished block.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .activations import DTYPES as ACT_DTYPES
+from .activations import ActivationFile
+from .architecture import (
+    decoder_layers,
+    empty_model,
+    layer_prefix,
+    linear_modules,
+    load_config,
+    load_layer,
+    materialize_base,
+    max_positions,
+)
+from .calibration import load_texts, sample_windows, text_digest
+from .capture import capture_layer_kwargs, first_layer_inputs, run_layer
+from .checkpoint import Checkpoint
+from .errors import StreamSVDError
+from .factorize import METHODS, factorize, rank_for_ratio
+from .gram import GramAccumulator
+from .lowrank import LowRankLinear, replace_module
+from .memory import choose_batch_size, default_budget, per_sample_bytes
+from .output import OutputWriter
+from .state import JobState, fingerprint
+
+COMPUTE_DTYPE = torch.float32
+WORK_DIR_NAME = ".streamsvd-work"
+
+
+@dataclass
+class JobConfig:
+    model_dir: Path
+    out_dir: Path
+    ratio: float = 0.4
+    method: str = "eig"
+    max_mem: int | None = None
+    calib: list[str] = field(default_factory=list)
+    calib_samples: int = 64
+    seqlen: int = 512
+    seed: int = 0
+    propagate: str = "compressed"
+    act_dtype: str = "float32"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not 0.0 < self.ratio < 1.0:
+            raise StreamSVDError(
+                f"--ratio {self.ratio} is out of range", "give the fraction of parameters to remove, between 0 and 1 (e.g. 0.4)"
+            )
+        if self.method not in METHODS:
+            raise StreamSVDError(f"unknown --method {self.method!r}", f"choose one of {', '.join(METHODS)}")
+        if self.propagate not in ("compressed", "original"):
+            raise StreamSVDError(f"unknown --propagate {self.propagate!r}", "choose compressed or original")
+        if self.act_dtype not in ACT_DTYPES:
+            raise StreamSVDError(f"unknown --act-dtype {self.act_dtype!r}", f"choose one of {', '.join(ACT_DTYPES)}")
+        if self.max_mem is not None and self.max_mem <= 0:
+            raise StreamSVDError(f"--max-mem {self.max_mem} is not a positive size", "give a budget such as 8G")
+        if self.calib_samples < 1:
+            raise StreamSVDError(f"--calib-samples {self.calib_samples} is not positive", "use at least 1 sample")
+        if self.seqlen < 2:
+            raise StreamSVDError(f"--seqlen {self.seqlen} is too short", "use at least 2 tokens per window")
+
+
+class _GramCollector:
+    """Forward pre-hooks that give each distinct linear input one Gram (q/k/v share, gate/up share)."""
+
+    def __init__(self, linears: dict[str, nn.Linear]):
+        self.grams: dict[str, GramAccumulator] = {}
+        self.group_of: dict[str, str] = {}
+        self._batch_inputs: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
+
+    def _hook(self, name):
+        def fn(module, inputs):
+            x = inputs[0]
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            seen = self._batch_inputs.get(key)
+            if seen is None:
+                # Holding x keeps its memory from being reused by another input within this batch.
+                self._batch_inputs[key] = (name, x)
+                leader = self.group_of.setdefault(name, name)
+                self.grams.setdefault(leader, GramAccumulator(x.shape[-1])).add_batch(x)
+            else:
+                self.group_of.setdefault(name, self.group_of[seen[0]])
+
+        return fn
+
+    def next_batch(self) -> None:
+        self._batch_inputs.clear()
+
+    def close(self) -> None:
+        self.next_batch()
+        for h in self._handles:
+            h.remove()
+
+
+def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str) -> dict:
+    """Everything that changes the output bytes; a resume must match it exactly."""
+    return {
+        "checkpoint": ckpt.fingerprint(),
+        "ratio": cfg.ratio,
+        "method": cfg.method,
+        "calib_digest": text_digest(text),
+        "calib_samples": cfg.calib_samples,
+        "seqlen": cfg.seqlen,
+        "seed": cfg.seed,
+        "propagate": cfg.propagate,
+        "act_dtype": cfg.act_dtype,
+        "version": __version__,
+    }
+
+
+class CompressionJob:
+    def __init__(self, cfg: JobConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.ckpt = Checkpoint(cfg.model_dir)
+        self.config = load_config(self.ckpt)
+        limit = max_positions(self.config)
+        if limit is not None and cfg.seqlen > limit:
+            raise StreamSVDError(
+                f"--seqlen {cfg.seqlen} is longer than the model allows ({limit} positions)",
+                f"use --seqlen {limit} or less",
+            )
+        self.tokenizer = _load_tokenizer(self.ckpt.dir)
+        self.text, self.text_source = load_texts(cfg.calib)
+        self.out = OutputWriter(cfg.out_dir, self.ckpt, self.config.num_hidden_layers)
+        self.state = JobState.open(cfg.out_dir, fingerprint(job_identity(cfg, self.ckpt, self.text)))
+        self.work = Path(cfg.out_dir) / WORK_DIR_NAME
+        # Everything that can reject the input runs before anything is written to OUT_DIR.
+        self.windows = sample_windows(self.tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
+        self.model = empty_model(self.config, COMPUTE_DTYPE)
+        self.batch_size = self._batch_size()
+
+    # ---------------------------------------------------------------- setup
+    def _batch_size(self) -> int:
+        if self.state.batch_size:
+            return self.state.batch_size
+        c = self.config
+        layer_params = sum(self.ckpt.numel(k) for k in self.ckpt.keys() if k.startswith(layer_prefix(self.model, 0)))
+        widest = max(c.hidden_size, getattr(c, "intermediate_size", c.hidden_size))
+        embed = sum(p.numel() for n, p in self.model.model.named_parameters() if not n.startswith("layers."))
+        fixed = 4 * (embed + 3 * layer_params) + 8 * 4 * widest * widest  # weights, factors, Grams + SVD work
+        per_sample = per_sample_bytes(
+            self.cfg.seqlen, c.hidden_size, getattr(c, "intermediate_size", 4 * c.hidden_size), c.num_attention_heads
+        )
+        budget = self.cfg.max_mem if self.cfg.max_mem is not None else default_budget()
+        return choose_batch_size(budget, fixed, per_sample, self.cfg.calib_samples)
+
+    def _activation_file(self, name: str, create: bool) -> ActivationFile:
+        shape = (self.cfg.calib_samples, self.cfg.seqlen, self.config.hidden_size)
+        return ActivationFile(self.work / name, shape, self.cfg.act_dtype, create=create)
+
+    def _batches(self, n: int):
+        for start in range(0, n, self.batch_size):
+            yield start, min(n, start + self.batch_size)
+
+    # ---------------------------------------------------------------- run
+    def run(self, on_block_done=None) -> dict:
+        if self.state.complete:
+            return self.out.read_report()
+        started = time.time()
+        self.out.prepare()
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.state.batch_size = self.batch_size
+        self.state.save(self.out.dir)
+        materialize_base(self.model, self.ckpt, COMPUTE_DTYPE)
+        self.layer_args = capture_layer_kwargs(self.model, self.windows[:1])
+        if self.state.inputs_file is None:
+            self._embed(self.windows)
+        if not self.state.extra_shard_done:
+            self.out.write_extra_shard()
+            self.state.extra_shard_done = True
+            self.state.save(self.out.dir)
+        n_layers = len(decoder_layers(self.model))
+        bar = tqdm(total=n_layers, initial=self.state.blocks_done, desc="blocks", unit="block", disable=not self.cfg.progress)
+        for index in range(self.state.blocks_done, n_layers):
+            self._compress_block(index)
+            bar.update(1)
+            if on_block_done is not None:
+                on_block_done(index)
+        bar.close()
+        report = self._report(time.time() - started)
+        self.out.finish(self._config_section(), report)
+        self.state.complete = True
+        self.state.save(self.out.dir)
+        shutil.rmtree(self.work, ignore_errors=True)
+        return report
+
+    def _embed(self, windows: torch.Tensor) -> None:
+        acts = self._activation_file("acts-0.bin", create=True)
+        for start, stop in tqdm(list(self._batches(len(windows))), desc="embed", leave=False, disable=not self.cfg.progress):
+            acts.write(start, first_layer_inputs(self.model, windows[start:stop]))
+        acts.sync()
+        self.state.inputs_file = acts.path.name
+        self.state.save(self.out.dir)
+
+    @torch.no_grad()
+    def _compress_block(self, index: int) -> None:
+        cfg = self.cfg
+        prefix = layer_prefix(self.model, index)
+        layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
+        args, kwargs = self.layer_args[index]
+        src = self._activation_file(self.state.inputs_file, create=False)
+        dst_name = "acts-1.bin" if self.state.inputs_file == "acts-0.bin" else "acts-0.bin"
+        dst = self._activation_file(dst_name, create=True)
+        batches = list(self._batches(cfg.calib_samples))
+        show = cfg.progress
+
+        linears = linear_modules(layer)
+        collector = _GramCollector(linears)
+        for start, stop in tqdm(batches, desc=f"block {index} stats", leave=False, disable=not show):
+            out = run_layer(layer, src.read(start, stop), args, kwargs)
+            collector.next_batch()
+            if cfg.propagate == "original":
+                dst.write(start, out)
+        collector.close()
+
+        tensors: dict[str, torch.Tensor] = {}
+        spectra: dict[str, torch.Tensor] = {}
+        for name, linear in linears.items():
+            full = prefix + name
+            store_dtype = _torch_dtype(self.ckpt.dtype_name(full + ".weight"))
+            rank = rank_for_ratio(linear.out_features, linear.in_features, cfg.ratio)
+            gram = collector.grams[collector.group_of[name]]
+            f = factorize(linear.weight, gram.gram, rank, cfg.method)
+            in_f, out_f = f.in_factor.to(store_dtype), f.out_factor.to(store_dtype)
+            tensors[full + ".in_factor"], tensors[full + ".out_factor"] = in_f, out_f
+            bias = self.ckpt.get(full + ".bias") if (full + ".bias") in self.ckpt else None
+            if bias is not None:
+                tensors[full + ".bias"] = bias
+            spectra[full] = f.spectrum.to(torch.float32)
+            self.state.modules[full] = {
+                "in_features": linear.in_features,
+                "out_features": linear.out_features,
+                "rank": f.rank,
+                "input_group": prefix + collector.group_of[name],
+                "truncation_loss": f.truncation_loss(),
+                "cholesky_shift": f.shift,
+            }
+            replace_module(
+                layer,
+                name,
+                LowRankLinear.from_factors(
+                    out_f.to(COMPUTE_DTYPE), in_f.to(COMPUTE_DTYPE), None if bias is None else bias.to(COMPUTE_DTYPE)
+                ),
+            )
+        replaced = {prefix + n + s for n in linears for s in (".weight", ".bias")}
+        for key in self.ckpt.keys():
+            if key.startswith(prefix) and key not in replaced:
+                tensors[key] = self.ckpt.get(key)
+
+        if cfg.propagate == "compressed":
+            for start, stop in tqdm(batches, desc=f"block {index} propagate", leave=False, disable=not show):
+                dst.write(start, run_layer(layer, src.read(start, stop), args, kwargs))
+        dst.sync()
+        self.out.write_block(index, tensors, spectra)
+        self.state.blocks_done = index + 1
+        self.state.inputs_file = dst_name
+        self.state.save(self.out.dir)
+
+    # ---------------------------------------------------------------- summary
+    def _config_section(self) -> dict:
+        return {
+            "version": __version__,
+            "method": self.cfg.method,
+            "ratio": self.cfg.ratio,
+            "ranks": {name: m["rank"] for name, m in self.state.modules.items()},
+            "calibration": {
+                "source": self.text_source,
+                "samples": self.cfg.calib_samples,
+                "seqlen": self.cfg.seqlen,
+                "seed": self.cfg.seed,
+            },
+            "propagate": self.cfg.propagate,
+        }
+
+    def _report(self, seconds: float) -> dict:
+        before = sum(m["in_features"] * m["out_features"] for m in self.state.modules.values())
+        after = sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in self.state.modules.values())
+        total = sum(self.ckpt.numel(k) for k in self.ckpt.keys())
+        return {
+            "model_dir": str(self.cfg.model_dir),
+            "method": self.cfg.method,
+            "ratio_requested": self.cfg.ratio,
+            "linear_params_before": before,
+            "linear_params_after": after,
+            "ratio_linear": 1 - after / before,
+            "model_params_before": total,
+            "model_params_after": total - before + after,
+            "ratio_model": (before - after) / total,
+            "calibration": self._config_section()["calibration"],
+            "batch_size": self.batch_size,
+            "seconds_this_run": round(seconds, 2),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "modules": self.state.modules,
+        }
+
+
+def _torch_dtype(safetensors_dtype: str) -> torch.dtype:
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[safetensors_dtype]
+
+
+def _load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise StreamSVDError(
+            f"cannot load a tokenizer from {model_dir} ({str(e).splitlines()[0]})",
+            "copy the tokenizer files (tokenizer.json, tokenizer_config.json) into MODEL_DIR",
+        ) from e
+
+
+def run_job(cfg: JobConfig, on_block_done=None) -> dict:
+    return CompressionJob(cfg).run(on_block_done=on_block_done)
+

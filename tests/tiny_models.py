@@ -1,0 +1,67 @@
+"""Tiny random checkpoints of every supported family, built from configs (no hub, no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from streamsvd.calibration import default_text
+
+VOCAB = 384
+
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=None,
+)
+
+CONFIGS = {
+    "llama": dict(COMMON, tie_word_embeddings=False),
+    "mistral": dict(COMMON, sliding_window=None),
+    "qwen2": dict(COMMON, tie_word_embeddings=True),
+    "gemma3_text": dict(
+        COMMON,
+        num_hidden_layers=4,
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=16,
+    ),
+}
+
+
+def tiny_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([default_text()[:200_000]], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    if add_bos:
+        from tokenizers import processors
+
+        fast._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return fast
+
+
+def make_tiny_checkpoint(model_type: str, path: Path, seed: int = 0, max_shard_size: str = "100KB",
+                         dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    """A random model of `model_type` saved as a sharded safetensors checkpoint with a tokenizer."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **dict(CONFIGS[model_type], **overrides))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    tiny_tokenizer(add_bos=model_type.startswith("gemma")).save_pretrained(path)
+    return Path(path)
