@@ -42,8 +42,36 @@ def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
     return max(1, int(m * n * (1.0 - ratio) // (m + n)))
 
 
-def factorize(weight: torch.Tensor, gram: torch.Tensor | None, rank: int, method: str = "eig") -> Factors:
-    """Factor `weight` (out x in) into (out x k) @ (k x in), computed in float64."""
+@dataclass
+class Whitening:
+    """S with G = S S^T, computed once per distinct input and shared by the linears reading it."""
+
+    method: str
+    s: torch.Tensor  # eig: Q diag(sqrt l); cholesky: lower-triangular Cholesky factor
+    shift: float = 0.0
+
+
+def whiten(gram: torch.Tensor, method: str = "eig") -> Whitening:
+    g = gram.detach().to(torch.float64)
+    if method == "eig":
+        evals, evecs = torch.linalg.eigh(g)
+        return Whitening(method, evecs * evals.clamp_min(0).sqrt())
+    if method != "cholesky":
+        raise ValueError(f"no whitening for method {method!r}")
+    chol, info = torch.linalg.cholesky_ex(g)
+    if info.item() == 0:
+        return Whitening(method, chol)
+    # SVD-LLM's remedy: lift the spectrum so the smallest eigenvalue becomes slightly positive.
+    smallest = float(torch.linalg.eigvalsh(g)[0])
+    shift = -smallest + 1e-6 * max(1.0, float(g.diagonal().abs().mean()))
+    return Whitening(method, torch.linalg.cholesky(g + shift * torch.eye(g.shape[0], dtype=g.dtype)), shift)
+
+
+def factorize(weight: torch.Tensor, gram: torch.Tensor | Whitening | None, rank: int, method: str = "eig") -> Factors:
+    """Factor `weight` (out x in) into (out x k) @ (k x in), computed in float64.
+
+    `gram` may be the input Gram or its Whitening (pass that when several weights share an input).
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     w = weight.detach().to(torch.float64)
@@ -53,32 +81,17 @@ def factorize(weight: torch.Tensor, gram: torch.Tensor | None, rank: int, method
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         root = s[:rank].sqrt()
         return Factors(u[:, :rank] * root, root[:, None] * vh[:rank], s)
-    g = gram.detach().to(torch.float64)
-    if g.shape != (n, n):
-        raise ValueError(f"Gram of shape {tuple(g.shape)} does not match weight input size {n}")
+    white = gram if isinstance(gram, Whitening) else whiten(gram, method)
+    if white.method != method:
+        raise ValueError(f"whitening was computed for {white.method!r}, not {method!r}")
+    if white.s.shape != (n, n):
+        raise ValueError(f"whitening of shape {tuple(white.s.shape)} does not match weight input size {n}")
+    u, s, vh = torch.linalg.svd(w @ white.s, full_matrices=False)
     if method == "eig":
-        return _factorize_eig(w, g, rank)
-    return _factorize_cholesky(w, g, rank)
-
-
-def _factorize_eig(w: torch.Tensor, g: torch.Tensor, rank: int) -> Factors:
-    evals, evecs = torch.linalg.eigh(g)
-    whitened = w @ (evecs * evals.clamp_min(0).sqrt())
-    u, s, _ = torch.linalg.svd(whitened, full_matrices=False)
-    u_k = u[:, :rank]
-    return Factors(u_k, u_k.T @ w, s)
-
-
-def _factorize_cholesky(w: torch.Tensor, g: torch.Tensor, rank: int) -> Factors:
-    shift = 0.0
-    chol, info = torch.linalg.cholesky_ex(g)
-    if info.item() != 0:
-        # SVD-LLM's remedy: lift the spectrum so the smallest eigenvalue becomes slightly positive.
-        smallest = float(torch.linalg.eigvalsh(g)[0])
-        shift = -smallest + 1e-6 * max(1.0, float(g.diagonal().abs().mean()))
-        chol = torch.linalg.cholesky(g + shift * torch.eye(g.shape[0], dtype=g.dtype))
-    u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
+        # W' = U_k U_k^T W: the same optimum as U_k S_k V_k^T S^{-1}, with nothing inverted.
+        u_k = u[:, :rank]
+        return Factors(u_k, u_k.T @ w, s)
     root = s[:rank].sqrt()
     # V_k^T S^{-1}: solve S^T Z^T = V_k instead of forming the inverse.
-    v_k_sinv = torch.linalg.solve_triangular(chol.T, vh[:rank].T, upper=True, left=True)
-    return Factors(u[:, :rank] * root, root[:, None] * v_k_sinv.T, s, shift)
+    v_k_sinv = torch.linalg.solve_triangular(white.s.T, vh[:rank].T, upper=True, left=True)
+    return Factors(u[:, :rank] * root, root[:, None] * v_k_sinv.T, s, white.shift)

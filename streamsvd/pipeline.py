@@ -35,7 +35,7 @@ from .calibration import load_texts, sample_windows, text_digest
 from .capture import capture_layer_kwargs, first_layer_inputs, run_layer
 from .checkpoint import Checkpoint
 from .errors import StreamSVDError
-from .factorize import METHODS, factorize, rank_for_ratio
+from .factorize import METHODS, Whitening, factorize, rank_for_ratio, whiten
 from .gram import GramAccumulator
 from .lowrank import LowRankLinear, replace_module
 from .memory import choose_batch_size, default_budget, per_sample_bytes
@@ -237,12 +237,15 @@ class CompressionJob:
 
         tensors: dict[str, torch.Tensor] = {}
         spectra: dict[str, torch.Tensor] = {}
+        whitenings: dict[str, Whitening] = {}
         for name, linear in linears.items():
             full = prefix + name
             store_dtype = _torch_dtype(self.ckpt.dtype_name(full + ".weight"))
             rank = rank_for_ratio(linear.out_features, linear.in_features, cfg.ratio)
-            gram = collector.grams[collector.group_of[name]]
-            f = factorize(linear.weight, gram.gram, rank, cfg.method)
+            group = collector.group_of[name]
+            if cfg.method != "svd" and group not in whitenings:
+                whitenings[group] = whiten(collector.grams[group].gram, cfg.method)
+            f = factorize(linear.weight, whitenings.get(group), rank, cfg.method)
             in_f, out_f = f.in_factor.to(store_dtype), f.out_factor.to(store_dtype)
             tensors[full + ".in_factor"], tensors[full + ".out_factor"] = in_f, out_f
             bias = self.ckpt.get(full + ".bias") if (full + ".bias") in self.ckpt else None
