@@ -3,7 +3,6 @@ output that looks complete, and nothing already finished is lost.
 
 Every case runs `streamsvd.cli.main([...])` in-process and reads stderr with capsys; two cases run the
 real console script in a subprocess to prove the exit code and the absence of a traceback end to end.
-Tests marked "BUG" in their docstring expose a defect in the package and fail until it is fixed.
 """
 
 from __future__ import annotations
@@ -131,7 +130,7 @@ def test_config_not_valid_json(capsys, model, out):
 
 
 def test_config_json_not_an_object(capsys, model, out):
-    """BUG: a config.json that is valid JSON but not an object ([...]) escapes as AttributeError."""
+    """A config.json that is valid JSON but not an object ([...])."""
     (model / "config.json").write_text("[1, 2]")
     rc = cli(["run", model, out, *FAST])
     assert_clean_error(capsys, rc, "config.json")
@@ -174,7 +173,7 @@ def test_shard_corrupt_header(capsys, model, out, where):
 
 @pytest.mark.parametrize("header", ["[]", '{"x": {"dtype": "F32", "shape": [1]}}'], ids=["list", "no_offsets"])
 def test_shard_header_is_json_but_not_safetensors(capsys, model, out, header):
-    """BUG: a header that parses as JSON but is not a safetensors header escapes as AttributeError/KeyError."""
+    """A header that parses as JSON but is not a safetensors tensor table."""
     shard = shard_of(model, LAYER_TENSOR)
     data = bytearray(shard.read_bytes())
     n = int.from_bytes(data[:8], "little")
@@ -256,7 +255,7 @@ def test_max_mem_unreadable(capsys, pristine, out):
 
 
 def test_max_mem_zero_is_rejected(capsys, pristine, out, long_text):
-    """BUG: `--max-mem 0` is silently replaced by the default budget (pipeline.py `max_mem or default_budget()`)."""
+    """`--max-mem 0` is refused, not silently replaced by the default budget."""
     rc = cli(["run", pristine, out, "--max-mem", "0", "--calib", long_text, *FAST])
     assert_clean_error(capsys, rc, "--max-mem")
     assert_not_complete(out)
@@ -295,8 +294,8 @@ def test_calib_path_missing(capsys, pristine, out, tmp_path):
 
 @pytest.mark.parametrize("problem", ["empty", "short"])
 def test_following_the_calib_fix_works_in_the_same_out_dir(capsys, pristine, out, tmp_path, long_text, problem):
-    """BUG: a calibration error is raised only after OUT_DIR and its state file were written, so the
-    rerun that follows the printed fix (other text / other --seqlen) is refused as "a different job"."""
+    """A calibration error is raised before OUT_DIR is written, so the rerun that follows the printed
+    fix (other text / other --seqlen) is not refused as "a different job"."""
     calib = tmp_path / "bad.txt"
     calib.write_text("" if problem == "empty" else "hello world")
     rc = cli(["run", pristine, out, "--calib", calib, *FAST])
@@ -321,7 +320,7 @@ def test_out_dir_not_empty_and_not_a_job(capsys, pristine, out):
 
 
 def test_out_dir_is_a_file(capsys, pristine, tmp_path):
-    """BUG: OUT_DIR naming an existing file escapes as NotADirectoryError (state.py, JobState.open)."""
+    """OUT_DIR naming an existing file."""
     target = tmp_path / "a-file"
     target.write_text("mine")
     rc = cli(["run", pristine, target, *FAST])
@@ -377,10 +376,9 @@ def test_eval_empty_text(capsys, pristine, tmp_path):
 @pytest.mark.parametrize("flags", [["--seqlen", "0"], ["--seqlen", "1"], ["--seqlen", "-5"],
                                    ["--seqlen", "16", "--max-windows", "-1"]], ids=lambda f: "".join(f))
 def test_eval_bad_window_settings(capsys, pristine, tmp_path, long_text, flags):
-    """BUG: eval never validates --seqlen / --max-windows; these end in ZeroDivisionError (evaluate.py).
+    """Eval validates --seqlen / --max-windows before loading anything.
 
-    The text is kept short for the --seqlen cases: with --seqlen 1 eval scores one model forward per token
-    of the text (minutes on a long file) before it crashes."""
+    The text is kept short for the --seqlen cases, so a regression (one forward per token) stays quick."""
     text = long_text
     if "--max-windows" not in flags:
         text = tmp_path / "short.txt"

@@ -39,29 +39,35 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     p.add_argument("--methods", nargs="+", default=["eig", "cholesky"], choices=["eig", "cholesky", "svd"])
+    p.add_argument("--calib", choices=["shakespeare", "pydoc"], default="shakespeare",
+                   help="calibration text: the CALIB_PLAYS, or streamsvd's built-in default (Python's reference docs)")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--max-mem", default="8G")
+    p.add_argument("--skip-original", action="store_true", help="do not re-measure the uncompressed model")
     p.add_argument("--work", type=Path, default=assets.cache_root() / "bench", help="where outputs go (default: the cache)")
     args = p.parse_args()
 
     model = assets.smollm2_checkpoint()
     calib, held_out = assets.shakespeare_text(assets.CALIB_PLAYS), assets.shakespeare_text(assets.EVAL_PLAYS)
-    common = {"model": "SmolLM2-135M-Instruct (Q4_1 dequantised, float32)", "calib_text": "+".join(assets.CALIB_PLAYS),
+    calib_flags = ["--calib", str(calib)] if args.calib == "shakespeare" else []
+    common = {"model": "SmolLM2-135M-Instruct (Q4_1 dequantised, float32)",
+              "calib_text": "+".join(assets.CALIB_PLAYS) if args.calib == "shakespeare" else "pydoc_data.topics",
               "eval_text": "+".join(assets.EVAL_PLAYS), "calib_samples": args.calib_samples, "seqlen": args.seqlen,
               "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows}
-    base = evaluate(model, held_out, args.eval_seqlen, args.eval_windows)
-    print(json.dumps({**common, "method": "original", "ratio": 0.0, "ppl": base["perplexity"], "tokens_scored": base["tokens_scored"]}), flush=True)
+    base = evaluate(model, held_out, args.eval_seqlen, args.eval_windows)  # ppl_before of every row
+    if not args.skip_original:
+        print(json.dumps({**common, "method": "original", "ratio": 0.0, "ppl": base["perplexity"], "tokens_scored": base["tokens_scored"]}), flush=True)
     for method in args.methods:
         for ratio in args.ratios:
             out = args.work / f"smollm2-{method}-{ratio}"
             shutil.rmtree(out, ignore_errors=True)
             start = time.time()
-            _streamsvd(*["run", str(model), str(out), "--ratio", str(ratio), "--method", method,
-                                     "--calib", str(calib), "--calib-samples", str(args.calib_samples),
-                                     "--seqlen", str(args.seqlen), "--max-mem", args.max_mem, "--no-progress"])
+            _streamsvd("run", str(model), str(out), "--ratio", str(ratio), "--method", method, *calib_flags,
+                       "--calib-samples", str(args.calib_samples), "--seqlen", str(args.seqlen),
+                       "--max-mem", args.max_mem, "--no-progress")
             wall = time.time() - start
             report = json.loads((out / "streamsvd_report.json").read_text())
             after = evaluate(out, held_out, args.eval_seqlen, args.eval_windows)
