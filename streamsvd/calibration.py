@@ -81,3 +81,15 @@ def sample_windows(tokenizer, text: str, samples: int, seqlen: int, seed: int) -
     if bos is not None:
         windows = torch.cat([torch.full((samples, 1), bos, dtype=torch.long), windows], dim=1)
     return windows
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise StreamSVDError(
+            f"cannot load a tokenizer from {model_dir} ({str(e).splitlines()[0]})",
+            "copy the tokenizer files (tokenizer.json, tokenizer_config.json) into MODEL_DIR",
+        ) from e

@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args) -> int:
     from .memory import format_size, parse_size
     from .pipeline import JobConfig, run_job
+    from .state import read_state
 
     cfg = JobConfig(
         model_dir=Path(args.model_dir), out_dir=Path(args.out_dir), ratio=args.ratio,
@@ -84,14 +85,16 @@ def cmd_run(args) -> int:
         calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, method=args.method,
         propagate=args.propagate, act_dtype=args.act_dtype, progress=not args.no_progress,
     )
+    state = read_state(cfg.out_dir) if cfg.out_dir.is_dir() else None
     report = run_job(cfg)
+    finished_before = state is not None and state.complete
     print(
-        f"done: {args.out_dir}\n"
+        f"{'already complete, nothing to do' if finished_before else 'done'}: {args.out_dir}\n"
         f"  compressed linears: ratio {report['ratio_linear']:.3f} "
         f"({report['linear_params_before']:,} -> {report['linear_params_after']:,} parameters)\n"
         f"  whole model:        ratio {report['ratio_model']:.3f} "
         f"({report['model_params_before']:,} -> {report['model_params_after']:,} parameters)\n"
-        f"  this run: {report['seconds_this_run']:.1f} s, peak RSS {format_size(report['peak_rss_bytes'])}, "
+        f"  {'that' if finished_before else 'this'} run: {report['seconds_this_run']:.1f} s, peak RSS {format_size(report['peak_rss_bytes'])}, "
         f"batch {report['batch_size']}\n"
         f"  report: {Path(args.out_dir) / 'streamsvd_report.md'}"
     )
@@ -99,17 +102,16 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .calibration import load_texts
+    from .calibration import load_texts, load_tokenizer
     from .evaluate import perplexity
     from .loading import load
-    from .pipeline import _load_tokenizer
 
     if args.seqlen < 2:
         raise StreamSVDError(f"--seqlen {args.seqlen} is too short", "use at least 2 tokens per window")
     if args.max_windows is not None and args.max_windows < 1:
         raise StreamSVDError(f"--max-windows {args.max_windows} is not positive", "use at least 1, or leave it out")
     model = load(args.model)
-    tokenizer = _load_tokenizer(Path(args.model))
+    tokenizer = load_tokenizer(Path(args.model))
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and args.seqlen > limit:
         raise StreamSVDError(f"--seqlen {args.seqlen} is longer than the model allows ({limit})", f"use --seqlen {limit} or less")

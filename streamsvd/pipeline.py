@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from .architecture import (
     materialize_base,
     max_positions,
 )
-from .calibration import load_texts, sample_windows, text_digest
+from .calibration import load_texts, load_tokenizer, sample_windows, text_digest
 from .capture import capture_layer_kwargs, first_layer_inputs, run_layer
 from .checkpoint import Checkpoint
 from .errors import StreamSVDError
@@ -141,7 +142,7 @@ class CompressionJob:
                 f"--seqlen {cfg.seqlen} is longer than the model allows ({limit} positions)",
                 f"use --seqlen {limit} or less",
             )
-        self.tokenizer = _load_tokenizer(self.ckpt.dir)
+        self.tokenizer = load_tokenizer(self.ckpt.dir)
         self.text, self.text_source = load_texts(cfg.calib)
         self.out = OutputWriter(cfg.out_dir, self.ckpt, self.config.num_hidden_layers)
         self.state = JobState.open(cfg.out_dir, fingerprint(job_identity(cfg, self.ckpt, self.text)))
@@ -169,6 +170,10 @@ class CompressionJob:
     def _activation_file(self, name: str, create: bool) -> ActivationFile:
         shape = (self.cfg.calib_samples, self.cfg.seqlen, self.config.hidden_size)
         return ActivationFile(self.work / name, shape, self.cfg.act_dtype, create=create)
+
+    def _inner_bars(self) -> bool:
+        """Per-batch bars only on a terminal: in a log file they would bury the per-block bar."""
+        return self.cfg.progress and sys.stderr.isatty()
 
     def _batches(self, n: int):
         for start in range(0, n, self.batch_size):
@@ -208,7 +213,7 @@ class CompressionJob:
 
     def _embed(self, windows: torch.Tensor) -> None:
         acts = self._activation_file("acts-0.bin", create=True)
-        for start, stop in tqdm(list(self._batches(len(windows))), desc="embed", leave=False, disable=not self.cfg.progress):
+        for start, stop in tqdm(list(self._batches(len(windows))), desc="embed", leave=False, disable=not self._inner_bars()):
             acts.write(start, first_layer_inputs(self.model, windows[start:stop]))
         acts.sync()
         self.state.inputs_file = acts.path.name
@@ -224,7 +229,7 @@ class CompressionJob:
         dst_name = "acts-1.bin" if self.state.inputs_file == "acts-0.bin" else "acts-0.bin"
         dst = self._activation_file(dst_name, create=True)
         batches = list(self._batches(cfg.calib_samples))
-        show = cfg.progress
+        show = self._inner_bars()
 
         linears = linear_modules(layer)
         collector = _GramCollector(linears)
@@ -321,18 +326,6 @@ class CompressionJob:
 
 def _torch_dtype(safetensors_dtype: str) -> torch.dtype:
     return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[safetensors_dtype]
-
-
-def _load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise StreamSVDError(
-            f"cannot load a tokenizer from {model_dir} ({str(e).splitlines()[0]})",
-            "copy the tokenizer files (tokenizer.json, tokenizer_config.json) into MODEL_DIR",
-        ) from e
 
 
 def run_job(cfg: JobConfig, on_block_done=None) -> dict:

@@ -46,14 +46,14 @@ def main() -> None:
     import streamsvd as sv
     from transformers import AutoTokenizer
 
-    compressed = sv.load(args.out)
     tokenizer = AutoTokenizer.from_pretrained(args.out)
-    print("\n>>> streamsvd.load(OUT_DIR).generate(...)")
-    for prompt in ("The capital of France is", "To be, or not to be:"):
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        out = compressed.generate(ids, max_new_tokens=24, do_sample=False, repetition_penalty=1.3)
-        print(repr(tokenizer.decode(out[0], skip_special_tokens=True)))
-
+    for label, path in (("original", model), ("compressed", args.out)):
+        loaded = sv.load(path)
+        print(f"\n>>> streamsvd.load({label}).generate(..., greedy, no_repeat_ngram_size=3)")
+        for prompt in ("To be, or not to be:", "Once upon a time", "The capital of France is"):
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            out = loaded.generate(ids, max_new_tokens=24, do_sample=False, no_repeat_ngram_size=3)
+            print(repr(tokenizer.decode(out[0], skip_special_tokens=True)))
 
 if __name__ == "__main__":
     main()
