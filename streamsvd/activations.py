@@ -1,4 +1,8 @@
-"""Hidden states at a block boundary, kept on disk so RAM holds one batch, not the calibration set."""
+"""Hidden states at a block boundary, kept on disk so RAM holds one batch, not the calibration set.
+
+Files are allocated in full when created: a sparse memmap whose disk fills up kills the process
+with SIGBUS mid-write, while an allocation fails at once with a clear error.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .diskspace import allocate, disk_full_error, is_disk_full
 
 DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16)}
 
@@ -19,7 +25,15 @@ class ActivationFile:
             raise ValueError(f"activation dtype must be one of {sorted(DTYPES)}")
         self.path, self.shape, self.dtype = Path(path), tuple(shape), dtype
         np_dtype, self.torch_dtype = DTYPES[dtype]
-        self.array = np.memmap(self.path, dtype=np_dtype, mode="w+" if create else "r+", shape=self.shape)
+        if create:
+            try:
+                allocate(self.path, activation_bytes(self.shape, dtype))
+            except OSError as e:
+                if is_disk_full(e):
+                    self.path.unlink(missing_ok=True)
+                    raise disk_full_error(self.path) from e
+                raise
+        self.array = np.memmap(self.path, dtype=np_dtype, mode="r+", shape=self.shape)
 
     def write(self, start: int, hidden: torch.Tensor) -> None:
         data = hidden.detach().to(self.torch_dtype).contiguous()
@@ -43,4 +57,8 @@ class ActivationFile:
             os.close(fd)
 
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * self.array.dtype.itemsize
+        return activation_bytes(self.shape, self.dtype)
+
+
+def activation_bytes(shape: tuple[int, int, int], dtype: str) -> int:
+    return int(np.prod(shape)) * np.dtype(DTYPES[dtype][0]).itemsize

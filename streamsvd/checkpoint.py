@@ -127,6 +127,10 @@ class Checkpoint:
             n *= d
         return n
 
+    def nbytes(self, name: str) -> int:
+        start, stop = self.headers[self.weight_map[name]][name]["data_offsets"]
+        return stop - start
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise CheckpointError(

@@ -37,6 +37,9 @@ def _add_run(sub) -> None:
                    help="feed each block the outputs of the compressed (default) or original previous blocks")
     p.add_argument("--act-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype of the on-disk block activations (default float32; 16-bit halves the disk use)")
+    p.add_argument("--work-dir", default=None, metavar="DIR",
+                   help="where the block activations are kept while the job runs (two files of calib-samples x "
+                   "seqlen x hidden each; default: OUT_DIR/.streamsvd-work); a fast local disk helps")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -84,6 +87,7 @@ def cmd_run(args) -> int:
         max_mem=parse_size(args.max_mem) if args.max_mem else None, calib=args.calib,
         calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, method=args.method,
         propagate=args.propagate, act_dtype=args.act_dtype, progress=not args.no_progress,
+        work_dir=Path(args.work_dir) if args.work_dir else None,
     )
     state = read_state(cfg.out_dir) if cfg.out_dir.is_dir() else None
     report = run_job(cfg)
@@ -147,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.problem}", file=sys.stderr)
         if e.fix:
             print(f"  fix: {e.fix}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        from .diskspace import is_disk_full
+
+        if not is_disk_full(e):
+            raise
+        print(f"error: the disk is full ({e})", file=sys.stderr)
+        print("  fix: free space on that disk and run the same command again: finished work is kept", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished blocks are kept; run the same command again to resume", file=sys.stderr)

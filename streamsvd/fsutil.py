@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 from pathlib import Path
 
-from .errors import StreamSVDError
+from .diskspace import disk_full_error, is_disk_full
 
 
 def fsync_dir(path: Path) -> None:
@@ -30,14 +29,10 @@ def atomic_path(path: Path):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except OSError as e:
+    except Exception as e:
         _remove_quietly(tmp)
-        if e.errno == errno.ENOSPC:
-            raise StreamSVDError(
-                f"the disk is full while writing {path}",
-                "free space on that disk (or pick another OUT_DIR / --work-dir) and run the same "
-                "command again: finished blocks are kept and the job resumes",
-            ) from e
+        if is_disk_full(e):
+            raise disk_full_error(path) from e
         raise
     except BaseException:
         _remove_quietly(tmp)

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
+from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, read_safetensors_header
+from .errors import CheckpointError
 from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json
 
 REPORT_JSON = "streamsvd_report.json"
@@ -42,20 +43,42 @@ class OutputWriter:
     def _save(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
         with atomic_path(path) as tmp:
             save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp), metadata={"format": "pt"})
+            tmp.chmod(0o644)  # safetensors creates files 0600; an output model is meant to be shared
+
+    def extra_names(self) -> list[str]:
+        return [k for k in self.ckpt.keys() if not k.startswith(self.layers_prefix)]
+
+    def extra_path(self) -> Path:
+        return self.dir / block_shard_name(1, self.total_shards)
+
+    def block_path(self, index: int) -> Path:
+        return self.dir / block_shard_name(index + 2, self.total_shards)
+
+    def spectra_path(self, index: int) -> Path:
+        return self.dir / SPECTRA_DIR / f"block-{index:05d}.safetensors"
 
     def write_extra_shard(self) -> None:
         """Tensors outside the decoder layers (embeddings, final norm, untied head), copied unchanged."""
-        tensors = {k: self.ckpt.get(k) for k in self.ckpt.keys() if not k.startswith(self.layers_prefix)}
-        self._save(self.dir / block_shard_name(1, self.total_shards), tensors)
+        self._save(self.extra_path(), {k: self.ckpt.get(k) for k in self.extra_names()})
 
     def write_block(self, index: int, tensors: dict[str, torch.Tensor], spectra: dict[str, torch.Tensor]) -> None:
-        self._save(self.dir / SPECTRA_DIR / f"block-{index:05d}.safetensors", spectra)
-        self._save(self.dir / block_shard_name(index + 2, self.total_shards), tensors)
+        self._save(self.spectra_path(index), spectra)
+        self._save(self.block_path(index), tensors)
+
+    def block_intact(self, index: int) -> bool:
+        """Whether a finished block's files are still there and whole (a user may have removed one)."""
+        return _intact(self.spectra_path(index)) and _intact(self.block_path(index))
+
+    def extra_intact(self) -> bool:
+        return _intact(self.extra_path())
+
+    def other_files(self) -> list[Path]:
+        """Files copied from MODEL_DIR unchanged at the end (tokenizer, generation config, ...)."""
+        return [p for p in sorted(self.ckpt.dir.iterdir()) if p.is_file() and not _is_weight_file(p.name) and p.name != "config.json"]
 
     def finish(self, config_section: dict, report: dict) -> None:
-        for src in sorted(self.ckpt.dir.iterdir()):
-            if src.is_file() and not _is_weight_file(src.name) and src.name != "config.json":
-                shutil.copyfile(src, self.dir / src.name)
+        for src in self.other_files():
+            shutil.copyfile(src, self.dir / src.name)
         config = dict(self.ckpt.config_dict)
         config["streamsvd"] = config_section
         atomic_write_json(self.dir / "config.json", config)
@@ -74,6 +97,14 @@ class OutputWriter:
 
     def read_report(self) -> dict:
         return json.loads((self.dir / REPORT_JSON).read_text())
+
+
+def _intact(path: Path) -> bool:
+    try:
+        read_safetensors_header(path)
+    except CheckpointError:
+        return False
+    return True
 
 
 def _is_weight_file(name: str) -> bool:

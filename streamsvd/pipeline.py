@@ -3,7 +3,9 @@
 One block is in memory at a time. For each block: accumulate the Gram of every distinct linear
 input (pass 1), factor each linear, then push the inputs through the compressed block to make the
 next block's inputs (pass 2). The shard, the spectra and the next inputs are on disk before the
-state file says the block is done, so a killed job resumes at the first unfinished block.
+state file says the block is done, so a killed job resumes at the first unfinished block. The
+activation files are scratch: if they are lost (another --work-dir, a cleaned /tmp) or a finished
+shard was removed, the inputs are rebuilt from the finished blocks instead of starting over.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
 from .activations import DTYPES as ACT_DTYPES
-from .activations import ActivationFile
+from .activations import ActivationFile, activation_bytes
 from .architecture import (
     decoder_layers,
     empty_model,
@@ -35,6 +38,7 @@ from .architecture import (
 from .calibration import load_texts, load_tokenizer, sample_windows, text_digest
 from .capture import capture_layer_kwargs, first_layer_inputs, run_layer
 from .checkpoint import Checkpoint
+from .diskspace import check_free_space
 from .errors import StreamSVDError
 from .factorize import METHODS, Whitening, factorize, rank_for_ratio, whiten
 from .gram import GramAccumulator
@@ -60,6 +64,7 @@ class JobConfig:
     seed: int = 0
     propagate: str = "compressed"
     act_dtype: str = "float32"
+    work_dir: Path | None = None  # where the activation files go (default: inside OUT_DIR)
     progress: bool = True
 
     def validate(self) -> None:
@@ -145,12 +150,16 @@ class CompressionJob:
         self.tokenizer = load_tokenizer(self.ckpt.dir)
         self.text, self.text_source = load_texts(cfg.calib)
         self.out = OutputWriter(cfg.out_dir, self.ckpt, self.config.num_hidden_layers)
-        self.state = JobState.open(cfg.out_dir, fingerprint(job_identity(cfg, self.ckpt, self.text)))
-        self.work = Path(cfg.out_dir) / WORK_DIR_NAME
+        job_fp = fingerprint(job_identity(cfg, self.ckpt, self.text))
+        self.state = JobState.open(cfg.out_dir, job_fp)
+        # Under --work-dir, a folder of this job's own, so finishing never removes the user's files.
+        self.work = Path(cfg.out_dir) / WORK_DIR_NAME if cfg.work_dir is None else Path(cfg.work_dir) / f"streamsvd-{job_fp[:12]}"
         # Everything that can reject the input runs before anything is written to OUT_DIR.
         self.windows = sample_windows(self.tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
         self.model = empty_model(self.config, COMPUTE_DTYPE)
         self.batch_size = self._batch_size()
+        if not self.state.complete:
+            check_free_space(self._disk_needs())
 
     # ---------------------------------------------------------------- setup
     def _batch_size(self) -> int:
@@ -166,6 +175,26 @@ class CompressionJob:
         )
         budget = self.cfg.max_mem if self.cfg.max_mem is not None else default_budget()
         return choose_batch_size(budget, fixed, per_sample, self.cfg.calib_samples)
+
+    def _disk_needs(self) -> dict[Path, int]:
+        """Bytes still to be written: the rest of the output, and the two activation files."""
+        act = self._activation_nbytes()
+        work = sum(act for name in ("acts-0.bin", "acts-1.bin") if not _has_size(self.work / name, act))
+        out = sum(p.stat().st_size for p in self.out.other_files())
+        if not self.state.extra_shard_done:
+            out += sum(self.ckpt.nbytes(k) for k in self.out.extra_names())
+        layers = decoder_layers(self.model)
+        for index in range(self.state.blocks_done, len(layers)):
+            prefix = layer_prefix(self.model, index)
+            linears = linear_modules(layers[index])
+            block = sum(self.ckpt.nbytes(k) for k in self.ckpt.keys() if k.startswith(prefix))
+            for name, linear in linears.items():
+                m, n = linear.out_features, linear.in_features
+                rank = rank_for_ratio(m, n, self.cfg.ratio)
+                itemsize = self.ckpt.nbytes(prefix + name + ".weight") // (m * n)
+                block += rank * (m + n) * itemsize - m * n * itemsize + min(m, n) * 4  # factors - weight + spectrum
+            out += block
+        return {Path(self.cfg.out_dir): out, self.work: work}
 
     def _activation_file(self, name: str, create: bool) -> ActivationFile:
         shape = (self.cfg.calib_samples, self.cfg.seqlen, self.config.hidden_size)
@@ -190,8 +219,7 @@ class CompressionJob:
         self.state.save(self.out.dir)
         materialize_base(self.model, self.ckpt, COMPUTE_DTYPE)
         self.layer_args = capture_layer_kwargs(self.model, self.windows[:1])
-        if self.state.inputs_file is None:
-            self._embed(self.windows)
+        self._restore_inputs()
         if not self.state.extra_shard_done:
             self.out.write_extra_shard()
             self.state.extra_shard_done = True
@@ -211,14 +239,69 @@ class CompressionJob:
         shutil.rmtree(self.work, ignore_errors=True)
         return report
 
-    def _embed(self, windows: torch.Tensor) -> None:
+    # ---------------------------------------------------------------- resume
+    def _restore_inputs(self) -> None:
+        """Make sure the inputs of the first unfinished block are on disk, whatever was lost since.
+
+        A finished block whose files are gone or damaged is done again (with every block after it);
+        lost activation files are rebuilt by running the finished blocks again, exactly as they ran
+        (same layers, same batches), so the output stays byte-identical to an uninterrupted run.
+        """
+        state = self.state
+        if state.extra_shard_done and not self.out.extra_intact():
+            state.extra_shard_done = False
+        intact = next((i for i in range(state.blocks_done) if not self.out.block_intact(i)), state.blocks_done)
+        if intact < state.blocks_done:
+            tqdm.write(f"streamsvd: the files of finished block {intact} are missing or damaged; redoing from block {intact}",
+                       file=sys.stderr)
+            state.blocks_done, state.inputs_file = intact, None
+        elif state.inputs_file is not None and _has_size(self.work / state.inputs_file, self._activation_nbytes()):
+            return
+        elif state.blocks_done:
+            tqdm.write(f"streamsvd: the activation files in {self.work} are gone; rebuilding them from the "
+                       f"{state.blocks_done} finished block(s)", file=sys.stderr)
+        name = self._embed(self.windows)
+        for index in tqdm(range(state.blocks_done), desc="rebuild", unit="block", leave=False, disable=not self.cfg.progress or not state.blocks_done):
+            layer = self._finished_layer(index)
+            src = self._activation_file(name, create=False)
+            name = _other(name)
+            dst = self._activation_file(name, create=True)
+            self._propagate(layer, index, src, dst, desc=f"block {index} rebuild")
+            dst.sync()
+        state.inputs_file = name
+        state.save(self.out.dir)
+
+    def _finished_layer(self, index: int) -> nn.Module:
+        """Block `index` as it was when its outputs were propagated: compressed from OUT_DIR, or original."""
+        layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
+        if self.cfg.propagate == "original":
+            return layer
+        prefix = layer_prefix(self.model, index)
+        with safe_open(str(self.out.block_path(index)), framework="pt", device="cpu") as f:
+            stored = set(f.keys())
+            for name in linear_modules(layer):
+                full = prefix + name
+                bias = f.get_tensor(full + ".bias") if full + ".bias" in stored else None
+                replace_module(layer, name, _low_rank(f.get_tensor(full + ".out_factor"), f.get_tensor(full + ".in_factor"), bias))
+        return layer
+
+    def _activation_nbytes(self) -> int:
+        return activation_bytes((self.cfg.calib_samples, self.cfg.seqlen, self.config.hidden_size), self.cfg.act_dtype)
+
+    def _embed(self, windows: torch.Tensor) -> str:
         acts = self._activation_file("acts-0.bin", create=True)
         for start, stop in tqdm(list(self._batches(len(windows))), desc="embed", leave=False, disable=not self._inner_bars()):
             acts.write(start, first_layer_inputs(self.model, windows[start:stop]))
         acts.sync()
-        self.state.inputs_file = acts.path.name
-        self.state.save(self.out.dir)
+        return acts.path.name
 
+    @torch.no_grad()
+    def _propagate(self, layer: nn.Module, index: int, src: ActivationFile, dst: ActivationFile, desc: str) -> None:
+        args, kwargs = self.layer_args[index]
+        for start, stop in tqdm(list(self._batches(self.cfg.calib_samples)), desc=desc, leave=False, disable=not self._inner_bars()):
+            dst.write(start, run_layer(layer, src.read(start, stop), args, kwargs))
+
+    # ---------------------------------------------------------------- one block
     @torch.no_grad()
     def _compress_block(self, index: int) -> None:
         cfg = self.cfg
@@ -226,14 +309,12 @@ class CompressionJob:
         layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
         args, kwargs = self.layer_args[index]
         src = self._activation_file(self.state.inputs_file, create=False)
-        dst_name = "acts-1.bin" if self.state.inputs_file == "acts-0.bin" else "acts-0.bin"
+        dst_name = _other(self.state.inputs_file)
         dst = self._activation_file(dst_name, create=True)
-        batches = list(self._batches(cfg.calib_samples))
-        show = self._inner_bars()
 
         linears = linear_modules(layer)
         collector = _GramCollector(linears)
-        for start, stop in tqdm(batches, desc=f"block {index} stats", leave=False, disable=not show):
+        for start, stop in tqdm(list(self._batches(cfg.calib_samples)), desc=f"block {index} stats", leave=False, disable=not self._inner_bars()):
             out = run_layer(layer, src.read(start, stop), args, kwargs)
             collector.next_batch()
             if cfg.propagate == "original":
@@ -265,21 +346,15 @@ class CompressionJob:
                 "truncation_loss": f.truncation_loss(),
                 "cholesky_shift": f.shift,
             }
-            replace_module(
-                layer,
-                name,
-                LowRankLinear.from_factors(
-                    out_f.to(COMPUTE_DTYPE), in_f.to(COMPUTE_DTYPE), None if bias is None else bias.to(COMPUTE_DTYPE)
-                ),
-            )
+            # Exactly what _finished_layer rebuilds from the saved shard (store dtype, then compute dtype).
+            replace_module(layer, name, _low_rank(out_f, in_f, bias))
         replaced = {prefix + n + s for n in linears for s in (".weight", ".bias")}
         for key in self.ckpt.keys():
             if key.startswith(prefix) and key not in replaced:
                 tensors[key] = self.ckpt.get(key)
 
         if cfg.propagate == "compressed":
-            for start, stop in tqdm(batches, desc=f"block {index} propagate", leave=False, disable=not show):
-                dst.write(start, run_layer(layer, src.read(start, stop), args, kwargs))
+            self._propagate(layer, index, src, dst, desc=f"block {index} propagate")
         dst.sync()
         self.out.write_block(index, tensors, spectra)
         self.state.blocks_done = index + 1
@@ -326,6 +401,21 @@ class CompressionJob:
 
 def _torch_dtype(safetensors_dtype: str) -> torch.dtype:
     return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[safetensors_dtype]
+
+
+def _low_rank(out_factor: torch.Tensor, in_factor: torch.Tensor, bias: torch.Tensor | None) -> LowRankLinear:
+    return LowRankLinear.from_factors(
+        out_factor.to(COMPUTE_DTYPE), in_factor.to(COMPUTE_DTYPE), None if bias is None else bias.to(COMPUTE_DTYPE)
+    )
+
+
+def _other(activation_file: str) -> str:
+    """The two activation files alternate, so a block's inputs are never overwritten while it runs."""
+    return "acts-1.bin" if activation_file == "acts-0.bin" else "acts-0.bin"
+
+
+def _has_size(path: Path, nbytes: int) -> bool:
+    return path.is_file() and path.stat().st_size == nbytes
 
 
 def run_job(cfg: JobConfig, on_block_done=None) -> dict:

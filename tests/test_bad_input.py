@@ -387,6 +387,69 @@ def test_eval_bad_window_settings(capsys, pristine, tmp_path, long_text, flags):
     assert_clean_error(capsys, rc, flags[-2])
 
 
+# ------------------------------------------------------------------------------------------ disk
+def test_not_enough_disk_space_is_refused_before_anything_is_written(capsys, pristine, out, long_text, monkeypatch):
+    import streamsvd.diskspace as diskspace
+
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: 10 << 20)
+    rc = cli(["run", pristine, out, "--calib", long_text, *FAST])
+    assert_clean_error(capsys, rc, "not enough disk space", str(out), "--work-dir")
+    assert not out.exists()
+
+
+def test_disk_space_estimate_matches_what_a_job_writes(pristine, out, long_text):
+    from streamsvd.pipeline import CompressionJob
+
+    cfg = JobConfig(model_dir=pristine, out_dir=out, calib=[str(long_text)], calib_samples=4, seqlen=32, progress=False)
+    job = CompressionJob(cfg)
+    needs = job._disk_needs()
+    job.run()
+    written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and not p.name.startswith("streamsvd_"))
+    assert 0.9 < written / needs[out] < 1.1
+    assert needs[job.work] == 2 * 4 * 32 * 64 * 4  # two float32 activation files
+
+
+def test_disk_full_mid_job_is_one_clear_error_and_the_rerun_resumes(capsys, pristine, out, long_text, monkeypatch):
+    import safetensors
+
+    import streamsvd.output as output
+
+    real_save, calls = output.save_file, []
+
+    def save_until_full(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) > 5:  # extra shard, then (spectra, shard) of blocks 0 and 1, then the disk is full
+            raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(output, "save_file", save_until_full)
+    rc = cli(["run", pristine, out, "--calib", long_text, *FAST])
+    assert_clean_error(capsys, rc, "disk is full", "run the same command again")
+    assert_not_complete(out)
+    assert not list(out.rglob(".*.tmp-*")), "a temporary file was left behind"
+    assert json.loads((out / STATE_NAME).read_text())["blocks_done"] == 2  # the finished blocks are kept
+
+    monkeypatch.setattr(output, "save_file", real_save)
+    assert cli(["run", pristine, out, "--calib", long_text, *FAST]) == 0
+    assert "done:" in capsys.readouterr().out
+    assert (out / INDEX_NAME).is_file()
+
+
+def test_disk_full_when_allocating_activations(capsys, pristine, out, long_text, monkeypatch):
+    import errno
+
+    import streamsvd.diskspace as diskspace
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(diskspace.os, "posix_fallocate", full)
+    rc = cli(["run", pristine, out, "--calib", long_text, *FAST])
+    assert_clean_error(capsys, rc, "disk is full", "acts-0.bin")
+    assert_not_complete(out)
+    assert not list(out.rglob("acts-*.bin"))
+
+
 # ------------------------------------------------------------------------------------------ real script
 @pytest.mark.parametrize("damage", ["deleted_shard", "unsupported_arch"])
 def test_console_script_exit_code_and_no_traceback(model, out, damage):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,20 +28,24 @@ def model_dir(tmp_path_factory):
     return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("m") / "model", num_hidden_layers=5)
 
 
-def _cfg(model_dir, out):
-    return JobConfig(model_dir=model_dir, out_dir=out, ratio=0.4, calib_samples=8, seqlen=40, progress=False)
+def _cfg(model_dir, out, **overrides):
+    return JobConfig(**{**dict(model_dir=model_dir, out_dir=out, ratio=0.4, calib_samples=8, seqlen=40, progress=False), **overrides})
+
+
+def _interrupt_after(block, cfg):
+    """Run cfg as if Ctrl-C came right after `block` finished."""
+    def stop(index):
+        if index == block:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_job(cfg, on_block_done=stop)
 
 
 def test_interrupted_job_resumes_byte_identical(model_dir, tmp_path):
     run_job(_cfg(model_dir, tmp_path / "straight"))
-
-    def stop_after_block_2(index):
-        if index == 2:
-            raise KeyboardInterrupt
-
     out = tmp_path / "interrupted"
-    with pytest.raises(KeyboardInterrupt):
-        run_job(_cfg(model_dir, out), on_block_done=stop_after_block_2)
+    _interrupt_after(2, _cfg(model_dir, out))
     state = json.loads((out / STATE_NAME).read_text())
     assert state["blocks_done"] == 3 and not state["complete"]
     assert not (out / "model.safetensors.index.json").exists()
@@ -85,4 +90,50 @@ def test_sigkill_mid_job_then_resume_is_byte_identical(tmp_path):
 
     done = subprocess.run(cli + [str(model), str(out)] + args[1:], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    assert _files(out) == _files(tmp_path / "straight")
+
+
+@pytest.mark.parametrize("propagate", ["compressed", "original"])
+def test_lost_activation_files_are_rebuilt_from_finished_blocks(model_dir, tmp_path, propagate):
+    """A cleaned scratch disk costs a replay of the finished blocks, not the job, and changes no byte."""
+    run_job(_cfg(model_dir, tmp_path / "straight", propagate=propagate))
+    out = tmp_path / "interrupted"
+    _interrupt_after(2, _cfg(model_dir, out, propagate=propagate))
+    shutil.rmtree(out / ".streamsvd-work")
+
+    resumed_blocks = []
+    run_job(_cfg(model_dir, out, propagate=propagate), on_block_done=resumed_blocks.append)
+    assert resumed_blocks == [3, 4]
+    assert _files(out) == _files(tmp_path / "straight")
+
+
+def test_a_removed_finished_shard_is_redone(model_dir, tmp_path):
+    run_job(_cfg(model_dir, tmp_path / "straight"))
+    out = tmp_path / "interrupted"
+    _interrupt_after(3, _cfg(model_dir, out))
+    index = json.loads((tmp_path / "straight" / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["model.layers.2.mlp.down_proj.in_factor"]
+    (out / shard).unlink()
+
+    resumed_blocks = []
+    run_job(_cfg(model_dir, out), on_block_done=resumed_blocks.append)
+    assert resumed_blocks == [2, 3, 4]  # from the damaged block on, not from the start
+    assert _files(out) == _files(tmp_path / "straight")
+
+
+def test_work_dir_elsewhere_gives_the_same_output_and_leaves_other_files_alone(model_dir, tmp_path):
+    run_job(_cfg(model_dir, tmp_path / "straight"))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "keep.txt").write_text("not streamsvd's")
+    seen = []
+
+    def look(index):
+        seen.extend(p.name for p in scratch.rglob("acts-*.bin"))
+
+    out = tmp_path / "out"
+    run_job(_cfg(model_dir, out, work_dir=scratch), on_block_done=look)
+    assert seen, "the activations were not kept under --work-dir"
+    assert not (out / ".streamsvd-work").exists()
+    assert sorted(p.name for p in scratch.iterdir()) == ["keep.txt"]
     assert _files(out) == _files(tmp_path / "straight")
