@@ -116,7 +116,8 @@ def markdown_report(report: dict) -> str:
         "# streamsvd report",
         "",
         f"- model: `{report['model_dir']}`",
-        f"- method: {report['method']}, requested ratio {report['ratio_requested']:.3f}",
+        f"- method: {report['method']}, requested ratio {report['ratio_requested']:.3f}, so each m x n linear keeps "
+        f"rank k = floor(m n (1 - {report['ratio_requested']}) / (m + n))",
         f"- compressed linears: {report['linear_params_before']:,} -> {report['linear_params_after']:,} parameters "
         f"(ratio {report['ratio_linear']:.3f})",
         f"- whole model: {report['model_params_before']:,} -> {report['model_params_after']:,} parameters "
