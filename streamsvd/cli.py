@@ -146,19 +146,18 @@ COMMANDS = {"run": cmd_run, "eval": cmd_eval, "import-gguf": cmd_import_gguf}
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        try:
+            return COMMANDS[args.command](args)
+        except OSError as e:  # a full disk outside the writers that already report it (e.g. copying the tokenizer)
+            from .diskspace import disk_full_error, is_disk_full
+
+            if not is_disk_full(e):
+                raise
+            raise disk_full_error(e.filename or "OUT_DIR") from e
     except StreamSVDError as e:
         print(f"error: {e.problem}", file=sys.stderr)
         if e.fix:
             print(f"  fix: {e.fix}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        from .diskspace import is_disk_full
-
-        if not is_disk_full(e):
-            raise
-        print(f"error: the disk is full ({e})", file=sys.stderr)
-        print("  fix: free space on that disk and run the same command again: finished work is kept", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished blocks are kept; run the same command again to resume", file=sys.stderr)

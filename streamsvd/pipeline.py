@@ -196,9 +196,11 @@ class CompressionJob:
             out += block
         return {Path(self.cfg.out_dir): out, self.work: work}
 
+    def _activation_shape(self) -> tuple[int, int, int]:
+        return (self.cfg.calib_samples, self.cfg.seqlen, self.config.hidden_size)
+
     def _activation_file(self, name: str, create: bool) -> ActivationFile:
-        shape = (self.cfg.calib_samples, self.cfg.seqlen, self.config.hidden_size)
-        return ActivationFile(self.work / name, shape, self.cfg.act_dtype, create=create)
+        return ActivationFile(self.work / name, self._activation_shape(), self.cfg.act_dtype, create=create)
 
     def _inner_bars(self) -> bool:
         """Per-batch bars only on a terminal: in a log file they would bury the per-block bar."""
@@ -286,7 +288,7 @@ class CompressionJob:
         return layer
 
     def _activation_nbytes(self) -> int:
-        return activation_bytes((self.cfg.calib_samples, self.cfg.seqlen, self.config.hidden_size), self.cfg.act_dtype)
+        return activation_bytes(self._activation_shape(), self.cfg.act_dtype)
 
     def _embed(self, windows: torch.Tensor) -> str:
         acts = self._activation_file("acts-0.bin", create=True)

@@ -435,6 +435,21 @@ def test_disk_full_mid_job_is_one_clear_error_and_the_rerun_resumes(capsys, pris
     assert (out / INDEX_NAME).is_file()
 
 
+def test_disk_full_while_copying_the_model_dir_files(capsys, pristine, out, long_text, monkeypatch):
+    """A full disk in a plain OSError write (copying tokenizer and generation config files) is one clear error."""
+    import errno
+
+    import streamsvd.output as output
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(output.shutil, "copyfile", full)
+    rc = cli(["run", pristine, out, "--calib", long_text, *FAST])
+    assert_clean_error(capsys, rc, "disk is full", str(out))
+    assert not (out / INDEX_NAME).exists()
+
+
 def test_disk_full_when_allocating_activations(capsys, pristine, out, long_text, monkeypatch):
     import errno
 
