@@ -168,7 +168,7 @@ def _cached(rel: Path, build: Callable[[Path, Path], None]) -> Path:
 def _import(gguf: Path, out: Path) -> None:
     import torch
 
-    from .gguf_import import import_gguf
+    from .io.gguf_import import import_gguf
 
     print(f"streamsvd: dequantising {gguf.name} to a float32 checkpoint", file=sys.stderr)
     import_gguf(gguf, out, dtype=torch.float32, max_shard_size=TEST_SHARD_SIZE)

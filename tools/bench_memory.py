@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from streamsvd import assets
-from streamsvd.memory import parse_size
+from streamsvd.job.memory import parse_size
 
 
 def main() -> None:

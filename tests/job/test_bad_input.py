@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 import streamsvd
-from streamsvd.checkpoint import INDEX_NAME
+from streamsvd.io.checkpoint import INDEX_NAME
 from streamsvd.cli import main
 from streamsvd.errors import StreamSVDError
-from streamsvd.pipeline import JobConfig, run_job
-from streamsvd.state import STATE_NAME
+from streamsvd.job.pipeline import JobConfig, run_job
+from streamsvd.job.state import STATE_NAME
 from tiny_models import make_tiny_checkpoint
 
 # Small enough that a whole tiny job takes about a second.
@@ -389,7 +389,7 @@ def test_eval_bad_window_settings(capsys, pristine, tmp_path, long_text, flags):
 
 # ------------------------------------------------------------------------------------------ disk
 def test_not_enough_disk_space_is_refused_before_anything_is_written(capsys, pristine, out, long_text, monkeypatch):
-    import streamsvd.diskspace as diskspace
+    import streamsvd.io.diskspace as diskspace
 
     monkeypatch.setattr(diskspace, "free_bytes", lambda path: 10 << 20)
     rc = cli(["run", pristine, out, "--calib", long_text, *FAST])
@@ -398,7 +398,7 @@ def test_not_enough_disk_space_is_refused_before_anything_is_written(capsys, pri
 
 
 def test_disk_space_estimate_matches_what_a_job_writes(pristine, out, long_text):
-    from streamsvd.pipeline import CompressionJob
+    from streamsvd.job.pipeline import CompressionJob
 
     cfg = JobConfig(model_dir=pristine, out_dir=out, calib=[str(long_text)], calib_samples=4, seqlen=32, progress=False)
     job = CompressionJob(cfg)
@@ -412,7 +412,7 @@ def test_disk_space_estimate_matches_what_a_job_writes(pristine, out, long_text)
 def test_disk_full_mid_job_is_one_clear_error_and_the_rerun_resumes(capsys, pristine, out, long_text, monkeypatch):
     import safetensors
 
-    import streamsvd.output as output
+    import streamsvd.io.output as output
 
     real_save, calls = output.save_file, []
 
@@ -439,7 +439,7 @@ def test_disk_full_while_copying_the_model_dir_files(capsys, pristine, out, long
     """A full disk in a plain OSError write (copying tokenizer and generation config files) is one clear error."""
     import errno
 
-    import streamsvd.output as output
+    import streamsvd.io.output as output
 
     def full(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device", str(dst))
@@ -453,7 +453,7 @@ def test_disk_full_while_copying_the_model_dir_files(capsys, pristine, out, long
 def test_disk_full_when_allocating_activations(capsys, pristine, out, long_text, monkeypatch):
     import errno
 
-    import streamsvd.diskspace as diskspace
+    import streamsvd.io.diskspace as diskspace
 
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")

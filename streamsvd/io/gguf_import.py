@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import INDEX_NAME, SINGLE_NAME
-from .errors import StreamSVDError
+from ..errors import StreamSVDError
 
 
 def import_gguf(gguf_path, out_dir, dtype=torch.float32, max_shard_size="2GB") -> Path:

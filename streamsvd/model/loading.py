@@ -10,10 +10,10 @@ from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
 from .architecture import empty_model, load_config
-from .checkpoint import Checkpoint
-from .errors import StreamSVDError
+from ..io.checkpoint import Checkpoint
+from ..errors import StreamSVDError
 from .lowrank import LowRankLinear, replace_module
-from .state import read_state
+from ..job.state import read_state
 
 
 def load(path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Module:

@@ -22,10 +22,10 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
-from .activations import DTYPES as ACT_DTYPES
-from .activations import ActivationFile, activation_bytes
-from .architecture import (
+from .. import __version__
+from ..io.activations import DTYPES as ACT_DTYPES
+from ..io.activations import ActivationFile, activation_bytes
+from ..model.architecture import (
     decoder_layers,
     empty_model,
     layer_prefix,
@@ -35,16 +35,16 @@ from .architecture import (
     materialize_base,
     max_positions,
 )
-from .calibration import load_texts, load_tokenizer, sample_windows, text_digest
-from .capture import capture_layer_kwargs, first_layer_inputs, run_layer
-from .checkpoint import Checkpoint
-from .diskspace import check_free_space
-from .errors import StreamSVDError
-from .factorize import METHODS, Whitening, factorize, rank_for_ratio, whiten
-from .gram import GramAccumulator
-from .lowrank import LowRankLinear, replace_module
+from ..io.calibration import load_texts, load_tokenizer, sample_windows, text_digest
+from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
+from ..io.checkpoint import Checkpoint
+from ..io.diskspace import check_free_space
+from ..errors import StreamSVDError
+from ..math.factorize import METHODS, Whitening, factorize, rank_for_ratio, whiten
+from ..math.gram import GramAccumulator
+from ..model.lowrank import LowRankLinear, replace_module
 from .memory import choose_batch_size, default_budget, per_sample_bytes
-from .output import OutputWriter
+from ..io.output import OutputWriter
 from .state import JobState, fingerprint
 
 COMPUTE_DTYPE = torch.float32

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from streamsvd import assets
 from streamsvd.errors import StreamSVDError
-from streamsvd.gguf_import import _check_tensor_names, import_gguf
+from streamsvd.io.gguf_import import _check_tensor_names, import_gguf
 
 
 @pytest.fixture(scope="module")

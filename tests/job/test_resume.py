@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from streamsvd.pipeline import JobConfig, run_job
-from streamsvd.state import STATE_NAME
+from streamsvd.job.pipeline import JobConfig, run_job
+from streamsvd.job.state import STATE_NAME
 from tiny_models import make_tiny_checkpoint
 
 # Files whose bytes must not depend on interruptions (the report carries timings, so it is excluded).

@@ -13,8 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import StreamSVDError
-from .memory import format_size
+from ..errors import StreamSVDError
+from ..job.memory import format_size
 
 # Room left beside the planned files: temporary names during atomic renames, the state file,
 # filesystem overhead.

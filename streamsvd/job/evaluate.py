@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .calibration import tokenize
-from .errors import StreamSVDError
+from ..io.calibration import tokenize
+from ..errors import StreamSVDError
 
 # Vocabulary logits are made this many positions at a time: Gemma's 262k-word head would otherwise
 # need gigabytes for one long window.

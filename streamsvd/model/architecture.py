@@ -15,8 +15,8 @@ from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from .checkpoint import Checkpoint
-from .errors import UnsupportedArchitecture
+from ..io.checkpoint import Checkpoint
+from ..errors import UnsupportedArchitecture
 
 # model_type -> attribute path of the decoder-layer list inside the *ForCausalLM model.
 SUPPORTED = {

@@ -11,13 +11,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import streamsvd
-from streamsvd.architecture import empty_model, load_config, materialize_base
-from streamsvd.capture import capture_layer_kwargs
-from streamsvd.checkpoint import Checkpoint
+from streamsvd.model.architecture import empty_model, load_config, materialize_base
+from streamsvd.model.capture import capture_layer_kwargs
+from streamsvd.io.checkpoint import Checkpoint
 from streamsvd.cli import main
-from streamsvd.evaluate import perplexity
-from streamsvd.lowrank import LowRankLinear
-from streamsvd.pipeline import JobConfig, run_job
+from streamsvd.job.evaluate import perplexity
+from streamsvd.model.lowrank import LowRankLinear
+from streamsvd.job.pipeline import JobConfig, run_job
 
 EVAL_WINDOWS, EVAL_SEQLEN = 6, 256
 

@@ -12,8 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import JobMismatch, StreamSVDError
-from .fsutil import atomic_write_json
+from ..errors import JobMismatch, StreamSVDError
+from ..io.fsutil import atomic_write_json
 
 STATE_NAME = "streamsvd_state.json"
 

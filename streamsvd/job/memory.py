@@ -6,7 +6,7 @@ import re
 
 import psutil
 
-from .errors import StreamSVDError
+from ..errors import StreamSVDError
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 # torch, transformers and Python themselves, measured as the RSS of an idle imported process.

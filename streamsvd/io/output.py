@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, read_safetensors_header
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json
 
 REPORT_JSON = "streamsvd_report.json"

@@ -8,10 +8,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import streamsvd
-from streamsvd.calibration import default_text, sample_windows
-from streamsvd.factorize import factorize, rank_for_ratio
-from streamsvd.lowrank import LowRankLinear, replace_module
-from streamsvd.pipeline import JobConfig, run_job
+from streamsvd.io.calibration import default_text, sample_windows
+from streamsvd.math.factorize import factorize, rank_for_ratio
+from streamsvd.model.lowrank import LowRankLinear, replace_module
+from streamsvd.job.pipeline import JobConfig, run_job
 from tiny_models import CONFIGS, make_tiny_checkpoint
 
 SAMPLES, SEQLEN = 6, 48

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from streamsvd.factorize import factorize, rank_for_ratio
-from streamsvd.gram import GramAccumulator
+from streamsvd.math.factorize import factorize, rank_for_ratio
+from streamsvd.math.gram import GramAccumulator
 
 
 def _problem(tokens=400, m=48, n=80, seed=0):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import StreamSVDError
+from ..errors import StreamSVDError
 
 DEFAULT_CALIBRATION = "pydoc"  # Python's own reference docs: real English, in every CPython, no download
 

@@ -1,0 +1,1 @@
+"""Reading checkpoints and text, writing outputs, scratch files and disk checks."""

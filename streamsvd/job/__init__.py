@@ -1,0 +1,1 @@
+"""The job: the compression loop, its state file, memory planning and evaluation."""

@@ -1,0 +1,1 @@
+"""The numerics: input statistics and factorisation of one matrix."""

@@ -1,0 +1,1 @@
+"""Model skeletons, per-layer capture, the low-rank module and loading outputs."""
