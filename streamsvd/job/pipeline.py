@@ -40,11 +40,11 @@ from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
 from ..io.checkpoint import Checkpoint
 from ..io.diskspace import check_free_space
 from ..errors import StreamSVDError
-from ..math.factorize import METHODS, Whitening, factorize, rank_for_ratio, whiten
-from ..math.gram import GramAccumulator
-from ..model.lowrank import LowRankLinear, replace_module
+from ..math.factorize import METHODS, rank_for_ratio
+from ..model.lowrank import module_from_tensors, replace_module
 from .memory import choose_batch_size, default_budget, per_sample_bytes
 from ..io.output import OutputWriter
+from .stages import collect_statistics, factor_block
 from .state import JobState, fingerprint
 
 COMPUTE_DTYPE = torch.float32
@@ -84,39 +84,6 @@ class JobConfig:
             raise StreamSVDError(f"--calib-samples {self.calib_samples} is not positive", "use at least 1 sample")
         if self.seqlen < 2:
             raise StreamSVDError(f"--seqlen {self.seqlen} is too short", "use at least 2 tokens per window")
-
-
-class _GramCollector:
-    """Forward pre-hooks that give each distinct linear input one Gram (q/k/v share, gate/up share)."""
-
-    def __init__(self, linears: dict[str, nn.Linear]):
-        self.grams: dict[str, GramAccumulator] = {}
-        self.group_of: dict[str, str] = {}
-        self._batch_inputs: dict[tuple, tuple[str, torch.Tensor]] = {}
-        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
-
-    def _hook(self, name):
-        def fn(module, inputs):
-            x = inputs[0]
-            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
-            seen = self._batch_inputs.get(key)
-            if seen is None:
-                # Holding x keeps its memory from being reused by another input within this batch.
-                self._batch_inputs[key] = (name, x)
-                leader = self.group_of.setdefault(name, name)
-                self.grams.setdefault(leader, GramAccumulator(x.shape[-1])).add_batch(x)
-            else:
-                self.group_of.setdefault(name, self.group_of[seen[0]])
-
-        return fn
-
-    def next_batch(self) -> None:
-        self._batch_inputs.clear()
-
-    def close(self) -> None:
-        self.next_batch()
-        for h in self._handles:
-            h.remove()
 
 
 def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str) -> dict:
@@ -282,9 +249,7 @@ class CompressionJob:
         with safe_open(str(self.out.block_path(index)), framework="pt", device="cpu") as f:
             stored = set(f.keys())
             for name in linear_modules(layer):
-                full = prefix + name
-                bias = f.get_tensor(full + ".bias") if full + ".bias" in stored else None
-                replace_module(layer, name, _low_rank(f.get_tensor(full + ".out_factor"), f.get_tensor(full + ".in_factor"), bias))
+                replace_module(layer, name, module_from_tensors(f.get_tensor, stored, prefix + name, COMPUTE_DTYPE))
         return layer
 
     def _activation_nbytes(self) -> int:
@@ -297,68 +262,39 @@ class CompressionJob:
         acts.sync()
         return acts.path.name
 
+    def _bar(self, desc: str):
+        return tqdm(list(self._batches(self.cfg.calib_samples)), desc=desc, leave=False, disable=not self._inner_bars())
+
+    def _forward(self, index: int):
+        args, kwargs = self.layer_args[index]
+        return lambda layer, hidden: run_layer(layer, hidden, args, kwargs)
+
     @torch.no_grad()
     def _propagate(self, layer: nn.Module, index: int, src: ActivationFile, dst: ActivationFile, desc: str) -> None:
-        args, kwargs = self.layer_args[index]
-        for start, stop in tqdm(list(self._batches(self.cfg.calib_samples)), desc=desc, leave=False, disable=not self._inner_bars()):
-            dst.write(start, run_layer(layer, src.read(start, stop), args, kwargs))
+        forward = self._forward(index)
+        for start, stop in self._bar(desc):
+            dst.write(start, forward(layer, src.read(start, stop)))
 
     # ---------------------------------------------------------------- one block
     @torch.no_grad()
     def _compress_block(self, index: int) -> None:
+        """Statistics, factors, propagation, commit: the stages in job/stages.py, in order."""
         cfg = self.cfg
         prefix = layer_prefix(self.model, index)
         layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
-        args, kwargs = self.layer_args[index]
         src = self._activation_file(self.state.inputs_file, create=False)
         dst_name = _other(self.state.inputs_file)
         dst = self._activation_file(dst_name, create=True)
-
-        linears = linear_modules(layer)
-        collector = _GramCollector(linears)
-        for start, stop in tqdm(list(self._batches(cfg.calib_samples)), desc=f"block {index} stats", leave=False, disable=not self._inner_bars()):
-            out = run_layer(layer, src.read(start, stop), args, kwargs)
-            collector.next_batch()
-            if cfg.propagate == "original":
-                dst.write(start, out)
-        collector.close()
-
-        tensors: dict[str, torch.Tensor] = {}
-        spectra: dict[str, torch.Tensor] = {}
-        whitenings: dict[str, Whitening] = {}
-        for name, linear in linears.items():
-            full = prefix + name
-            store_dtype = _torch_dtype(self.ckpt.dtype_name(full + ".weight"))
-            rank = rank_for_ratio(linear.out_features, linear.in_features, cfg.ratio)
-            group = collector.group_of[name]
-            if cfg.method != "svd" and group not in whitenings:
-                whitenings[group] = whiten(collector.grams[group].gram, cfg.method)
-            f = factorize(linear.weight, whitenings.get(group), rank, cfg.method)
-            in_f, out_f = f.in_factor.to(store_dtype), f.out_factor.to(store_dtype)
-            tensors[full + ".in_factor"], tensors[full + ".out_factor"] = in_f, out_f
-            bias = self.ckpt.get(full + ".bias") if (full + ".bias") in self.ckpt else None
-            if bias is not None:
-                tensors[full + ".bias"] = bias
-            spectra[full] = f.spectrum.to(torch.float32)
-            self.state.modules[full] = {
-                "in_features": linear.in_features,
-                "out_features": linear.out_features,
-                "rank": f.rank,
-                "input_group": prefix + collector.group_of[name],
-                "truncation_loss": f.truncation_loss(),
-                "cholesky_shift": f.shift,
-            }
-            # Exactly what _finished_layer rebuilds from the saved shard (store dtype, then compute dtype).
-            replace_module(layer, name, _low_rank(out_f, in_f, bias))
-        replaced = {prefix + n + s for n in linears for s in (".weight", ".bias")}
-        for key in self.ckpt.keys():
-            if key.startswith(prefix) and key not in replaced:
-                tensors[key] = self.ckpt.get(key)
-
+        stats = collect_statistics(
+            layer, self._bar(f"block {index} stats"), src.read, self._forward(index),
+            on_output=dst.write if cfg.propagate == "original" else None,
+        )
+        block = factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE)
         if cfg.propagate == "compressed":
             self._propagate(layer, index, src, dst, desc=f"block {index} propagate")
         dst.sync()
-        self.out.write_block(index, tensors, spectra)
+        self.out.write_block(index, block.tensors, block.spectra)
+        self.state.modules.update(block.records)
         self.state.blocks_done = index + 1
         self.state.inputs_file = dst_name
         self.state.save(self.out.dir)
@@ -399,16 +335,6 @@ class CompressionJob:
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "modules": self.state.modules,
         }
-
-
-def _torch_dtype(safetensors_dtype: str) -> torch.dtype:
-    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[safetensors_dtype]
-
-
-def _low_rank(out_factor: torch.Tensor, in_factor: torch.Tensor, bias: torch.Tensor | None) -> LowRankLinear:
-    return LowRankLinear.from_factors(
-        out_factor.to(COMPUTE_DTYPE), in_factor.to(COMPUTE_DTYPE), None if bias is None else bias.to(COMPUTE_DTYPE)
-    )
 
 
 def _other(activation_file: str) -> str:

@@ -42,6 +42,21 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
 
 
+def factor_tensors(full: str, out_factor: torch.Tensor, in_factor: torch.Tensor, bias: torch.Tensor | None,
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors a shard holds for the compressed linear `full` (its module name in the model)."""
+    tensors = {full + ".in_factor": in_factor.to(dtype), full + ".out_factor": out_factor.to(dtype)}
+    if bias is not None:
+        tensors[full + ".bias"] = bias
+    return tensors
+
+
+def module_from_tensors(get, keys: set[str], full: str, dtype: torch.dtype) -> LowRankLinear:
+    """The module for the compressed linear `full`, from a shard's tensors (`get(name)` reads one)."""
+    bias = get(full + ".bias").to(dtype) if full + ".bias" in keys else None
+    return LowRankLinear.from_factors(get(full + ".out_factor").to(dtype), get(full + ".in_factor").to(dtype), bias)
+
+
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root

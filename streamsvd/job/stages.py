@@ -1,0 +1,129 @@
+"""The stages of one block, each a function the job's loop calls in turn.
+
+1. `collect_statistics`: stream the block's inputs through it and accumulate one Gram per distinct
+   linear input (GPTQ-style `add_batch` through forward pre-hooks).
+2. `factor_block`: factor every linear from those statistics, replace it in the layer by the
+   module rebuilt from exactly the tensors that go into the shard, and return the shard's
+   tensors, the spectra and the per-module records.
+3. The job then propagates the inputs through the compressed block and commits the block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..io.checkpoint import Checkpoint
+from ..math.factorize import Whitening, factorize, rank_for_ratio, whiten
+from ..math.gram import GramAccumulator
+from ..model.architecture import linear_modules
+from ..model.lowrank import factor_tensors, module_from_tensors, replace_module
+
+
+class GramCollector:
+    """Forward pre-hooks that give each distinct linear input one Gram (q/k/v share, gate/up share)."""
+
+    def __init__(self, linears: dict[str, nn.Linear]):
+        self.grams: dict[str, GramAccumulator] = {}
+        self.group_of: dict[str, str] = {}
+        self._batch_inputs: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
+
+    def _hook(self, name):
+        def fn(module, inputs):
+            x = inputs[0]
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            seen = self._batch_inputs.get(key)
+            if seen is None:
+                # Holding x keeps its memory from being reused by another input within this batch.
+                self._batch_inputs[key] = (name, x)
+                leader = self.group_of.setdefault(name, name)
+                self.grams.setdefault(leader, GramAccumulator(x.shape[-1])).add_batch(x)
+            else:
+                self.group_of.setdefault(name, self.group_of[seen[0]])
+
+        return fn
+
+    def next_batch(self) -> None:
+        self._batch_inputs.clear()
+
+    def close(self) -> None:
+        self.next_batch()
+        for h in self._handles:
+            h.remove()
+
+
+@torch.no_grad()
+def collect_statistics(
+    layer: nn.Module,
+    batches: Iterable[tuple[int, int]],
+    read: Callable[[int, int], torch.Tensor],
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    on_output: Callable[[int, torch.Tensor], None] | None = None,
+) -> GramCollector:
+    """Pass 1: every batch through the (original) layer with the Gram hooks on.
+
+    `on_output(start, hidden)` receives the layer's outputs (the next block's inputs when the job
+    propagates the original model's activations).
+    """
+    collector = GramCollector(linear_modules(layer))
+    try:
+        for start, stop in batches:
+            out = forward(layer, read(start, stop))
+            collector.next_batch()
+            if on_output is not None:
+                on_output(start, out)
+    finally:
+        collector.close()
+    return collector
+
+
+@dataclass
+class FactoredBlock:
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # the block's shard, by full name
+    spectra: dict[str, torch.Tensor] = field(default_factory=dict)  # full module name -> whitened spectrum
+    records: dict[str, dict] = field(default_factory=dict)  # full module name -> report entry
+
+
+def store_dtype(ckpt: Checkpoint, key: str) -> torch.dtype:
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[ckpt.dtype_name(key)]
+
+
+@torch.no_grad()
+def factor_block(
+    layer: nn.Module, prefix: str, ckpt: Checkpoint, stats: GramCollector, ratio: float, method: str,
+    compute_dtype: torch.dtype = torch.float32,
+) -> FactoredBlock:
+    """Factor every linear of `layer` and swap in the module the shard will hold."""
+    block = FactoredBlock()
+    whitenings: dict[str, Whitening] = {}
+    linears = linear_modules(layer)
+    for name, linear in linears.items():
+        full = prefix + name
+        rank = rank_for_ratio(linear.out_features, linear.in_features, ratio)
+        group = stats.group_of[name]
+        if method != "svd" and group not in whitenings:
+            whitenings[group] = whiten(stats.grams[group].gram, method)
+        f = factorize(linear.weight, whitenings.get(group), rank, method)
+        bias = ckpt.get(full + ".bias") if (full + ".bias") in ckpt else None
+        stored = factor_tensors(full, f.out_factor, f.in_factor, bias, store_dtype(ckpt, full + ".weight"))
+        block.tensors.update(stored)
+        block.spectra[full] = f.spectrum.to(torch.float32)
+        block.records[full] = {
+            "in_features": linear.in_features,
+            "out_features": linear.out_features,
+            "rank": f.rank,
+            "input_group": prefix + group,
+            "truncation_loss": f.truncation_loss(),
+            "cholesky_shift": f.shift,
+        }
+        # Exactly what a resume rebuilds from the saved shard (store dtype, then compute dtype).
+        replace_module(layer, name, module_from_tensors(stored.__getitem__, set(stored), full, compute_dtype))
+    replaced = {prefix + n + s for n in linears for s in (".weight", ".bias")}
+    for key in ckpt.keys():
+        if key.startswith(prefix) and key not in replaced:
+            block.tensors[key] = ckpt.get(key)
+    return block
