@@ -98,11 +98,18 @@ def cmd_run(args) -> int:
         f"({report['linear_params_before']:,} -> {report['linear_params_after']:,} parameters)\n"
         f"  whole model:        ratio {report['ratio_model']:.3f} "
         f"({report['model_params_before']:,} -> {report['model_params_after']:,} parameters)\n"
-        f"  {'that' if finished_before else 'this'} run: {report['seconds_this_run']:.1f} s, peak RSS {format_size(report['peak_rss_bytes'])}, "
-        f"batch {report['batch_size']}\n"
+        f"  {'that' if finished_before else 'this'} run: {_run_figures(report.get('this_run') or {})}\n"
         f"  report: {Path(args.out_dir) / 'streamsvd_report.md'}"
     )
     return 0
+
+
+def _run_figures(run: dict) -> str:
+    from .job.memory import format_size
+
+    if not run:
+        return "no figures recorded"
+    return f"{run['seconds']:.1f} s, peak RSS {format_size(run['peak_rss_bytes'])}, batch {run['batch_size']}"
 
 
 def cmd_eval(args) -> int:

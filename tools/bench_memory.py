@@ -48,8 +48,8 @@ def main() -> None:
                "max_mem_bytes": parse_size(budget), "exit": proc.returncode, "wall_s": round(wall, 1)}
         if proc.returncode == 0:
             report = json.loads((out / "streamsvd_report.json").read_text())
-            peak = report["peak_rss_bytes"]
-            row.update(batch_size=report["batch_size"], peak_rss_bytes=peak,
+            peak = report["this_run"]["peak_rss_bytes"]
+            row.update(batch_size=report["this_run"]["batch_size"], peak_rss_bytes=peak,
                        peak_over_budget=round(peak / parse_size(budget), 3),
                        children_max_rss_bytes=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
         else:

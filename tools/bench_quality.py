@@ -74,7 +74,7 @@ def main() -> None:
             print(json.dumps({**common, "method": method, "ratio": ratio, "ratio_linear": round(report["ratio_linear"], 4),
                               "ratio_model": round(report["ratio_model"], 4), "ppl_before": base["perplexity"],
                               "ppl": after["perplexity"], "compress_wall_s": round(wall, 1),
-                              "compress_peak_rss_bytes": report["peak_rss_bytes"], "eval_wall_s": after["seconds"]}), flush=True)
+                              "compress_peak_rss_bytes": report["this_run"]["peak_rss_bytes"], "eval_wall_s": after["seconds"]}), flush=True)
             shutil.rmtree(out, ignore_errors=True)
 
 

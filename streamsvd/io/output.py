@@ -7,6 +7,7 @@ file says complete, so an interrupted job never looks like a finished model.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json
 
 REPORT_JSON = "streamsvd_report.json"
 REPORT_MD = "streamsvd_report.md"
+# Run-dependent figures (wall time, peak RSS, ...), one JSON line per run that finished the job; kept
+# out of the reports so that those are byte-identical however the job was interrupted.
+RUN_LOG = "streamsvd_runs.jsonl"
 SPECTRA_DIR = "spectra"
 
 
@@ -94,6 +98,20 @@ class OutputWriter:
                     weight_map[key] = name
                     total_size += info["data_offsets"][1] - info["data_offsets"][0]
         atomic_write_json(self.dir / INDEX_NAME, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+
+    def log_run(self, figures: dict) -> dict:
+        with open(self.dir / RUN_LOG, "a") as f:
+            f.write(json.dumps(figures, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return figures
+
+    def last_run(self) -> dict:
+        try:
+            lines = (self.dir / RUN_LOG).read_text().splitlines()
+            return json.loads(lines[-1]) if lines else {}
+        except (OSError, ValueError):
+            return {}
 
     def read_report(self) -> dict:
         return json.loads((self.dir / REPORT_JSON).read_text())

@@ -180,7 +180,7 @@ class CompressionJob:
     # ---------------------------------------------------------------- run
     def run(self, on_block_done=None) -> dict:
         if self.state.complete:
-            return self.out.read_report()
+            return {**self.out.read_report(), "this_run": self.out.last_run()}
         started = time.time()
         self.out.prepare()
         self.work.mkdir(parents=True, exist_ok=True)
@@ -201,12 +201,17 @@ class CompressionJob:
             if on_block_done is not None:
                 on_block_done(index)
         bar.close()
-        report = self._report(time.time() - started)
+        report = self._report()
         self.out.finish(self._config_section(), report)
+        this_run = self.out.log_run({
+            "seconds": round(time.time() - started, 2),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "batch_size": self.batch_size,
+        })
         self.state.complete = True
         self.state.save(self.out.dir)
         shutil.rmtree(self.work, ignore_errors=True)
-        return report
+        return {**report, "this_run": this_run}
 
     # ---------------------------------------------------------------- resume
     def _restore_inputs(self) -> None:
@@ -315,7 +320,8 @@ class CompressionJob:
             "propagate": self.cfg.propagate,
         }
 
-    def _report(self, seconds: float) -> dict:
+    def _report(self) -> dict:
+        """What the output is (deterministic: the same bytes however often the job was interrupted)."""
         before = sum(m["in_features"] * m["out_features"] for m in self.state.modules.values())
         after = sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in self.state.modules.values())
         total = sum(self.ckpt.numel(k) for k in self.ckpt.keys())
@@ -331,9 +337,8 @@ class CompressionJob:
             "ratio_model": (before - after) / total,
             "calibration": self._config_section()["calibration"],
             "batch_size": self.batch_size,
-            "seconds_this_run": round(seconds, 2),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "modules": self.state.modules,
+            # In the model's own order, whichever run factored which block.
+            "modules": {n: self.state.modules[n] for n, _ in self.model.named_modules() if n in self.state.modules},
         }
 
 

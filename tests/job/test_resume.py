@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 
 from streamsvd.job.pipeline import JobConfig, run_job
+from streamsvd.io.output import RUN_LOG
 from streamsvd.job.state import STATE_NAME
 from tiny_models import make_tiny_checkpoint
 
-# Files whose bytes must not depend on interruptions (the report carries timings, so it is excluded).
-VOLATILE = {"streamsvd_report.json", "streamsvd_report.md", STATE_NAME}
+# Every output file's bytes must not depend on interruptions, the reports included; only the state
+# file and the log of runs (wall time, peak RSS) differ.
+VOLATILE = {RUN_LOG, STATE_NAME}
 
 
 def _files(out: Path) -> dict[str, bytes]:
