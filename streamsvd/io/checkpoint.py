@@ -55,6 +55,7 @@ class Checkpoint:
 
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
+        self.read_digests: dict[str, str] | None = None  # name -> sha256 of each tensor read, while not None
         if not self.dir.is_dir():
             raise CheckpointError(f"model directory {self.dir} does not exist", "check the MODEL_DIR path")
         config_path = self.dir / "config.json"
@@ -140,7 +141,12 @@ class Checkpoint:
         # open keeps every page read through it resident, so RSS would grow by the whole checkpoint
         # over a job (measured: +530 MB on SmolLM2). Reopening costs one header parse per tensor.
         with safe_open(str(self.dir / self.weight_map[name]), framework="pt", device="cpu") as f:
-            return f.get_tensor(name)
+            tensor = f.get_tensor(name)
+        if self.read_digests is not None:  # the job records what it read (identity by content)
+            from .checksums import tensor_sha256
+
+            self.read_digests[name] = tensor_sha256(tensor)
+        return tensor
 
     def fingerprint(self) -> dict:
         """What identifies this checkpoint for resume checks: config and shard sizes."""

@@ -6,6 +6,7 @@ file says complete, so an interrupted job never looks like a finished model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .. import faults
+from .checksums import file_record, file_sha256
 from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, read_safetensors_header
 from ..errors import CheckpointError
 from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json
@@ -37,6 +40,11 @@ class OutputWriter:
         self.n_layers = n_layers
         self.layers_prefix = layers_path + "."
         self.total_shards = n_layers + 1
+        # relative path -> {"size", "sha256"} of every file written; the job points this at its state.
+        self.written: dict[str, dict] = {}
+
+    def _record(self, path: Path) -> None:
+        self.written[str(Path(path).relative_to(self.dir))] = file_record(path)
 
     def prepare(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -48,6 +56,8 @@ class OutputWriter:
         with atomic_path(path) as tmp:
             save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp), metadata={"format": "pt"})
             tmp.chmod(0o644)  # safetensors creates files 0600; an output model is meant to be shared
+        self._record(path)
+        faults.point("shard-written")
 
     def extra_names(self) -> list[str]:
         return [k for k in self.ckpt.keys() if not k.startswith(self.layers_prefix)]
@@ -71,23 +81,55 @@ class OutputWriter:
 
     def block_intact(self, index: int) -> bool:
         """Whether a finished block's files are still there and whole (a user may have removed one)."""
-        return _intact(self.spectra_path(index)) and _intact(self.block_path(index))
+        return self.file_intact(self.spectra_path(index)) and self.file_intact(self.block_path(index))
 
     def extra_intact(self) -> bool:
-        return _intact(self.extra_path())
+        return self.file_intact(self.extra_path())
+
+    def file_intact(self, path: Path) -> bool:
+        """The cheap check: there, the size recorded when it was written, and a whole safetensors header."""
+        record = self.written.get(str(Path(path).relative_to(self.dir)))
+        try:
+            if record is not None and Path(path).stat().st_size != record["size"]:
+                return False
+        except OSError:
+            return False
+        return _intact(path) if Path(path).suffix == ".safetensors" else Path(path).is_file()
+
+    def damaged_files(self) -> list[str]:
+        """The recorded files that fail the cheap check (sizes, headers), in name order."""
+        return [name for name in sorted(self.written) if not self.file_intact(self.dir / name)]
 
     def other_files(self) -> list[Path]:
         """Files copied from MODEL_DIR unchanged at the end (tokenizer, generation config, ...)."""
         return [p for p in sorted(self.ckpt.dir.iterdir()) if p.is_file() and not _is_weight_file(p.name) and p.name != "config.json"]
 
-    def finish(self, config_section: dict, report: dict) -> None:
+    def finish(self, config_section: dict, report: dict, before_index=None) -> None:
+        """Everything but the shards, the index last; `before_index(record)` runs just before it is written."""
         for src in self.other_files():
-            shutil.copyfile(src, self.dir / src.name)
+            with atomic_path(self.dir / src.name) as tmp:
+                shutil.copyfile(src, tmp)
+            self._record(self.dir / src.name)
+            faults.point("finish-file")
         config = dict(self.ckpt.config_dict)
         config["streamsvd"] = config_section
         atomic_write_json(self.dir / "config.json", config)
+        self._record(self.dir / "config.json")
+        faults.point("finish-file")
         atomic_write_json(self.dir / REPORT_JSON, report)
+        self._record(self.dir / REPORT_JSON)
+        faults.point("finish-file")
         atomic_write_bytes(self.dir / REPORT_MD, markdown_report(report).encode())
+        self._record(self.dir / REPORT_MD)
+        faults.point("finish-file")
+        index = self.index_bytes()
+        self.written[INDEX_NAME] = {"size": len(index), "sha256": hashlib.sha256(index).hexdigest()}
+        if before_index is not None:
+            before_index()
+        atomic_write_bytes(self.dir / INDEX_NAME, index)
+        faults.point("index-written")
+
+    def index_bytes(self) -> bytes:
         weight_map, total_size = {}, 0
         for shard in range(1, self.total_shards + 1):
             name = block_shard_name(shard, self.total_shards)
@@ -97,7 +139,8 @@ class OutputWriter:
                 if key != "__metadata__":
                     weight_map[key] = name
                     total_size += info["data_offsets"][1] - info["data_offsets"][0]
-        atomic_write_json(self.dir / INDEX_NAME, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        return (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
 
     def log_run(self, figures: dict) -> dict:
         with open(self.dir / RUN_LOG, "a") as f:

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .. import __version__, faults
 from ..io.activations import DTYPES as ACT_DTYPES
 from ..io.activations import ActivationFile, activation_bytes
 from ..model.architecture import (
@@ -46,6 +46,9 @@ from .memory import choose_batch_size, default_budget, per_sample_bytes
 from ..io.output import OutputWriter
 from .stages import collect_statistics, factor_block
 from .state import JobState, fingerprint
+from .integrity import JobIntegrity
+from .lock import JobLocks
+from .preflight import check_paths
 
 COMPUTE_DTYPE = torch.float32
 WORK_DIR_NAME = ".streamsvd-work"
@@ -66,6 +69,7 @@ class JobConfig:
     act_dtype: str = "float32"
     work_dir: Path | None = None  # where the activation files go (default: inside OUT_DIR)
     progress: bool = True
+    restart: bool = False  # remove streamsvd's own files from OUT_DIR and start over
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -116,9 +120,11 @@ class CompressionJob:
             )
         self.tokenizer = load_tokenizer(self.ckpt.dir)
         self.text, self.text_source = load_texts(cfg.calib)
+        check_paths(cfg.model_dir, cfg.out_dir, cfg.work_dir, restart=cfg.restart)
         self.out = OutputWriter(cfg.out_dir, self.ckpt, self.config.num_hidden_layers)
         job_fp = fingerprint(job_identity(cfg, self.ckpt, self.text))
-        self.state = JobState.open(cfg.out_dir, job_fp)
+        self.job_fp = job_fp
+        self.state = self._open_state()
         # Under --work-dir, a folder of this job's own, so finishing never removes the user's files.
         self.work = Path(cfg.out_dir) / WORK_DIR_NAME if cfg.work_dir is None else Path(cfg.work_dir) / f"streamsvd-{job_fp[:12]}"
         # Everything that can reject the input runs before anything is written to OUT_DIR.
@@ -179,20 +185,47 @@ class CompressionJob:
 
     # ---------------------------------------------------------------- run
     def run(self, on_block_done=None) -> dict:
-        if self.state.complete:
-            return {**self.out.read_report(), "this_run": self.out.last_run()}
+        """Under the locks of OUT_DIR and the work directory (one job per folder), released however it ends."""
+        self.locks = JobLocks()
+        try:
+            return self._run_locked(on_block_done)
+        finally:
+            self.locks.release()
+
+    def _open_state(self) -> JobState:
+        return JobState.open(self.cfg.out_dir, self.job_fp, n_layers=self.config.num_hidden_layers,
+                             calib_samples=self.cfg.calib_samples, restart=self.cfg.restart)
+
+    def _run_locked(self, on_block_done=None) -> dict:
         started = time.time()
+        integrity = JobIntegrity(self)
+        integrity.lock()
+        if self.cfg.restart:
+            integrity.remove_own_files()
+        elif integrity.reread_state():
+            self.batch_size = self._batch_size()
+        self.out.written = self.state.files
+        repaired = []
+        if self.state.complete:
+            repaired = integrity.reopen_if_damaged()
+            if not repaired:
+                integrity.remove_scratch()
+                return {**self.out.read_report(), "this_run": self.out.last_run()}
+        self.state.batch_size = self.batch_size
+        integrity.check_model_unchanged()
+        self.state.save(self.out.dir)
         self.out.prepare()
         self.work.mkdir(parents=True, exist_ok=True)
-        self.state.batch_size = self.batch_size
-        self.state.save(self.out.dir)
         materialize_base(self.model, self.ckpt, COMPUTE_DTYPE)
         self.layer_args = capture_layer_kwargs(self.model, self.windows[:1])
         self._restore_inputs()
         if not self.state.extra_shard_done:
+            self.ckpt.read_digests = {}
             self.out.write_extra_shard()
+            self.state.weights["extra"] = integrity.digest_of_reads()
             self.state.extra_shard_done = True
             self.state.save(self.out.dir)
+            faults.point("state-saved")
         n_layers = len(decoder_layers(self.model))
         bar = tqdm(total=n_layers, initial=self.state.blocks_done, desc="blocks", unit="block", disable=not self.cfg.progress)
         for index in range(self.state.blocks_done, n_layers):
@@ -202,16 +235,25 @@ class CompressionJob:
                 on_block_done(index)
         bar.close()
         report = self._report()
-        self.out.finish(self._config_section(), report)
-        this_run = self.out.log_run({
-            "seconds": round(time.time() - started, 2),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "batch_size": self.batch_size,
-        })
-        self.state.complete = True
-        self.state.save(self.out.dir)
-        shutil.rmtree(self.work, ignore_errors=True)
-        return {**report, "this_run": this_run}
+        figures = {}
+
+        def complete():  # the state says complete before the index exists: an unfinished job never has one
+            figures.update(self.out.log_run({
+                "seconds": round(time.time() - started, 2),
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "batch_size": self.batch_size,
+            }))
+            self.state.complete = True
+            self.state.inputs_file = self.state.inputs_digest = None
+            self.state.save(self.out.dir)
+            faults.point("state-saved")
+
+        self.out.finish(self._config_section(), report, before_index=complete)
+        integrity.remove_scratch()
+        result = {**report, "this_run": figures}
+        if repaired:
+            result["repaired"] = repaired
+        return result
 
     # ---------------------------------------------------------------- resume
     def _restore_inputs(self) -> None:
@@ -222,18 +264,25 @@ class CompressionJob:
         (same layers, same batches), so the output stays byte-identical to an uninterrupted run.
         """
         state = self.state
+        integrity = JobIntegrity(self)
         if state.extra_shard_done and not self.out.extra_intact():
-            state.extra_shard_done = False
+            integrity.forget_extra()
         intact = next((i for i in range(state.blocks_done) if not self.out.block_intact(i)), state.blocks_done)
         if intact < state.blocks_done:
             tqdm.write(f"streamsvd: the files of finished block {intact} are missing or damaged; redoing from block {intact}",
                        file=sys.stderr)
-            state.blocks_done, state.inputs_file = intact, None
-        elif state.inputs_file is not None and _has_size(self.work / state.inputs_file, self._activation_nbytes()):
+            integrity.rewind(intact)
+        elif state.blocks_done == len(decoder_layers(self.model)):
+            return  # every block is done: finishing needs no activations
+        elif state.inputs_file is not None and integrity.inputs_trusted():
             return
         elif state.blocks_done:
-            tqdm.write(f"streamsvd: the activation files in {self.work} are gone; rebuilding them from the "
-                       f"{state.blocks_done} finished block(s)", file=sys.stderr)
+            tqdm.write(f"streamsvd: the activation files in {self.work} are gone or cannot be trusted; rebuilding them "
+                       f"from the {state.blocks_done} finished block(s)", file=sys.stderr)
+        # The record goes before any activation file is overwritten: a kill during the rebuild then
+        # leaves no file that the next resume trusts.
+        state.inputs_file = state.inputs_digest = None
+        state.save(self.out.dir)
         name = self._embed(self.windows)
         for index in tqdm(range(state.blocks_done), desc="rebuild", unit="block", leave=False, disable=not self.cfg.progress or not state.blocks_done):
             layer = self._finished_layer(index)
@@ -242,8 +291,10 @@ class CompressionJob:
             dst = self._activation_file(name, create=True)
             self._propagate(layer, index, src, dst, desc=f"block {index} rebuild")
             dst.sync()
-        state.inputs_file = name
+            faults.point("rebuild-block")
+        state.inputs_file, state.inputs_digest = name, integrity.activation_digest(name)
         state.save(self.out.dir)
+        faults.point("state-saved")
 
     def _finished_layer(self, index: int) -> nn.Module:
         """Block `index` as it was when its outputs were propagated: compressed from OUT_DIR, or original."""
@@ -264,6 +315,7 @@ class CompressionJob:
         acts = self._activation_file("acts-0.bin", create=True)
         for start, stop in tqdm(list(self._batches(len(windows))), desc="embed", leave=False, disable=not self._inner_bars()):
             acts.write(start, first_layer_inputs(self.model, windows[start:stop]))
+            faults.point("activation-batch")
         acts.sync()
         return acts.path.name
 
@@ -279,6 +331,7 @@ class CompressionJob:
         forward = self._forward(index)
         for start, stop in self._bar(desc):
             dst.write(start, forward(layer, src.read(start, stop)))
+            faults.point("activation-batch")
 
     # ---------------------------------------------------------------- one block
     @torch.no_grad()
@@ -286,6 +339,7 @@ class CompressionJob:
         """Statistics, factors, propagation, commit: the stages in job/stages.py, in order."""
         cfg = self.cfg
         prefix = layer_prefix(self.model, index)
+        self.ckpt.read_digests = {}
         layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
         src = self._activation_file(self.state.inputs_file, create=False)
         dst_name = _other(self.state.inputs_file)
@@ -298,11 +352,14 @@ class CompressionJob:
         if cfg.propagate == "compressed":
             self._propagate(layer, index, src, dst, desc=f"block {index} propagate")
         dst.sync()
+        digest = JobIntegrity(self).activation_digest(dst_name)
+        self.state.weights[str(index)] = JobIntegrity(self).digest_of_reads()
         self.out.write_block(index, block.tensors, block.spectra)
         self.state.modules.update(block.records)
         self.state.blocks_done = index + 1
-        self.state.inputs_file = dst_name
+        self.state.inputs_file, self.state.inputs_digest = dst_name, digest
         self.state.save(self.out.dir)
+        faults.point("state-saved")
 
     # ---------------------------------------------------------------- summary
     def _config_section(self) -> dict:

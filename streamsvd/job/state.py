@@ -2,20 +2,23 @@
 
 It is rewritten atomically after each finished step, and carries a fingerprint of the job's
 inputs, so a rerun with other settings (or another model) into the same OUT_DIR is refused
-instead of silently mixing two jobs.
+instead of silently mixing two jobs. It is read against a schema (`job.state_schema`): a damaged or
+hand-edited file (its own digest no longer matches) is refused with one `error:` line naming
+`--restart`, never trusted and never a traceback.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import JobMismatch, StreamSVDError
 from ..io.fsutil import atomic_write_json
 
 STATE_NAME = "streamsvd_state.json"
+RESTART_FIX = "run the same command with --restart to remove streamsvd's files from OUT_DIR and start over"
 
 
 def fingerprint(job_identity: dict) -> str:
@@ -31,29 +34,44 @@ class JobState:
     extra_shard_done: bool = False
     complete: bool = False
     modules: dict = field(default_factory=dict)  # per-module record for the report
+    # blake2b of the whole of `inputs_file`, recorded after it was written and fsynced; an activation
+    # file is trusted only when it matches (job.scratch).
+    inputs_digest: str | None = None
+    # OUT_DIR file (relative path) -> {"size", "sha256"}, recorded as each file is written (verify).
+    files: dict = field(default_factory=dict)
+    # "extra" or a block index -> digest of the checkpoint tensors it was computed from (identity).
+    weights: dict = field(default_factory=dict)
+    # MODEL_DIR shard -> [size, mtime_ns, inode] when the job last checked its weights.
+    model_files: dict = field(default_factory=dict)
+    digest: str | None = None  # sha256 of everything above: a hand edit or a torn write is detected
+
+    def content_digest(self) -> str:
+        data = {k: v for k, v in asdict(self).items() if k != "digest"}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     @classmethod
-    def open(cls, out_dir: Path, fp: str) -> "JobState":
-        """The state of the job in out_dir, or a fresh one; refuses an OUT_DIR of another job."""
-        path = Path(out_dir) / STATE_NAME
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-                state = cls(**data)
-            except (ValueError, TypeError) as e:
-                raise StreamSVDError(
-                    f"{path} is not a streamsvd state file ({e})", "remove OUT_DIR or choose another OUT_DIR"
-                ) from e
+    def open(cls, out_dir: Path, fp: str, n_layers: int | None = None, calib_samples: int | None = None,
+             restart: bool = False) -> "JobState":
+        """The state of the job in out_dir, or a fresh one; refuses an OUT_DIR of another job.
+
+        With `restart`, whatever is there is not read: a fresh state (the caller removes the old files).
+        """
+        from .state_schema import check_state, is_own_debris
+
+        out_dir = Path(out_dir)
+        path = out_dir / STATE_NAME
+        if out_dir.exists() and not out_dir.is_dir():
+            raise StreamSVDError(f"OUT_DIR {out_dir} is a file", "choose a directory path for OUT_DIR")
+        if path.exists() and not restart:
+            state = check_state(path, n_layers=n_layers, calib_samples=calib_samples)
             if state.fingerprint != fp:
                 raise JobMismatch(
                     f"{out_dir} holds a different streamsvd job (another model, text or settings)",
                     "choose a new OUT_DIR, or rerun with exactly the settings of the job in it, "
-                    "or delete it to start over",
+                    "or add --restart to remove that job's files and start over",
                 )
             return state
-        if Path(out_dir).exists() and not Path(out_dir).is_dir():
-            raise StreamSVDError(f"OUT_DIR {out_dir} is a file", "choose a directory path for OUT_DIR")
-        if Path(out_dir).exists() and any(Path(out_dir).iterdir()):
+        if not path.exists() and out_dir.is_dir() and not all(is_own_debris(p) for p in out_dir.iterdir()):
             raise StreamSVDError(
                 f"{out_dir} exists, is not empty and holds no streamsvd job",
                 "choose a new or empty OUT_DIR so nothing in it is overwritten",
@@ -61,11 +79,26 @@ class JobState:
         return cls(fingerprint=fp)
 
     def save(self, out_dir: Path) -> None:
+        self.digest = self.content_digest()
         atomic_write_json(Path(out_dir) / STATE_NAME, asdict(self))
 
 
-def read_state(out_dir: Path) -> JobState | None:
+STATE_FIELDS = {f.name for f in fields(JobState)}
+
+
+def read_state(out_dir: Path, strict: bool = True) -> JobState | None:
+    """The state in out_dir (checked against the schema), None if there is none.
+
+    Not strict: None also for a state that does not pass the schema (callers that only want a hint).
+    """
+    from .state_schema import check_state
+
     path = Path(out_dir) / STATE_NAME
-    if not path.is_file():
+    if not path.exists():
         return None
-    return JobState(**json.loads(path.read_text()))
+    try:
+        return check_state(path)
+    except StreamSVDError:
+        if strict:
+            raise
+        return None

@@ -11,7 +11,7 @@ from torch import nn
 
 from .architecture import empty_model, load_config
 from ..io.checkpoint import Checkpoint
-from ..errors import StreamSVDError
+from ..errors import CheckpointError, StreamSVDError
 from .lowrank import LowRankLinear, replace_module
 from ..job.state import read_state
 
@@ -25,6 +25,21 @@ def load(path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Modu
             f"{path} is an unfinished streamsvd job ({state.blocks_done} blocks done)",
             "run the same `streamsvd run` command again to finish it",
         )
+    output = state is not None or is_streamsvd_output(path)
+    try:
+        return _load(path, dtype, device)
+    except CheckpointError as e:
+        if not output:
+            raise
+        # An output is re-made by rerunning the job, not re-downloaded.
+        raise CheckpointError(
+            f"{path} is a damaged streamsvd output: {e.problem}",
+            "run the same `streamsvd run MODEL_DIR OUT_DIR ...` command again: it redoes the damaged files "
+            "(`streamsvd verify OUT_DIR` lists them)",
+        ) from e
+
+
+def _load(path: Path, dtype: torch.dtype | None, device: str) -> nn.Module:
     ckpt = Checkpoint(path)
     section = ckpt.config_dict.get("streamsvd")
     config = load_config(ckpt)

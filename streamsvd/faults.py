@@ -1,0 +1,33 @@
+"""Named fault points for the fault-injection test: `point("shard-written")` kills the process there.
+
+Inactive unless the environment variable STREAMSVD_FAULT is set when streamsvd is imported, and then
+`point` is one comparison; otherwise it returns at once (zero cost in normal runs).
+STREAMSVD_FAULT=NAME:N sends SIGKILL to this process the N-th time (1-based) point NAME is reached,
+exactly as a crash or an OOM kill would end it: no cleanup, no exception handlers, no flush.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "STREAMSVD_FAULT"
+
+
+def _parse(spec: str | None) -> tuple[str, int] | None:
+    if not spec:
+        return None
+    name, _, count = spec.partition(":")
+    return name, int(count or 1)
+
+
+_ACTIVE = _parse(os.environ.get(ENV))
+_hits: dict[str, int] = {}
+
+
+def point(name: str) -> None:
+    if _ACTIVE is None or _ACTIVE[0] != name:
+        return
+    _hits[name] = _hits.get(name, 0) + 1
+    if _hits[name] == _ACTIVE[1]:
+        os.kill(os.getpid(), signal.SIGKILL)

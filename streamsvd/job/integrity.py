@@ -1,0 +1,232 @@
+"""What keeps a job from ending silently wrong: locks, trusted scratch, repair, identity by content.
+
+`JobIntegrity(job)` holds the job-level pieces that `CompressionJob` calls:
+
+- `lock`: one job per OUT_DIR and per work directory (`job.lock`);
+- `remove_own_files` (`run --restart`): only streamsvd's own files, after saying which;
+- `inputs_trusted` / `activation_digest`: an activation file is trusted only when the state,
+  written after the file was complete and fsynced, records its sha256 and the file still has it;
+- `reopen_if_damaged`: a finished OUT_DIR whose files fail the cheap check (sizes, headers) is
+  reopened at the first damaged piece instead of being reported complete;
+- `check_model_unchanged`: the checkpoint's tensors are hashed as the job reads them and recorded
+  per block; on a resume, the finished blocks whose MODEL_DIR shards changed on disk (size, mtime
+  or inode) are read and hashed again, and a difference refuses the resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from ..errors import StreamSVDError
+from ..io.checkpoint import INDEX_NAME
+from ..io.checksums import file_sha256, group_digest, tensor_sha256
+from ..io.fsutil import fsync_dir
+from ..io.output import REPORT_JSON, REPORT_MD, RUN_LOG, SPECTRA_DIR
+from ..model.architecture import layer_prefix
+from .lock import LOCK_NAME
+from .state import RESTART_FIX, STATE_NAME
+
+_LAYER_INDEX_KEY = "layers."
+
+
+class ModelChanged(StreamSVDError):
+    pass
+
+
+def _say(message: str) -> None:
+    print(f"streamsvd: {message}", file=sys.stderr, flush=True)
+
+
+class JobIntegrity:
+    def __init__(self, job):
+        self.job = job
+
+    # ---------------------------------------------------------------- locks
+    def lock(self) -> None:
+        job = self.job
+        out = Path(job.cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        job.locks.take(out, "OUT_DIR")
+        if job.cfg.work_dir is not None:
+            job.work.mkdir(parents=True, exist_ok=True)
+            job.locks.take(job.work, "--work-dir")
+
+    def reread_state(self) -> bool:
+        """Read the state again under the lock (another job may have moved it on); True if it changed."""
+        fresh = self.job._open_state()
+        if fresh.digest == self.job.state.digest:
+            return False
+        self.job.state = fresh
+        return True
+
+    # ---------------------------------------------------------------- --restart
+    def own_files(self) -> list[Path]:
+        """streamsvd's files in OUT_DIR (and its work folders); never anything it did not write."""
+        job, out = self.job, Path(self.job.cfg.out_dir)
+        found: list[Path] = []
+        if not out.is_dir():
+            return found
+        copies = {p.name: p for p in job.out.other_files()}
+        for p in sorted(out.iterdir()):
+            name = p.name
+            if name == LOCK_NAME:
+                continue
+            if p.is_file() and (
+                name in (STATE_NAME, INDEX_NAME, REPORT_JSON, REPORT_MD, RUN_LOG)
+                or (name.startswith("model-") and "-of-" in name and name.endswith(".safetensors"))
+                or (name.startswith(".") and ".tmp-" in name)
+                or (name == "config.json" and _has_streamsvd_section(p))
+                or (name in copies and _same_bytes(p, copies[name]))
+            ):
+                found.append(p)
+            elif p.is_dir() and name == SPECTRA_DIR:
+                found += [q for q in sorted(p.iterdir()) if q.is_file() and (q.name.startswith("block-") or ".tmp-" in q.name)]
+                found.append(p)
+            elif p.is_dir() and name == ".streamsvd-work":
+                found.append(p)
+        if job.cfg.work_dir is not None and job.work.is_dir():
+            found.append(job.work)
+        return found
+
+    def remove_own_files(self) -> None:
+        job = self.job
+        files = self.own_files()
+        if files:
+            _say("--restart removes " + ", ".join(str(p) for p in files))
+        for p in files:
+            if p.is_dir() and p == job.work:
+                for q in p.iterdir():  # keep the lock file we hold
+                    if q.name != LOCK_NAME:
+                        shutil.rmtree(q) if q.is_dir() else q.unlink()
+            elif p.is_dir():
+                if p.name == SPECTRA_DIR:
+                    with contextlib.suppress(OSError):
+                        p.rmdir()  # only if nothing but streamsvd's files was in it
+                else:
+                    shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        fsync_dir(Path(job.cfg.out_dir))
+        job.state = type(job.state)(fingerprint=job.job_fp)
+        job.batch_size = job._batch_size()
+
+    # ---------------------------------------------------------------- scratch
+    def activation_digest(self, name: str) -> str:
+        return file_sha256(self.job.work / name)
+
+    def inputs_trusted(self) -> bool:
+        state, job = self.job.state, self.job
+        path = job.work / state.inputs_file
+        try:
+            if path.stat().st_size != job._activation_nbytes():
+                return False
+        except OSError:
+            return False
+        return file_sha256(path) == state.inputs_digest
+
+    def remove_scratch(self) -> None:
+        """No scratch left behind after a finished job, whichever run finished it."""
+        job, out = self.job, Path(self.job.cfg.out_dir)
+        shutil.rmtree(job.work, ignore_errors=True)
+        shutil.rmtree(out / ".streamsvd-work", ignore_errors=True)
+        for stale in list(out.glob(".*.tmp-*")) + list((out / SPECTRA_DIR).glob(".*.tmp-*")):
+            stale.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- repair
+    def forget_extra(self) -> None:
+        self.job.state.extra_shard_done = False
+        self.job.state.weights.pop("extra", None)
+
+    def rewind(self, block: int) -> None:
+        """Back to `block` finished blocks: what the state says about later blocks goes."""
+        state = self.job.state
+        state.blocks_done = block
+        state.inputs_file = state.inputs_digest = None
+        state.modules = {n: r for n, r in state.modules.items() if _block_of(n) is not None and _block_of(n) < block}
+        state.weights = {k: v for k, v in state.weights.items() if k == "extra" or int(k) < block}
+
+    def reopen_if_damaged(self) -> list[str]:
+        """A finished OUT_DIR: the cheap checks; if anything is damaged, reopen the job to redo it."""
+        job, state = self.job, self.job.state
+        damaged = job.out.damaged_files()
+        if not damaged:
+            return []
+        _say(f"the finished output in {job.cfg.out_dir} is damaged ({', '.join(damaged)}); redoing what is needed")
+        index = Path(job.cfg.out_dir) / INDEX_NAME
+        index.unlink(missing_ok=True)  # first: an unfinished OUT_DIR never has an index
+        fsync_dir(index.parent)
+        names = {job.out.block_path(i).name: i for i in range(job.config.num_hidden_layers)}
+        names.update({str(job.out.spectra_path(i).relative_to(job.out.dir)): i for i in range(job.config.num_hidden_layers)})
+        blocks = [names[d] for d in damaged if d in names]
+        if job.out.extra_path().name in damaged:
+            self.forget_extra()
+        if blocks:
+            self.rewind(min(blocks))
+        state.complete = False
+        state.inputs_file = state.inputs_digest = None
+        state.save(job.out.dir)
+        return damaged
+
+    # ---------------------------------------------------------------- identity
+    def digest_of_reads(self) -> str:
+        ckpt = self.job.ckpt
+        digests, ckpt.read_digests = ckpt.read_digests or {}, None
+        return group_digest(digests)
+
+    def model_file_stats(self) -> dict:
+        ckpt = self.job.ckpt
+        stats = {}
+        for shard in sorted(ckpt.headers):
+            st = (ckpt.dir / shard).stat()
+            stats[shard] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        return stats
+
+    def check_model_unchanged(self) -> None:
+        """Refuse a resume whose MODEL_DIR weights differ from those the finished blocks were made from."""
+        job, state = self.job, self.job.state
+        now = self.model_file_stats()
+        changed = {s for s, st in now.items() if state.model_files.get(s) != st}
+        if state.model_files and changed:
+            for key in sorted(state.weights, key=lambda k: (k != "extra", int(k) if k.isdigit() else -1)):
+                names = job.out.extra_names() if key == "extra" else [
+                    k for k in job.ckpt.keys() if k.startswith(layer_prefix(job.model, int(key)))]
+                if not any(job.ckpt.weight_map[n] in changed for n in names):
+                    continue
+                digest = group_digest({n: tensor_sha256(job.ckpt.get(n)) for n in names})
+                if digest != state.weights[key]:
+                    what = "the embeddings and head" if key == "extra" else f"block {key}"
+                    raise ModelChanged(
+                        f"the weights in MODEL_DIR {job.ckpt.dir} changed since this job started: {what} now differs "
+                        f"from what the finished part of {job.cfg.out_dir} was computed from",
+                        "restore the original checkpoint and rerun, or " + RESTART_FIX.replace("run the same", "run the")
+                        + " from the new weights",
+                    )
+        state.model_files = now
+
+
+def _block_of(name: str) -> int | None:
+    head, sep, tail = name.partition(".layers.")
+    if not sep:
+        return None
+    number = tail.split(".", 1)[0]
+    return int(number) if number.isdigit() else None
+
+
+def _has_streamsvd_section(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "streamsvd" in data
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False

@@ -1,0 +1,67 @@
+"""`streamsvd verify OUT_DIR`: every file the job recorded, checked for size, header and contents.
+
+The job records each file's size and sha256 in its state as it writes it (shards and spectra as
+blocks finish, the rest when it finishes, the index last). Verify reads them all back; `run` on a
+finished job does only the cheap part (sizes, headers) and redoes what fails.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import CheckpointError, StreamSVDError
+from ..io.checkpoint import INDEX_NAME, read_safetensors_header
+from ..io.checksums import file_sha256
+from .state import STATE_NAME, read_state
+
+
+def verify(out_dir: Path, deep: bool = True) -> dict:
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise StreamSVDError(f"{out_dir} is not a directory", "give the OUT_DIR of a streamsvd run")
+    state = read_state(out_dir)
+    if state is None:
+        raise StreamSVDError(
+            f"{out_dir} holds no streamsvd job state ({STATE_NAME})",
+            "verify checks streamsvd outputs against what the job recorded; give the OUT_DIR of a streamsvd run",
+        )
+    damaged = []
+    for name in sorted(state.files):
+        record, path = state.files[name], out_dir / name
+        problem = _check(path, record, deep)
+        if problem:
+            damaged.append({"file": name, "problem": problem})
+    if state.complete and INDEX_NAME not in state.files:
+        damaged.append({"file": INDEX_NAME, "problem": "not recorded by the job"})
+    return {
+        "out_dir": str(out_dir),
+        "complete": state.complete,
+        "blocks_done": state.blocks_done,
+        "files_checked": len(state.files),
+        "damaged": damaged,
+        "ok": not damaged,
+    }
+
+
+def _check(path: Path, record: dict, deep: bool) -> str | None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    if size != record["size"]:
+        return f"size {size}, recorded {record['size']}"
+    if path.suffix == ".safetensors":
+        try:
+            read_safetensors_header(path)
+        except CheckpointError as e:
+            return f"bad safetensors header ({e.problem})"
+    if deep:
+        try:
+            digest = file_sha256(path)
+        except OSError as e:
+            return f"unreadable ({e.strerror or e})"
+        if digest != record["sha256"]:
+            return "contents differ from what was written (sha256 mismatch)"
+    return None
