@@ -4,6 +4,7 @@ Inactive unless the environment variable STREAMSVD_FAULT is set when streamsvd i
 `point` is one comparison; otherwise it returns at once (zero cost in normal runs).
 STREAMSVD_FAULT=NAME:N sends SIGKILL to this process the N-th time (1-based) point NAME is reached,
 exactly as a crash or an OOM kill would end it: no cleanup, no exception handlers, no flush.
+STREAMSVD_FAULT=NAME:N:stop sends SIGSTOP instead (a job frozen mid-way, holding its locks).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import signal
 ENV = "STREAMSVD_FAULT"
 
 
-def _parse(spec: str | None) -> tuple[str, int] | None:
+def _parse(spec: str | None) -> tuple[str, int, int] | None:
     if not spec:
         return None
-    name, _, count = spec.partition(":")
-    return name, int(count or 1)
+    name, _, rest = spec.partition(":")
+    count, _, action = rest.partition(":")
+    return name, int(count or 1), signal.SIGSTOP if action == "stop" else signal.SIGKILL
 
 
 _ACTIVE = _parse(os.environ.get(ENV))
@@ -30,4 +32,4 @@ def point(name: str) -> None:
         return
     _hits[name] = _hits.get(name, 0) + 1
     if _hits[name] == _ACTIVE[1]:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), _ACTIVE[2])

@@ -93,9 +93,25 @@ class JobIntegrity:
             found.append(job.work)
         return found
 
+    def check_restart_target(self) -> None:
+        """--restart on an OUT_DIR without a state: only if everything in it is streamsvd's (nothing is overwritten)."""
+        from .state_schema import is_own_debris
+
+        out = Path(self.job.cfg.out_dir)
+        if not out.is_dir() or (out / STATE_NAME).exists():
+            return
+        own = set(self.own_files())
+        foreign = sorted(p.name for p in out.iterdir() if p not in own and not is_own_debris(p))
+        if foreign:
+            raise StreamSVDError(
+                f"{out} holds no streamsvd job state and files streamsvd did not write ({', '.join(foreign[:5])})",
+                "choose a new or empty OUT_DIR so nothing in it is overwritten",
+            )
+
     def remove_own_files(self) -> None:
         job = self.job
-        files = self.own_files()
+        # The state goes last: a kill half-way leaves a state that still refuses, never files that look foreign.
+        files = sorted(self.own_files(), key=lambda p: p.name == STATE_NAME)
         if files:
             _say("--restart removes " + ", ".join(str(p) for p in files))
         for p in files:

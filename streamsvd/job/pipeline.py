@@ -127,6 +127,8 @@ class CompressionJob:
         self.state = self._open_state()
         # Under --work-dir, a folder of this job's own, so finishing never removes the user's files.
         self.work = Path(cfg.out_dir) / WORK_DIR_NAME if cfg.work_dir is None else Path(cfg.work_dir) / f"streamsvd-{job_fp[:12]}"
+        if cfg.restart:
+            JobIntegrity(self).check_restart_target()
         # Everything that can reject the input runs before anything is written to OUT_DIR.
         self.windows = sample_windows(self.tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
         self.model = empty_model(self.config, COMPUTE_DTYPE)

@@ -71,7 +71,7 @@ class JobState:
                     "or add --restart to remove that job's files and start over",
                 )
             return state
-        if not path.exists() and out_dir.is_dir() and not all(is_own_debris(p) for p in out_dir.iterdir()):
+        if not restart and not path.exists() and out_dir.is_dir() and not all(is_own_debris(p) for p in out_dir.iterdir()):
             raise StreamSVDError(
                 f"{out_dir} exists, is not empty and holds no streamsvd job",
                 "choose a new or empty OUT_DIR so nothing in it is overwritten",

@@ -1,0 +1,467 @@
+"""Nothing silently wrong (issue 10): locks, validated state, --restart, trusted scratch, checks before the
+first write, verify and repair, identity by content. Fault injection is in test_fault_injection.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import streamsvd
+from streamsvd.cli import main
+from streamsvd.errors import StreamSVDError
+from streamsvd.io.checkpoint import INDEX_NAME
+from streamsvd.io.output import RUN_LOG
+from streamsvd.job.lock import LOCK_NAME
+from streamsvd.job.pipeline import JobConfig, run_job
+from streamsvd.job.state import STATE_NAME, JobState
+from tiny_models import make_tiny_checkpoint
+
+FAST = ["--calib-samples", "4", "--seqlen", "32", "--no-progress"]
+VOLATILE = {RUN_LOG, STATE_NAME}
+CLI = [sys.executable, "-m", "streamsvd.cli"]
+
+
+def files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name not in VOLATILE}
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("rel") / "model", num_hidden_layers=4)
+
+
+@pytest.fixture(scope="module")
+def straight(model, tmp_path_factory):
+    """The uninterrupted run every other output is compared with."""
+    out = tmp_path_factory.mktemp("straight") / "out"
+    assert main(["run", str(model), str(out), *FAST]) == 0
+    return out
+
+
+def cfg(model, out, **kw):
+    return JobConfig(**{**dict(model_dir=model, out_dir=out, ratio=0.4, calib_samples=4, seqlen=32, progress=False), **kw})
+
+
+def interrupt_after(block, config):
+    def stop(index):
+        if index == block:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_job(config, on_block_done=stop)
+
+
+def cli(argv) -> int:
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"`streamsvd {' '.join(map(str, argv))}` raised {type(e).__name__}: {e} (a traceback for the user)")
+
+
+def clean_error(capsys, rc, *needles) -> str:
+    captured = capsys.readouterr()
+    assert rc == 2, captured.err
+    assert "Traceback" not in captured.err
+    assert captured.err.count("error: ") == 1, captured.err
+    assert "fix: " in captured.err, captured.err
+    assert "done:" not in captured.out
+    for needle in needles:
+        assert needle in captured.err, f"{needle!r} not in {captured.err}"
+    return captured.err
+
+
+def no_scratch(out: Path) -> None:
+    assert not (out / ".streamsvd-work").exists()
+    assert not (out / LOCK_NAME).exists()
+    assert not list(out.rglob(".*.tmp-*"))
+
+
+# ------------------------------------------------------------------------------------------ 1. locks
+def _frozen_job(model, out, *extra):
+    """A real `streamsvd run` that stops itself (SIGSTOP) after its first block's state is saved, holding its locks."""
+    env = {**os.environ, "STREAMSVD_FAULT": "state-saved:2:stop"}
+    proc = subprocess.Popen(CLI + ["run", str(model), str(out), *FAST, *extra], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        with open(f"/proc/{proc.pid}/stat") as f:
+            if f.read().split(")")[-1].split()[0] == "T":
+                return proc
+        assert proc.poll() is None, "the job ended before it stopped itself"
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("the job never reached its stop point")
+
+
+def test_second_run_into_the_same_out_dir_is_refused_naming_the_first(model, straight, tmp_path):
+    out = tmp_path / "out"
+    first = _frozen_job(model, out)
+    try:
+        second = subprocess.run(CLI + ["run", str(model), str(out), *FAST], capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.count("error: ") == 1 and "Traceback" not in second.stderr
+        assert f"process {first.pid}" in second.stderr and "in use" in second.stderr and "fix:" in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # The kernel dropped the dead process's lock: the rerun is not blocked by a stale lock and finishes the job.
+    assert (out / LOCK_NAME).exists()
+    done = subprocess.run(CLI + ["run", str(model), str(out), *FAST], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert files(out) == files(straight)
+    no_scratch(out)
+
+
+def test_two_out_dirs_sharing_a_work_dir_are_refused(model, tmp_path):
+    scratch = tmp_path / "scratch"
+    first = _frozen_job(model, tmp_path / "a", "--work-dir", scratch)
+    try:
+        second = subprocess.run(CLI + ["run", str(model), str(tmp_path / "b"), *FAST, "--work-dir", str(scratch)],
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert "--work-dir" in second.stderr and f"process {first.pid}" in second.stderr
+        assert second.stderr.count("error: ") == 1 and "Traceback" not in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert not (tmp_path / "b" / STATE_NAME).exists()
+
+
+def test_the_lock_is_released_when_the_job_ends(model, tmp_path):
+    from streamsvd.job.lock import DirLock
+
+    out = tmp_path / "out"
+    run_job(cfg(model, out))
+    no_scratch(out)
+    lock = DirLock(out, "OUT_DIR").acquire()  # nobody holds it any more
+    with pytest.raises(StreamSVDError, match=f"process {os.getpid()}"):
+        DirLock(out, "OUT_DIR").acquire()  # a second holder is refused, even within one process
+    lock.release()
+
+
+# ------------------------------------------------------------------------------------------ 2. validated state
+@pytest.fixture(scope="module")
+def interrupted_base(model, tmp_path_factory):
+    """OUT_DIR of a job interrupted after block 1 (made once; tests work on copies)."""
+    out = tmp_path_factory.mktemp("interrupted") / "out"
+    interrupt_after(1, cfg(model, out))
+    return out
+
+
+def _interrupted(base, out):
+    shutil.copytree(base, out)
+    return json.loads((out / STATE_NAME).read_text())
+
+
+def _resign(state: dict) -> dict:
+    """Recompute the state's own digest, so the schema (not the digest) has to catch the edit."""
+    fields = {k: v for k, v in state.items() if k != "digest"}
+    try:
+        state["digest"] = JobState(**fields).content_digest()
+    except TypeError:
+        pass
+    return state
+
+
+def _module(state):
+    return next(iter(state["modules"]))
+
+
+CORRUPTIONS = {
+    "truncated": lambda s, raw: raw[: len(raw) // 2],
+    "empty": lambda s, raw: b"",
+    "binary": lambda s, raw: b"\x00\xff\xfe" * 50,
+    "not_an_object": lambda s, raw: b"[1, 2, 3]",
+    "hand_edited_batch_size": lambda s, raw: {**s, "batch_size": 1},  # valid value, digest no longer matches
+    "hand_edited_module": lambda s, raw: {**s, "modules": {**s["modules"], _module(s): {**s["modules"][_module(s)], "rank": 1}}},
+    "unknown_key": lambda s, raw: _resign({**s, "resume_from": 0}),
+    "missing_key": lambda s, raw: _resign({k: v for k, v in s.items() if k != "files"}),
+    "blocks_done_string": lambda s, raw: _resign({**s, "blocks_done": "2"}),
+    "blocks_done_float": lambda s, raw: _resign({**s, "blocks_done": 2.0}),
+    "blocks_done_negative": lambda s, raw: _resign({**s, "blocks_done": -1}),
+    "blocks_done_huge": lambda s, raw: _resign({**s, "blocks_done": 10**9}),
+    "blocks_done_beyond_records": lambda s, raw: _resign({**s, "blocks_done": 3}),
+    "blocks_done_bool": lambda s, raw: _resign({**s, "blocks_done": True}),
+    "inputs_file_outside_work_dir": lambda s, raw: _resign({**s, "inputs_file": "../../etc/passwd"}),
+    "inputs_file_absolute": lambda s, raw: _resign({**s, "inputs_file": "/tmp/acts-0.bin"}),
+    "inputs_without_digest": lambda s, raw: _resign({**s, "inputs_digest": None}),
+    "batch_size_zero": lambda s, raw: _resign({**s, "batch_size": 0}),
+    "batch_size_beyond_samples": lambda s, raw: _resign({**s, "batch_size": 5}),
+    "complete_not_bool": lambda s, raw: _resign({**s, "complete": "yes"}),
+    "complete_but_unfinished": lambda s, raw: _resign({**s, "complete": True}),
+    "fingerprint_not_hex": lambda s, raw: _resign({**s, "fingerprint": "x" * 64}),
+    "modules_a_list": lambda s, raw: _resign({**s, "modules": []}),
+    "module_rank_negative": lambda s, raw: _resign(
+        {**s, "modules": {**s["modules"], _module(s): {**s["modules"][_module(s)], "rank": -3}}}),
+    "module_outside_blocks": lambda s, raw: _resign({**s, "modules": {**s["modules"], "lm_head": s["modules"][_module(s)]}}),
+    "file_record_outside_out_dir": lambda s, raw: _resign(
+        {**s, "files": {**s["files"], "../elsewhere.safetensors": {"size": 1, "sha256": "0" * 64}}}),
+    "weights_of_unfinished_block": lambda s, raw: _resign({**s, "weights": {**s["weights"], "3": "0" * 64}}),
+    "model_file_record_malformed": lambda s, raw: _resign({**s, "model_files": {"a.safetensors": "big"}}),
+    "digest_missing": lambda s, raw: {**s, "digest": None},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_a_corrupted_state_file_is_refused_with_one_error_naming_restart(model, interrupted_base, tmp_path, capsys, case):
+    out = tmp_path / "out"
+    state = _interrupted(interrupted_base, out)
+    raw = (out / STATE_NAME).read_bytes()
+    bad = CORRUPTIONS[case](state, raw)
+    (out / STATE_NAME).write_bytes(bad if isinstance(bad, bytes) else json.dumps(bad).encode())
+    before = snapshot(out)
+    rc = cli(["run", model, out, *FAST])
+    clean_error(capsys, rc, str(out / STATE_NAME), "--restart")
+    assert snapshot(out) == before  # refused before anything was written
+    assert not (out / INDEX_NAME).exists()
+
+
+def test_restart_after_a_refused_state_removes_only_streamsvd_files_and_ends_byte_identical(model, straight, interrupted_base,
+                                                                                           tmp_path, capsys):
+    out = tmp_path / "out"
+    _interrupted(interrupted_base, out)
+    (out / "notes.txt").write_text("mine")
+    (out / STATE_NAME).write_text("{ not json")
+    assert cli(["run", model, out, *FAST]) == 2
+    capsys.readouterr()
+    assert cli(["run", model, out, *FAST, "--restart"]) == 0
+    err = capsys.readouterr().err
+    assert "--restart removes" in err and STATE_NAME in err and "notes.txt" not in err
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    assert files(out) == files(straight)
+    no_scratch(out)
+
+
+def test_restart_of_another_jobs_out_dir(model, straight, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(["run", model, out, *FAST, "--ratio", "0.5"]) == 0
+    assert cli(["run", model, out, *FAST]) == 2
+    assert "--restart" in capsys.readouterr().err
+    assert cli(["run", model, out, *FAST, "--restart"]) == 0
+    assert files(out) == files(straight)
+
+
+# ------------------------------------------------------------------------------------------ 3. scratch
+def test_a_damaged_activation_file_is_not_trusted(model, straight, interrupted_base, tmp_path, capsys):
+    out = tmp_path / "out"
+    state = _interrupted(interrupted_base, out)
+    acts = out / ".streamsvd-work" / state["inputs_file"]
+    data = bytearray(acts.read_bytes())
+    data[len(data) // 2 + 3] ^= 0x40  # same size, one flipped bit: the old size check trusted this
+    acts.write_bytes(bytes(data))
+    assert cli(["run", model, out, *FAST]) == 0
+    assert "cannot be trusted" in capsys.readouterr().err
+    assert files(out) == files(straight)
+
+
+def test_a_kill_during_the_rebuild_of_lost_activations_leaves_nothing_trusted(model, straight, tmp_path):
+    """The issue's case: killed while rebuilding, the next resume must not trust the half-rebuilt file."""
+    out = tmp_path / "out"
+    interrupt_after(2, cfg(model, out))
+    shutil.rmtree(out / ".streamsvd-work")
+    env = {**os.environ, "STREAMSVD_FAULT": "rebuild-block:2"}
+    killed = subprocess.run(CLI + ["run", str(model), str(out), *FAST], env=env, capture_output=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    state = json.loads((out / STATE_NAME).read_text())
+    assert state["inputs_file"] is None and state["blocks_done"] == 3  # the record was cleared before the overwrite
+    done = subprocess.run(CLI + ["run", str(model), str(out), *FAST], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert files(out) == files(straight)
+    no_scratch(out)
+
+
+# ------------------------------------------------------------------------------------------ 4. before the first write
+def _assert_rerun_works(model, out, straight, capsys, *extra):
+    assert cli(["run", model, out, *FAST, *extra]) == 0, capsys.readouterr().err
+    assert files(out) == files(straight)
+
+
+def test_work_dir_that_is_a_file(model, straight, tmp_path, capsys):
+    out, work = tmp_path / "out", tmp_path / "work"
+    work.write_text("a file")
+    clean_error(capsys, cli(["run", model, out, *FAST, "--work-dir", work]), "--work-dir", "is a file")
+    assert not out.exists() and work.read_text() == "a file"
+    _assert_rerun_works(model, out, straight, capsys, "--work-dir", tmp_path / "work2")
+
+
+def test_out_dir_below_a_file(model, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    clean_error(capsys, cli(["run", model, tmp_path / "f" / "out", *FAST]), "is a file")
+
+
+def test_read_only_filesystem(model, straight, tmp_path, capsys, monkeypatch):
+    import streamsvd.job.preflight as preflight
+
+    real = os.statvfs
+
+    class ReadOnly:
+        def __init__(self, st):
+            self.f_flag = st.f_flag | os.ST_RDONLY
+
+    monkeypatch.setattr(preflight.os, "statvfs", lambda p: ReadOnly(real(p)))
+    out = tmp_path / "sub" / "out"
+    clean_error(capsys, cli(["run", model, out, *FAST]), "read-only")
+    assert not (tmp_path / "sub").exists()
+    monkeypatch.undo()
+    _assert_rerun_works(model, out, straight, capsys)
+
+
+def test_no_write_permission(model, straight, tmp_path, capsys, monkeypatch):
+    """As root, chmod does not stop writes, so the permission answer is injected; the check is what is tested."""
+    import streamsvd.job.preflight as preflight
+
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    monkeypatch.setattr(preflight.os, "access", lambda p, mode: Path(p) != parent)
+    clean_error(capsys, cli(["run", model, parent / "out", *FAST]), "no permission", str(parent))
+    assert list(parent.iterdir()) == []
+    monkeypatch.undo()
+    _assert_rerun_works(model, parent / "out", straight, capsys)
+
+
+def test_model_dir_that_is_a_streamsvd_output(straight, tmp_path, capsys):
+    clean_error(capsys, cli(["run", straight, tmp_path / "again", *FAST]), "is a streamsvd output")
+    assert not (tmp_path / "again").exists()
+
+
+def test_out_dir_that_is_model_dir(model, capsys):
+    before = snapshot(model)
+    clean_error(capsys, cli(["run", model, model, *FAST]), "is MODEL_DIR")
+    assert snapshot(model) == before
+
+
+def test_an_output_without_its_state_needs_restart(model, straight, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(straight, out)
+    (out / STATE_NAME).unlink()
+    clean_error(capsys, cli(["run", model, out, *FAST]), "--restart")
+    _assert_rerun_works(model, out, straight, capsys, "--restart")
+
+
+def test_a_kill_before_the_state_exists_leaves_no_blocking_debris(model, straight, tmp_path):
+    """Killed right after the lock was taken: OUT_DIR holds only the lock file; the rerun is not refused."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).write_text('{"pid": 1}')
+    (out / ".x.tmp-123").write_text("")
+    assert run_job(cfg(model, out))
+    assert files(out) == files(straight)
+
+
+# ------------------------------------------------------------------------------------------ 5. verify and repair
+def test_verify_a_finished_output(straight, capsys):
+    assert cli(["verify", straight, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] and result["complete"] and result["damaged"] == []
+    assert result["files_checked"] == len(files(straight))  # every output file is recorded
+
+
+@pytest.mark.parametrize("damage", ["truncate_shard", "remove_shard", "remove_spectra", "remove_index", "remove_tokenizer",
+                                    "truncate_extra_shard", "remove_report"])
+def test_run_on_a_damaged_finished_output_redoes_it(model, straight, tmp_path, capsys, damage):
+    out = tmp_path / "out"
+    shutil.copytree(straight, out)
+    target = {
+        "truncate_shard": "model-00003-of-00005.safetensors", "remove_shard": "model-00004-of-00005.safetensors",
+        "remove_spectra": "spectra/block-00001.safetensors", "remove_index": INDEX_NAME,
+        "remove_tokenizer": "tokenizer.json", "truncate_extra_shard": "model-00001-of-00005.safetensors",
+        "remove_report": "streamsvd_report.md",
+    }[damage]
+    if damage.startswith("truncate"):
+        os.truncate(out / target, 100)
+    else:
+        (out / target).unlink()
+    assert cli(["verify", out]) == 2
+    assert target in capsys.readouterr().out
+    if damage == "remove_index":  # load's fix line fits an output: rerun, not re-download
+        with pytest.raises(StreamSVDError) as info:
+            streamsvd.load(out)
+        assert "streamsvd run" in info.value.fix and "download" not in info.value.fix
+    assert cli(["run", model, out, *FAST]) == 0
+    captured = capsys.readouterr()
+    assert "already complete" not in captured.out and "done:" in captured.out
+    assert "damaged" in captured.err and target in captured.err
+    assert files(out) == files(straight)
+    assert cli(["verify", out]) == 0
+    no_scratch(out)
+
+
+def test_verify_finds_a_flipped_byte_that_the_cheap_check_cannot(model, straight, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(straight, out)
+    shard = out / "model-00002-of-00005.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x01
+    shard.write_bytes(bytes(data))
+    rc = cli(["verify", out])
+    captured = capsys.readouterr()
+    assert rc == 2 and "sha256 mismatch" in captured.out and shard.name in captured.out
+    assert captured.err.count("error: ") == 1 and "streamsvd run" in captured.err
+
+
+def test_verify_refuses_a_directory_without_a_job(model, capsys):
+    clean_error(capsys, cli(["verify", model]), "no streamsvd job state")
+
+
+def test_an_unfinished_job_never_has_an_index(model, tmp_path):
+    """The state says complete before the index is written: a kill between leaves no index, never the reverse."""
+    out = tmp_path / "out"
+    env = {**os.environ, "STREAMSVD_FAULT": "finish-file:4"}
+    killed = subprocess.run(CLI + ["run", str(model), str(out), *FAST], env=env, capture_output=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    assert not json.loads((out / STATE_NAME).read_text())["complete"] and not (out / INDEX_NAME).exists()
+
+
+# ------------------------------------------------------------------------------------------ 6. identity by content
+def _rewrite_shard(model: Path, tensor: str, change) -> None:
+    index = json.loads((model / INDEX_NAME).read_text())
+    shard = model / index["weight_map"][tensor]
+    tensors = load_file(str(shard))
+    change(tensors[tensor])
+    size = shard.stat().st_size
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    assert shard.stat().st_size == size  # the old fingerprint (config + shard sizes) cannot see this
+
+
+def test_a_resume_after_the_weights_changed_is_refused(model, tmp_path, capsys):
+    m = Path(shutil.copytree(model, tmp_path / "model"))
+    out = tmp_path / "out"
+    interrupt_after(1, cfg(m, out))
+    _rewrite_shard(m, "model.layers.0.mlp.down_proj.weight", lambda t: t.mul_(1.01))
+    before = snapshot(out)
+    clean_error(capsys, cli(["run", m, out, *FAST]), "changed since this job started", "block 0", "--restart")
+    assert snapshot(out) == before
+
+
+def test_a_touched_but_unchanged_checkpoint_resumes(model, straight, tmp_path):
+    m = Path(shutil.copytree(model, tmp_path / "model"))
+    out = tmp_path / "out"
+    interrupt_after(1, cfg(m, out))
+    _rewrite_shard(m, "model.layers.0.mlp.down_proj.weight", lambda t: None)  # same bytes, new mtime
+    run_job(cfg(m, out, model_dir=m))
+    assert {k: v for k, v in files(out).items() if not k.startswith("streamsvd_report")} == \
+        {k: v for k, v in files(straight).items() if not k.startswith("streamsvd_report")}
+
+
+def test_the_state_records_a_digest_of_every_finished_blocks_weights(model, interrupted_base, tmp_path):
+    out = tmp_path / "out"
+    state = _interrupted(interrupted_base, out)
+    assert sorted(state["weights"]) == ["0", "1", "extra"]
+    assert set(state["model_files"]) == {p.name for p in model.glob("*.safetensors")}
