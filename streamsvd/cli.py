@@ -40,6 +40,11 @@ def _add_run(sub) -> None:
     p.add_argument("--work-dir", default=None, metavar="DIR",
                    help="where the block activations are kept while the job runs (two files of calib-samples x "
                    "seqlen x hidden each; default: OUT_DIR/.streamsvd-work); a fast local disk helps")
+    p.add_argument("--factors", choices=["pivoted", "plain"], default="pivoted",
+                   help="stored form of each compressed linear: pivoted (default) keeps A' (out x r), B' (r x (in-r)) "
+                   "and r pivot indices, r(out+in-r) numbers, so the same ratio affords a higher rank; costs one "
+                   "index gather of the input per linear at inference and a pivot search (seconds per matrix) when "
+                   "compressing. plain: two factors, r(out+in) numbers (the form before this flag)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -89,6 +94,7 @@ def cmd_run(args) -> int:
         propagate=args.propagate, act_dtype=args.act_dtype, progress=not args.no_progress,
         work_dir=Path(args.work_dir) if args.work_dir else None,
     )
+    cfg.factors = args.factors
     state = read_state(cfg.out_dir) if cfg.out_dir.is_dir() else None
     report = run_job(cfg)
     finished_before = state is not None and state.complete
