@@ -78,9 +78,12 @@ class PivotedLinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Two gathers and one addmm (x_p + x_q B'^T): measured faster than one gather of all features
+        # followed by slices, and than a scattered [I | B'] matmul (tools/bench_layers.py, docs/RESULTS.md).
         r = self.rank
-        xs = x.index_select(-1, self.pivots)
-        return F.linear(xs[..., :r] + F.linear(xs[..., r:], self.in_rest), self.out_factor, self.bias)
+        flat = x.reshape(-1, self.in_features)
+        z = torch.addmm(flat.index_select(1, self.pivots[:r]), flat.index_select(1, self.pivots[r:]), self.in_rest.t())
+        return F.linear(z, self.out_factor, self.bias).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

@@ -54,5 +54,7 @@ def test_pivoted_module_exports_with_gather_matmul_and_add_only():
     module = module_from_tensors(tensors.__getitem__, set(tensors), "p", torch.float32)
     program = torch.export.export(module, (torch.randn(2, 7, 96),))
     ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
-    assert ops <= {"aten.index_select.default", "aten.slice.Tensor", "aten.linear.default", "aten.add.Tensor"}, ops
-    assert "aten.index_select.default" in ops and "aten.linear.default" in ops
+    gather, matmul_add = {"aten.index_select.default"}, {"aten.addmm.default", "aten.linear.default", "aten.t.default"}
+    shape = {"aten.slice.Tensor", "aten.view.default", "aten.reshape.default"}
+    assert ops <= gather | matmul_add | shape, ops
+    assert "aten.index_select.default" in ops and "aten.addmm.default" in ops and "aten.linear.default" in ops
