@@ -42,7 +42,7 @@ def _add_run(sub) -> None:
                    "seqlen x hidden each; default: OUT_DIR/.streamsvd-work); a fast local disk helps")
     p.add_argument("--factors", choices=["pivoted", "plain"], default="pivoted",
                    help="stored form of each compressed linear: pivoted (default) keeps A' (out x r), B' (r x (in-r)) "
-                   "and r pivot indices, r(out+in-r) numbers, so the same ratio affords a higher rank; costs one "
+                   "and the input order (pivots first), r(out+in-r) numbers, so the same ratio affords a higher rank; costs one "
                    "index gather of the input per linear at inference and a pivot search (seconds per matrix) when "
                    "compressing. plain: two factors, r(out+in) numbers (the form before this flag)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
