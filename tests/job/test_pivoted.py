@@ -61,6 +61,9 @@ def test_default_job_writes_pivoted_factors_at_the_rank_the_ratio_affords(model_
     # The same parameter budget buys a lower truncation loss.
     assert record["truncation_loss"] < plain["modules"][name]["truncation_loss"]
     assert isinstance(streamsvd.load(tmp_path / "pivoted").model.layers[1].mlp.down_proj, PivotedLinear)
+    markdown = (tmp_path / "pivoted" / "streamsvd_report.md").read_text()
+    assert "r (m + n - r) <= (1 - 0.4) m n" in markdown and f"| {record['rank']} (pivoted) |" in markdown
+    assert "floor(m n (1 - 0.4) / (m + n))" in (tmp_path / "plain" / "streamsvd_report.md").read_text()
 
 
 def test_resume_with_the_other_factor_form_is_refused(model_dir, tmp_path, capsys):
