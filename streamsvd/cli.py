@@ -40,6 +40,11 @@ def _add_run(sub) -> None:
     p.add_argument("--work-dir", default=None, metavar="DIR",
                    help="where the block activations are kept while the job runs (two files of calib-samples x "
                    "seqlen x hidden each; default: OUT_DIR/.streamsvd-work); a fast local disk helps")
+    p.add_argument("--factors", choices=["pivoted", "plain"], default="pivoted",
+                   help="stored form of each compressed linear: pivoted (default) keeps A' (out x r), B' (r x (in-r)) "
+                   "and the input order (pivots first), r(out+in-r) numbers, so the same ratio affords a higher rank; costs one "
+                   "index gather of the input per linear at inference and a pivot search (seconds per matrix) when "
+                   "compressing. plain: two factors, r(out+in) numbers (the form before this flag)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--restart", action="store_true",
                    help="start over: first remove streamsvd's own files from OUT_DIR (state, shards, spectra/, reports, "
@@ -102,6 +107,7 @@ def cmd_run(args) -> int:
         propagate=args.propagate, act_dtype=args.act_dtype, progress=not args.no_progress,
         work_dir=Path(args.work_dir) if args.work_dir else None, restart=args.restart,
     )
+    cfg.factors = args.factors
     state = read_state(cfg.out_dir, strict=False) if cfg.out_dir.is_dir() and not args.restart else None
     report = run_job(cfg)
     finished_before = state is not None and state.complete and not report.get("repaired")

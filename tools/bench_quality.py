@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Quality benchmark: compress SmolLM2-135M at several ratios with each factor method and measure
+"""Quality benchmark: compress SmolLM2-135M (and Gemma 3 270M) at several ratios with each factor method and measure
 perplexity before and after on held-out text, plus wall time and peak RSS of each compression.
 
 Calibration text: the Shakespeare plays in streamsvd.assets.CALIB_PLAYS; evaluation text: the four
@@ -7,6 +7,11 @@ tragedies in EVAL_PLAYS (never calibrated on). Each compression and evaluation r
 `streamsvd` process, so its peak RSS is its own. Prints one JSON line per row.
 
     python tools/bench_quality.py --ratios 0.2 0.4 0.6 --methods eig cholesky
+    python tools/bench_quality.py --models smollm2 gemma3 --methods eig --factors plain pivoted --cross-domain
+
+Plain vs pivoted factors (issue 14) at the same ratio store the same number of parameters (within
+rounding of the rank); `ppl` is held-out plays (the calibration's domain), `ppl_cross` Python's
+reference docs (another domain).
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ import time
 from pathlib import Path
 
 from streamsvd import assets
+from streamsvd.io.calibration import default_text
+
+MODELS = {"smollm2": ("SmolLM2-135M-Instruct (Q4_1 dequantised, float32)", assets.smollm2_checkpoint),
+          "gemma3": ("Gemma 3 270M (float32)", assets.gemma3_checkpoint)}
 
 
 def _streamsvd(*args: str) -> subprocess.CompletedProcess:
@@ -39,6 +48,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     p.add_argument("--methods", nargs="+", default=["eig", "cholesky"], choices=["eig", "cholesky", "svd"])
+    p.add_argument("--factors", nargs="+", default=["pivoted"], choices=["pivoted", "plain"],
+                   help="stored forms to compare (streamsvd run --factors); rows carry the parameters each stores")
+    p.add_argument("--models", nargs="+", default=["smollm2"], choices=sorted(MODELS))
+    p.add_argument("--cross-domain", action="store_true",
+                   help="also score Python's reference docs (pydoc_data, never calibration text when --calib shakespeare)")
     p.add_argument("--calib", choices=["shakespeare", "pydoc"], default="shakespeare",
                    help="calibration text: the CALIB_PLAYS, or streamsvd's built-in default (Python's reference docs)")
     p.add_argument("--calib-samples", type=int, default=32)
@@ -46,36 +60,55 @@ def main() -> None:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--max-mem", default="8G")
-    p.add_argument("--skip-original", action="store_true", help="do not re-measure the uncompressed model")
+    p.add_argument("--skip-original", action="store_true", help="do not evaluate the uncompressed model (rows then lack ppl_before)")
     p.add_argument("--work", type=Path, default=assets.cache_root() / "bench", help="where outputs go (default: the cache)")
     args = p.parse_args()
+    if args.cross_domain and args.calib == "pydoc":
+        sys.exit("--cross-domain scores pydoc text, which --calib pydoc calibrates on: held-out text must not be calibration text")
 
-    model = assets.smollm2_checkpoint()
     calib, held_out = assets.shakespeare_text(assets.CALIB_PLAYS), assets.shakespeare_text(assets.EVAL_PLAYS)
+    texts = {"ppl": held_out}
+    if args.cross_domain:
+        args.work.mkdir(parents=True, exist_ok=True)
+        pydoc = args.work / "pydoc_topics.txt"
+        pydoc.write_text(default_text())
+        texts["ppl_cross"] = pydoc
     calib_flags = ["--calib", str(calib)] if args.calib == "shakespeare" else []
-    common = {"model": "SmolLM2-135M-Instruct (Q4_1 dequantised, float32)",
-              "calib_text": "+".join(assets.CALIB_PLAYS) if args.calib == "shakespeare" else "pydoc_data.topics",
-              "eval_text": "+".join(assets.EVAL_PLAYS), "calib_samples": args.calib_samples, "seqlen": args.seqlen,
-              "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows}
-    base = evaluate(model, held_out, args.eval_seqlen, args.eval_windows)  # ppl_before of every row
-    if not args.skip_original:
-        print(json.dumps({**common, "method": "original", "ratio": 0.0, "ppl": base["perplexity"], "tokens_scored": base["tokens_scored"]}), flush=True)
-    for method in args.methods:
-        for ratio in args.ratios:
-            out = args.work / f"smollm2-{method}-{ratio}"
-            shutil.rmtree(out, ignore_errors=True)
-            start = time.time()
-            _streamsvd("run", str(model), str(out), "--ratio", str(ratio), "--method", method, *calib_flags,
-                       "--calib-samples", str(args.calib_samples), "--seqlen", str(args.seqlen),
-                       "--max-mem", args.max_mem, "--no-progress")
-            wall = time.time() - start
-            report = json.loads((out / "streamsvd_report.json").read_text())
-            after = evaluate(out, held_out, args.eval_seqlen, args.eval_windows)
-            print(json.dumps({**common, "method": method, "ratio": ratio, "ratio_linear": round(report["ratio_linear"], 4),
-                              "ratio_model": round(report["ratio_model"], 4), "ppl_before": base["perplexity"],
-                              "ppl": after["perplexity"], "compress_wall_s": round(wall, 1),
-                              "compress_peak_rss_bytes": report["this_run"]["peak_rss_bytes"], "eval_wall_s": after["seconds"]}), flush=True)
-            shutil.rmtree(out, ignore_errors=True)
+    for model_key in args.models:
+        model_name, model_fn = MODELS[model_key]
+        model = model_fn()
+        common = {"model": model_name,
+                  "calib_text": "+".join(assets.CALIB_PLAYS) if args.calib == "shakespeare" else "pydoc_data.topics",
+                  "eval_text": "+".join(assets.EVAL_PLAYS), "cross_text": "pydoc_data.topics" if args.cross_domain else None,
+                  "calib_samples": args.calib_samples, "seqlen": args.seqlen,
+                  "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows}
+        # The original's perplexities (every row's *_before); --skip-original leaves them out.
+        base = {} if args.skip_original else {key: evaluate(model, text, args.eval_seqlen, args.eval_windows) for key, text in texts.items()}
+        if not args.skip_original:
+            print(json.dumps({**common, "method": "original", "ratio": 0.0, **{k: v["perplexity"] for k, v in base.items()},
+                              "tokens_scored": base["ppl"]["tokens_scored"]}), flush=True)
+        for method in args.methods:
+            for ratio in args.ratios:
+                for factors in args.factors:
+                    out = args.work / f"{model_key}-{method}-{factors}-{ratio}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    start = time.time()
+                    _streamsvd("run", str(model), str(out), "--ratio", str(ratio), "--method", method, "--factors", factors,
+                               *calib_flags, "--calib-samples", str(args.calib_samples), "--seqlen", str(args.seqlen),
+                               "--max-mem", args.max_mem, "--no-progress")
+                    wall = time.time() - start
+                    report = json.loads((out / "streamsvd_report.json").read_text())
+                    after = {key: evaluate(out, text, args.eval_seqlen, args.eval_windows) for key, text in texts.items()}
+                    print(json.dumps({**common, "method": method, "factors": factors, "ratio": ratio,
+                                      "ratio_linear": round(report["ratio_linear"], 4),
+                                      "ratio_model": round(report["ratio_model"], 4),
+                                      "linear_params_after": report["linear_params_after"],
+                                      "model_params_after": report["model_params_after"],
+                                      **{f"{k}_before": v["perplexity"] for k, v in base.items()},
+                                      **{k: v["perplexity"] for k, v in after.items()}, "compress_wall_s": round(wall, 1),
+                                      "compress_peak_rss_bytes": report["this_run"]["peak_rss_bytes"],
+                                      "eval_wall_s": after["ppl"]["seconds"]}), flush=True)
+                    shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def markdown_report(report: dict) -> str:
         "",
         f"- model: `{report['model_dir']}`",
         f"- method: {report['method']}, requested ratio {report['ratio_requested']:.3f}, so each m x n linear keeps "
-        f"rank k = floor(m n (1 - {report['ratio_requested']}) / (m + n))",
+        + _rank_rule(report),
         f"- compressed linears: {report['linear_params_before']:,} -> {report['linear_params_after']:,} parameters "
         f"(ratio {report['ratio_linear']:.3f})",
         f"- whole model: {report['model_params_before']:,} -> {report['model_params_after']:,} parameters "
@@ -190,5 +190,14 @@ def markdown_report(report: dict) -> str:
         "|---|---|---|---|",
     ]
     for name, m in report["modules"].items():
-        lines.append(f"| {name} | {m['out_features']} x {m['in_features']} | {m['rank']} | {m['truncation_loss']:.4g} |")
+        rank = f"{m['rank']} ({m['form']})" if "form" in m else f"{m['rank']}"
+        lines.append(f"| {name} | {m['out_features']} x {m['in_features']} | {rank} | {m['truncation_loss']:.4g} |")
     return "\n".join(lines) + "\n"
+
+
+def _rank_rule(report: dict) -> str:
+    ratio = report["ratio_requested"]
+    if report.get("factors") == "pivoted":
+        return (f"the largest rank r with r (m + n - r) <= (1 - {ratio}) m n, stored as pivoted factors "
+                "(r (m + n - r) numbers; dense where that would not be smaller)")
+    return f"rank k = floor(m n (1 - {ratio}) / (m + n))"

@@ -40,7 +40,8 @@ from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
 from ..io.checkpoint import Checkpoint
 from ..io.diskspace import check_free_space
 from ..errors import StreamSVDError
-from ..math.factorize import METHODS, rank_for_ratio
+from ..math.factorize import METHODS, rank_for_ratio, stored_numel
+from ..math.pivot import FACTOR_FORMS
 from ..model.lowrank import module_from_tensors, replace_module
 from .memory import choose_batch_size, default_budget, per_sample_bytes
 from ..io.output import OutputWriter
@@ -70,6 +71,7 @@ class JobConfig:
     work_dir: Path | None = None  # where the activation files go (default: inside OUT_DIR)
     progress: bool = True
     restart: bool = False  # remove streamsvd's own files from OUT_DIR and start over
+    factors: str = "pivoted"  # stored form of a compressed linear: pivoted (r (m + n - r) numbers) or plain
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -78,6 +80,8 @@ class JobConfig:
             )
         if self.method not in METHODS:
             raise StreamSVDError(f"unknown --method {self.method!r}", f"choose one of {', '.join(METHODS)}")
+        if self.factors not in FACTOR_FORMS:
+            raise StreamSVDError(f"unknown --factors {self.factors!r}", f"choose one of {', '.join(FACTOR_FORMS)}")
         if self.propagate not in ("compressed", "original"):
             raise StreamSVDError(f"unknown --propagate {self.propagate!r}", "choose compressed or original")
         if self.act_dtype not in ACT_DTYPES:
@@ -92,7 +96,7 @@ class JobConfig:
 
 def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str) -> dict:
     """Everything that changes the output bytes; a resume must match it exactly."""
-    return {
+    identity = {
         "checkpoint": ckpt.fingerprint(),
         "ratio": cfg.ratio,
         "method": cfg.method,
@@ -104,6 +108,10 @@ def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str) -> dict:
         "act_dtype": cfg.act_dtype,
         "version": __version__,
     }
+    if cfg.factors != "plain":
+        # Jobs from before pivoted factors were plain and had no such key: they still resume with --factors plain.
+        identity["factors"] = cfg.factors
+    return identity
 
 
 class CompressionJob:
@@ -165,9 +173,11 @@ class CompressionJob:
             block = sum(self.ckpt.nbytes(k) for k in self.ckpt.keys() if k.startswith(prefix))
             for name, linear in linears.items():
                 m, n = linear.out_features, linear.in_features
-                rank = rank_for_ratio(m, n, self.cfg.ratio)
+                rank = rank_for_ratio(m, n, self.cfg.ratio, self.cfg.factors)
                 itemsize = self.ckpt.nbytes(prefix + name + ".weight") // (m * n)
-                block += rank * (m + n) * itemsize - m * n * itemsize + min(m, n) * 4  # factors - weight + spectrum
+                pivots = n * 4 if self.cfg.factors == "pivoted" else 0  # int32 permutation
+                factored = stored_numel(m, n, rank, self.cfg.factors) * itemsize + pivots
+                block += factored - m * n * itemsize + min(m, n) * 4  # factors - weight + spectrum
             out += block
         return {Path(self.cfg.out_dir): out, self.work: work}
 
@@ -350,7 +360,7 @@ class CompressionJob:
             layer, self._bar(f"block {index} stats"), src.read, self._forward(index),
             on_output=dst.write if cfg.propagate == "original" else None,
         )
-        block = factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE)
+        block = factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors)
         if cfg.propagate == "compressed":
             self._propagate(layer, index, src, dst, desc=f"block {index} propagate")
         dst.sync()
@@ -377,16 +387,27 @@ class CompressionJob:
                 "seed": self.cfg.seed,
             },
             "propagate": self.cfg.propagate,
+            **self._factors_section(),
         }
+
+    def _factors_section(self) -> dict:
+        """The stored form: `factors` as requested, `forms` per module (pivoted, plain or dense) for load."""
+        return {"factors": self.cfg.factors, "forms": {name: m.get("form", "plain") for name, m in self.state.modules.items()}}
+
+    def _stored_numel(self, record: dict) -> int:
+        if "stored_numel" in record:
+            return record["stored_numel"]
+        return record["rank"] * (record["in_features"] + record["out_features"])
 
     def _report(self) -> dict:
         """What the output is (deterministic: the same bytes however often the job was interrupted)."""
         before = sum(m["in_features"] * m["out_features"] for m in self.state.modules.values())
-        after = sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in self.state.modules.values())
+        after = sum(self._stored_numel(m) for m in self.state.modules.values())
         total = sum(self.ckpt.numel(k) for k in self.ckpt.keys())
         return {
             "model_dir": str(self.cfg.model_dir),
             "method": self.cfg.method,
+            "factors": self.cfg.factors,
             "ratio_requested": self.cfg.ratio,
             "linear_params_before": before,
             "linear_params_after": after,

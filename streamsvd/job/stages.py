@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from ..io.checkpoint import Checkpoint
-from ..math.factorize import Whitening, factorize, rank_for_ratio, whiten
+from ..math.factorize import Whitening, factorize, rank_for_ratio, stored_numel, whiten
 from ..math.gram import GramAccumulator
 from ..model.architecture import linear_modules
-from ..model.lowrank import factor_tensors, module_from_tensors, replace_module
+from ..model.lowrank import factor_tensors, module_from_tensors, replace_module, stored_form, stored_rank
 
 
 class GramCollector:
@@ -95,27 +95,35 @@ def store_dtype(ckpt: Checkpoint, key: str) -> torch.dtype:
 @torch.no_grad()
 def factor_block(
     layer: nn.Module, prefix: str, ckpt: Checkpoint, stats: GramCollector, ratio: float, method: str,
-    compute_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype = torch.float32, factors: str = "pivoted",
 ) -> FactoredBlock:
-    """Factor every linear of `layer` and swap in the module the shard will hold."""
+    """Factor every linear of `layer` and swap in the module the shard will hold.
+
+    `factors`: the stored form, "pivoted" (default) or "plain" (model/lowrank.py); the rank for
+    `ratio` is the one that form affords. A module that would not get smaller is stored dense.
+    """
     block = FactoredBlock()
     whitenings: dict[str, Whitening] = {}
     linears = linear_modules(layer)
     for name, linear in linears.items():
         full = prefix + name
-        rank = rank_for_ratio(linear.out_features, linear.in_features, ratio)
+        rank = rank_for_ratio(linear.out_features, linear.in_features, ratio, factors)
         group = stats.group_of[name]
         if method != "svd" and group not in whitenings:
             whitenings[group] = whiten(stats.grams[group].gram, method)
         f = factorize(linear.weight, whitenings.get(group), rank, method)
         bias = ckpt.get(full + ".bias") if (full + ".bias") in ckpt else None
-        stored = factor_tensors(full, f.out_factor, f.in_factor, bias, store_dtype(ckpt, full + ".weight"))
+        stored = factor_tensors(full, f.out_factor, f.in_factor, bias, store_dtype(ckpt, full + ".weight"), factors)
+        form = stored_form(set(stored), full)
+        kept = stored_rank(stored.__getitem__, set(stored), full)
         block.tensors.update(stored)
         block.spectra[full] = f.spectrum.to(torch.float32)
         block.records[full] = {
             "in_features": linear.in_features,
             "out_features": linear.out_features,
-            "rank": f.rank,
+            "rank": kept,
+            "form": form,
+            "stored_numel": stored_numel(linear.out_features, linear.in_features, kept, "plain" if form == "plain" else "pivoted"),
             "input_group": prefix + group,
             "truncation_loss": f.truncation_loss(),
             "cholesky_shift": f.shift,

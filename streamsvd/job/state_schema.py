@@ -50,7 +50,8 @@ def _check_module(path: Path, name, rec) -> None:
     if not isinstance(name, str) or not isinstance(rec, dict):
         raise _fail(path, f"has a module record that is not a name and an object ({name!r})")
     need = {"in_features": _is_int, "out_features": _is_int, "rank": _is_int, "input_group": lambda v: isinstance(v, str),
-            "truncation_loss": _is_num, "cholesky_shift": _is_num}
+            "truncation_loss": _is_num, "cholesky_shift": _is_num,
+            "form": lambda v: v in ("plain", "pivoted", "dense"), "stored_numel": _is_int}
     if set(rec) != set(need):
         raise _fail(path, f"has a module record for {name} with keys {sorted(rec)}, not {sorted(need)}")
     for key, ok in need.items():
@@ -58,6 +59,8 @@ def _check_module(path: Path, name, rec) -> None:
             raise _fail(path, f"has {name}.{key} = {rec[key]!r}, which is not of the right type")
     if rec["in_features"] < 1 or rec["out_features"] < 1 or not 1 <= rec["rank"] <= min(rec["in_features"], rec["out_features"]):
         raise _fail(path, f"has impossible sizes for {name} ({rec['out_features']} x {rec['in_features']}, rank {rec['rank']})")
+    if not 1 <= rec["stored_numel"] <= rec["in_features"] * rec["out_features"]:
+        raise _fail(path, f"has an impossible stored size for {name} ({rec['stored_numel']})")
     if rec["truncation_loss"] < 0 or rec["cholesky_shift"] < 0:
         raise _fail(path, f"has a negative loss or shift for {name}")
 

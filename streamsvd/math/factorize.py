@@ -13,6 +13,7 @@ return a spectrum whose truncated tail is exactly that loss: sqrt(sum of dropped
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +37,33 @@ class Factors:
         return float(self.spectrum[self.rank :].pow(2).sum().sqrt())
 
 
-def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
-    """Rank that removes `ratio` of the parameters of an out x in matrix: k = floor(mn(1-R)/(m+n))."""
+def rank_for_ratio(out_features: int, in_features: int, ratio: float, factors: str = "plain") -> int:
+    """Rank that removes `ratio` of the parameters of an out x in matrix.
+
+    plain factors: k = floor(mn(1-R)/(m+n)); pivoted factors (math/pivot.py): the largest r with
+    r (m + n - r) <= (1 - R) m n.
+    """
     m, n = out_features, in_features
-    return max(1, int(m * n * (1.0 - ratio) // (m + n)))
+    if factors == "plain":
+        return max(1, int(m * n * (1.0 - ratio) // (m + n)))
+    if factors != "pivoted":
+        raise ValueError(f"unknown factor form {factors!r}")
+    budget = (1.0 - ratio) * m * n
+    # r (m + n - r) grows with r up to (m + n) / 2 >= min(m, n): take the smaller root, then fix rounding.
+    disc = max(0.0, (m + n) ** 2 - 4.0 * budget)
+    r = min(min(m, n), int(((m + n) - math.sqrt(disc)) / 2))
+    while r < min(m, n) and (r + 1) * (m + n - r - 1) <= budget:
+        r += 1
+    while r > 1 and r * (m + n - r) > budget:
+        r -= 1
+    return max(1, r)
+
+
+def stored_numel(m: int, n: int, rank: int, factors: str = "pivoted") -> int:
+    """Numbers stored for an m x n linear kept at `rank` in form `factors` (see math/pivot.py)."""
+    from .pivot import stored_numel as numel
+
+    return numel(m, n, rank, factors)
 
 
 @dataclass

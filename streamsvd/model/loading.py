@@ -12,7 +12,7 @@ from torch import nn
 from .architecture import empty_model, load_config
 from ..io.checkpoint import Checkpoint
 from ..errors import CheckpointError, StreamSVDError
-from .lowrank import LowRankLinear, replace_module
+from .lowrank import FORMS, empty_module, replace_module
 from ..job.state import read_state
 
 
@@ -46,21 +46,27 @@ def _load(path: Path, dtype: torch.dtype | None, device: str) -> nn.Module:
     dtype = dtype or _saved_dtype(ckpt.config_dict)
     model = empty_model(config, dtype)
     ranks = section["ranks"] if section else {}
+    # Outputs written before pivoted factors existed have no "forms": every module is plain.
+    forms = section.get("forms", {}) if section else {}
     for name, rank in ranks.items():
+        form = forms.get(name, "plain")
+        if form not in FORMS:
+            raise StreamSVDError(f"{path} stores {name} in an unknown form {form!r}", "upgrade streamsvd to load this output")
+        if form == "dense":
+            continue  # kept as the nn.Linear the model already has
         linear = model.get_submodule(name)
-        replace_module(
-            model,
-            name,
-            LowRankLinear(linear.in_features, linear.out_features, rank, linear.bias is not None, device="meta", dtype=dtype),
-        )
-    expected = dict(model.named_parameters())
+        replace_module(model, name, empty_module(form, linear.in_features, linear.out_features, rank, linear.bias is not None, dtype))
+    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for key in ckpt.keys():
         if key not in expected:
             raise StreamSVDError(f"{path} holds tensor {key}, which the model does not have", "re-run streamsvd into a new OUT_DIR")
-        set_module_tensor_to_device(model, key, device, value=ckpt.get(key).to(dtype))
+        value = ckpt.get(key)
+        # Integer tensors (the pivots of pivoted factors) keep their integer type.
+        value = value.to(torch.long) if not value.is_floating_point() else value.to(dtype)
+        set_module_tensor_to_device(model, key, device, value=value)
     if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    missing = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
     if missing:
         raise StreamSVDError(f"{path} lacks tensors: {', '.join(missing[:5])}", "the output is incomplete; re-run streamsvd")
     model.to(device)

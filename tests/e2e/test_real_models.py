@@ -16,7 +16,7 @@ from streamsvd.model.capture import capture_layer_kwargs
 from streamsvd.io.checkpoint import Checkpoint
 from streamsvd.cli import main
 from streamsvd.job.evaluate import perplexity
-from streamsvd.model.lowrank import LowRankLinear
+from streamsvd.model.lowrank import PivotedLinear
 from streamsvd.job.pipeline import JobConfig, run_job
 
 EVAL_WINDOWS, EVAL_SEQLEN = 6, 256
@@ -54,7 +54,7 @@ def test_smollm2_at_ratio_04_loads_generates_and_evaluates_from_the_cli(smollm2_
                  "--calib-samples", "8", "--seqlen", "256", "--max-mem", "4G", "--no-progress"]) == 0
     assert "ratio 0.40" in capsys.readouterr().out
     model = streamsvd.load(out)
-    assert isinstance(model.model.layers[29].self_attn.k_proj, LowRankLinear)
+    assert isinstance(model.model.layers[29].self_attn.k_proj, PivotedLinear)  # the default form
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer("The king said", return_tensors="pt").input_ids
     generated = model.generate(ids, max_new_tokens=12, do_sample=False)

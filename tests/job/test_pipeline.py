@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import streamsvd
 from streamsvd.io.calibration import default_text, sample_windows
 from streamsvd.math.factorize import factorize, rank_for_ratio
-from streamsvd.model.lowrank import LowRankLinear, replace_module
+from streamsvd.model.lowrank import LowRankLinear, PivotedLinear, replace_module
 from streamsvd.job.pipeline import JobConfig, run_job
 from tiny_models import CONFIGS, make_tiny_checkpoint
 
@@ -27,7 +27,7 @@ def _job(model_dir, out_dir, **kw):
 
 
 @torch.no_grad()
-def reference_compress(model_dir, ratio, method, propagate):
+def reference_compress(model_dir, ratio, method, propagate, factors="pivoted"):
     """The same job done the obvious way: whole model in memory, statistics from full forwards."""
     windows = sample_windows(AutoTokenizer.from_pretrained(model_dir), default_text(), SAMPLES, SEQLEN, seed=0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -45,23 +45,26 @@ def reference_compress(model_dir, ratio, method, propagate):
             h.remove()
         for name in names:
             linear = model.model.layers[index].get_submodule(name)
-            k = rank_for_ratio(linear.out_features, linear.in_features, ratio)
+            k = rank_for_ratio(linear.out_features, linear.in_features, ratio, factors)
             f = factorize(linear.weight, grams[name], k, method)
             bias = None if linear.bias is None else linear.bias.detach()
             replace_module(model.model.layers[index], name, LowRankLinear.from_factors(f.out_factor.float(), f.in_factor.float(), bias))
     return model
 
 
-@pytest.mark.parametrize("method,propagate", [("eig", "compressed"), ("cholesky", "original")])
-def test_loaded_output_equals_in_memory_compression(tiny, tmp_path, method, propagate):
-    report = run_job(_job(tiny, tmp_path / "out", ratio=0.4, method=method, propagate=propagate))
+@pytest.mark.parametrize("method,propagate,factors", [("eig", "compressed", "pivoted"), ("cholesky", "original", "pivoted"),
+                                                      ("eig", "compressed", "plain")])
+def test_loaded_output_equals_in_memory_compression(tiny, tmp_path, method, propagate, factors):
+    report = run_job(_job(tiny, tmp_path / "out", ratio=0.4, method=method, propagate=propagate, factors=factors))
     loaded = streamsvd.load(tmp_path / "out")
-    reference = reference_compress(tiny, 0.4, method, propagate)
+    # The reference keeps plain two-factor modules at the rank the form affords: pivoting changes the
+    # stored numbers, not the matrix.
+    reference = reference_compress(tiny, 0.4, method, propagate, factors)
     ids = torch.randint(0, loaded.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got, want = loaded(ids).logits, reference(ids).logits
         original = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)(ids).logits
-    assert isinstance(loaded.model.layers[0].mlp.down_proj, LowRankLinear)
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, PivotedLinear if factors == "pivoted" else LowRankLinear)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert (got - original).abs().max() > 1e-3  # it really is a different (compressed) model
     assert report["ratio_linear"] == pytest.approx(0.4, abs=0.02)

@@ -114,7 +114,7 @@ def test_a_removed_finished_shard_is_redone(model_dir, tmp_path):
     out = tmp_path / "interrupted"
     _interrupt_after(3, _cfg(model_dir, out))
     index = json.loads((tmp_path / "straight" / "model.safetensors.index.json").read_text())
-    shard = index["weight_map"]["model.layers.2.mlp.down_proj.in_factor"]
+    shard = index["weight_map"]["model.layers.2.mlp.down_proj.out_factor"]
     (out / shard).unlink()
 
     resumed_blocks = []
