@@ -48,7 +48,7 @@ def _add_run(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--restart", action="store_true",
                    help="start over: first remove streamsvd's own files from OUT_DIR (state, shards, spectra/, reports, "
-                   "run log, work folder; it prints what it removes) and keep nothing else it finds. Costs the "
+                   "run log, work folder; it prints what it removes) and leaves every other file alone. Costs the "
                    "finished blocks: the whole job runs again")
 
 
