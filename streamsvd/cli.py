@@ -63,11 +63,18 @@ def _add_verify(sub) -> None:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of a checkpoint or streamsvd output",
                        description="Perplexity over non-overlapping windows of --text, for an original checkpoint "
-                       "or a streamsvd OUT_DIR.")
+                       "or a streamsvd OUT_DIR. The model is streamed one decoder block at a time under --max-mem, "
+                       "so a model larger than RAM can be evaluated.")
     p.add_argument("model", metavar="MODEL_OR_OUT", help="checkpoint directory or streamsvd OUT_DIR")
     p.add_argument("--text", action="append", required=True, metavar="FILE", help="evaluation text (plain or .jsonl); repeatable")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows (default: all)")
+    p.add_argument("--max-mem", default=None, help="memory budget, e.g. 8G; the windows' hidden states go to disk when "
+                   "they would take over a quarter of it (default: 75%% of available RAM)")
+    p.add_argument("--work-dir", default=None, metavar="DIR", help="where on-disk hidden states go when they do "
+                   "(two files of windows x seqlen x hidden float32; default: the system's temporary folder)")
+    p.add_argument("--in-memory", action="store_true", help="load the whole model instead of streaming it (needs "
+                   "RAM for all of it; same figure)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -96,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    from .job.memory import format_size, parse_size
+    from .job.memory import parse_size
     from .job.pipeline import JobConfig, run_job
     from .job.state import read_state
 
@@ -133,20 +140,34 @@ def _run_figures(run: dict) -> str:
 
 def cmd_eval(args) -> int:
     from .io.calibration import load_texts, load_tokenizer
-    from .job.evaluate import perplexity
-    from .model.loading import load
+    from .job.memory import parse_size
 
     if args.seqlen < 2:
         raise StreamSVDError(f"--seqlen {args.seqlen} is too short", "use at least 2 tokens per window")
     if args.max_windows is not None and args.max_windows < 1:
         raise StreamSVDError(f"--max-windows {args.max_windows} is not positive", "use at least 1, or leave it out")
-    model = load(args.model)
-    tokenizer = load_tokenizer(Path(args.model))
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and args.seqlen > limit:
-        raise StreamSVDError(f"--seqlen {args.seqlen} is longer than the model allows ({limit})", f"use --seqlen {limit} or less")
-    text, source = load_texts(args.text)
-    result = perplexity(model, tokenizer, text, args.seqlen, args.max_windows, progress=not args.no_progress)
+    max_mem = parse_size(args.max_mem) if args.max_mem else None
+    if max_mem is not None and max_mem <= 0:
+        raise StreamSVDError(f"--max-mem {args.max_mem} is not a positive size", "give a budget such as 8G")
+    if args.work_dir and not Path(args.work_dir).is_dir():
+        raise StreamSVDError(f"--work-dir {args.work_dir} is not a directory", "give an existing directory, or leave it out")
+    if args.in_memory:
+        from .job.evaluate import perplexity
+        from .model.loading import load
+
+        model = load(args.model)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and args.seqlen > limit:
+            raise StreamSVDError(f"--seqlen {args.seqlen} is longer than the model allows ({limit})", f"use --seqlen {limit} or less")
+        text, source = load_texts(args.text)
+        result = perplexity(model, load_tokenizer(Path(args.model)), text, args.seqlen, args.max_windows,
+                            progress=not args.no_progress)
+    else:
+        from .job.stream_eval import streaming_perplexity
+
+        text, source = load_texts(args.text)
+        result = streaming_perplexity(args.model, text, args.seqlen, args.max_windows, max_mem=max_mem,
+                                      work_dir=args.work_dir, progress=not args.no_progress)
     result = {"model": args.model, "text": source, **result}
     if args.json:
         print(json.dumps(result))

@@ -21,6 +21,12 @@ _LOGIT_CHUNK = 256
 def window_nll(model, input_ids: torch.Tensor) -> tuple[float, int]:
     """Summed next-token negative log-likelihood of one batch of windows, and the token count."""
     hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+    return head_nll(model, hidden, input_ids)
+
+
+@torch.no_grad()
+def head_nll(model, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
+    """NLL from the final hidden states (after the final norm), the head applied a chunk at a time."""
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     total, count = 0.0, 0
@@ -35,7 +41,8 @@ def window_nll(model, input_ids: torch.Tensor) -> tuple[float, int]:
     return total, count
 
 
-def perplexity(model, tokenizer, text: str, seqlen: int, max_windows: int | None = None, progress: bool = True) -> dict:
+def eval_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of `seqlen` tokens (BOS first where the tokenizer adds one)."""
     if seqlen < 2:
         raise StreamSVDError(f"--seqlen {seqlen} is too short", "use at least 2 tokens per window")
     tokens, bos = tokenize(tokenizer, text)
@@ -48,19 +55,29 @@ def perplexity(model, tokenizer, text: str, seqlen: int, max_windows: int | None
             f"the evaluation text has {tokens.numel()} tokens, fewer than one window of --seqlen {seqlen}",
             "give a longer --text or a smaller --seqlen",
         )
+    windows = tokens[: n_windows * body].reshape(n_windows, body)
+    if bos is not None:
+        windows = torch.cat([torch.full((n_windows, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows
+
+
+def perplexity(model, tokenizer, text: str, seqlen: int, max_windows: int | None = None, progress: bool = True) -> dict:
+    """In-memory perplexity: the whole model is loaded (see stream_eval.py for the streaming path)."""
+    windows = eval_windows(tokenizer, text, seqlen, max_windows)
     started = time.time()
     total, count = 0.0, 0
-    for w in tqdm(range(n_windows), desc="eval", unit="window", disable=not progress):
-        ids = tokens[w * body : (w + 1) * body]
-        if bos is not None:
-            ids = torch.cat([torch.tensor([bos]), ids])
-        nll, n = window_nll(model, ids[None])
+    for w in tqdm(range(len(windows)), desc="eval", unit="window", disable=not progress):
+        nll, n = window_nll(model, windows[w : w + 1])
         total, count = total + nll, count + n
+    return result(total, count, len(windows), seqlen, time.time() - started)
+
+
+def result(total: float, count: int, windows: int, seqlen: int, seconds: float) -> dict:
     return {
         "perplexity": math.exp(total / count),
         "nll_per_token": total / count,
         "tokens_scored": count,
-        "windows": n_windows,
+        "windows": windows,
         "seqlen": seqlen,
-        "seconds": round(time.time() - started, 2),
+        "seconds": round(seconds, 2),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -9,22 +10,17 @@ import torch
 from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
-from .architecture import empty_model, load_config
+from .architecture import decoder_layers, empty_model, layer_prefix, linear_modules, load_config
 from ..io.checkpoint import Checkpoint
 from ..errors import CheckpointError, StreamSVDError
-from .lowrank import FORMS, empty_module, replace_module
+from .lowrank import FORMS, empty_module, module_from_tensors, replace_module
 from ..job.state import read_state
 
 
 def load(path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Module:
     """Two-factor modules where streamsvd compressed, the original layers elsewhere; eval mode."""
     path = Path(path)
-    state = read_state(path) if path.is_dir() else None
-    if state is not None and not state.complete:
-        raise StreamSVDError(
-            f"{path} is an unfinished streamsvd job ({state.blocks_done} blocks done)",
-            "run the same `streamsvd run` command again to finish it",
-        )
+    state = check_finished(path)
     output = state is not None or is_streamsvd_output(path)
     try:
         return _load(path, dtype, device)
@@ -73,6 +69,17 @@ def _load(path: Path, dtype: torch.dtype | None, device: str) -> nn.Module:
     return model.eval()
 
 
+def check_finished(path: Path):
+    """Refuse an OUT_DIR whose job has not finished (its shards are not a model yet); its state, or None."""
+    state = read_state(path) if path.is_dir() else None
+    if state is not None and not state.complete:
+        raise StreamSVDError(
+            f"{path} is an unfinished streamsvd job ({state.blocks_done} blocks done)",
+            "run the same `streamsvd run` command again to finish it",
+        )
+    return state
+
+
 def _saved_dtype(config_dict: dict) -> torch.dtype:
     name = config_dict.get("dtype") or config_dict.get("torch_dtype") or "float32"
     return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
@@ -83,3 +90,34 @@ def is_streamsvd_output(path: Path) -> bool:
         return "streamsvd" in json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return False
+
+
+def stored_layer(model: nn.Module, index: int, ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
+    """Decoder layer `index` of a checkpoint or a streamsvd output, alone: compressed linears as their
+    stored form (whatever `module_from_tensors` reads), everything else from the checkpoint."""
+    layer = copy.deepcopy(decoder_layers(model)[index])
+    prefix = layer_prefix(model, index)
+    keys = set(ckpt.keys())
+    for name in linear_modules(layer):
+        if prefix + name + ".weight" not in keys:
+            replace_module(layer, name, module_from_tensors(ckpt.get, keys, prefix + name, dtype))
+    for name, param in list(layer.named_parameters()):
+        if param.device.type == "meta":
+            if prefix + name not in keys:
+                raise StreamSVDError(f"{ckpt.dir} lacks tensor {prefix + name}", _REMAKE_FIX)
+            set_module_tensor_to_device(layer, name, "cpu", value=ckpt.get(prefix + name).to(dtype))
+    return layer.eval()
+
+
+def materialize_head(model: nn.Module, ckpt: Checkpoint, dtype: torch.dtype) -> None:
+    """The output head: its own tensor, or the input embedding when the two are tied."""
+    head = model.get_output_embeddings()
+    name = next(n for n, m in model.named_modules() if m is head) + ".weight"
+    if name in ckpt:
+        set_module_tensor_to_device(model, name, "cpu", value=ckpt.get(name).to(dtype))
+    else:
+        head.weight = model.get_input_embeddings().weight
+
+
+_REMAKE_FIX = ("if it is a streamsvd output, rerun the `streamsvd run` command that made it (into a new OUT_DIR "
+               "if needed); if it is a downloaded checkpoint, download it again")

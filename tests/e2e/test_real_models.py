@@ -4,6 +4,7 @@ Calibration and evaluation texts are different plays (assets.CALIB_PLAYS / EVAL_
 short so the file stays within a few minutes on two CPU cores.
 """
 
+import json
 import math
 
 import pytest
@@ -18,6 +19,7 @@ from streamsvd.cli import main
 from streamsvd.job.evaluate import perplexity
 from streamsvd.model.lowrank import PivotedLinear
 from streamsvd.job.pipeline import JobConfig, run_job
+from streamsvd.job.stream_eval import streaming_perplexity
 
 EVAL_WINDOWS, EVAL_SEQLEN = 6, 256
 
@@ -61,7 +63,14 @@ def test_smollm2_at_ratio_04_loads_generates_and_evaluates_from_the_cli(smollm2_
     text = tokenizer.decode(generated[0, ids.shape[1]:])
     assert len(text.strip()) > 10
     assert main(["eval", str(out), "--text", str(eval_text_file), "--seqlen", "256", "--max-windows", "3", "--json", "--no-progress"]) == 0
-    assert '"perplexity"' in capsys.readouterr().out
+    streamed = json.loads(capsys.readouterr().out)
+    in_memory = perplexity(model, tokenizer, eval_text_file.read_text(), 256, 3, progress=False)
+    assert streamed["perplexity"] == pytest.approx(in_memory["perplexity"], rel=1e-4)
+
+
+def test_smollm2_streaming_eval_matches_the_loaded_model(smollm2_dir, eval_text_file, smollm2_ppl):
+    streamed = streaming_perplexity(smollm2_dir, eval_text_file.read_text(), EVAL_SEQLEN, EVAL_WINDOWS, progress=False)
+    assert streamed["perplexity"] == pytest.approx(smollm2_ppl, rel=1e-4)
 
 
 def test_gemma3_sliding_and_global_layers_receive_different_arguments(gemma3_dir):
@@ -85,6 +94,8 @@ def test_gemma3_end_to_end(gemma3_dir, calib_text_file, eval_text_file, tmp_path
     original = AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float32)
     before = _ppl(gemma3_dir, eval_text_file, original)
     after = _ppl(tmp_path / "out", eval_text_file, model)
+    streamed = streaming_perplexity(tmp_path / "out", eval_text_file.read_text(), EVAL_SEQLEN, EVAL_WINDOWS, progress=False)
+    assert streamed["perplexity"] == pytest.approx(after, rel=1e-4)  # Gemma: BOS, sliding layers, scaled embeddings
     assert math.isfinite(after) and before < after < 20 * before
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids

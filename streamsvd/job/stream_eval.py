@@ -1,0 +1,116 @@
+"""`streamsvd eval`, streamed: perplexity one decoder block at a time, like `run` reads a model.
+
+The windows' hidden states go through block 0, then block 1, ... with one block in memory at a
+time (read from the checkpoint or OUT_DIR by the same lazy reader `run` uses); the final norm and
+the head are applied at the end, a window and a chunk of positions at a time. So a model larger
+than RAM can be evaluated, and the figure equals the in-memory path's (tested to 1e-4 relative).
+The hidden states of all windows stay in memory when they take at most a quarter of the budget,
+else they go to two on-disk files that alternate, as in `run`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import StreamSVDError
+from ..io.activations import ActivationFile, activation_bytes
+from ..io.calibration import load_tokenizer
+from ..io.checkpoint import Checkpoint
+from ..model.architecture import decoder_layers, empty_model, load_config, materialize_base, max_positions
+from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
+from ..model.loading import materialize_head, stored_layer
+from .evaluate import eval_windows, head_nll, result
+from .memory import choose_batch_size, default_budget, per_sample_bytes
+
+COMPUTE_DTYPE = torch.float32
+
+
+def hidden_on_disk(states_bytes: int, budget: int) -> bool:
+    """Two copies of every window's hidden states (a block's inputs and outputs) stay in RAM only if
+    they take at most a quarter of the budget."""
+    return 2 * states_bytes > budget // 4
+
+
+class _InMemory:
+    """The ActivationFile interface over one tensor."""
+
+    def __init__(self, shape: tuple[int, int, int]):
+        self.data = torch.empty(shape, dtype=COMPUTE_DTYPE)
+
+    def write(self, start: int, hidden: torch.Tensor) -> None:
+        self.data[start : start + hidden.shape[0]] = hidden
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        return self.data[start:stop]
+
+
+@torch.no_grad()
+def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None = None, max_mem: int | None = None,
+                         work_dir: Path | None = None, progress: bool = True,
+                         on_disk: bool | None = None) -> dict:
+    """`on_disk`: None decides by the budget (`hidden_on_disk`); True or False forces it."""
+    from ..model.loading import check_finished
+
+    path = Path(path)
+    check_finished(path)
+    ckpt = Checkpoint(path)
+    config = load_config(ckpt)
+    limit = max_positions(config)
+    if limit is not None and seqlen > limit:
+        raise StreamSVDError(f"--seqlen {seqlen} is longer than the model allows ({limit})", f"use --seqlen {limit} or less")
+    windows = eval_windows(load_tokenizer(path), text, seqlen, max_windows)
+    started = time.time()
+    model = empty_model(config, COMPUTE_DTYPE)
+    materialize_base(model, ckpt, COMPUTE_DTYPE)
+    materialize_head(model, ckpt, COMPUTE_DTYPE)
+    layer_args = capture_layer_kwargs(model, windows[:1])
+
+    budget = max_mem if max_mem is not None else default_budget()
+    n, hidden = len(windows), config.hidden_size
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    shape = (n, windows.shape[1], hidden)
+    states = activation_bytes(shape, "float32")
+    if on_disk is None:
+        on_disk = hidden_on_disk(states, budget)
+    widest = max(hidden, intermediate)
+    layer_bytes = 4 * 4 * widest * hidden * 3  # one block's weights in float32, with room to spare
+    embed = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+    head_chunk = 4 * 256 * config.vocab_size * 2  # one chunk of logits and its log-softmax
+    fixed = embed + layer_bytes + head_chunk + (0 if on_disk else 2 * states)
+    per_sample = per_sample_bytes(seqlen, hidden, intermediate, config.num_attention_heads)
+    batch = choose_batch_size(budget, fixed, per_sample, n)
+
+    scratch = Path(tempfile.mkdtemp(prefix="streamsvd-eval-", dir=work_dir)) if on_disk else None
+    try:
+        def store(i):
+            return ActivationFile(scratch / f"hidden-{i}.bin", shape, "float32", create=True) if on_disk else _InMemory(shape)
+
+        src = store(0)
+        for start in range(0, n, batch):
+            src.write(start, first_layer_inputs(model, windows[start : start + batch]))
+        layers = decoder_layers(model)
+        for index in tqdm(range(len(layers)), desc="eval blocks", unit="block", disable=not progress):
+            layer = stored_layer(model, index, ckpt, COMPUTE_DTYPE)
+            args, kwargs = layer_args[index]
+            dst = store((index + 1) % 2)
+            for start in range(0, n, batch):
+                dst.write(start, run_layer(layer, src.read(start, min(n, start + batch)), args, kwargs))
+            del layer
+            src = dst
+        norm = model.model.norm
+        total, count = 0.0, 0
+        for w in range(n):
+            nll, k = head_nll(model, norm(src.read(w, w + 1)), windows[w : w + 1])
+            total, count = total + nll, count + k
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    out = result(total, count, n, seqlen, time.time() - started)
+    out.update(batch_size=batch, hidden_on_disk=on_disk)
+    return out

@@ -1,0 +1,71 @@
+"""Streaming evaluation (one block at a time) gives the in-memory figure, for every family."""
+
+import json
+
+import pytest
+
+import streamsvd
+from streamsvd.cli import main
+from streamsvd.io.calibration import default_text, load_tokenizer
+from streamsvd.job.evaluate import perplexity
+from streamsvd.job.pipeline import JobConfig, run_job
+from streamsvd.job.stream_eval import hidden_on_disk, streaming_perplexity
+from tiny_models import CONFIGS, make_tiny_checkpoint
+
+TEXT = default_text()[:60_000]
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_streaming_matches_in_memory_original_and_compressed(model_type, tmp_path):
+    model_dir = make_tiny_checkpoint(model_type, tmp_path / "model")
+    out = tmp_path / "out"
+    run_job(JobConfig(model_dir=model_dir, out_dir=out, ratio=0.5, calib_samples=4, seqlen=32, progress=False))
+    for path in (model_dir, out):
+        expected = perplexity(streamsvd.load(path), load_tokenizer(path), TEXT, 48, max_windows=5, progress=False)
+        got = streaming_perplexity(path, TEXT, 48, max_windows=5, progress=False)
+        assert got["windows"] == expected["windows"] == 5
+        assert got["tokens_scored"] == expected["tokens_scored"]
+        assert got["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-4)
+    # the compressed model really is another model: the check above can tell them apart
+    original = streaming_perplexity(model_dir, TEXT, 48, max_windows=5, progress=False)["perplexity"]
+    compressed = streaming_perplexity(out, TEXT, 48, max_windows=5, progress=False)["perplexity"]
+    assert abs(original - compressed) > 1e-3 * original
+
+
+def test_hidden_states_on_disk_give_the_same_figure(tmp_path):
+    model_dir = make_tiny_checkpoint("llama", tmp_path / "model")
+    in_ram = streaming_perplexity(model_dir, TEXT, 48, max_windows=6, progress=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    on_disk = streaming_perplexity(model_dir, TEXT, 48, max_windows=6, work_dir=work, progress=False, on_disk=True)
+    assert not in_ram["hidden_on_disk"] and on_disk["hidden_on_disk"]
+    assert on_disk["perplexity"] == pytest.approx(in_ram["perplexity"], rel=1e-5)
+    assert list(work.iterdir()) == []  # scratch removed
+
+
+def test_hidden_states_go_to_disk_when_they_would_take_over_a_quarter_of_the_budget():
+    assert not hidden_on_disk(100 << 20, 1 << 30)
+    assert hidden_on_disk(200 << 20, 1 << 30)
+
+
+def test_eval_cli_streams_by_default_and_in_memory_on_request(tmp_path, capsys):
+    model_dir = make_tiny_checkpoint("qwen2", tmp_path / "model")
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    assert main(["eval", str(model_dir), "--text", str(text), "--seqlen", "40", "--max-windows", "3", "--json", "--no-progress"]) == 0
+    streamed = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(model_dir), "--text", str(text), "--seqlen", "40", "--max-windows", "3", "--json",
+                 "--in-memory", "--no-progress"]) == 0
+    loaded = json.loads(capsys.readouterr().out)
+    assert "hidden_on_disk" in streamed and "hidden_on_disk" not in loaded
+    assert streamed["perplexity"] == pytest.approx(loaded["perplexity"], rel=1e-4)
+
+
+def test_eval_refuses_a_budget_too_small_for_one_block(tmp_path, capsys):
+    model_dir = make_tiny_checkpoint("llama", tmp_path / "model")
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    capsys.readouterr()
+    assert main(["eval", str(model_dir), "--text", str(text), "--seqlen", "40", "--max-mem", "10M", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --max-mem") and "fix:" in err and "Traceback" not in err
