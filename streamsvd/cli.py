@@ -41,6 +41,40 @@ def _add_run(sub) -> None:
                    help="where the block activations are kept while the job runs (two files of calib-samples x "
                    "seqlen x hidden each; default: OUT_DIR/.streamsvd-work); a fast local disk helps")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_svd_flag(p)
+
+
+SVD_HELP = ("SVD of each whitened weight: exact (LAPACK, O(m n min(m, n))), randomized (Halko-Martinsson-Tropp, "
+            "O(m n (rank + 10) 5), leading singular values only, loss within about 1%% of exact where measured), or "
+            "auto (default: randomized only for the shapes where tools/bench_svd.py measured it within 1%% of exact "
+            "and faster; docs/RESULTS.md)")
+
+
+def _add_svd_flag(p) -> None:
+    p.add_argument("--svd", choices=["exact", "randomized", "auto"], default="auto", help=SVD_HELP)
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="memory, disk and time plan of a `run` (reads no weights)",
+        description="Print what `streamsvd run` with the same flags would use: the peak memory of each stage, the "
+        "batch size, the factorisation route of each matrix type, the disk space and an estimated time. Reads "
+        "only the checkpoint's headers, config and tokenizer and the calibration text, and times a few small "
+        "matrix products (about a second) for the estimate.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint: config.json, safetensors, tokenizer")
+    p.add_argument("--ratio", type=float, default=0.4, help="as for run (default 0.4)")
+    p.add_argument("--max-mem", default=None, help="memory budget as for run, e.g. 24G (default: 75%% of available RAM)")
+    p.add_argument("--calib", action="append", default=[], metavar="FILE", help="as for run")
+    p.add_argument("--calib-samples", type=int, default=64, help="as for run (default 64)")
+    p.add_argument("--seqlen", type=int, default=512, help="as for run (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="as for run (default 0)")
+    p.add_argument("--method", choices=["eig", "cholesky", "svd"], default="eig", help="as for run (default eig)")
+    p.add_argument("--propagate", choices=["compressed", "original"], default="compressed", help="as for run")
+    p.add_argument("--act-dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="as for run")
+    _add_svd_flag(p)
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object (min_max_mem_bytes, "
+                   "peak_bytes, disk_bytes, seconds_estimate, and every stage's parts)")
 
 
 def _add_eval(sub) -> None:
@@ -72,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"streamsvd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
+    _add_plan(sub)
     _add_eval(sub)
     _add_import(sub)
     return parser
@@ -87,7 +122,7 @@ def cmd_run(args) -> int:
         max_mem=parse_size(args.max_mem) if args.max_mem else None, calib=args.calib,
         calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, method=args.method,
         propagate=args.propagate, act_dtype=args.act_dtype, progress=not args.no_progress,
-        work_dir=Path(args.work_dir) if args.work_dir else None,
+        work_dir=Path(args.work_dir) if args.work_dir else None, svd=args.svd,
     )
     state = read_state(cfg.out_dir) if cfg.out_dir.is_dir() else None
     report = run_job(cfg)
@@ -109,7 +144,32 @@ def _run_figures(run: dict) -> str:
 
     if not run:
         return "no figures recorded"
-    return f"{run['seconds']:.1f} s, peak RSS {format_size(run['peak_rss_bytes'])}, batch {run['batch_size']}"
+    figures = f"{run['seconds']:.1f} s, peak RSS {format_size(run['peak_rss_bytes'])}, batch {run['batch_size']}"
+    if run.get("max_mem_bytes"):
+        figures += (f" (measured peak / budget {format_size(run['peak_rss_bytes'])} / {format_size(run['max_mem_bytes'])}"
+                    f" = {run['peak_rss_bytes'] / run['max_mem_bytes']:.2f}; planned {format_size(run['planned_peak_bytes'])})")
+    return figures
+
+
+def cmd_plan(args) -> int:
+    from .job.memory import parse_size
+    from .job.pipeline import JobConfig
+    from .job.plan import plan_job
+
+    cfg = JobConfig(
+        model_dir=Path(args.model_dir), out_dir=Path("."), ratio=args.ratio,
+        max_mem=parse_size(args.max_mem) if args.max_mem else None, calib=args.calib,
+        calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, method=args.method,
+        propagate=args.propagate, act_dtype=args.act_dtype, svd=args.svd, progress=False,
+    )
+    plan = plan_job(cfg)
+    if args.json:
+        print(json.dumps(plan.to_json()))
+    else:
+        print(plan.describe())
+        if not plan.fits() or plan.budget_bytes < plan.min_max_mem_bytes:
+            print(f"this budget is below the smallest workable one; `run` would refuse it")
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -147,7 +207,7 @@ def cmd_import_gguf(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "import-gguf": cmd_import_gguf}
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "eval": cmd_eval, "import-gguf": cmd_import_gguf}
 
 
 def main(argv: list[str] | None = None) -> int:
