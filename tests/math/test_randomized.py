@@ -48,7 +48,12 @@ def test_randomized_factorize_loss_is_exact_for_its_factors_and_close_to_optimal
     assert rand.spectrum.shape[0] == 35  # rank + oversamples leading values only
 
 
-def test_auto_rule_takes_randomized_only_for_large_low_rank_shapes():
-    assert not auto_prefers_randomized(576, 1536, 251)
-    assert auto_prefers_randomized(4096, 4096, 1228)
-    assert not auto_prefers_randomized(4096, 4096, 3000)
+def test_auto_takes_randomized_only_for_measured_shapes(monkeypatch):
+    import streamsvd.math.randomized as randomized
+    from streamsvd.job.plan import choose_svd
+
+    # SmolLM2's shapes were measured above 1% of exact: auto keeps the exact SVD there.
+    assert choose_svd("auto", 576, 1536, 251) == "exact" and choose_svd("auto", 576, 576, 172) == "exact"
+    assert choose_svd("randomized", 576, 576, 172) == "randomized"
+    monkeypatch.setattr(randomized, "MEASURED_WITHIN_1PCT", frozenset({(4096, 4096)}))
+    assert auto_prefers_randomized(4096, 4096, 1228) and choose_svd("auto", 4096, 4096, 1228) == "randomized"
