@@ -167,7 +167,7 @@ def cmd_plan(args) -> int:
         print(json.dumps(plan.to_json()))
     else:
         print(plan.describe())
-        if not plan.fits() or plan.budget_bytes < plan.min_max_mem_bytes:
+        if plan.budget_bytes < plan.strict_min_bytes:
             print(f"this budget is below the smallest workable one; `run` would refuse it")
     return 0
 

@@ -23,7 +23,8 @@ resident at that stage's peak:
   turns each tensor into bytes before writing).
 
 The batch size is the largest that keeps every stage within the budget; the smallest workable
-budget (`min_max_mem_bytes`) is the planned peak at batch 1, and the stage that sets it is named
+budget (`min_max_mem_bytes`) is the planned peak at batch 1 (plus a margin for the baseline's
+variation between processes), and the stage that sets it is named
 when a budget below it is refused. Factor sizes are counted through `stored_numel`, so another
 stored form (pivoted factors) changes one function.
 """
@@ -50,6 +51,10 @@ OUTPUT_TILE_BYTES = 64 << 20  # float64 tile of a weight converted at a time for
 # scratch, the allocator's rounding. Measured on SmolLM2 and the tiny models (tools/bench_memory.py).
 SLACK_BYTES = 64 << 20
 SLACK_FRACTION = 0.05
+# The baseline is measured in each process and differs by a few tens of MiB between two processes
+# doing the same thing (measured up to 42 MiB between `plan` and `run`); the minimum that `plan`
+# reports carries this margin so that `run` in another process accepts it.
+BASELINE_MARGIN_BYTES = 64 << 20
 STAGES = ("embed", "extra shard", "statistics", "factorize", "propagate", "write")
 SVD_MODES = ("exact", "randomized", "auto")
 
@@ -172,7 +177,8 @@ class Plan:
     budget_bytes: int
     batch_size: int
     peak_bytes: int  # planned peak at this batch size
-    min_max_mem_bytes: int  # the planned peak at batch 1: the smallest budget that works
+    min_max_mem_bytes: int  # the smallest budget to give: strict_min_bytes + BASELINE_MARGIN_BYTES
+    strict_min_bytes: int  # the planned peak at batch 1 with this process's baseline: below it, run refuses
     min_stage: str  # the stage whose peak sets min_max_mem_bytes
     min_component: str  # that stage's largest part
     stage_bytes: dict[str, int]  # planned peak per stage at batch_size
@@ -358,7 +364,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
 
     at_one = totals(1)
     min_stage = max(at_one, key=at_one.get)
-    min_bytes = at_one[min_stage]
+    strict_min = at_one[min_stage]
     one_parts = stage_parts(1)[min_stage]
     biggest = max((k for k in one_parts if k != "baseline"), key=one_parts.get)
     min_component = f"{biggest} {format_size(one_parts[biggest])}" + (f" ({label})" if biggest == "workspace" else "")
@@ -367,7 +373,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         batch = fixed_batch
     else:
         batch = 1
-        if budget >= min_bytes:
+        if budget >= strict_min:
             lo, hi = 1, max(1, S)
             while lo < hi:  # the largest batch whose every stage fits
                 mid = (lo + hi + 1) // 2
@@ -433,7 +439,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     if fixed_batch is not None:
         notes.append(f"batch {fixed_batch} is the interrupted job's (kept on resume so the output does not change)")
     return Plan(
-        budget_bytes=budget, batch_size=batch, peak_bytes=max(stage_totals.values()), min_max_mem_bytes=min_bytes,
+        budget_bytes=budget, batch_size=batch, peak_bytes=max(stage_totals.values()),
+        min_max_mem_bytes=strict_min + BASELINE_MARGIN_BYTES, strict_min_bytes=strict_min,
         min_stage=min_stage, min_component=min_component, stage_bytes=stage_totals,
         components=stage_parts(batch), routes=routes,
         tiles={"batch_size": batch, "gram_row_chunk": GRAM_ROW_CHUNK, "output_gram_tile_bytes": OUTPUT_TILE_BYTES},
@@ -454,10 +461,11 @@ def _block_of(key: str, layers_path: str) -> str | None:
 
 def refuse_if_too_small(plan: Plan, resumed: bool = False) -> None:
     """One `error:` line naming the smallest workable budget and the stage that sets it."""
-    if plan.budget_bytes < plan.min_max_mem_bytes:
+    if plan.budget_bytes < plan.strict_min_bytes:
         raise StreamSVDError(
             f"--max-mem {format_size(plan.budget_bytes)} is too small: this job needs at least "
-            f"{format_size(plan.min_max_mem_bytes)} ({plan.min_max_mem_bytes} bytes), set by the {plan.min_stage} stage "
+            f"{format_size(plan.min_max_mem_bytes)} ({plan.min_max_mem_bytes} bytes, with a "
+            f"{BASELINE_MARGIN_BYTES >> 20} MiB margin for the process baseline), set by the {plan.min_stage} stage "
             f"({plan.min_component})",
             f"give --max-mem {math.ceil(plan.min_max_mem_bytes / (1 << 20))}M or more, or lower --seqlen "
             "(`streamsvd plan` shows the stages)",
