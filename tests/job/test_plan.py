@@ -42,7 +42,8 @@ def test_plan_json_has_the_promised_figures(capsys, tiny, text):
     for key in ("min_max_mem_bytes", "peak_bytes", "disk_bytes", "seconds_estimate", "batch_size", "routes", "stage_bytes"):
         assert key in plan, key
     assert set(plan["stage_bytes"]) == set(STAGES)
-    assert plan["min_max_mem_bytes"] <= plan["peak_bytes"] <= plan["budget_bytes"] == 4 << 30
+    assert plan["strict_min_bytes"] <= plan["peak_bytes"] <= plan["budget_bytes"] == 4 << 30
+    assert plan["min_max_mem_bytes"] > plan["strict_min_bytes"]
     assert plan["batch_size"] == 4  # a roomy budget takes every sample in one batch
     assert plan["baseline_bytes"] > 50 << 20  # measured RSS of a process with torch loaded, not a constant
     assert plan["seconds_estimate"] > 0
@@ -97,7 +98,7 @@ def test_budget_below_the_minimum_is_refused_before_anything_is_written(capsys, 
     err = capsys.readouterr().err
     assert rc == 2 and err.count("error: ") == 1 and "fix:" in err and "Traceback" not in err
     assert "too small" in err and "set by the" in err and "stage" in err
-    named = int(re.search(r"needs at least [^(]*\((\d+) bytes\)", err).group(1))
+    named = int(re.search(r"needs at least [^(]*\((\d+) bytes", err).group(1))
     # The baseline is this process's RSS, re-measured by run: the same minimum up to a few MiB of drift.
     assert abs(named - minimum) < (4 << 20) and named > minimum - (8 << 20)
     assert not out.exists()
