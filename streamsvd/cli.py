@@ -50,6 +50,41 @@ def _add_run(sub) -> None:
                    help="start over: first remove streamsvd's own files from OUT_DIR (state, shards, spectra/, reports, "
                    "run log, work folder; it prints what it removes) and leaves every other file alone. Costs the "
                    "finished blocks: the whole job runs again")
+    _add_svd_flag(p)
+
+
+SVD_HELP = ("SVD of each whitened weight: exact (LAPACK, O(m n min(m, n))), randomized (Halko-Martinsson-Tropp, "
+            "O(m n (rank + 10) 5), leading singular values only; measured 0.5-1.6%% more truncation loss than exact on SmolLM2), or "
+            "auto (default: randomized only for the shapes where tools/bench_svd.py measured it within 1%% of exact "
+            "and faster; docs/RESULTS.md)")
+
+
+def _add_svd_flag(p) -> None:
+    p.add_argument("--svd", choices=["exact", "randomized", "auto"], default="auto", help=SVD_HELP)
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="memory, disk and time plan of a `run` (reads no weights)",
+        description="Print what `streamsvd run` with the same flags would use: the peak memory of each stage, the "
+        "batch size, the factorisation route of each matrix type, the disk space and an estimated time. Reads "
+        "only the checkpoint's headers, config and tokenizer and the calibration text, and times a few small "
+        "matrix products (about a second) for the estimate.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint: config.json, safetensors, tokenizer")
+    p.add_argument("--ratio", type=float, default=0.4, help="as for run (default 0.4)")
+    p.add_argument("--max-mem", default=None, help="memory budget as for run, e.g. 24G (default: 75%% of available RAM)")
+    p.add_argument("--calib", action="append", default=[], metavar="FILE", help="as for run")
+    p.add_argument("--calib-samples", type=int, default=64, help="as for run (default 64)")
+    p.add_argument("--seqlen", type=int, default=512, help="as for run (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="as for run (default 0)")
+    p.add_argument("--method", choices=["eig", "cholesky", "svd"], default="eig", help="as for run (default eig)")
+    p.add_argument("--propagate", choices=["compressed", "original"], default="compressed", help="as for run")
+    p.add_argument("--act-dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="as for run")
+    p.add_argument("--factors", choices=["pivoted", "plain"], default="pivoted", help="as for run (default pivoted)")
+    _add_svd_flag(p)
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object (min_max_mem_bytes, "
+                   "peak_bytes, disk_bytes, seconds_estimate, and every stage's parts)")
 
 
 def _add_verify(sub) -> None:
@@ -96,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"streamsvd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
+    _add_plan(sub)
     _add_eval(sub)
     _add_import(sub)
     _add_verify(sub)
@@ -112,7 +148,7 @@ def cmd_run(args) -> int:
         max_mem=parse_size(args.max_mem) if args.max_mem else None, calib=args.calib,
         calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, method=args.method,
         propagate=args.propagate, act_dtype=args.act_dtype, progress=not args.no_progress,
-        work_dir=Path(args.work_dir) if args.work_dir else None, restart=args.restart,
+        work_dir=Path(args.work_dir) if args.work_dir else None, restart=args.restart, svd=args.svd,
     )
     cfg.factors = args.factors
     state = read_state(cfg.out_dir, strict=False) if cfg.out_dir.is_dir() and not args.restart else None
@@ -135,7 +171,32 @@ def _run_figures(run: dict) -> str:
 
     if not run:
         return "no figures recorded"
-    return f"{run['seconds']:.1f} s, peak RSS {format_size(run['peak_rss_bytes'])}, batch {run['batch_size']}"
+    figures = f"{run['seconds']:.1f} s, peak RSS {format_size(run['peak_rss_bytes'])}, batch {run['batch_size']}"
+    if run.get("max_mem_bytes"):
+        figures += (f" (measured peak / budget {format_size(run['peak_rss_bytes'])} / {format_size(run['max_mem_bytes'])}"
+                    f" = {run['peak_rss_bytes'] / run['max_mem_bytes']:.2f}; planned {format_size(run['planned_peak_bytes'])})")
+    return figures
+
+
+def cmd_plan(args) -> int:
+    from .job.memory import parse_size
+    from .job.pipeline import JobConfig
+    from .job.plan import plan_job
+
+    cfg = JobConfig(
+        model_dir=Path(args.model_dir), out_dir=Path("."), ratio=args.ratio,
+        max_mem=parse_size(args.max_mem) if args.max_mem else None, calib=args.calib,
+        calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, method=args.method,
+        propagate=args.propagate, act_dtype=args.act_dtype, svd=args.svd, factors=args.factors, progress=False,
+    )
+    plan = plan_job(cfg)
+    if args.json:
+        print(json.dumps(plan.to_json()))
+    else:
+        print(plan.describe())
+        if plan.budget_bytes < plan.strict_min_bytes:
+            print("this budget is below the smallest workable one; `run` would refuse it")
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -206,7 +267,7 @@ def cmd_verify(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "import-gguf": cmd_import_gguf, "verify": cmd_verify}
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "eval": cmd_eval, "import-gguf": cmd_import_gguf, "verify": cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,9 @@
 """Hidden states at a block boundary, kept on disk so RAM holds one batch, not the calibration set.
 
-Files are allocated in full when created: a sparse memmap whose disk fills up kills the process
-with SIGBUS mid-write, while an allocation fails at once with a clear error.
+Files are allocated in full when created: a sparse file whose disk fills up fails mid-job (a
+memmap of one dies of SIGBUS), while an allocation fails at once with a clear error. Batches are
+read and written with pread/pwrite, not through a memory map: mapped pages that were touched count
+in the process's RSS until unmapped, which would put both whole files into the memory budget.
 """
 
 from __future__ import annotations
@@ -33,23 +35,52 @@ class ActivationFile:
                     self.path.unlink(missing_ok=True)
                     raise disk_full_error(self.path) from e
                 raise
-        self.array = np.memmap(self.path, dtype=np_dtype, mode="r+", shape=self.shape)
+        self.np_dtype = np.dtype(np_dtype)
+        self.sample_bytes = int(np.prod(self.shape[1:])) * self.np_dtype.itemsize
+        if self.path.stat().st_size != activation_bytes(self.shape, dtype):
+            raise ValueError(f"{self.path} does not have the size of a {self.shape} {dtype} activation file")
 
     def write(self, start: int, hidden: torch.Tensor) -> None:
         data = hidden.detach().to(self.torch_dtype).contiguous()
         if self.dtype == "bfloat16":
             data = data.view(torch.int16)
-        self.array[start : start + data.shape[0]] = data.numpy().view(self.array.dtype)
+        if start < 0 or start + data.shape[0] > self.shape[0] or tuple(data.shape[1:]) != self.shape[1:]:
+            raise ValueError(f"cannot write {tuple(data.shape)} at sample {start} of {self.shape}")
+        buf = memoryview(data.numpy()).cast("B")
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            offset, done = start * self.sample_bytes, 0
+            while done < len(buf):
+                try:
+                    done += os.pwrite(fd, buf[done:], offset + done)
+                except OSError as e:
+                    if is_disk_full(e):
+                        raise disk_full_error(self.path) from e
+                    raise
+        finally:
+            os.close(fd)
 
     def read(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        raw = torch.from_numpy(np.array(self.array[start:stop]))
+        stop = min(stop, self.shape[0])
+        out = np.empty((stop - start, *self.shape[1:]), dtype=self.np_dtype)
+        buf = memoryview(out).cast("B")
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            offset, done = start * self.sample_bytes, 0
+            while done < len(buf):
+                n = os.preadv(fd, [buf[done:]], offset + done)
+                if n == 0:
+                    raise OSError(f"{self.path} ended early")
+                done += n
+        finally:
+            os.close(fd)
+        raw = torch.from_numpy(out)
         if self.dtype == "bfloat16":
             raw = raw.view(torch.bfloat16)
         return raw.to(dtype)
 
     def sync(self) -> None:
         """Flush to disk before the job state says this file is complete."""
-        self.array.flush()
         fd = os.open(self.path, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import save_file
 
 from .. import faults
-from .checksums import file_record, file_sha256
+from .checksums import file_record
 from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, read_safetensors_header
 from ..errors import CheckpointError
 from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json
+from .streamcopy import copy_tensors
 
 REPORT_JSON = "streamsvd_report.json"
 REPORT_MD = "streamsvd_report.md"
@@ -72,8 +73,13 @@ class OutputWriter:
         return self.dir / SPECTRA_DIR / f"block-{index:05d}.safetensors"
 
     def write_extra_shard(self) -> None:
-        """Tensors outside the decoder layers (embeddings, final norm, untied head), copied unchanged."""
-        self._save(self.extra_path(), {k: self.ckpt.get(k) for k in self.extra_names()})
+        """Tensors outside the decoder layers (embeddings, final norm, untied head), copied unchanged.
+
+        Byte for byte from the checkpoint's files (io/streamcopy.py): never all in memory at once.
+        """
+        with atomic_path(self.extra_path()) as tmp:
+            copy_tensors(self.ckpt, self.extra_names(), tmp)
+            tmp.chmod(0o644)
 
     def write_block(self, index: int, tensors: dict[str, torch.Tensor], spectra: dict[str, torch.Tensor]) -> None:
         self._save(self.spectra_path(index), spectra)

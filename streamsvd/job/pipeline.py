@@ -11,7 +11,6 @@ shard was removed, the inputs are rebuilt from the finished blocks instead of st
 from __future__ import annotations
 
 import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ from ..model.architecture import (
     linear_modules,
     load_config,
     load_layer,
-    materialize_base,
     max_positions,
 )
 from ..io.calibration import load_texts, load_tokenizer, sample_windows, text_digest
@@ -43,9 +41,11 @@ from ..errors import StreamSVDError
 from ..math.factorize import METHODS, rank_for_ratio, stored_numel
 from ..math.pivot import FACTOR_FORMS
 from ..model.lowrank import module_from_tensors, replace_module
-from .memory import choose_batch_size, default_budget, per_sample_bytes
+from ..model.embedding import materialize_base_mapped
+from .peak import PeakSampler
+from .plan import SVD_MODES, build_plan, refuse_if_too_small
 from ..io.output import OutputWriter
-from .stages import collect_statistics, factor_block
+from .stages import collect_statistics, factor_block, output_side_linears
 from .state import JobState, fingerprint
 from .integrity import JobIntegrity
 from .lock import JobLocks
@@ -72,6 +72,7 @@ class JobConfig:
     progress: bool = True
     restart: bool = False  # remove streamsvd's own files from OUT_DIR and start over
     factors: str = "pivoted"  # stored form of a compressed linear: pivoted (r (m + n - r) numbers) or plain
+    svd: str = "auto"  # exact, randomized or auto: the SVD of the whitened weights (job/plan.py choose_svd)
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -92,6 +93,8 @@ class JobConfig:
             raise StreamSVDError(f"--calib-samples {self.calib_samples} is not positive", "use at least 1 sample")
         if self.seqlen < 2:
             raise StreamSVDError(f"--seqlen {self.seqlen} is too short", "use at least 2 tokens per window")
+        if self.svd not in SVD_MODES:
+            raise StreamSVDError(f"unknown --svd {self.svd!r}", f"choose one of {', '.join(SVD_MODES)}")
 
 
 def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str) -> dict:
@@ -106,6 +109,7 @@ def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str) -> dict:
         "seed": cfg.seed,
         "propagate": cfg.propagate,
         "act_dtype": cfg.act_dtype,
+        "svd": cfg.svd,
         "version": __version__,
     }
     if cfg.factors != "plain":
@@ -146,18 +150,15 @@ class CompressionJob:
 
     # ---------------------------------------------------------------- setup
     def _batch_size(self) -> int:
-        if self.state.batch_size:
-            return self.state.batch_size
-        c = self.config
-        layer_params = sum(self.ckpt.numel(k) for k in self.ckpt.keys() if k.startswith(layer_prefix(self.model, 0)))
-        widest = max(c.hidden_size, getattr(c, "intermediate_size", c.hidden_size))
-        embed = sum(p.numel() for n, p in self.model.model.named_parameters() if not n.startswith("layers."))
-        fixed = 4 * (embed + 3 * layer_params) + 8 * 4 * widest * widest  # weights, factors, Grams + SVD work
-        per_sample = per_sample_bytes(
-            self.cfg.seqlen, c.hidden_size, getattr(c, "intermediate_size", 4 * c.hidden_size), c.num_attention_heads
-        )
-        budget = self.cfg.max_mem if self.cfg.max_mem is not None else default_budget()
-        return choose_batch_size(budget, fixed, per_sample, self.cfg.calib_samples)
+        """The plan's batch size (job/plan.py); a resumed job keeps its own. Refuses a budget that cannot hold."""
+        self.plan = build_plan(self.cfg, self.ckpt, fixed_batch=self.state.batch_size or None)
+        refuse_if_too_small(self.plan, resumed=bool(self.state.batch_size))
+        return self.plan.batch_size
+
+    def _stage(self, name: str) -> None:
+        """Charge the RSS samples from now on to stage `name` (the plan's stage names)."""
+        if getattr(self, "sampler", None) is not None:
+            self.sampler.stage(name)
 
     def _disk_needs(self) -> dict[Path, int]:
         """Bytes still to be written: the rest of the output, and the two activation files."""
@@ -223,15 +224,24 @@ class CompressionJob:
             if not repaired:
                 integrity.remove_scratch()
                 return {**self.out.read_report(), "this_run": self.out.last_run()}
+        self.sampler = PeakSampler().start()
+        try:
+            return self._run(started, integrity, repaired, on_block_done)
+        finally:
+            self.sampler.stop()
+
+    def _run(self, started: float, integrity: JobIntegrity, repaired: list, on_block_done) -> dict:
+        self._stage("embed")
         self.state.batch_size = self.batch_size
         integrity.check_model_unchanged()
         self.state.save(self.out.dir)
         self.out.prepare()
         self.work.mkdir(parents=True, exist_ok=True)
-        materialize_base(self.model, self.ckpt, COMPUTE_DTYPE)
+        materialize_base_mapped(self.model, self.ckpt, COMPUTE_DTYPE)
         self.layer_args = capture_layer_kwargs(self.model, self.windows[:1])
         self._restore_inputs()
         if not self.state.extra_shard_done:
+            self._stage("extra shard")
             self.ckpt.read_digests = {}
             self.out.write_extra_shard()
             self.state.weights["extra"] = integrity.digest_of_reads()
@@ -246,14 +256,15 @@ class CompressionJob:
             if on_block_done is not None:
                 on_block_done(index)
         bar.close()
+        self._stage("write")
         report = self._report()
         figures = {}
 
         def complete():  # the state says complete before the index exists: an unfinished job never has one
             figures.update(self.out.log_run({
                 "seconds": round(time.time() - started, 2),
-                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "batch_size": self.batch_size,
+                **self._memory_figures(),
             }))
             self.state.complete = True
             self.state.inputs_file = self.state.inputs_digest = None
@@ -301,6 +312,7 @@ class CompressionJob:
             src = self._activation_file(name, create=False)
             name = _other(name)
             dst = self._activation_file(name, create=True)
+            self._stage("propagate")
             self._propagate(layer, index, src, dst, desc=f"block {index} rebuild")
             dst.sync()
             faults.point("rebuild-block")
@@ -352,6 +364,7 @@ class CompressionJob:
         cfg = self.cfg
         prefix = layer_prefix(self.model, index)
         self.ckpt.read_digests = {}
+        self._stage("statistics")
         layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
         src = self._activation_file(self.state.inputs_file, create=False)
         dst_name = _other(self.state.inputs_file)
@@ -359,11 +372,17 @@ class CompressionJob:
         stats = collect_statistics(
             layer, self._bar(f"block {index} stats"), src.read, self._forward(index),
             on_output=dst.write if cfg.propagate == "original" else None,
+            output_side=output_side_linears(layer, cfg.method),
         )
-        block = factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors)
+        self._stage("factorize")
+        block = factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
+                             svd=cfg.svd)
+        del stats  # the Grams are not needed past here
+        self._stage("propagate")
         if cfg.propagate == "compressed":
             self._propagate(layer, index, src, dst, desc=f"block {index} propagate")
         dst.sync()
+        self._stage("write")
         digest = JobIntegrity(self).activation_digest(dst_name)
         self.state.weights[str(index)] = JobIntegrity(self).digest_of_reads()
         self.out.write_block(index, block.tensors, block.spectra)
@@ -398,6 +417,19 @@ class CompressionJob:
         if "stored_numel" in record:
             return record["stored_numel"]
         return record["rank"] * (record["in_features"] + record["out_features"])
+
+    def _memory_figures(self) -> dict:
+        """Measured peak RSS (the kernel's high-water mark, and the sampler's peak per stage) against the budget."""
+        self.sampler.stage("write")
+        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, self.sampler.peak)
+        return {
+            "peak_rss_bytes": peak,
+            "peak_rss_by_stage": dict(sorted(self.sampler.peaks.items())),
+            "max_mem_bytes": self.plan.budget_bytes,
+            "planned_peak_bytes": self.plan.peak_bytes,
+            "min_max_mem_bytes": self.plan.min_max_mem_bytes,
+            "peak_over_budget": round(peak / self.plan.budget_bytes, 4),
+        }
 
     def _report(self) -> dict:
         """What the output is (deterministic: the same bytes however often the job was interrupted)."""

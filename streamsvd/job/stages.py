@@ -17,20 +17,32 @@ import torch
 from torch import nn
 
 from ..io.checkpoint import Checkpoint
-from ..math.factorize import Whitening, factorize, rank_for_ratio, stored_numel, whiten
-from ..math.gram import GramAccumulator
+from ..math.factorize import Whitening, factorize, factorize_output_side, rank_for_ratio, stored_numel, whiten
+from ..math.gram import GramAccumulator, OutputGramAccumulator
 from ..model.architecture import linear_modules
 from ..model.lowrank import factor_tensors, module_from_tensors, replace_module, stored_form, stored_rank
+from .plan import choose_svd
 
 
 class GramCollector:
     """Forward pre-hooks that give each distinct linear input one Gram (q/k/v share, gate/up share)."""
 
-    def __init__(self, linears: dict[str, nn.Linear]):
+    def __init__(self, linears: dict[str, nn.Linear], output_side: set[str] = frozenset()):
         self.grams: dict[str, GramAccumulator] = {}
         self.group_of: dict[str, str] = {}
+        # Linears factored on their output side get the Gram of their outputs instead (out x out).
+        self.output_grams = {name: OutputGramAccumulator(linears[name].weight) for name in output_side}
         self._batch_inputs: dict[tuple, tuple[str, torch.Tensor]] = {}
-        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
+        self._handles = [
+            m.register_forward_pre_hook(self._output_hook(name) if name in output_side else self._hook(name))
+            for name, m in linears.items()
+        ]
+
+    def _output_hook(self, name):
+        def fn(module, inputs):
+            self.output_grams[name].add_batch(inputs[0])
+
+        return fn
 
     def _hook(self, name):
         def fn(module, inputs):
@@ -63,13 +75,14 @@ def collect_statistics(
     read: Callable[[int, int], torch.Tensor],
     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
     on_output: Callable[[int, torch.Tensor], None] | None = None,
+    output_side: set[str] = frozenset(),
 ) -> GramCollector:
     """Pass 1: every batch through the (original) layer with the Gram hooks on.
 
     `on_output(start, hidden)` receives the layer's outputs (the next block's inputs when the job
     propagates the original model's activations).
     """
-    collector = GramCollector(linear_modules(layer))
+    collector = GramCollector(linear_modules(layer), output_side)
     try:
         for start, stop in batches:
             out = forward(layer, read(start, stop))
@@ -88,6 +101,18 @@ class FactoredBlock:
     records: dict[str, dict] = field(default_factory=dict)  # full module name -> report entry
 
 
+def output_side_linears(layer: nn.Module, method: str) -> set[str]:
+    """The linears of `layer` factored from their output Gram (job/plan.py factor_route: out < in, eig, input not shared)."""
+    from .plan import factor_route, input_group
+
+    linears = linear_modules(layer)
+    groups = [input_group(name, m.in_features) for name, m in linears.items()]
+    return {
+        name for (name, m), group in zip(linears.items(), groups)
+        if factor_route(method, m.out_features, m.in_features, groups.count(group) > 1) == "output"
+    }
+
+
 def store_dtype(ckpt: Checkpoint, key: str) -> torch.dtype:
     return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[ckpt.dtype_name(key)]
 
@@ -95,7 +120,7 @@ def store_dtype(ckpt: Checkpoint, key: str) -> torch.dtype:
 @torch.no_grad()
 def factor_block(
     layer: nn.Module, prefix: str, ckpt: Checkpoint, stats: GramCollector, ratio: float, method: str,
-    compute_dtype: torch.dtype = torch.float32, factors: str = "pivoted",
+    compute_dtype: torch.dtype = torch.float32, factors: str = "pivoted", svd: str = "exact",
 ) -> FactoredBlock:
     """Factor every linear of `layer` and swap in the module the shard will hold.
 
@@ -108,10 +133,15 @@ def factor_block(
     for name, linear in linears.items():
         full = prefix + name
         rank = rank_for_ratio(linear.out_features, linear.in_features, ratio, factors)
-        group = stats.group_of[name]
-        if method != "svd" and group not in whitenings:
-            whitenings[group] = whiten(stats.grams[group].gram, method)
-        f = factorize(linear.weight, whitenings.get(group), rank, method)
+        if name in stats.output_grams:
+            group = name
+            f = factorize_output_side(linear.weight, stats.output_grams.pop(name).gram, rank)
+        else:
+            group = stats.group_of[name]
+            if method != "svd" and group not in whitenings:
+                whitenings[group] = whiten(stats.grams.pop(group).gram, method)  # the Gram is not needed again
+            f = factorize(linear.weight, whitenings.get(group), rank, method,
+                          svd=choose_svd(svd, linear.out_features, linear.in_features, rank))
         bias = ckpt.get(full + ".bias") if (full + ".bias") in ckpt else None
         stored = factor_tensors(full, f.out_factor, f.in_factor, bias, store_dtype(ckpt, full + ".weight"), factors)
         form = stored_form(set(stored), full)
@@ -128,6 +158,8 @@ def factor_block(
             "truncation_loss": f.truncation_loss(),
             "cholesky_shift": f.shift,
         }
+        if group in whitenings and not any(stats.group_of.get(other) == group for other in list(linears)[list(linears).index(name) + 1 :]):
+            del whitenings[group]  # the last reader of this input is done
         # Exactly what a resume rebuilds from the saved shard (store dtype, then compute dtype).
         replace_module(layer, name, module_from_tensors(stored.__getitem__, set(stored), full, compute_dtype))
     replaced = {prefix + n + s for n in linears for s in (".weight", ".bias")}

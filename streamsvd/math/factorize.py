@@ -9,6 +9,15 @@ return a spectrum whose truncated tail is exactly that loss: sqrt(sum of dropped
 - "cholesky" (SVD-LLM's truncation-aware whitening): G = S S^T by Cholesky (shifted as SVD-LLM does
   when G is not positive definite), W' = U_k diag(s_k) V_k^T S^{-1}. Same optimum when G is PD.
 - "svd": plain SVD of W (G ignored), the activation-unaware baseline.
+
+The smaller side (eig only): U_k, the top-k left singular vectors of W S, are the top-k
+eigenvectors of (W S)(W S)^T = W G W^T, an out x out matrix (the Gram of the layer's outputs), and
+the singular values are the square roots of its eigenvalues. So a weight with out < in is factored
+from that matrix (`factorize_output_side`) and its in x in Gram is not needed (docs/DESIGN.md).
+
+`svd="randomized"` replaces the exact SVD of W S by Halko-Martinsson-Tropp's randomized SVD
+(math/randomized.py); only the leading rank + oversamples singular values are then known, and the
+truncation loss is computed exactly from ||W S||_F instead of from the spectrum's tail.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ class Factors:
     in_factor: torch.Tensor  # (k, in)
     spectrum: torch.Tensor  # all singular values of the whitened matrix, descending, float64
     shift: float = 0.0  # diagonal added to G before Cholesky (0 when G was positive definite)
+    tail_loss: float | None = None  # the loss when `spectrum` holds only the leading values (randomized)
 
     @property
     def rank(self) -> int:
@@ -34,6 +44,8 @@ class Factors:
 
     def truncation_loss(self) -> float:
         """Predicted ||W X^T - W' X^T||_F (exact for eig; for cholesky, on the shifted Gram)."""
+        if self.tail_loss is not None:
+            return self.tail_loss
         return float(self.spectrum[self.rank :].pow(2).sum().sqrt())
 
 
@@ -91,11 +103,21 @@ def whiten(gram: torch.Tensor, method: str = "eig") -> Whitening:
     return Whitening(method, torch.linalg.cholesky(g + shift * torch.eye(g.shape[0], dtype=g.dtype)), shift)
 
 
-def factorize(weight: torch.Tensor, gram: torch.Tensor | Whitening | None, rank: int, method: str = "eig") -> Factors:
+def factorize(weight: torch.Tensor, gram: torch.Tensor | Whitening | None, rank: int, method: str = "eig",
+              svd: str = "exact", side: str = "input") -> Factors:
     """Factor `weight` (out x in) into (out x k) @ (k x in), computed in float64.
 
     `gram` may be the input Gram or its Whitening (pass that when several weights share an input).
+    `svd` is "exact" or "randomized" (the SVD of W S); `side="output"` (eig only) factors from
+    W G W^T instead, the route the job takes for out < in.
     """
+    if side == "output":
+        if method != "eig" or not isinstance(gram, torch.Tensor):
+            raise ValueError("the output side needs method 'eig' and the input Gram itself")
+        w64 = weight.detach().to(torch.float64)
+        return factorize_output_side(weight, w64 @ gram.to(torch.float64) @ w64.T, rank)
+    if svd not in ("exact", "randomized"):
+        raise ValueError(f"unknown svd {svd!r}; choose exact or randomized")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     w = weight.detach().to(torch.float64)
@@ -110,7 +132,22 @@ def factorize(weight: torch.Tensor, gram: torch.Tensor | Whitening | None, rank:
         raise ValueError(f"whitening was computed for {white.method!r}, not {method!r}")
     if white.s.shape != (n, n):
         raise ValueError(f"whitening of shape {tuple(white.s.shape)} does not match weight input size {n}")
-    u, s, vh = torch.linalg.svd(w @ white.s, full_matrices=False)
+    a = w @ white.s
+    if svd == "randomized":
+        from .randomized import randomized_svd
+
+        u, s, vh = randomized_svd(a, rank)
+        if s.shape[0] < min(m, n):
+            # ||A - U_k U_k^T A||^2 = ||A||^2 - ||U_k^T A||^2, exactly, for the factors returned.
+            u_k = u[:, :rank]
+            tail = float((a.pow(2).sum() - (u_k.T @ a).pow(2).sum()).clamp_min(0).sqrt())
+            if method == "eig":
+                return Factors(u_k, u_k.T @ w, s, tail_loss=tail)
+            root = s[:rank].sqrt()
+            v_k_sinv = torch.linalg.solve_triangular(white.s.T, vh[:rank].T, upper=True, left=True)
+            return Factors(u_k * root, root[:, None] * v_k_sinv.T, s, white.shift, tail_loss=tail)
+    else:
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
     if method == "eig":
         # W' = U_k U_k^T W: the same optimum as U_k S_k V_k^T S^{-1}, with nothing inverted.
         u_k = u[:, :rank]
@@ -119,3 +156,23 @@ def factorize(weight: torch.Tensor, gram: torch.Tensor | Whitening | None, rank:
     # V_k^T S^{-1}: solve S^T Z^T = V_k instead of forming the inverse.
     v_k_sinv = torch.linalg.solve_triangular(white.s.T, vh[:rank].T, upper=True, left=True)
     return Factors(u[:, :rank] * root, root[:, None] * v_k_sinv.T, s, white.shift)
+
+
+def factorize_output_side(weight: torch.Tensor, output_gram: torch.Tensor, rank: int) -> Factors:
+    """eig's factors from H = W G W^T (out x out), the Gram of the layer's outputs.
+
+    H = (W S)(W S)^T, so its eigenvectors are the left singular vectors U of W S and its
+    eigenvalues their squared singular values: W' = U_k U_k^T W and the loss sqrt(sum of the
+    dropped eigenvalues) are exactly what the input side gives, with an out x out eigendecomposition.
+    """
+    w = weight.detach().to(torch.float64)
+    m, n = w.shape
+    h = output_gram.detach().to(torch.float64)
+    if h.shape != (m, m):
+        raise ValueError(f"output Gram of shape {tuple(h.shape)} does not match weight output size {m}")
+    rank = min(rank, m, n)
+    evals, evecs = torch.linalg.eigh(h)
+    evals, evecs = evals.flip(0), evecs.flip(1)  # descending
+    s = evals.clamp_min(0).sqrt()[: min(m, n)]
+    u_k = evecs[:, :rank].contiguous()
+    return Factors(u_k, u_k.T @ w, s)

@@ -30,3 +30,46 @@ class GramAccumulator:
 
     def nbytes(self) -> int:
         return self.sum.numel() * 8
+
+
+# Float64 tile of the weight converted at a time for the output Gram (bounds the temporary copy).
+_WEIGHT_TILE_BYTES = 64 << 20
+
+
+class OutputGramAccumulator:
+    """Running mean of y y^T for y = W x (bias excluded), computed in float64 from the inputs.
+
+    Its mean is W G W^T for the input Gram G, so a weight with out < in can be factored from this
+    out x out matrix (math/factorize.py, the output side) without the in x in Gram ever existing.
+    The weight is converted to float64 a tile of rows at a time.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight  # the layer's own parameter (not copied)
+        self.features = weight.shape[0]
+        self.sum = torch.zeros(self.features, self.features, dtype=torch.float64)
+        self.tokens = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        w = self.weight.detach()
+        m, n = w.shape
+        rows = x.detach().reshape(-1, n)
+        tile = max(1, _WEIGHT_TILE_BYTES // (8 * n))
+        whole = w.to(torch.float64) if tile >= m else None
+        for start in range(0, rows.shape[0], _ROW_CHUNK):
+            chunk = rows[start : start + _ROW_CHUNK].to(torch.float64)
+            if whole is not None:
+                y = chunk @ whole.T
+            else:
+                y = torch.empty(chunk.shape[0], m, dtype=torch.float64)
+                for r in range(0, m, tile):
+                    y[:, r : r + tile] = chunk @ w[r : r + tile].to(torch.float64).T
+            self.sum.addmm_(y.T, y)
+        self.tokens += rows.shape[0]
+
+    @property
+    def gram(self) -> torch.Tensor:
+        return self.sum / max(self.tokens, 1)
+
+    def nbytes(self) -> int:
+        return self.sum.numel() * 8

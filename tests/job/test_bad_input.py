@@ -418,7 +418,7 @@ def test_disk_full_mid_job_is_one_clear_error_and_the_rerun_resumes(capsys, pris
 
     def save_until_full(*args, **kwargs):
         calls.append(args[1])
-        if len(calls) > 5:  # extra shard, then (spectra, shard) of blocks 0 and 1, then the disk is full
+        if len(calls) > 5:  # (spectra, shard) of blocks 0 and 1, spectra of block 2, then the disk is full (the extra shard is a stream copy)
             raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real_save(*args, **kwargs)
 

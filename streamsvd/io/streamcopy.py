@@ -1,0 +1,65 @@
+"""Copy tensors from checkpoint shards into a new safetensors file without holding them in memory.
+
+`safetensors.torch.save_file` needs every tensor in memory and makes a bytes copy of each before
+writing, so copying the embeddings and head (4.2 GB at 70B in bf16) would cost twice that in RSS.
+The stored bytes do not change, so they are copied from file to file with one small buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+from .checkpoint import Checkpoint
+
+BUFFER_BYTES = 16 << 20
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+             "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _data_start(path: Path) -> int:
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+    return 8 + header_len
+
+
+def copy_tensors(ckpt: Checkpoint, names: list[str], dst: Path, metadata: dict | None = None) -> None:
+    """Write `names` (stored dtype and bytes unchanged) as one safetensors file at `dst`.
+
+    Tensors are laid out as safetensors' own writer does (larger items first, then by name), so
+    every tensor starts aligned to its item size.
+    """
+    order = sorted(names, key=lambda k: (-_ITEMSIZE.get(ckpt.dtype_name(k), 1), k))
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name in order:
+        size = ckpt.nbytes(name)
+        header[name] = {"dtype": ckpt.dtype_name(name), "shape": ckpt.shape(name), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    starts: dict[str, int] = {}
+    with open(dst, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)) + raw)
+        for name in order:
+            shard = ckpt.dir / ckpt.weight_map[name]
+            if shard not in starts:
+                starts[shard] = _data_start(shard)
+            begin, end = ckpt.headers[ckpt.weight_map[name]][name]["data_offsets"]
+            fd = os.open(shard, os.O_RDONLY)
+            try:
+                pos = starts[shard] + begin
+                left = end - begin
+                while left > 0:
+                    chunk = os.pread(fd, min(BUFFER_BYTES, left), pos)
+                    if not chunk:
+                        raise OSError(f"{shard} ended early")
+                    out.write(chunk)
+                    pos += len(chunk)
+                    left -= len(chunk)
+                # The copied pages are not needed again: let the page cache drop them.
+                os.posix_fadvise(fd, starts[shard] + begin, end - begin, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)

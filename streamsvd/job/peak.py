@@ -1,0 +1,91 @@
+"""The budget as a checked promise: a thread that samples this process's RSS and keeps the peak per stage.
+
+RSS is what the OS counts (psutil: resident anonymous memory plus resident pages of mapped files,
+safetensors and numpy memmaps included). The job names its stage (`sampler.stage("statistics")`)
+as it goes; every sample is charged to the stage running when it was taken, and each stage change
+takes a sample at once, so a short stage is not missed entirely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import threading
+
+import psutil
+
+INTERVAL_S = 0.02
+
+
+def rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def return_freed_memory_to_the_os(threshold: int = 1 << 20) -> bool:
+    """Make glibc serve every allocation of `threshold` bytes or more by mmap, so a freed tensor leaves RSS.
+
+    glibc raises its mmap threshold dynamically (up to 32 MiB) after large frees, after which freed
+    tensors below it stay in the heap and RSS no longer falls when they are released. Fixing the
+    threshold keeps RSS equal to what is live. Returns False where it cannot be set (not glibc).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
+class PeakSampler:
+    """Samples RSS every INTERVAL_S seconds in a daemon thread; `peaks` maps stage -> peak bytes."""
+
+    def __init__(self, first_stage: str = "embed", interval_s: float = INTERVAL_S):
+        self.interval_s = interval_s
+        self.peaks: dict[str, int] = {}
+        self.current = first_stage
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="streamsvd-rss", daemon=True)
+        self._proc = psutil.Process()
+
+    def _sample(self) -> None:
+        rss = self._proc.memory_info().rss
+        with self._lock:
+            if rss > self.peaks.get(self.current, 0):
+                self.peaks[self.current] = rss
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def start(self) -> "PeakSampler":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def stage(self, name: str) -> None:
+        self._sample()  # the end of the previous stage
+        with self._lock:
+            self.current = name
+        self._sample()
+
+    @contextlib.contextmanager
+    def during(self, name: str):
+        previous = self.current
+        self.stage(name)
+        try:
+            yield
+        finally:
+            self.stage(previous)
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._sample()
+        return dict(self.peaks)
+
+    @property
+    def peak(self) -> int:
+        return max(self.peaks.values(), default=0)

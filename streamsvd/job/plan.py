@@ -1,0 +1,528 @@
+"""The memory, disk and time plan of a job, computed before any work from the checkpoint's headers.
+
+No weight is read: shapes and dtypes come from the safetensors headers, sizes of the model from
+config.json, and the rest from the job's settings. Per stage of the job the plan adds up what is
+resident at that stage's peak:
+
+- held for the whole job: the process baseline (measured: the RSS of this process, with torch,
+  transformers, the tokenizer and the calibration windows loaded and the BLAS/LAPACK code warmed
+  up by the speed measurement), the layer arguments (masks, rotary tables), the calibration
+  windows, and the embeddings (0: they are read row by row from the checkpoint, `model/embedding.py`);
+- `embed`: one batch of embedded windows on its way to the first activation file;
+- `extra shard`: the tensors outside the decoder blocks (embeddings, head, final norm), copied
+  from the checkpoint to the output by a streaming copy (one buffer, `io/output.py`);
+- `statistics` (pass 1): one block's weights in the compute dtype, the block's statistics (float64:
+  one input Gram per distinct input, q/k/v share one and gate/up share one; an output Gram for a
+  linear factored on its output side), one activation batch and the layer forward's working set,
+  and the float64 chunk the Gram update converts;
+- `factorize`: the weights, the statistics still to be used, and the largest single
+  factorisation's workspace (eigh and SVD copies and LAPACK work arrays), plus the finished
+  factors of the block;
+- `propagate` (pass 2): the compressed block, the block's tensors for the shard, one batch;
+- `write`: the block's tensors and the serialiser's copy of them (safetensors' `save_file`
+  turns each tensor into bytes before writing).
+
+The batch size is the largest that keeps every stage within the budget; the smallest workable
+budget (`min_max_mem_bytes`) is the planned peak at batch 1 (plus a margin for the baseline's
+variation between processes), and the stage that sets it is named
+when a budget below it is refused. Factor sizes are counted through `stored_numel`, so another
+stored form (pivoted factors) changes one function.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..errors import StreamSVDError
+from ..io.checkpoint import Checkpoint
+from ..math.factorize import rank_for_ratio
+from .memory import format_size
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+ACT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+COMPUTE_BYTES = 4  # float32 blocks and activations in the forward
+GRAM_ROW_CHUNK = 2048  # rows of a batch converted to float64 at a time by the Gram update (math/gram.py)
+OUTPUT_TILE_BYTES = 64 << 20  # float64 tile of a weight converted at a time for an output Gram
+# What a job allocates beyond the live tensors counted below: Python objects, torch's per-op
+# scratch, the allocator's rounding. Measured on SmolLM2 and the tiny models (tools/bench_memory.py).
+SLACK_BYTES = 64 << 20
+SLACK_FRACTION = 0.05
+# The baseline is measured in each process and differs by a few tens of MiB between two processes
+# doing the same thing (measured up to 42 MiB between `plan` and `run`); the minimum that `plan`
+# reports carries this margin so that `run` in another process accepts it.
+BASELINE_MARGIN_BYTES = 64 << 20
+STAGES = ("embed", "extra shard", "statistics", "factorize", "propagate", "write")
+SVD_MODES = ("exact", "randomized", "auto")
+
+
+def stored_numel(m: int, n: int, rank: int, factors: str = "pivoted") -> int:
+    """Numbers stored for a rank-`rank` m x n linear in form `factors` (plain: r (m + n); pivoted:
+    r (m + n - r); dense once that reaches m n): math/pivot.py's count, so plan and job agree."""
+    from ..math.factorize import stored_numel as numel
+
+    return numel(m, n, rank, factors)
+
+
+@dataclass
+class LinearShape:
+    name: str  # module name inside the block, e.g. mlp.down_proj
+    out_features: int
+    in_features: int
+    itemsize: int  # stored bytes per weight number
+    group: str  # modules sharing a group read the same input (one Gram)
+    rank: int = 0
+    route: str = "input"  # input: eigh of the in x in Gram; output: eigh of the out x out output Gram; plain: SVD of W
+    svd: str = "exact"  # exact or randomized, for the input route's SVD of W S
+    factors: str = "pivoted"  # stored form: pivoted or plain
+
+
+def input_group(name: str, in_features: int) -> str:
+    """Which linears share an input, by name (q/k/v read one normed hidden state, gate/up another).
+
+    The job finds the groups by tensor identity at run time; this is the same answer from the
+    names the supported families use, which the plan needs before any forward.
+    """
+    parent, _, leaf = name.rpartition(".")
+    if leaf in ("q_proj", "k_proj", "v_proj"):
+        return f"{parent}.qkv:{in_features}"
+    if leaf in ("gate_proj", "up_proj"):
+        return f"{parent}.gate_up:{in_features}"
+    return name
+
+
+def factor_route(method: str, out_features: int, in_features: int, shared: bool) -> str:
+    """The side a weight is factored on (see docs/DESIGN.md, "The smaller side").
+
+    eig needs only U_k, the top eigenvectors of W G W^T (out x out), so a weight with out < in
+    whose input no other linear reads is factored from its output Gram and the in x in Gram is
+    never formed. Cholesky needs the in x in factor S itself, and a shared input needs its Gram
+    for the other readers anyway.
+    """
+    if method == "svd":
+        return "plain"
+    if method == "eig" and out_features < in_features and not shared:
+        return "output"
+    return "input"
+
+
+def choose_svd(mode: str, m: int, n: int, rank: int) -> str:
+    """exact or randomized for the SVD of the whitened m x n weight (`--svd auto`: docs/RESULTS.md)."""
+    if mode in ("exact", "randomized"):
+        return mode
+    from ..math.randomized import auto_prefers_randomized
+
+    return "randomized" if auto_prefers_randomized(m, n, rank) else "exact"
+
+
+def block_linears(ckpt: Checkpoint, prefix: str, ratio: float, method: str, svd: str = "exact",
+                  factors: str = "pivoted") -> list[LinearShape]:
+    """The linears of the block under `prefix`, from the headers: 2-D `.weight` tensors."""
+    shapes = []
+    for key in ckpt.keys():
+        if key.startswith(prefix) and key.endswith(".weight") and len(ckpt.shape(key)) == 2:
+            m, n = ckpt.shape(key)
+            name = key[len(prefix) : -len(".weight")]
+            shapes.append(LinearShape(name, m, n, DTYPE_BYTES.get(ckpt.dtype_name(key), 4), input_group(name, n)))
+    members: dict[str, int] = {}
+    for s in shapes:
+        members[s.group] = members.get(s.group, 0) + 1
+    for s in shapes:
+        s.factors = factors
+        s.rank = rank_for_ratio(s.out_features, s.in_features, ratio, factors)
+        s.route = factor_route(method, s.out_features, s.in_features, members[s.group] > 1)
+        if s.route == "input":
+            s.svd = choose_svd(svd, s.out_features, s.in_features, s.rank)
+    return shapes
+
+
+# ------------------------------------------------------------------------------- machine speed
+_SPEED: dict | None = None
+
+
+def machine_speed() -> dict:
+    """A one-second measurement of this machine: matmul GFLOP/s (float32, float64), eigh and SVD constants.
+
+    eigh and SVD are timed at one size and scaled by n^3; the time estimate built from them is an
+    estimate, not a measurement of the job. Measured once per process.
+    """
+    global _SPEED
+    if _SPEED is not None:
+        return _SPEED
+    g = torch.Generator().manual_seed(0)
+
+    def best(fn, repeat=3):
+        fn()
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return max(min(times), 1e-6)
+
+    a32 = torch.randn(1024, 1024, generator=g)
+    a64 = a32[:768, :768].double()
+    sym = a64 @ a64.T
+    n = 384
+    small = sym[:n, :n].contiguous()
+    _SPEED = {
+        "matmul_f32_gflops": 2 * 1024**3 / best(lambda: a32 @ a32) / 1e9,
+        "matmul_f64_gflops": 2 * 768**3 / best(lambda: a64 @ a64) / 1e9,
+        "eigh_s_per_n3": best(lambda: torch.linalg.eigh(small)) / n**3,
+        "svd_s_per_n3": best(lambda: torch.linalg.svd(small, full_matrices=False)) / n**3,
+    }
+    return _SPEED
+
+
+# ------------------------------------------------------------------------------- the plan
+@dataclass
+class Plan:
+    budget_bytes: int
+    batch_size: int
+    peak_bytes: int  # planned peak at this batch size
+    min_max_mem_bytes: int  # the smallest budget to give: strict_min_bytes + BASELINE_MARGIN_BYTES
+    strict_min_bytes: int  # the planned peak at batch 1 with this process's baseline: below it, run refuses
+    min_stage: str  # the stage whose peak sets min_max_mem_bytes
+    min_component: str  # that stage's largest part
+    stage_bytes: dict[str, int]  # planned peak per stage at batch_size
+    components: dict[str, dict[str, int]]  # stage -> part -> bytes (at batch_size)
+    routes: dict[str, str]  # matrix type -> route, e.g. "mlp.down_proj (576 x 1536)": "output side, eigh 576 x 576"
+    tiles: dict[str, int]
+    disk_bytes: int
+    disk: dict[str, int]
+    seconds_estimate: float
+    seconds_per_block: float
+    seconds_split: dict[str, float]
+    speed: dict[str, float]
+    layers: int
+    baseline_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.budget_bytes
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def deterministic(self) -> dict:
+        """The parts that depend only on the checkpoint and the settings (for the report)."""
+        return {"routes": self.routes, "tiles": self.tiles, "disk_bytes": self.disk_bytes, "layers": self.layers}
+
+    def describe(self) -> str:
+        lines = [
+            f"memory plan for --max-mem {format_size(self.budget_bytes)}: batch {self.batch_size}, "
+            f"planned peak {format_size(self.peak_bytes)} "
+            f"(smallest workable --max-mem {format_size(self.min_max_mem_bytes)}, set by {self.min_stage}: {self.min_component})",
+        ]
+        for stage in STAGES:
+            parts = ", ".join(f"{k} {format_size(v)}" for k, v in self.components[stage].items() if v)
+            lines.append(f"  {stage:<12} {format_size(self.stage_bytes[stage]):>11}  {parts}")
+        lines.append("factorisation routes (per matrix type):")
+        lines += [f"  {k}: {v}" for k, v in self.routes.items()]
+        lines.append("tiles: " + ", ".join(f"{k} {v}" for k, v in self.tiles.items()))
+        lines.append(f"disk: {format_size(self.disk_bytes)} (" + ", ".join(f"{k} {format_size(v)}" for k, v in self.disk.items()) + ")")
+        split = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds_split.items())
+        lines.append(f"time (ESTIMATE from a {self._speed_text()} measurement of this machine): "
+                     f"{self.seconds_per_block:.1f} s per block ({split}), {self.seconds_estimate:.0f} s in total")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def _speed_text(self) -> str:
+        return f"{self.speed['matmul_f32_gflops']:.0f} GFLOP/s float32 matmul, {self.speed['matmul_f64_gflops']:.0f} float64"
+
+
+@dataclass
+class PlanInputs:
+    """What the plan depends on besides the checkpoint (the job's settings)."""
+
+    calib_samples: int = 64
+    seqlen: int = 512
+    ratio: float = 0.4
+    method: str = "eig"
+    propagate: str = "compressed"
+    act_dtype: str = "float32"
+    svd: str = "auto"
+    factors: str = "pivoted"
+
+
+def _config_int(cfg: dict, key: str, default: int) -> int:
+    v = cfg.get(key)
+    return int(v) if isinstance(v, (int, float)) else default
+
+
+def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: int, baseline: int,
+              fixed_batch: int | None = None, other_file_bytes: int = 0) -> Plan:
+    """The plan for `settings` under `budget`; `fixed_batch` is a resumed job's batch size (kept)."""
+    cfg = ckpt.config_dict
+    hidden = _config_int(cfg, "hidden_size", 0)
+    inter = _config_int(cfg, "intermediate_size", 4 * hidden)
+    heads = _config_int(cfg, "num_attention_heads", 1)
+    kv_heads = _config_int(cfg, "num_key_value_heads", heads)
+    head_dim = _config_int(cfg, "head_dim", hidden // max(heads, 1))
+    n_layers = _config_int(cfg, "num_hidden_layers", 0)
+    L, S = settings.seqlen, settings.calib_samples
+    act = ACT_BYTES[settings.act_dtype]
+    c = COMPUTE_BYTES
+
+    # ---- per-block figures, from the largest block (all blocks of the supported families match)
+    block_prefixes = [f"{layers_path}.{i}." for i in range(n_layers)]
+    block_numel = {p: 0 for p in block_prefixes}
+    block_stored = {p: 0 for p in block_prefixes}
+    other_numel = 0
+    extra_bytes = 0
+    for key in ckpt.keys():
+        prefix = _block_of(key, layers_path)
+        if prefix in block_numel:
+            block_numel[prefix] += ckpt.numel(key)
+            block_stored[prefix] += ckpt.nbytes(key)
+        else:
+            extra_bytes += ckpt.nbytes(key)
+            if not key.endswith("embed_tokens.weight") and not key.startswith("lm_head"):
+                other_numel += ckpt.numel(key)
+    big = max(block_prefixes, key=lambda p: block_numel[p]) if block_prefixes else f"{layers_path}.0."
+    linears = block_linears(ckpt, big, settings.ratio, settings.method, settings.svd, settings.factors)
+    weights = block_numel.get(big, 0) * c
+    groups: dict[str, list[LinearShape]] = {}
+    for s in linears:
+        groups.setdefault(s.group, []).append(s)
+
+    # Statistics held through pass 1 and factorisation (float64).
+    stats_bytes = 0
+    for members in groups.values():
+        for s in members:
+            if s.route == "output":
+                stats_bytes += 8 * s.out_features**2
+        if any(s.route == "input" for s in members):
+            stats_bytes += 8 * members[0].in_features**2
+    widest_in = max((s.in_features for s in linears), default=hidden)
+    widest_out = max((s.out_features for s in linears if s.route == "output"), default=0)
+    gram_chunk = 8 * GRAM_ROW_CHUNK * widest_in + 8 * GRAM_ROW_CHUNK * widest_out + min(OUTPUT_TILE_BYTES, 8 * widest_out * widest_in)
+
+    # ---- held for the whole job
+    layer_args = 2 * (L * L * 4) + 2 * 2 * L * head_dim * 4 + 2 * L * 8  # masks, rotary cos/sin, positions
+    windows = S * L * 8
+    held = {"baseline": baseline, "layer arguments": layer_args, "windows": windows, "norms": other_numel * c,
+            "embeddings": 0}
+
+    # ---- one sample's working set inside the block forward (compute dtype)
+    q_width, kv_width = heads * head_dim, kv_heads * head_dim
+    per_token = c * (8 * hidden + 4 * q_width + 4 * kv_width + 4 * inter)
+    per_sample = L * per_token + c * 2 * heads * L * L + L * hidden * (act + c)  # + scores, + the batch read and converted
+
+    # ---- factorisation workspace: the largest single step (float64)
+    fact_parts = [("none", 0)]
+    for members in groups.values():
+        for s in members:
+            m, n, k = s.out_features, s.in_features, s.rank
+            if s.route == "output":
+                # mean output Gram, eigh (vectors + 2 m^2 work), W in float64, U_k^T W
+                fact_parts.append((f"eigh of the {m} x {m} output Gram of {s.name}", 8 * (4 * m * m + 2 * m * n + k * n)))
+            elif s.route == "input":
+                # W float64, W S, SVD: copy, U, Vh, gesdd work; factors
+                mn = min(m, n)
+                if s.svd == "randomized":
+                    p = k + 10
+                    svd_ws = 8 * (3 * max(m, n) * p + 3 * p * p + m * n)
+                else:
+                    svd_ws = 8 * (m * n + m * mn + mn * n + 4 * mn * mn + 4 * max(m, n) * mn)
+                fact_parts.append((f"SVD of the whitened {m} x {n} {s.name}", 8 * (2 * m * n + k * (m + n)) + svd_ws))
+            else:
+                mn = min(m, n)
+                fact_parts.append((f"SVD of {s.name}", 8 * (2 * m * n + m * mn + mn * n + 4 * mn * mn + 4 * max(m, n) * mn)))
+        if any(s.route == "input" for s in members):
+            n = members[0].in_features
+            # mean Gram, eigenvectors, LAPACK syevd work (2 n^2), S; the whitening S stays until the group is done
+            fact_parts.append((f"eigh of the {n} x {n} input Gram of {'/'.join(s.name for s in members)}", 8 * 5 * n * n))
+    whitening_held = 8 * max((members[0].in_features**2 for members in groups.values() if any(s.route == "input" for s in members)), default=0)
+    label, workspace = max(fact_parts, key=lambda t: t[1])
+    factors_stored = sum(stored_numel(s.out_features, s.in_features, s.rank, s.factors) * s.itemsize for s in linears)
+    factors_compute = sum(stored_numel(s.out_features, s.in_features, s.rank, s.factors) * c for s in linears)
+    block_other_stored = block_stored.get(big, 0) - sum(s.out_features * s.in_features * s.itemsize for s in linears)
+    shard = factors_stored + block_other_stored
+    spectra = sum(4 * min(s.out_features, s.in_features) for s in linears)
+
+    def stage_parts(b: int) -> dict[str, dict[str, int]]:
+        batch = b * per_sample
+        io_batch = b * L * hidden * act
+        parts = {
+            "embed": {"batch": 2 * b * L * hidden * c + io_batch},
+            "extra shard": {"copy buffer": 16 << 20},
+            "statistics": {"block weights": weights, "statistics": stats_bytes, "batch": batch,
+                           "gram chunk": gram_chunk, "outputs": b * L * hidden * (c + act)},
+            "factorize": {"block weights": weights, "statistics": stats_bytes, "whitening": whitening_held,
+                          "workspace": workspace, "factors": factors_stored + factors_compute + spectra},
+            "propagate": {"block weights": factors_compute + (weights - sum(s.out_features * s.in_features for s in linears) * c),
+                          "shard tensors": shard, "batch": batch, "outputs": b * L * hidden * (c + act)},
+            "write": {"block weights": factors_compute + weights, "shard tensors": shard, "serialiser copy": shard + spectra},
+        }
+        for stage in parts:
+            parts[stage] = {**held, **parts[stage]}
+        return parts
+
+    def totals(b: int) -> dict[str, int]:
+        out = {}
+        for stage, parts in stage_parts(b).items():
+            live = sum(parts.values())
+            out[stage] = int(live + SLACK_BYTES + SLACK_FRACTION * (live - baseline))
+        return out
+
+    at_one = totals(1)
+    min_stage = max(at_one, key=at_one.get)
+    strict_min = at_one[min_stage]
+    one_parts = stage_parts(1)[min_stage]
+    biggest = max((k for k in one_parts if k != "baseline"), key=one_parts.get)
+    min_component = f"{biggest} {format_size(one_parts[biggest])}" + (f" ({label})" if biggest == "workspace" else "")
+
+    if fixed_batch is not None:
+        batch = fixed_batch
+    else:
+        batch = 1
+        if budget >= strict_min:
+            lo, hi = 1, max(1, S)
+            while lo < hi:  # the largest batch whose every stage fits
+                mid = (lo + hi + 1) // 2
+                if max(totals(mid).values()) <= budget:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            batch = lo
+    stage_totals = totals(batch)
+
+    # ---- disk: the output (from the headers and the ranks) and the two activation files
+    work = 2 * S * L * hidden * act
+    out_bytes = extra_bytes + other_file_bytes
+    for prefix in block_prefixes:
+        ls = block_linears(ckpt, prefix, settings.ratio, settings.method, "exact", settings.factors) if prefix != big else linears
+        lin_bytes = sum(s.out_features * s.in_features * s.itemsize for s in ls)
+        out_bytes += block_stored[prefix] - lin_bytes + sum(
+            stored_numel(s.out_features, s.in_features, s.rank, s.factors) * s.itemsize + 4 * min(s.out_features, s.in_features) for s in ls)
+
+    # ---- time (an estimate)
+    speed = machine_speed()
+    f32, f64 = speed["matmul_f32_gflops"] * 1e9, speed["matmul_f64_gflops"] * 1e9
+    tokens = S * L
+    lin_params = sum(s.out_features * s.in_features for s in linears)
+    low_params = sum(stored_numel(s.out_features, s.in_features, s.rank, s.factors) for s in linears)
+    attn = 4 * tokens * L * q_width / 2
+    forward = (2 * tokens * lin_params + attn) / f32
+    if settings.propagate == "compressed":
+        forward += (2 * tokens * low_params + attn) / f32
+    stats_t, fact_t = 0.0, 0.0
+    for members in groups.values():
+        if any(s.route == "input" for s in members):
+            n = members[0].in_features
+            stats_t += 2 * tokens * n * n / f64
+            fact_t += speed["eigh_s_per_n3"] * n**3
+        for s in members:
+            m, n, k = s.out_features, s.in_features, s.rank
+            if s.route == "output":
+                stats_t += (2 * tokens * m * n + 2 * tokens * m * m) / f64
+                fact_t += speed["eigh_s_per_n3"] * m**3 + 2 * k * m * n / f64
+            elif s.route == "input":
+                fact_t += 2 * m * n * n / f64
+                if s.svd == "randomized":
+                    fact_t += 2 * 5 * m * n * (k + 10) / f64
+                else:
+                    fact_t += speed["svd_s_per_n3"] * min(m, n) ** 2 * max(m, n)
+            else:
+                fact_t += speed["svd_s_per_n3"] * min(m, n) ** 2 * max(m, n)
+    io_t = (block_stored.get(big, 0) + shard + 3 * S * L * hidden * act) / 1e9  # about 1 GB/s of reads and writes
+    split = {"forward": forward, "statistics": stats_t, "factorisation": fact_t, "I/O": io_t}
+    per_block = sum(split.values())
+
+    routes = {}
+    for s in linears:
+        key = f"{s.name} ({s.out_features} x {s.in_features}, rank {s.rank})"
+        if s.route == "output":
+            routes[key] = f"output side: eigh of the {s.out_features} x {s.out_features} output Gram (the {s.in_features} x {s.in_features} input Gram is never formed)"
+        elif s.route == "input":
+            routes[key] = f"input side: eigh of the {s.in_features} x {s.in_features} input Gram, {s.svd} SVD of the whitened weight"
+        else:
+            routes[key] = "plain SVD of the weight"
+    notes = []
+    if fixed_batch is not None:
+        notes.append(f"batch {fixed_batch} is the interrupted job's (kept on resume so the output does not change)")
+    return Plan(
+        budget_bytes=budget, batch_size=batch, peak_bytes=max(stage_totals.values()),
+        min_max_mem_bytes=strict_min + BASELINE_MARGIN_BYTES, strict_min_bytes=strict_min,
+        min_stage=min_stage, min_component=min_component, stage_bytes=stage_totals,
+        components=stage_parts(batch), routes=routes,
+        tiles={"batch_size": batch, "gram_row_chunk": GRAM_ROW_CHUNK, "output_gram_tile_bytes": OUTPUT_TILE_BYTES},
+        disk_bytes=out_bytes + work, disk={"output": out_bytes, "work files": work},
+        seconds_estimate=round(per_block * n_layers, 1), seconds_per_block=round(per_block, 2),
+        seconds_split={k: round(v, 2) for k, v in split.items()}, speed={k: float(v) for k, v in speed.items()},
+        layers=n_layers, baseline_bytes=baseline, notes=notes,
+    )
+
+
+def _block_of(key: str, layers_path: str) -> str | None:
+    head = layers_path + "."
+    if not key.startswith(head):
+        return None
+    index, _, _ = key[len(head) :].partition(".")
+    return f"{head}{index}." if index.isdigit() else None
+
+
+def refuse_if_too_small(plan: Plan, resumed: bool = False) -> None:
+    """One `error:` line naming the smallest workable budget and the stage that sets it."""
+    if plan.budget_bytes < plan.strict_min_bytes:
+        raise StreamSVDError(
+            f"--max-mem {format_size(plan.budget_bytes)} is too small: this job needs at least "
+            f"{format_size(plan.min_max_mem_bytes)} ({plan.min_max_mem_bytes} bytes, with a "
+            f"{BASELINE_MARGIN_BYTES >> 20} MiB margin for the process baseline), set by the {plan.min_stage} stage "
+            f"({plan.min_component})",
+            f"give --max-mem {math.ceil(plan.min_max_mem_bytes / (1 << 20))}M or more, or lower --seqlen "
+            "(`streamsvd plan` shows the stages)",
+        )
+    if resumed and plan.peak_bytes > plan.budget_bytes:
+        raise StreamSVDError(
+            f"--max-mem {format_size(plan.budget_bytes)} is too small for this interrupted job: it runs batches of "
+            f"{plan.batch_size} (kept so the output does not change), which need {format_size(plan.peak_bytes)}",
+            f"resume with --max-mem {math.ceil(plan.peak_bytes / (1 << 20))}M or more",
+        )
+
+
+def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None) -> Plan:
+    """The plan of the job `cfg` (a JobConfig) under its --max-mem (default: 75% of available RAM).
+
+    The baseline is this process's RSS now, after the speed measurement has loaded and warmed up
+    the BLAS and LAPACK code the job will run.
+    """
+    from ..model.architecture import SUPPORTED
+    from .memory import default_budget
+    from .peak import return_freed_memory_to_the_os, rss_bytes
+
+    return_freed_memory_to_the_os()
+    machine_speed()
+    settings = PlanInputs(calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, ratio=cfg.ratio, method=cfg.method,
+                          propagate=cfg.propagate, act_dtype=cfg.act_dtype, svd=getattr(cfg, "svd", "auto"),
+                          factors=getattr(cfg, "factors", "pivoted"))
+    budget = cfg.max_mem if cfg.max_mem is not None else default_budget()
+    other = sum(p.stat().st_size for p in sorted(ckpt.dir.iterdir()) if p.is_file() and not p.name.endswith(".safetensors")
+                and p.name not in ("model.safetensors.index.json",))
+    layers_path = SUPPORTED[ckpt.config_dict.get("model_type")]
+    return make_plan(ckpt, layers_path, settings, budget, rss_bytes(), fixed_batch=fixed_batch, other_file_bytes=other)
+
+
+def plan_job(cfg) -> Plan:
+    """`streamsvd plan`: everything `run` checks and loads before its plan, then the plan (no OUT_DIR)."""
+    from ..io.calibration import load_texts, load_tokenizer, sample_windows
+    from ..model.architecture import empty_model, load_config, max_positions
+
+    cfg.validate()
+    ckpt = Checkpoint(cfg.model_dir)
+    config = load_config(ckpt)
+    limit = max_positions(config)
+    if limit is not None and cfg.seqlen > limit:
+        raise StreamSVDError(f"--seqlen {cfg.seqlen} is longer than the model allows ({limit} positions)",
+                             f"use --seqlen {limit} or less")
+    tokenizer = load_tokenizer(ckpt.dir)
+    text, _ = load_texts(cfg.calib)
+    windows = sample_windows(tokenizer, text, cfg.calib_samples, cfg.seqlen, cfg.seed)
+    model = empty_model(config, torch.float32)
+    plan = build_plan(cfg, ckpt)
+    del windows, model
+    return plan

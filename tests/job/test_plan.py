@@ -1,0 +1,124 @@
+"""The memory planner (`streamsvd plan`, job/plan.py) and the budget as a checked promise."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streamsvd.cli import main
+from streamsvd.io.checkpoint import Checkpoint
+from streamsvd.job.pipeline import CompressionJob, JobConfig
+from streamsvd.job.plan import STAGES, PlanInputs, make_plan
+from tiny_models import make_tiny_checkpoint
+
+FAST = ["--calib-samples", "4", "--seqlen", "32"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("plan") / "model")
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    return path
+
+
+def plan_json(capsys, model, *flags) -> dict:
+    assert main(["plan", str(model), *map(str, flags), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_json_has_the_promised_figures(capsys, tiny, text):
+    plan = plan_json(capsys, tiny, "--calib", text, *FAST, "--max-mem", "4G")
+    for key in ("min_max_mem_bytes", "peak_bytes", "disk_bytes", "seconds_estimate", "batch_size", "routes", "stage_bytes"):
+        assert key in plan, key
+    assert set(plan["stage_bytes"]) == set(STAGES)
+    assert plan["strict_min_bytes"] <= plan["peak_bytes"] <= plan["budget_bytes"] == 4 << 30
+    assert plan["min_max_mem_bytes"] > plan["strict_min_bytes"]
+    assert plan["batch_size"] == 4  # a roomy budget takes every sample in one batch
+    assert plan["baseline_bytes"] > 50 << 20  # measured RSS of a process with torch loaded, not a constant
+    assert plan["seconds_estimate"] > 0
+    # eig factors down_proj (64 x 160) on its output side; the q/k/v input is shared, so q/k/v are on the input side.
+    down = next(v for k, v in plan["routes"].items() if k.startswith("mlp.down_proj"))
+    assert down.startswith("output side")
+    assert next(v for k, v in plan["routes"].items() if k.startswith("self_attn.k_proj")).startswith("input side")
+
+
+def test_plan_text_names_every_stage(capsys, tiny, text):
+    assert main(["plan", str(tiny), "--calib", str(text), *FAST]) == 0
+    out = capsys.readouterr().out
+    for stage in STAGES:
+        assert f"  {stage} " in out
+    assert "ESTIMATE" in out and "smallest workable --max-mem" in out
+
+
+def test_batch_grows_with_the_budget_and_is_one_at_the_minimum(tiny):
+    ckpt = Checkpoint(tiny)
+    settings = PlanInputs(calib_samples=64, seqlen=128)
+    base = 400 << 20
+    low = make_plan(ckpt, "model.layers", settings, budget=1, baseline=base)
+    assert low.batch_size == 1 and low.peak_bytes == low.strict_min_bytes  # the minimum is the peak at batch 1
+    assert low.min_max_mem_bytes > low.strict_min_bytes  # plus the margin for another process's baseline
+    at_min = make_plan(ckpt, "model.layers", settings, budget=low.strict_min_bytes, baseline=base)
+    assert at_min.peak_bytes <= at_min.budget_bytes
+    bigger = make_plan(ckpt, "model.layers", settings, budget=low.strict_min_bytes + (40 << 20), baseline=base)
+    assert at_min.batch_size < bigger.batch_size < 64 and bigger.peak_bytes <= bigger.budget_bytes
+    assert make_plan(ckpt, "model.layers", settings, budget=1 << 40, baseline=base).batch_size == 64
+
+
+def test_cholesky_keeps_the_input_side(tiny):
+    plan = make_plan(Checkpoint(tiny), "model.layers", PlanInputs(method="cholesky"), budget=1 << 40, baseline=0)
+    assert all(v.startswith("input side") for v in plan.routes.values())
+
+
+def test_plan_disk_figure_matches_what_the_job_writes(tiny, text, tmp_path):
+    cfg = JobConfig(model_dir=tiny, out_dir=tmp_path / "out", calib=[str(text)], calib_samples=4, seqlen=32, progress=False)
+    job = CompressionJob(cfg)
+    assert job.plan.disk["work files"] == 2 * 4 * 32 * 64 * 4
+    job.run()
+    written = sum(p.stat().st_size for p in cfg.out_dir.rglob("*") if p.is_file() and not p.name.startswith("streamsvd_"))
+    assert 0.9 < written / job.plan.disk["output"] < 1.1
+
+
+def test_budget_below_the_minimum_is_refused_before_anything_is_written(capsys, tiny, text, tmp_path):
+    plan = plan_json(capsys, tiny, "--calib", text, *FAST)
+    minimum = plan["min_max_mem_bytes"]
+    out = tmp_path / "out"
+    rc = main(["run", str(tiny), str(out), "--calib", str(text), *FAST, "--no-progress", "--max-mem",
+               str(plan["strict_min_bytes"] - (8 << 20))])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("error: ") == 1 and "fix:" in err and "Traceback" not in err
+    assert "too small" in err and "set by the" in err and "stage" in err
+    named = int(re.search(r"needs at least [^(]*\((\d+) bytes", err).group(1))
+    # The baseline is this process's RSS, re-measured by run: the same minimum up to a few MiB of drift.
+    assert abs(named - minimum) < (4 << 20) and named > minimum - (8 << 20)
+    assert not out.exists()
+
+
+def test_measured_peak_stays_within_the_budget_in_a_subprocess(capsys, tiny, text, tmp_path):
+    """The sampler's figures in a real `streamsvd run` process at the planner's minimum budget."""
+    minimum = plan_json(capsys, tiny, "--calib", text, *FAST)["min_max_mem_bytes"]
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamsvd.cli", "run", str(tiny), str(out), "--calib", str(text), *FAST, "--no-progress",
+         "--max-mem", str(minimum)],
+        capture_output=True, text=True, cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads((out / "streamsvd_runs.jsonl").read_text().splitlines()[-1])
+    assert run["max_mem_bytes"] == minimum
+    assert set(run["peak_rss_by_stage"]) <= set(STAGES) and {"statistics", "factorize", "write"} <= set(run["peak_rss_by_stage"])
+    assert 0 < run["peak_rss_bytes"] <= minimum, run
+    assert max(run["peak_rss_by_stage"].values()) <= run["peak_rss_bytes"]
+    assert "measured peak / budget" in proc.stdout
+    # The report (byte-identical across interruptions) carries no run-dependent figure.
+    assert "peak_rss" not in (out / "streamsvd_report.json").read_text()

@@ -1,0 +1,75 @@
+"""The smaller side: eig's factors from the out x out output Gram W G W^T equal those from the in x in side."""
+
+import pytest
+import torch
+
+import streamsvd.math.gram as gram_module
+from streamsvd.math.factorize import factorize, factorize_output_side
+from streamsvd.math.gram import GramAccumulator, OutputGramAccumulator
+
+
+def _problem(tokens=500, m=40, n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    x = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
+    x *= torch.logspace(-2, 1, n, dtype=torch.float64)
+    return w, x
+
+
+def _loss(w, f, x):
+    return float(((w - f.out_factor @ f.in_factor) @ x.T).norm())
+
+
+@pytest.mark.parametrize("rank", [1, 9, 30])
+@pytest.mark.parametrize("tokens", [500, 30])  # 30 tokens: a singular in x in Gram
+def test_both_sides_give_the_same_factors_and_loss(rank, tokens):
+    w, x = _problem(tokens=tokens)
+    g = x.T @ x
+    inside = factorize(w, g, rank, "eig")
+    outside = factorize(w, g, rank, "eig", side="output")
+    # Same columns up to sign, same product, same spectrum and loss, to round-off.
+    signs = torch.sign((inside.out_factor * outside.out_factor).sum(0))
+    torch.testing.assert_close(outside.out_factor * signs, inside.out_factor, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(outside.out_factor @ outside.in_factor, inside.out_factor @ inside.in_factor, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(outside.spectrum, inside.spectrum, rtol=1e-7, atol=1e-6 * float(inside.spectrum[0]))
+    assert outside.truncation_loss() == pytest.approx(inside.truncation_loss(), rel=1e-7, abs=1e-6 * float(inside.spectrum[0]))  # squared route: sqrt(eps) s_max
+    assert _loss(w, outside, x) == pytest.approx(outside.truncation_loss(), rel=1e-6, abs=1e-6 * float(inside.spectrum[0]))
+
+
+def test_output_gram_accumulator_is_w_g_wt_without_the_input_gram():
+    w, x = _problem()
+    acc = OutputGramAccumulator(w.float())
+    for chunk in x.float().split(77):
+        acc.add_batch(chunk)
+    inputs = GramAccumulator(w.shape[1])
+    inputs.add_batch(x.float())
+    w64 = w.float().double()
+    torch.testing.assert_close(acc.gram, w64 @ inputs.gram @ w64.T, rtol=1e-10, atol=1e-10)
+    assert acc.nbytes() == 8 * w.shape[0] ** 2  # out x out, not in x in
+
+
+def test_output_gram_tiles_of_the_weight_give_the_same_sums(monkeypatch):
+    w, x = _problem()
+    whole = OutputGramAccumulator(w.float())
+    whole.add_batch(x.float())
+    monkeypatch.setattr(gram_module, "_WEIGHT_TILE_BYTES", 8 * w.shape[1] * 7)  # 7 rows of W at a time
+    tiled = OutputGramAccumulator(w.float())
+    tiled.add_batch(x.float())
+    torch.testing.assert_close(tiled.sum, whole.sum, rtol=1e-12, atol=1e-12)
+
+
+def test_output_side_factors_from_the_accumulated_outputs_match_the_input_side():
+    w, x = _problem()
+    acc = OutputGramAccumulator(w)
+    acc.add_batch(x)
+    f = factorize_output_side(w, acc.gram, 12)
+    ref = factorize(w, x.T @ x / x.shape[0], 12, "eig")
+    torch.testing.assert_close(f.out_factor @ f.in_factor, ref.out_factor @ ref.in_factor, rtol=1e-7, atol=1e-8)
+
+
+def test_output_side_refuses_what_it_cannot_do():
+    w, x = _problem()
+    with pytest.raises(ValueError):
+        factorize(w, x.T @ x, 5, "cholesky", side="output")
+    with pytest.raises(ValueError):
+        factorize_output_side(w, torch.eye(3, dtype=torch.float64), 5)

@@ -1,0 +1,38 @@
+"""Embedding rows read from the file, and the extra shard copied file to file: the same values, exactly."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from streamsvd.io.checkpoint import Checkpoint
+from streamsvd.io.streamcopy import copy_tensors
+from streamsvd.model.architecture import empty_model, load_config
+from streamsvd.model.embedding import materialize_base_mapped
+from tiny_models import make_tiny_checkpoint
+
+
+@pytest.mark.parametrize("model_type,dtype", [("gemma3_text", torch.bfloat16), ("llama", torch.float32)])
+def test_mapped_embedding_gives_the_materialised_values(tmp_path, model_type, dtype):
+    path = make_tiny_checkpoint(model_type, tmp_path / "m", dtype=dtype)
+    ckpt = Checkpoint(path)
+    model = empty_model(load_config(ckpt), torch.float32)
+    materialize_base_mapped(model, ckpt, torch.float32)
+    assert model.get_input_embeddings().weight.device.type == "meta"  # never resident
+    ids = torch.tensor([[5, 0, 383, 5, 17], [2, 2, 9, 100, 1]])
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).float().get_input_embeddings()
+    got = model.get_input_embeddings()(ids)
+    assert torch.equal(got, reference(ids))  # Gemma's embed_scale included
+    with pytest.raises(IndexError):
+        model.get_input_embeddings()(torch.tensor([[384]]))
+
+
+def test_stream_copy_holds_the_same_tensors(tmp_path):
+    path = make_tiny_checkpoint("llama", tmp_path / "m", dtype=torch.bfloat16)
+    ckpt = Checkpoint(path)
+    names = [k for k in ckpt.keys() if not k.startswith("model.layers.")]
+    copy_tensors(ckpt, names, tmp_path / "extra.safetensors")
+    loaded = load_file(str(tmp_path / "extra.safetensors"))
+    assert sorted(loaded) == sorted(names)
+    for name in names:
+        assert loaded[name].dtype == torch.bfloat16 and torch.equal(loaded[name], ckpt.get(name))

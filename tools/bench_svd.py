@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Randomized vs exact SVD of whitened weights: truncation loss relative to exact, and time.
+
+Real matrices: SmolLM2-135M's linears of a few blocks, whitened by their real input Grams
+(calibration windows from assets.CALIB_PLAYS pushed through the model, one forward pre-hook per
+linear), at the ranks that --ratio 0.2, 0.4 and 0.6 give. With --large, also random matrices of
+7B shapes (4096 x 4096, 11008 x 4096, 4096 x 11008) whose singular values decay as a power law
+(s_i = (1 + i)^-0.6, about what SmolLM2's whitened spectra show over their first thousand values).
+One JSON line per (matrix, ratio, svd): loss, loss / exact loss, seconds, speed-up.
+
+    python tools/bench_svd.py                      # SmolLM2 blocks 0, 15, 29
+    python tools/bench_svd.py --large --skip-real  # the 7B shapes (minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from streamsvd.math.factorize import factorize, rank_for_ratio, whiten
+from streamsvd.math.randomized import OVERSAMPLES, POWER_ITERATIONS, auto_prefers_randomized
+
+RATIOS = (0.2, 0.4, 0.6)
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+_EXACT: dict = {}
+
+
+def compare(label: str, w: torch.Tensor, white, ratio: float, oversamples: int, power: int) -> None:
+    m, n = w.shape
+    k = rank_for_ratio(m, n, ratio)
+    # The exact SVD does not depend on the rank: computed once per matrix, its loss read at each rank.
+    if label not in _EXACT:
+        _EXACT[label] = timed(lambda: factorize(w, white, k, "eig", svd="exact"))
+    exact_full, t_exact = _EXACT[label]
+    exact = type(exact_full)(exact_full.out_factor[:, :k], exact_full.in_factor[:k], exact_full.spectrum)
+    from streamsvd.math import randomized
+
+    randomized.OVERSAMPLES, randomized.POWER_ITERATIONS = oversamples, power
+    try:
+        rand, t_rand = timed(lambda: factorize(w, white, k, "eig", svd="randomized"))
+    finally:
+        randomized.OVERSAMPLES, randomized.POWER_ITERATIONS = OVERSAMPLES, POWER_ITERATIONS
+    e, r = exact.truncation_loss(), rand.truncation_loss()
+    print(json.dumps({
+        "matrix": label, "shape": [m, n], "ratio": ratio, "rank": k, "oversamples": oversamples, "power_iterations": power,
+        "exact_loss": e, "randomized_loss": r, "loss_over_exact": r / e if e else None,
+        "exact_s": round(t_exact, 3), "randomized_s": round(t_rand, 3), "speedup": round(t_exact / t_rand, 2),
+        "auto_takes_randomized": auto_prefers_randomized(m, n, k),
+    }), flush=True)
+
+
+def real(args) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from streamsvd import assets
+    from streamsvd.io.calibration import load_texts, sample_windows
+
+    model_dir = assets.smollm2_checkpoint()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    text, _ = load_texts([str(assets.shakespeare_text(assets.CALIB_PLAYS))])
+    windows = sample_windows(AutoTokenizer.from_pretrained(model_dir), text, args.samples, args.seqlen, 0)
+    grams, hooks = {}, []
+    for b in args.blocks:
+        for name, mod in model.model.layers[b].named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                def hook(module, inputs, key=(b, name)):
+                    x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+                    grams[key] = grams.get(key, 0) + x.T @ x
+                hooks.append(mod.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for i in range(0, len(windows), 4):
+            model(windows[i : i + 4])
+    for h in hooks:
+        h.remove()
+    for (b, name), g in grams.items():
+        w = model.model.layers[b].get_submodule(name).weight.detach()
+        white = whiten(g / (args.samples * args.seqlen), "eig")
+        for ratio in RATIOS:
+            compare(f"SmolLM2 block {b} {name}", w, white, ratio, args.oversamples, args.power)
+
+
+def large(args) -> None:
+    g = torch.Generator().manual_seed(0)
+    for m, n in [tuple(map(int, shape.split("x"))) for shape in args.shapes]:
+        r = min(m, n)
+        u, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))
+        s = (1 + torch.arange(r, dtype=torch.float64)) ** -0.6
+        a = (u * s) @ v.T
+        del u, v
+        # The whitening is the identity here: `a` stands for W S, the matrix the SVD sees.
+        from streamsvd.math.factorize import Whitening
+
+        eye = Whitening("eig", torch.eye(n, dtype=torch.float64))
+        for ratio in RATIOS:
+            compare(f"random power-law {m} x {n}", a, eye, ratio, args.oversamples, args.power)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--blocks", nargs="+", type=int, default=[0, 15, 29])
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--oversamples", type=int, default=OVERSAMPLES)
+    p.add_argument("--power", type=int, default=POWER_ITERATIONS)
+    p.add_argument("--large", action="store_true", help="also the 7B shapes")
+    p.add_argument("--skip-real", action="store_true")
+    p.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096", "4096x11008"], help="for --large")
+    args = p.parse_args()
+    if not args.skip_real:
+        real(args)
+    if args.large:
+        large(args)
+
+
+if __name__ == "__main__":
+    main()
