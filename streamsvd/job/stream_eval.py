@@ -26,7 +26,8 @@ from ..model.architecture import decoder_layers, empty_model, load_config, mater
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
 from ..model.loading import materialize_head, stored_layer
 from .evaluate import eval_windows, head_nll, result
-from .memory import choose_batch_size, default_budget, per_sample_bytes
+from .memory import default_budget, format_size
+from .peak import rss_bytes
 
 COMPUTE_DTYPE = torch.float32
 
@@ -35,6 +36,31 @@ def hidden_on_disk(states_bytes: int, budget: int) -> bool:
     """Two copies of every window's hidden states (a block's inputs and outputs) stay in RAM only if
     they take at most a quarter of the budget."""
     return 2 * states_bytes > budget // 4
+
+
+def eval_batch_size(config, ckpt: Checkpoint, model, seqlen: int, windows: int, budget: int, held: int) -> int:
+    """The most windows per block forward that fit `budget`, counting what is already resident
+    (measured), the largest block's weights in float32, one chunk of logits and `held` bytes of
+    hidden states; refuses a budget too small for one window."""
+    from ..model.architecture import SUPPORTED
+
+    layers = SUPPORTED[config.model_type]
+    block = max((sum(ckpt.numel(k) for k in ckpt.keys() if k.startswith(f"{layers}.{i}."))
+                 for i in range(config.num_hidden_layers)), default=0)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv = getattr(config, "num_key_value_heads", heads) * head_dim
+    inter = getattr(config, "intermediate_size", 4 * config.hidden_size)
+    # one window's working set inside a block forward (float32): activations, q/k/v, MLP, scores
+    per_token = 4 * (8 * config.hidden_size + 4 * heads * head_dim + 4 * kv + 4 * inter)
+    per_window = seqlen * per_token + 4 * 2 * heads * seqlen * seqlen
+    logits = 4 * 2 * 256 * config.vocab_size  # one chunk of logits and its log-softmax
+    fixed = rss_bytes() + 2 * 4 * block + logits + held  # the block, and its copy while it is built
+    if budget - fixed < per_window:
+        need = fixed + per_window
+        raise StreamSVDError(f"--max-mem {format_size(budget)} is too small to evaluate: one window needs about "
+                             f"{format_size(need)}", f"give --max-mem at least {format_size(need)}, or lower --seqlen")
+    return max(1, min(windows, (budget - fixed) // per_window))
 
 
 class _InMemory:
@@ -73,18 +99,11 @@ def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None =
 
     budget = max_mem if max_mem is not None else default_budget()
     n, hidden = len(windows), config.hidden_size
-    intermediate = getattr(config, "intermediate_size", 4 * hidden)
     shape = (n, windows.shape[1], hidden)
     states = activation_bytes(shape, "float32")
     if on_disk is None:
         on_disk = hidden_on_disk(states, budget)
-    widest = max(hidden, intermediate)
-    layer_bytes = 4 * 4 * widest * hidden * 3  # one block's weights in float32, with room to spare
-    embed = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
-    head_chunk = 4 * 256 * config.vocab_size * 2  # one chunk of logits and its log-softmax
-    fixed = embed + layer_bytes + head_chunk + (0 if on_disk else 2 * states)
-    per_sample = per_sample_bytes(seqlen, hidden, intermediate, config.num_attention_heads)
-    batch = choose_batch_size(budget, fixed, per_sample, n)
+    batch = eval_batch_size(config, ckpt, model, seqlen, n, budget, 0 if on_disk else 2 * states)
 
     scratch = Path(tempfile.mkdtemp(prefix="streamsvd-eval-", dir=work_dir)) if on_disk else None
     try:
