@@ -7,10 +7,13 @@ The stored bytes do not change, so they are copied from file to file with one sm
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
 from pathlib import Path
+
+import torch
 
 from .checkpoint import Checkpoint
 
@@ -23,6 +26,18 @@ def _data_start(path: Path) -> int:
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
     return 8 + header_len
+
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+
+
+def _digest_start(ckpt: Checkpoint, name: str):
+    """A sha256 primed exactly as io/checksums.tensor_sha256 primes it, or None when nothing is recorded."""
+    if ckpt.read_digests is None:
+        return None
+    return hashlib.sha256(f"{_TORCH_DTYPES[ckpt.dtype_name(name)]}:{tuple(ckpt.shape(name))}:".encode())
 
 
 def copy_tensors(ckpt: Checkpoint, names: list[str], dst: Path, metadata: dict | None = None) -> None:
@@ -48,6 +63,7 @@ def copy_tensors(ckpt: Checkpoint, names: list[str], dst: Path, metadata: dict |
             if shard not in starts:
                 starts[shard] = _data_start(shard)
             begin, end = ckpt.headers[ckpt.weight_map[name]][name]["data_offsets"]
+            digest = _digest_start(ckpt, name)
             fd = os.open(shard, os.O_RDONLY)
             try:
                 pos = starts[shard] + begin
@@ -57,9 +73,13 @@ def copy_tensors(ckpt: Checkpoint, names: list[str], dst: Path, metadata: dict |
                     if not chunk:
                         raise OSError(f"{shard} ended early")
                     out.write(chunk)
+                    if digest is not None:
+                        digest.update(chunk)
                     pos += len(chunk)
                     left -= len(chunk)
                 # The copied pages are not needed again: let the page cache drop them.
                 os.posix_fadvise(fd, starts[shard] + begin, end - begin, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
+            if digest is not None:  # the job records what it read (identity by content), as Checkpoint.get does
+                ckpt.read_digests[name] = digest.hexdigest()

@@ -449,6 +449,17 @@ def test_a_resume_after_the_weights_changed_is_refused(model, tmp_path, capsys):
     assert snapshot(out) == before
 
 
+def test_a_resume_after_the_embeddings_changed_is_refused(model, tmp_path, capsys):
+    """The extra shard is stream-copied rather than read as tensors; its digest must still be recorded."""
+    m = Path(shutil.copytree(model, tmp_path / "model"))
+    out = tmp_path / "out"
+    interrupt_after(1, cfg(m, out))
+    _rewrite_shard(m, "model.embed_tokens.weight", lambda t: t.mul_(1.01))
+    before = snapshot(out)
+    clean_error(capsys, cli(["run", m, out, *FAST]), "changed since this job started", "embeddings", "--restart")
+    assert snapshot(out) == before
+
+
 def test_a_touched_but_unchanged_checkpoint_resumes(model, straight, tmp_path):
     m = Path(shutil.copytree(model, tmp_path / "model"))
     out = tmp_path / "out"
