@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from streamsvd import assets  # noqa: E402
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys
 from streamsvd.cli import main
 from streamsvd.job.memory import parse_size
 argv = json.loads(sys.argv[1])
@@ -27,7 +27,8 @@ buf = io.StringIO()
 with contextlib.redirect_stdout(buf):
     rc = main(argv)
 res = json.loads(buf.getvalue())
-res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from streamsvd.job.peak import high_water_bytes
+res["peak_rss_bytes"] = high_water_bytes()
 print(json.dumps(res))
 """
 

@@ -80,6 +80,8 @@ class OutputWriter:
         with atomic_path(self.extra_path()) as tmp:
             copy_tensors(self.ckpt, self.extra_names(), tmp)
             tmp.chmod(0o644)
+        self._record(self.extra_path())
+        faults.point("shard-written")
 
     def write_block(self, index: int, tensors: dict[str, torch.Tensor], spectra: dict[str, torch.Tensor]) -> None:
         self._save(self.spectra_path(index), spectra)

@@ -22,6 +22,26 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def high_water_bytes() -> int:
+    """This process's peak RSS as the kernel counts it since the program started.
+
+    /proc/self/status VmHWM where there is one: getrusage's ru_maxrss is kept across exec on Linux,
+    so a job started by a large process (a test runner, a notebook) would report its parent's RSS.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def return_freed_memory_to_the_os(threshold: int = 1 << 20) -> bool:
     """Make glibc serve every allocation of `threshold` bytes or more by mmap, so a freed tensor leaves RSS.
 

@@ -10,7 +10,6 @@ shard was removed, the inputs are rebuilt from the finished blocks instead of st
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from ..math.factorize import METHODS, rank_for_ratio, stored_numel
 from ..math.pivot import FACTOR_FORMS
 from ..model.lowrank import module_from_tensors, replace_module
 from ..model.embedding import materialize_base_mapped
-from .peak import PeakSampler
+from .peak import PeakSampler, high_water_bytes
 from .plan import SVD_MODES, build_plan, refuse_if_too_small
 from ..io.output import OutputWriter
 from .stages import collect_statistics, factor_block, output_side_linears
@@ -421,7 +420,7 @@ class CompressionJob:
     def _memory_figures(self) -> dict:
         """Measured peak RSS (the kernel's high-water mark, and the sampler's peak per stage) against the budget."""
         self.sampler.stage("write")
-        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, self.sampler.peak)
+        peak = max(high_water_bytes(), self.sampler.peak)
         return {
             "peak_rss_bytes": peak,
             "peak_rss_by_stage": dict(sorted(self.sampler.peaks.items())),

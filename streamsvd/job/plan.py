@@ -452,7 +452,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         components=stage_parts(batch), routes=routes,
         tiles={"batch_size": batch, "gram_row_chunk": GRAM_ROW_CHUNK, "output_gram_tile_bytes": OUTPUT_TILE_BYTES},
         disk_bytes=out_bytes + work, disk={"output": out_bytes, "work files": work},
-        seconds_estimate=round(per_block * n_layers, 1), seconds_per_block=round(per_block, 2),
+        seconds_estimate=float(f"{per_block * n_layers:.4g}"), seconds_per_block=float(f"{per_block:.4g}"),
         seconds_split={k: round(v, 2) for k, v in split.items()}, speed={k: float(v) for k, v in speed.items()},
         layers=n_layers, baseline_bytes=baseline, notes=notes,
     )
