@@ -13,9 +13,8 @@ import os
 import struct
 from pathlib import Path
 
-import torch
 
-from .checkpoint import Checkpoint
+from .checkpoint import TORCH_DTYPES, Checkpoint
 
 BUFFER_BYTES = 16 << 20
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
@@ -28,16 +27,11 @@ def _data_start(path: Path) -> int:
     return 8 + header_len
 
 
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool}
-
-
 def _digest_start(ckpt: Checkpoint, name: str):
     """A sha256 primed exactly as io/checksums.tensor_sha256 primes it, or None when nothing is recorded."""
     if ckpt.read_digests is None:
         return None
-    return hashlib.sha256(f"{_TORCH_DTYPES[ckpt.dtype_name(name)]}:{tuple(ckpt.shape(name))}:".encode())
+    return hashlib.sha256(f"{TORCH_DTYPES[ckpt.dtype_name(name)]}:{tuple(ckpt.shape(name))}:".encode())
 
 
 def copy_tensors(ckpt: Checkpoint, names: list[str], dst: Path, metadata: dict | None = None) -> None:

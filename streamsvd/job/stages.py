@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import TORCH_DTYPES, Checkpoint
 from ..math.factorize import Whitening, factorize, factorize_output_side, rank_for_ratio, stored_numel, whiten
 from ..math.gram import GramAccumulator, OutputGramAccumulator
 from ..model.architecture import linear_modules
@@ -114,7 +114,7 @@ def output_side_linears(layer: nn.Module, method: str) -> set[str]:
 
 
 def store_dtype(ckpt: Checkpoint, key: str) -> torch.dtype:
-    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[ckpt.dtype_name(key)]
+    return TORCH_DTYPES[ckpt.dtype_name(key)]
 
 
 @torch.no_grad()

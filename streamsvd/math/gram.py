@@ -36,7 +36,7 @@ class GramAccumulator:
 _WEIGHT_TILE_BYTES = 64 << 20
 
 
-class OutputGramAccumulator:
+class OutputGramAccumulator(GramAccumulator):
     """Running mean of y y^T for y = W x (bias excluded), computed in float64 from the inputs.
 
     Its mean is W G W^T for the input Gram G, so a weight with out < in can be factored from this
@@ -45,10 +45,8 @@ class OutputGramAccumulator:
     """
 
     def __init__(self, weight: torch.Tensor):
+        super().__init__(weight.shape[0])
         self.weight = weight  # the layer's own parameter (not copied)
-        self.features = weight.shape[0]
-        self.sum = torch.zeros(self.features, self.features, dtype=torch.float64)
-        self.tokens = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
         w = self.weight.detach()
@@ -66,10 +64,3 @@ class OutputGramAccumulator:
                     y[:, r : r + tile] = chunk @ w[r : r + tile].to(torch.float64).T
             self.sum.addmm_(y.T, y)
         self.tokens += rows.shape[0]
-
-    @property
-    def gram(self) -> torch.Tensor:
-        return self.sum / max(self.tokens, 1)
-
-    def nbytes(self) -> int:
-        return self.sum.numel() * 8
