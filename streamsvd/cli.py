@@ -51,6 +51,26 @@ def _add_run(sub) -> None:
                    "run log, work folder; it prints what it removes) and leaves every other file alone. Costs the "
                    "finished blocks: the whole job runs again")
     _add_svd_flag(p)
+    _add_quality_flags(p)
+
+
+def _add_quality_flags(p) -> None:
+    from .job.pipeline import JobConfig
+
+    d = JobConfig(model_dir=Path("."), out_dir=Path("."))
+    p.add_argument("--calibrate", choices=["sequential", "block"], default=d.calibrate,
+                   help="sequential: each input group (q/k/v, o, gate/up, down) is calibrated on the inputs the block's "
+                   "already-compressed groups give it; costs about two more partial block forwards per batch. block: all "
+                   f"groups at once on the block's inputs (default {d.calibrate}; docs/RESULTS.md has both)")
+    p.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=d.compensate,
+                   help="fit each compressed linear to the original model's outputs, correcting the error of the blocks "
+                   "before it (closed form, docs/DESIGN.md). Costs a second activation stream (twice the work files on "
+                   "disk), the original block beside the compressed one in memory, one more in x in matrix per input and "
+                   f"one more block forward per batch (default {'on' if d.compensate else 'off'})")
+    p.add_argument("--anchor", type=float, default=d.anchor,
+                   help="pull each factored weight toward the original: adds anchor x (the Gram's mean diagonal) x "
+                   "||W - W'||^2 to the loss, so the fit does not follow the calibration text too closely; 0 turns it off "
+                   f"(default {d.anchor}); no extra cost")
 
 
 SVD_HELP = ("SVD of each whitened weight: exact (LAPACK, O(m n min(m, n))), randomized (Halko-Martinsson-Tropp, "
@@ -83,6 +103,7 @@ def _add_plan(sub) -> None:
     p.add_argument("--act-dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="as for run")
     p.add_argument("--factors", choices=["pivoted", "plain"], default="pivoted", help="as for run (default pivoted)")
     _add_svd_flag(p)
+    _add_quality_flags(p)
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object (min_max_mem_bytes, "
                    "peak_bytes, disk_bytes, seconds_estimate, and every stage's parts)")
 
@@ -151,6 +172,7 @@ def cmd_run(args) -> int:
         work_dir=Path(args.work_dir) if args.work_dir else None, restart=args.restart, svd=args.svd,
     )
     cfg.factors = args.factors
+    cfg.calibrate, cfg.compensate, cfg.anchor = args.calibrate, args.compensate, args.anchor
     state = read_state(cfg.out_dir, strict=False) if cfg.out_dir.is_dir() and not args.restart else None
     report = run_job(cfg)
     finished_before = state is not None and state.complete and not report.get("repaired")
@@ -188,6 +210,7 @@ def cmd_plan(args) -> int:
         max_mem=parse_size(args.max_mem) if args.max_mem else None, calib=args.calib,
         calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, method=args.method,
         propagate=args.propagate, act_dtype=args.act_dtype, svd=args.svd, factors=args.factors, progress=False,
+        calibrate=args.calibrate, compensate=args.compensate, anchor=args.anchor,
     )
     plan = plan_job(cfg)
     if args.json:

@@ -44,6 +44,15 @@ def evaluate(model: Path, text: Path, seqlen: int, windows: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _flags(variant: str) -> list[str]:
+    """calibrate=sequential,compensate -> ["--calibrate", "sequential", "--compensate"]; "-" -> []."""
+    out = []
+    for word in filter(None, variant.strip("-").split(",")):
+        key, eq, value = word.partition("=")
+        out += [f"--{key}"] + ([value] if eq else [])
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
@@ -60,6 +69,10 @@ def main() -> None:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--max-mem", default="8G")
+    p.add_argument("--variants", nargs="+", default=["-"], metavar="FLAGS",
+                   help="extra `streamsvd run` flags per row, one word each: key=value or key, comma-separated, e.g. "
+                   "calibrate=sequential,compensate,anchor=0.1 for --calibrate sequential --compensate --anchor 0.1 "
+                   "(compensation, issue 8); `-` for none (default: one row with none)")
     p.add_argument("--skip-original", action="store_true", help="do not evaluate the uncompressed model (rows then lack ppl_before)")
     p.add_argument("--work", type=Path, default=assets.cache_root() / "bench", help="where outputs go (default: the cache)")
     args = p.parse_args()
@@ -89,17 +102,17 @@ def main() -> None:
                               "tokens_scored": base["ppl"]["tokens_scored"]}), flush=True)
         for method in args.methods:
             for ratio in args.ratios:
-                for factors in args.factors:
+                for factors, variant in [(f, v) for f in args.factors for v in args.variants]:
                     out = args.work / f"{model_key}-{method}-{factors}-{ratio}"
                     shutil.rmtree(out, ignore_errors=True)
                     start = time.time()
                     _streamsvd("run", str(model), str(out), "--ratio", str(ratio), "--method", method, "--factors", factors,
                                *calib_flags, "--calib-samples", str(args.calib_samples), "--seqlen", str(args.seqlen),
-                               "--max-mem", args.max_mem, "--no-progress")
+                               "--max-mem", args.max_mem, "--no-progress", *_flags(variant))
                     wall = time.time() - start
                     report = json.loads((out / "streamsvd_report.json").read_text())
                     after = {key: evaluate(out, text, args.eval_seqlen, args.eval_windows) for key, text in texts.items()}
-                    print(json.dumps({**common, "method": method, "factors": factors, "ratio": ratio,
+                    print(json.dumps({**common, "method": method, "factors": factors, "flags": variant, "ratio": ratio,
                                       "ratio_linear": round(report["ratio_linear"], 4),
                                       "ratio_model": round(report["ratio_model"], 4),
                                       "linear_params_after": report["linear_params_after"],

@@ -44,13 +44,14 @@ from ..model.embedding import materialize_base_mapped
 from .peak import PeakSampler, high_water_bytes
 from .plan import SVD_MODES, build_plan, refuse_if_too_small
 from ..io.output import OutputWriter
-from .stages import collect_statistics, factor_block, output_side_linears
+from .stages import FactoredBlock, collect_group_statistics, collect_statistics, factor_block, forward_groups, output_side_linears
 from .state import JobState, fingerprint
 from .integrity import JobIntegrity
 from .lock import JobLocks
 from .preflight import check_paths
 
 COMPUTE_DTYPE = torch.float32
+CALIBRATE_MODES = ("block", "sequential")
 WORK_DIR_NAME = ".streamsvd-work"
 
 
@@ -72,6 +73,11 @@ class JobConfig:
     restart: bool = False  # remove streamsvd's own files from OUT_DIR and start over
     factors: str = "pivoted"  # stored form of a compressed linear: pivoted (r (m + n - r) numbers) or plain
     svd: str = "auto"  # exact, randomized or auto: the SVD of the whitened weights (job/plan.py choose_svd)
+    # Each input group calibrated on the inputs the block's already-compressed groups give it
+    # ("sequential"), or all groups once per block on the block's inputs ("block").
+    calibrate: str = "block"
+    compensate: bool = False  # fit the original model's outputs (math/compensate.py); two activation streams
+    anchor: float = 0.0  # pull toward the original weights: lam = anchor x the Gram's mean diagonal
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -94,6 +100,27 @@ class JobConfig:
             raise StreamSVDError(f"--seqlen {self.seqlen} is too short", "use at least 2 tokens per window")
         if self.svd not in SVD_MODES:
             raise StreamSVDError(f"unknown --svd {self.svd!r}", f"choose one of {', '.join(SVD_MODES)}")
+        if self.calibrate not in CALIBRATE_MODES:
+            raise StreamSVDError(f"unknown --calibrate {self.calibrate!r}", f"choose one of {', '.join(CALIBRATE_MODES)}")
+        if not (0.0 <= self.anchor <= 100.0) or self.anchor != self.anchor:
+            raise StreamSVDError(f"--anchor {self.anchor} is out of range",
+                                 "give a fraction of the Gram's mean diagonal between 0 and 100 (e.g. 0.1; 0 turns it off)")
+        if (self.compensate or self.anchor > 0) and self.method != "eig":
+            raise StreamSVDError(f"--compensate and --anchor need --method eig, not {self.method}",
+                                 "drop --method (eig is the default) or turn compensation off with --no-compensate --anchor 0")
+        if (self.compensate or self.calibrate == "sequential") and self.propagate != "compressed":
+            raise StreamSVDError("--compensate and --calibrate sequential need the compressed model's activations",
+                                 "drop --propagate original, or add --no-compensate --calibrate block")
+
+    @property
+    def streams(self) -> int:
+        """Activation streams on disk: the compressed model's, and the original model's when compensating."""
+        return 2 if self.compensate else 1
+
+    @property
+    def grouped(self) -> bool:
+        """Whether statistics are collected group by group (job/stages.py collect_group_statistics)."""
+        return self.compensate or self.calibrate == "sequential" or self.anchor > 0
 
 
 def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str) -> dict:
@@ -114,6 +141,13 @@ def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str) -> dict:
     if cfg.factors != "plain":
         # Jobs from before pivoted factors were plain and had no such key: they still resume with --factors plain.
         identity["factors"] = cfg.factors
+    # Likewise, jobs from before compensation resume when these are at their old behaviour.
+    if cfg.calibrate != "block":
+        identity["calibrate"] = cfg.calibrate
+    if cfg.compensate:
+        identity["compensate"] = True
+    if cfg.anchor:
+        identity["anchor"] = cfg.anchor
     return identity
 
 
@@ -182,7 +216,8 @@ class CompressionJob:
         return {Path(self.cfg.out_dir): out, self.work: work}
 
     def _activation_shape(self) -> tuple[int, int, int]:
-        return (self.cfg.calib_samples, self.cfg.seqlen, self.config.hidden_size)
+        """The compressed model's stream in samples [0, S); when compensating, the original's in [S, 2S)."""
+        return (self.cfg.calib_samples * self.cfg.streams, self.cfg.seqlen, self.config.hidden_size)
 
     def _activation_file(self, name: str, create: bool) -> ActivationFile:
         return ActivationFile(self.work / name, self._activation_shape(), self.cfg.act_dtype, create=create)
@@ -313,6 +348,9 @@ class CompressionJob:
             dst = self._activation_file(name, create=True)
             self._stage("propagate")
             self._propagate(layer, index, src, dst, desc=f"block {index} rebuild")
+            if self.cfg.streams == 2:
+                original = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
+                self._propagate(original, index, src, dst, desc=f"block {index} rebuild (original)", stream=1)
             dst.sync()
             faults.point("rebuild-block")
         state.inputs_file, state.inputs_digest = name, integrity.activation_digest(name)
@@ -337,7 +375,9 @@ class CompressionJob:
     def _embed(self, windows: torch.Tensor) -> str:
         acts = self._activation_file("acts-0.bin", create=True)
         for start, stop in tqdm(list(self._batches(len(windows))), desc="embed", leave=False, disable=not self._inner_bars()):
-            acts.write(start, first_layer_inputs(self.model, windows[start:stop]))
+            hidden = first_layer_inputs(self.model, windows[start:stop])
+            for stream in range(self.cfg.streams):  # both streams start from the same embeddings
+                acts.write(stream * len(windows) + start, hidden)
             faults.point("activation-batch")
         acts.sync()
         return acts.path.name
@@ -350,10 +390,12 @@ class CompressionJob:
         return lambda layer, hidden: run_layer(layer, hidden, args, kwargs)
 
     @torch.no_grad()
-    def _propagate(self, layer: nn.Module, index: int, src: ActivationFile, dst: ActivationFile, desc: str) -> None:
+    def _propagate(self, layer: nn.Module, index: int, src: ActivationFile, dst: ActivationFile, desc: str,
+                   stream: int = 0) -> None:
         forward = self._forward(index)
+        base = stream * self.cfg.calib_samples
         for start, stop in self._bar(desc):
-            dst.write(start, forward(layer, src.read(start, stop)))
+            dst.write(base + start, forward(layer, src.read(base + start, base + stop)))
             faults.point("activation-batch")
 
     # ---------------------------------------------------------------- one block
@@ -368,15 +410,18 @@ class CompressionJob:
         src = self._activation_file(self.state.inputs_file, create=False)
         dst_name = _other(self.state.inputs_file)
         dst = self._activation_file(dst_name, create=True)
-        stats = collect_statistics(
-            layer, self._bar(f"block {index} stats"), src.read, self._forward(index),
-            on_output=dst.write if cfg.propagate == "original" else None,
-            output_side=output_side_linears(layer, cfg.method),
-        )
-        self._stage("factorize")
-        block = factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
-                             svd=cfg.svd)
-        del stats  # the Grams are not needed past here
+        if cfg.grouped:
+            block = self._calibrate_groups(layer, index, prefix, src, dst)
+        else:
+            stats = collect_statistics(
+                layer, self._bar(f"block {index} stats"), src.read, self._forward(index),
+                on_output=dst.write if cfg.propagate == "original" else None,
+                output_side=output_side_linears(layer, cfg.method),
+            )
+            self._stage("factorize")
+            block = factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
+                                 svd=cfg.svd)
+            del stats  # the Grams are not needed past here
         self._stage("propagate")
         if cfg.propagate == "compressed":
             self._propagate(layer, index, src, dst, desc=f"block {index} propagate")
@@ -390,6 +435,36 @@ class CompressionJob:
         self.state.inputs_file, self.state.inputs_digest = dst_name, digest
         self.state.save(self.out.dir)
         faults.point("state-saved")
+
+    def _calibrate_groups(self, layer: nn.Module, index: int, prefix: str, src: ActivationFile, dst: ActivationFile) -> FactoredBlock:
+        """Statistics and factors group by group (sequential), or all groups in one pass, with compensation.
+
+        When compensating, the untouched block runs beside the compressed one on the original
+        model's stream (samples [S, 2S) of the activation files), and the pass that runs it whole
+        writes its outputs: the next block's original inputs.
+        """
+        cfg, samples = self.cfg, self.cfg.calib_samples
+        forward = self._forward(index)
+        original = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE) if cfg.compensate else None
+        groups = forward_groups(layer, src.read(0, 1), forward)
+        passes = [[g] for g in groups] if cfg.calibrate == "sequential" else [groups]
+        # Compensation and the anchor need the in x in statistics: no output-side route (job/plan.py).
+        output_side = output_side_linears(layer, cfg.method) if not (cfg.compensate or cfg.anchor > 0) else set()
+        block = FactoredBlock()
+        for i, target in enumerate(passes):
+            last = i == len(passes) - 1
+            self._stage("statistics")
+            stats = collect_group_statistics(
+                layer, target, self._bar(f"block {index} stats {i + 1}/{len(passes)}"), src.read, forward,
+                stop_before=None if last else passes[i + 1][0][0], original=original,
+                read_original=lambda a, b: src.read(samples + a, samples + b),
+                on_original_output=lambda start, out: dst.write(samples + start, out), output_side=output_side,
+            )
+            self._stage("factorize")
+            factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
+                         svd=cfg.svd, names=[n for g in target for n in g], anchor=cfg.anchor, block=block, finish=last)
+            del stats
+        return block
 
     # ---------------------------------------------------------------- summary
     def _config_section(self) -> dict:

@@ -119,7 +119,7 @@ def choose_svd(mode: str, m: int, n: int, rank: int) -> str:
 
 
 def block_linears(ckpt: Checkpoint, prefix: str, ratio: float, method: str, svd: str = "exact",
-                  factors: str = "pivoted") -> list[LinearShape]:
+                  factors: str = "pivoted", input_side_only: bool = False) -> list[LinearShape]:
     """The linears of the block under `prefix`, from the headers: 2-D `.weight` tensors."""
     shapes = []
     for key in ckpt.keys():
@@ -133,7 +133,8 @@ def block_linears(ckpt: Checkpoint, prefix: str, ratio: float, method: str, svd:
     for s in shapes:
         s.factors = factors
         s.rank = rank_for_ratio(s.out_features, s.in_features, ratio, factors)
-        s.route = factor_route(method, s.out_features, s.in_features, members[s.group] > 1)
+        # Compensation and the anchor need the in x in statistics (math/compensate.py): no output side.
+        s.route = factor_route(method, s.out_features, s.in_features, members[s.group] > 1 or input_side_only)
         if s.route == "input":
             s.svd = choose_svd(svd, s.out_features, s.in_features, s.rank)
     return shapes
@@ -246,6 +247,13 @@ class PlanInputs:
     act_dtype: str = "float32"
     svd: str = "auto"
     factors: str = "pivoted"
+    calibrate: str = "block"  # sequential: one input group's statistics at a time
+    compensate: bool = False  # a second activation stream and the original block beside the compressed one
+    anchor: float = 0.0  # > 0 (or compensate): every linear on the input side
+
+    @property
+    def input_side_only(self) -> bool:
+        return self.compensate or self.anchor > 0
 
 
 def _config_int(cfg: dict, key: str, default: int) -> int:
@@ -283,23 +291,26 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             if not key.endswith("embed_tokens.weight") and not key.startswith("lm_head"):
                 other_numel += ckpt.numel(key)
     big = max(block_prefixes, key=lambda p: block_numel[p]) if block_prefixes else f"{layers_path}.0."
-    linears = block_linears(ckpt, big, settings.ratio, settings.method, settings.svd, settings.factors)
+    linears = block_linears(ckpt, big, settings.ratio, settings.method, settings.svd, settings.factors, settings.input_side_only)
     weights = block_numel.get(big, 0) * c
     groups: dict[str, list[LinearShape]] = {}
     for s in linears:
         groups.setdefault(s.group, []).append(s)
 
-    # Statistics held through pass 1 and factorisation (float64).
-    stats_bytes = 0
+    # Statistics held through pass 1 and factorisation (float64): every group's at once, or with
+    # sequential calibration one group's at a time; compensation adds the cross statistics X^T X'.
+    per_group = []
     for members in groups.values():
-        for s in members:
-            if s.route == "output":
-                stats_bytes += 8 * s.out_features**2
+        group_bytes = sum(8 * s.out_features**2 for s in members if s.route == "output")
         if any(s.route == "input" for s in members):
-            stats_bytes += 8 * members[0].in_features**2
+            group_bytes += 8 * members[0].in_features**2 * (2 if settings.compensate else 1)
+        per_group.append(group_bytes)
+    stats_bytes = max(per_group, default=0) if settings.calibrate == "sequential" else sum(per_group)
     widest_in = max((s.in_features for s in linears), default=hidden)
     widest_out = max((s.out_features for s in linears if s.route == "output"), default=0)
     gram_chunk = 8 * GRAM_ROW_CHUNK * widest_in + 8 * GRAM_ROW_CHUNK * widest_out + min(OUTPUT_TILE_BYTES, 8 * widest_out * widest_in)
+    if settings.compensate:
+        gram_chunk += 8 * GRAM_ROW_CHUNK * widest_in  # the paired chunk of the original model's inputs
 
     # ---- held for the whole job
     layer_args = 2 * (L * L * 4) + 2 * 2 * L * head_dim * 4 + 2 * L * 8  # masks, rotary cos/sin, positions
@@ -337,6 +348,12 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             # mean Gram, eigenvectors, LAPACK syevd work (2 n^2), S; the whitening S stays until the group is done
             fact_parts.append((f"eigh of the {n} x {n} input Gram of {'/'.join(s.name for s in members)}", 8 * 5 * n * n))
     whitening_held = 8 * max((members[0].in_features**2 for members in groups.values() if any(s.route == "input" for s in members)), default=0)
+    if settings.input_side_only:
+        # compensated whitening: S and H's eigenvectors are both held (and H + lam I while eigh runs)
+        whitening_held *= 2
+        widest_group = max((m[0].in_features for m in groups.values()), default=hidden)
+        fact_parts.append((f"eigh of the {widest_group} x {widest_group} shrunk Gram", 8 * 6 * widest_group**2))
+        fact_parts.append(("the compensated target W*", max((8 * 3 * s.out_features * s.in_features for s in linears), default=0)))
     label, workspace = max(fact_parts, key=lambda t: t[1])
     factors_stored = sum(stored_numel(s.out_features, s.in_features, s.rank, s.factors) * s.itemsize for s in linears)
     factors_compute = sum(stored_numel(s.out_features, s.in_features, s.rank, s.factors) * c for s in linears)
@@ -347,12 +364,20 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     def stage_parts(b: int) -> dict[str, dict[str, int]]:
         batch = b * per_sample
         io_batch = b * L * hidden * act
+        statistics = {"block weights": weights, "statistics": stats_bytes, "batch": batch,
+                      "gram chunk": gram_chunk, "outputs": b * L * hidden * (c + act)}
+        if settings.compensate:
+            # the untouched block beside the compressed one, the original inputs of the group held while
+            # the compressed forward runs, and its outputs' energy in float64
+            widest_out_all = max((s.out_features for s in linears), default=hidden)
+            statistics.update({"original block": weights, "paired inputs": b * L * widest_in * c,
+                               "output energy": b * L * widest_out_all * 8})
         parts = {
             "embed": {"batch": 2 * b * L * hidden * c + io_batch},
             "extra shard": {"copy buffer": 16 << 20},
-            "statistics": {"block weights": weights, "statistics": stats_bytes, "batch": batch,
-                           "gram chunk": gram_chunk, "outputs": b * L * hidden * (c + act)},
-            "factorize": {"block weights": weights, "statistics": stats_bytes, "whitening": whitening_held,
+            "statistics": statistics,
+            "factorize": {"block weights": weights * (2 if settings.compensate else 1), "statistics": stats_bytes,
+                          "whitening": whitening_held,
                           "workspace": workspace, "factors": factors_stored + factors_compute + spectra},
             "propagate": {"block weights": factors_compute + (weights - sum(s.out_features * s.in_features for s in linears) * c),
                           "shard tensors": shard, "batch": batch, "outputs": b * L * hidden * (c + act)},
@@ -392,10 +417,11 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     stage_totals = totals(batch)
 
     # ---- disk: the output (from the headers and the ranks) and the two activation files
-    work = 2 * S * L * hidden * act
+    work = 2 * S * L * hidden * act * (2 if settings.compensate else 1)  # two files; each holds both streams when compensating
     out_bytes = extra_bytes + other_file_bytes
     for prefix in block_prefixes:
-        ls = block_linears(ckpt, prefix, settings.ratio, settings.method, "exact", settings.factors) if prefix != big else linears
+        ls = block_linears(ckpt, prefix, settings.ratio, settings.method, "exact", settings.factors,
+                           settings.input_side_only) if prefix != big else linears
         lin_bytes = sum(s.out_features * s.in_features * s.itemsize for s in ls)
         out_bytes += block_stored[prefix] - lin_bytes + sum(
             stored_numel(s.out_features, s.in_features, s.rank, s.factors) * s.itemsize + 4 * min(s.out_features, s.in_features) for s in ls)
@@ -410,6 +436,10 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     forward = (2 * tokens * lin_params + attn) / f32
     if settings.propagate == "compressed":
         forward += (2 * tokens * low_params + attn) / f32
+    if settings.calibrate == "sequential":
+        forward *= 1.75  # the partial passes up to each later group (measured in docs/RESULTS.md)
+    if settings.compensate:
+        forward += (2 * tokens * lin_params + attn) / f32  # the original block on the original stream
     stats_t, fact_t = 0.0, 0.0
     for members in groups.values():
         if any(s.route == "input" for s in members):
@@ -499,7 +529,8 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None) -> Plan:
     machine_speed()
     settings = PlanInputs(calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, ratio=cfg.ratio, method=cfg.method,
                           propagate=cfg.propagate, act_dtype=cfg.act_dtype, svd=getattr(cfg, "svd", "auto"),
-                          factors=getattr(cfg, "factors", "pivoted"))
+                          factors=getattr(cfg, "factors", "pivoted"), calibrate=getattr(cfg, "calibrate", "block"),
+                          compensate=getattr(cfg, "compensate", False), anchor=getattr(cfg, "anchor", 0.0))
     budget = cfg.max_mem if cfg.max_mem is not None else default_budget()
     other = sum(p.stat().st_size for p in sorted(ckpt.dir.iterdir()) if p.is_file() and not p.name.endswith(".safetensors")
                 and p.name not in ("model.safetensors.index.json",))

@@ -6,6 +6,12 @@
    module rebuilt from exactly the tensors that go into the shard, and return the shard's
    tensors, the spectra and the per-module records.
 3. The job then propagates the inputs through the compressed block and commits the block.
+
+With sequential calibration or compensation (`GroupPasses`), statistics and factoring alternate
+group by group instead: each input group (q/k/v, o, gate/up, down, in the order the forward
+reaches them) is calibrated on the inputs the block's already-compressed groups give it, and, when
+compensating, paired token by token with the original block's inputs to the same linear
+(math/compensate.py).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 from torch import nn
 
 from ..io.checkpoint import TORCH_DTYPES, Checkpoint
+from ..math.compensate import CrossGramAccumulator, compensated_whitening, factorize_compensated, output_error
 from ..math.factorize import Whitening, factorize, factorize_output_side, rank_for_ratio, stored_numel, whiten
 from ..math.gram import GramAccumulator, OutputGramAccumulator
 from ..model.architecture import linear_modules
@@ -94,6 +101,136 @@ def collect_statistics(
     return collector
 
 
+class _StopForward(Exception):
+    """Raised by a pre-hook to end a pass once everything it wants has been captured."""
+
+
+@torch.no_grad()
+def forward_groups(layer: nn.Module, hidden: torch.Tensor, forward: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> list[list[str]]:
+    """The linears of `layer` grouped by shared input, in the order the forward reaches them (one probe)."""
+    linears = linear_modules(layer)
+    groups: list[list[str]] = []
+    seen: dict[tuple, tuple[int, torch.Tensor]] = {}  # holding x keeps its memory from being reused
+
+    def hook(name):
+        def fn(module, inputs):
+            x = inputs[0]
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            if key in seen:
+                groups[seen[key][0]].append(name)
+            else:
+                seen[key] = (len(groups), x)
+                groups.append([name])
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
+    try:
+        forward(layer, hidden)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in linears if not any(n in g for g in groups)]
+    return groups + [[n] for n in missing]  # a linear the forward never reached keeps its own (empty) group
+
+
+class GroupStatistics:
+    """What one pass collects for some input groups; the interface `factor_block` reads (as GramCollector's).
+
+    grams: leader -> X'^T X' (the compressed model's inputs); cross: leader -> X^T X' (paired with the
+    original model's inputs, when compensating); e0: name -> mean ||W x||^2 of the original linear.
+    """
+
+    def __init__(self, layer: nn.Module, groups: list[list[str]], compensate: bool, output_side: set[str]):
+        linears = linear_modules(layer)
+        self.group_of = {name: group[0] for group in groups for name in group}
+        self.output_grams = {n: OutputGramAccumulator(linears[n].weight) for g in groups for n in g if n in output_side}
+        leaders = [g[0] for g in groups if any(n not in output_side for n in g)]
+        self.grams = {leader: GramAccumulator(linears[leader].in_features) for leader in leaders}
+        self.cross = {leader: CrossGramAccumulator(linears[leader].in_features) for leader in leaders} if compensate else {}
+        self.e0: dict[str, float] = {}
+
+
+@torch.no_grad()
+def collect_group_statistics(
+    layer: nn.Module,
+    groups: list[list[str]],
+    batches: Iterable[tuple[int, int]],
+    read: Callable[[int, int], torch.Tensor],
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    stop_before: str | None = None,
+    original: nn.Module | None = None,
+    read_original: Callable[[int, int], torch.Tensor] | None = None,
+    on_original_output: Callable[[int, torch.Tensor], None] | None = None,
+    output_side: set[str] = frozenset(),
+) -> GroupStatistics:
+    """One pass: the statistics of `groups` on the inputs `layer` (as compressed so far) gives them.
+
+    The forward ends at the pre-hook of `stop_before` (the next group's first linear; None: the
+    whole block runs). With `original` (the untouched block) each batch first runs through it on
+    the original model's inputs, and its inputs to the same linears are paired with the compressed
+    ones (compensation); a pass that runs the whole original block hands its outputs, the next
+    block's original inputs, to `on_original_output`.
+    """
+    stats = GroupStatistics(layer, groups, original is not None, output_side)
+    wanted = {n for g in groups for n in g}
+    captured: dict[str, torch.Tensor] = {}
+
+    def stop_hook(module, inputs):
+        raise _StopForward
+
+    def capture(name):
+        def fn(module, inputs):
+            captured[name] = inputs[0]
+        return fn
+
+    def output_energy(name):
+        bias = linear_modules(original)[name].bias
+
+        def fn(module, inputs, out):
+            y = out.detach().to(torch.float64)
+            if bias is not None:
+                y = y - bias.detach().to(torch.float64)
+            stats.e0[name] = stats.e0.get(name, 0.0) + float(y.pow(2).sum())
+        return fn
+
+    def accumulate(name):
+        def fn(module, inputs):
+            x = inputs[0]
+            if name in stats.output_grams:
+                stats.output_grams[name].add_batch(x)
+            if name in stats.grams:
+                stats.grams[name].add_batch(x)
+                if name in stats.cross:
+                    stats.cross[name].add_pair(captured.pop(name), x)
+        return fn
+
+    def run(module, hidden, hooks):
+        handles = [linear_modules(module)[n].register_forward_pre_hook(fn) if kind == "pre"
+                   else linear_modules(module)[n].register_forward_hook(fn) for n, kind, fn in hooks]
+        try:
+            return forward(module, hidden)
+        except _StopForward:
+            return None
+        finally:
+            for h in handles:
+                h.remove()
+
+    stop = [(stop_before, "pre", stop_hook)] if stop_before is not None else []
+    leaders = [n for n in wanted if stats.group_of[n] == n]
+    for start, end in batches:
+        if original is not None:
+            out = run(original, read_original(start, end),
+                      [(n, "pre", capture(n)) for n in leaders if n in stats.cross]
+                      + [(n, "post", output_energy(n)) for n in wanted] + stop)
+            if out is not None and on_original_output is not None:
+                on_original_output(start, out)
+        run(layer, read(start, end), [(n, "pre", accumulate(n)) for n in wanted if n in stats.grams or n in stats.output_grams] + stop)
+        captured.clear()
+    tokens = next((g.tokens for g in list(stats.grams.values()) + list(stats.output_grams.values())), 0)
+    stats.e0 = {n: v / max(tokens, 1) for n, v in stats.e0.items()}
+    return stats
+
+
 @dataclass
 class FactoredBlock:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # the block's shard, by full name
@@ -119,29 +256,47 @@ def store_dtype(ckpt: Checkpoint, key: str) -> torch.dtype:
 
 @torch.no_grad()
 def factor_block(
-    layer: nn.Module, prefix: str, ckpt: Checkpoint, stats: GramCollector, ratio: float, method: str,
+    layer: nn.Module, prefix: str, ckpt: Checkpoint, stats, ratio: float, method: str,
     compute_dtype: torch.dtype = torch.float32, factors: str = "pivoted", svd: str = "exact",
+    names: list[str] | None = None, anchor: float = 0.0, block: FactoredBlock | None = None, finish: bool = True,
 ) -> FactoredBlock:
-    """Factor every linear of `layer` and swap in the module the shard will hold.
+    """Factor the linears `names` of `layer` (default: all) and swap in the modules the shard will hold.
 
     `factors`: the stored form, "pivoted" (default) or "plain" (model/lowrank.py); the rank for
     `ratio` is the one that form affords. A module that would not get smaller is stored dense.
+    `stats` is a GramCollector or a GroupStatistics; where it holds cross statistics (compensation)
+    or `anchor` > 0, a linear is factored by math/compensate.py. `finish` adds the block's other
+    tensors (norms) to the shard: the last call for a block does it.
     """
-    block = FactoredBlock()
-    whitenings: dict[str, Whitening] = {}
+    block = block if block is not None else FactoredBlock()
+    whitenings: dict[str, object] = {}
     linears = linear_modules(layer)
-    for name, linear in linears.items():
+    names = list(linears) if names is None else list(names)
+    for i, name in enumerate(names):
+        linear = linears[name]
         full = prefix + name
         rank = rank_for_ratio(linear.out_features, linear.in_features, ratio, factors)
+        error = None
         if name in stats.output_grams:
             group = name
             f = factorize_output_side(linear.weight, stats.output_grams.pop(name).gram, rank)
         else:
             group = stats.group_of[name]
-            if method != "svd" and group not in whitenings:
-                whitenings[group] = whiten(stats.grams.pop(group).gram, method)  # the Gram is not needed again
-            f = factorize(linear.weight, whitenings.get(group), rank, method,
-                          svd=choose_svd(svd, linear.out_features, linear.in_features, rank))
+            cross = getattr(stats, "cross", {}).get(group)
+            route_svd = choose_svd(svd, linear.out_features, linear.in_features, rank)
+            if cross is not None or anchor > 0:
+                if group not in whitenings:
+                    gram = stats.grams[group].gram
+                    whitenings[group] = (compensated_whitening(gram, anchor), gram)
+                (white, q, inv, lam), gram = whitenings[group]
+                f = factorize_compensated(linear.weight, white, q, inv, lam, None if cross is None else cross.gram, rank, svd=route_svd)
+                if name in getattr(stats, "e0", {}):
+                    error = output_error(linear.weight, f.out_factor @ f.in_factor, stats.e0[name],
+                                         None if cross is None else cross.gram, gram)
+            else:
+                if method != "svd" and group not in whitenings:
+                    whitenings[group] = whiten(stats.grams.pop(group).gram, method)  # the Gram is not needed again
+                f = factorize(linear.weight, whitenings.get(group), rank, method, svd=route_svd)
         bias = ckpt.get(full + ".bias") if (full + ".bias") in ckpt else None
         stored = factor_tensors(full, f.out_factor, f.in_factor, bias, store_dtype(ckpt, full + ".weight"), factors)
         form = stored_form(set(stored), full)
@@ -158,11 +313,16 @@ def factor_block(
             "truncation_loss": f.truncation_loss(),
             "cholesky_shift": f.shift,
         }
-        if group in whitenings and not any(stats.group_of.get(other) == group for other in list(linears)[list(linears).index(name) + 1 :]):
+        if error is not None:
+            block.records[full]["output_error"] = error
+        if group in whitenings and not any(stats.group_of.get(other) == group for other in names[i + 1 :]):
             del whitenings[group]  # the last reader of this input is done
         # Exactly what a resume rebuilds from the saved shard (store dtype, then compute dtype).
         replace_module(layer, name, module_from_tensors(stored.__getitem__, set(stored), full, compute_dtype))
-    replaced = {prefix + n + s for n in linears for s in (".weight", ".bias")}
+    if not finish:
+        return block
+    factored = {k[len(prefix):] for k in block.records}  # earlier calls' linears are no longer nn.Linear
+    replaced = {prefix + n + s for n in factored | set(linears) for s in (".weight", ".bias")}
     for key in ckpt.keys():
         if key.startswith(prefix) and key not in replaced:
             block.tensors[key] = ckpt.get(key)

@@ -52,10 +52,11 @@ def _check_module(path: Path, name, rec) -> None:
     need = {"in_features": _is_int, "out_features": _is_int, "rank": _is_int, "input_group": lambda v: isinstance(v, str),
             "truncation_loss": _is_num, "cholesky_shift": _is_num,
             "form": lambda v: v in ("plain", "pivoted", "dense"), "stored_numel": _is_int}
-    if set(rec) != set(need):
+    optional = {"output_error": lambda v: _is_num(v) and v >= 0}  # compensated jobs (math/compensate.py)
+    if not set(need) <= set(rec) <= set(need) | set(optional):
         raise _fail(path, f"has a module record for {name} with keys {sorted(rec)}, not {sorted(need)}")
-    for key, ok in need.items():
-        if not ok(rec[key]):
+    for key, ok in {**need, **optional}.items():
+        if key in rec and not ok(rec[key]):
             raise _fail(path, f"has {name}.{key} = {rec[key]!r}, which is not of the right type")
     if rec["in_features"] < 1 or rec["out_features"] < 1 or not 1 <= rec["rank"] <= min(rec["in_features"], rec["out_features"]):
         raise _fail(path, f"has impossible sizes for {name} ({rec['out_features']} x {rec['in_features']}, rank {rec['rank']})")

@@ -1,0 +1,99 @@
+"""Error compensation in closed form: factor toward the original model's outputs, not the weights.
+
+Plain activation-aware truncation fits W' to W on the inputs the compressed model gives the layer
+(X', tokens x in): it minimises ||X' W^T - X' W'^T||. The error of the blocks before this one is
+then never corrected. Compensation fits W' to the *original* model's outputs instead, given the
+original model's inputs X to the same linear, token for token, and pulls it toward the original
+weights so that it does not over-fit the calibration text:
+
+    E(W') = ||X W^T - X' W'^T||_F^2 / T + lam ||W - W'||_F^2,    lam = anchor * mean(diag(G'))
+
+With the means G' = X'^T X' / T, C = X^T X' / T and e0 = ||X W^T||^2 / T, E is a quadratic in W':
+
+    E(W') = e0 + lam ||W||^2 - 2 tr(W (C + lam I) W'^T) + tr(W' H W'^T),    H = G' + lam I
+          = E(W*) + ||(W' - W*) S||_F^2,    W* = W (C + lam I) H^+,    S S^T = H
+
+so the best rank-k W' is the whitened truncation of W* under H: with H = Q diag(l) Q^T and
+S = Q diag(sqrt l), W' = U_k U_k^T W* for U_k the top-k left singular vectors of W* S (the same
+"eig" route as math/factorize.py, nothing inverted but H's pseudo-inverse from its own
+eigendecomposition). The spectrum of W* S gives the loss above E(W*) at every rank; E(W') itself
+is computed exactly from the statistics (`output_error`). docs/DESIGN.md has the derivation.
+
+Without compensation (X = X', C = G') and anchor 0 this is today's truncation exactly; with anchor
+> 0 alone it is truncation under the shrunk Gram G' + lam I (a ridge toward the original weights).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .factorize import Factors, Whitening, factorize
+from .gram import GramAccumulator
+
+_ROW_CHUNK = 2048
+
+
+class CrossGramAccumulator(GramAccumulator):
+    """Running mean of x x'^T over paired tokens: x from the original model, x' from the compressed one."""
+
+    def add_pair(self, x: torch.Tensor, x_comp: torch.Tensor) -> None:
+        a = x.detach().reshape(-1, self.features)
+        b = x_comp.detach().reshape(-1, self.features)
+        if a.shape != b.shape:
+            raise ValueError(f"paired inputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+        for start in range(0, a.shape[0], _ROW_CHUNK):
+            self.sum.addmm_(a[start : start + _ROW_CHUNK].to(torch.float64).T, b[start : start + _ROW_CHUNK].to(torch.float64))
+        self.tokens += a.shape[0]
+
+
+def ridge(gram: torch.Tensor, anchor: float) -> float:
+    """lam for `anchor`: a fraction of the Gram's mean diagonal, so it does not depend on the activations' scale."""
+    return float(anchor) * float(gram.diagonal().mean()) if anchor > 0 else 0.0
+
+
+@torch.no_grad()
+def compensated_whitening(gram: torch.Tensor, anchor: float) -> tuple[Whitening, torch.Tensor, torch.Tensor, float]:
+    """S (for factorize), Q and 1/l (H's pseudo-inverse) and lam for H = G' + lam I."""
+    g = gram.detach().to(torch.float64)
+    lam = ridge(g, anchor)
+    evals, evecs = torch.linalg.eigh(g + lam * torch.eye(g.shape[0], dtype=g.dtype))
+    evals = evals.clamp_min(0)
+    # H's pseudo-inverse: directions H does not see (no calibration token reached them) keep W* = 0 there.
+    cutoff = float(evals.max()) * g.shape[0] * torch.finfo(torch.float64).eps
+    inv = torch.zeros_like(evals)
+    seen = evals > cutoff
+    inv[seen] = 1.0 / evals[seen]
+    return Whitening("eig", evecs * evals.sqrt()), evecs, inv, lam
+
+
+@torch.no_grad()
+def compensated_target(weight: torch.Tensor, cross: torch.Tensor | None, q: torch.Tensor, inv: torch.Tensor, lam: float) -> torch.Tensor:
+    """W* = W (C + lam I) H^+ (float64); `cross` None means X = X' (C = G'), where W* = W up to H's null space."""
+    w = weight.detach().to(torch.float64)
+    if cross is None:
+        return w
+    target = w @ cross.to(torch.float64)
+    if lam:
+        target = target + lam * w
+    return ((target @ q) * inv) @ q.T
+
+
+@torch.no_grad()
+def factorize_compensated(weight: torch.Tensor, white: Whitening, q: torch.Tensor, inv: torch.Tensor, lam: float,
+                          cross: torch.Tensor | None, rank: int, svd: str = "exact") -> Factors:
+    """The rank-`rank` minimiser of E (module docstring): truncation of W* whitened by H."""
+    return factorize(compensated_target(weight, cross, q, inv, lam), white, rank, "eig", svd=svd)
+
+
+@torch.no_grad()
+def output_error(weight: torch.Tensor, new: torch.Tensor, e0: float, cross: torch.Tensor | None, gram: torch.Tensor) -> float:
+    """sqrt(||X W^T - X' W'^T||^2 / T) from the statistics: e0 - 2 tr(W C W'^T) + tr(W' G' W'^T).
+
+    `cross` None means X = X' (no compensation): C = G'.
+    """
+    w = weight.detach().to(torch.float64)
+    wn = new.detach().to(torch.float64)
+    g = gram.to(torch.float64)
+    c = g if cross is None else cross.to(torch.float64)
+    value = e0 - 2.0 * float(((w @ c) * wn).sum()) + float(((wn @ g) * wn).sum())
+    return max(value, 0.0) ** 0.5

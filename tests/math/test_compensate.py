@@ -1,0 +1,141 @@
+"""Closed-form compensation (math/compensate.py) against brute force on tiny cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streamsvd.math.compensate import (
+    CrossGramAccumulator,
+    compensated_whitening,
+    factorize_compensated,
+    output_error,
+    ridge,
+)
+from streamsvd.math.factorize import factorize
+from streamsvd.math.gram import GramAccumulator
+
+
+def _problem(seed=0, t=300, n=12, m=9, noise=0.3, deficient=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
+    if deficient:
+        x[:, -3:] = 0  # three dead channels: G' is singular
+    x_comp = x + noise * torch.randn(t, n, generator=g, dtype=torch.float64)
+    if deficient:
+        x_comp[:, -3:] = 0
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    return x, x_comp, w
+
+
+def _stats(x, x_comp, w):
+    gram, cross = GramAccumulator(x.shape[1]), CrossGramAccumulator(x.shape[1])
+    for part in range(0, x.shape[0], 70):  # several batches, as the job adds them
+        gram.add_batch(x_comp[part : part + 70])
+        cross.add_pair(x[part : part + 70], x_comp[part : part + 70])
+    e0 = float((x @ w.T).pow(2).sum()) / x.shape[0]
+    return gram.gram, cross.gram, e0
+
+
+def _objective(x, x_comp, w, new, lam):
+    return float((x @ w.T - x_comp @ new.T).pow(2).sum()) / x.shape[0] + lam * float((w - new).pow(2).sum())
+
+
+def _brute_force(x, x_comp, w, rank, lam, steps=400):
+    """Minimise the objective over rank-`rank` A B directly (L-BFGS from a random start)."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(w.shape[0], rank, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(rank, w.shape[1], generator=g, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([a, b], max_iter=steps, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = (x @ w.T - x_comp @ (a @ b).T).pow(2).sum() / x.shape[0] + lam * (w - a @ b).pow(2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    return _objective(x, x_comp, w, (a @ b).detach(), lam)
+
+
+@pytest.mark.parametrize("anchor", [0.0, 0.1])
+@pytest.mark.parametrize("rank", [3, 6])
+def test_the_closed_form_reaches_the_brute_force_minimum(anchor, rank):
+    x, x_comp, w = _problem()
+    gram, cross, e0 = _stats(x, x_comp, w)
+    white, q, inv, lam = compensated_whitening(gram, anchor)
+    f = factorize_compensated(w, white, q, inv, lam, cross, rank)
+    ours = _objective(x, x_comp, w, f.out_factor @ f.in_factor, lam)
+    best = _brute_force(x, x_comp, w, rank, lam)
+    assert ours <= best * (1 + 1e-6) + 1e-9
+    assert ours == pytest.approx(best, rel=1e-4)
+
+
+def test_the_unconstrained_target_is_the_least_squares_solution():
+    x, x_comp, w = _problem(seed=3)
+    gram, cross, _ = _stats(x, x_comp, w)
+    white, q, inv, lam = compensated_whitening(gram, 0.2)
+    full = factorize_compensated(w, white, q, inv, lam, cross, min(w.shape))
+    # Stacked least squares: [X'; sqrt(T lam) I] W'^T = [X W^T; sqrt(T lam) W^T].
+    t = x.shape[0]
+    lhs = torch.cat([x_comp, (t * lam) ** 0.5 * torch.eye(x.shape[1], dtype=torch.float64)])
+    rhs = torch.cat([x @ w.T, (t * lam) ** 0.5 * w.T])
+    solution = torch.linalg.lstsq(lhs, rhs).solution.T
+    assert torch.allclose(full.out_factor @ full.in_factor, solution, atol=1e-8)
+
+
+@pytest.mark.parametrize("deficient", [False, True])
+def test_the_reported_output_error_is_the_error_achieved(deficient):
+    x, x_comp, w = _problem(seed=5, deficient=deficient)
+    gram, cross, e0 = _stats(x, x_comp, w)
+    white, q, inv, lam = compensated_whitening(gram, 0.0 if deficient else 0.1)
+    f = factorize_compensated(w, white, q, inv, lam, cross, 4)
+    new = f.out_factor @ f.in_factor
+    achieved = (float((x @ w.T - x_comp @ new.T).pow(2).sum()) / x.shape[0]) ** 0.5
+    assert output_error(w, new, e0, cross, gram) == pytest.approx(achieved, rel=1e-9)
+    # The spectrum's tail is the part of the objective above the unconstrained optimum W*.
+    best = factorize_compensated(w, white, q, inv, lam, cross, min(w.shape))
+    above = _objective(x, x_comp, w, new, lam) - _objective(x, x_comp, w, best.out_factor @ best.in_factor, lam)
+    assert f.truncation_loss() ** 2 == pytest.approx(above, rel=1e-6, abs=1e-9)
+
+
+def test_compensation_lowers_the_error_against_the_original_outputs():
+    # The upstream error as a compression leaves it: a systematic distortion of the inputs, not noise.
+    x, _, w = _problem(seed=7)
+    distortion = torch.eye(x.shape[1], dtype=torch.float64) + 0.3 * torch.randn(x.shape[1], x.shape[1], generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    x_comp = x @ distortion
+    gram, cross, e0 = _stats(x, x_comp, w)
+    white, q, inv, lam = compensated_whitening(gram, 0.0)
+    comp = factorize_compensated(w, white, q, inv, lam, cross, 5)
+    plain = factorize(w, gram, 5, "eig")
+    err = lambda f: output_error(w, f.out_factor @ f.in_factor, e0, cross, gram)  # noqa: E731
+    assert err(comp) < 0.9 * err(plain)
+
+
+def test_no_compensation_and_no_anchor_is_todays_truncation():
+    x, x_comp, w = _problem(seed=2)
+    gram = GramAccumulator(x.shape[1])
+    gram.add_batch(x_comp)
+    white, q, inv, lam = compensated_whitening(gram.gram, 0.0)
+    ours = factorize_compensated(w, white, q, inv, lam, None, 4)
+    today = factorize(w, gram.gram, 4, "eig")
+    assert lam == 0.0
+    assert torch.allclose(ours.out_factor @ ours.in_factor, today.out_factor @ today.in_factor, atol=1e-9)
+
+
+def test_the_anchor_scales_with_the_activations():
+    x, x_comp, w = _problem(seed=4)
+    gram, _, _ = _stats(x, x_comp, w)
+    assert ridge(gram * 100, 0.1) == pytest.approx(100 * ridge(gram, 0.1))
+    assert ridge(gram, 0.0) == 0.0
+    # The same factors whatever the activations' scale (lam follows the Gram).
+    a = factorize_compensated(w, *compensated_whitening(gram, 0.1), None, 4)
+    b = factorize_compensated(w, *compensated_whitening(gram * 100, 0.1), None, 4)
+    assert torch.allclose(a.out_factor @ a.in_factor, b.out_factor @ b.in_factor, atol=1e-8)
+
+
+def test_paired_inputs_of_other_shapes_are_refused():
+    acc = CrossGramAccumulator(4)
+    with pytest.raises(ValueError):
+        acc.add_pair(torch.zeros(3, 4), torch.zeros(2, 4))
