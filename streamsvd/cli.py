@@ -71,6 +71,12 @@ def _add_quality_flags(p) -> None:
                    help="pull each factored weight toward the original: adds anchor x (the Gram's mean diagonal) x "
                    "||W - W'||^2 to the loss, so the fit does not follow the calibration text too closely; 0 turns it off "
                    f"(default {d.anchor}); no extra cost")
+    p.add_argument("--refine-steps", type=int, default=d.refine_steps,
+                   help="after a block is factored, tune its factors (only them) with this many Adam steps so the block's "
+                   "output matches the original block's; an eighth of the windows is held out and decides early stopping, "
+                   "so a fit that does not generalise changes nothing. Costs a forward and a backward of the block per "
+                   f"step (time per block in the summary) and the optimiser state in memory; 0 turns it off (default {d.refine_steps})")
+    p.add_argument("--refine-lr", type=float, default=d.refine_lr, help=f"Adam step size for --refine-steps (default {d.refine_lr})")
 
 
 SVD_HELP = ("SVD of each whitened weight: exact (LAPACK, O(m n min(m, n))), randomized (Halko-Martinsson-Tropp, "
@@ -173,6 +179,7 @@ def cmd_run(args) -> int:
     )
     cfg.factors = args.factors
     cfg.calibrate, cfg.compensate, cfg.anchor = args.calibrate, args.compensate, args.anchor
+    cfg.refine_steps, cfg.refine_lr = args.refine_steps, args.refine_lr
     state = read_state(cfg.out_dir, strict=False) if cfg.out_dir.is_dir() and not args.restart else None
     report = run_job(cfg)
     finished_before = state is not None and state.complete and not report.get("repaired")
@@ -210,7 +217,8 @@ def cmd_plan(args) -> int:
         max_mem=parse_size(args.max_mem) if args.max_mem else None, calib=args.calib,
         calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, method=args.method,
         propagate=args.propagate, act_dtype=args.act_dtype, svd=args.svd, factors=args.factors, progress=False,
-        calibrate=args.calibrate, compensate=args.compensate, anchor=args.anchor,
+        calibrate=args.calibrate, compensate=args.compensate, anchor=args.anchor, refine_steps=args.refine_steps,
+        refine_lr=args.refine_lr,
     )
     plan = plan_job(cfg)
     if args.json:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from streamsvd import assets
 from streamsvd.io.calibration import default_text
+from streamsvd.io.output import RUN_LOG
 
 MODELS = {"smollm2": ("SmolLM2-135M-Instruct (Q4_1 dequantised, float32)", assets.smollm2_checkpoint),
           "gemma3": ("Gemma 3 270M (float32)", assets.gemma3_checkpoint)}
@@ -111,6 +112,7 @@ def main() -> None:
                                "--max-mem", args.max_mem, "--no-progress", *_flags(variant))
                     wall = time.time() - start
                     report = json.loads((out / "streamsvd_report.json").read_text())
+                    this_run = json.loads((out / RUN_LOG).read_text().strip().splitlines()[-1])  # wall time, peak RSS
                     after = {key: evaluate(out, text, args.eval_seqlen, args.eval_windows) for key, text in texts.items()}
                     print(json.dumps({**common, "method": method, "factors": factors, "flags": variant, "ratio": ratio,
                                       "ratio_linear": round(report["ratio_linear"], 4),
@@ -119,7 +121,7 @@ def main() -> None:
                                       "model_params_after": report["model_params_after"],
                                       **{f"{k}_before": v["perplexity"] for k, v in base.items()},
                                       **{k: v["perplexity"] for k, v in after.items()}, "compress_wall_s": round(wall, 1),
-                                      "compress_peak_rss_bytes": report["this_run"]["peak_rss_bytes"],
+                                      "compress_peak_rss_bytes": this_run["peak_rss_bytes"],
                                       "eval_wall_s": after["ppl"]["seconds"]}), flush=True)
                     shutil.rmtree(out, ignore_errors=True)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ from ..model.embedding import materialize_base_mapped
 from .peak import PeakSampler, high_water_bytes
 from .plan import SVD_MODES, build_plan, refuse_if_too_small
 from ..io.output import OutputWriter
-from .stages import FactoredBlock, collect_group_statistics, collect_statistics, factor_block, forward_groups, output_side_linears
+from .stages import FactoredBlock, collect_group_statistics, refine_block, collect_statistics, factor_block, forward_groups, output_side_linears
 from .state import JobState, fingerprint
 from .integrity import JobIntegrity
 from .lock import JobLocks
@@ -78,6 +78,8 @@ class JobConfig:
     calibrate: str = "block"
     compensate: bool = False  # fit the original model's outputs (math/compensate.py); two activation streams
     anchor: float = 0.0  # pull toward the original weights: lam = anchor x the Gram's mean diagonal
+    refine_steps: int = 0  # Adam steps tuning each block's factors to the original block's outputs (0: off)
+    refine_lr: float = 1e-4
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -111,6 +113,13 @@ class JobConfig:
         if (self.compensate or self.calibrate == "sequential") and self.propagate != "compressed":
             raise StreamSVDError("--compensate and --calibrate sequential need the compressed model's activations",
                                  "drop --propagate original, or add --no-compensate --calibrate block")
+
+        if self.refine_steps < 0 or self.refine_steps > 1_000_000:
+            raise StreamSVDError(f"--refine-steps {self.refine_steps} is out of range", "give 0 (off) or a number of steps such as 200")
+        if not (self.refine_lr > 0 and self.refine_lr < 1):
+            raise StreamSVDError(f"--refine-lr {self.refine_lr} is out of range", "give a small positive step size such as 1e-4")
+        if self.refine_steps and self.propagate != "compressed":
+            raise StreamSVDError("--refine-steps needs the compressed model's activations", "drop --propagate original")
 
     @property
     def streams(self) -> int:
@@ -148,6 +157,8 @@ def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str) -> dict:
         identity["compensate"] = True
     if cfg.anchor:
         identity["anchor"] = cfg.anchor
+    if cfg.refine_steps:
+        identity["refine"] = [cfg.refine_steps, cfg.refine_lr]
     return identity
 
 
@@ -259,6 +270,7 @@ class CompressionJob:
                 integrity.remove_scratch()
                 return {**self.out.read_report(), "this_run": self.out.last_run()}
         self.sampler = PeakSampler().start()
+        self.refinements: dict[str, dict] = {}  # block -> refine_block's figures, this run's blocks
         try:
             return self._run(started, integrity, repaired, on_block_done)
         finally:
@@ -299,6 +311,7 @@ class CompressionJob:
                 "seconds": round(time.time() - started, 2),
                 "batch_size": self.batch_size,
                 **self._memory_figures(),
+                **({"refinement": self.refinements} if self.refinements else {}),
             }))
             self.state.complete = True
             self.state.inputs_file = self.state.inputs_digest = None
@@ -422,6 +435,8 @@ class CompressionJob:
             block = factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
                                  svd=cfg.svd)
             del stats  # the Grams are not needed past here
+        if cfg.refine_steps:
+            self._refine(layer, index, prefix, block, src, dst)
         self._stage("propagate")
         if cfg.propagate == "compressed":
             self._propagate(layer, index, src, dst, desc=f"block {index} propagate")
@@ -465,6 +480,28 @@ class CompressionJob:
                          svd=cfg.svd, names=[n for g in target for n in g], anchor=cfg.anchor, block=block, finish=last)
             del stats
         return block
+
+    def _refine(self, layer: nn.Module, index: int, prefix: str, block: FactoredBlock, src: ActivationFile,
+                dst: ActivationFile) -> None:
+        """Tune the block's factors toward the original block's outputs (job/stages.py refine_block).
+
+        The target is what the original model gives at this boundary: with compensation, the original
+        stream's outputs the last pass wrote; otherwise the original block run on the compressed inputs.
+        """
+        cfg, samples = self.cfg, self.cfg.calib_samples
+        self._stage("refine")
+        forward = self._forward(index)
+        if cfg.compensate:
+            target = lambda a, b: dst.read(samples + a, samples + b)  # noqa: E731
+        else:
+            original = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
+            target = lambda a, b: forward(original, src.read(a, b))  # noqa: E731
+        r = refine_block(layer, prefix, block, src.read, target, forward, samples, self.batch_size, cfg.refine_steps,
+                         cfg.refine_lr, COMPUTE_DTYPE, seed=cfg.seed + index)
+        self.refinements[str(index)] = asdict(r)
+        if cfg.progress:
+            tqdm.write(f"block {index}: refined {r.steps} steps (kept step {r.best_step}), held-out relative error "
+                       f"{r.heldout_before:.4g} -> {r.heldout_after:.4g}, {r.seconds:.1f} s", file=sys.stderr)
 
     # ---------------------------------------------------------------- summary
     def _config_section(self) -> dict:

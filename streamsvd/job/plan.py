@@ -55,7 +55,7 @@ SLACK_FRACTION = 0.05
 # doing the same thing (measured up to 42 MiB between `plan` and `run`); the minimum that `plan`
 # reports carries this margin so that `run` in another process accepts it.
 BASELINE_MARGIN_BYTES = 64 << 20
-STAGES = ("embed", "extra shard", "statistics", "factorize", "propagate", "write")
+STAGES = ("embed", "extra shard", "statistics", "factorize", "refine", "propagate", "write")
 SVD_MODES = ("exact", "randomized", "auto")
 
 
@@ -250,6 +250,7 @@ class PlanInputs:
     calibrate: str = "block"  # sequential: one input group's statistics at a time
     compensate: bool = False  # a second activation stream and the original block beside the compressed one
     anchor: float = 0.0  # > 0 (or compensate): every linear on the input side
+    refine_steps: int = 0  # > 0: the refine stage (optimiser state, a backward through the block)
 
     @property
     def input_side_only(self) -> bool:
@@ -379,6 +380,14 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             "factorize": {"block weights": weights * (2 if settings.compensate else 1), "statistics": stats_bytes,
                           "whitening": whitening_held,
                           "workspace": workspace, "factors": factors_stored + factors_compute + spectra},
+            "refine": {} if not settings.refine_steps else {
+                # the block with its factors; Adam's two moments, the gradients and the best factors so far;
+                # the forward's saved activations for the backward (about twice the forward's working set),
+                # and the target batch (plus the original block when it computes the target)
+                "block weights": factors_compute + (weights - sum(s.out_features * s.in_features for s in linears) * c),
+                "optimiser": 4 * factors_compute, "batch": 3 * batch, "target": b * L * hidden * (c + act),
+                **({} if settings.compensate else {"original block": weights}),
+            },
             "propagate": {"block weights": factors_compute + (weights - sum(s.out_features * s.in_features for s in linears) * c),
                           "shard tensors": shard, "batch": batch, "outputs": b * L * hidden * (c + act)},
             "write": {"block weights": factors_compute + weights, "shard tensors": shard, "serialiser copy": shard + spectra},
@@ -461,6 +470,10 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                 fact_t += speed["svd_s_per_n3"] * min(m, n) ** 2 * max(m, n)
     io_t = (block_stored.get(big, 0) + shard + 3 * S * L * hidden * act) / 1e9  # about 1 GB/s of reads and writes
     split = {"forward": forward, "statistics": stats_t, "factorisation": fact_t, "I/O": io_t}
+    if settings.refine_steps:
+        # a forward and a backward (about twice a forward) of one batch per step, plus the held-out checks
+        step_tokens = batch * L
+        split["refinement"] = settings.refine_steps * 3 * (2 * step_tokens * low_params + 4 * step_tokens * L * q_width / 2) / f32
     per_block = sum(split.values())
 
     routes = {}
@@ -530,7 +543,8 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None) -> Plan:
     settings = PlanInputs(calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, ratio=cfg.ratio, method=cfg.method,
                           propagate=cfg.propagate, act_dtype=cfg.act_dtype, svd=getattr(cfg, "svd", "auto"),
                           factors=getattr(cfg, "factors", "pivoted"), calibrate=getattr(cfg, "calibrate", "block"),
-                          compensate=getattr(cfg, "compensate", False), anchor=getattr(cfg, "anchor", 0.0))
+                          compensate=getattr(cfg, "compensate", False), anchor=getattr(cfg, "anchor", 0.0),
+                          refine_steps=getattr(cfg, "refine_steps", 0))
     budget = cfg.max_mem if cfg.max_mem is not None else default_budget()
     other = sum(p.stat().st_size for p in sorted(ckpt.dir.iterdir()) if p.is_file() and not p.name.endswith(".safetensors")
                 and p.name not in ("model.safetensors.index.json",))

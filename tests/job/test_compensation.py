@@ -164,3 +164,54 @@ def test_sequential_groups_follow_the_forward(model_dir):
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     assert sorted(n for g in groups for n in g) == sorted(linear_modules(decoder_layers(model)[0]))
+
+
+REFINED = dict(calibrate="sequential", compensate=True, anchor=0.1, refine_steps=12, refine_lr=1e-4)
+
+
+@pytest.fixture
+def periodic_text(tmp_path):
+    """Calibration text whose held-out windows look like its training windows (a random tiny model
+    has nothing else that generalises, so on ordinary text its fit only over-fits)."""
+    path = tmp_path / "periodic.txt"
+    path.write_text("the cat sat on the mat and looked at the dog. " * 400)
+    return str(path)
+
+
+def test_refinement_is_deterministic_across_an_interruption_and_reported(model_dir, tmp_path, periodic_text):
+    refined = {**REFINED, "calib": [periodic_text]}
+    straight = run_job(_cfg(model_dir, tmp_path / "straight", **refined))
+    figures = straight["this_run"]["refinement"]
+    assert set(figures) == {"0", "1", "2", "3"}
+    for f in figures.values():
+        assert 1 <= f["steps"] <= 12 and 0 <= f["best_step"] <= f["steps"]
+        assert f["heldout_after"] <= f["heldout_before"] * (1 + 1e-6)  # never worse on the held-out windows
+    assert any(f["best_step"] > 0 and f["heldout_after"] < f["heldout_before"] for f in figures.values())
+    out = tmp_path / "interrupted"
+    _interrupt_after(1, _cfg(model_dir, out, **refined))
+    run_job(_cfg(model_dir, out, **refined))
+    assert _files(out) == _files(tmp_path / "straight")
+    unrefined = tmp_path / "unrefined"
+    run_job(_cfg(model_dir, unrefined, calibrate="sequential", compensate=True, anchor=0.1, calib=[periodic_text]))
+    assert _files(unrefined) != _files(tmp_path / "straight")
+
+
+def test_refinement_without_compensation_targets_the_original_block(model_dir, tmp_path):
+    report = run_job(_cfg(model_dir, tmp_path / "out", refine_steps=8, refine_lr=1e-3))
+    assert set(report["this_run"]["refinement"]) == {"0", "1", "2", "3"}
+    model = streamsvd.load(tmp_path / "out")
+    ids = torch.randint(0, 384, (1, 12))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_a_fit_that_does_not_help_the_held_out_windows_changes_nothing(model_dir, tmp_path):
+    """On ordinary text a random tiny model's fit only over-fits (measured: the held-out error rises from the
+    first step); early stopping then keeps the factors it started from, byte for byte."""
+    plain = tmp_path / "plain"
+    run_job(_cfg(model_dir, plain, calibrate="sequential", compensate=True, anchor=0.1))
+    wrecked = run_job(_cfg(model_dir, tmp_path / "wrecked", calibrate="sequential", compensate=True, anchor=0.1,
+                           refine_steps=10, refine_lr=1e-3))
+    assert all(f["best_step"] == 0 for f in wrecked["this_run"]["refinement"].values())
+    a, b = _tensors(plain, "model.layers."), _tensors(tmp_path / "wrecked", "model.layers.")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
