@@ -44,6 +44,8 @@ from ..model.embedding import materialize_base_mapped
 from .peak import PeakSampler, high_water_bytes
 from .plan import SVD_MODES, build_plan, refuse_if_too_small
 from ..io.output import OutputWriter
+from ..math.allocate import ALLOCATORS, allocate
+from .profile import ProfileConfig, make_profile, profile_identity, read_profile
 from .stages import collect_statistics, factor_block, output_side_linears
 from .state import JobState, fingerprint
 from .integrity import JobIntegrity
@@ -52,6 +54,7 @@ from .preflight import check_paths
 
 COMPUTE_DTYPE = torch.float32
 WORK_DIR_NAME = ".streamsvd-work"
+OWN_PROFILE = "profile"  # where `run` profiles when no --profile is given
 
 
 @dataclass
@@ -72,6 +75,14 @@ class JobConfig:
     restart: bool = False  # remove streamsvd's own files from OUT_DIR and start over
     factors: str = "pivoted"  # stored form of a compressed linear: pivoted (r (m + n - r) numbers) or plain
     svd: str = "auto"  # exact, randomized or auto: the SVD of the whitened weights (job/plan.py choose_svd)
+    alloc: str = "uniform"  # rank allocation (math/allocate.py): uniform, v2 or global
+    rank_multiple: int = 1  # every rank a multiple of this (or full rank)
+    profile: Path | None = None  # a saved `streamsvd profile` to allocate from (else one is made in OUT_DIR/profile)
+
+    @property
+    def needs_profile(self) -> bool:
+        """Anything but today's per-matrix ranks needs every matrix's spectrum before block 0."""
+        return self.alloc != "uniform" or self.rank_multiple != 1 or self.profile is not None
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -94,10 +105,18 @@ class JobConfig:
             raise StreamSVDError(f"--seqlen {self.seqlen} is too short", "use at least 2 tokens per window")
         if self.svd not in SVD_MODES:
             raise StreamSVDError(f"unknown --svd {self.svd!r}", f"choose one of {', '.join(SVD_MODES)}")
+        if self.alloc not in ALLOCATORS:
+            raise StreamSVDError(f"unknown --alloc {self.alloc!r}", f"choose one of {', '.join(ALLOCATORS)}")
+        if self.rank_multiple < 1:
+            raise StreamSVDError(f"--rank-multiple {self.rank_multiple} is not positive", "give 1 or more, e.g. 64")
 
 
-def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str) -> dict:
-    """Everything that changes the output bytes; a resume must match it exactly."""
+def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str, profile_digest: str | None = None) -> dict:
+    """Everything that changes the output bytes; a resume must match it exactly.
+
+    `profile_digest`: the digest of a given --profile; a job that profiles for itself records "own"
+    (its profile is fixed by the calibration settings already here).
+    """
     identity = {
         "checkpoint": ckpt.fingerprint(),
         "ratio": cfg.ratio,
@@ -114,6 +133,13 @@ def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str) -> dict:
     if cfg.factors != "plain":
         # Jobs from before pivoted factors were plain and had no such key: they still resume with --factors plain.
         identity["factors"] = cfg.factors
+    # Only when not the defaults, so jobs from before allocation still resume.
+    if cfg.alloc != "uniform":
+        identity["alloc"] = cfg.alloc
+    if cfg.rank_multiple != 1:
+        identity["rank_multiple"] = cfg.rank_multiple
+    if cfg.needs_profile:
+        identity["profile"] = profile_digest or "own"
     return identity
 
 
@@ -133,7 +159,11 @@ class CompressionJob:
         self.text, self.text_source = load_texts(cfg.calib)
         check_paths(cfg.model_dir, cfg.out_dir, cfg.work_dir, restart=cfg.restart)
         self.out = OutputWriter(cfg.out_dir, self.ckpt, self.config.num_hidden_layers)
-        job_fp = fingerprint(job_identity(cfg, self.ckpt, self.text))
+        self.profile, self.ranks = None, None
+        if cfg.profile is not None:
+            self.profile = read_profile(cfg.profile, self._profile_identity())
+            self.ranks = self._allocate()
+        job_fp = fingerprint(job_identity(cfg, self.ckpt, self.text, self.profile.digest if self.profile else None))
         self.job_fp = job_fp
         self.state = self._open_state()
         # Under --work-dir, a folder of this job's own, so finishing never removes the user's files.
@@ -147,10 +177,35 @@ class CompressionJob:
         if not self.state.complete:
             check_free_space(self._disk_needs())
 
+    # ---------------------------------------------------------------- allocation
+    def _profile_identity(self) -> dict:
+        return profile_identity(self.ckpt, self.text, self.cfg.calib_samples, self.cfg.seqlen, self.cfg.seed)
+
+    def _allocate(self) -> dict[str, int]:
+        """Every matrix's rank from the profile (math/allocate.py), all meeting one --ratio budget."""
+        return allocate(self.cfg.alloc, self.profile.matrices(), self.cfg.ratio, self.cfg.factors,
+                        multiple=self.cfg.rank_multiple, tokens=self.profile.tokens)
+
+    def _own_profile(self) -> None:
+        """No --profile: profile into OUT_DIR/profile first (reused if a killed run already finished it)."""
+        cfg = self.cfg
+        self._stage("profile")
+        self.profile = make_profile(ProfileConfig(
+            model_dir=cfg.model_dir, profile_dir=Path(cfg.out_dir) / OWN_PROFILE, max_mem=cfg.max_mem, calib=cfg.calib,
+            calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, seed=cfg.seed, act_dtype=cfg.act_dtype,
+            work_dir=self.work, progress=cfg.progress))
+        self.ranks = self._allocate()
+        # The plan again with the allocated ranks (a block may hold larger factors than uniform's); same batch.
+        self.plan = build_plan(cfg, self.ckpt, fixed_batch=self.batch_size, ranks=self.ranks)
+        refuse_if_too_small(self.plan, resumed=True)
+
+    def _rank(self, full_name: str, m: int, n: int) -> int:
+        return self.ranks[full_name] if self.ranks is not None else rank_for_ratio(m, n, self.cfg.ratio, self.cfg.factors)
+
     # ---------------------------------------------------------------- setup
     def _batch_size(self) -> int:
         """The plan's batch size (job/plan.py); a resumed job keeps its own. Refuses a budget that cannot hold."""
-        self.plan = build_plan(self.cfg, self.ckpt, fixed_batch=self.state.batch_size or None)
+        self.plan = build_plan(self.cfg, self.ckpt, fixed_batch=self.state.batch_size or None, ranks=self.ranks)
         refuse_if_too_small(self.plan, resumed=bool(self.state.batch_size))
         return self.plan.batch_size
 
@@ -173,7 +228,7 @@ class CompressionJob:
             block = sum(self.ckpt.nbytes(k) for k in self.ckpt.keys() if k.startswith(prefix))
             for name, linear in linears.items():
                 m, n = linear.out_features, linear.in_features
-                rank = rank_for_ratio(m, n, self.cfg.ratio, self.cfg.factors)
+                rank = self._rank(prefix + name, m, n)
                 itemsize = self.ckpt.nbytes(prefix + name + ".weight") // (m * n)
                 pivots = n * 4 if self.cfg.factors == "pivoted" else 0  # int32 permutation
                 factored = stored_numel(m, n, rank, self.cfg.factors) * itemsize + pivots
@@ -236,6 +291,10 @@ class CompressionJob:
         self.state.save(self.out.dir)
         self.out.prepare()
         self.work.mkdir(parents=True, exist_ok=True)
+        if self.cfg.needs_profile and self.profile is None:
+            self._own_profile()
+        elif self.profile is not None:
+            tqdm.write(f"streamsvd: profile reused: {self.cfg.profile} (no profiling)", file=sys.stderr)
         materialize_base_mapped(self.model, self.ckpt, COMPUTE_DTYPE)
         self.layer_args = capture_layer_kwargs(self.model, self.windows[:1])
         self._restore_inputs()
@@ -375,7 +434,7 @@ class CompressionJob:
         )
         self._stage("factorize")
         block = factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
-                             svd=cfg.svd)
+                             svd=cfg.svd, ranks=self.ranks)
         del stats  # the Grams are not needed past here
         self._stage("propagate")
         if cfg.propagate == "compressed":
@@ -406,7 +465,28 @@ class CompressionJob:
             },
             "propagate": self.cfg.propagate,
             **self._factors_section(),
+            **self._allocation_section(),
         }
+
+    def _allocation_section(self) -> dict:
+        """How the ranks were chosen; absent for today's uniform ranks, so older outputs keep their bytes."""
+        if not self.cfg.needs_profile:
+            return {}
+        meta = self.profile.meta
+        given = self.cfg.profile is not None
+        return {"allocation": {
+            "alloc": self.cfg.alloc,
+            "rank_multiple": self.cfg.rank_multiple,
+            "profile": {
+                "dir": str(self.cfg.profile if given else Path(self.cfg.out_dir) / OWN_PROFILE),
+                "digest": self.profile.digest,
+                # "profile reused": a given profile, no profiling in this job; else the cost of making it
+                "profiling": "profile reused" if given else "profiled by this job",
+                "seconds": None if given else meta.get("seconds"),
+                "sensitivity_seconds": None if given else meta.get("sensitivity_seconds"),
+                "sensitivity_samples": meta.get("sensitivity_samples", 0),
+            },
+        }}
 
     def _factors_section(self) -> dict:
         """The stored form: `factors` as requested, `forms` per module (pivoted, plain or dense) for load."""
@@ -446,6 +526,7 @@ class CompressionJob:
             "model_params_before": total,
             "model_params_after": total - before + after,
             "ratio_model": (before - after) / total,
+            **self._allocation_section(),
             "calibration": self._config_section()["calibration"],
             "batch_size": self.batch_size,
             # In the model's own order, whichever run factored which block.

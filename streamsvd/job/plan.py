@@ -119,8 +119,11 @@ def choose_svd(mode: str, m: int, n: int, rank: int) -> str:
 
 
 def block_linears(ckpt: Checkpoint, prefix: str, ratio: float, method: str, svd: str = "exact",
-                  factors: str = "pivoted") -> list[LinearShape]:
-    """The linears of the block under `prefix`, from the headers: 2-D `.weight` tensors."""
+                  factors: str = "pivoted", ranks: dict[str, int] | None = None) -> list[LinearShape]:
+    """The linears of the block under `prefix`, from the headers: 2-D `.weight` tensors.
+
+    `ranks` (full module name -> rank, an allocation) replaces the ratio's rank where it names the module.
+    """
     shapes = []
     for key in ckpt.keys():
         if key.startswith(prefix) and key.endswith(".weight") and len(ckpt.shape(key)) == 2:
@@ -133,6 +136,8 @@ def block_linears(ckpt: Checkpoint, prefix: str, ratio: float, method: str, svd:
     for s in shapes:
         s.factors = factors
         s.rank = rank_for_ratio(s.out_features, s.in_features, ratio, factors)
+        if ranks is not None and prefix + s.name in ranks:
+            s.rank = ranks[prefix + s.name]
         s.route = factor_route(method, s.out_features, s.in_features, members[s.group] > 1)
         if s.route == "input":
             s.svd = choose_svd(svd, s.out_features, s.in_features, s.rank)
@@ -246,6 +251,7 @@ class PlanInputs:
     act_dtype: str = "float32"
     svd: str = "auto"
     factors: str = "pivoted"
+    ranks: dict[str, int] | None = None  # an allocation (math/allocate.py); None: every rank from `ratio`
 
 
 def _config_int(cfg: dict, key: str, default: int) -> int:
@@ -282,8 +288,14 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             extra_bytes += ckpt.nbytes(key)
             if not key.endswith("embed_tokens.weight") and not key.startswith("lm_head"):
                 other_numel += ckpt.numel(key)
-    big = max(block_prefixes, key=lambda p: block_numel[p]) if block_prefixes else f"{layers_path}.0."
-    linears = block_linears(ckpt, big, settings.ratio, settings.method, settings.svd, settings.factors)
+    def factor_numel(prefix: str) -> int:  # with an allocation, blocks of the same size hold factors of other sizes
+        if settings.ranks is None:
+            return 0
+        return sum(stored_numel(s.out_features, s.in_features, s.rank, s.factors)
+                   for s in block_linears(ckpt, prefix, settings.ratio, "eig", "exact", settings.factors, settings.ranks))
+
+    big = max(block_prefixes, key=lambda p: (block_numel[p], factor_numel(p))) if block_prefixes else f"{layers_path}.0."
+    linears = block_linears(ckpt, big, settings.ratio, settings.method, settings.svd, settings.factors, settings.ranks)
     weights = block_numel.get(big, 0) * c
     groups: dict[str, list[LinearShape]] = {}
     for s in linears:
@@ -395,7 +407,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     work = 2 * S * L * hidden * act
     out_bytes = extra_bytes + other_file_bytes
     for prefix in block_prefixes:
-        ls = block_linears(ckpt, prefix, settings.ratio, settings.method, "exact", settings.factors) if prefix != big else linears
+        ls = (block_linears(ckpt, prefix, settings.ratio, settings.method, "exact", settings.factors, settings.ranks)
+              if prefix != big else linears)
         lin_bytes = sum(s.out_features * s.in_features * s.itemsize for s in ls)
         out_bytes += block_stored[prefix] - lin_bytes + sum(
             stored_numel(s.out_features, s.in_features, s.rank, s.factors) * s.itemsize + 4 * min(s.out_features, s.in_features) for s in ls)
@@ -485,7 +498,7 @@ def refuse_if_too_small(plan: Plan, resumed: bool = False) -> None:
         )
 
 
-def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None) -> Plan:
+def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dict[str, int] | None = None) -> Plan:
     """The plan of the job `cfg` (a JobConfig) under its --max-mem (default: 75% of available RAM).
 
     The baseline is this process's RSS now, after the speed measurement has loaded and warmed up
@@ -499,7 +512,7 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None) -> Plan:
     machine_speed()
     settings = PlanInputs(calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, ratio=cfg.ratio, method=cfg.method,
                           propagate=cfg.propagate, act_dtype=cfg.act_dtype, svd=getattr(cfg, "svd", "auto"),
-                          factors=getattr(cfg, "factors", "pivoted"))
+                          factors=getattr(cfg, "factors", "pivoted"), ranks=ranks)
     budget = cfg.max_mem if cfg.max_mem is not None else default_budget()
     other = sum(p.stat().st_size for p in sorted(ckpt.dir.iterdir()) if p.is_file() and not p.name.endswith(".safetensors")
                 and p.name not in ("model.safetensors.index.json",))

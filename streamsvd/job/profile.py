@@ -200,7 +200,7 @@ class Profiler:
             "order": list(spectra),
             "shapes": shapes,
             "sensitivity": sensitivity,
-            "sensitivity_samples": self.cfg.sensitivity_samples if sensitivity else 0,
+            "sensitivity_samples": min(self.cfg.sensitivity_samples, self.cfg.calib_samples) if sensitivity else 0,
             "seconds": round(time.time() - started, 2),
             "sensitivity_seconds": round(sens_seconds, 2) if sensitivity else None,
         })

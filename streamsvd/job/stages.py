@@ -121,18 +121,20 @@ def store_dtype(ckpt: Checkpoint, key: str) -> torch.dtype:
 def factor_block(
     layer: nn.Module, prefix: str, ckpt: Checkpoint, stats: GramCollector, ratio: float, method: str,
     compute_dtype: torch.dtype = torch.float32, factors: str = "pivoted", svd: str = "exact",
+    ranks: dict[str, int] | None = None,
 ) -> FactoredBlock:
     """Factor every linear of `layer` and swap in the module the shard will hold.
 
     `factors`: the stored form, "pivoted" (default) or "plain" (model/lowrank.py); the rank for
     `ratio` is the one that form affords. A module that would not get smaller is stored dense.
+    `ranks` (full module name -> rank, from math/allocate.py) wins over `ratio` when given.
     """
     block = FactoredBlock()
     whitenings: dict[str, Whitening] = {}
     linears = linear_modules(layer)
     for name, linear in linears.items():
         full = prefix + name
-        rank = rank_for_ratio(linear.out_features, linear.in_features, ratio, factors)
+        rank = ranks[full] if ranks is not None else rank_for_ratio(linear.out_features, linear.in_features, ratio, factors)
         if name in stats.output_grams:
             group = name
             f = factorize_output_side(linear.weight, stats.output_grams.pop(name).gram, rank)
