@@ -58,6 +58,10 @@ def _add_run(sub) -> None:
                    "OUT_DIR/profile first")
     p.add_argument("--rank-multiple", type=int, default=1, metavar="K",
                    help="every rank a multiple of K (or full rank), still within the --ratio budget (default 1)")
+    p.add_argument("--max-loss", type=float, default=None, metavar="F",
+                   help="a quality target instead of --ratio: the smallest model (on the global allocator's path) whose "
+                   "predicted relative loss is at most F: the sensitivity-weighted truncation loss over the weighted total "
+                   "of every matrix's whitened spectrum, in [0, 1) (needs a profile, like --alloc global)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="a `streamsvd profile` folder made with the same model and calibration flags: allocate from it "
                    "without profiling again")
@@ -187,6 +191,7 @@ def cmd_run(args) -> int:
     cfg.factors = args.factors
     cfg.alloc, cfg.rank_multiple = args.alloc, args.rank_multiple
     cfg.profile = Path(args.profile) if args.profile else None
+    cfg.max_loss = args.max_loss
     state = read_state(cfg.out_dir, strict=False) if cfg.out_dir.is_dir() and not args.restart else None
     report = run_job(cfg)
     finished_before = state is not None and state.complete and not report.get("repaired")
@@ -209,7 +214,9 @@ def _allocation_line(report: dict) -> str:
         return ""
     prof = alloc["profile"]
     cost = "" if prof["seconds"] is None else f", {prof['seconds']:.1f} s (sensitivity {prof['sensitivity_seconds'] or 0:.1f} s)"
-    return (f"  allocation:         {alloc['alloc']}, rank multiple {alloc['rank_multiple']}; "
+    target = "" if alloc.get("max_loss") is None else f"--max-loss {alloc['max_loss']}, "
+    return (f"  allocation:         {target}{alloc['alloc']}, rank multiple {alloc['rank_multiple']}, "
+            f"predicted relative loss {alloc['relative_loss']:.4f}; "
             f"{prof['profiling']}: {prof['dir']}{cost}\n")
 
 

@@ -44,7 +44,7 @@ from ..model.embedding import materialize_base_mapped
 from .peak import PeakSampler, high_water_bytes
 from .plan import SVD_MODES, build_plan, refuse_if_too_small
 from ..io.output import OutputWriter
-from ..math.allocate import ALLOCATORS, allocate
+from ..math.allocate import ALLOCATORS, allocate, max_loss, relative_loss
 from .profile import ProfileConfig, make_profile, profile_identity, read_profile
 from .stages import collect_statistics, factor_block, output_side_linears
 from .state import JobState, fingerprint
@@ -78,11 +78,12 @@ class JobConfig:
     alloc: str = "uniform"  # rank allocation (math/allocate.py): uniform, v2 or global
     rank_multiple: int = 1  # every rank a multiple of this (or full rank)
     profile: Path | None = None  # a saved `streamsvd profile` to allocate from (else one is made in OUT_DIR/profile)
+    max_loss: float | None = None  # instead of --ratio: the largest relative weighted loss (math/allocate.relative_loss)
 
     @property
     def needs_profile(self) -> bool:
         """Anything but today's per-matrix ranks needs every matrix's spectrum before block 0."""
-        return self.alloc != "uniform" or self.rank_multiple != 1 or self.profile is not None
+        return self.alloc != "uniform" or self.rank_multiple != 1 or self.profile is not None or self.max_loss is not None
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -109,6 +110,11 @@ class JobConfig:
             raise StreamSVDError(f"unknown --alloc {self.alloc!r}", f"choose one of {', '.join(ALLOCATORS)}")
         if self.rank_multiple < 1:
             raise StreamSVDError(f"--rank-multiple {self.rank_multiple} is not positive", "give 1 or more, e.g. 64")
+        if self.max_loss is not None and not 0.0 <= self.max_loss < 1.0:
+            raise StreamSVDError(f"--max-loss {self.max_loss} is out of range",
+                                 "give the fraction of the weighted output energy that may be dropped, in [0, 1), e.g. 0.05")
+        if self.max_loss is not None and self.alloc == "v2":
+            raise StreamSVDError("--max-loss follows the global allocator's order, not v2's", "use --alloc global (or leave --alloc out)")
 
 
 def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str, profile_digest: str | None = None) -> dict:
@@ -138,6 +144,8 @@ def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str, profile_digest: st
         identity["alloc"] = cfg.alloc
     if cfg.rank_multiple != 1:
         identity["rank_multiple"] = cfg.rank_multiple
+    if cfg.max_loss is not None:
+        identity["max_loss"] = cfg.max_loss
     if cfg.needs_profile:
         identity["profile"] = profile_digest or "own"
     return identity
@@ -183,6 +191,8 @@ class CompressionJob:
 
     def _allocate(self) -> dict[str, int]:
         """Every matrix's rank from the profile (math/allocate.py), all meeting one --ratio budget."""
+        if self.cfg.max_loss is not None:
+            return max_loss(self.profile.matrices(), self.cfg.max_loss, self.cfg.factors, multiple=self.cfg.rank_multiple)
         return allocate(self.cfg.alloc, self.profile.matrices(), self.cfg.ratio, self.cfg.factors,
                         multiple=self.cfg.rank_multiple, tokens=self.profile.tokens)
 
@@ -475,8 +485,11 @@ class CompressionJob:
         meta = self.profile.meta
         given = self.cfg.profile is not None
         return {"allocation": {
-            "alloc": self.cfg.alloc,
+            "alloc": "global" if self.cfg.max_loss is not None else self.cfg.alloc,
             "rank_multiple": self.cfg.rank_multiple,
+            "max_loss": self.cfg.max_loss,
+            # predicted: the weighted truncation loss the profile's spectra give for these ranks (0 = none dropped)
+            "relative_loss": relative_loss(self.profile.matrices(), self.ranks),
             "profile": {
                 "dir": str(self.cfg.profile if given else Path(self.cfg.out_dir) / OWN_PROFILE),
                 "digest": self.profile.digest,

@@ -113,3 +113,20 @@ def test_bad_allocation_flags_end_with_one_error_and_a_fix(tiny, profiled, tmp_p
         assert not (tmp_path / "out").exists()  # refused before anything was written
     with pytest.raises(StreamSVDError):
         _job(tiny, tmp_path / "o", alloc="best").validate()
+
+
+def test_max_loss_target_gives_the_smallest_model_that_meets_it(tiny, profiled, tmp_path, monkeypatch):
+    _no_profiling(monkeypatch)
+    sizes = []
+    for target in (0.3, 0.05):
+        report = run_job(_job(tiny, tmp_path / f"out-{target}", max_loss=target, profile=profiled))
+        alloc = report["allocation"]
+        assert alloc["max_loss"] == target and alloc["alloc"] == "global"
+        assert alloc["relative_loss"] <= target + 1e-9
+        sizes.append(report["linear_params_after"])
+        assert "predicted relative loss" in (tmp_path / f"out-{target}" / "streamsvd_report.md").read_text()
+    assert sizes[0] < sizes[1]  # a looser target, a smaller model
+    with pytest.raises(StreamSVDError, match="max-loss"):
+        _job(tiny, tmp_path / "o", max_loss=1.5).validate()
+    with pytest.raises(StreamSVDError, match="v2"):
+        _job(tiny, tmp_path / "o", max_loss=0.1, alloc="v2").validate()
