@@ -141,6 +141,18 @@ def read_profile(path: Path, identity: dict | None = None) -> Profile:
     return Profile(path, meta, spectra)
 
 
+def _check_places(cfg: ProfileConfig) -> None:
+    """Refusals before anything is written: MODEL_DIR an output, PROFILE_DIR not a folder we can write."""
+    from .preflight import check_can_create, streamsvd_section
+
+    if streamsvd_section(cfg.model_dir):
+        raise StreamSVDError(f"MODEL_DIR {cfg.model_dir} is a streamsvd output, not an original checkpoint",
+                             "profile the original checkpoint")
+    check_can_create(cfg.profile_dir, "PROFILE_DIR", "choose a PROFILE_DIR in a directory you can write to")
+    if cfg.work_dir is not None:
+        check_can_create(cfg.work_dir, "--work-dir", "give --work-dir a directory you can write to (or leave it out)")
+
+
 def _say(message: str) -> None:
     tqdm.write(f"streamsvd: {message}", file=sys.stderr)
 
@@ -156,6 +168,7 @@ class Profiler:
             raise StreamSVDError(f"--seqlen {cfg.seqlen} is longer than the model allows ({limit} positions)",
                                  f"use --seqlen {limit} or less")
         self.text, self.text_source = load_texts(cfg.calib)
+        _check_places(cfg)
         self.identity = profile_identity(self.ckpt, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
         self.windows = sample_windows(load_tokenizer(self.ckpt.dir), self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
         self.model = empty_model(self.config, COMPUTE_DTYPE)

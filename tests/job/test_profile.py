@@ -96,3 +96,18 @@ def test_the_same_profile_command_twice_reuses_it(tiny, tmp_path):
     again = _profile(tiny, tmp_path / "prof", sensitivity_samples=0)
     assert again.digest == first.digest and (tmp_path / "prof" / PROFILE_JSON).stat().st_mtime_ns == stamp
     assert not (tmp_path / "prof" / ".profile-work").exists()
+
+
+def test_bad_profile_input_ends_with_one_error_and_a_fix(tiny, tmp_path, capsys):
+    from streamsvd.cli import main
+
+    (tmp_path / "file").write_text("x")
+    base = ["profile", str(tiny), "--calib-samples", str(SAMPLES), "--seqlen", str(SEQLEN), "--no-progress"]
+    for args, says in [([str(tmp_path / "file")], "is a file"),
+                       ([str(tmp_path / "p"), "--sensitivity-samples", "17"], "--sensitivity-samples 17"),
+                       ([str(tmp_path / "p"), "--calib-samples", "0"], "--calib-samples 0"),
+                       ([str(tmp_path / "p"), "--seqlen", "100000"], "longer than the model allows")]:
+        assert main(base[:2] + args[:1] + base[2:] + args[1:]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "fix: " in err and "Traceback" not in err
+    assert not (tmp_path / "p").exists()
