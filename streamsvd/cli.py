@@ -213,7 +213,9 @@ def _allocation_line(report: dict) -> str:
     if not alloc:
         return ""
     prof = alloc["profile"]
-    cost = "" if prof["seconds"] is None else f", {prof['seconds']:.1f} s (sensitivity {prof['sensitivity_seconds'] or 0:.1f} s)"
+    run = report.get("this_run") or {}
+    cost = ("" if "profile_seconds" not in run else
+            f" in this run, {run['profile_seconds']:.1f} s (sensitivity {run.get('profile_sensitivity_seconds') or 0:.1f} s)")
     target = "" if alloc.get("max_loss") is None else f"--max-loss {alloc['max_loss']}, "
     return (f"  allocation:         {target}{alloc['alloc']}, rank multiple {alloc['rank_multiple']}, "
             f"predicted relative loss {alloc['relative_loss']:.4f}; "
@@ -233,10 +235,12 @@ def cmd_profile(args) -> int:
     )
     profile = make_profile(cfg)
     meta = profile.meta
-    sens = (f"sensitivity from {meta['sensitivity_samples']} windows in {meta['sensitivity_seconds']:.1f} s"
+    timing = profile.timing
+    sens = (f"sensitivity from {meta['sensitivity_samples']} windows in {timing.get('sensitivity_seconds') or 0:.1f} s"
             if meta["sensitivity"] else "no sensitivity (every weight 1)")
     print(f"profile: {args.profile_dir}\n  {len(meta['order'])} matrices, {meta['tokens']:,} calibration tokens, "
-          f"{meta['seconds']:.1f} s; {sens}\n  digest {profile.digest}")
+          f"{timing.get('seconds', 0):.1f} s{' (made earlier: reused)' if profile.reused else ''}; {sens}\n"
+          f"  digest {profile.digest}")
     return 0
 
 

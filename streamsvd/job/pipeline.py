@@ -204,6 +204,8 @@ class CompressionJob:
             model_dir=cfg.model_dir, profile_dir=Path(cfg.out_dir) / OWN_PROFILE, max_mem=cfg.max_mem, calib=cfg.calib,
             calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, seed=cfg.seed, act_dtype=cfg.act_dtype,
             work_dir=self.work, progress=cfg.progress))
+        if not self.profile.reused:  # the cost goes to this run's figures, not the (deterministic) report
+            self.profile_figures = {"profile_" + k: v for k, v in self.profile.timing.items()}
         self.ranks = self._allocate()
         # The plan again with the allocated ranks (a block may hold larger factors than uniform's); same batch.
         self.plan = build_plan(cfg, self.ckpt, fixed_batch=self.batch_size, ranks=self.ranks)
@@ -332,6 +334,7 @@ class CompressionJob:
             figures.update(self.out.log_run({
                 "seconds": round(time.time() - started, 2),
                 "batch_size": self.batch_size,
+                **getattr(self, "profile_figures", {}),
                 **self._memory_figures(),
             }))
             self.state.complete = True
@@ -491,12 +494,10 @@ class CompressionJob:
             # predicted: the weighted truncation loss the profile's spectra give for these ranks (0 = none dropped)
             "relative_loss": relative_loss(self.profile.matrices(), self.ranks),
             "profile": {
-                "dir": str(self.cfg.profile if given else Path(self.cfg.out_dir) / OWN_PROFILE),
+                "dir": str(self.cfg.profile) if given else f"OUT_DIR/{OWN_PROFILE}",  # the same bytes whatever OUT_DIR is
                 "digest": self.profile.digest,
                 # "profile reused": a given profile, no profiling in this job; else the cost of making it
                 "profiling": "profile reused" if given else "profiled by this job",
-                "seconds": None if given else meta.get("seconds"),
-                "sensitivity_seconds": None if given else meta.get("sensitivity_seconds"),
                 "sensitivity_samples": meta.get("sensitivity_samples", 0),
             },
         }}

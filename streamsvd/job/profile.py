@@ -15,10 +15,11 @@ original`, one block in memory at a time) saves, per linear:
   blocks are walked backwards, each loaded alone, its forward recomputed from its saved inputs with
   grad enabled (transformers' own layer, model/capture.run_layer), the gradient at every linear's
   output read by a tensor hook, and the gradient at the block's input handed to the block before.
-  Costs about three forwards of the subset; its seconds are in profile.json.
+  Costs about three forwards of the subset; its seconds are in profile_log.json.
 
 The profile's folder holds `spectra.safetensors` (float64, by full module name) and `profile.json`
-(written last: a folder without it is not a profile) with the identity (checkpoint fingerprint,
+(written last: a folder without it is not a profile; nothing in it depends on the machine's speed, so a
+job that profiles for itself still ends byte-identical after an interruption) with the identity (checkpoint fingerprint,
 calibration digest, samples, seqlen, seed), the token count, the shapes and the weights. A run
 with other calibration settings or another model refuses it. Profiling is not resumable: a killed
 profile is redone.
@@ -55,6 +56,7 @@ from .stages import collect_statistics, output_side_linears
 
 COMPUTE_DTYPE = torch.float32
 PROFILE_JSON = "profile.json"
+PROFILE_LOG = "profile_log.json"  # wall times of the pass that made the profile (not part of its identity)
 SPECTRA_FILE = "spectra.safetensors"
 WORK_NAME = ".profile-work"
 MATCHED_KEYS = ("checkpoint", "calib_digest", "calib_samples", "seqlen", "seed")
@@ -100,6 +102,15 @@ class Profile:
     dir: Path
     meta: dict  # profile.json
     spectra: dict[str, np.ndarray]
+    reused: bool = False  # True when make_profile found it already made instead of profiling
+
+    @property
+    def timing(self) -> dict:
+        """seconds and sensitivity_seconds of the pass that made it ({} if its log is gone)."""
+        try:
+            return json.loads((self.dir / PROFILE_LOG).read_text())
+        except (OSError, ValueError):
+            return {}
 
     @property
     def digest(self) -> str:
@@ -189,6 +200,7 @@ class Profiler:
         found = self.existing()
         if found is not None:
             _say(f"profile reused: {self.cfg.profile_dir} already holds a profile of these settings")
+            found.reused = True
             return found
         started = time.time()
         out = Path(self.cfg.profile_dir)
@@ -203,6 +215,8 @@ class Profiler:
             sens_seconds = time.time() - sens_started
         finally:
             shutil.rmtree(self.work, ignore_errors=True)
+        atomic_write_json(out / PROFILE_LOG, {"seconds": round(time.time() - started, 2),
+                                              "sensitivity_seconds": round(sens_seconds, 2) if sensitivity else None})
         with atomic_path(out / SPECTRA_FILE) as tmp:
             save_file({k: torch.from_numpy(v) for k, v in spectra.items()}, str(tmp))
         atomic_write_json(out / PROFILE_JSON, {
@@ -214,8 +228,6 @@ class Profiler:
             "shapes": shapes,
             "sensitivity": sensitivity,
             "sensitivity_samples": min(self.cfg.sensitivity_samples, self.cfg.calib_samples) if sensitivity else 0,
-            "seconds": round(time.time() - started, 2),
-            "sensitivity_seconds": round(sens_seconds, 2) if sensitivity else None,
         })
         return read_profile(out, self.identity)
 

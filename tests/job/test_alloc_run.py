@@ -68,11 +68,44 @@ def test_run_without_a_profile_profiles_into_out_dir_and_resumes_with_it(tiny, t
     report = run_job(_job(tiny, out, alloc="global"))
     assert report["allocation"]["profile"]["profiling"] == "profiled by this job"
     assert (out / "profile" / "profile.json").is_file()
-    assert report["allocation"]["profile"]["seconds"] is not None
+    assert report["this_run"]["profile_seconds"] > 0  # the cost is in this run's figures, not in the report
     again = run_job(_job(tiny, out, alloc="global"))  # finished: nothing to do, same report
     assert {k: v for k, v in again.items() if k != "this_run"} == {k: v for k, v in report.items() if k != "this_run"}
     with pytest.raises(JobMismatch):
         run_job(_job(tiny, out, alloc="v2"))  # another allocation into the same OUT_DIR is another job
+
+
+def test_an_interrupted_job_that_profiles_for_itself_resumes_byte_identical(tiny, tmp_path):
+    from test_resume import _files  # every file but the state and the run log
+
+    from streamsvd.job.profile import PROFILE_LOG
+
+    run_job(_job(tiny, tmp_path / "straight", alloc="global"))
+
+    def stop(index):
+        if index == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_job(_job(tiny, tmp_path / "cut", alloc="global"), on_block_done=stop)
+    assert (tmp_path / "cut" / "profile" / "profile.json").is_file()
+    resumed = []
+    run_job(_job(tiny, tmp_path / "cut", alloc="global"), on_block_done=resumed.append)
+    assert resumed == [1, 2]
+
+    def files(out):
+        return {k: v for k, v in _files(out).items() if not k.endswith(PROFILE_LOG)}
+
+    assert files(tmp_path / "cut") == files(tmp_path / "straight")
+    assert "profile/spectra.safetensors" in files(tmp_path / "cut")
+
+
+def test_restart_removes_the_profile_the_job_made(tiny, tmp_path, capsys):
+    run_job(_job(tiny, tmp_path / "out", alloc="global"))
+    capsys.readouterr()
+    run_job(_job(tiny, tmp_path / "out", alloc="global", restart=True))
+    assert str(tmp_path / "out" / "profile") in capsys.readouterr().err
+    assert (tmp_path / "out" / "profile" / "profile.json").is_file()  # made again
 
 
 def test_run_with_an_own_profile_equals_run_with_the_same_profile_given(tiny, tmp_path):

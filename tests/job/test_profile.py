@@ -56,7 +56,7 @@ def test_sensitivity_matches_dense_autograd(tiny, tmp_path):
     assert set(got) == set(want) == set(profile.meta["order"])
     for name in want:
         assert got[name] == pytest.approx(want[name], rel=1e-4), name
-    assert profile.meta["sensitivity_seconds"] >= 0 and profile.meta["sensitivity_samples"] == KEEP
+    assert profile.timing["sensitivity_seconds"] >= 0 and profile.meta["sensitivity_samples"] == KEEP
 
 
 def test_spectra_are_what_run_writes(tiny, tmp_path):
