@@ -215,7 +215,7 @@ def _allocation_line(report: dict) -> str:
     prof = alloc["profile"]
     run = report.get("this_run") or {}
     cost = ("" if "profile_seconds" not in run else
-            f" in this run, {run['profile_seconds']:.1f} s (sensitivity {run.get('profile_sensitivity_seconds') or 0:.1f} s)")
+            f", cost {run['profile_seconds']:.1f} s (sensitivity {run.get('profile_sensitivity_seconds') or 0:.1f} s)")
     target = "" if alloc.get("max_loss") is None else f"--max-loss {alloc['max_loss']}, "
     return (f"  allocation:         {target}{alloc['alloc']}, rank multiple {alloc['rank_multiple']}, "
             f"predicted relative loss {alloc['relative_loss']:.4f}; "
