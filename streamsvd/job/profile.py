@@ -190,6 +190,20 @@ class Profiler:
         self.batch_size = plan.batch_size
         self.work = Path(cfg.profile_dir) / WORK_NAME if cfg.work_dir is None else Path(cfg.work_dir) / "streamsvd-profile"
 
+    def disk_needs(self) -> dict[Path, int]:
+        """Bytes the pass writes: two activation files, the saved block inputs and final states of the
+        sensitivity windows (float32), and the spectra."""
+        from ..io.activations import activation_bytes
+
+        cfg, config = self.cfg, self.config
+        keep = min(cfg.sensitivity_samples, cfg.calib_samples)
+        window = (cfg.seqlen, config.hidden_size)
+        work = 2 * activation_bytes((cfg.calib_samples, *window), cfg.act_dtype)
+        work += (config.num_hidden_layers + 1) * activation_bytes((keep, *window), "float32") if keep else 0
+        spectra = sum(8 * min(self.ckpt.shape(k)) for k in self.ckpt.keys()
+                      if k.endswith(".weight") and len(self.ckpt.shape(k)) == 2 and ".layers." in k)
+        return {Path(cfg.profile_dir): spectra, self.work: work}
+
     def existing(self) -> Profile | None:
         """A finished profile of the same settings already in the folder (the same command run twice)."""
         if not (Path(self.cfg.profile_dir) / PROFILE_JSON).exists():
@@ -202,6 +216,9 @@ class Profiler:
             _say(f"profile reused: {self.cfg.profile_dir} already holds a profile of these settings")
             found.reused = True
             return found
+        from ..io.diskspace import check_free_space
+
+        check_free_space(self.disk_needs())
         started = time.time()
         out = Path(self.cfg.profile_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -111,3 +111,18 @@ def test_bad_profile_input_ends_with_one_error_and_a_fix(tiny, tmp_path, capsys)
         err = capsys.readouterr().err
         assert says in err and "fix: " in err and "Traceback" not in err
     assert not (tmp_path / "p").exists()
+
+
+def test_a_profile_that_would_not_fit_its_disk_is_refused_before_writing(tiny, tmp_path, monkeypatch):
+    from streamsvd.io import diskspace
+    from streamsvd.job.profile import Profiler
+
+    cfg = ProfileConfig(tiny, tmp_path / "prof", calib_samples=SAMPLES, seqlen=SEQLEN, sensitivity_samples=KEEP, progress=False)
+    needs = Profiler(cfg).disk_needs()
+    hidden = json.loads((tiny / "config.json").read_text())["hidden_size"]
+    layers = json.loads((tiny / "config.json").read_text())["num_hidden_layers"]
+    assert sum(needs.values()) > (2 * SAMPLES + (layers + 1) * KEEP) * SEQLEN * hidden * 4
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: 1000)
+    with pytest.raises(StreamSVDError, match="not enough disk space"):
+        make_profile(cfg)
+    assert not (tmp_path / "prof").exists()
