@@ -52,6 +52,20 @@ def _add_run(sub) -> None:
                    "finished blocks: the whole job runs again")
     _add_svd_flag(p)
     _add_quality_flags(p)
+    p.add_argument("--alloc", choices=["uniform", "v2", "global"], default="uniform",
+                   help="how the --ratio budget is shared out: uniform (default: every linear loses the same fraction), "
+                   "v2 (SVD-LLM V2's per-type ratios from the truncation loss), global (greedy over all matrices by "
+                   "sensitivity-weighted loss per parameter). v2 and global need a profile: --profile, or one is made in "
+                   "OUT_DIR/profile first")
+    p.add_argument("--rank-multiple", type=int, default=1, metavar="K",
+                   help="every rank a multiple of K (or full rank), still within the --ratio budget (default 1)")
+    p.add_argument("--max-loss", type=float, default=None, metavar="F",
+                   help="a quality target instead of --ratio: the smallest model (on the global allocator's path) whose "
+                   "predicted relative loss is at most F: the sensitivity-weighted truncation loss over the weighted total "
+                   "of every matrix's whitened spectrum, in [0, 1) (needs a profile, like --alloc global)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="a `streamsvd profile` folder made with the same model and calibration flags: allocate from it "
+                   "without profiling again")
 
 
 def _add_quality_flags(p) -> None:
@@ -77,6 +91,29 @@ def _add_quality_flags(p) -> None:
                    "so a fit that does not generalise changes nothing. Costs a forward and a backward of the block per "
                    f"step (time per block in the summary) and the optimiser state in memory; 0 turns it off (default {d.refine_steps})")
     p.add_argument("--refine-lr", type=float, default=d.refine_lr, help=f"Adam step size for --refine-steps (default {d.refine_lr})")
+
+
+def _add_profile(sub) -> None:
+    p = sub.add_parser(
+        "profile", help="measure what rank allocation needs, once, for any number of runs",
+        description="Stream MODEL_DIR once with the original model's activations and save in PROFILE_DIR every "
+        "linear's whitened spectrum (the truncation loss at every rank) and its sensitivity (the mean squared "
+        "gradient of the LM loss at its output, from one streamed backward pass over a few windows). "
+        "`streamsvd run --profile PROFILE_DIR` with the same calibration flags allocates ranks from it.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint: config.json, safetensors, tokenizer")
+    p.add_argument("profile_dir", metavar="PROFILE_DIR", help="new directory for the profile")
+    p.add_argument("--max-mem", default=None, help="memory budget as for run, e.g. 24G (default: 75%% of available RAM)")
+    p.add_argument("--calib", action="append", default=[], metavar="FILE", help="as for run")
+    p.add_argument("--calib-samples", type=int, default=64, help="as for run (default 64)")
+    p.add_argument("--seqlen", type=int, default=512, help="as for run (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="as for run (default 0)")
+    p.add_argument("--act-dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="as for run")
+    p.add_argument("--sensitivity-samples", type=int, default=16, metavar="N",
+                   help="windows of the backward pass for the sensitivity weights, 0 to 16 (default 16; 0: none, "
+                   "every matrix weighs the same)")
+    p.add_argument("--work-dir", default=None, metavar="DIR", help="where the activation files go (default: inside PROFILE_DIR)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 SVD_HELP = ("SVD of each whitened weight: exact (LAPACK, O(m n min(m, n))), randomized (Halko-Martinsson-Tropp, "
@@ -158,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"streamsvd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
+    _add_profile(sub)
     _add_plan(sub)
     _add_eval(sub)
     _add_import(sub)
@@ -180,6 +218,9 @@ def cmd_run(args) -> int:
     cfg.factors = args.factors
     cfg.calibrate, cfg.compensate, cfg.anchor = args.calibrate, args.compensate, args.anchor
     cfg.refine_steps, cfg.refine_lr = args.refine_steps, args.refine_lr
+    cfg.alloc, cfg.rank_multiple = args.alloc, args.rank_multiple
+    cfg.profile = Path(args.profile) if args.profile else None
+    cfg.max_loss = args.max_loss
     state = read_state(cfg.out_dir, strict=False) if cfg.out_dir.is_dir() and not args.restart else None
     report = run_job(cfg)
     finished_before = state is not None and state.complete and not report.get("repaired")
@@ -189,9 +230,46 @@ def cmd_run(args) -> int:
         f"({report['linear_params_before']:,} -> {report['linear_params_after']:,} parameters)\n"
         f"  whole model:        ratio {report['ratio_model']:.3f} "
         f"({report['model_params_before']:,} -> {report['model_params_after']:,} parameters)\n"
+        f"{_allocation_line(report)}"
         f"  {'that' if finished_before else 'this'} run: {_run_figures(report.get('this_run') or {})}\n"
         f"  report: {Path(args.out_dir) / 'streamsvd_report.md'}"
     )
+    return 0
+
+
+def _allocation_line(report: dict) -> str:
+    alloc = report.get("allocation")
+    if not alloc:
+        return ""
+    prof = alloc["profile"]
+    run = report.get("this_run") or {}
+    cost = ("" if "profile_seconds" not in run else
+            f", cost {run['profile_seconds']:.1f} s (sensitivity {run.get('profile_sensitivity_seconds') or 0:.1f} s)")
+    target = "" if alloc.get("max_loss") is None else f"--max-loss {alloc['max_loss']}, "
+    return (f"  allocation:         {target}{alloc['alloc']}, rank multiple {alloc['rank_multiple']}, "
+            f"predicted relative loss {alloc['relative_loss']:.4f}; "
+            f"{prof['profiling']}: {prof['dir']}{cost}\n")
+
+
+def cmd_profile(args) -> int:
+    from .job.memory import parse_size
+    from .job.profile import ProfileConfig, make_profile
+
+    cfg = ProfileConfig(
+        model_dir=Path(args.model_dir), profile_dir=Path(args.profile_dir),
+        max_mem=parse_size(args.max_mem) if args.max_mem else None, calib=args.calib,
+        calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, act_dtype=args.act_dtype,
+        sensitivity_samples=args.sensitivity_samples, work_dir=Path(args.work_dir) if args.work_dir else None,
+        progress=not args.no_progress,
+    )
+    profile = make_profile(cfg)
+    meta = profile.meta
+    timing = profile.timing
+    sens = (f"sensitivity from {meta['sensitivity_samples']} windows in {timing.get('sensitivity_seconds') or 0:.1f} s"
+            if meta["sensitivity"] else "no sensitivity (every weight 1)")
+    print(f"profile: {args.profile_dir}\n  {len(meta['order'])} matrices, {meta['tokens']:,} calibration tokens, "
+          f"{timing.get('seconds', 0):.1f} s{' (made earlier: reused)' if profile.reused else ''}; {sens}\n"
+          f"  digest {profile.digest}")
     return 0
 
 
@@ -298,7 +376,7 @@ def cmd_verify(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "eval": cmd_eval, "import-gguf": cmd_import_gguf, "verify": cmd_verify}
+COMMANDS = {"run": cmd_run, "profile": cmd_profile, "plan": cmd_plan, "eval": cmd_eval, "import-gguf": cmd_import_gguf, "verify": cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:

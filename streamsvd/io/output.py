@@ -205,6 +205,13 @@ def markdown_report(report: dict) -> str:
 
 def _rank_rule(report: dict) -> str:
     ratio = report["ratio_requested"]
+    alloc = report.get("allocation")
+    if alloc:  # ranks from a profile (math/allocate.py), not one rule per matrix
+        target = (f"the smallest model with predicted relative loss <= {alloc['max_loss']}" if alloc.get("max_loss") is not None
+                  else f"one budget of (1 - {ratio}) x the linears' parameters")
+        return (f"the rank the `{alloc['alloc']}` allocator gave it ({target}; rank multiple {alloc['rank_multiple']}; "
+                f"predicted relative loss {alloc['relative_loss']:.4f}; {alloc['profile']['profiling']}: "
+                f"`{alloc['profile']['dir']}`)")
     if report.get("factors") == "pivoted":
         return (f"the largest rank r with r (m + n - r) <= (1 - {ratio}) m n, stored as pivoted factors "
                 "(r (m + n - r) numbers; dense where that would not be smaller)")

@@ -88,6 +88,8 @@ class JobIntegrity:
                 found.append(p)
             elif p.is_dir() and name == ".streamsvd-work":
                 found.append(p)
+            elif p.is_dir() and name == "profile" and job.cfg.needs_profile and job.cfg.profile is None:
+                found.append(p)  # the profile `run` made for itself
         if job.cfg.work_dir is not None and job.work.is_dir():
             found.append(job.work)
         return found

@@ -44,6 +44,8 @@ from ..model.embedding import materialize_base_mapped
 from .peak import PeakSampler, high_water_bytes
 from .plan import SVD_MODES, build_plan, refuse_if_too_small
 from ..io.output import OutputWriter
+from ..math.allocate import ALLOCATORS, allocate, max_loss, relative_loss
+from .profile import ProfileConfig, make_profile, profile_identity, read_profile
 from .stages import FactoredBlock, collect_group_statistics, refine_block, collect_statistics, factor_block, forward_groups, output_side_linears
 from .state import JobState, fingerprint
 from .integrity import JobIntegrity
@@ -53,6 +55,7 @@ from .preflight import check_paths
 COMPUTE_DTYPE = torch.float32
 CALIBRATE_MODES = ("block", "sequential")
 WORK_DIR_NAME = ".streamsvd-work"
+OWN_PROFILE = "profile"  # where `run` profiles when no --profile is given
 
 
 @dataclass
@@ -80,6 +83,15 @@ class JobConfig:
     anchor: float = 0.0  # pull toward the original weights: lam = anchor x the Gram's mean diagonal
     refine_steps: int = 0  # Adam steps tuning each block's factors to the original block's outputs (0: off)
     refine_lr: float = 1e-4
+    alloc: str = "uniform"  # rank allocation (math/allocate.py): uniform, v2 or global
+    rank_multiple: int = 1  # every rank a multiple of this (or full rank)
+    profile: Path | None = None  # a saved `streamsvd profile` to allocate from (else one is made in OUT_DIR/profile)
+    max_loss: float | None = None  # instead of --ratio: the largest relative weighted loss (math/allocate.relative_loss)
+
+    @property
+    def needs_profile(self) -> bool:
+        """Anything but today's per-matrix ranks needs every matrix's spectrum before block 0."""
+        return self.alloc != "uniform" or self.rank_multiple != 1 or self.profile is not None or self.max_loss is not None
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -102,6 +114,15 @@ class JobConfig:
             raise StreamSVDError(f"--seqlen {self.seqlen} is too short", "use at least 2 tokens per window")
         if self.svd not in SVD_MODES:
             raise StreamSVDError(f"unknown --svd {self.svd!r}", f"choose one of {', '.join(SVD_MODES)}")
+        if self.alloc not in ALLOCATORS:
+            raise StreamSVDError(f"unknown --alloc {self.alloc!r}", f"choose one of {', '.join(ALLOCATORS)}")
+        if self.rank_multiple < 1:
+            raise StreamSVDError(f"--rank-multiple {self.rank_multiple} is not positive", "give 1 or more, e.g. 64")
+        if self.max_loss is not None and not 0.0 <= self.max_loss < 1.0:
+            raise StreamSVDError(f"--max-loss {self.max_loss} is out of range",
+                                 "give the fraction of the weighted output energy that may be dropped, in [0, 1), e.g. 0.05")
+        if self.max_loss is not None and self.alloc == "v2":
+            raise StreamSVDError("--max-loss follows the global allocator's order, not v2's", "use --alloc global (or leave --alloc out)")
         if self.calibrate not in CALIBRATE_MODES:
             raise StreamSVDError(f"unknown --calibrate {self.calibrate!r}", f"choose one of {', '.join(CALIBRATE_MODES)}")
         if not (0.0 <= self.anchor <= 100.0) or self.anchor != self.anchor:
@@ -113,7 +134,6 @@ class JobConfig:
         if (self.compensate or self.calibrate == "sequential") and self.propagate != "compressed":
             raise StreamSVDError("--compensate and --calibrate sequential need the compressed model's activations",
                                  "drop --propagate original, or add --no-compensate --calibrate block")
-
         if self.refine_steps < 0 or self.refine_steps > 1_000_000:
             raise StreamSVDError(f"--refine-steps {self.refine_steps} is out of range", "give 0 (off) or a number of steps such as 200")
         if not (self.refine_lr > 0 and self.refine_lr < 1):
@@ -132,8 +152,12 @@ class JobConfig:
         return self.compensate or self.calibrate == "sequential" or self.anchor > 0
 
 
-def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str) -> dict:
-    """Everything that changes the output bytes; a resume must match it exactly."""
+def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str, profile_digest: str | None = None) -> dict:
+    """Everything that changes the output bytes; a resume must match it exactly.
+
+    `profile_digest`: the digest of a given --profile; a job that profiles for itself records "own"
+    (its profile is fixed by the calibration settings already here).
+    """
     identity = {
         "checkpoint": ckpt.fingerprint(),
         "ratio": cfg.ratio,
@@ -159,6 +183,15 @@ def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str) -> dict:
         identity["anchor"] = cfg.anchor
     if cfg.refine_steps:
         identity["refine"] = [cfg.refine_steps, cfg.refine_lr]
+    # Only when not the defaults, so jobs from before allocation still resume.
+    if cfg.alloc != "uniform":
+        identity["alloc"] = cfg.alloc
+    if cfg.rank_multiple != 1:
+        identity["rank_multiple"] = cfg.rank_multiple
+    if cfg.max_loss is not None:
+        identity["max_loss"] = cfg.max_loss
+    if cfg.needs_profile:
+        identity["profile"] = profile_digest or "own"
     return identity
 
 
@@ -178,7 +211,11 @@ class CompressionJob:
         self.text, self.text_source = load_texts(cfg.calib)
         check_paths(cfg.model_dir, cfg.out_dir, cfg.work_dir, restart=cfg.restart)
         self.out = OutputWriter(cfg.out_dir, self.ckpt, self.config.num_hidden_layers)
-        job_fp = fingerprint(job_identity(cfg, self.ckpt, self.text))
+        self.profile, self.ranks = None, None
+        if cfg.profile is not None:
+            self.profile = read_profile(cfg.profile, self._profile_identity())
+            self.ranks = self._allocate()
+        job_fp = fingerprint(job_identity(cfg, self.ckpt, self.text, self.profile.digest if self.profile else None))
         self.job_fp = job_fp
         self.state = self._open_state()
         # Under --work-dir, a folder of this job's own, so finishing never removes the user's files.
@@ -192,10 +229,39 @@ class CompressionJob:
         if not self.state.complete:
             check_free_space(self._disk_needs())
 
+    # ---------------------------------------------------------------- allocation
+    def _profile_identity(self) -> dict:
+        return profile_identity(self.ckpt, self.text, self.cfg.calib_samples, self.cfg.seqlen, self.cfg.seed)
+
+    def _allocate(self) -> dict[str, int]:
+        """Every matrix's rank from the profile (math/allocate.py), all meeting one --ratio budget."""
+        if self.cfg.max_loss is not None:
+            return max_loss(self.profile.matrices(), self.cfg.max_loss, self.cfg.factors, multiple=self.cfg.rank_multiple)
+        return allocate(self.cfg.alloc, self.profile.matrices(), self.cfg.ratio, self.cfg.factors,
+                        multiple=self.cfg.rank_multiple, tokens=self.profile.tokens)
+
+    def _own_profile(self) -> None:
+        """No --profile: profile into OUT_DIR/profile first (reused if a killed run already finished it)."""
+        cfg = self.cfg
+        self._stage("profile")
+        self.profile = make_profile(ProfileConfig(
+            model_dir=cfg.model_dir, profile_dir=Path(cfg.out_dir) / OWN_PROFILE, max_mem=cfg.max_mem, calib=cfg.calib,
+            calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, seed=cfg.seed, act_dtype=cfg.act_dtype,
+            work_dir=self.work, progress=cfg.progress))
+        if not self.profile.reused:  # the cost goes to this run's figures, not the (deterministic) report
+            self.profile_figures = {"profile_" + k: v for k, v in self.profile.timing.items()}
+        self.ranks = self._allocate()
+        # The plan again with the allocated ranks (a block may hold larger factors than uniform's); same batch.
+        self.plan = build_plan(cfg, self.ckpt, fixed_batch=self.batch_size, ranks=self.ranks)
+        refuse_if_too_small(self.plan, resumed=True)
+
+    def _rank(self, full_name: str, m: int, n: int) -> int:
+        return self.ranks[full_name] if self.ranks is not None else rank_for_ratio(m, n, self.cfg.ratio, self.cfg.factors)
+
     # ---------------------------------------------------------------- setup
     def _batch_size(self) -> int:
         """The plan's batch size (job/plan.py); a resumed job keeps its own. Refuses a budget that cannot hold."""
-        self.plan = build_plan(self.cfg, self.ckpt, fixed_batch=self.state.batch_size or None)
+        self.plan = build_plan(self.cfg, self.ckpt, fixed_batch=self.state.batch_size or None, ranks=self.ranks)
         refuse_if_too_small(self.plan, resumed=bool(self.state.batch_size))
         return self.plan.batch_size
 
@@ -218,7 +284,7 @@ class CompressionJob:
             block = sum(self.ckpt.nbytes(k) for k in self.ckpt.keys() if k.startswith(prefix))
             for name, linear in linears.items():
                 m, n = linear.out_features, linear.in_features
-                rank = rank_for_ratio(m, n, self.cfg.ratio, self.cfg.factors)
+                rank = self._rank(prefix + name, m, n)
                 itemsize = self.ckpt.nbytes(prefix + name + ".weight") // (m * n)
                 pivots = n * 4 if self.cfg.factors == "pivoted" else 0  # int32 permutation
                 factored = stored_numel(m, n, rank, self.cfg.factors) * itemsize + pivots
@@ -283,6 +349,10 @@ class CompressionJob:
         self.state.save(self.out.dir)
         self.out.prepare()
         self.work.mkdir(parents=True, exist_ok=True)
+        if self.cfg.needs_profile and self.profile is None:
+            self._own_profile()
+        elif self.profile is not None:
+            tqdm.write(f"streamsvd: profile reused: {self.cfg.profile} (no profiling)", file=sys.stderr)
         materialize_base_mapped(self.model, self.ckpt, COMPUTE_DTYPE)
         self.layer_args = capture_layer_kwargs(self.model, self.windows[:1])
         self._restore_inputs()
@@ -310,6 +380,7 @@ class CompressionJob:
             figures.update(self.out.log_run({
                 "seconds": round(time.time() - started, 2),
                 "batch_size": self.batch_size,
+                **getattr(self, "profile_figures", {}),
                 **self._memory_figures(),
                 **({"refinement": self.refinements} if self.refinements else {}),
             }))
@@ -433,7 +504,7 @@ class CompressionJob:
             )
             self._stage("factorize")
             block = factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
-                                 svd=cfg.svd)
+                                 svd=cfg.svd, ranks=self.ranks)
             del stats  # the Grams are not needed past here
         if cfg.refine_steps:
             self._refine(layer, index, prefix, block, src, dst)
@@ -477,7 +548,8 @@ class CompressionJob:
             )
             self._stage("factorize")
             factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
-                         svd=cfg.svd, names=[n for g in target for n in g], anchor=cfg.anchor, block=block, finish=last)
+                         svd=cfg.svd, names=[n for g in target for n in g], anchor=cfg.anchor, block=block, finish=last,
+                         ranks=self.ranks)
             del stats
         return block
 
@@ -518,7 +590,29 @@ class CompressionJob:
             },
             "propagate": self.cfg.propagate,
             **self._factors_section(),
+            **self._allocation_section(),
         }
+
+    def _allocation_section(self) -> dict:
+        """How the ranks were chosen; absent for today's uniform ranks, so older outputs keep their bytes."""
+        if not self.cfg.needs_profile:
+            return {}
+        meta = self.profile.meta
+        given = self.cfg.profile is not None
+        return {"allocation": {
+            "alloc": "global" if self.cfg.max_loss is not None else self.cfg.alloc,
+            "rank_multiple": self.cfg.rank_multiple,
+            "max_loss": self.cfg.max_loss,
+            # predicted: the weighted truncation loss the profile's spectra give for these ranks (0 = none dropped)
+            "relative_loss": relative_loss(self.profile.matrices(), self.ranks),
+            "profile": {
+                "dir": str(self.cfg.profile) if given else f"OUT_DIR/{OWN_PROFILE}",  # the same bytes whatever OUT_DIR is
+                "digest": self.profile.digest,
+                # "profile reused": a given profile, no profiling in this job; else the cost of making it
+                "profiling": "profile reused" if given else "profiled by this job",
+                "sensitivity_samples": meta.get("sensitivity_samples", 0),
+            },
+        }}
 
     def _factors_section(self) -> dict:
         """The stored form: `factors` as requested, `forms` per module (pivoted, plain or dense) for load."""
@@ -558,6 +652,7 @@ class CompressionJob:
             "model_params_before": total,
             "model_params_after": total - before + after,
             "ratio_model": (before - after) / total,
+            **self._allocation_section(),
             "calibration": self._config_section()["calibration"],
             "batch_size": self.batch_size,
             # In the model's own order, whichever run factored which block.

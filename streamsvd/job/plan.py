@@ -119,8 +119,12 @@ def choose_svd(mode: str, m: int, n: int, rank: int) -> str:
 
 
 def block_linears(ckpt: Checkpoint, prefix: str, ratio: float, method: str, svd: str = "exact",
-                  factors: str = "pivoted", input_side_only: bool = False) -> list[LinearShape]:
-    """The linears of the block under `prefix`, from the headers: 2-D `.weight` tensors."""
+                  factors: str = "pivoted", ranks: dict[str, int] | None = None,
+                  input_side_only: bool = False) -> list[LinearShape]:
+    """The linears of the block under `prefix`, from the headers: 2-D `.weight` tensors.
+
+    `ranks` (full module name -> rank, an allocation) replaces the ratio's rank where it names the module.
+    """
     shapes = []
     for key in ckpt.keys():
         if key.startswith(prefix) and key.endswith(".weight") and len(ckpt.shape(key)) == 2:
@@ -133,6 +137,8 @@ def block_linears(ckpt: Checkpoint, prefix: str, ratio: float, method: str, svd:
     for s in shapes:
         s.factors = factors
         s.rank = rank_for_ratio(s.out_features, s.in_features, ratio, factors)
+        if ranks is not None and prefix + s.name in ranks:
+            s.rank = ranks[prefix + s.name]
         # Compensation and the anchor need the in x in statistics (math/compensate.py): no output side.
         s.route = factor_route(method, s.out_features, s.in_features, members[s.group] > 1 or input_side_only)
         if s.route == "input":
@@ -251,6 +257,7 @@ class PlanInputs:
     compensate: bool = False  # a second activation stream and the original block beside the compressed one
     anchor: float = 0.0  # > 0 (or compensate): every linear on the input side
     refine_steps: int = 0  # > 0: the refine stage (optimiser state, a backward through the block)
+    ranks: dict[str, int] | None = None  # an allocation (math/allocate.py); None: every rank from `ratio`
 
     @property
     def input_side_only(self) -> bool:
@@ -291,8 +298,15 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             extra_bytes += ckpt.nbytes(key)
             if not key.endswith("embed_tokens.weight") and not key.startswith("lm_head"):
                 other_numel += ckpt.numel(key)
-    big = max(block_prefixes, key=lambda p: block_numel[p]) if block_prefixes else f"{layers_path}.0."
-    linears = block_linears(ckpt, big, settings.ratio, settings.method, settings.svd, settings.factors, settings.input_side_only)
+    def factor_numel(prefix: str) -> int:  # with an allocation, blocks of the same size hold factors of other sizes
+        if settings.ranks is None:
+            return 0
+        return sum(stored_numel(s.out_features, s.in_features, s.rank, s.factors)
+                   for s in block_linears(ckpt, prefix, settings.ratio, "eig", "exact", settings.factors, settings.ranks))
+
+    big = max(block_prefixes, key=lambda p: (block_numel[p], factor_numel(p))) if block_prefixes else f"{layers_path}.0."
+    linears = block_linears(ckpt, big, settings.ratio, settings.method, settings.svd, settings.factors, settings.ranks,
+                            settings.input_side_only)
     weights = block_numel.get(big, 0) * c
     groups: dict[str, list[LinearShape]] = {}
     for s in linears:
@@ -429,8 +443,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     work = 2 * S * L * hidden * act * (2 if settings.compensate else 1)  # two files; each holds both streams when compensating
     out_bytes = extra_bytes + other_file_bytes
     for prefix in block_prefixes:
-        ls = block_linears(ckpt, prefix, settings.ratio, settings.method, "exact", settings.factors,
-                           settings.input_side_only) if prefix != big else linears
+        ls = (block_linears(ckpt, prefix, settings.ratio, settings.method, "exact", settings.factors, settings.ranks,
+                            settings.input_side_only) if prefix != big else linears)
         lin_bytes = sum(s.out_features * s.in_features * s.itemsize for s in ls)
         out_bytes += block_stored[prefix] - lin_bytes + sum(
             stored_numel(s.out_features, s.in_features, s.rank, s.factors) * s.itemsize + 4 * min(s.out_features, s.in_features) for s in ls)
@@ -528,7 +542,7 @@ def refuse_if_too_small(plan: Plan, resumed: bool = False) -> None:
         )
 
 
-def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None) -> Plan:
+def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dict[str, int] | None = None) -> Plan:
     """The plan of the job `cfg` (a JobConfig) under its --max-mem (default: 75% of available RAM).
 
     The baseline is this process's RSS now, after the speed measurement has loaded and warmed up
@@ -544,7 +558,7 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None) -> Plan:
                           propagate=cfg.propagate, act_dtype=cfg.act_dtype, svd=getattr(cfg, "svd", "auto"),
                           factors=getattr(cfg, "factors", "pivoted"), calibrate=getattr(cfg, "calibrate", "block"),
                           compensate=getattr(cfg, "compensate", False), anchor=getattr(cfg, "anchor", 0.0),
-                          refine_steps=getattr(cfg, "refine_steps", 0))
+                          refine_steps=getattr(cfg, "refine_steps", 0), ranks=ranks)
     budget = cfg.max_mem if cfg.max_mem is not None else default_budget()
     other = sum(p.stat().st_size for p in sorted(ckpt.dir.iterdir()) if p.is_file() and not p.name.endswith(".safetensors")
                 and p.name not in ("model.safetensors.index.json",))

@@ -259,6 +259,7 @@ def factor_block(
     layer: nn.Module, prefix: str, ckpt: Checkpoint, stats, ratio: float, method: str,
     compute_dtype: torch.dtype = torch.float32, factors: str = "pivoted", svd: str = "exact",
     names: list[str] | None = None, anchor: float = 0.0, block: FactoredBlock | None = None, finish: bool = True,
+    ranks: dict[str, int] | None = None,
 ) -> FactoredBlock:
     """Factor the linears `names` of `layer` (default: all) and swap in the modules the shard will hold.
 
@@ -266,7 +267,8 @@ def factor_block(
     `ratio` is the one that form affords. A module that would not get smaller is stored dense.
     `stats` is a GramCollector or a GroupStatistics; where it holds cross statistics (compensation)
     or `anchor` > 0, a linear is factored by math/compensate.py. `finish` adds the block's other
-    tensors (norms) to the shard: the last call for a block does it.
+    tensors (norms) to the shard: the last call for a block does it. `ranks` (full module name ->
+    rank, from math/allocate.py) wins over `ratio` when given.
     """
     block = block if block is not None else FactoredBlock()
     whitenings: dict[str, object] = {}
@@ -275,7 +277,7 @@ def factor_block(
     for i, name in enumerate(names):
         linear = linears[name]
         full = prefix + name
-        rank = rank_for_ratio(linear.out_features, linear.in_features, ratio, factors)
+        rank = ranks[full] if ranks is not None else rank_for_ratio(linear.out_features, linear.in_features, ratio, factors)
         error = None
         if name in stats.output_grams:
             group = name

@@ -1,0 +1,376 @@
+"""`streamsvd profile`: what rank allocation reads, measured once and reused by any number of runs.
+
+One streamed pass over the model with the original model's activations (like `run --propagate
+original`, one block in memory at a time) saves, per linear:
+
+- the whitened spectrum: the singular values of W S with G = S S^T from the eig of the input Gram
+  (or the square roots of the eigenvalues of the output Gram W G W^T for the linears `run` factors
+  on their output side), exactly the spectrum `run --svd exact` writes, so the truncation loss at
+  every rank is known before any block is factored (math/allocate.py);
+- a sensitivity weight: the mean squared gradient of the LM loss at the linear's output, over the
+  first `sensitivity_samples` windows (16 by default). The LM loss is the sum of the next-token
+  cross-entropies (a sum, so a token's gradient does not shrink with the number of tokens). The
+  forward keeps each block's inputs for those windows on disk; the loss and its gradient at the
+  final hidden states come from the final norm and the head (read from the checkpoint); then the
+  blocks are walked backwards, each loaded alone, its forward recomputed from its saved inputs with
+  grad enabled (transformers' own layer, model/capture.run_layer), the gradient at every linear's
+  output read by a tensor hook, and the gradient at the block's input handed to the block before.
+  Costs about three forwards of the subset; its seconds are in profile_log.json.
+
+The profile's folder holds `spectra.safetensors` (float64, by full module name) and `profile.json`
+(written last: a folder without it is not a profile; nothing in it depends on the machine's speed, so a
+job that profiles for itself still ends byte-identical after an interruption) with the identity (checkpoint fingerprint,
+calibration digest, samples, seqlen, seed), the token count, the shapes and the weights. A run
+with other calibration settings or another model refuses it. Profiling is not resumable: a killed
+profile is redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..errors import StreamSVDError
+from ..io.activations import ActivationFile
+from ..io.calibration import load_texts, load_tokenizer, sample_windows, text_digest
+from ..io.checkpoint import Checkpoint
+from ..io.fsutil import atomic_path, atomic_write_json
+from ..math.allocate import Matrix
+from ..math.factorize import whiten
+from ..model.architecture import decoder_layers, empty_model, layer_prefix, linear_modules, load_config, load_layer, max_positions
+from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
+from ..model.embedding import materialize_base_mapped
+from .stages import collect_statistics, output_side_linears
+
+COMPUTE_DTYPE = torch.float32
+PROFILE_JSON = "profile.json"
+PROFILE_LOG = "profile_log.json"  # wall times of the pass that made the profile (not part of its identity)
+SPECTRA_FILE = "spectra.safetensors"
+WORK_NAME = ".profile-work"
+MATCHED_KEYS = ("checkpoint", "calib_digest", "calib_samples", "seqlen", "seed")
+
+
+@dataclass
+class ProfileConfig:
+    model_dir: Path
+    profile_dir: Path
+    max_mem: int | None = None
+    calib: list[str] = field(default_factory=list)
+    calib_samples: int = 64
+    seqlen: int = 512
+    seed: int = 0
+    act_dtype: str = "float32"
+    sensitivity_samples: int = 16  # windows of the backward pass; 0: no sensitivity (every weight 1)
+    work_dir: Path | None = None  # where the activation files go (default: inside the profile folder)
+    progress: bool = True
+
+    def job_config(self):
+        """The JobConfig whose checks and memory plan the profile shares (propagate original)."""
+        from .pipeline import JobConfig
+
+        return JobConfig(model_dir=self.model_dir, out_dir=self.profile_dir, max_mem=self.max_mem, calib=self.calib,
+                         calib_samples=self.calib_samples, seqlen=self.seqlen, seed=self.seed, propagate="original",
+                         act_dtype=self.act_dtype, progress=self.progress, svd="exact")
+
+    def validate(self) -> None:
+        self.job_config().validate()
+        if not 0 <= self.sensitivity_samples <= 16:
+            raise StreamSVDError(f"--sensitivity-samples {self.sensitivity_samples} is out of range",
+                                 "give 0 (no sensitivity) to 16 windows for the backward pass")
+
+
+def profile_identity(ckpt: Checkpoint, text: str, calib_samples: int, seqlen: int, seed: int) -> dict:
+    """What a profile's measurements depend on; a run must match every key to use it."""
+    return {"checkpoint": ckpt.fingerprint(), "calib_digest": text_digest(text), "calib_samples": calib_samples,
+            "seqlen": seqlen, "seed": seed}
+
+
+@dataclass
+class Profile:
+    dir: Path
+    meta: dict  # profile.json
+    spectra: dict[str, np.ndarray]
+    reused: bool = False  # True when make_profile found it already made instead of profiling
+
+    @property
+    def timing(self) -> dict:
+        """seconds and sensitivity_seconds of the pass that made it ({} if its log is gone)."""
+        try:
+            return json.loads((self.dir / PROFILE_LOG).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    @property
+    def digest(self) -> str:
+        """Identifies the measurements: a job's identity records it, so another profile is another job."""
+        h = hashlib.sha256((self.dir / SPECTRA_FILE).read_bytes())
+        h.update(json.dumps({k: self.meta[k] for k in ("identity", "sensitivity", "shapes")}, sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+    @property
+    def tokens(self) -> int:
+        return self.meta["tokens"]
+
+    def matrices(self, names: list[str] | None = None) -> list[Matrix]:
+        """math/allocate's input, in the model's order (or `names`' order)."""
+        weights = self.meta.get("sensitivity") or {}
+        return [Matrix(name, *self.meta["shapes"][name], self.spectra[name], float(weights.get(name, 1.0)))
+                for name in (names or self.meta["order"])]
+
+
+def read_profile(path: Path, identity: dict | None = None) -> Profile:
+    """The profile in `path`; refused (one error, one fix) if it is missing, damaged, or made from other settings."""
+    path = Path(path)
+    fix = "make one with `streamsvd profile MODEL_DIR PROFILE_DIR` and the same --calib, --calib-samples, --seqlen and --seed as the run"
+    try:
+        meta = json.loads((path / PROFILE_JSON).read_text())
+        spectra = {k: v.numpy() for k, v in load_file(str(path / SPECTRA_FILE)).items()}
+    except FileNotFoundError:
+        raise StreamSVDError(f"{path} is not a finished streamsvd profile (no {PROFILE_JSON} or {SPECTRA_FILE})", fix) from None
+    except (OSError, ValueError) as e:
+        raise StreamSVDError(f"the profile in {path} cannot be read ({e})", fix) from None
+    if not isinstance(meta, dict) or not {"identity", "shapes", "order", "tokens"} <= set(meta) or set(meta["order"]) != set(spectra):
+        raise StreamSVDError(f"the profile in {path} is damaged ({PROFILE_JSON} does not match {SPECTRA_FILE})", fix)
+    if identity is not None:
+        differ = [k for k in MATCHED_KEYS if meta["identity"].get(k) != identity[k]]
+        if differ:
+            what = ", ".join("the model" if k == "checkpoint" else "the calibration text" if k == "calib_digest" else k
+                             for k in differ)
+            raise StreamSVDError(f"the profile in {path} was made with another {what} than this run", fix)
+    return Profile(path, meta, spectra)
+
+
+def _check_places(cfg: ProfileConfig) -> None:
+    """Refusals before anything is written: MODEL_DIR an output, PROFILE_DIR not a folder we can write."""
+    from .preflight import check_can_create, streamsvd_section
+
+    if streamsvd_section(cfg.model_dir):
+        raise StreamSVDError(f"MODEL_DIR {cfg.model_dir} is a streamsvd output, not an original checkpoint",
+                             "profile the original checkpoint")
+    check_can_create(cfg.profile_dir, "PROFILE_DIR", "choose a PROFILE_DIR in a directory you can write to")
+    if cfg.work_dir is not None:
+        check_can_create(cfg.work_dir, "--work-dir", "give --work-dir a directory you can write to (or leave it out)")
+
+
+def _say(message: str) -> None:
+    tqdm.write(f"streamsvd: {message}", file=sys.stderr)
+
+
+class Profiler:
+    def __init__(self, cfg: ProfileConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.ckpt = Checkpoint(cfg.model_dir)
+        self.config = load_config(self.ckpt)
+        limit = max_positions(self.config)
+        if limit is not None and cfg.seqlen > limit:
+            raise StreamSVDError(f"--seqlen {cfg.seqlen} is longer than the model allows ({limit} positions)",
+                                 f"use --seqlen {limit} or less")
+        self.text, self.text_source = load_texts(cfg.calib)
+        _check_places(cfg)
+        self.identity = profile_identity(self.ckpt, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
+        self.windows = sample_windows(load_tokenizer(self.ckpt.dir), self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
+        self.model = empty_model(self.config, COMPUTE_DTYPE)
+        from .plan import build_plan, refuse_if_too_small
+
+        plan = build_plan(cfg.job_config(), self.ckpt)
+        refuse_if_too_small(plan)
+        self.batch_size = plan.batch_size
+        self.work = Path(cfg.profile_dir) / WORK_NAME if cfg.work_dir is None else Path(cfg.work_dir) / "streamsvd-profile"
+
+    def disk_needs(self) -> dict[Path, int]:
+        """Bytes the pass writes: two activation files, the saved block inputs and final states of the
+        sensitivity windows (float32), and the spectra."""
+        from ..io.activations import activation_bytes
+
+        cfg, config = self.cfg, self.config
+        keep = min(cfg.sensitivity_samples, cfg.calib_samples)
+        window = (cfg.seqlen, config.hidden_size)
+        work = 2 * activation_bytes((cfg.calib_samples, *window), cfg.act_dtype)
+        work += (config.num_hidden_layers + 1) * activation_bytes((keep, *window), "float32") if keep else 0
+        spectra = sum(8 * min(self.ckpt.shape(k)) for k in self.ckpt.keys()
+                      if k.endswith(".weight") and len(self.ckpt.shape(k)) == 2 and ".layers." in k)
+        return {Path(cfg.profile_dir): spectra, self.work: work}
+
+    def existing(self) -> Profile | None:
+        """A finished profile of the same settings already in the folder (the same command run twice)."""
+        if not (Path(self.cfg.profile_dir) / PROFILE_JSON).exists():
+            return None
+        return read_profile(self.cfg.profile_dir, self.identity)
+
+    def run(self) -> Profile:
+        found = self.existing()
+        if found is not None:
+            _say(f"profile reused: {self.cfg.profile_dir} already holds a profile of these settings")
+            found.reused = True
+            return found
+        from ..io.diskspace import check_free_space
+
+        check_free_space(self.disk_needs())
+        started = time.time()
+        out = Path(self.cfg.profile_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        try:
+            spectra, shapes, final = self._forward()
+            sens_started = time.time()
+            sensitivity = self._sensitivity(final) if self.cfg.sensitivity_samples else None
+            if sensitivity is not None:
+                sensitivity = {name: sensitivity[name] for name in spectra}  # the model's order
+            sens_seconds = time.time() - sens_started
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)
+        atomic_write_json(out / PROFILE_LOG, {"seconds": round(time.time() - started, 2),
+                                              "sensitivity_seconds": round(sens_seconds, 2) if sensitivity else None})
+        with atomic_path(out / SPECTRA_FILE) as tmp:
+            save_file({k: torch.from_numpy(v) for k, v in spectra.items()}, str(tmp))
+        atomic_write_json(out / PROFILE_JSON, {
+            "version": __version__,
+            "identity": self.identity,
+            "calibration_source": self.text_source,
+            "tokens": self.cfg.calib_samples * self.cfg.seqlen,
+            "order": list(spectra),
+            "shapes": shapes,
+            "sensitivity": sensitivity,
+            "sensitivity_samples": min(self.cfg.sensitivity_samples, self.cfg.calib_samples) if sensitivity else 0,
+        })
+        return read_profile(out, self.identity)
+
+    # ------------------------------------------------------------ forward: spectra
+    def _batches(self):
+        n = self.cfg.calib_samples
+        for start in range(0, n, self.batch_size):
+            yield start, min(n, start + self.batch_size)
+
+    def _file(self, name: str, samples: int | None = None, create: bool = True) -> ActivationFile:
+        shape = (samples or self.cfg.calib_samples, self.cfg.seqlen, self.config.hidden_size)
+        dtype = "float32" if samples else self.cfg.act_dtype  # the backward pass reads exact float32 inputs
+        return ActivationFile(self.work / name, shape, dtype, create=create)
+
+    @torch.no_grad()
+    def _forward(self) -> tuple[dict[str, np.ndarray], dict[str, list[int]], ActivationFile | None]:
+        materialize_base_mapped(self.model, self.ckpt, COMPUTE_DTYPE)
+        self.layer_args = capture_layer_kwargs(self.model, self.windows[:1])
+        keep = min(self.cfg.sensitivity_samples, self.cfg.calib_samples)
+        src = self._file("acts-0.bin")
+        for start, stop in self._batches():
+            src.write(start, first_layer_inputs(self.model, self.windows[start:stop]))
+        spectra, shapes = {}, {}
+        n_layers = len(decoder_layers(self.model))
+        for index in tqdm(range(n_layers), desc="profile", unit="block", disable=not self.cfg.progress):
+            layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
+            dst = self._file(f"acts-{(index + 1) % 2}.bin")
+            saved = self._file(f"inputs-{index}.bin", keep) if keep else None
+
+            def read(start, stop, src=src, saved=saved):
+                x = src.read(start, stop)
+                if saved is not None and start < keep:
+                    saved.write(start, x[: keep - start])
+                return x
+
+            args, kwargs = self.layer_args[index]
+            stats = collect_statistics(layer, self._batches(), read, lambda lyr, h: run_layer(lyr, h, args, kwargs),
+                                       on_output=dst.write, output_side=output_side_linears(layer, "eig"))
+            prefix = layer_prefix(self.model, index)
+            for name, s in block_spectra(layer, stats).items():
+                spectra[prefix + name] = s
+                linear = layer.get_submodule(name)
+                shapes[prefix + name] = [linear.out_features, linear.in_features]
+            src = dst
+        final = None
+        if keep:
+            final = self._file("final.bin", keep)
+            final.write(0, src.read(0, keep))
+        return spectra, shapes, final
+
+    # ------------------------------------------------------------ backward: sensitivity
+    def _head_gradient(self, final: ActivationFile, keep: int) -> torch.Tensor:
+        """d(summed next-token NLL) / d(final hidden states), window by window."""
+        head_name = "lm_head.weight" if "lm_head.weight" in self.ckpt else next(k for k in self.ckpt.keys() if k.endswith("embed_tokens.weight"))
+        head = self.ckpt.get(head_name).to(COMPUTE_DTYPE)
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        norm = self.model.model.norm
+        grads = torch.empty(keep, self.cfg.seqlen, self.config.hidden_size, dtype=COMPUTE_DTYPE)
+        for w in range(keep):
+            hidden = final.read(w, w + 1).requires_grad_(True)
+            with torch.enable_grad():
+                logits = norm(hidden)[:, :-1] @ head.T
+                if softcap:
+                    logits = torch.tanh(logits / softcap) * softcap
+                targets = self.windows[w : w + 1, 1:]
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+                grads[w : w + 1] = torch.autograd.grad(loss, hidden)[0]
+        return grads
+
+    def _sensitivity(self, final: ActivationFile) -> dict[str, float]:
+        keep = final.shape[0]
+        grads = self._head_gradient(final, keep)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        layers = decoder_layers(self.model)
+        for index in tqdm(range(len(layers) - 1, -1, -1), desc="sensitivity", unit="block", disable=not self.cfg.progress):
+            layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
+            layer.requires_grad_(False)  # only the activations' gradients are wanted
+            prefix = layer_prefix(self.model, index)
+            handles = [m.register_forward_hook(_gradient_reader(prefix + name, sums, counts))
+                       for name, m in linear_modules(layer).items()]
+            saved = self._file(f"inputs-{index}.bin", keep, create=False)
+            args, kwargs = self.layer_args[index]
+            for w in range(keep):
+                x = saved.read(w, w + 1).requires_grad_(True)
+                with torch.enable_grad():
+                    out = run_layer(layer, x, args, kwargs)
+                    grads[w : w + 1] = torch.autograd.grad(out, x, grad_outputs=grads[w : w + 1])[0]
+            for h in handles:
+                h.remove()
+        return {name: sums[name] / counts[name] for name in sums}
+
+
+def _gradient_reader(name: str, sums: dict, counts: dict):
+    """A forward hook that puts a tensor hook on the linear's output: the sum of squared gradients."""
+
+    def on_grad(grad):
+        sums[name] = sums.get(name, 0.0) + float(grad.detach().double().pow(2).sum())
+        counts[name] = counts.get(name, 0) + grad.numel()
+
+    def hook(module, inputs, output):
+        if output.requires_grad:
+            output.register_hook(on_grad)
+
+    return hook
+
+
+@torch.no_grad()
+def block_spectra(layer, stats) -> dict[str, np.ndarray]:
+    """Each linear's whitened spectrum from the block's statistics, as job/stages.factor_block computes it (eig, exact)."""
+    whitenings = {}
+    out = {}
+    for name, linear in linear_modules(layer).items():
+        w = linear.weight.detach().to(torch.float64)
+        k = min(w.shape)
+        if name in stats.output_grams:
+            evals = torch.linalg.eigvalsh(stats.output_grams.pop(name).gram.to(torch.float64)).flip(0)
+            s = evals.clamp_min(0).sqrt()[:k]
+        else:
+            group = stats.group_of[name]
+            if group not in whitenings:
+                whitenings[group] = whiten(stats.grams.pop(group).gram, "eig")
+            s = torch.linalg.svdvals(w @ whitenings[group].s)
+        out[name] = s.numpy().astype(np.float64)
+    return out
+
+
+def make_profile(cfg: ProfileConfig) -> Profile:
+    return Profiler(cfg).run()

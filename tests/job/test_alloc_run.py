@@ -1,0 +1,165 @@
+"""`run --alloc / --rank-multiple / --profile`: ranks from a profile, a profile reused, old jobs unchanged."""
+
+import json
+
+import pytest
+
+import streamsvd
+from streamsvd.cli import main
+from streamsvd.errors import JobMismatch, StreamSVDError
+from streamsvd.io.checkpoint import Checkpoint
+from streamsvd.job import profile as profile_module
+from streamsvd.job.pipeline import JobConfig, job_identity, run_job
+from streamsvd.job.plan import block_linears, build_plan
+from streamsvd.job.profile import ProfileConfig, make_profile
+from streamsvd.math.allocate import allocate, budget_numel, step_cost, total_numel
+from tiny_models import make_tiny_checkpoint
+
+SAMPLES, SEQLEN = 6, 48
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("llama") / "model")
+
+
+@pytest.fixture(scope="module")
+def profiled(tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("profile") / "prof"
+    make_profile(ProfileConfig(tiny, path, calib_samples=SAMPLES, seqlen=SEQLEN, sensitivity_samples=4, progress=False))
+    return path
+
+
+def _job(model_dir, out_dir, **kw):
+    return JobConfig(model_dir=model_dir, out_dir=out_dir, calib_samples=SAMPLES, seqlen=SEQLEN, progress=False, **kw)
+
+
+def _no_profiling(monkeypatch):
+    def refuse(self):
+        raise AssertionError("profiled although a profile was given")
+
+    monkeypatch.setattr(profile_module.Profiler, "run", refuse)
+
+
+@pytest.mark.parametrize("alloc,multiple", [("global", 1), ("v2", 1), ("global", 8)])
+def test_a_profile_reused_by_two_runs_at_other_ratios(tiny, profiled, tmp_path, monkeypatch, capsys, alloc, multiple):
+    _no_profiling(monkeypatch)
+    prof = profile_module.read_profile(profiled)
+    mats = prof.matrices()
+    for ratio in (0.3, 0.5):
+        out = tmp_path / f"out-{ratio}"
+        report = run_job(_job(tiny, out, ratio=ratio, alloc=alloc, rank_multiple=multiple, profile=profiled))
+        assert "profile reused" in capsys.readouterr().err
+        assert report["allocation"]["profile"]["profiling"] == "profile reused"
+        ranks = {name: m["rank"] for name, m in report["modules"].items()}
+        assert ranks == allocate(alloc, mats, ratio, multiple=multiple, tokens=prof.tokens)
+        assert json.loads((out / "config.json").read_text())["streamsvd"]["ranks"] == ranks
+        # The achieved ratio is the budget's, to within one rank step of any matrix not at full rank.
+        left = budget_numel(mats, ratio) - total_numel(mats, ranks)
+        assert 0 <= left < min(step_cost(a, ranks[a.name], multiple) for a in mats if ranks[a.name] < a.full)
+        assert report["ratio_linear"] == pytest.approx(1 - total_numel(mats, ranks) / sum(a.m * a.n for a in mats))
+        assert report["ratio_linear"] >= ratio
+        assert len(set(ranks.values())) > 3  # not one ratio for all
+        streamsvd.load(out)
+
+
+def test_run_without_a_profile_profiles_into_out_dir_and_resumes_with_it(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    report = run_job(_job(tiny, out, alloc="global"))
+    assert report["allocation"]["profile"]["profiling"] == "profiled by this job"
+    assert (out / "profile" / "profile.json").is_file()
+    assert report["this_run"]["profile_seconds"] > 0  # the cost is in this run's figures, not in the report
+    again = run_job(_job(tiny, out, alloc="global"))  # finished: nothing to do, same report
+    assert {k: v for k, v in again.items() if k != "this_run"} == {k: v for k, v in report.items() if k != "this_run"}
+    with pytest.raises(JobMismatch):
+        run_job(_job(tiny, out, alloc="v2"))  # another allocation into the same OUT_DIR is another job
+
+
+def test_an_interrupted_job_that_profiles_for_itself_resumes_byte_identical(tiny, tmp_path):
+    from test_resume import _files  # every file but the state and the run log
+
+    from streamsvd.job.profile import PROFILE_LOG
+
+    run_job(_job(tiny, tmp_path / "straight", alloc="global"))
+
+    def stop(index):
+        if index == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_job(_job(tiny, tmp_path / "cut", alloc="global"), on_block_done=stop)
+    assert (tmp_path / "cut" / "profile" / "profile.json").is_file()
+    resumed = []
+    run_job(_job(tiny, tmp_path / "cut", alloc="global"), on_block_done=resumed.append)
+    assert resumed == [1, 2]
+
+    def files(out):
+        return {k: v for k, v in _files(out).items() if not k.endswith(PROFILE_LOG)}
+
+    assert files(tmp_path / "cut") == files(tmp_path / "straight")
+    assert "profile/spectra.safetensors" in files(tmp_path / "cut")
+
+
+def test_restart_removes_the_profile_the_job_made(tiny, tmp_path, capsys):
+    run_job(_job(tiny, tmp_path / "out", alloc="global"))
+    capsys.readouterr()
+    run_job(_job(tiny, tmp_path / "out", alloc="global", restart=True))
+    assert str(tmp_path / "out" / "profile") in capsys.readouterr().err
+    assert (tmp_path / "out" / "profile" / "profile.json").is_file()  # made again
+
+
+def test_run_with_an_own_profile_equals_run_with_the_same_profile_given(tiny, tmp_path):
+    own = run_job(_job(tiny, tmp_path / "own", alloc="global", ratio=0.4))
+    given = run_job(_job(tiny, tmp_path / "given", alloc="global", ratio=0.4, profile=tmp_path / "own" / "profile"))
+    assert {n: m["rank"] for n, m in own["modules"].items()} == {n: m["rank"] for n, m in given["modules"].items()}
+
+
+def test_defaults_keep_the_old_identity(tiny):
+    cfg = _job(tiny, "out")
+    identity = job_identity(cfg, Checkpoint(tiny), "text")
+    assert not {"alloc", "rank_multiple", "profile"} & set(identity)
+    identity = job_identity(_job(tiny, "out", alloc="global", rank_multiple=64), Checkpoint(tiny), "text", "abc")
+    assert (identity["alloc"], identity["rank_multiple"], identity["profile"]) == ("global", 64, "abc")
+
+
+def test_the_plan_counts_the_allocated_ranks(tiny, profiled):
+    ckpt = Checkpoint(tiny)
+    prof = profile_module.read_profile(profiled)
+    ranks = allocate("global", prof.matrices(), 0.4, tokens=prof.tokens)
+    shapes = block_linears(ckpt, "model.layers.1.", 0.4, "eig", ranks=ranks)
+    assert {s.name: s.rank for s in shapes} == {n[len("model.layers.1."):]: r for n, r in ranks.items() if ".layers.1." in n}
+    cfg = _job(tiny, "out")
+    full = {n: min(prof.meta["shapes"][n]) for n in ranks}
+    assert build_plan(cfg, ckpt, ranks=full).disk_bytes > build_plan(cfg, ckpt, ranks=ranks).disk_bytes
+
+
+def test_bad_allocation_flags_end_with_one_error_and_a_fix(tiny, profiled, tmp_path, capsys):
+    base = ["run", str(tiny), str(tmp_path / "out"), "--calib-samples", str(SAMPLES), "--seqlen", str(SEQLEN), "--no-progress"]
+    for extra, says in [(["--rank-multiple", "0"], "--rank-multiple 0"),
+                        (["--alloc", "global", "--profile", str(tmp_path / "none")], "not a finished streamsvd profile"),
+                        (["--alloc", "global", "--profile", str(profiled), "--seed", "5"], "another seed"),
+                        (["--alloc", "global", "--profile", str(profiled), "--ratio", "0.95", "--rank-multiple", "32"],
+                         "smallest ranks allowed")]:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert "error: " in err and says in err and "fix: " in err and "Traceback" not in err
+        assert not (tmp_path / "out").exists()  # refused before anything was written
+    with pytest.raises(StreamSVDError):
+        _job(tiny, tmp_path / "o", alloc="best").validate()
+
+
+def test_max_loss_target_gives_the_smallest_model_that_meets_it(tiny, profiled, tmp_path, monkeypatch):
+    _no_profiling(monkeypatch)
+    sizes = []
+    for target in (0.3, 0.05):
+        report = run_job(_job(tiny, tmp_path / f"out-{target}", max_loss=target, profile=profiled))
+        alloc = report["allocation"]
+        assert alloc["max_loss"] == target and alloc["alloc"] == "global"
+        assert alloc["relative_loss"] <= target + 1e-9
+        sizes.append(report["linear_params_after"])
+        assert "predicted relative loss" in (tmp_path / f"out-{target}" / "streamsvd_report.md").read_text()
+    assert sizes[0] < sizes[1]  # a looser target, a smaller model
+    with pytest.raises(StreamSVDError, match="max-loss"):
+        _job(tiny, tmp_path / "o", max_loss=1.5).validate()
+    with pytest.raises(StreamSVDError, match="v2"):
+        _job(tiny, tmp_path / "o", max_loss=0.1, alloc="v2").validate()

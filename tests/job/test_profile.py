@@ -1,0 +1,128 @@
+"""`streamsvd profile`: spectra as `run` computes them, sensitivity as dense autograd computes it, identity checked."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from streamsvd.errors import StreamSVDError
+from streamsvd.io.calibration import default_text, sample_windows
+from streamsvd.job.pipeline import JobConfig, run_job
+from streamsvd.job.profile import PROFILE_JSON, ProfileConfig, make_profile, read_profile
+from tiny_models import make_tiny_checkpoint
+
+SAMPLES, SEQLEN, KEEP = 6, 48, 4
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3_text"])
+def tiny(request, tmp_path_factory):
+    return make_tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param) / "model")
+
+
+def _profile(model_dir, path, **kw):
+    kw = {"calib_samples": SAMPLES, "seqlen": SEQLEN, "sensitivity_samples": KEEP, "progress": False, **kw}
+    return make_profile(ProfileConfig(model_dir, path, **kw))
+
+
+def dense_sensitivity(model_dir, windows):
+    """Mean squared gradient of the summed next-token NLL at every linear's output, the whole model in memory."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    outputs = {}
+    for i, layer in enumerate(model.model.layers):
+        for name, m in layer.named_modules():
+            if isinstance(m, nn.Linear):
+                def hook(module, inputs, output, key=f"model.layers.{i}.{name}"):
+                    output.retain_grad()
+                    outputs[key] = output
+                m.register_forward_hook(hook)
+    embeds = model.get_input_embeddings()(windows).detach().requires_grad_(True)  # so the graph reaches every layer
+    logits = model(inputs_embeds=embeds).logits[:, :-1]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1), reduction="sum")
+    loss.backward()
+    return {k: float(v.grad.double().pow(2).mean()) for k, v in outputs.items()}
+
+
+def test_sensitivity_matches_dense_autograd(tiny, tmp_path):
+    profile = _profile(tiny, tmp_path / "prof")
+    windows = sample_windows(AutoTokenizer.from_pretrained(tiny), default_text(), SAMPLES, SEQLEN, seed=0)[:KEEP]
+    want = dense_sensitivity(tiny, windows)
+    got = profile.meta["sensitivity"]
+    assert set(got) == set(want) == set(profile.meta["order"])
+    for name in want:
+        assert got[name] == pytest.approx(want[name], rel=1e-4), name
+    assert profile.timing["sensitivity_seconds"] >= 0 and profile.meta["sensitivity_samples"] == KEEP
+
+
+def test_spectra_are_what_run_writes(tiny, tmp_path):
+    """Same statistics as `run --propagate original --svd exact`, so the same whitened spectra."""
+    profile = _profile(tiny, tmp_path / "prof", sensitivity_samples=0)
+    assert profile.meta["sensitivity"] is None
+    run_job(JobConfig(model_dir=tiny, out_dir=tmp_path / "out", calib_samples=SAMPLES, seqlen=SEQLEN, progress=False,
+                      propagate="original", svd="exact"))
+    n = json.loads((tiny / "config.json").read_text())["num_hidden_layers"]
+    for index in range(n):
+        written = load_file(str(tmp_path / "out" / "spectra" / f"block-{index:05d}.safetensors"))
+        for name, s in written.items():
+            np.testing.assert_allclose(profile.spectra[name].astype(np.float32), s.numpy(), rtol=1e-4, atol=1e-6)
+    assert profile.tokens == SAMPLES * SEQLEN
+    assert list(profile.meta["order"]) == [m.name for m in profile.matrices()]
+
+
+def test_a_profile_of_other_settings_or_another_model_is_refused(tiny, tmp_path):
+    profile = _profile(tiny, tmp_path / "prof", sensitivity_samples=0)
+    identity = dict(profile.meta["identity"])
+    assert read_profile(tmp_path / "prof", identity).digest == profile.digest
+    with pytest.raises(StreamSVDError, match="seed"):
+        read_profile(tmp_path / "prof", {**identity, "seed": 1})
+    with pytest.raises(StreamSVDError, match="the model"):
+        read_profile(tmp_path / "prof", {**identity, "checkpoint": {"config": {}, "shards": {}}})
+    with pytest.raises(StreamSVDError, match="another seed") as e:
+        _profile(tiny, tmp_path / "prof", seed=1, sensitivity_samples=0)  # into the same folder, other settings
+    assert "streamsvd profile" in e.value.fix
+    (tmp_path / "prof" / PROFILE_JSON).unlink()
+    with pytest.raises(StreamSVDError, match="not a finished"):
+        read_profile(tmp_path / "prof", identity)
+
+
+def test_the_same_profile_command_twice_reuses_it(tiny, tmp_path):
+    first = _profile(tiny, tmp_path / "prof", sensitivity_samples=0)
+    stamp = (tmp_path / "prof" / PROFILE_JSON).stat().st_mtime_ns
+    again = _profile(tiny, tmp_path / "prof", sensitivity_samples=0)
+    assert again.digest == first.digest and (tmp_path / "prof" / PROFILE_JSON).stat().st_mtime_ns == stamp
+    assert not (tmp_path / "prof" / ".profile-work").exists()
+
+
+def test_bad_profile_input_ends_with_one_error_and_a_fix(tiny, tmp_path, capsys):
+    from streamsvd.cli import main
+
+    (tmp_path / "file").write_text("x")
+    base = ["profile", str(tiny), "--calib-samples", str(SAMPLES), "--seqlen", str(SEQLEN), "--no-progress"]
+    for args, says in [([str(tmp_path / "file")], "is a file"),
+                       ([str(tmp_path / "p"), "--sensitivity-samples", "17"], "--sensitivity-samples 17"),
+                       ([str(tmp_path / "p"), "--calib-samples", "0"], "--calib-samples 0"),
+                       ([str(tmp_path / "p"), "--seqlen", "100000"], "longer than the model allows")]:
+        assert main(base[:2] + args[:1] + base[2:] + args[1:]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "fix: " in err and "Traceback" not in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_profile_that_would_not_fit_its_disk_is_refused_before_writing(tiny, tmp_path, monkeypatch):
+    from streamsvd.io import diskspace
+    from streamsvd.job.profile import Profiler
+
+    cfg = ProfileConfig(tiny, tmp_path / "prof", calib_samples=SAMPLES, seqlen=SEQLEN, sensitivity_samples=KEEP, progress=False)
+    needs = Profiler(cfg).disk_needs()
+    hidden = json.loads((tiny / "config.json").read_text())["hidden_size"]
+    layers = json.loads((tiny / "config.json").read_text())["num_hidden_layers"]
+    assert sum(needs.values()) > (2 * SAMPLES + (layers + 1) * KEEP) * SEQLEN * hidden * 4
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: 1000)
+    with pytest.raises(StreamSVDError, match="not enough disk space"):
+        make_profile(cfg)
+    assert not (tmp_path / "prof").exists()
