@@ -534,8 +534,10 @@ class CompressionJob:
         original = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE) if cfg.compensate else None
         groups = forward_groups(layer, src.read(0, 1), forward)
         passes = [[g] for g in groups] if cfg.calibrate == "sequential" else [groups]
-        # Compensation and the anchor need the in x in statistics: no output-side route (job/plan.py).
-        output_side = output_side_linears(layer, cfg.method) if not (cfg.compensate or cfg.anchor > 0) else set()
+        # Linears on the output side (out < in, input read by no other: down_proj) keep that route and are
+        # neither compensated nor anchored: compensating them needs their in x in statistics, which for
+        # a 70B model's down_proj (28672 x 28672, twice, plus eigh) would not fit the budgets streamsvd is for.
+        output_side = output_side_linears(layer, cfg.method)
         block = FactoredBlock()
         for i, target in enumerate(passes):
             last = i == len(passes) - 1

@@ -119,8 +119,7 @@ def choose_svd(mode: str, m: int, n: int, rank: int) -> str:
 
 
 def block_linears(ckpt: Checkpoint, prefix: str, ratio: float, method: str, svd: str = "exact",
-                  factors: str = "pivoted", ranks: dict[str, int] | None = None,
-                  input_side_only: bool = False) -> list[LinearShape]:
+                  factors: str = "pivoted", ranks: dict[str, int] | None = None) -> list[LinearShape]:
     """The linears of the block under `prefix`, from the headers: 2-D `.weight` tensors.
 
     `ranks` (full module name -> rank, an allocation) replaces the ratio's rank where it names the module.
@@ -139,8 +138,7 @@ def block_linears(ckpt: Checkpoint, prefix: str, ratio: float, method: str, svd:
         s.rank = rank_for_ratio(s.out_features, s.in_features, ratio, factors)
         if ranks is not None and prefix + s.name in ranks:
             s.rank = ranks[prefix + s.name]
-        # Compensation and the anchor need the in x in statistics (math/compensate.py): no output side.
-        s.route = factor_route(method, s.out_features, s.in_features, members[s.group] > 1 or input_side_only)
+        s.route = factor_route(method, s.out_features, s.in_features, members[s.group] > 1)
         if s.route == "input":
             s.svd = choose_svd(svd, s.out_features, s.in_features, s.rank)
     return shapes
@@ -255,12 +253,12 @@ class PlanInputs:
     factors: str = "pivoted"
     calibrate: str = "block"  # sequential: one input group's statistics at a time
     compensate: bool = False  # a second activation stream and the original block beside the compressed one
-    anchor: float = 0.0  # > 0 (or compensate): every linear on the input side
+    anchor: float = 0.0  # > 0 (or compensate): the input-side linears are factored by math/compensate.py
     refine_steps: int = 0  # > 0: the refine stage (optimiser state, a backward through the block)
     ranks: dict[str, int] | None = None  # an allocation (math/allocate.py); None: every rank from `ratio`
 
     @property
-    def input_side_only(self) -> bool:
+    def compensated(self) -> bool:
         return self.compensate or self.anchor > 0
 
 
@@ -305,8 +303,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                    for s in block_linears(ckpt, prefix, settings.ratio, "eig", "exact", settings.factors, settings.ranks))
 
     big = max(block_prefixes, key=lambda p: (block_numel[p], factor_numel(p))) if block_prefixes else f"{layers_path}.0."
-    linears = block_linears(ckpt, big, settings.ratio, settings.method, settings.svd, settings.factors, settings.ranks,
-                            settings.input_side_only)
+    linears = block_linears(ckpt, big, settings.ratio, settings.method, settings.svd, settings.factors, settings.ranks)
     weights = block_numel.get(big, 0) * c
     groups: dict[str, list[LinearShape]] = {}
     for s in linears:
@@ -363,12 +360,13 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             # mean Gram, eigenvectors, LAPACK syevd work (2 n^2), S; the whitening S stays until the group is done
             fact_parts.append((f"eigh of the {n} x {n} input Gram of {'/'.join(s.name for s in members)}", 8 * 5 * n * n))
     whitening_held = 8 * max((members[0].in_features**2 for members in groups.values() if any(s.route == "input" for s in members)), default=0)
-    if settings.input_side_only:
+    if settings.compensated:
         # compensated whitening: S and H's eigenvectors are both held (and H + lam I while eigh runs)
         whitening_held *= 2
-        widest_group = max((m[0].in_features for m in groups.values()), default=hidden)
+        widest_group = max((m[0].in_features for m in groups.values() if any(s.route == "input" for s in m)), default=0)
         fact_parts.append((f"eigh of the {widest_group} x {widest_group} shrunk Gram", 8 * 6 * widest_group**2))
-        fact_parts.append(("the compensated target W*", max((8 * 3 * s.out_features * s.in_features for s in linears), default=0)))
+        fact_parts.append(("the compensated target W*", max((8 * 3 * s.out_features * s.in_features for s in linears
+                                                              if s.route == "input"), default=0)))
     label, workspace = max(fact_parts, key=lambda t: t[1])
     factors_stored = sum(stored_numel(s.out_features, s.in_features, s.rank, s.factors) * s.itemsize for s in linears)
     factors_compute = sum(stored_numel(s.out_features, s.in_features, s.rank, s.factors) * c for s in linears)
@@ -443,8 +441,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     work = 2 * S * L * hidden * act * (2 if settings.compensate else 1)  # two files; each holds both streams when compensating
     out_bytes = extra_bytes + other_file_bytes
     for prefix in block_prefixes:
-        ls = (block_linears(ckpt, prefix, settings.ratio, settings.method, "exact", settings.factors, settings.ranks,
-                            settings.input_side_only) if prefix != big else linears)
+        ls = (block_linears(ckpt, prefix, settings.ratio, settings.method, "exact", settings.factors, settings.ranks)
+              if prefix != big else linears)
         lin_bytes = sum(s.out_features * s.in_features * s.itemsize for s in ls)
         out_bytes += block_stored[prefix] - lin_bytes + sum(
             stored_numel(s.out_features, s.in_features, s.rank, s.factors) * s.itemsize + 4 * min(s.out_features, s.in_features) for s in ls)

@@ -163,3 +163,13 @@ def test_max_loss_target_gives_the_smallest_model_that_meets_it(tiny, profiled, 
         _job(tiny, tmp_path / "o", max_loss=1.5).validate()
     with pytest.raises(StreamSVDError, match="v2"):
         _job(tiny, tmp_path / "o", max_loss=0.1, alloc="v2").validate()
+
+
+def test_allocated_ranks_with_compensation_and_refinement(tiny, profiled, tmp_path, monkeypatch):
+    """The grouped path (sequential calibration, compensation, refinement) factors at the allocated ranks too."""
+    _no_profiling(monkeypatch)
+    prof = profile_module.read_profile(profiled)
+    report = run_job(_job(tiny, tmp_path / "out", ratio=0.4, alloc="global", profile=profiled, calibrate="sequential",
+                          compensate=True, anchor=0.1, refine_steps=3))
+    assert {n: m["rank"] for n, m in report["modules"].items()} == allocate("global", prof.matrices(), 0.4, tokens=prof.tokens)
+    assert streamsvd.load(tmp_path / "out") is not None
