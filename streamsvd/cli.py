@@ -326,9 +326,9 @@ def cmd_eval(args) -> int:
         from .model.loading import load
 
         model = load(args.model)
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if limit is not None and args.seqlen > limit:
-            raise StreamSVDError(f"--seqlen {args.seqlen} is longer than the model allows ({limit})", f"use --seqlen {limit} or less")
+        from .model.architecture import check_seqlen
+
+        check_seqlen(model.config, args.seqlen)
         text, source = load_texts(args.text)
         result = perplexity(model, load_tokenizer(Path(args.model)), text, args.seqlen, args.max_windows,
                             progress=not args.no_progress)

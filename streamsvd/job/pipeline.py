@@ -30,7 +30,7 @@ from ..model.architecture import (
     linear_modules,
     load_config,
     load_layer,
-    max_positions,
+    check_seqlen,
 )
 from ..io.calibration import load_texts, load_tokenizer, sample_windows, text_digest
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
@@ -201,12 +201,7 @@ class CompressionJob:
         self.cfg = cfg
         self.ckpt = Checkpoint(cfg.model_dir)
         self.config = load_config(self.ckpt)
-        limit = max_positions(self.config)
-        if limit is not None and cfg.seqlen > limit:
-            raise StreamSVDError(
-                f"--seqlen {cfg.seqlen} is longer than the model allows ({limit} positions)",
-                f"use --seqlen {limit} or less",
-            )
+        check_seqlen(self.config, cfg.seqlen)
         self.tokenizer = load_tokenizer(self.ckpt.dir)
         self.text, self.text_source = load_texts(cfg.calib)
         check_paths(cfg.model_dir, cfg.out_dir, cfg.work_dir, restart=cfg.restart)

@@ -567,15 +567,12 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dic
 def plan_job(cfg) -> Plan:
     """`streamsvd plan`: everything `run` checks and loads before its plan, then the plan (no OUT_DIR)."""
     from ..io.calibration import load_texts, load_tokenizer, sample_windows
-    from ..model.architecture import empty_model, load_config, max_positions
+    from ..model.architecture import check_seqlen, empty_model, load_config
 
     cfg.validate()
     ckpt = Checkpoint(cfg.model_dir)
     config = load_config(ckpt)
-    limit = max_positions(config)
-    if limit is not None and cfg.seqlen > limit:
-        raise StreamSVDError(f"--seqlen {cfg.seqlen} is longer than the model allows ({limit} positions)",
-                             f"use --seqlen {limit} or less")
+    check_seqlen(config, cfg.seqlen)
     tokenizer = load_tokenizer(ckpt.dir)
     text, _ = load_texts(cfg.calib)
     windows = sample_windows(tokenizer, text, cfg.calib_samples, cfg.seqlen, cfg.seed)

@@ -49,7 +49,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.fsutil import atomic_path, atomic_write_json
 from ..math.allocate import Matrix
 from ..math.factorize import whiten
-from ..model.architecture import decoder_layers, empty_model, layer_prefix, linear_modules, load_config, load_layer, max_positions
+from ..model.architecture import decoder_layers, empty_model, layer_prefix, linear_modules, load_config, check_seqlen, load_layer
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
 from ..model.embedding import materialize_base_mapped
 from .stages import collect_statistics, output_side_linears
@@ -174,10 +174,7 @@ class Profiler:
         self.cfg = cfg
         self.ckpt = Checkpoint(cfg.model_dir)
         self.config = load_config(self.ckpt)
-        limit = max_positions(self.config)
-        if limit is not None and cfg.seqlen > limit:
-            raise StreamSVDError(f"--seqlen {cfg.seqlen} is longer than the model allows ({limit} positions)",
-                                 f"use --seqlen {limit} or less")
+        check_seqlen(self.config, cfg.seqlen)
         self.text, self.text_source = load_texts(cfg.calib)
         _check_places(cfg)
         self.identity = profile_identity(self.ckpt, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..io.checkpoint import TORCH_DTYPES, Checkpoint
 from ..math.compensate import CrossGramAccumulator, compensated_whitening, factorize_compensated, output_error
-from ..math.factorize import Whitening, factorize, factorize_output_side, rank_for_ratio, stored_numel, whiten
+from ..math.factorize import factorize, factorize_output_side, rank_for_ratio, stored_numel, whiten
 from ..math.gram import GramAccumulator, OutputGramAccumulator
 from ..model.architecture import linear_modules
 from ..model.lowrank import factor_tensors, module_from_tensors, replace_module, stored_form, stored_rank

@@ -22,7 +22,7 @@ from ..errors import StreamSVDError
 from ..io.activations import ActivationFile, activation_bytes
 from ..io.calibration import load_tokenizer
 from ..io.checkpoint import Checkpoint
-from ..model.architecture import decoder_layers, empty_model, load_config, materialize_base, max_positions
+from ..model.architecture import decoder_layers, empty_model, load_config, check_seqlen, materialize_base
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
 from ..model.loading import materialize_head, stored_layer
 from .evaluate import eval_windows, head_nll, result
@@ -87,9 +87,7 @@ def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None =
     check_finished(path)
     ckpt = Checkpoint(path)
     config = load_config(ckpt)
-    limit = max_positions(config)
-    if limit is not None and seqlen > limit:
-        raise StreamSVDError(f"--seqlen {seqlen} is longer than the model allows ({limit})", f"use --seqlen {limit} or less")
+    check_seqlen(config, seqlen)
     windows = eval_windows(load_tokenizer(path), text, seqlen, max_windows)
     started = time.time()
     model = empty_model(config, COMPUTE_DTYPE)

@@ -87,3 +87,13 @@ def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
 
 def max_positions(config: PretrainedConfig) -> int | None:
     return getattr(config, "max_position_embeddings", None)
+
+
+def check_seqlen(config: PretrainedConfig, seqlen: int) -> None:
+    """Refuse windows longer than the model's positions (run, plan, profile and eval alike)."""
+    from ..errors import StreamSVDError
+
+    limit = max_positions(config)
+    if limit is not None and seqlen > limit:
+        raise StreamSVDError(f"--seqlen {seqlen} is longer than the model allows ({limit} positions)",
+                             f"use --seqlen {limit} or less")
