@@ -19,6 +19,7 @@ from tiny_models import make_tiny_checkpoint
 
 VOLATILE = {RUN_LOG, STATE_NAME}
 COMPENSATED = dict(calibrate="sequential", compensate=True, anchor=0.1)
+OFF = dict(calibrate="block", compensate=False, anchor=0.0)  # the behaviour before compensation
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,8 @@ def _interrupt_after(block, cfg):
 
 def test_the_first_group_of_the_first_block_is_todays_factoring(model_dir, tmp_path):
     """Block 0's q/k/v see the embeddings in both streams (X = X'), so compensation changes nothing there."""
-    plain = run_job(_cfg(model_dir, tmp_path / "plain"))
-    comp = run_job(_cfg(model_dir, tmp_path / "comp", calibrate="sequential", compensate=True))
+    plain = run_job(_cfg(model_dir, tmp_path / "plain", **OFF))
+    comp = run_job(_cfg(model_dir, tmp_path / "comp", calibrate="sequential", compensate=True, anchor=0.0))
     a, b = _tensors(tmp_path / "plain", "model.layers.0.self_attn.q_proj"), _tensors(tmp_path / "comp", "model.layers.0.self_attn.q_proj")
     assert a.keys() == b.keys()
     for k in a:
@@ -78,8 +79,8 @@ def test_compensation_fits_the_original_outputs_on_the_calibration_windows(model
     from streamsvd.io.calibration import default_text, load_tokenizer, sample_windows
 
     plain, comp = tmp_path / "plain", tmp_path / "comp"
-    run_job(_cfg(model_dir, plain))
-    run_job(_cfg(model_dir, comp, calibrate="sequential", compensate=True))
+    run_job(_cfg(model_dir, plain, **OFF))
+    run_job(_cfg(model_dir, comp, calibrate="sequential", compensate=True, anchor=0.0))
     windows = sample_windows(load_tokenizer(model_dir), default_text(), 6, 32, 0)  # the job's own windows
     with torch.no_grad():
         reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()(windows, output_hidden_states=True).hidden_states[-1]
@@ -108,11 +109,16 @@ def test_the_settings_are_part_of_the_identity_and_old_jobs_keep_theirs(model_di
     from streamsvd.io.checkpoint import Checkpoint
 
     ckpt = Checkpoint(model_dir)
-    legacy = job_identity(_cfg(model_dir, tmp_path / "a"), ckpt, "text")
+    legacy = job_identity(_cfg(model_dir, tmp_path / "a", **OFF), ckpt, "text")
     assert not {"calibrate", "compensate", "anchor"} & set(legacy)
-    ids = {json.dumps(job_identity(_cfg(model_dir, tmp_path / "a", **kw), ckpt, "text"), sort_keys=True)
+    ids = {json.dumps(job_identity(_cfg(model_dir, tmp_path / "a", **{**OFF, **kw}), ckpt, "text"), sort_keys=True)
            for kw in ({}, {"calibrate": "sequential"}, {"compensate": True}, {"anchor": 0.1}, {"anchor": 0.2})}
     assert len(ids) == 5
+    # The default is compensated, where it can be; with cholesky or original propagation it is off.
+    default = job_identity(_cfg(model_dir, tmp_path / "a"), ckpt, "text")
+    assert (default["calibrate"], default["compensate"], default["anchor"]) == ("sequential", True, 0.1)
+    for kw in ({"method": "cholesky"}, {"propagate": "original"}):
+        assert not {"calibrate", "compensate", "anchor"} & set(job_identity(_cfg(model_dir, tmp_path / "a", **kw), ckpt, "text"))
     out = tmp_path / "job"
     _interrupt_after(0, _cfg(model_dir, out, **COMPENSATED))
     with pytest.raises(streamsvd.errors.StreamSVDError):
@@ -139,7 +145,7 @@ def test_bad_settings_are_one_error_line(model_dir, tmp_path, capsys, flags, mes
 def test_the_work_files_hold_both_streams_and_the_disk_check_counts_them(model_dir, tmp_path):
     from streamsvd.job.pipeline import CompressionJob
 
-    one = CompressionJob(_cfg(model_dir, tmp_path / "one"))
+    one = CompressionJob(_cfg(model_dir, tmp_path / "one", **OFF))
     two = CompressionJob(_cfg(model_dir, tmp_path / "two", compensate=True))
     assert two._activation_nbytes() == 2 * one._activation_nbytes()
     assert two._disk_needs()[two.work] == 2 * one._disk_needs()[one.work]
@@ -197,7 +203,7 @@ def test_refinement_is_deterministic_across_an_interruption_and_reported(model_d
 
 
 def test_refinement_without_compensation_targets_the_original_block(model_dir, tmp_path):
-    report = run_job(_cfg(model_dir, tmp_path / "out", refine_steps=8, refine_lr=1e-3))
+    report = run_job(_cfg(model_dir, tmp_path / "out", refine_steps=8, refine_lr=1e-3, **OFF))
     assert set(report["this_run"]["refinement"]) == {"0", "1", "2", "3"}
     model = streamsvd.load(tmp_path / "out")
     ids = torch.randint(0, 384, (1, 12))
