@@ -552,6 +552,8 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dic
 
     return_freed_memory_to_the_os()
     machine_speed()
+    if hasattr(cfg, "resolve_defaults"):
+        cfg.resolve_defaults()  # a JobConfig not validated yet (the profile's) has its measured defaults unset
     settings = PlanInputs(calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, ratio=cfg.ratio, method=cfg.method,
                           propagate=cfg.propagate, act_dtype=cfg.act_dtype, svd=getattr(cfg, "svd", "auto"),
                           factors=getattr(cfg, "factors", "pivoted"), calibrate=getattr(cfg, "calibrate", "block"),
