@@ -42,7 +42,7 @@ from ..math.pivot import FACTOR_FORMS
 from ..model.lowrank import module_from_tensors, replace_module
 from ..model.embedding import materialize_base_mapped
 from .peak import PeakSampler, high_water_bytes
-from .plan import SVD_MODES, build_plan, refuse_if_too_small
+from .plan import COMPENSATE_MAX_IN, SVD_MODES, build_plan, refuse_if_too_small
 from ..io.output import OutputWriter
 from ..math.allocate import ALLOCATORS, allocate, max_loss, relative_loss
 from .profile import ProfileConfig, make_profile, profile_identity, read_profile
@@ -546,10 +546,14 @@ class CompressionJob:
         original = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE) if cfg.compensate else None
         groups = forward_groups(layer, src.read(0, 1), forward)
         passes = [[g] for g in groups] if cfg.calibrate == "sequential" else [groups]
-        # Linears on the output side (out < in, input read by no other: down_proj) keep that route and are
-        # neither compensated nor anchored: compensating them needs their in x in statistics, which for
-        # a 70B model's down_proj (28672 x 28672, twice, plus eigh) would not fit the budgets streamsvd is for.
+        # Compensation and the anchor need a linear's in x in statistics, so a linear the plain job factors
+        # on its output side (down_proj) moves to the input side, unless its input is wider than
+        # COMPENSATE_MAX_IN (job/plan.py: a 70B down_proj), where it keeps the output side uncompensated.
+        # Measured on SmolLM2: leaving down_proj uncompensated loses the whole gain (docs/RESULTS.md).
         output_side = output_side_linears(layer, cfg.method)
+        if cfg.compensate or cfg.anchor > 0:
+            linears = linear_modules(layer)
+            output_side = {n for n in output_side if linears[n].in_features > COMPENSATE_MAX_IN}
         block = FactoredBlock()
         for i, target in enumerate(passes):
             last = i == len(passes) - 1

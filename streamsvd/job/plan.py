@@ -57,6 +57,10 @@ SLACK_FRACTION = 0.05
 BASELINE_MARGIN_BYTES = 64 << 20
 STAGES = ("embed", "extra shard", "statistics", "factorize", "refine", "propagate", "write")
 SVD_MODES = ("exact", "randomized", "auto")
+# The widest input a compensated linear may have: its statistics are two in x in float64 matrices and an
+# eigendecomposition, about 64 in^2 bytes (16 GiB at 16384, the MLP width of 7B-8B models). A wider linear
+# on the output side (a 70B model's down_proj, 28672) keeps that route and is neither compensated nor anchored.
+COMPENSATE_MAX_IN = 16384
 
 
 def stored_numel(m: int, n: int, rank: int, factors: str = "pivoted") -> int:
@@ -119,7 +123,8 @@ def choose_svd(mode: str, m: int, n: int, rank: int) -> str:
 
 
 def block_linears(ckpt: Checkpoint, prefix: str, ratio: float, method: str, svd: str = "exact",
-                  factors: str = "pivoted", ranks: dict[str, int] | None = None) -> list[LinearShape]:
+                  factors: str = "pivoted", ranks: dict[str, int] | None = None,
+                  compensated: bool = False) -> list[LinearShape]:
     """The linears of the block under `prefix`, from the headers: 2-D `.weight` tensors.
 
     `ranks` (full module name -> rank, an allocation) replaces the ratio's rank where it names the module.
@@ -138,7 +143,9 @@ def block_linears(ckpt: Checkpoint, prefix: str, ratio: float, method: str, svd:
         s.rank = rank_for_ratio(s.out_features, s.in_features, ratio, factors)
         if ranks is not None and prefix + s.name in ranks:
             s.rank = ranks[prefix + s.name]
-        s.route = factor_route(method, s.out_features, s.in_features, members[s.group] > 1)
+        # Compensation needs a linear's in x in statistics: the output side only where they would be too large.
+        keep_input = compensated and s.in_features <= COMPENSATE_MAX_IN
+        s.route = factor_route(method, s.out_features, s.in_features, members[s.group] > 1 or keep_input)
         if s.route == "input":
             s.svd = choose_svd(svd, s.out_features, s.in_features, s.rank)
     return shapes
@@ -303,7 +310,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                    for s in block_linears(ckpt, prefix, settings.ratio, "eig", "exact", settings.factors, settings.ranks))
 
     big = max(block_prefixes, key=lambda p: (block_numel[p], factor_numel(p))) if block_prefixes else f"{layers_path}.0."
-    linears = block_linears(ckpt, big, settings.ratio, settings.method, settings.svd, settings.factors, settings.ranks)
+    linears = block_linears(ckpt, big, settings.ratio, settings.method, settings.svd, settings.factors, settings.ranks,
+                            settings.compensated)
     weights = block_numel.get(big, 0) * c
     groups: dict[str, list[LinearShape]] = {}
     for s in linears:
@@ -441,8 +449,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     work = 2 * S * L * hidden * act * (2 if settings.compensate else 1)  # two files; each holds both streams when compensating
     out_bytes = extra_bytes + other_file_bytes
     for prefix in block_prefixes:
-        ls = (block_linears(ckpt, prefix, settings.ratio, settings.method, "exact", settings.factors, settings.ranks)
-              if prefix != big else linears)
+        ls = (block_linears(ckpt, prefix, settings.ratio, settings.method, "exact", settings.factors, settings.ranks,
+                            settings.compensated) if prefix != big else linears)
         lin_bytes = sum(s.out_features * s.in_features * s.itemsize for s in ls)
         out_bytes += block_stored[prefix] - lin_bytes + sum(
             stored_numel(s.out_features, s.in_features, s.rank, s.factors) * s.itemsize + 4 * min(s.out_features, s.in_features) for s in ls)

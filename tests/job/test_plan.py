@@ -47,9 +47,15 @@ def test_plan_json_has_the_promised_figures(capsys, tiny, text):
     assert plan["batch_size"] == 4  # a roomy budget takes every sample in one batch
     assert plan["baseline_bytes"] > 50 << 20  # measured RSS of a process with torch loaded, not a constant
     assert plan["seconds_estimate"] > 0
-    # eig factors down_proj (64 x 160) on its output side; the q/k/v input is shared, so q/k/v are on the input side.
+    # Compensated (the default), down_proj (64 x 160) needs its 160 x 160 statistics: the input side.
     down = next(v for k, v in plan["routes"].items() if k.startswith("mlp.down_proj"))
-    assert down.startswith("output side")
+    assert down.startswith("input side")
+    # Without compensation eig factors it on its output side; the q/k/v input is shared, so q/k/v stay on the input side.
+    plain = plan_json(capsys, tiny, "--calib", text, *FAST, "--max-mem", "4G", "--no-compensate")
+    routes = plain["routes"]
+    assert next(v for k, v in routes.items() if k.startswith("mlp.down_proj")).startswith("output side")
+    assert next(v for k, v in routes.items() if k.startswith("self_attn.q_proj")).startswith("input side")
+    assert plain["disk"]["work files"] * 2 == plan["disk"]["work files"]  # compensation's second stream
     assert next(v for k, v in plan["routes"].items() if k.startswith("self_attn.k_proj")).startswith("input side")
 
 
@@ -83,7 +89,7 @@ def test_cholesky_keeps_the_input_side(tiny):
 def test_plan_disk_figure_matches_what_the_job_writes(tiny, text, tmp_path):
     cfg = JobConfig(model_dir=tiny, out_dir=tmp_path / "out", calib=[str(text)], calib_samples=4, seqlen=32, progress=False)
     job = CompressionJob(cfg)
-    assert job.plan.disk["work files"] == 2 * 4 * 32 * 64 * 4
+    assert job.plan.disk["work files"] == 2 * 2 * 4 * 32 * 64 * 4  # two files, each with both streams (compensation)
     job.run()
     written = sum(p.stat().st_size for p in cfg.out_dir.rglob("*") if p.is_file() and not p.name.startswith("streamsvd_"))
     assert 0.9 < written / job.plan.disk["output"] < 1.1
