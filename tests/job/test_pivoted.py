@@ -127,7 +127,8 @@ def test_a_module_kept_at_full_rank_is_stored_dense_and_loads_as_a_linear(model_
 
     monkeypatch.setattr(stages, "rank_for_ratio", full_rank_for_down_proj)
     out = tmp_path / "out"
-    report = run_job(_cfg(model_dir, out, factors=factors))
+    # Uncompensated, so the full-rank factors are W itself (compensated, they would be the optimum W*).
+    report = run_job(_cfg(model_dir, out, factors=factors, compensate=False))
     name = "model.layers.0.mlp.down_proj"
     section = json.loads((out / "config.json").read_text())["streamsvd"]
     assert section["forms"][name] == "dense" and section["forms"]["model.layers.0.mlp.up_proj"] == factors
