@@ -98,6 +98,15 @@ def _add_quality_flags(p) -> None:
     p.add_argument("--refine-lr", type=float, default=d.refine_lr, help=f"Adam step size for --refine-steps (default {d.refine_lr})")
 
 
+def _add_calibration_flags(p) -> None:
+    """The budget and calibration flags `plan` and `profile` take as `run` does."""
+    p.add_argument("--max-mem", default=None, help="memory budget as for run, e.g. 24G (default: 75%% of available RAM)")
+    p.add_argument("--calib", action="append", default=[], metavar="FILE", help="as for run")
+    p.add_argument("--calib-samples", type=int, default=64, help="as for run (default 64)")
+    p.add_argument("--seqlen", type=int, default=512, help="as for run (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="as for run (default 0)")
+
+
 def _add_profile(sub) -> None:
     p = sub.add_parser(
         "profile", help="measure what rank allocation needs, once, for any number of runs",
@@ -108,11 +117,7 @@ def _add_profile(sub) -> None:
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint: config.json, safetensors, tokenizer")
     p.add_argument("profile_dir", metavar="PROFILE_DIR", help="new directory for the profile")
-    p.add_argument("--max-mem", default=None, help="memory budget as for run, e.g. 24G (default: 75%% of available RAM)")
-    p.add_argument("--calib", action="append", default=[], metavar="FILE", help="as for run")
-    p.add_argument("--calib-samples", type=int, default=64, help="as for run (default 64)")
-    p.add_argument("--seqlen", type=int, default=512, help="as for run (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="as for run (default 0)")
+    _add_calibration_flags(p)
     p.add_argument("--act-dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="as for run")
     p.add_argument("--sensitivity-samples", type=int, default=16, metavar="N",
                    help="windows of the backward pass for the sensitivity weights, 0 to 16 (default 16; 0: none, "
@@ -141,11 +146,7 @@ def _add_plan(sub) -> None:
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint: config.json, safetensors, tokenizer")
     p.add_argument("--ratio", type=float, default=0.4, help="as for run (default 0.4)")
-    p.add_argument("--max-mem", default=None, help="memory budget as for run, e.g. 24G (default: 75%% of available RAM)")
-    p.add_argument("--calib", action="append", default=[], metavar="FILE", help="as for run")
-    p.add_argument("--calib-samples", type=int, default=64, help="as for run (default 64)")
-    p.add_argument("--seqlen", type=int, default=512, help="as for run (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="as for run (default 0)")
+    _add_calibration_flags(p)
     p.add_argument("--method", choices=["eig", "cholesky", "svd"], default="eig", help="as for run (default eig)")
     p.add_argument("--propagate", choices=["compressed", "original"], default="compressed", help="as for run")
     p.add_argument("--act-dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="as for run")

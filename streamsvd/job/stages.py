@@ -184,7 +184,7 @@ def collect_group_statistics(
         return fn
 
     def output_energy(name):
-        bias = linear_modules(original)[name].bias
+        bias = modules[id(original)][name].bias
 
         def fn(module, inputs, out):
             y = out.detach().to(torch.float64)
@@ -204,9 +204,14 @@ def collect_group_statistics(
                     stats.cross[name].add_pair(captured.pop(name), x)
         return fn
 
+    modules = {id(layer): linear_modules(layer)}  # looked up once per pass, not per hook and batch
+    if original is not None:
+        modules[id(original)] = linear_modules(original)
+
     def run(module, hidden, hooks):
-        handles = [linear_modules(module)[n].register_forward_pre_hook(fn) if kind == "pre"
-                   else linear_modules(module)[n].register_forward_hook(fn) for n, kind, fn in hooks]
+        by_name = modules[id(module)]
+        handles = [by_name[n].register_forward_pre_hook(fn) if kind == "pre" else by_name[n].register_forward_hook(fn)
+                   for n, kind, fn in hooks]
         try:
             return forward(module, hidden)
         except _StopForward:
