@@ -129,7 +129,7 @@ class JobIntegrity:
             else:
                 p.unlink(missing_ok=True)
         fsync_dir(Path(job.cfg.out_dir))
-        job.state = type(job.state)(fingerprint=job.job_fp)
+        job.state = type(job.state)(fingerprint=job.job_fp, settings=job.settings())
         job.batch_size = job._batch_size()
 
     # ---------------------------------------------------------------- scratch

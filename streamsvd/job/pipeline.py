@@ -10,6 +10,7 @@ shard was removed, the inputs are rebuilt from the finished blocks instead of st
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -227,7 +228,8 @@ class CompressionJob:
         if cfg.profile is not None:
             self.profile = read_profile(cfg.profile, self._profile_identity())
             self.ranks = self._allocate()
-        job_fp = fingerprint(job_identity(cfg, self.ckpt, self.text, self.profile.digest if self.profile else None))
+        self.identity = job_identity(cfg, self.ckpt, self.text, self.profile.digest if self.profile else None)
+        job_fp = fingerprint(self.identity)
         self.job_fp = job_fp
         self.state = self._open_state()
         # Under --work-dir, a folder of this job's own, so finishing never removes the user's files.
@@ -328,9 +330,14 @@ class CompressionJob:
         finally:
             self.locks.release()
 
+    def settings(self) -> dict:
+        """The job identity as the state file records it (JSON values, as `fingerprint` hashes them)."""
+        return json.loads(json.dumps(self.identity, default=str))
+
     def _open_state(self) -> JobState:
         return JobState.open(self.cfg.out_dir, self.job_fp, n_layers=self.config.num_hidden_layers,
-                             calib_samples=self.cfg.calib_samples, restart=self.cfg.restart)
+                             calib_samples=self.cfg.calib_samples, restart=self.cfg.restart,
+                             settings=self.settings())
 
     def _run_locked(self, on_block_done=None) -> dict:
         started = time.time()

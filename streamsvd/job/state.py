@@ -44,14 +44,17 @@ class JobState:
     # MODEL_DIR shard -> [size, mtime_ns, inode] when the job last checked its weights.
     model_files: dict = field(default_factory=dict)
     digest: str | None = None  # sha256 of everything above: a hand edit or a torn write is detected
+    # The job identity itself (what `fingerprint` hashes), so a refused rerun can name what differs.
+    # Absent from states written before it existed; left out of the digest while absent, so those still verify.
+    settings: dict | None = None
 
     def content_digest(self) -> str:
-        data = {k: v for k, v in asdict(self).items() if k != "digest"}
+        data = {k: v for k, v in asdict(self).items() if k != "digest" and not (k in OPTIONAL_FIELDS and v is None)}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def open(cls, out_dir: Path, fp: str, n_layers: int | None = None, calib_samples: int | None = None,
-             restart: bool = False) -> "JobState":
+             restart: bool = False, settings: dict | None = None) -> "JobState":
         """The state of the job in out_dir, or a fresh one; refuses an OUT_DIR of another job.
 
         With `restart`, whatever is there is not read: a fresh state (the caller removes the old files).
@@ -65,18 +68,17 @@ class JobState:
         if path.exists() and not restart:
             state = check_state(path, n_layers=n_layers, calib_samples=calib_samples)
             if state.fingerprint != fp:
-                raise JobMismatch(
-                    f"{out_dir} holds a different streamsvd job (another model, text or settings)",
-                    "choose a new OUT_DIR, or rerun with exactly the settings of the job in it, "
-                    "or add --restart to remove that job's files and start over",
-                )
+                raise JobMismatch(f"{out_dir} holds a different streamsvd job ({mismatch(state.settings, settings)})",
+                                  mismatch_fix(state.settings, settings))
+            if state.settings is None and settings is not None:
+                state.settings = settings  # recorded from now on (the state is saved after each step)
             return state
         if not restart and not path.exists() and out_dir.is_dir() and not all(is_own_debris(p) for p in out_dir.iterdir()):
             raise StreamSVDError(
                 f"{out_dir} exists, is not empty and holds no streamsvd job",
                 "choose a new or empty OUT_DIR so nothing in it is overwritten",
             )
-        return cls(fingerprint=fp)
+        return cls(fingerprint=fp, settings=settings)
 
     def save(self, out_dir: Path) -> None:
         self.digest = self.content_digest()
@@ -84,6 +86,51 @@ class JobState:
 
 
 STATE_FIELDS = {f.name for f in fields(JobState)}
+OPTIONAL_FIELDS = {"settings"}  # may be absent (older states); all others must be there
+
+# Identity keys -> how a user sets them; keys absent from an identity are at their old default.
+_FLAGS = {"ratio": "--ratio", "method": "--method", "calib_samples": "--calib-samples", "seqlen": "--seqlen",
+          "seed": "--seed", "propagate": "--propagate", "act_dtype": "--act-dtype", "svd": "--svd",
+          "factors": "--factors", "calibrate": "--calibrate", "anchor": "--anchor", "alloc": "--alloc",
+          "rank_multiple": "--rank-multiple", "max_loss": "--max-loss"}
+_ABSENT = {"factors": "plain", "calibrate": "block", "compensate": False, "anchor": 0.0, "refine": [0, None],
+           "alloc": "uniform", "rank_multiple": 1, "max_loss": None, "profile": None}
+_WHAT = {"checkpoint": "another model or checkpoint files", "calib_digest": "another calibration text",
+         "version": "another streamsvd version", "profile": "another --profile"}
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, _ABSENT.get(key)), new.get(key, _ABSENT.get(key))
+        if a == b:
+            continue
+        if key in _WHAT:
+            out.append(_WHAT[key])
+        elif key == "compensate":
+            out.append(f"it was {'--compensate' if a else '--no-compensate'}, now {'--compensate' if b else '--no-compensate'}")
+        elif key == "refine":
+            out.append(f"it was --refine-steps {a[0]} --refine-lr {a[1]}, now --refine-steps {b[0]} --refine-lr {b[1]}")
+        else:
+            out.append(f"it was {_FLAGS.get(key, key)} {a}, now {b}")
+    return out
+
+
+def mismatch(old: dict | None, new: dict | None) -> str:
+    """What differs between the identity of the job in OUT_DIR and this one, in flags a user knows."""
+    if old is None or new is None:
+        return "another model, text or settings"
+    return "; ".join(_differences(old, new)) or "other settings"
+
+
+def mismatch_fix(old: dict | None, new: dict | None) -> str:
+    fix = ("choose a new OUT_DIR, or rerun with the settings of the job in it, "
+           "or add --restart to remove that job's files and start over")
+    if old is None and new is not None and {"calibrate", "compensate", "anchor"} & set(new):
+        # A state from before the state recorded its settings, i.e. before compensation became the default.
+        fix += ("; a job started by streamsvd before compensation was the default resumes with "
+                "--no-compensate --calibrate block --anchor 0")
+    return fix
 
 
 def read_state(out_dir: Path, strict: bool = True) -> JobState | None:

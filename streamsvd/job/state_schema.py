@@ -68,7 +68,7 @@ def _check_module(path: Path, name, rec) -> None:
 
 def check_state(path: Path, n_layers: int | None = None, calib_samples: int | None = None):
     """Read and check the state file at `path`; return the JobState or raise StateError."""
-    from .state import STATE_FIELDS, JobState
+    from .state import OPTIONAL_FIELDS, STATE_FIELDS, JobState
 
     path = Path(path)
     try:
@@ -84,7 +84,7 @@ def check_state(path: Path, n_layers: int | None = None, calib_samples: int | No
     unknown = sorted(set(data) - STATE_FIELDS)
     if unknown:
         raise _fail(path, f"has unknown keys {', '.join(map(repr, unknown))}")
-    missing = sorted(STATE_FIELDS - set(data))
+    missing = sorted(STATE_FIELDS - OPTIONAL_FIELDS - set(data))
     if missing:
         raise _fail(path, f"lacks keys {', '.join(missing)} (written by another streamsvd version, or cut short)")
 
@@ -104,6 +104,8 @@ def check_state(path: Path, n_layers: int | None = None, calib_samples: int | No
         check(key, lambda v: isinstance(v, bool), "true or false")
     for key in ("modules", "files", "weights", "model_files"):
         check(key, lambda v: isinstance(v, dict), "an object")
+    if data.get("settings") is not None:
+        check("settings", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "an object")
     for name, rec in data["modules"].items():
         _check_module(path, name, rec)
     for name, rec in data["files"].items():

@@ -334,8 +334,10 @@ def test_out_dir_holds_a_different_job(capsys, pristine, out, long_text):
     assert (out / INDEX_NAME).is_file()
     before = snapshot(out)
     rc = cli(["run", pristine, out, "--ratio", "0.5", "--calib", long_text, *FAST])
-    assert_clean_error(capsys, rc, str(out), "different streamsvd job")
+    assert_clean_error(capsys, rc, str(out), "different streamsvd job", "it was --ratio 0.4, now 0.5")
     assert snapshot(out) == before  # the finished output is untouched, byte for byte
+    rc = cli(["run", pristine, out, "--ratio", "0.4", "--calib", long_text, "--no-compensate", *FAST])
+    assert_clean_error(capsys, rc, "it was --compensate, now --no-compensate")
 
 
 # ------------------------------------------------------------------------------------------ load / eval

@@ -139,3 +139,38 @@ def test_work_dir_elsewhere_gives_the_same_output_and_leaves_other_files_alone(m
     assert not (out / ".streamsvd-work").exists()
     assert sorted(p.name for p in scratch.iterdir()) == ["keep.txt"]
     assert _files(out) == _files(tmp_path / "straight")
+
+
+def test_a_state_without_recorded_settings_still_resumes_and_a_mismatch_names_the_old_defaults(tmp_path):
+    """States written before the state recorded the job's settings: same job resumes (and records them
+    from then on); another job is refused with the flags of the pre-compensation defaults in the fix."""
+    import json
+
+    from streamsvd.errors import JobMismatch
+    from streamsvd.job.pipeline import CompressionJob, JobConfig, run_job
+    from streamsvd.job.state import STATE_NAME, JobState
+    from tiny_models import make_tiny_checkpoint
+
+    model = make_tiny_checkpoint("llama", tmp_path / "model", num_hidden_layers=2)
+    out = tmp_path / "out"
+
+    def cfg(**kw):
+        return JobConfig(**{**dict(model_dir=model, out_dir=out, ratio=0.4, calib_samples=4, seqlen=16, progress=False), **kw})
+
+    def stop(index):
+        if index == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_job(cfg(), on_block_done=stop)
+    path = out / STATE_NAME
+    data = json.loads(path.read_text())
+    assert data["settings"]["compensate"] is True and data["settings"]["ratio"] == 0.4
+    del data["settings"]  # as an older streamsvd wrote it
+    data["digest"] = JobState(**data).content_digest()
+    path.write_text(json.dumps(data))
+    with pytest.raises(JobMismatch) as e:
+        CompressionJob(cfg(ratio=0.5))
+    assert "--no-compensate --calibrate block --anchor 0" in e.value.fix
+    run_job(cfg())  # the same job resumes
+    assert json.loads(path.read_text())["settings"]["ratio"] == 0.4
