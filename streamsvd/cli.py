@@ -193,6 +193,18 @@ def _add_import(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weight dtype (default float32)")
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a finished OUT_DIR in another format (dense: an ordinary checkpoint)",
+                       description="dense: multiply every compressed linear's factors back into one weight and write "
+                       "an ordinary checkpoint of the base family (plain config.json, safetensors shards written one "
+                       "block at a time, tokenizer files copied) for tools that take only dense weights (vLLM, "
+                       "llama.cpp's converters). Costs the size back: DIR is as large as the uncompressed model's "
+                       "weights (the command prints both sizes), and one pass over OUT_DIR.")
+    p.add_argument("format", metavar="FORMAT", choices=sorted(EXPORTS), help=f"one of: {', '.join(sorted(EXPORTS))}")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="a finished streamsvd output")
+    p.add_argument("dir", metavar="DIR", help="new or empty directory for the export")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamsvd", description="Streaming truncated-SVD compression of decoder LLMs "
                                      "under a memory budget.", epilog=EPILOG)
@@ -206,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_import(sub)
     _add_verify(sub)
+    _add_export(sub)
     return parser
 
 
@@ -382,7 +395,25 @@ def cmd_verify(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "profile": cmd_profile, "plan": cmd_plan, "eval": cmd_eval, "import-gguf": cmd_import_gguf, "verify": cmd_verify}
+def export_dense(args) -> int:
+    from .export.dense import export_dense as export
+
+    result = export(Path(args.out_dir), Path(args.dir), log=lambda line: print(line, file=sys.stderr))
+    print(f"wrote {result['dir']}: {result['modules_multiplied']} compressed linears multiplied back, "
+          f"{result['dense_bytes']:,} bytes of weights (OUT_DIR: {result['factored_bytes']:,})")
+    return 0
+
+
+# `streamsvd export FORMAT OUT_DIR DIR`: one function per format.
+EXPORTS = {"dense": export_dense}
+
+
+def cmd_export(args) -> int:
+    return EXPORTS[args.format](args)
+
+
+COMMANDS = {"run": cmd_run, "profile": cmd_profile, "plan": cmd_plan, "eval": cmd_eval, "import-gguf": cmd_import_gguf,
+            "verify": cmd_verify, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,9 +44,9 @@ def main() -> None:
         run("eval", str(path), "--text", str(held_out), "--seqlen", "512", "--max-windows", args.eval_windows)
 
     import streamsvd as sv
-    from transformers import AutoTokenizer
+    from streamsvd.io.calibration import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.out)
+    tokenizer = load_tokenizer(args.out)  # AutoTokenizer, without asking to run OUT_DIR's remote code
     for label, path in (("original", model), ("compressed", args.out)):
         loaded = sv.load(path)
         print(f"\n>>> streamsvd.load({label}).generate(..., greedy, no_repeat_ngram_size=3)")

@@ -83,11 +83,32 @@ def sample_windows(tokenizer, text: str, samples: int, seqlen: int, seed: int) -
     return windows
 
 
+def _base_config_kwargs(model_dir: Path) -> dict:
+    """For a streamsvd output (config.json of model_type "streamsvd"), the base family's config, so that
+    AutoTokenizer does not ask to run OUT_DIR's remote code (it reads the model config first)."""
+    import json
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from ..model.remote.modeling_streamsvd import MODEL_TYPE, base_config_dict
+
+    try:
+        config_dict = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config_dict, dict) or config_dict.get("model_type") != MODEL_TYPE:
+        return {}
+    base = base_config_dict(config_dict)
+    if base.get("model_type") not in CONFIG_MAPPING:
+        return {}
+    return {"config": CONFIG_MAPPING[base.pop("model_type")].from_dict(base)}
+
+
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model_dir)
+        return AutoTokenizer.from_pretrained(model_dir, **_base_config_kwargs(model_dir))
     except (OSError, ValueError) as e:
         raise StreamSVDError(
             f"cannot load a tokenizer from {model_dir} ({str(e).splitlines()[0]})",

@@ -75,6 +75,12 @@ class Checkpoint:
             raise CheckpointError(f"{config_path} is not valid JSON ({e})", "restore the original config.json") from e
         if not isinstance(self.config_dict, dict):
             raise CheckpointError(f"{config_path} is not a JSON object", "restore the original config.json")
+        # A streamsvd output's config.json says model_type "streamsvd" (for transformers' remote code);
+        # every reader here sees the base family's config, with the "streamsvd" section.
+        from ..model.remote.modeling_streamsvd import base_config_dict
+
+        self.raw_config_dict = self.config_dict
+        self.config_dict = base_config_dict(self.config_dict)
         self.weight_map = self._read_weight_map()
         self.headers = {shard: read_safetensors_header(self.dir / shard) for shard in sorted(set(self.weight_map.values()))}
         for name, shard in self.weight_map.items():

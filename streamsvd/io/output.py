@@ -19,6 +19,8 @@ from .. import faults
 from .checksums import file_record
 from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, read_safetensors_header
 from ..errors import CheckpointError
+from ..model.remote import MODELING_FILE, modeling_source
+from ..model.remote.modeling_streamsvd import remote_config_dict
 from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json
 from .streamcopy import copy_tensors
 
@@ -119,9 +121,12 @@ class OutputWriter:
                 shutil.copyfile(src, tmp)
             self._record(self.dir / src.name)
             faults.point("finish-file")
-        config = dict(self.ckpt.config_dict)
-        config["streamsvd"] = config_section
-        atomic_write_json(self.dir / "config.json", config)
+        # The remote code first, then the config.json that names it (auto_map): plain transformers loads
+        # OUT_DIR with trust_remote_code=True, and without it refuses (model_type "streamsvd").
+        atomic_write_bytes(self.dir / MODELING_FILE, modeling_source())
+        self._record(self.dir / MODELING_FILE)
+        faults.point("finish-file")
+        atomic_write_json(self.dir / "config.json", remote_config_dict(self.ckpt.config_dict, config_section))
         self._record(self.dir / "config.json")
         faults.point("finish-file")
         atomic_write_json(self.dir / REPORT_JSON, report)
@@ -177,7 +182,7 @@ def _intact(path: Path) -> bool:
 
 
 def _is_weight_file(name: str) -> bool:
-    return name.endswith(".safetensors") or name in (INDEX_NAME, SINGLE_NAME) or name.startswith("streamsvd_")
+    return name.endswith(".safetensors") or name in (INDEX_NAME, SINGLE_NAME, MODELING_FILE) or name.startswith("streamsvd_")
 
 
 def markdown_report(report: dict) -> str:

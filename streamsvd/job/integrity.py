@@ -27,6 +27,7 @@ from ..io.checksums import file_sha256, group_digest, tensor_sha256
 from ..io.fsutil import fsync_dir
 from ..io.output import REPORT_JSON, REPORT_MD, RUN_LOG, SPECTRA_DIR
 from ..model.architecture import layer_prefix
+from ..model.remote import MODELING_FILE, modeling_source
 from .lock import LOCK_NAME
 from .state import RESTART_FIX, STATE_NAME
 
@@ -80,6 +81,7 @@ class JobIntegrity:
                 or (name.startswith("model-") and "-of-" in name and name.endswith(".safetensors"))
                 or (name.startswith(".") and ".tmp-" in name)
                 or (name == "config.json" and _has_streamsvd_section(p))
+                or (name == MODELING_FILE and p.read_bytes() == modeling_source())
                 or (name in copies and _same_bytes(p, copies[name]))
             ):
                 found.append(p)

@@ -41,6 +41,7 @@ from ..errors import StreamSVDError
 from ..math.factorize import METHODS, rank_for_ratio, stored_numel
 from ..math.pivot import FACTOR_FORMS
 from ..model.lowrank import module_from_tensors, replace_module
+from ..model.remote import modeling_source
 from ..model.embedding import materialize_base_mapped
 from .peak import PeakSampler, high_water_bytes
 from .plan import COMPENSATE_MAX_IN, SVD_MODES, build_plan, refuse_if_too_small
@@ -288,7 +289,7 @@ class CompressionJob:
         """Bytes still to be written: the rest of the output, and the two activation files."""
         act = self._activation_nbytes()
         work = sum(act for name in ("acts-0.bin", "acts-1.bin") if not _has_size(self.work / name, act))
-        out = sum(p.stat().st_size for p in self.out.other_files())
+        out = sum(p.stat().st_size for p in self.out.other_files()) + len(modeling_source())  # + the remote code
         if not self.state.extra_shard_done:
             out += sum(self.ckpt.nbytes(k) for k in self.out.extra_names())
         layers = decoder_layers(self.model)

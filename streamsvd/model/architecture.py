@@ -14,6 +14,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..io.checkpoint import Checkpoint
 from ..errors import UnsupportedArchitecture
@@ -39,8 +40,13 @@ def check_supported(config_dict: dict) -> str:
 
 
 def load_config(checkpoint: Checkpoint) -> PretrainedConfig:
-    check_supported(checkpoint.config_dict)
-    config = AutoConfig.from_pretrained(checkpoint.dir)
+    model_type = check_supported(checkpoint.config_dict)
+    if checkpoint.config_dict != checkpoint.raw_config_dict:
+        # A streamsvd output (config.json of model_type "streamsvd"): the base family's config class
+        # from the base form of the dict, as AutoConfig would build it from the original config.json.
+        config = CONFIG_MAPPING[model_type].from_dict(dict(checkpoint.config_dict))
+    else:
+        config = AutoConfig.from_pretrained(checkpoint.dir)
     config._attn_implementation = "sdpa"
     return config
 

@@ -13,7 +13,8 @@ from torch import nn
 from .architecture import decoder_layers, empty_model, layer_prefix, linear_modules, load_config
 from ..io.checkpoint import Checkpoint
 from ..errors import CheckpointError, StreamSVDError
-from .lowrank import FORMS, empty_module, module_from_tensors, replace_module
+from .lowrank import FORMS, module_from_tensors, replace_module
+from .remote.modeling_streamsvd import swap_compressed_linears
 from ..job.state import read_state
 
 
@@ -44,14 +45,14 @@ def _load(path: Path, dtype: torch.dtype | None, device: str) -> nn.Module:
     ranks = section["ranks"] if section else {}
     # Outputs written before pivoted factors existed have no "forms": every module is plain.
     forms = section.get("forms", {}) if section else {}
-    for name, rank in ranks.items():
+    for name in ranks:
         form = forms.get(name, "plain")
         if form not in FORMS:
             raise StreamSVDError(f"{path} stores {name} in an unknown form {form!r}", "upgrade streamsvd to load this output")
-        if form == "dense":
-            continue  # kept as the nn.Linear the model already has
-        linear = model.get_submodule(name)
-        replace_module(model, name, empty_module(form, linear.in_features, linear.out_features, rank, linear.bias is not None, dtype))
+    if section:
+        # The same swap the remote code in OUT_DIR does (model/remote/modeling_streamsvd.py); dense modules
+        # stay the nn.Linear the model already has.
+        swap_compressed_linears(model, {"ranks": ranks, "forms": forms}, dtype=dtype, device="meta")
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for key in ckpt.keys():
         if key not in expected:

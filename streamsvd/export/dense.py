@@ -1,0 +1,139 @@
+"""`streamsvd export dense OUT_DIR DIR`: the factors multiplied back into an ordinary checkpoint.
+
+For tools that take only dense weights (vLLM, llama.cpp's converters): DIR gets the base family's
+plain config.json (no "streamsvd" section, no auto_map), one safetensors shard per OUT_DIR shard
+(each written as it is computed, so at most one block's tensors are in memory), the index last, and
+the other files (tokenizer, generation config) copied. Each compressed linear becomes `NAME.weight`,
+the product of its stored factors computed in float64 by the layer class itself
+(`dense_weight()`, model/remote/modeling_streamsvd.py) and rounded once to the stored dtype. This
+gives the size back: the export is as large as the original model's decoder linears.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import StreamSVDError
+from ..io.checkpoint import INDEX_NAME, SINGLE_NAME, TORCH_DTYPES, Checkpoint
+from ..io.fsutil import atomic_path, atomic_write_bytes, atomic_write_json
+from ..model.lowrank import FORMS, module_from_tensors
+from ..model.remote import MODELING_FILE
+
+_FIX_OUTPUT = "give the OUT_DIR of a finished `streamsvd run` (a directory with config.json holding a \"streamsvd\" section)"
+
+
+def check_source(out_dir: Path) -> Checkpoint:
+    """A finished streamsvd output, or one error naming what it is instead."""
+    from ..model.loading import check_finished, is_streamsvd_output
+
+    if not out_dir.is_dir():
+        raise StreamSVDError(f"{out_dir} is not a directory", _FIX_OUTPUT)
+    if not is_streamsvd_output(out_dir):
+        raise StreamSVDError(f"{out_dir} is not a streamsvd output (its config.json has no \"streamsvd\" section)",
+                             _FIX_OUTPUT)
+    check_finished(out_dir)
+    if not (out_dir / INDEX_NAME).is_file():
+        raise StreamSVDError(f"{out_dir} is an unfinished streamsvd output (it has no {INDEX_NAME})",
+                             "run the same `streamsvd run` command again to finish it")
+    return Checkpoint(out_dir)
+
+
+def check_destination(dest: Path, out_dir: Path) -> None:
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise StreamSVDError(f"{dest} exists and is not an empty directory",
+                             "give a new or empty directory for the dense checkpoint")
+    if dest.resolve() == out_dir.resolve():
+        raise StreamSVDError(f"{dest} is the streamsvd output itself", "give a new or empty directory")
+
+
+def factored_modules(ckpt: Checkpoint) -> dict[str, str]:
+    """Compressed linear name -> stored form, for the modules stored as factors (not dense)."""
+    section = ckpt.config_dict["streamsvd"]
+    forms = section.get("forms", {})  # older outputs: all plain
+    modules = {}
+    for name in section["ranks"]:
+        form = forms.get(name, "plain")
+        if form not in FORMS:
+            raise StreamSVDError(f"{ckpt.dir} stores {name} in an unknown form {form!r}", "upgrade streamsvd to export this output")
+        if form != "dense":
+            modules[name] = form
+    return modules
+
+
+def _factor_keys(name: str, form: str) -> list[str]:
+    return [name + suffix for suffix in FORMS[form]]
+
+
+def sizes(ckpt: Checkpoint, modules: dict[str, str]) -> tuple[int, int]:
+    """(factored bytes, dense bytes) of all tensors: OUT_DIR as stored, and what the export writes."""
+    factored = sum(ckpt.nbytes(k) for k in ckpt.keys())
+    dense = factored
+    for name, form in modules.items():
+        dense -= sum(ckpt.nbytes(k) for k in _factor_keys(name, form))
+        out_factor = name + ".out_factor"
+        m = ckpt.shape(out_factor)[0]
+        n = ckpt.shape(name + ".in_factor")[1] if form == "plain" else ckpt.numel(name + ".pivots")
+        dense += m * n * (ckpt.nbytes(out_factor) // ckpt.numel(out_factor))
+    return factored, dense
+
+
+def export_dense(out_dir, dest, log=print) -> dict:
+    """Write the dense checkpoint of the finished output `out_dir` into the new or empty `dest`."""
+    out_dir, dest = Path(out_dir), Path(dest)
+    ckpt = check_source(out_dir)
+    check_destination(dest, out_dir)
+    modules = factored_modules(ckpt)
+    factored_bytes, dense_bytes = sizes(ckpt, modules)
+    log(f"warning: a dense export gives the size back: {_gb(dense_bytes)} of weights instead of the "
+        f"{_gb(factored_bytes)} {out_dir} stores ({dense_bytes / factored_bytes:.2f}x); keep OUT_DIR for "
+        "streamsvd.load or transformers with trust_remote_code=True")
+    dest.mkdir(parents=True, exist_ok=True)
+    keys = set(ckpt.keys())
+    owner = {key: name for name, form in modules.items() for key in _factor_keys(name, form)}
+    weight_map, total = {}, 0
+    for shard in sorted(set(ckpt.weight_map.values())):
+        tensors = {}
+        for key in sorted(k for k, s in ckpt.weight_map.items() if s == shard):
+            name = owner.get(key)
+            if name is None:
+                tensors[key] = ckpt.get(key)
+            elif key == name + ".out_factor":  # one dense weight per module, in its out_factor's shard
+                dtype = TORCH_DTYPES[ckpt.dtype_name(key)]
+                module = module_from_tensors(ckpt.get, keys, name, torch.float64)
+                with torch.no_grad():
+                    tensors[name + ".weight"] = module.dense_weight().to(dtype)
+        with atomic_path(dest / shard) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+            tmp.chmod(0o644)
+        for key, value in tensors.items():
+            weight_map[key] = shard
+            total += value.numel() * value.element_size()
+        del tensors
+    config = dict(ckpt.config_dict)  # the base family's config (model/remote: base_config_dict)
+    config.pop("streamsvd", None)
+    atomic_write_json(dest / "config.json", config)
+    copied = []
+    for path in sorted(out_dir.iterdir()):
+        if path.is_file() and not _streamsvd_file(path.name):
+            with atomic_path(dest / path.name) as tmp:
+                shutil.copyfile(path, tmp)
+            copied.append(path.name)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write_bytes(dest / INDEX_NAME, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+    return {"out_dir": str(out_dir), "dir": str(dest), "modules_multiplied": len(modules),
+            "factored_bytes": factored_bytes, "dense_bytes": dense_bytes, "copied": copied}
+
+
+def _streamsvd_file(name: str) -> bool:
+    """OUT_DIR files that are not part of an ordinary checkpoint (or are rewritten by the export)."""
+    return (name.endswith(".safetensors") or name in (INDEX_NAME, SINGLE_NAME, "config.json", MODELING_FILE)
+            or name.startswith("streamsvd_") or name.startswith("."))
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"

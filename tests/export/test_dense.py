@@ -1,0 +1,98 @@
+"""`streamsvd export dense`: an ordinary checkpoint of the base family, loaded by plain transformers.
+
+Its logits match streamsvd.load's within rtol 1e-4 / atol 1e-5 (float32: the export rounds each
+product computed in float64 once; streamsvd.load runs two float32 matmuls).
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import streamsvd
+from streamsvd.cli import main
+from streamsvd.io.checkpoint import INDEX_NAME
+from streamsvd.model.remote import MODELING_FILE
+
+
+def _logits(model):
+    ids = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_outputs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dense")
+    return {family: root / family for family in tiny_outputs}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
+def test_dense_export_loads_with_plain_transformers_and_matches_streamsvd_load(tiny_outputs, exported, family, capsys):
+    model_dir, out = tiny_outputs[family]
+    dest = exported[family]
+    assert main(["export", "dense", str(out), str(dest)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: a dense export gives the size back") and "MB of weights instead of the" in err
+    config = json.loads((dest / "config.json").read_text())
+    original = json.loads((model_dir / "config.json").read_text())
+    assert config == original  # the base family's config.json, no streamsvd section, no auto_map
+    model, info = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))
+    want = _logits(streamsvd.load(out))
+    torch.testing.assert_close(_logits(model), want, rtol=1e-4, atol=1e-5)
+    # Same tensor names and shapes as the original checkpoint, and the original's size on disk.
+    index = json.loads((dest / INDEX_NAME).read_text())
+    source = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    assert set(index["weight_map"]) == {k for k in source if not (tied and k == "lm_head.weight")}
+    assert index["metadata"]["total_size"] == sum(source[k].numel() * 4 for k in index["weight_map"])
+    assert not (dest / MODELING_FILE).exists() and not list(dest.glob("streamsvd_*"))
+    assert (dest / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+
+
+def test_dense_shards_hold_one_block_each(tiny_outputs, tmp_path):
+    _, out = tiny_outputs["llama"]
+    dest = tmp_path / "dense"
+    assert main(["export", "dense", str(out), str(dest)]) == 0
+    shards = sorted(dest.glob("model-*.safetensors"))
+    assert [p.name for p in shards] == sorted(p.name for p in out.glob("model-*.safetensors"))
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            blocks = {k.split(".")[2] for k in f.keys() if k.startswith("model.layers.")}
+        assert len(blocks) <= 1, f"{shard.name} holds blocks {blocks}"
+
+
+def _assert_refused(capsys, rc, *words):
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert rc == 2 and lines[0].startswith("error: ") and lines[1].startswith("  fix: ") and len(lines) == 2, captured.err
+    assert "Traceback" not in captured.err
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_bad_input_is_one_error_and_one_fix(tiny_outputs, tmp_path, capsys):
+    model_dir, out = tiny_outputs["llama"]
+    _assert_refused(capsys, main(["export", "dense", str(model_dir), str(tmp_path / "a")]), "not a streamsvd output")
+    _assert_refused(capsys, main(["export", "dense", str(tmp_path / "nowhere"), str(tmp_path / "b")]), "not a directory")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    _assert_refused(capsys, main(["export", "dense", str(out), str(busy)]), "not an empty directory")
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _assert_refused(capsys, main(["export", "dense", str(out), str(afile)]), "not an empty directory")
+    _assert_refused(capsys, main(["export", "dense", str(out), str(out)]), "not an empty directory")
+    # An unfinished output (no index yet).
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    for path in out.iterdir():
+        if path.is_file() and path.name != INDEX_NAME:
+            (unfinished / path.name).write_bytes(path.read_bytes())
+    _assert_refused(capsys, main(["export", "dense", str(unfinished), str(tmp_path / "c")]), "unfinished")
+    assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))

@@ -1,0 +1,190 @@
+"""OUT_DIR loads with plain transformers (trust_remote_code=True) where streamsvd cannot be imported.
+
+The checks that run the remote code run in one child process that blocks every import of streamsvd
+(a meta-path finder raising ImportError) and keeps transformers' module cache in tmp_path; its
+results are asserted by the tests below. Logits are compared with torch.equal (bit for bit): the
+remote code builds the same modules (the same classes, model/remote/modeling_streamsvd.py) and both
+sides run single-threaded.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import streamsvd
+from streamsvd.cli import main
+from streamsvd.io.checkpoint import Checkpoint
+from streamsvd.model.architecture import check_supported
+from streamsvd.model.lowrank import LowRankLinear, PivotedLinear
+from streamsvd.model.remote import MODELING_FILE, modeling_source
+from streamsvd.model.remote.modeling_streamsvd import SECTION, base_config_dict
+
+
+CHILD = textwrap.dedent('''
+    import importlib.abc, json, sys
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "streamsvd" or name.startswith("streamsvd."):
+                raise ImportError("streamsvd is blocked in this process")
+    sys.meta_path.insert(0, Block())
+    import torch
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    cases, damaged = json.loads(sys.argv[1]), sys.argv[2]
+    result = {"cases": {}}
+    try:
+        import streamsvd  # noqa: F401
+        result["streamsvd_importable"] = True
+    except ImportError:
+        result["streamsvd_importable"] = False
+    try:  # first, before any remote class is registered in this process
+        AutoModelForCausalLM.from_pretrained(cases[0]["out"])
+        result["plain"] = "loaded"
+    except Exception as e:
+        result["plain"] = f"{type(e).__name__}: {e}"
+    for case in cases:
+        ref = torch.load(case["ref"])
+        model = AutoModelForCausalLM.from_pretrained(case["out"], trust_remote_code=True)
+        with torch.no_grad():
+            logits = model(ref["ids"]).logits
+        tokens = model.generate(ref["ids"][:1, :6], max_new_tokens=5, do_sample=False)
+        tokenizer = AutoTokenizer.from_pretrained(case["out"], trust_remote_code=True)
+        result["cases"][case["out"]] = {
+            "equal": bool(torch.equal(logits, ref["logits"])),
+            "max_diff": float((logits - ref["logits"]).abs().max()),
+            "tokens": tokens.tolist(), "classes": [c.__name__ for c in type(model).__mro__[:2]],
+            "layer": type(model.model.layers[0].self_attn.q_proj).__name__,
+            "encoded": tokenizer("To be, or not to be").input_ids,
+        }
+    try:
+        AutoModelForCausalLM.from_pretrained(damaged, trust_remote_code=True)
+        result["damaged"] = "loaded"
+    except Exception as e:
+        result["damaged"] = f"{type(e).__name__}: {e}"
+    result["modules"] = sorted(m for m in sys.modules if m.split(".")[0] == "streamsvd")
+    print("RESULT " + json.dumps(result))
+''')
+
+
+def _ids():
+    return torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def _reference(out):
+    """streamsvd.load's logits and greedy tokens, single-threaded like the child."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = streamsvd.load(out)
+        with torch.no_grad():
+            logits = model(_ids()).logits
+        tokens = model.generate(_ids()[:1, :6], max_new_tokens=5, do_sample=False)
+    finally:
+        torch.set_num_threads(threads)
+    return logits, tokens, model
+
+
+@pytest.fixture(scope="module")
+def outputs(tiny_outputs):
+    return {family: out for family, (_, out) in tiny_outputs.items()}
+
+
+@pytest.fixture(scope="module")
+def child(outputs, tmp_path_factory):
+    """Run the remote-code checks once in a process where `import streamsvd` fails."""
+    root = tmp_path_factory.mktemp("child")
+    cases, refs = [], {}
+    for family, out in outputs.items():
+        logits, tokens, _ = _reference(out)
+        torch.save({"ids": _ids(), "logits": logits}, root / f"{family}.pt")
+        cases.append({"out": str(out), "ref": str(root / f"{family}.pt")})
+        refs[str(out)] = tokens.tolist()
+    # A copy whose config claims a plain form where the shards hold pivoted factors.
+    damaged = root / "damaged"
+    damaged.mkdir()
+    for path in outputs["llama"].iterdir():
+        if path.is_file():
+            (damaged / path.name).write_bytes(path.read_bytes())
+    config = json.loads((damaged / "config.json").read_text())
+    config[SECTION]["forms"]["model.layers.1.mlp.up_proj"] = "plain"
+    (damaged / "config.json").write_text(json.dumps(config))
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(root / "hf_modules"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases), str(damaged)], capture_output=True,
+                          text=True, env=env, cwd=root, timeout=300, stdin=subprocess.DEVNULL)
+    line = next((l for l in proc.stdout.splitlines() if "RESULT " in l), None)  # after transformers' prompt text
+    assert line is not None, proc.stdout + proc.stderr
+    return json.loads(line.split("RESULT ", 1)[1]), refs
+
+
+def test_the_child_cannot_import_streamsvd(child):
+    result, _ = child
+    assert result["streamsvd_importable"] is False and result["modules"] == []
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])  # tests/export/conftest.py CASES
+def test_remote_code_gives_the_same_logits_and_tokens_as_streamsvd_load(child, outputs, family):
+    result, refs = child
+    case = result["cases"][str(outputs[family])]
+    assert case["equal"], f"max |diff| {case['max_diff']}"
+    assert case["tokens"] == refs[str(outputs[family])]
+    # The base family's own class (subclassed), with streamsvd's layers swapped in.
+    base = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}[family]
+    assert case["classes"] == ["StreamSVD" + base, base]
+    assert case["layer"] == ("LowRankLinear" if family == "qwen2" else "PivotedLinear")
+    assert len(case["encoded"]) > 3
+
+
+def test_plain_from_pretrained_refuses_and_names_trust_remote_code(child):
+    result, _ = child
+    assert result["plain"].startswith("ValueError") and "trust_remote_code=True" in result["plain"]
+
+
+def test_remote_code_refuses_a_config_that_does_not_match_the_shards(child):
+    result, _ = child
+    assert result["damaged"].startswith("ValueError") and "does not match its streamsvd config" in result["damaged"]
+    assert "up_proj" in result["damaged"]
+
+
+def test_out_dir_ships_the_layer_classes_streamsvd_uses(outputs):
+    out = outputs["llama"]
+    assert (out / MODELING_FILE).read_bytes() == modeling_source()
+    # One source of truth: streamsvd's layer classes are the ones in the shipped file.
+    assert LowRankLinear.__module__ == PivotedLinear.__module__ == "streamsvd.model.remote.modeling_streamsvd"
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "streamsvd" and config["architectures"] == ["StreamSVDForCausalLM"]
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_streamsvd.StreamSVDForCausalLM"
+    assert config[SECTION]["base_model_type"] == "llama"
+    assert config[SECTION]["base_architectures"] == ["LlamaForCausalLM"]
+    # streamsvd's own readers see the base family.
+    ckpt = Checkpoint(out)
+    assert check_supported(ckpt.config_dict) == "llama" and "auto_map" not in ckpt.config_dict
+    assert main(["verify", str(out)]) == 0
+
+
+def test_an_output_with_the_old_config_form_still_loads_and_evaluates(outputs, tmp_path, capsys):
+    out = outputs["qwen2"]
+    want_logits, _, _ = _reference(out)
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 40)
+    assert main(["eval", str(out), "--text", str(text), "--seqlen", "32", "--json", "--no-progress"]) == 0
+    want_ppl = json.loads(capsys.readouterr().out)["perplexity"]
+    old = tmp_path / "old"
+    old.mkdir()
+    for path in out.iterdir():
+        if path.is_file() and path.name != MODELING_FILE:
+            (old / path.name).write_bytes(path.read_bytes())
+    config = base_config_dict(json.loads((out / "config.json").read_text()))  # what earlier versions wrote
+    for key in ("base_model_type", "base_architectures"):
+        del config[SECTION][key]
+    (old / "config.json").write_text(json.dumps(config))
+    assert config["model_type"] == "qwen2" and "auto_map" not in config
+    got_logits, _, model = _reference(old)
+    assert torch.equal(got_logits, want_logits)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, LowRankLinear)
+    assert main(["eval", str(old), "--text", str(text), "--seqlen", "32", "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] == want_ppl
