@@ -28,6 +28,8 @@ SUPPORTED = {
     "phi3": "model.layers",  # fused qkv_proj and gate_up_proj, compressed as the single linears they are
     "gemma2": "model.layers",  # logit softcapping, alternating sliding-window layers
     "olmo2": "model.layers",  # q/k RMSNorm after the projections, norms after attention and MLP
+    "olmo3": "model.layers",  # olmo2 with sliding-window layers
+    "smollm3": "model.layers",  # llama with some layers without rotary embeddings (NoPE)
 }
 
 

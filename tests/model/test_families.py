@@ -1,11 +1,12 @@
-"""The families beyond llama/mistral/qwen2/gemma3_text (qwen3, phi3, gemma2, olmo2): each compresses
+"""The families beyond llama/mistral/qwen2/gemma3_text (qwen3, phi3, gemma2, olmo2, olmo3, smollm3): each compresses
 with the default job, loads, stays close to the original at a low ratio and generates; `plan` and
 `profile` work on them; mixture-of-experts models are refused with one error and a fix.
 
 Every block runs as transformers' own decoder layer: phi3's fused qkv_proj / gate_up_proj are
 compressed as the single linears they are, gemma2 runs eager attention (its attention logit
 softcapping has no sdpa path) with its sliding-window and global masks, qwen3 and olmo2 keep their
-q/k norms after the projections.
+q/k norms after the projections, olmo3 has sliding-window layers, smollm3 a layer without rotary
+embeddings.
 """
 
 import json
@@ -25,7 +26,6 @@ from tiny_models import NEW_FAMILIES, make_tiny_checkpoint
 
 SAMPLES, SEQLEN = 4, 16
 RATIO = 0.001  # keeps nearly everything
-TWO_LAYERS = {"gemma2": dict(layer_types=["sliding_attention", "full_attention"])}
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,7 @@ def checkpoints(tmp_path_factory):
 
     def get(family):
         if family not in made:
-            made[family] = make_tiny_checkpoint(family, tmp_path_factory.mktemp(family) / "model", num_hidden_layers=2,
-                                                **TWO_LAYERS.get(family, {}))
+            made[family] = make_tiny_checkpoint(family, tmp_path_factory.mktemp(family) / "model")
         return made[family]
 
     return get
@@ -45,6 +44,17 @@ def _text_ids(model_dir, n=24):
     """Two windows of real text (the calibration's domain), not random tokens."""
     ids = AutoTokenizer.from_pretrained(model_dir)(default_text()[50_000:60_000])["input_ids"]
     return torch.tensor([ids[:n], ids[n : 2 * n]])
+
+
+@torch.no_grad()
+def _greedy_without_cache(model, ids, steps):
+    eos = model.generation_config.eos_token_id
+    for _ in range(steps):
+        logits = model(ids, use_cache=False).logits[:, -1]
+        if eos is not None:
+            logits[:, eos] = -float("inf")  # as min_new_tokens does
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
 
 
 def _relative_error(got, want):
@@ -75,8 +85,10 @@ def test_family_compresses_loads_stays_close_and_generates(family, checkpoints, 
     # model's spectra are flat, so even that moves the logits by 3-9% (at ratio 0.4: 60-80%); the exact
     # check, against the same compression done in memory, is tests/job/test_pipeline.py's.
     assert 1e-4 < _relative_error(got, want) < 0.15, _relative_error(got, want)
-    generated = model.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
-    assert generated.shape == (1, 9)
+    generated = model.generate(ids[:1, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False)  # no early EOS
+    assert generated.shape == (1, 12)
+    # generate's cached decoding (past gemma2's and olmo3's sliding window of 8) = greedy full forwards
+    assert torch.equal(generated, _greedy_without_cache(model, ids[:1, :8], 4))
     if family == "gemma2":
         assert model.config._attn_implementation == "eager"  # softcapped attention logits: no sdpa path
     if family == "phi3":
