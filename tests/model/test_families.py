@@ -20,6 +20,7 @@ import streamsvd
 from streamsvd.cli import main
 from streamsvd.io.calibration import default_text
 from streamsvd.job.pipeline import JobConfig, run_job
+from streamsvd.job.plan import input_group
 from streamsvd.job.profile import read_profile
 from streamsvd.model.lowrank import PivotedLinear
 from tiny_models import NEW_FAMILIES, make_tiny_checkpoint
@@ -57,6 +58,13 @@ def _greedy_without_cache(model, ids, steps):
     return ids
 
 
+def _partition(group_of):
+    groups = {}
+    for name, group in group_of.items():
+        groups.setdefault(group, set()).add(name)
+    return sorted(sorted(g) for g in groups.values())
+
+
 def _relative_error(got, want):
     return float((got - want).norm() / want.norm())
 
@@ -78,6 +86,10 @@ def test_family_compresses_loads_stays_close_and_generates(family, checkpoints, 
     linears = {n for n, m in original.model.layers.named_modules() if isinstance(m, nn.Linear)}
     assert all(isinstance(model.model.layers.get_submodule(n), PivotedLinear) for n in linears), family
     assert len(report["modules"]) == len(linears)
+    # The job groups linears by the input tensor they read; the plan, before any forward, by name. Same answer.
+    shapes = {n: m.in_features for n, m in original.model.layers.named_modules() if isinstance(m, nn.Linear)}
+    assert _partition({n: m["input_group"] for n, m in report["modules"].items()}) == \
+        _partition({f"model.layers.{n}": input_group(n, k) for n, k in shapes.items()})
     with torch.no_grad():
         got = model(ids).logits
     assert torch.isfinite(got).all()
