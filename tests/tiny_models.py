@@ -37,7 +37,27 @@ CONFIGS = {
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
         query_pre_attn_scalar=16,
     ),
+    # The later families (NEW_FAMILIES) have two layers: tests/model/test_families.py runs each through every command.
+    "qwen3": dict(COMMON, num_hidden_layers=2, head_dim=16, tie_word_embeddings=True),
+    "phi3": dict(COMMON, num_hidden_layers=2, tie_word_embeddings=False, original_max_position_embeddings=256),
+    "gemma2": dict(
+        COMMON,
+        num_hidden_layers=2,
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=16,
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+    ),
+    "olmo2": dict(COMMON, num_hidden_layers=2, tie_word_embeddings=False),
+    "olmo3": dict(COMMON, num_hidden_layers=2, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+    "smollm3": dict(COMMON, num_hidden_layers=2, no_rope_layers=[1, 0], tie_word_embeddings=True),  # layer 1 without rotary
 }
+
+
+# The families added after the first four (issue 9): tests/model/test_families.py covers them.
+NEW_FAMILIES = ("gemma2", "olmo2", "olmo3", "phi3", "qwen3", "smollm3")
 
 
 def tiny_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:

@@ -13,7 +13,7 @@ import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..io.checkpoint import Checkpoint
@@ -25,11 +25,53 @@ SUPPORTED = {
     "mistral": "model.layers",
     "qwen2": "model.layers",
     "gemma3_text": "model.layers",
+    "qwen3": "model.layers",  # q/k RMSNorm after the projections
+    "phi3": "model.layers",  # fused qkv_proj and gate_up_proj, compressed as the single linears they are
+    "gemma2": "model.layers",  # logit softcapping, alternating sliding-window layers
+    "olmo2": "model.layers",  # q/k RMSNorm after the projections, norms after attention and MLP
+    "olmo3": "model.layers",  # olmo2 with sliding-window layers
+    "smollm3": "model.layers",  # llama with some layers without rotary embeddings (NoPE)
 }
+
+
+# Config keys that give a mixture-of-experts model's expert count (mixtral/phimoe/jetmoe/granitemoe,
+# qwen2_moe/qwen3_moe/olmoe, deepseek_v2/v3, dbrx's ffn_config).
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+# Mixture-of-experts types whose configs may not carry a count under those keys.
+MOE_TYPES = {"dbrx", "deepseek_v2", "deepseek_v3", "dots1", "gpt_oss", "jamba", "jetmoe", "llama4", "llama4_text",
+             "minimax", "mixtral", "olmoe", "phimoe", "qwen3_next"}
+
+
+def expert_count(config_dict: dict) -> int | None:
+    """How many routed experts a layer of this config has, or None for a dense model."""
+    for d in (config_dict, config_dict.get("text_config") or {}, config_dict.get("ffn_config") or {}):
+        for key in EXPERT_KEYS:
+            value = d.get(key)
+            if isinstance(value, int) and value > 1:
+                return value
+    return None
+
+
+def check_moe(config_dict: dict) -> None:
+    """Refuse a mixture-of-experts model with what would be compressed and why it is not yet."""
+    experts = expert_count(config_dict)
+    model_type = config_dict.get("model_type")
+    if experts is None and model_type not in MOE_TYPES and "moe" not in str(model_type):
+        return
+    top_k = config_dict.get("num_experts_per_tok") or config_dict.get("num_selected_experts") or "k"
+    routed = f"{experts} routed experts per layer, {top_k} per token" if experts else "routed experts"
+    raise UnsupportedArchitecture(
+        f"model_type={model_type!r} is a mixture-of-experts model ({routed}), which streamsvd does not compress yet: "
+        "only the attention projections (q/k/v/o_proj) and any shared expert are ordinary linears it could factor; the "
+        "routed experts, which hold most of the weights, are stored by transformers as stacked 3-D tensors, and each "
+        "sees only the calibration tokens the router sends it, so they would need per-expert statistics",
+        f"compress a dense model (supported: {', '.join(sorted(SUPPORTED))})",
+    )
 
 
 def check_supported(config_dict: dict) -> str:
     model_type = config_dict.get("model_type")
+    check_moe(config_dict)
     if model_type not in SUPPORTED:
         found = f"model_type={model_type!r}, architectures={config_dict.get('architectures')}"
         raise UnsupportedArchitecture(
@@ -47,8 +89,15 @@ def load_config(checkpoint: Checkpoint) -> PretrainedConfig:
         config = CONFIG_MAPPING[model_type].from_dict(dict(checkpoint.config_dict))
     else:
         config = AutoConfig.from_pretrained(checkpoint.dir)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attention_implementation(config)
     return config
+
+
+def attention_implementation(config: PretrainedConfig) -> str:
+    """sdpa where transformers' own class runs it; eager where it does not (Gemma 2: its attention
+    logit softcapping has no sdpa path). Either way transformers' own attention code runs."""
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
 def empty_model(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
