@@ -6,8 +6,8 @@ from streamsvd.job.pipeline import JobConfig, run_job
 from tiny_models import make_tiny_checkpoint
 
 # family, stored form: pivoted factors (the default), plain factors with biases (qwen2's q/k/v) and
-# tied embeddings, Gemma 3's sliding and global layers.
-CASES = [("llama", "pivoted"), ("qwen2", "plain"), ("gemma3_text", "pivoted")]
+# tied embeddings, Gemma 3's sliding and global layers, Gemma 2's eager softcapped attention, phi3's fused linears.
+CASES = [("llama", "pivoted"), ("qwen2", "plain"), ("gemma3_text", "pivoted"), ("gemma2", "pivoted"), ("phi3", "pivoted")]
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,7 @@ CHILD = textwrap.dedent('''
             "equal": bool(torch.equal(logits, ref["logits"])),
             "max_diff": float((logits - ref["logits"]).abs().max()),
             "tokens": tokens.tolist(), "classes": [c.__name__ for c in type(model).__mro__[:2]],
-            "layer": type(model.model.layers[0].self_attn.q_proj).__name__,
+            "layer": type(model.model.layers[0].self_attn.o_proj).__name__,
             "encoded": tokenizer("To be, or not to be").input_ids,
         }
     try:
