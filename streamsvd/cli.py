@@ -203,16 +203,18 @@ def _add_export(sub) -> None:
                        "inputs (past_key_values.N.key/value) and outputs (present.N.key/value), each factor pair as two "
                        "MatMuls (pivoted: Gather, MatMul, Add, MatMul), float32; config.json and the tokenizer files beside "
                        "it. The export is checked: onnxruntime runs a prefill and a cached decode step, and a float32 "
-                       "graph whose logits differ from PyTorch's is refused. Needs `pip install 'streamsvd[onnx]'`; "
-                       "takes about a minute for a 135M model and twice the float32 model in RAM.")
+                       "graph whose logits differ from PyTorch's by over 1e-3 of the largest logit is refused. Needs `pip install 'streamsvd[onnx]'`; "
+                       "Costs about 6x the float32 model's bytes in RAM and 2.5 CPU-minutes for SmolLM2-135M (2.2 GB peak).")
     p.add_argument("format", metavar="FORMAT", choices=EXPORT_FORMATS, help=f"one of: {', '.join(EXPORT_FORMATS)}")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the streamsvd output (or checkpoint) to export")
     p.add_argument("dest", metavar="DIR", help="new or empty directory (an earlier ONNX export there is overwritten)")
     p.add_argument("--onnx-int4", action="store_true",
                    help="onnx: quantise the decoder blocks' MatMuls (the factors, and any linear kept dense) to 4-bit "
                    "MatMulNBits with onnxruntime's own quantiser (round-to-nearest, asymmetric, per block of inputs); "
-                   "embeddings and head stay float32. About 1/6 of the float32 bytes for those weights, at some "
-                   "accuracy: the logits then differ from PyTorch's (the check reports by how much)")
+                   "embeddings and head stay float32; pivoted factors are first re-factored as balanced plain factors of the "
+                   "same rank (r^2 more numbers per linear), which survive rounding far better. About 1/6 of the float32 "
+                   "bytes for those weights, at a cost in accuracy: the check reports how far the logits move; measure "
+                   "perplexity before relying on it")
     p.add_argument("--onnx-block-size", type=int, default=32, metavar="N",
                    help="onnx: inputs per quantisation block with --onnx-int4 (16, 32, 64 or 128; default 32; larger "
                    "is smaller and less accurate)")

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 import streamsvd  # noqa: E402
 from streamsvd.cli import main  # noqa: E402
-from streamsvd.export.onnx import MODEL_FILE, RECORD, OnnxDecoder, export_onnx, quantize_int4  # noqa: E402
+from streamsvd.export.onnx import MODEL_FILE, RECORD, OnnxDecoder, export_form, export_onnx  # noqa: E402
 from streamsvd.job.pipeline import JobConfig, run_job  # noqa: E402
 from streamsvd.model.lowrank import PivotedLinear  # noqa: E402
 from tiny_models import VOCAB, make_tiny_checkpoint  # noqa: E402
@@ -103,19 +103,19 @@ def test_export_dir_holds_model_config_tokenizer_and_factor_matmuls(exported):
     assert list(init["model.model.layers.0.mlp.down_proj.in_rest_t"].dims) == [160 - rank, rank]
 
 
-def test_int4_quantises_the_blocks_matmuls_and_keeps_the_head(exported, tmp_path):
-    """What `--onnx-int4` does after the export, here on the fixture's float graph (no second export)."""
+def test_int4_quantises_the_blocks_matmuls_as_balanced_factors_and_keeps_the_head(exported, tmp_path):
     out, dest, record = exported
-    proto, count = quantize_int4(onnx.load(str(dest / MODEL_FILE)), block_size=16)
-    graph = proto.graph
+    rec4 = export_onnx(out, tmp_path / "int4", int4=True, block_size=16)
+    graph = onnx.load(str(tmp_path / "int4" / MODEL_FILE)).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == count == 2 * 2 * LINEARS_PER_LAYER
-    assert all(n.domain == "com.microsoft" and n.input[1].split("_Q4")[0].endswith(("in_rest_t", "out_factor_t")) for n in nbits)
+    assert len(nbits) == rec4["matmul_nbits"] == 2 * 2 * LINEARS_PER_LAYER
+    # Pivoted linears go to 4 bits as balanced plain factors (rounding A' and B' themselves loses far more).
+    assert all(n.domain == "com.microsoft" and n.input[1].split("_Q4")[0].endswith(("in_factor_t", "out_factor_t"))
+               for n in nbits)
+    assert not any(n.input[1].endswith("in_rest_t") for n in graph.node if n.op_type == "MatMul")
     head = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in {t.name for t in graph.initializer}]
     assert len(head) == 1  # lm_head stays float32
-    (tmp_path / "int4").mkdir()
-    onnx.save_model(proto, str(tmp_path / "int4" / MODEL_FILE))
-    assert (tmp_path / "int4" / MODEL_FILE).stat().st_size < (dest / MODEL_FILE).stat().st_size
+    assert rec4["bytes"] < record["bytes"] and rec4["int4"] and rec4["block_size"] == 16
     # 4 bits move the logits, but they stay the model's: close to PyTorch's, far from chance.
     ids = _ids(1, 12, seed=8)
     with torch.no_grad():
@@ -123,7 +123,19 @@ def test_int4_quantises_the_blocks_matmuls_and_keeps_the_head(exported, tmp_path
     session = OnnxDecoder(tmp_path / "int4")
     got = session.step(ids.numpy(), np.ones((1, 12), np.int64), np.arange(12)[None], session.empty_cache(1))[0][0]
     assert 0 < np.abs(got - want).max() and np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.9
+    assert rec4["check"]["max_rel_diff"] > 0  # reported, not refused
     assert len(session.generate(ids.numpy(), 4)[0]) == 16
+
+
+def test_balanced_factors_compute_the_pivoted_product(exported):
+    model = streamsvd.load(exported[0])
+    ids = _ids(2, 9, seed=1)
+    with torch.no_grad():
+        want = model(ids).logits
+        assert export_form(model, balanced=True) == 2 * LINEARS_PER_LAYER
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert not any(isinstance(m, PivotedLinear) for m in model.modules())
 
 
 def test_cli_exports_plain_factors_with_biases(tmp_path, capsys):
