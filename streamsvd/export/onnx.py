@@ -269,11 +269,19 @@ def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: 
     dest.mkdir(parents=True, exist_ok=True)
     for stale in (dest / MODEL_FILE, dest / DATA_FILE, dest / RECORD):
         stale.unlink(missing_ok=True)
+    for node in proto.graph.node:  # the exporter's per-node stack traces and class paths: ~8 MB on SmolLM2
+        del node.metadata_props[:]
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
     external = weight_bytes > EXTERNAL_DATA_BYTES
     onnx.save_model(proto, str(dest / MODEL_FILE), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
     del proto
+    if external:  # onnx writes the data file owner-only; give it the mode model.onnx has
+        import os
+
+        umask = os.umask(0)
+        os.umask(umask)
+        (dest / DATA_FILE).chmod(0o666 & ~umask)
     _copy_side_files(out_dir, dest)
     record = {
         "source": str(out_dir), "format": "onnx", "file": MODEL_FILE, "external_data": DATA_FILE if external else None,

@@ -138,10 +138,17 @@ def test_balanced_factors_compute_the_pivoted_product(exported):
     assert not any(isinstance(m, PivotedLinear) for m in model.modules())
 
 
-def test_cli_exports_plain_factors_with_biases(tmp_path, capsys):
-    """qwen2 (q/k/v biases, tied head) compressed with --factors plain: two MatMuls + bias per linear."""
+def test_cli_exports_plain_factors_with_biases_and_external_data(tmp_path, capsys, monkeypatch):
+    """qwen2 (q/k/v biases, tied head) compressed with --factors plain: two MatMuls + bias per linear;
+    the weights in model.onnx.data, as a model over 1 GiB would have them."""
+    import streamsvd.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
     out = _compress(tmp_path, "qwen2", factors="plain")
     assert main(["export", "onnx", str(out), str(tmp_path / "onnx")]) == 0
+    assert (tmp_path / "onnx" / "model.onnx.data").stat().st_size > 100_000
+    inline = onnx.load(str(tmp_path / "onnx" / MODEL_FILE), load_external_data=False).graph.initializer
+    assert not [t.name for t in inline if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) > 1024]
     printed = capsys.readouterr().out
     assert "14 linears as MatMuls" in printed and "onnxruntime vs PyTorch" in printed
     record = json.loads((tmp_path / "onnx" / RECORD).read_text())
