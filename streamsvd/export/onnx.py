@@ -296,14 +296,22 @@ def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: 
     }
     if check:
         record["check"] = _check(dest / MODEL_FILE, checks, expected)
-        if not int4 and record["check"]["max_rel_diff"] > FLOAT_TOLERANCE:
-            (dest / MODEL_FILE).unlink()
-            raise StreamSVDError(
-                f"onnxruntime's logits differ from PyTorch's by {record['check']['max_rel_diff']:.2e} of the largest "
-                f"logit (more than {FLOAT_TOLERANCE:g}); the export was removed",
-                "report this with the model's config.json: the graph does not compute the model")
+        refuse_if_off(dest, record)
     (dest / RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def refuse_if_off(dest: Path, record: dict) -> None:
+    """Remove a float32 export whose check exceeds FLOAT_TOLERANCE and say so (int4 is only reported)."""
+    diff = record["check"]["max_rel_diff"]
+    if record["int4"] or diff <= FLOAT_TOLERANCE:
+        return
+    for path in (dest / MODEL_FILE, dest / DATA_FILE):
+        path.unlink(missing_ok=True)
+    raise StreamSVDError(
+        f"onnxruntime's logits differ from PyTorch's by {diff:.2e} of the largest logit (more than "
+        f"{FLOAT_TOLERANCE:g}); the export was removed",
+        "report this with the model's config.json: the graph does not compute the model")
 
 
 @contextlib.contextmanager

@@ -16,7 +16,8 @@ from transformers import AutoTokenizer  # noqa: E402
 
 import streamsvd  # noqa: E402
 from streamsvd.cli import main  # noqa: E402
-from streamsvd.export.onnx import MODEL_FILE, RECORD, OnnxDecoder, export_form, export_onnx  # noqa: E402
+from streamsvd.errors import StreamSVDError  # noqa: E402
+from streamsvd.export.onnx import MODEL_FILE, RECORD, OnnxDecoder, export_form, export_onnx, refuse_if_off  # noqa: E402
 from streamsvd.job.pipeline import JobConfig, run_job  # noqa: E402
 from streamsvd.model.lowrank import PivotedLinear  # noqa: E402
 from tiny_models import VOCAB, make_tiny_checkpoint  # noqa: E402
@@ -183,3 +184,14 @@ def test_a_non_empty_destination_is_refused(exported, tmp_path, capsys):
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.txt"]
     assert main(["export", "onnx", str(out), str(tmp_path / "y"), "--onnx-int4", "--onnx-block-size", "24"]) == 2
     assert "power of two" in capsys.readouterr().err
+
+
+def test_a_float_graph_off_beyond_the_tolerance_is_removed(tmp_path):
+    for name in (MODEL_FILE, "model.onnx.data"):
+        (tmp_path / name).write_bytes(b"graph")
+    refuse_if_off(tmp_path, {"int4": True, "check": {"max_rel_diff": 0.5}})  # int4: reported, kept
+    refuse_if_off(tmp_path, {"int4": False, "check": {"max_rel_diff": 3e-5}})  # SmolLM2's figure: kept
+    assert (tmp_path / MODEL_FILE).exists()
+    with pytest.raises(StreamSVDError, match="differ from PyTorch's by 2.00e-02"):
+        refuse_if_off(tmp_path, {"int4": False, "check": {"max_rel_diff": 0.02}})
+    assert not (tmp_path / MODEL_FILE).exists() and not (tmp_path / "model.onnx.data").exists()
