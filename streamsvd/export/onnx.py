@@ -345,11 +345,19 @@ def _check_dest(dest: Path, out_dir: Path) -> None:
 
 def _copy_side_files(out_dir: Path, dest: Path) -> None:
     """config.json, generation config and tokenizer files: what transformers and onnxruntime-genai read beside it."""
-    names = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    from ..io.checkpoint import Checkpoint
+    from ..io.fsutil import atomic_write_json
+
+    names = {"generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
              "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja"}
     for src in sorted(out_dir.iterdir()):
         if src.is_file() and src.name in names:
             shutil.copyfile(src, dest / src.name)
+    # The base family's config (an OUT_DIR's says model_type "streamsvd" and points at remote code the
+    # export does not carry; the graph itself holds the factors).
+    config = dict(Checkpoint(out_dir).config_dict)
+    config.pop("streamsvd", None)
+    atomic_write_json(dest / "config.json", config)
 
 
 def quantize_int4(proto, block_size: int = 32):
