@@ -11,7 +11,8 @@ then times, with the KV cache as generate() uses it:
 - peak memory: the subprocess's peak RSS (ru_maxrss) after all of it, and the weights' bytes.
 
 `--runtime onnx` times the same through onnxruntime on a `streamsvd export onnx` of each model
-(exported once into --onnx-cache), when the onnx extra is installed.
+(exported once into --onnx-cache by a separate process, so the peak RSS is the runtime's alone),
+when the onnx extra is installed.
 
 Prints one JSON line per (model, runtime, batch). Take timings on an otherwise idle machine.
 
@@ -77,28 +78,33 @@ def measure_torch(path: str, batch: int, prompt: int, new: int, reps: int, threa
 
 
 def measure_onnx(path: str, batch: int, prompt: int, new: int, reps: int, threads: int, cache_dir: Path) -> dict:
-    from streamsvd.export.onnx import OnnxDecoder, export_onnx  # the onnx extra
+    import numpy as np
 
-    target = cache_dir / Path(path).name
-    if not (target / "model.onnx").exists():
-        export_onnx(Path(path), target)
+    from streamsvd.export.onnx import OnnxDecoder  # the onnx extra
+
+    target = cache_dir / Path(path).name  # exported by the parent, so the peak RSS is the runtime's alone
     decoder = OnnxDecoder(target, threads=threads)
-    gen = __import__("numpy").random.default_rng(0)
-    ids = gen.integers(0, decoder.vocab_size, (batch, prompt))
-    t_prefill = _median_time(lambda: decoder.prefill(ids), reps)
+    vocab = json.loads((target / "config.json").read_text()).get("vocab_size", 1000)
+    ids = np.random.default_rng(0).integers(0, vocab, (batch, prompt))
+    positions = np.broadcast_to(np.arange(prompt), (batch, prompt))
+
+    def prefill():
+        return decoder.step(ids, np.ones((batch, prompt), dtype=np.int64), positions, decoder.empty_cache(batch))
 
     def decode():
-        logits, cache = decoder.prefill(ids)
+        logits, cache = prefill()
         token = logits[:, -1:].argmax(-1)
         start = time.perf_counter()
-        for _ in range(new):
-            logits, cache = decoder.step(token, cache)
+        for i in range(new):
+            total = prompt + i + 1
+            logits, cache = decoder.step(token, np.ones((batch, total), dtype=np.int64), np.full((batch, 1), total - 1), cache)
             token = logits[:, -1:].argmax(-1)
         return time.perf_counter() - start
 
+    t_prefill = _median_time(prefill, reps)
     decode()
     t_decode = statistics.median(decode() for _ in range(reps))
-    onnx_bytes = sum(f.stat().st_size for f in target.iterdir() if f.suffix in (".onnx", ".data") or f.name.endswith(".onnx_data"))
+    onnx_bytes = sum(f.stat().st_size for f in target.iterdir() if f.name.startswith("model.onnx"))
     return {"onnx_bytes": onnx_bytes, "prefill_s": t_prefill, "prefill_tok_s": batch * prompt / t_prefill,
             "decode_s": t_decode, "decode_tok_s": batch * new / t_decode}
 
@@ -137,6 +143,10 @@ def main() -> None:
     Path(args.onnx_cache).mkdir(parents=True, exist_ok=True)
     for runtime in args.runtime:
         for model in args.models:
+            target = Path(args.onnx_cache) / Path(model).name
+            if runtime == "onnx" and not (target / "model.onnx").exists():
+                subprocess.run([sys.executable, "-m", "streamsvd", "export", "onnx", model, str(target)], check=True,
+                               stdout=subprocess.DEVNULL)
             for batch in args.batch:
                 cmd = [sys.executable, __file__, model, "--child", "--runtime", runtime, "--batch", str(batch),
                        "--prompt", str(args.prompt), "--new", str(args.new), "--reps", str(args.reps),
