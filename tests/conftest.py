@@ -16,6 +16,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 from streamsvd import assets
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """family -> a tiny random checkpoint of that family (tiny_models.CONFIGS), made once per session."""
+    from tiny_models import make_tiny_checkpoint
+
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = make_tiny_checkpoint(family, tmp_path_factory.mktemp(family) / "model")
+        return made[family]
+
+    return get
+
+
 # --- real assets (session-scoped: fetched and imported at most once per machine) ---------------
 
 @pytest.fixture(scope="session")

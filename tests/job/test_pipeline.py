@@ -17,16 +17,9 @@ from tiny_models import CONFIGS, NEW_FAMILIES, make_tiny_checkpoint
 SAMPLES, SEQLEN = 6, 48
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    made = {}
-
-    def get(family):
-        if family not in made:
-            made[family] = make_tiny_checkpoint(family, tmp_path_factory.mktemp(family) / "model")
-        return made[family]
-
-    return get
+@pytest.fixture
+def checkpoint(tiny_checkpoints):
+    return tiny_checkpoints
 
 
 @pytest.fixture(params=sorted(CONFIGS))
@@ -97,7 +90,8 @@ def test_output_layout_config_report_and_spectra(tiny, tmp_path):
     assert section["method"] == "eig" and section["ratio"] == 0.3
     assert section["calibration"] == {"source": section["calibration"]["source"], "samples": SAMPLES, "seqlen": SEQLEN, "seed": 0}
     n_layers = config["num_hidden_layers"]
-    per_layer = 4 if config["model_type"] == "phi3" else 7  # phi3's qkv_proj and gate_up_proj are single (fused) linears
+    family = section["base_model_type"]  # config.json itself says model_type "streamsvd" (the remote code)
+    per_layer = 4 if family == "phi3" else 7  # phi3's qkv_proj and gate_up_proj are single (fused) linears
     assert len(section["ranks"]) == per_layer * n_layers
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == n_layers + 1
@@ -106,7 +100,7 @@ def test_output_layout_config_report_and_spectra(tiny, tmp_path):
     from safetensors.torch import load_file
 
     spectra = load_file(out / "spectra" / "block-00000.safetensors")
-    q_name = "model.layers.0.self_attn." + ("qkv_proj" if config["model_type"] == "phi3" else "q_proj")
+    q_name = "model.layers.0.self_attn." + ("qkv_proj" if family == "phi3" else "q_proj")
     q = spectra[q_name]
     assert q.numel() == 64 and bool((q[:-1] >= q[1:]).all())
     module = report["modules"][q_name]

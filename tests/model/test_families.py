@@ -29,16 +29,9 @@ SAMPLES, SEQLEN = 4, 16
 RATIO = 0.001  # keeps nearly everything
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    made = {}
-
-    def get(family):
-        if family not in made:
-            made[family] = make_tiny_checkpoint(family, tmp_path_factory.mktemp(family) / "model")
-        return made[family]
-
-    return get
+@pytest.fixture
+def checkpoints(tiny_checkpoints):
+    return tiny_checkpoints
 
 
 def _text_ids(model_dir, n=24):
