@@ -58,7 +58,7 @@ def test_smollm2_at_ratio_04_loads_generates_and_evaluates_from_the_cli(smollm2_
     assert "ratio 0.40" in capsys.readouterr().out
     model = streamsvd.load(out)
     assert isinstance(model.model.layers[29].self_attn.k_proj, PivotedLinear)  # the default form
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)  # OUT_DIR says model_type "streamsvd"
     ids = tokenizer("The king said", return_tensors="pt").input_ids
     generated = model.generate(ids, max_new_tokens=12, do_sample=False)
     text = tokenizer.decode(generated[0, ids.shape[1]:])
