@@ -26,6 +26,8 @@ from ..io.checkpoint import TORCH_DTYPES, Checkpoint
 from ..math.compensate import CrossGramAccumulator, compensated_whitening, factorize_compensated, output_error
 from ..math.factorize import factorize, factorize_output_side, rank_for_ratio, stored_numel, whiten
 from ..math.gram import GramAccumulator, OutputGramAccumulator
+from ..math.quantize import QuantSpec, quantize_module_tensors
+from ..model.quantized import dequantizing_getter, logical_keys
 from ..model.architecture import linear_modules
 from ..model.lowrank import factor_tensors, module_from_tensors, replace_module, stored_form, stored_rank
 from .plan import choose_svd
@@ -316,6 +318,7 @@ def factor_block(
             "rank": kept,
             "form": form,
             "stored_numel": stored_numel(linear.out_features, linear.in_features, kept, "plain" if form == "plain" else "pivoted"),
+            "stored_bytes": linear_bytes(stored, full),
             "input_group": prefix + group,
             "truncation_loss": f.truncation_loss(),
             "cholesky_shift": f.shift,
@@ -334,6 +337,28 @@ def factor_block(
         if key.startswith(prefix) and key not in replaced:
             block.tensors[key] = ckpt.get(key)
     return block
+
+
+def linear_bytes(tensors: dict[str, torch.Tensor], full: str) -> int:
+    """Bytes the shard holds for compressed linear `full` (factors or packed factors, scales, pivots), bias excluded."""
+    return sum(v.numel() * v.element_size() for k, v in tensors.items() if k.startswith(full + ".") and k != full + ".bias")
+
+
+@torch.no_grad()
+def quantize_block(layer: nn.Module, prefix: str, block: FactoredBlock, spec: QuantSpec,
+                   compute_dtype: torch.dtype = torch.float32) -> None:
+    """Replace every compressed linear's factors in the shard by their quantised, packed form
+    (math/quantize.py, model/quantized.py) and the module in `layer` by the one rebuilt from them, so
+    propagation, the next blocks' calibration and a resume all see the quantised block."""
+    for full in block.records:
+        own = {k: v for k, v in block.tensors.items() if k.startswith(full + ".")}
+        packed = quantize_module_tensors(own, full, spec)
+        for key in own:
+            del block.tensors[key]
+        block.tensors.update(packed)
+        block.records[full]["stored_bytes"] = linear_bytes(packed, full)
+        get = dequantizing_getter(packed.__getitem__, packed, spec.bits, spec.group_size)
+        replace_module(layer, full[len(prefix):], module_from_tensors(get, logical_keys(packed), full, compute_dtype))
 
 
 TRAINABLE = (".out_factor", ".in_factor", ".in_rest")  # the stored factor tensors refinement tunes (not pivots, biases)
