@@ -159,3 +159,15 @@ def test_plan_counts_the_smaller_shards_and_the_quantize_stage(model_dir, tmp_pa
     quant.run()
     written = sum(p.stat().st_size for p in (tmp_path / "b").rglob("*") if p.is_file() and not p.name.startswith("streamsvd_"))
     assert 0.9 < written / needs < 1.1
+
+
+def test_a_quantised_output_verifies_and_its_streamed_eval_equals_the_in_memory_one(outputs, tmp_path, capsys):
+    root, _ = outputs
+    text = tmp_path / "held_out.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    assert main(["verify", str(root / "int4")]) == 0
+    common = ["eval", str(root / "int4"), "--text", str(text), "--seqlen", "32"]
+    assert main(common) == 0
+    streamed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main([*common, "--in-memory"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == streamed and streamed.startswith("perplexity")
