@@ -142,10 +142,19 @@ GROUP_HELP = ("input columns sharing one scale with --quant (default 128; the la
               "Smaller groups: lower error, one more 16-bit scale per group (2/G bytes per number)")
 
 
-def _add_quant_flags(p, quant_default=None) -> None:
+ROUNDING_HELP = ("with --quant: gptq (default) rounds each factor column by column, feeding the rounding error "
+                 "forward through the inverse of the Gram of that factor's input (GPTQ), for a lower output error "
+                 "(docs/RESULTS.md); costs one in x in Cholesky per linear and a column loop (seconds per block), "
+                 "and holds each input Gram until its linears are quantised. rtn: round to nearest "
+                 "(what `streamsvd quantize` does; a linear factored on its output side is always rounded so)")
+
+
+def _add_quant_flags(p, quant_default=None, rounding=True) -> None:
     # Plain strings, so an unknown value ends with the usual error/fix lines (job/pipeline.py check_quant_flags).
     p.add_argument("--quant", default=quant_default, metavar="int8|int4", help=QUANT_HELP)
     p.add_argument("--group-size", type=int, default=None, metavar="G", help=GROUP_HELP)
+    if rounding:
+        p.add_argument("--quant-rounding", default=None, metavar="gptq|rtn", help=ROUNDING_HELP)
 
 
 def _add_svd_flag(p) -> None:
@@ -245,7 +254,7 @@ def cmd_run(args) -> int:
     cfg.alloc, cfg.rank_multiple = args.alloc, args.rank_multiple
     cfg.profile = Path(args.profile) if args.profile else None
     cfg.max_loss = args.max_loss
-    cfg.quant, cfg.group_size = args.quant, args.group_size
+    cfg.quant, cfg.group_size, cfg.quant_rounding = args.quant, args.group_size, args.quant_rounding
     state = read_state(cfg.out_dir, strict=False) if cfg.out_dir.is_dir() and not args.restart else None
     report = run_job(cfg)
     finished_before = state is not None and state.complete and not report.get("repaired")
@@ -284,7 +293,7 @@ def _add_quantize(sub) -> None:
     )
     p.add_argument("out_dir", metavar="OUT_DIR", help="a finished streamsvd output (not quantised)")
     p.add_argument("new_dir", metavar="NEW_DIR", help="new or empty directory")
-    _add_quant_flags(p, quant_default="int4")
+    _add_quant_flags(p, quant_default="int4", rounding=False)
 
 
 def cmd_quantize(args) -> int:
@@ -354,7 +363,7 @@ def cmd_plan(args) -> int:
         calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, method=args.method,
         propagate=args.propagate, act_dtype=args.act_dtype, svd=args.svd, factors=args.factors, progress=False,
         calibrate=args.calibrate, compensate=args.compensate, anchor=args.anchor, refine_steps=args.refine_steps,
-        refine_lr=args.refine_lr, quant=args.quant, group_size=args.group_size,
+        refine_lr=args.refine_lr, quant=args.quant, group_size=args.group_size, quant_rounding=args.quant_rounding,
     )
     plan = plan_job(cfg)
     if args.json:

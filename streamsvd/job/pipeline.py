@@ -40,7 +40,7 @@ from ..io.diskspace import check_free_space
 from ..errors import StreamSVDError
 from ..math.factorize import METHODS, rank_for_ratio, stored_numel
 from ..math.pivot import FACTOR_FORMS
-from ..math.quantize import DEFAULT_GROUP_SIZE, QUANT_BITS, QuantSpec, stored_linear_bytes
+from ..math.quantize import DEFAULT_GROUP_SIZE, DEFAULT_ROUNDING, QUANT_BITS, ROUNDINGS, QuantSpec, stored_linear_bytes
 from ..model.quantized import dequantizing_getter, logical_keys
 from ..model.lowrank import module_from_tensors, replace_module
 from ..model.embedding import materialize_base_mapped
@@ -96,12 +96,13 @@ class JobConfig:
     max_loss: float | None = None  # instead of --ratio: the largest relative weighted loss (math/allocate.relative_loss)
     quant: str | None = None  # int8 or int4: every factor stored quantised per group (math/quantize.py); None: full precision
     group_size: int | None = None  # columns per quantisation group (None: DEFAULT_GROUP_SIZE with --quant)
+    quant_rounding: str | None = None  # rtn or gptq (None: DEFAULT_ROUNDING with --quant)
 
     @property
     def quant_spec(self) -> QuantSpec | None:
         if self.quant is None:
             return None
-        return QuantSpec(self.quant, self.group_size or DEFAULT_GROUP_SIZE)
+        return QuantSpec(self.quant, self.group_size or DEFAULT_GROUP_SIZE, rounding=self.quant_rounding or DEFAULT_ROUNDING)
 
     @property
     def needs_profile(self) -> bool:
@@ -166,7 +167,7 @@ class JobConfig:
             raise StreamSVDError(f"--refine-steps {self.refine_steps} is out of range", "give 0 (off) or a number of steps such as 200")
         if not (self.refine_lr > 0 and self.refine_lr < 1):
             raise StreamSVDError(f"--refine-lr {self.refine_lr} is out of range", "give a small positive step size such as 1e-4")
-        check_quant_flags(self.quant, self.group_size)
+        check_quant_flags(self.quant, self.group_size, self.quant_rounding)
         if self.refine_steps and self.propagate != "compressed":
             raise StreamSVDError("--refine-steps needs the compressed model's activations", "drop --propagate original")
 
@@ -228,8 +229,12 @@ def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str, profile_digest: st
     return identity
 
 
-def check_quant_flags(quant: str | None, group_size: int | None) -> None:
-    """--quant and --group-size, for `run` and `streamsvd quantize`."""
+def check_quant_flags(quant: str | None, group_size: int | None, rounding: str | None = None) -> None:
+    """--quant, --group-size and --quant-rounding, for `run` and `streamsvd quantize`."""
+    if rounding is not None and rounding not in ROUNDINGS:
+        raise StreamSVDError(f"unknown --quant-rounding {rounding!r}", f"choose one of {', '.join(ROUNDINGS)}")
+    if rounding is not None and quant is None:
+        raise StreamSVDError("--quant-rounding without --quant does nothing", "add --quant int8 or --quant int4, or drop it")
     if quant is not None and quant not in QUANT_BITS:
         raise StreamSVDError(f"unknown --quant {quant!r}", f"choose one of {', '.join(QUANT_BITS)}")
     if group_size is not None and quant is None:
@@ -304,6 +309,12 @@ class CompressionJob:
         self.plan = build_plan(self.cfg, self.ckpt, fixed_batch=self.state.batch_size or None, ranks=self.ranks)
         refuse_if_too_small(self.plan, resumed=bool(self.state.batch_size))
         return self.plan.batch_size
+
+    def _quant_while_factoring(self) -> QuantSpec | None:
+        """Factors are quantised as each linear is factored (its Gram at hand for GPTQ, and the block's later
+        groups calibrated on the quantised earlier ones); with refinement, after it (round-to-nearest: the
+        Grams are gone by then), since refinement tunes full-precision factors."""
+        return self.cfg.quant_spec if not self.cfg.refine_steps else None
 
     def _stage(self, name: str) -> None:
         """Charge the RSS samples from now on to stage `name` (the plan's stage names)."""
@@ -551,11 +562,11 @@ class CompressionJob:
             )
             self._stage("factorize")
             block = factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
-                                 svd=cfg.svd, ranks=self.ranks)
+                                 svd=cfg.svd, ranks=self.ranks, quant=self._quant_while_factoring())
             del stats  # the Grams are not needed past here
         if cfg.refine_steps:
             self._refine(layer, index, prefix, block, src, dst)
-        if cfg.quant_spec is not None:
+        if cfg.quant_spec is not None and self._quant_while_factoring() is None:
             self._stage("quantize")
             quantize_block(layer, prefix, block, cfg.quant_spec, COMPUTE_DTYPE)
         self._stage("propagate")
@@ -605,7 +616,7 @@ class CompressionJob:
             self._stage("factorize")
             factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
                          svd=cfg.svd, names=[n for g in target for n in g], anchor=cfg.anchor, block=block, finish=last,
-                         ranks=self.ranks)
+                         ranks=self.ranks, quant=self._quant_while_factoring())
             del stats
         return block
 

@@ -383,6 +383,12 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                         for s in linears)
     # Quantising one linear at a time: its factors in float32 (rounding and the dequantised copy), twice.
     quant_work = max((2 * 4 * stored_numel(s.out_features, s.in_features, s.rank, s.factors) for s in linears), default=0)
+    if settings.quant is not None and settings.quant.rounding == "gptq":
+        # GPTQ: the damped Gram, its Cholesky factor, the inverse and its upper factor (float64, in x in), and
+        # the out-factor's r x r Gram; the input Grams are held until their linears are quantised (in "statistics")
+        quant_work += max((8 * (4 * s.in_features**2 + s.rank**2) for s in linears), default=0)
+    # Quantised as each linear is factored, unless refinement comes between (then a stage of its own).
+    quant_stage = settings.quant is not None and settings.refine_steps > 0
     factors_compute = sum(stored_numel(s.out_features, s.in_features, s.rank, s.factors) * c for s in linears)
     block_other_stored = block_stored.get(big, 0) - sum(s.out_features * s.in_features * s.itemsize for s in linears)
     shard = (packed_stored if settings.quant is not None else factors_stored) + block_other_stored
@@ -405,7 +411,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             "statistics": statistics,
             "factorize": {"block weights": weights * (2 if settings.compensate else 1), "statistics": stats_bytes,
                           "whitening": whitening_held,
-                          "workspace": workspace, "factors": factors_stored + factors_compute + spectra},
+                          "workspace": workspace, "factors": factors_stored + factors_compute + spectra,
+                          **({"rounding": quant_work} if settings.quant is not None and not quant_stage else {})},
             "refine": {} if not settings.refine_steps else {
                 # the block with its factors; Adam's two moments, the gradients and the best factors so far;
                 # the forward's saved activations for the backward (about twice the forward's working set),
@@ -414,7 +421,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                 "optimiser": 4 * factors_compute, "batch": 3 * batch, "target": b * L * hidden * (c + act),
                 **({} if settings.compensate else {"original block": weights}),
             },
-            "quantize": {} if settings.quant is None else {
+            "quantize": {} if not quant_stage else {
                 # the block with its full-precision factors, the shard's full-precision and packed tensors,
                 # and one linear's rounding work
                 "block weights": factors_compute + (weights - sum(s.out_features * s.in_features for s in linears) * c),

@@ -65,15 +65,15 @@ def test_quantised_runs_load_close_to_the_unquantised_output_int8_closer(outputs
 def test_quantised_shards_hold_the_packed_layout_and_the_report_counts_the_bytes(outputs):
     root, reports = outputs
     section = json.loads((root / "int4" / "config.json").read_text())["streamsvd"]
-    assert section["quantization"] == {"format": "pack-quantized", "num_bits": 4, "type": "int", "symmetric": True,
-                                       "strategy": "group", "group_size": 32, "rounding": "rtn",
+    assert section["quantization"] == {"format": "pack-quantized", "num_bits": 4, "type": "int", "symmetric": False,
+                                       "strategy": "group", "group_size": 32, "rounding": "gptq",
                                        "tensors": [".out_factor", ".in_rest", ".in_factor", ".weight"]}
     assert "quantization" not in json.loads((root / "full" / "config.json").read_text())["streamsvd"]
     name = "model.layers.0.mlp.up_proj"  # 160 x 64
     index = json.loads((root / "int4" / "model.safetensors.index.json").read_text())["weight_map"]
     assert {k for k in index if k.startswith(name + ".")} == {
-        name + s for s in (".out_factor_packed", ".out_factor_scale", ".out_factor_shape", ".in_rest_packed",
-                           ".in_rest_scale", ".in_rest_shape", ".pivots")}
+        name + s for s in (".out_factor_packed", ".out_factor_scale", ".out_factor_shape", ".out_factor_zero_point",
+                           ".in_rest_packed", ".in_rest_scale", ".in_rest_shape", ".in_rest_zero_point", ".pivots")}
     rank = section["ranks"][name]
     with safe_open(str(root / "int4" / index[name + ".pivots"]), framework="pt") as f:
         assert f.get_tensor(name + ".in_rest_packed").shape == (rank, -(-(64 - rank) // 8))
@@ -88,14 +88,19 @@ def test_quantised_shards_hold_the_packed_layout_and_the_report_counts_the_bytes
     assert "on disk" in (root / "int4" / "streamsvd_report.md").read_text()
 
 
-def test_streamsvd_quantize_equals_run_quant_where_the_inputs_are_the_same(outputs, tmp_path, capsys):
-    """Block 0 sees the same inputs in both, so its shard is byte-identical; so are the config and the index.
-    Later blocks differ on purpose: `run --quant` calibrates them on the quantised blocks' outputs."""
+def test_streamsvd_quantize_equals_run_quant_where_the_inputs_are_the_same(model_dir, outputs, tmp_path, capsys):
+    """With the same rounding (RTN: `quantize` has no Grams) and one calibration pass per block, block 0
+    sees the same inputs in both, so its shard is byte-identical; so are the config and the index. Later
+    blocks differ on purpose: `run --quant` calibrates them on the quantised blocks' outputs (and with
+    sequential calibration, a block's later groups on its quantised earlier ones)."""
     root, _ = outputs
+    plain = dict(compensate=False, calibrate="block")
+    run_job(_cfg(model_dir, tmp_path / "full", **plain))
+    run_job(_cfg(model_dir, tmp_path / "rtn", quant="int4", group_size=32, quant_rounding="rtn", **plain))
     new = tmp_path / "new"
-    assert main(["quantize", str(root / "full"), str(new), "--quant", "int4", "--group-size", "32"]) == 0
+    assert main(["quantize", str(tmp_path / "full"), str(new), "--quant", "int4", "--group-size", "32"]) == 0
     assert "on disk" in capsys.readouterr().out
-    made, ran = _files(new), _files(root / "int4")
+    made, ran = _files(new), _files(tmp_path / "rtn")
     for name in ("config.json", "model.safetensors.index.json", "model-00002-of-00003.safetensors",
                  "model-00001-of-00003.safetensors", "tokenizer.json"):
         assert made[name] == ran[name], name
@@ -104,7 +109,7 @@ def test_streamsvd_quantize_equals_run_quant_where_the_inputs_are_the_same(outpu
     assert float((_logits(streamsvd.load(new)) - full).norm() / full.norm()) < 0.4
     # quantising a quantised output, or into a non-empty directory, is refused
     assert main(["quantize", str(new), str(tmp_path / "again")]) == 2
-    assert main(["quantize", str(root / "full"), str(new)]) == 2
+    assert main(["quantize", str(tmp_path / "full"), str(new)]) == 2
     err = capsys.readouterr().err
     assert "already quantised" in err and "not a new or empty directory" in err and err.count("fix:") == 2
 
@@ -154,7 +159,9 @@ def test_plan_counts_the_smaller_shards_and_the_quantize_stage(model_dir, tmp_pa
     full = CompressionJob(_cfg(model_dir, tmp_path / "a"))
     quant = CompressionJob(_cfg(model_dir, tmp_path / "b", quant="int4", group_size=32))
     assert quant.plan.disk_bytes < full.plan.disk_bytes
-    assert quant.plan.stage_bytes["quantize"] > 0 and "rounding" in quant.plan.components["quantize"]
+    assert "rounding" in quant.plan.components["factorize"] and "rounding" not in quant.plan.components["quantize"]
+    refined = CompressionJob(_cfg(model_dir, tmp_path / "c", quant="int4", refine_steps=2))
+    assert refined.plan.components["quantize"]["rounding"] > 0
     needs = quant._disk_needs()[tmp_path / "b"]
     quant.run()
     written = sum(p.stat().st_size for p in (tmp_path / "b").rglob("*") if p.is_file() and not p.name.startswith("streamsvd_"))

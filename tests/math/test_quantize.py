@@ -85,10 +85,44 @@ def test_stored_tensors_dequantise_to_what_was_rounded(symmetric):
         expected = rtn(tensors[key], 4, 8, symmetric).dequantize(torch.bfloat16)
         assert value.dtype == torch.bfloat16 and torch.equal(value, expected)
     assert sum(v.numel() * v.element_size() for k, v in packed.items() if not k.endswith((".bias", ".pivots"))) + 4 * 32 == \
-        stored_linear_bytes(40, 32, 12, "pivoted", 2, spec)
+        stored_linear_bytes(40, 32, 12, "pivoted", 2, spec) - 2 * (3 if symmetric else 4) * 290  # less the header entries
 
 
 def test_dequantize_refuses_a_scale_that_does_not_fit():
     q = torch.zeros(4, 10, dtype=torch.int8)
     with pytest.raises(ValueError):
         dequantize(pack_int32(q, 4), torch.ones(4, 3), (4, 10), 4, 3)  # 10 columns in groups of 3 need 4 scales
+
+
+@pytest.mark.parametrize("factors", ["pivoted", "plain"])
+def test_gptq_rounding_of_a_factor_pair_lowers_the_linears_output_error(factors):
+    """Each factor rounded for the Gram of its own input (B' for x[q], A' for z = x[p] + B'_q x[q])."""
+    from streamsvd.math.factorize import factorize
+    from streamsvd.math.pivot import pivot_factors
+
+    n, m, r = 96, 80, 40
+    H = _gram(n, seed=3)
+    w = torch.randn(m, n, generator=torch.Generator().manual_seed(8))
+    f = factorize(w, H, r, "eig")
+    full = "x"
+    if factors == "pivoted":
+        pf = pivot_factors(f.out_factor, f.in_factor)
+        tensors = {"x.out_factor": pf.out_factor.float(), "x.in_rest": pf.in_rest.float(), "x.pivots": pf.pivots.to(torch.int32)}
+    else:
+        tensors = {"x.out_factor": f.out_factor.float(), "x.in_factor": f.in_factor.float()}
+
+    def product(spec):
+        packed = quantize_module_tensors(tensors, full, spec, H)
+        get = dequantizing_getter(packed.__getitem__, packed, spec.bits, spec.group_size)
+        a = get("x.out_factor").double()
+        if factors == "plain":
+            return a @ get("x.in_factor").double()
+        perm = tensors["x.pivots"].long()
+        wq = torch.zeros(m, n, dtype=torch.float64)
+        wq[:, perm] = a @ torch.cat([torch.eye(r, dtype=torch.float64), get("x.in_rest").double()], dim=1)
+        return wq
+
+    exact = f.out_factor.double() @ f.in_factor.double()
+    e_rtn = weighted_error(exact, product(QuantSpec("int4", 32)), H)
+    e_gptq = weighted_error(exact, product(QuantSpec("int4", 32, rounding="gptq")), H)
+    assert e_gptq < 0.8 * e_rtn
