@@ -288,8 +288,9 @@ def _add_quantize(sub) -> None:
         "quantize", help="quantise the factors of a finished OUT_DIR into NEW_DIR",
         description="Write NEW_DIR: OUT_DIR with every compressed linear's factors quantised per group (the same "
         "rounding as `run --quant`; one block shard in memory at a time), every other file copied, and a "
-        "`quantization` entry in config.json's streamsvd section. `run --quant` gives a better model: it "
-        "calibrates the later blocks on the quantised blocks' outputs; this command needs no calibration.",
+        "`quantization` entry in config.json's streamsvd section. It rounds to nearest (it has no calibration "
+        "statistics), which on pivoted factors adds several times the output error of `run --quant`'s GPTQ "
+        "rounding (docs/RESULTS.md): prefer `run --quant` where the job can be rerun.",
     )
     p.add_argument("out_dir", metavar="OUT_DIR", help="a finished streamsvd output (not quantised)")
     p.add_argument("new_dir", metavar="NEW_DIR", help="new or empty directory")

@@ -146,6 +146,8 @@ def test_a_changed_quant_flag_is_refused_on_resume(model_dir, outputs, tmp_path,
     (["--quant", "int3"], "unknown --quant"),
     (["--quant", "int4", "--group-size", "0"], "--group-size 0 is out of range"),
     (["--group-size", "64"], "--group-size without --quant"),
+    (["--quant", "int4", "--quant-rounding", "awq"], "unknown --quant-rounding"),
+    (["--quant-rounding", "gptq"], "--quant-rounding without --quant"),
 ])
 def test_bad_quant_flags_are_one_error_and_one_fix(model_dir, tmp_path, capsys, flags, problem):
     out = tmp_path / "out"
