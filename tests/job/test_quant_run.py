@@ -136,9 +136,12 @@ def test_a_changed_quant_flag_is_refused_on_resume(model_dir, outputs, tmp_path,
     out = tmp_path / "out"
     run_job(_cfg(model_dir, out, quant="int8", group_size=32))
     common = [str(model_dir), str(out), "--calib-samples", "4", "--seqlen", "32", "--no-progress"]
-    for flags in (["--quant", "int4", "--group-size", "32"], ["--quant", "int8", "--group-size", "64"], []):
+    for flags, said in ((["--quant", "int4", "--group-size", "32"], "now --quant int4 --group-size 32"),
+                        (["--quant", "int8", "--group-size", "64"], "now --quant int8 --group-size 64"),
+                        ([], "now without --quant")):
         assert main(["run", *common, *flags]) == 2
-        assert "different streamsvd job" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "different streamsvd job" in err and "it was --quant int8 --group-size 32 --quant-rounding gptq" in err and said in err
     assert main(["run", *common, "--quant", "int8", "--group-size", "32"]) == 0
 
 
