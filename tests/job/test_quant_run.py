@@ -183,3 +183,21 @@ def test_a_quantised_output_verifies_and_its_streamed_eval_equals_the_in_memory_
     streamed = capsys.readouterr().out.strip().splitlines()[-1]
     assert main([*common, "--in-memory"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == streamed and streamed.startswith("perplexity")
+
+
+def test_a_dense_fallback_linear_is_stored_quantised_and_loads_as_a_linear(model_dir, tmp_path, monkeypatch):
+    import streamsvd.job.stages as stages
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    real = stages.rank_for_ratio
+    monkeypatch.setattr(stages, "rank_for_ratio", lambda m, n, ratio, form="plain": min(m, n) if (m, n) == (64, 160) else real(m, n, ratio, form))
+    out = tmp_path / "out"
+    run_job(_cfg(model_dir, out, compensate=False, quant="int8", group_size=32))
+    name = "model.layers.0.mlp.down_proj"
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert name + ".weight_packed" in index and name + ".weight" not in index  # compressed-tensors' own names
+    down = streamsvd.load(out).model.layers[0].mlp.down_proj
+    assert type(down) is nn.Linear
+    w = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).model.layers[0].mlp.down_proj.weight
+    assert float((down.weight - w).detach().norm() / w.norm()) < 0.01  # int8 of W itself (full-rank eig truncation)
