@@ -146,7 +146,8 @@ ROUNDING_HELP = ("with --quant: gptq (default) rounds each factor column by colu
                  "forward through the inverse of the Gram of that factor's input (GPTQ), for a lower output error "
                  "(docs/RESULTS.md); costs one in x in Cholesky per linear and a column loop (seconds per block), "
                  "and holds each input Gram until its linears are quantised. rtn: round to nearest "
-                 "(what `streamsvd quantize` does; a linear factored on its output side is always rounded so)")
+                 "(what `streamsvd quantize` does, and `run` after --refine-steps; a linear factored on its output "
+                 "side is always rounded so)")
 
 
 def _add_quant_flags(p, quant_default=None, rounding=True) -> None:

@@ -102,7 +102,9 @@ class JobConfig:
     def quant_spec(self) -> QuantSpec | None:
         if self.quant is None:
             return None
-        return QuantSpec(self.quant, self.group_size or DEFAULT_GROUP_SIZE, rounding=self.quant_rounding or DEFAULT_ROUNDING)
+        # Refinement tunes full-precision factors; they are rounded after it, to nearest (the Grams are gone).
+        rounding = "rtn" if self.refine_steps else (self.quant_rounding or DEFAULT_ROUNDING)
+        return QuantSpec(self.quant, self.group_size or DEFAULT_GROUP_SIZE, rounding=rounding)
 
     @property
     def needs_profile(self) -> bool:
@@ -168,6 +170,9 @@ class JobConfig:
         if not (self.refine_lr > 0 and self.refine_lr < 1):
             raise StreamSVDError(f"--refine-lr {self.refine_lr} is out of range", "give a small positive step size such as 1e-4")
         check_quant_flags(self.quant, self.group_size, self.quant_rounding)
+        if self.refine_steps and self.quant_rounding == "gptq":
+            raise StreamSVDError("--quant-rounding gptq cannot follow --refine-steps: refined factors are rounded after "
+                                 "refinement, when the input Grams are gone", "drop --quant-rounding (or --refine-steps)")
         if self.refine_steps and self.propagate != "compressed":
             raise StreamSVDError("--refine-steps needs the compressed model's activations", "drop --propagate original")
 

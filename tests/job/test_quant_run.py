@@ -166,6 +166,7 @@ def test_plan_counts_the_smaller_shards_and_the_quantize_stage(model_dir, tmp_pa
     assert quant.plan.disk_bytes < full.plan.disk_bytes
     assert "rounding" in quant.plan.components["factorize"] and "rounding" not in quant.plan.components["quantize"]
     refined = CompressionJob(_cfg(model_dir, tmp_path / "c", quant="int4", refine_steps=2))
+    assert refined.cfg.quant_spec.rounding == "rtn"  # after refinement the Grams are gone
     assert refined.plan.components["quantize"]["rounding"] > 0
     needs = quant._disk_needs()[tmp_path / "b"]
     quant.run()
