@@ -563,7 +563,7 @@ class CompressionJob:
             stats = collect_statistics(
                 layer, self._bar(f"block {index} stats"), src.read, self._forward(index),
                 on_output=dst.write if cfg.propagate == "original" else None,
-                output_side=output_side_linears(layer, cfg.method),
+                output_side=self._output_side(layer),
             )
             self._stage("factorize")
             block = factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
@@ -604,10 +604,7 @@ class CompressionJob:
         # on its output side (down_proj) moves to the input side, unless its input is wider than
         # COMPENSATE_MAX_IN (job/plan.py: a 70B down_proj), where it keeps the output side uncompensated.
         # Measured on SmolLM2: leaving down_proj uncompensated loses the whole gain (docs/RESULTS.md).
-        output_side = output_side_linears(layer, cfg.method)
-        if cfg.compensate or cfg.anchor > 0:
-            linears = linear_modules(layer)
-            output_side = {n for n in output_side if linears[n].in_features > COMPENSATE_MAX_IN}
+        output_side = self._output_side(layer)
         block = FactoredBlock()
         for i, target in enumerate(passes):
             last = i == len(passes) - 1
@@ -624,6 +621,19 @@ class CompressionJob:
                          ranks=self.ranks, quant=self._quant_while_factoring())
             del stats
         return block
+
+    def _output_side(self, layer: nn.Module) -> set[str]:
+        """The linears factored from their output Gram (job/plan.py factor_route). Compensation, the anchor and
+        GPTQ rounding need a linear's input Gram, so with any of them a linear moves to the input side unless its
+        input is wider than COMPENSATE_MAX_IN (measured: an output-side down_proj rounded to nearest at int4
+        took SmolLM2's perplexity to thousands; docs/RESULTS.md)."""
+        cfg = self.cfg
+        output_side = output_side_linears(layer, cfg.method)
+        spec = cfg.quant_spec
+        if cfg.compensate or cfg.anchor > 0 or (spec is not None and spec.rounding == "gptq"):
+            linears = linear_modules(layer)
+            output_side = {n for n in output_side if linears[n].in_features > COMPENSATE_MAX_IN}
+        return output_side
 
     def _refine(self, layer: nn.Module, index: int, prefix: str, block: FactoredBlock, src: ActivationFile,
                 dst: ActivationFile) -> None:

@@ -270,6 +270,12 @@ class PlanInputs:
     def compensated(self) -> bool:
         return self.compensate or self.anchor > 0
 
+    @property
+    def keeps_input(self) -> bool:
+        """Linears up to COMPENSATE_MAX_IN inputs are factored on their input side (their in x in Gram held):
+        compensation needs it, and so does GPTQ rounding of their factors."""
+        return self.compensated or (self.quant is not None and self.quant.rounding == "gptq")
+
 
 def _config_int(cfg: dict, key: str, default: int) -> int:
     v = cfg.get(key)
@@ -313,7 +319,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
 
     big = max(block_prefixes, key=lambda p: (block_numel[p], factor_numel(p))) if block_prefixes else f"{layers_path}.0."
     linears = block_linears(ckpt, big, settings.ratio, settings.method, settings.svd, settings.factors, settings.ranks,
-                            settings.compensated)
+                            settings.keeps_input)
     weights = block_numel.get(big, 0) * c
     groups: dict[str, list[LinearShape]] = {}
     for s in linears:
@@ -469,7 +475,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     out_bytes = extra_bytes + other_file_bytes
     for prefix in block_prefixes:
         ls = (block_linears(ckpt, prefix, settings.ratio, settings.method, "exact", settings.factors, settings.ranks,
-                            settings.compensated) if prefix != big else linears)
+                            settings.keeps_input) if prefix != big else linears)
         lin_bytes = sum(s.out_features * s.in_features * s.itemsize for s in ls)
         out_bytes += block_stored[prefix] - lin_bytes + sum(
             stored_linear_bytes(s.out_features, s.in_features, s.rank, s.factors, s.itemsize, settings.quant)

@@ -203,3 +203,18 @@ def test_a_dense_fallback_linear_is_stored_quantised_and_loads_as_a_linear(model
     assert type(down) is nn.Linear
     w = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).model.layers[0].mlp.down_proj.weight
     assert float(((down.weight - w).norm() / w.norm()).detach()) < 0.01  # int8 of W itself (full-rank eig truncation)
+
+
+def test_gptq_rounding_moves_an_output_side_linear_to_its_input_side(model_dir, tmp_path):
+    """Uncompensated eig factors down_proj (out < in) from its output Gram; GPTQ needs its input Gram instead
+    (rounded to nearest on the output side, it ruined SmolLM2 at int4: docs/RESULTS.md)."""
+    def route(**quant):
+        job = CompressionJob(_cfg(model_dir, tmp_path / "o", compensate=False, calibrate="block", anchor=0.0, **quant))
+        layer = job.model.model.layers[0]
+        return next(v for k, v in job.plan.routes.items() if k.startswith("mlp.down_proj")), job._output_side(layer)
+
+    plain_route, plain_side = route()
+    rtn_route, rtn_side = route(quant="int4", quant_rounding="rtn")
+    gptq_route, gptq_side = route(quant="int4")
+    assert plain_side == rtn_side == {"mlp.down_proj"} and gptq_side == set()
+    assert "output" in plain_route and "output" in rtn_route and "output" not in gptq_route
