@@ -52,6 +52,7 @@ def _add_run(sub) -> None:
                    "finished blocks: the whole job runs again")
     _add_svd_flag(p)
     _add_quality_flags(p)
+    _add_quant_flags(p)
     p.add_argument("--alloc", choices=["uniform", "v2", "global"], default="uniform",
                    help="how the --ratio budget is shared out: uniform (default: every linear loses the same fraction), "
                    "v2 (SVD-LLM V2's per-type ratios from the truncation loss), global (greedy over all matrices by "
@@ -132,6 +133,31 @@ SVD_HELP = ("SVD of each whitened weight: exact (LAPACK, O(m n min(m, n))), rand
             "and faster; docs/RESULTS.md)")
 
 
+QUANT_HELP = ("store every factor quantised to 8 or 4 bits, per group of --group-size input columns, in "
+              "compressed-tensors' pack-quantized layout (docs/DESIGN.md): int8 about 1/2, int4 about 1/4 of the "
+              "16-bit factor bytes (1/4 and 1/8 of float32), at some output error (docs/RESULTS.md); the later blocks "
+              "are calibrated on the quantised blocks' outputs. Costs a few seconds of rounding per block; "
+              "streamsvd.load dequantises to the load dtype (default: full precision, no quantisation)")
+GROUP_HELP = ("input columns sharing one scale with --quant (default 128; the last group of a row may be shorter). "
+              "Smaller groups: lower error, one more 16-bit scale per group (2/G bytes per number)")
+
+
+ROUNDING_HELP = ("with --quant: gptq (default) rounds each factor column by column, feeding the rounding error "
+                 "forward through the inverse of the Gram of that factor's input (GPTQ), for a lower output error "
+                 "(docs/RESULTS.md); costs one in x in Cholesky per linear and a column loop (seconds per block), "
+                 "and holds each input Gram until its linears are quantised. rtn: round to nearest "
+                 "(what `streamsvd quantize` does, and `run` after --refine-steps; a linear factored on its output "
+                 "side is always rounded so)")
+
+
+def _add_quant_flags(p, quant_default=None, rounding=True, quant_help=QUANT_HELP) -> None:
+    # Plain strings, so an unknown value ends with the usual error/fix lines (job/pipeline.py check_quant_flags).
+    p.add_argument("--quant", default=quant_default, metavar="int8|int4", help=quant_help)
+    p.add_argument("--group-size", type=int, default=None, metavar="G", help=GROUP_HELP)
+    if rounding:
+        p.add_argument("--quant-rounding", default=None, metavar="gptq|rtn", help=ROUNDING_HELP)
+
+
 def _add_svd_flag(p) -> None:
     p.add_argument("--svd", choices=["exact", "randomized", "auto"], default="auto", help=SVD_HELP)
 
@@ -153,6 +179,7 @@ def _add_plan(sub) -> None:
     p.add_argument("--factors", choices=["pivoted", "plain"], default="pivoted", help="as for run (default pivoted)")
     _add_svd_flag(p)
     _add_quality_flags(p)
+    _add_quant_flags(p)
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object (min_max_mem_bytes, "
                    "peak_bytes, disk_bytes, seconds_estimate, and every stage's parts)")
 
@@ -238,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import(sub)
     _add_verify(sub)
     _add_export(sub)
+    _add_quantize(sub)
     return parser
 
 
@@ -259,6 +287,7 @@ def cmd_run(args) -> int:
     cfg.alloc, cfg.rank_multiple = args.alloc, args.rank_multiple
     cfg.profile = Path(args.profile) if args.profile else None
     cfg.max_loss = args.max_loss
+    cfg.quant, cfg.group_size, cfg.quant_rounding = args.quant, args.group_size, args.quant_rounding
     state = read_state(cfg.out_dir, strict=False) if cfg.out_dir.is_dir() and not args.restart else None
     report = run_job(cfg)
     finished_before = state is not None and state.complete and not report.get("repaired")
@@ -268,10 +297,51 @@ def cmd_run(args) -> int:
         f"({report['linear_params_before']:,} -> {report['linear_params_after']:,} parameters)\n"
         f"  whole model:        ratio {report['ratio_model']:.3f} "
         f"({report['model_params_before']:,} -> {report['model_params_after']:,} parameters)\n"
+        f"{_bytes_line(report)}"
         f"{_allocation_line(report)}"
         f"  {'that' if finished_before else 'this'} run: {_run_figures(report.get('this_run') or {})}\n"
         f"  report: {Path(args.out_dir) / 'streamsvd_report.md'}"
     )
+    return 0
+
+
+def _bytes_line(report: dict) -> str:
+    if "linear_bytes_before" not in report:
+        return ""
+    from .job.memory import format_size
+
+    q = report.get("quantization")
+    how = f", factors int{q['num_bits']} in groups of {q['group_size']}" if q else ""
+    return (f"  decoder linears:    {format_size(report['linear_bytes_before'])} -> {format_size(report['linear_bytes_after'])} "
+            f"on disk ({1 - report['bytes_ratio_linear']:.3f} of the bytes{how})\n")
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser(
+        "quantize", help="quantise the factors of a finished OUT_DIR into NEW_DIR",
+        description="Write NEW_DIR: OUT_DIR with every compressed linear's factors quantised per group (the same "
+        "rounding as `run --quant`; one block shard in memory at a time), every other file copied, and a "
+        "`quantization` entry in config.json's streamsvd section. It rounds to nearest (it has no calibration "
+        "statistics), which on pivoted factors adds several times the output error of `run --quant`'s GPTQ "
+        "rounding (SmolLM2, ratio 0.4: held-out perplexity 115.6 -> 117.1 at int8, -> 11,882 at int4; "
+        "docs/RESULTS.md): int8 is the default here; for int4 use `run --quant int4`.",
+    )
+    p.add_argument("out_dir", metavar="OUT_DIR", help="a finished streamsvd output (not quantised)")
+    p.add_argument("new_dir", metavar="NEW_DIR", help="new or empty directory")
+    _add_quant_flags(p, quant_default="int8", rounding=False, quant_help=(
+        "int8 (default; about 1/2 of the 16-bit factor bytes) or int4 (about 1/4; see the warning above), rounded to "
+        "nearest per group in compressed-tensors' pack-quantized layout; a few seconds per shard"))
+
+
+def cmd_quantize(args) -> int:
+    from .job.quantize_output import quantize_output
+
+    report = quantize_output(Path(args.out_dir), Path(args.new_dir), args.quant, args.group_size)
+    print(f"done: {args.new_dir}\n{_bytes_line(report)}", end="")
+    if args.quant == "int4":
+        print("warning: round-to-nearest int4 loses much more than `run --quant int4` (GPTQ with the calibration "
+              "statistics); on SmolLM2 at ratio 0.4 it raised held-out perplexity from 115.6 to 11,882 (docs/RESULTS.md). "
+              "Check the result with `streamsvd eval` before using it.", file=sys.stderr)
     return 0
 
 
@@ -334,7 +404,7 @@ def cmd_plan(args) -> int:
         calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, method=args.method,
         propagate=args.propagate, act_dtype=args.act_dtype, svd=args.svd, factors=args.factors, progress=False,
         calibrate=args.calibrate, compensate=args.compensate, anchor=args.anchor, refine_steps=args.refine_steps,
-        refine_lr=args.refine_lr,
+        refine_lr=args.refine_lr, quant=args.quant, group_size=args.group_size, quant_rounding=args.quant_rounding,
     )
     plan = plan_job(cfg)
     if args.json:
@@ -455,7 +525,7 @@ def cmd_export(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "profile": cmd_profile, "plan": cmd_plan, "eval": cmd_eval, "import-gguf": cmd_import_gguf,
-            "verify": cmd_verify, "export": cmd_export}
+            "verify": cmd_verify, "export": cmd_export, "quantize": cmd_quantize}
 
 
 def main(argv: list[str] | None = None) -> int:

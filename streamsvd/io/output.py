@@ -196,6 +196,7 @@ def markdown_report(report: dict) -> str:
         f"(ratio {report['ratio_linear']:.3f})",
         f"- whole model: {report['model_params_before']:,} -> {report['model_params_after']:,} parameters "
         f"(ratio {report['ratio_model']:.3f})",
+        *_bytes_lines(report),
         f"- calibration: {report['calibration']['samples']} x {report['calibration']['seqlen']} tokens of "
         f"{report['calibration']['source']} (seed {report['calibration']['seed']})",
         "",
@@ -206,6 +207,15 @@ def markdown_report(report: dict) -> str:
         rank = f"{m['rank']} ({m['form']})" if "form" in m else f"{m['rank']}"
         lines.append(f"| {name} | {m['out_features']} x {m['in_features']} | {rank} | {m['truncation_loss']:.4g} |")
     return "\n".join(lines) + "\n"
+
+
+def _bytes_lines(report: dict) -> list[str]:
+    if "linear_bytes_before" not in report:
+        return []
+    q = report.get("quantization")
+    how = f", factors quantised to int{q['num_bits']} per group of {q['group_size']} ({q['format']})" if q else ""
+    return [f"- compressed linears on disk: {report['linear_bytes_before']:,} -> {report['linear_bytes_after']:,} bytes "
+            f"(ratio {report['bytes_ratio_linear']:.3f}{how})"]
 
 
 def _rank_rule(report: dict) -> str:

@@ -40,6 +40,8 @@ from ..io.diskspace import check_free_space
 from ..errors import StreamSVDError
 from ..math.factorize import METHODS, rank_for_ratio, stored_numel
 from ..math.pivot import FACTOR_FORMS
+from ..math.quantize import DEFAULT_GROUP_SIZE, DEFAULT_ROUNDING, QUANT_BITS, ROUNDINGS, QuantSpec, stored_linear_bytes
+from ..model.quantized import dequantizing_getter, logical_keys
 from ..model.lowrank import module_from_tensors, replace_module
 from ..model.remote import modeling_source
 from ..model.embedding import materialize_base_mapped
@@ -48,7 +50,8 @@ from .plan import COMPENSATE_MAX_IN, SVD_MODES, build_plan, refuse_if_too_small
 from ..io.output import OutputWriter
 from ..math.allocate import ALLOCATORS, allocate, max_loss, relative_loss
 from .profile import ProfileConfig, make_profile, profile_identity, read_profile
-from .stages import FactoredBlock, collect_group_statistics, refine_block, collect_statistics, factor_block, forward_groups, output_side_linears
+from .stages import (FactoredBlock, collect_group_statistics, refine_block, collect_statistics, factor_block, forward_groups,
+                     output_side_linears, quantize_block)
 from .state import JobState, fingerprint
 from .integrity import JobIntegrity
 from .lock import JobLocks
@@ -92,6 +95,17 @@ class JobConfig:
     rank_multiple: int = 1  # every rank a multiple of this (or full rank)
     profile: Path | None = None  # a saved `streamsvd profile` to allocate from (else one is made in OUT_DIR/profile)
     max_loss: float | None = None  # instead of --ratio: the largest relative weighted loss (math/allocate.relative_loss)
+    quant: str | None = None  # int8 or int4: every factor stored quantised per group (math/quantize.py); None: full precision
+    group_size: int | None = None  # columns per quantisation group (None: DEFAULT_GROUP_SIZE with --quant)
+    quant_rounding: str | None = None  # rtn or gptq (None: DEFAULT_ROUNDING with --quant)
+
+    @property
+    def quant_spec(self) -> QuantSpec | None:
+        if self.quant is None:
+            return None
+        # Refinement tunes full-precision factors; they are rounded after it, to nearest (the Grams are gone).
+        rounding = "rtn" if self.refine_steps else (self.quant_rounding or DEFAULT_ROUNDING)
+        return QuantSpec(self.quant, self.group_size or DEFAULT_GROUP_SIZE, rounding=rounding)
 
     @property
     def needs_profile(self) -> bool:
@@ -156,6 +170,10 @@ class JobConfig:
             raise StreamSVDError(f"--refine-steps {self.refine_steps} is out of range", "give 0 (off) or a number of steps such as 200")
         if not (self.refine_lr > 0 and self.refine_lr < 1):
             raise StreamSVDError(f"--refine-lr {self.refine_lr} is out of range", "give a small positive step size such as 1e-4")
+        check_quant_flags(self.quant, self.group_size, self.quant_rounding)
+        if self.refine_steps and self.quant_rounding == "gptq":
+            raise StreamSVDError("--quant-rounding gptq cannot follow --refine-steps: refined factors are rounded after "
+                                 "refinement, when the input Grams are gone", "drop --quant-rounding (or --refine-steps)")
         if self.refine_steps and self.propagate != "compressed":
             raise StreamSVDError("--refine-steps needs the compressed model's activations", "drop --propagate original")
 
@@ -211,7 +229,25 @@ def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str, profile_digest: st
         identity["max_loss"] = cfg.max_loss
     if cfg.needs_profile:
         identity["profile"] = profile_digest or "own"
+    spec = cfg.quant_spec
+    if spec is not None:  # absent without --quant, so unquantised jobs from before still resume
+        identity["quant"] = spec.section()
     return identity
+
+
+def check_quant_flags(quant: str | None, group_size: int | None, rounding: str | None = None) -> None:
+    """--quant, --group-size and --quant-rounding, for `run` and `streamsvd quantize`."""
+    if rounding is not None and rounding not in ROUNDINGS:
+        raise StreamSVDError(f"unknown --quant-rounding {rounding!r}", f"choose one of {', '.join(ROUNDINGS)}")
+    if rounding is not None and quant is None:
+        raise StreamSVDError("--quant-rounding without --quant does nothing", "add --quant int8 or --quant int4, or drop it")
+    if quant is not None and quant not in QUANT_BITS:
+        raise StreamSVDError(f"unknown --quant {quant!r}", f"choose one of {', '.join(QUANT_BITS)}")
+    if group_size is not None and quant is None:
+        raise StreamSVDError("--group-size without --quant does nothing", "add --quant int8 or --quant int4, or drop --group-size")
+    if group_size is not None and not 1 <= group_size <= 1 << 20:
+        raise StreamSVDError(f"--group-size {group_size} is out of range",
+                             f"give the number of input columns sharing one scale, e.g. {DEFAULT_GROUP_SIZE}")
 
 
 class CompressionJob:
@@ -280,6 +316,12 @@ class CompressionJob:
         refuse_if_too_small(self.plan, resumed=bool(self.state.batch_size))
         return self.plan.batch_size
 
+    def _quant_while_factoring(self) -> QuantSpec | None:
+        """Factors are quantised as each linear is factored (its Gram at hand for GPTQ, and the block's later
+        groups calibrated on the quantised earlier ones); with refinement, after it (round-to-nearest: the
+        Grams are gone by then), since refinement tunes full-precision factors."""
+        return self.cfg.quant_spec if not self.cfg.refine_steps else None
+
     def _stage(self, name: str) -> None:
         """Charge the RSS samples from now on to stage `name` (the plan's stage names)."""
         if getattr(self, "sampler", None) is not None:
@@ -301,8 +343,7 @@ class CompressionJob:
                 m, n = linear.out_features, linear.in_features
                 rank = self._rank(prefix + name, m, n)
                 itemsize = self.ckpt.nbytes(prefix + name + ".weight") // (m * n)
-                pivots = n * 4 if self.cfg.factors == "pivoted" else 0  # int32 permutation
-                factored = stored_numel(m, n, rank, self.cfg.factors) * itemsize + pivots
+                factored = stored_linear_bytes(m, n, rank, self.cfg.factors, itemsize, self.cfg.quant_spec)  # pivots too
                 block += factored - m * n * itemsize + min(m, n) * 4  # factors - weight + spectrum
             out += block
         return {Path(self.cfg.out_dir): out, self.work: work}
@@ -468,9 +509,12 @@ class CompressionJob:
             return layer
         prefix = layer_prefix(self.model, index)
         with safe_open(str(self.out.block_path(index)), framework="pt", device="cpu") as f:
-            stored = set(f.keys())
+            stored, get = set(f.keys()), f.get_tensor
+            spec = self.cfg.quant_spec
+            if spec is not None:
+                get, stored = dequantizing_getter(get, stored, spec.bits, spec.group_size), logical_keys(stored)
             for name in linear_modules(layer):
-                replace_module(layer, name, module_from_tensors(f.get_tensor, stored, prefix + name, COMPUTE_DTYPE))
+                replace_module(layer, name, module_from_tensors(get, stored, prefix + name, COMPUTE_DTYPE))
         return layer
 
     def _activation_nbytes(self) -> int:
@@ -520,14 +564,17 @@ class CompressionJob:
             stats = collect_statistics(
                 layer, self._bar(f"block {index} stats"), src.read, self._forward(index),
                 on_output=dst.write if cfg.propagate == "original" else None,
-                output_side=output_side_linears(layer, cfg.method),
+                output_side=self._output_side(layer),
             )
             self._stage("factorize")
             block = factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
-                                 svd=cfg.svd, ranks=self.ranks)
+                                 svd=cfg.svd, ranks=self.ranks, quant=self._quant_while_factoring())
             del stats  # the Grams are not needed past here
         if cfg.refine_steps:
             self._refine(layer, index, prefix, block, src, dst)
+        if cfg.quant_spec is not None and self._quant_while_factoring() is None:
+            self._stage("quantize")
+            quantize_block(layer, prefix, block, cfg.quant_spec, COMPUTE_DTYPE)
         self._stage("propagate")
         if cfg.propagate == "compressed":
             self._propagate(layer, index, src, dst, desc=f"block {index} propagate")
@@ -558,10 +605,7 @@ class CompressionJob:
         # on its output side (down_proj) moves to the input side, unless its input is wider than
         # COMPENSATE_MAX_IN (job/plan.py: a 70B down_proj), where it keeps the output side uncompensated.
         # Measured on SmolLM2: leaving down_proj uncompensated loses the whole gain (docs/RESULTS.md).
-        output_side = output_side_linears(layer, cfg.method)
-        if cfg.compensate or cfg.anchor > 0:
-            linears = linear_modules(layer)
-            output_side = {n for n in output_side if linears[n].in_features > COMPENSATE_MAX_IN}
+        output_side = self._output_side(layer)
         block = FactoredBlock()
         for i, target in enumerate(passes):
             last = i == len(passes) - 1
@@ -575,9 +619,22 @@ class CompressionJob:
             self._stage("factorize")
             factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
                          svd=cfg.svd, names=[n for g in target for n in g], anchor=cfg.anchor, block=block, finish=last,
-                         ranks=self.ranks)
+                         ranks=self.ranks, quant=self._quant_while_factoring())
             del stats
         return block
+
+    def _output_side(self, layer: nn.Module) -> set[str]:
+        """The linears factored from their output Gram (job/plan.py factor_route). Compensation, the anchor and
+        GPTQ rounding need a linear's input Gram, so with any of them a linear moves to the input side unless its
+        input is wider than COMPENSATE_MAX_IN (measured: an output-side down_proj rounded to nearest at int4
+        took SmolLM2's perplexity to thousands; docs/RESULTS.md)."""
+        cfg = self.cfg
+        output_side = output_side_linears(layer, cfg.method)
+        spec = cfg.quant_spec
+        if cfg.compensate or cfg.anchor > 0 or (spec is not None and spec.rounding == "gptq"):
+            linears = linear_modules(layer)
+            output_side = {n for n in output_side if linears[n].in_features > COMPENSATE_MAX_IN}
+        return output_side
 
     def _refine(self, layer: nn.Module, index: int, prefix: str, block: FactoredBlock, src: ActivationFile,
                 dst: ActivationFile) -> None:
@@ -617,6 +674,7 @@ class CompressionJob:
             "propagate": self.cfg.propagate,
             **self._factors_section(),
             **self._allocation_section(),
+            **({"quantization": self.cfg.quant_spec.section()} if self.cfg.quant_spec is not None else {}),
         }
 
     def _allocation_section(self) -> dict:
@@ -649,6 +707,17 @@ class CompressionJob:
             return record["stored_numel"]
         return record["rank"] * (record["in_features"] + record["out_features"])
 
+    def _bytes_section(self) -> dict:
+        """Bytes of the decoder linears on disk: the checkpoint's weights, and the stored factors (pivots and
+        quantisation scales included, biases in neither). Outputs of jobs that did not record them have none."""
+        records = self.state.modules.values()
+        if not records or any("stored_bytes" not in m for m in records):
+            return {}
+        before = sum(self.ckpt.nbytes(n + ".weight") for n in self.state.modules)
+        after = sum(m["stored_bytes"] for m in records)
+        return {"linear_bytes_before": before, "linear_bytes_after": after, "bytes_ratio_linear": 1 - after / before,
+                **({"quantization": self.cfg.quant_spec.section()} if self.cfg.quant_spec is not None else {})}
+
     def _memory_figures(self) -> dict:
         """Measured peak RSS (the kernel's high-water mark, and the sampler's peak per stage) against the budget."""
         self.sampler.stage("write")
@@ -678,6 +747,7 @@ class CompressionJob:
             "model_params_before": total,
             "model_params_after": total - before + after,
             "ratio_model": (before - after) / total,
+            **self._bytes_section(),
             **self._allocation_section(),
             "calibration": self._config_section()["calibration"],
             "batch_size": self.batch_size,

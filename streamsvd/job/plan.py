@@ -40,6 +40,7 @@ import torch
 from ..errors import StreamSVDError
 from ..io.checkpoint import Checkpoint
 from ..math.factorize import rank_for_ratio
+from ..math.quantize import stored_linear_bytes
 from .memory import format_size
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -55,7 +56,7 @@ SLACK_FRACTION = 0.05
 # doing the same thing (measured up to 42 MiB between `plan` and `run`); the minimum that `plan`
 # reports carries this margin so that `run` in another process accepts it.
 BASELINE_MARGIN_BYTES = 64 << 20
-STAGES = ("embed", "extra shard", "statistics", "factorize", "refine", "propagate", "write")
+STAGES = ("embed", "extra shard", "statistics", "factorize", "refine", "quantize", "propagate", "write")
 SVD_MODES = ("exact", "randomized", "auto")
 # The widest input a compensated linear may have: its statistics are two in x in float64 matrices and an
 # eigendecomposition, about 64 in^2 bytes (16 GiB at 16384, the MLP width of 7B-8B models). A wider linear
@@ -263,10 +264,17 @@ class PlanInputs:
     anchor: float = 0.0  # > 0 (or compensate): the input-side linears are factored by math/compensate.py
     refine_steps: int = 0  # > 0: the refine stage (optimiser state, a backward through the block)
     ranks: dict[str, int] | None = None  # an allocation (math/allocate.py); None: every rank from `ratio`
+    quant: object = None  # a math.quantize.QuantSpec: factors written quantised (smaller shards, a quantize stage)
 
     @property
     def compensated(self) -> bool:
         return self.compensate or self.anchor > 0
+
+    @property
+    def keeps_input(self) -> bool:
+        """Linears up to COMPENSATE_MAX_IN inputs are factored on their input side (their in x in Gram held):
+        compensation needs it, and so does GPTQ rounding of their factors."""
+        return self.compensated or (self.quant is not None and self.quant.rounding == "gptq")
 
 
 def _config_int(cfg: dict, key: str, default: int) -> int:
@@ -311,7 +319,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
 
     big = max(block_prefixes, key=lambda p: (block_numel[p], factor_numel(p))) if block_prefixes else f"{layers_path}.0."
     linears = block_linears(ckpt, big, settings.ratio, settings.method, settings.svd, settings.factors, settings.ranks,
-                            settings.compensated)
+                            settings.keeps_input)
     weights = block_numel.get(big, 0) * c
     groups: dict[str, list[LinearShape]] = {}
     for s in linears:
@@ -377,9 +385,19 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                                                               if s.route == "input"), default=0)))
     label, workspace = max(fact_parts, key=lambda t: t[1])
     factors_stored = sum(stored_numel(s.out_features, s.in_features, s.rank, s.factors) * s.itemsize for s in linears)
+    packed_stored = sum(stored_linear_bytes(s.out_features, s.in_features, s.rank, s.factors, s.itemsize, settings.quant)
+                        for s in linears)
+    # Quantising one linear at a time: its factors in float32 (rounding and the dequantised copy), twice.
+    quant_work = max((2 * 4 * stored_numel(s.out_features, s.in_features, s.rank, s.factors) for s in linears), default=0)
+    if settings.quant is not None and settings.quant.rounding == "gptq":
+        # GPTQ: the damped Gram, its Cholesky factor, the inverse and its upper factor (float64, in x in), and
+        # the out-factor's r x r Gram; the input Grams are held until their linears are quantised (in "statistics")
+        quant_work += max((8 * (4 * s.in_features**2 + s.rank**2) for s in linears), default=0)
+    # Quantised as each linear is factored, unless refinement comes between (then a stage of its own).
+    quant_stage = settings.quant is not None and settings.refine_steps > 0
     factors_compute = sum(stored_numel(s.out_features, s.in_features, s.rank, s.factors) * c for s in linears)
     block_other_stored = block_stored.get(big, 0) - sum(s.out_features * s.in_features * s.itemsize for s in linears)
-    shard = factors_stored + block_other_stored
+    shard = (packed_stored if settings.quant is not None else factors_stored) + block_other_stored
     spectra = sum(4 * min(s.out_features, s.in_features) for s in linears)
 
     def stage_parts(b: int) -> dict[str, dict[str, int]]:
@@ -399,7 +417,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             "statistics": statistics,
             "factorize": {"block weights": weights * (2 if settings.compensate else 1), "statistics": stats_bytes,
                           "whitening": whitening_held,
-                          "workspace": workspace, "factors": factors_stored + factors_compute + spectra},
+                          "workspace": workspace, "factors": factors_stored + factors_compute + spectra,
+                          **({"rounding": quant_work} if settings.quant is not None and not quant_stage else {})},
             "refine": {} if not settings.refine_steps else {
                 # the block with its factors; Adam's two moments, the gradients and the best factors so far;
                 # the forward's saved activations for the backward (about twice the forward's working set),
@@ -407,6 +426,12 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                 "block weights": factors_compute + (weights - sum(s.out_features * s.in_features for s in linears) * c),
                 "optimiser": 4 * factors_compute, "batch": 3 * batch, "target": b * L * hidden * (c + act),
                 **({} if settings.compensate else {"original block": weights}),
+            },
+            "quantize": {} if not quant_stage else {
+                # the block with its full-precision factors, the shard's full-precision and packed tensors,
+                # and one linear's rounding work
+                "block weights": factors_compute + (weights - sum(s.out_features * s.in_features for s in linears) * c),
+                "shard tensors": factors_stored + block_other_stored + packed_stored, "rounding": quant_work,
             },
             "propagate": {"block weights": factors_compute + (weights - sum(s.out_features * s.in_features for s in linears) * c),
                           "shard tensors": shard, "batch": batch, "outputs": b * L * hidden * (c + act)},
@@ -450,10 +475,11 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     out_bytes = extra_bytes + other_file_bytes
     for prefix in block_prefixes:
         ls = (block_linears(ckpt, prefix, settings.ratio, settings.method, "exact", settings.factors, settings.ranks,
-                            settings.compensated) if prefix != big else linears)
+                            settings.keeps_input) if prefix != big else linears)
         lin_bytes = sum(s.out_features * s.in_features * s.itemsize for s in ls)
         out_bytes += block_stored[prefix] - lin_bytes + sum(
-            stored_numel(s.out_features, s.in_features, s.rank, s.factors) * s.itemsize + 4 * min(s.out_features, s.in_features) for s in ls)
+            stored_linear_bytes(s.out_features, s.in_features, s.rank, s.factors, s.itemsize, settings.quant)
+            + 4 * min(s.out_features, s.in_features) for s in ls)
 
     # ---- time (an estimate)
     speed = machine_speed()
@@ -566,7 +592,7 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dic
                           propagate=cfg.propagate, act_dtype=cfg.act_dtype, svd=getattr(cfg, "svd", "auto"),
                           factors=getattr(cfg, "factors", "pivoted"), calibrate=getattr(cfg, "calibrate", "block"),
                           compensate=getattr(cfg, "compensate", False), anchor=getattr(cfg, "anchor", 0.0),
-                          refine_steps=getattr(cfg, "refine_steps", 0), ranks=ranks)
+                          refine_steps=getattr(cfg, "refine_steps", 0), ranks=ranks, quant=getattr(cfg, "quant_spec", None))
     budget = cfg.max_mem if cfg.max_mem is not None else default_budget()
     other = sum(p.stat().st_size for p in sorted(ckpt.dir.iterdir()) if p.is_file() and not p.name.endswith(".safetensors")
                 and p.name not in ("model.safetensors.index.json",))

@@ -26,6 +26,8 @@ from ..io.checkpoint import TORCH_DTYPES, Checkpoint
 from ..math.compensate import CrossGramAccumulator, compensated_whitening, factorize_compensated, output_error
 from ..math.factorize import factorize, factorize_output_side, rank_for_ratio, stored_numel, whiten
 from ..math.gram import GramAccumulator, OutputGramAccumulator
+from ..math.quantize import QuantSpec, quantize_module_tensors
+from ..model.quantized import dequantizing_getter, logical_keys
 from ..model.architecture import linear_modules
 from ..model.lowrank import factor_tensors, module_from_tensors, replace_module, stored_form, stored_rank
 from .plan import choose_svd
@@ -264,7 +266,7 @@ def factor_block(
     layer: nn.Module, prefix: str, ckpt: Checkpoint, stats, ratio: float, method: str,
     compute_dtype: torch.dtype = torch.float32, factors: str = "pivoted", svd: str = "exact",
     names: list[str] | None = None, anchor: float = 0.0, block: FactoredBlock | None = None, finish: bool = True,
-    ranks: dict[str, int] | None = None,
+    ranks: dict[str, int] | None = None, quant: QuantSpec | None = None,
 ) -> FactoredBlock:
     """Factor the linears `names` of `layer` (default: all) and swap in the modules the shard will hold.
 
@@ -273,10 +275,15 @@ def factor_block(
     `stats` is a GramCollector or a GroupStatistics; where it holds cross statistics (compensation)
     or `anchor` > 0, a linear is factored by math/compensate.py. `finish` adds the block's other
     tensors (norms) to the shard: the last call for a block does it. `ranks` (full module name ->
-    rank, from math/allocate.py) wins over `ratio` when given.
+    rank, from math/allocate.py) wins over `ratio` when given. `quant`: each module's factors are
+    quantised as soon as they are made (math/quantize.py; GPTQ rounding with the Gram of the
+    linear's input while it is still held, round-to-nearest for a linear factored on its output side)
+    and the module swapped in is the dequantised one.
     """
     block = block if block is not None else FactoredBlock()
     whitenings: dict[str, object] = {}
+    kept_grams: dict[str, torch.Tensor] = {}  # input Grams held for GPTQ rounding after whitening took them
+    keep = quant is not None and quant.rounding == "gptq"
     linears = linear_modules(layer)
     names = list(linears) if names is None else list(names)
     for i, name in enumerate(names):
@@ -284,6 +291,7 @@ def factor_block(
         full = prefix + name
         rank = ranks[full] if ranks is not None else rank_for_ratio(linear.out_features, linear.in_features, ratio, factors)
         error = None
+        input_gram = None
         if name in stats.output_grams:
             group = name
             f = factorize_output_side(linear.weight, stats.output_grams.pop(name).gram, rank)
@@ -296,18 +304,28 @@ def factor_block(
                     gram = stats.grams[group].gram
                     whitenings[group] = (compensated_whitening(gram, anchor), gram)
                 (white, q, inv, lam), gram = whitenings[group]
+                input_gram = gram
                 f = factorize_compensated(linear.weight, white, q, inv, lam, None if cross is None else cross.gram, rank, svd=route_svd)
                 if name in getattr(stats, "e0", {}):
                     error = output_error(linear.weight, f.out_factor @ f.in_factor, stats.e0[name],
                                          None if cross is None else cross.gram, gram)
             else:
                 if method != "svd" and group not in whitenings:
-                    whitenings[group] = whiten(stats.grams.pop(group).gram, method)  # the Gram is not needed again
+                    gram = stats.grams.pop(group).gram
+                    whitenings[group] = whiten(gram, method)  # the Gram is not needed again, unless GPTQ rounds
+                    if keep:
+                        kept_grams[group] = gram
+                input_gram = kept_grams.get(group) if group in kept_grams else (
+                    stats.grams[group].gram if keep and group in stats.grams else None)
                 f = factorize(linear.weight, whitenings.get(group), rank, method, svd=route_svd)
         bias = ckpt.get(full + ".bias") if (full + ".bias") in ckpt else None
         stored = factor_tensors(full, f.out_factor, f.in_factor, bias, store_dtype(ckpt, full + ".weight"), factors)
         form = stored_form(set(stored), full)
         kept = stored_rank(stored.__getitem__, set(stored), full)
+        get, keys = stored.__getitem__, set(stored)
+        if quant is not None:
+            stored = quantize_module_tensors(stored, full, quant, input_gram)
+            get, keys = dequantizing_getter(stored.__getitem__, stored, quant.bits, quant.group_size), logical_keys(stored)
         block.tensors.update(stored)
         block.spectra[full] = f.spectrum.to(torch.float32)
         block.records[full] = {
@@ -316,6 +334,7 @@ def factor_block(
             "rank": kept,
             "form": form,
             "stored_numel": stored_numel(linear.out_features, linear.in_features, kept, "plain" if form == "plain" else "pivoted"),
+            "stored_bytes": linear_bytes(stored, full),
             "input_group": prefix + group,
             "truncation_loss": f.truncation_loss(),
             "cholesky_shift": f.shift,
@@ -324,8 +343,9 @@ def factor_block(
             block.records[full]["output_error"] = error
         if group in whitenings and not any(stats.group_of.get(other) == group for other in names[i + 1 :]):
             del whitenings[group]  # the last reader of this input is done
+            kept_grams.pop(group, None)
         # Exactly what a resume rebuilds from the saved shard (store dtype, then compute dtype).
-        replace_module(layer, name, module_from_tensors(stored.__getitem__, set(stored), full, compute_dtype))
+        replace_module(layer, name, module_from_tensors(get, keys, full, compute_dtype))
     if not finish:
         return block
     factored = {k[len(prefix):] for k in block.records}  # earlier calls' linears are no longer nn.Linear
@@ -334,6 +354,28 @@ def factor_block(
         if key.startswith(prefix) and key not in replaced:
             block.tensors[key] = ckpt.get(key)
     return block
+
+
+def linear_bytes(tensors: dict[str, torch.Tensor], full: str) -> int:
+    """Bytes the shard holds for compressed linear `full` (factors or packed factors, scales, pivots), bias excluded."""
+    return sum(v.numel() * v.element_size() for k, v in tensors.items() if k.startswith(full + ".") and k != full + ".bias")
+
+
+@torch.no_grad()
+def quantize_block(layer: nn.Module, prefix: str, block: FactoredBlock, spec: QuantSpec,
+                   compute_dtype: torch.dtype = torch.float32) -> None:
+    """Replace every compressed linear's factors in the shard by their quantised, packed form
+    (math/quantize.py, model/quantized.py) and the module in `layer` by the one rebuilt from them, so
+    propagation, the next blocks' calibration and a resume all see the quantised block."""
+    for full in block.records:
+        own = {k: v for k, v in block.tensors.items() if k.startswith(full + ".")}
+        packed = quantize_module_tensors(own, full, spec)
+        for key in own:
+            del block.tensors[key]
+        block.tensors.update(packed)
+        block.records[full]["stored_bytes"] = linear_bytes(packed, full)
+        get = dequantizing_getter(packed.__getitem__, packed, spec.bits, spec.group_size)
+        replace_module(layer, full[len(prefix):], module_from_tensors(get, logical_keys(packed), full, compute_dtype))
 
 
 TRAINABLE = (".out_factor", ".in_factor", ".in_rest")  # the stored factor tensors refinement tunes (not pivots, biases)

@@ -94,7 +94,7 @@ _FLAGS = {"ratio": "--ratio", "method": "--method", "calib_samples": "--calib-sa
           "factors": "--factors", "calibrate": "--calibrate", "anchor": "--anchor", "alloc": "--alloc",
           "rank_multiple": "--rank-multiple", "max_loss": "--max-loss"}
 _ABSENT = {"factors": "plain", "calibrate": "block", "compensate": False, "anchor": 0.0, "refine": [0, None],
-           "alloc": "uniform", "rank_multiple": 1, "max_loss": None, "profile": None}
+           "alloc": "uniform", "rank_multiple": 1, "max_loss": None, "profile": None, "quant": None}
 _WHAT = {"checkpoint": "another model or checkpoint files", "calib_digest": "another calibration text",
          "version": "another streamsvd version", "profile": "another --profile"}
 
@@ -109,11 +109,19 @@ def _differences(old: dict, new: dict) -> list[str]:
             out.append(_WHAT[key])
         elif key == "compensate":
             out.append(f"it was {'--compensate' if a else '--no-compensate'}, now {'--compensate' if b else '--no-compensate'}")
+        elif key == "quant":
+            out.append(f"it was {_quant_flags(a)}, now {_quant_flags(b)}")
         elif key == "refine":
             out.append(f"it was --refine-steps {a[0]} --refine-lr {a[1]}, now --refine-steps {b[0]} --refine-lr {b[1]}")
         else:
             out.append(f"it was {_FLAGS.get(key, key)} {a}, now {b}")
     return out
+
+
+def _quant_flags(q: dict | None) -> str:
+    if not q:
+        return "without --quant"
+    return f"--quant int{q.get('num_bits')} --group-size {q.get('group_size')} --quant-rounding {q.get('rounding')}"
 
 
 def mismatch(old: dict | None, new: dict | None) -> str:

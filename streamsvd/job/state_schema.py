@@ -52,7 +52,8 @@ def _check_module(path: Path, name, rec) -> None:
     need = {"in_features": _is_int, "out_features": _is_int, "rank": _is_int, "input_group": lambda v: isinstance(v, str),
             "truncation_loss": _is_num, "cholesky_shift": _is_num,
             "form": lambda v: v in ("plain", "pivoted", "dense"), "stored_numel": _is_int}
-    optional = {"output_error": lambda v: _is_num(v) and v >= 0}  # compensated jobs (math/compensate.py)
+    optional = {"output_error": lambda v: _is_num(v) and v >= 0,  # compensated jobs (math/compensate.py)
+                "stored_bytes": lambda v: _is_int(v) and v >= 1}  # bytes of the stored factors (absent before quantisation)
     if not set(need) <= set(rec) <= set(need) | set(optional):
         raise _fail(path, f"has a module record for {name} with keys {sorted(rec)}, not {sorted(need)}")
     for key, ok in {**need, **optional}.items():

@@ -14,6 +14,7 @@ from .architecture import decoder_layers, empty_model, layer_prefix, linear_modu
 from ..io.checkpoint import Checkpoint
 from ..errors import CheckpointError, StreamSVDError
 from .lowrank import FORMS, module_from_tensors, replace_module
+from .quantized import dequantizing_getter, logical_keys
 from .remote.modeling_streamsvd import swap_compressed_linears
 from ..job.state import read_state
 
@@ -54,10 +55,11 @@ def _load(path: Path, dtype: torch.dtype | None, device: str) -> nn.Module:
         # stay the nn.Linear the model already has.
         swap_compressed_linears(model, {"ranks": ranks, "forms": forms}, dtype=dtype, device="meta")
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    for key in ckpt.keys():
+    get, keys = tensor_reader(ckpt)
+    for key in sorted(keys):
         if key not in expected:
             raise StreamSVDError(f"{path} holds tensor {key}, which the model does not have", "re-run streamsvd into a new OUT_DIR")
-        value = ckpt.get(key)
+        value = get(key)
         # Integer tensors (the pivots of pivoted factors) keep their integer type.
         value = value.to(torch.long) if not value.is_floating_point() else value.to(dtype)
         set_module_tensor_to_device(model, key, device, value=value)
@@ -68,6 +70,19 @@ def _load(path: Path, dtype: torch.dtype | None, device: str) -> nn.Module:
         raise StreamSVDError(f"{path} lacks tensors: {', '.join(missing[:5])}", "the output is incomplete; re-run streamsvd")
     model.to(device)
     return model.eval()
+
+
+def tensor_reader(ckpt: Checkpoint):
+    """(get, keys) over the tensors a model has: quantised factors (the `quantization` entry of the
+    streamsvd section; model/quantized.py) come back dequantised, in their scales' dtype."""
+    section = ckpt.config_dict.get("streamsvd") or {}
+    quant = section.get("quantization")
+    if not quant:
+        return ckpt.get, set(ckpt.keys())
+    if quant.get("format") != "pack-quantized" or quant.get("num_bits") not in (4, 8) or not isinstance(quant.get("group_size"), int):
+        raise StreamSVDError(f"{ckpt.dir} stores its factors quantised as {quant!r}, which this streamsvd cannot read",
+                             "upgrade streamsvd to load this output")
+    return dequantizing_getter(ckpt.get, ckpt.keys(), quant["num_bits"], quant["group_size"]), logical_keys(ckpt.keys())
 
 
 def check_finished(path: Path):
@@ -98,15 +113,15 @@ def stored_layer(model: nn.Module, index: int, ckpt: Checkpoint, dtype: torch.dt
     stored form (whatever `module_from_tensors` reads), everything else from the checkpoint."""
     layer = copy.deepcopy(decoder_layers(model)[index])
     prefix = layer_prefix(model, index)
-    keys = set(ckpt.keys())
+    get, keys = tensor_reader(ckpt)
     for name in linear_modules(layer):
         if prefix + name + ".weight" not in keys:
-            replace_module(layer, name, module_from_tensors(ckpt.get, keys, prefix + name, dtype))
+            replace_module(layer, name, module_from_tensors(get, keys, prefix + name, dtype))
     for name, param in list(layer.named_parameters()):
         if param.device.type == "meta":
             if prefix + name not in keys:
                 raise StreamSVDError(f"{ckpt.dir} lacks tensor {prefix + name}", _REMAKE_FIX)
-            set_module_tensor_to_device(layer, name, "cpu", value=ckpt.get(prefix + name).to(dtype))
+            set_module_tensor_to_device(layer, name, "cpu", value=get(prefix + name).to(dtype))
     return layer.eval()
 
 

@@ -1,0 +1,114 @@
+"""`streamsvd quantize OUT_DIR NEW_DIR`: the factors of a finished output, quantised, into a new directory.
+
+One shard in memory at a time. Each compressed linear's factor tensors go through the same
+`quantize_module_tensors` as `run --quant` (round-to-nearest per group, so no calibration is
+needed); every other tensor and file is copied as it is. NEW_DIR gets the config with a
+`quantization` entry in its streamsvd section, a fresh index, and the report with the new byte
+counts; it has no job state (it was not made by a `run`), so `streamsvd verify` does not apply to it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import StreamSVDError
+from ..io.fsutil import atomic_path, atomic_write_bytes, atomic_write_json
+from ..io.output import INDEX_NAME, REPORT_JSON, REPORT_MD, RUN_LOG, markdown_report
+from ..math.quantize import DEFAULT_GROUP_SIZE, QuantSpec, quantize_module_tensors
+from ..model.loading import check_finished, is_streamsvd_output
+from .pipeline import WORK_DIR_NAME, check_quant_flags
+from .state import STATE_NAME
+from .stages import linear_bytes
+
+_NOT_COPIED = {STATE_NAME, RUN_LOG, INDEX_NAME, "config.json", REPORT_JSON, REPORT_MD, WORK_DIR_NAME}
+
+
+def quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size: int | None) -> dict:
+    """Write NEW_DIR and return its report (with the byte counts before and after)."""
+    check_quant_flags(quant, group_size)
+    if quant is None:
+        raise StreamSVDError("streamsvd quantize needs --quant", "add --quant int8 or --quant int4")
+    spec = QuantSpec(quant, group_size or DEFAULT_GROUP_SIZE)
+    out_dir, new_dir = Path(out_dir), Path(new_dir)
+    if not is_streamsvd_output(out_dir) or not (out_dir / INDEX_NAME).is_file():
+        raise StreamSVDError(f"{out_dir} is not a finished streamsvd output (no streamsvd config section or no index)",
+                             "give the OUT_DIR of a finished `streamsvd run`")
+    check_finished(out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    section = config["streamsvd"]
+    if section.get("quantization"):
+        raise StreamSVDError(f"{out_dir} is already quantised ({section['quantization']['num_bits']} bits)",
+                             "quantise the unquantised output it was made from")
+    if new_dir.resolve() == out_dir.resolve() or (new_dir.exists() and (not new_dir.is_dir() or any(new_dir.iterdir()))):
+        raise StreamSVDError(f"{new_dir} is not a new or empty directory", "give a new directory for the quantised output")
+    new_dir.mkdir(parents=True, exist_ok=True)
+
+    index = json.loads((out_dir / INDEX_NAME).read_text())
+    modules = list(section.get("ranks", {}))
+    shards = sorted(set(index["weight_map"].values()))
+    stored_bytes: dict[str, int] = {}
+    weight_map, total = {}, 0
+    for shard in shards:
+        with safe_open(str(out_dir / shard), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        for full in modules:
+            own = {k: v for k, v in tensors.items() if k.startswith(full + ".")}
+            if not own:
+                continue
+            packed = quantize_module_tensors(own, full, spec)
+            for key in own:
+                del tensors[key]
+            tensors.update(packed)
+            stored_bytes[full] = linear_bytes(packed, full)
+        with atomic_path(new_dir / shard) as tmp:
+            save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp), metadata={"format": "pt"})
+            tmp.chmod(0o644)
+        for k, v in tensors.items():
+            weight_map[k] = shard
+            total += v.numel() * v.element_size()
+        del tensors
+    missing = [m for m in modules if m not in stored_bytes]
+    if missing:
+        raise StreamSVDError(f"{out_dir} has no tensors for {missing[0]}", "the output is damaged; rerun the `streamsvd run` that made it")
+
+    for src in sorted(out_dir.iterdir()):
+        if src.name in _NOT_COPIED or src.name in shards or src.name.startswith("."):
+            continue
+        if src.is_dir():
+            shutil.copytree(src, new_dir / src.name)
+        elif src.is_file():
+            shutil.copyfile(src, new_dir / src.name)
+
+    section["quantization"] = spec.section()
+    atomic_write_json(new_dir / "config.json", config)
+    report = _report(out_dir, spec, stored_bytes)
+    if report is not None:
+        atomic_write_json(new_dir / REPORT_JSON, report)
+        atomic_write_bytes(new_dir / REPORT_MD, markdown_report(report).encode())
+    body = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    atomic_write_bytes(new_dir / INDEX_NAME, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())  # last
+    return report or {}
+
+
+def _report(out_dir: Path, spec: QuantSpec, stored_bytes: dict[str, int]) -> dict | None:
+    """The source report with the quantised byte counts (none if the source has no report)."""
+    try:
+        report = json.loads((out_dir / REPORT_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    for name, record in report.get("modules", {}).items():
+        if name in stored_bytes:
+            record["stored_bytes"] = stored_bytes[name]
+    before = report.get("linear_bytes_before")
+    if before is None:  # an output from before byte counts: the original weights' bytes from the records
+        return report
+    after = sum(stored_bytes.values())
+    report.update({"linear_bytes_after": after, "bytes_ratio_linear": 1 - after / before, "quantization": spec.section(),
+                   "quantized_from": str(out_dir)})
+    return report
+
