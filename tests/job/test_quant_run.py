@@ -218,3 +218,13 @@ def test_gptq_rounding_moves_an_output_side_linear_to_its_input_side(model_dir, 
     gptq_route, gptq_side = route(quant="int4")
     assert plain_side == rtn_side == {"mlp.down_proj"} and gptq_side == set()
     assert "output" in plain_route and "output" in rtn_route and "output" not in gptq_route
+
+
+def test_the_remote_code_refuses_a_quantised_output_with_what_to_do(outputs):
+    """OUT_DIR's remote code does not dequantise packed factors yet: it must stop with a message, never
+    build the base model with missing (random) factors."""
+    from transformers import AutoModelForCausalLM
+
+    root, _ = outputs
+    with pytest.raises(ValueError, match=r"quantised \(int8, groups of 32\).*streamsvd\.load"):
+        AutoModelForCausalLM.from_pretrained(root / "int8", trust_remote_code=True)

@@ -224,6 +224,13 @@ class StreamSVDForCausalLM(PreTrainedModel):
             config = StreamSVDConfig.from_pretrained(pretrained_model_name_or_path)
         base = config.base_config()
         section = getattr(base, SECTION)
+        quant = section.get("quantization")
+        if quant:
+            # Packed integer factors (`run --quant`): this file does not dequantise them yet.
+            raise ValueError(f"{pretrained_model_name_or_path} stores its factors quantised ({quant.get('type', 'int')}"
+                             f"{quant.get('num_bits', '')}, groups of {quant.get('group_size')}), which this remote code "
+                             "cannot load yet; load it with streamsvd.load (pip install streamsvd), or compress "
+                             "without --quant for an output that loads anywhere")
         model_class = compressed_class(AutoModelForCausalLM._model_mapping[type(base)])
         want_info = kwargs.pop("output_loading_info", False)
         kwargs.pop("trust_remote_code", None)
