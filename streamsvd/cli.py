@@ -22,7 +22,8 @@ def _add_run(sub) -> None:
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint: config.json, safetensors, tokenizer")
     p.add_argument("out_dir", metavar="OUT_DIR", help="new or empty directory, or the OUT_DIR of an interrupted job to resume")
-    p.add_argument("--ratio", type=float, default=0.4, help="fraction of each compressed linear's parameters to remove, in (0, 1) (default 0.4)")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="fraction of each compressed linear's parameters to remove, in (0, 1) (default 0.4)")
     p.add_argument("--max-mem", default=None, help="memory budget, e.g. 24G or 512M; sizes the batches (default: 75%% of available RAM)")
     p.add_argument("--calib", action="append", default=[], metavar="FILE",
                    help="calibration text: plain text or .jsonl with a \"text\" field; repeat for several files "
@@ -64,6 +65,18 @@ def _add_run(sub) -> None:
                    help="a quality target instead of --ratio: the smallest model (on the global allocator's path) whose "
                    "predicted relative loss is at most F: the sensitivity-weighted truncation loss over the weighted total "
                    "of every matrix's whitened spectrum, in [0, 1) (needs a profile, like --alloc global)")
+    p.add_argument("--max-ppl-increase", type=float, default=None, metavar="F",
+                   help="a quality target instead of --ratio (which it replaces: give one of them): the smallest model on "
+                   "the global allocator's path whose predicted perplexity on held-out windows is at most (1 + F) x the "
+                   "original's, F > 0 (0.25: +25%%). Predicted from the profile's spectra and sensitivity weights (second "
+                   "order); the report and the summary also give the measured figure, and a warning if it misses the "
+                   "target. Costs the --heldout-samples windows: one extra forward of them per block in the profile and "
+                   "in the run, and that many more rows in each activation file (no extra pass over the model). With "
+                   "--max-loss too: the smallest model that meets both")
+    p.add_argument("--heldout-samples", type=int, default=None, metavar="H",
+                   help="with --max-ppl-increase: windows of --seqlen tokens drawn from the calibration text, sharing no "
+                   "token with the calibration windows, kept out of every statistic, on which perplexity is predicted "
+                   "and measured (default 8: 4,096 tokens at --seqlen 512 for 1/8 of the default calibration's cost)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="a `streamsvd profile` folder made with the same model and calibration flags: allocate from it "
                    "without profiling again")
@@ -123,6 +136,10 @@ def _add_profile(sub) -> None:
     p.add_argument("--sensitivity-samples", type=int, default=16, metavar="N",
                    help="windows of the backward pass for the sensitivity weights, 0 to 16 (default 16; 0: none, "
                    "every matrix weighs the same)")
+    p.add_argument("--heldout-samples", type=int, default=0, metavar="H",
+                   help="also measure the original model's perplexity on H windows that share no token with the "
+                   "calibration windows and enter no statistic: what `run --max-ppl-increase --heldout-samples H` "
+                   "needs from a profile (default 0: none; run's default is 8). Costs one more forward of H windows")
     p.add_argument("--work-dir", default=None, metavar="DIR", help="where the activation files go (default: inside PROFILE_DIR)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -274,8 +291,11 @@ def cmd_run(args) -> int:
     from .job.pipeline import JobConfig, run_job
     from .job.state import read_state
 
+    if args.ratio is not None and args.max_ppl_increase is not None:
+        raise StreamSVDError("--ratio and --max-ppl-increase both set the model's size",
+                             "give one of them: --ratio for a size, --max-ppl-increase for a quality target")
     cfg = JobConfig(
-        model_dir=Path(args.model_dir), out_dir=Path(args.out_dir), ratio=args.ratio,
+        model_dir=Path(args.model_dir), out_dir=Path(args.out_dir), ratio=0.4 if args.ratio is None else args.ratio,
         max_mem=parse_size(args.max_mem) if args.max_mem else None, calib=args.calib,
         calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, method=args.method,
         propagate=args.propagate, act_dtype=args.act_dtype, progress=not args.no_progress,
@@ -287,6 +307,7 @@ def cmd_run(args) -> int:
     cfg.alloc, cfg.rank_multiple = args.alloc, args.rank_multiple
     cfg.profile = Path(args.profile) if args.profile else None
     cfg.max_loss = args.max_loss
+    cfg.max_ppl_increase, cfg.heldout_samples = args.max_ppl_increase, args.heldout_samples
     cfg.quant, cfg.group_size, cfg.quant_rounding = args.quant, args.group_size, args.quant_rounding
     state = read_state(cfg.out_dir, strict=False) if cfg.out_dir.is_dir() and not args.restart else None
     report = run_job(cfg)
@@ -302,6 +323,11 @@ def cmd_run(args) -> int:
         f"  {'that' if finished_before else 'this'} run: {_run_figures(report.get('this_run') or {})}\n"
         f"  report: {Path(args.out_dir) / 'streamsvd_report.md'}"
     )
+    from .io.output import perplexity_target_lines
+
+    for line in perplexity_target_lines(report.get("allocation") or {}):
+        if line.startswith("warning:"):
+            print(line, file=sys.stderr)
     return 0
 
 
@@ -354,9 +380,14 @@ def _allocation_line(report: dict) -> str:
     cost = ("" if "profile_seconds" not in run else
             f", cost {run['profile_seconds']:.1f} s (sensitivity {run.get('profile_sensitivity_seconds') or 0:.1f} s)")
     target = "" if alloc.get("max_loss") is None else f"--max-loss {alloc['max_loss']}, "
+    if alloc.get("max_ppl_increase") is not None:
+        target = f"--max-ppl-increase {alloc['max_ppl_increase']}, " + target
+    from .io.output import perplexity_target_lines
+
+    ppl = "".join(f"  {line}\n" for line in perplexity_target_lines(alloc) if not line.startswith("warning:"))
     return (f"  allocation:         {target}{alloc['alloc']}, rank multiple {alloc['rank_multiple']}, "
             f"predicted relative loss {alloc['relative_loss']:.4f}; "
-            f"{prof['profiling']}: {prof['dir']}{cost}\n")
+            f"{prof['profiling']}: {prof['dir']}{cost}\n{ppl}")
 
 
 def cmd_profile(args) -> int:
@@ -368,7 +399,7 @@ def cmd_profile(args) -> int:
         max_mem=parse_size(args.max_mem) if args.max_mem else None, calib=args.calib,
         calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, act_dtype=args.act_dtype,
         sensitivity_samples=args.sensitivity_samples, work_dir=Path(args.work_dir) if args.work_dir else None,
-        progress=not args.no_progress,
+        progress=not args.no_progress, heldout_samples=args.heldout_samples,
     )
     profile = make_profile(cfg)
     meta = profile.meta

@@ -83,6 +83,60 @@ def sample_windows(tokenizer, text: str, samples: int, seqlen: int, seed: int) -
     return windows
 
 
+HELDOUT_SEED_OFFSET = 0x5EED_0FF  # the held-out windows' generator: another stream than the calibration windows'
+
+
+def heldout_windows(tokenizer, text: str, calib_samples: int, seqlen: int, seed: int, count: int) -> torch.Tensor:
+    """`count` windows of `seqlen` tokens that share no token position with the `calib_samples` calibration windows
+    `sample_windows` draws (same text, seqlen and seed), nor with each other (`run --max-ppl-increase`).
+
+    Deterministic: starts drawn one at a time from a generator seeded with seed + HELDOUT_SEED_OFFSET, each
+    uniformly among the offsets whose whole window is still free (`heldout_starts`). Refused (error and fix)
+    when the text has no room left for them.
+    """
+    if count <= 0:
+        return torch.empty((0, seqlen), dtype=torch.long)
+    tokens, bos = tokenize(tokenizer, text)
+    _, starts = heldout_starts(tokens.numel(), calib_samples, seqlen - (1 if bos is not None else 0), seed, count)
+    body = seqlen - (1 if bos is not None else 0)
+    windows = torch.stack([tokens[s : s + body] for s in starts])
+    if bos is not None:
+        windows = torch.cat([torch.full((count, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows
+
+
+def heldout_starts(n: int, calib_samples: int, body: int, seed: int, count: int) -> tuple[list[int], list[int]]:
+    """(the calibration windows' starts, as sample_windows draws them; the held-out windows' starts) in a text of
+    `n` tokens, windows of `body` tokens (BOS not counted)."""
+    if n < body + 1:
+        raise StreamSVDError(
+            f"the calibration text has {n} tokens, fewer than one window of {body} tokens",
+            "give more calibration text or a smaller --seqlen",
+        )
+    gen = torch.Generator().manual_seed(seed)  # exactly sample_windows' starts
+    calib = torch.randint(0, n - body + 1, (calib_samples,), generator=gen).tolist()
+    taken = torch.zeros(n + 1, dtype=torch.int32)  # +1 at a window's first position, -1 past its last
+    for s in calib:
+        taken[s] += 1
+        taken[s + body] -= 1
+    used = torch.cumsum(taken[:n], 0) > 0
+    gen = torch.Generator().manual_seed(seed + HELDOUT_SEED_OFFSET)
+    starts = []
+    for _ in range(count):
+        busy = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(used.to(torch.int64), 0)])
+        free = ((busy[body:] - busy[:-body]) == 0).nonzero().flatten()  # offsets whose window touches no used token
+        if free.numel() == 0:
+            raise StreamSVDError(
+                f"the calibration text ({n} tokens) has room for only {len(starts)} of {count} held-out windows of "
+                f"{body} tokens outside the {calib_samples} calibration windows",
+                "give more calibration text (--calib), fewer --calib-samples, or a smaller --heldout-samples",
+            )
+        s = int(free[int(torch.randint(0, free.numel(), (1,), generator=gen))])
+        starts.append(s)
+        used[s : s + body] = True
+    return calib, starts
+
+
 def _base_config_kwargs(model_dir: Path) -> dict:
     """For a streamsvd output (config.json of model_type "streamsvd"), the base family's config, so that
     AutoTokenizer does not ask to run OUT_DIR's remote code (it reads the model config first)."""

@@ -197,6 +197,7 @@ def markdown_report(report: dict) -> str:
         f"- whole model: {report['model_params_before']:,} -> {report['model_params_after']:,} parameters "
         f"(ratio {report['ratio_model']:.3f})",
         *_bytes_lines(report),
+        *_perplexity_lines(report),
         f"- calibration: {report['calibration']['samples']} x {report['calibration']['seqlen']} tokens of "
         f"{report['calibration']['source']} (seed {report['calibration']['seed']})",
         "",
@@ -218,11 +219,47 @@ def _bytes_lines(report: dict) -> list[str]:
             f"(ratio {report['bytes_ratio_linear']:.3f}{how})"]
 
 
+def perplexity_target_lines(alloc: dict) -> list[str]:
+    """--max-ppl-increase's figures, and a warning when the measured perplexity misses the target (the CLI prints them too)."""
+    if alloc.get("max_ppl_increase") is None:
+        return []
+    lines = [f"held-out perplexity ({alloc['heldout_samples']} windows, {alloc['heldout_tokens']:,} tokens kept out of the "
+             f"statistics): original {alloc['original_ppl']:.3f}, target {alloc['target_ppl']:.3f} "
+             f"(+{alloc['max_ppl_increase']:.0%}), predicted {alloc['predicted_ppl']:.3f}, measured {alloc['measured_ppl']:.3f}"]
+    if not alloc["target_met"]:
+        lines.append(f"warning: the measured held-out perplexity {alloc['measured_ppl']:.3f} is above the target "
+                     f"{alloc['target_ppl']:.3f} (the prediction, {alloc['predicted_ppl']:.3f}, was too optimistic): "
+                     f"run again with a lower --max-ppl-increase (e.g. {lower_target(alloc):.2g}) into a new OUT_DIR")
+    return lines
+
+
+def lower_target(alloc: dict) -> float:
+    """A --max-ppl-increase to try after a miss: the target scaled by how far the prediction fell short
+    (predicted over measured NLL increase), so that the same error would land on the original target."""
+    import math
+
+    f = alloc["max_ppl_increase"]
+    predicted = math.log(alloc["predicted_ppl"] / alloc["original_ppl"])
+    measured = math.log(alloc["measured_ppl"] / alloc["original_ppl"])
+    if predicted <= 0 or measured <= predicted:
+        return f / 2
+    return math.expm1(math.log1p(f) * predicted / measured)
+
+
+def _perplexity_lines(report: dict) -> list[str]:
+    return [f"- {line}" for line in perplexity_target_lines(report.get("allocation") or {})]
+
+
 def _rank_rule(report: dict) -> str:
     ratio = report["ratio_requested"]
     alloc = report.get("allocation")
     if alloc:  # ranks from a profile (math/allocate.py), not one rule per matrix
-        target = (f"the smallest model with predicted relative loss <= {alloc['max_loss']}" if alloc.get("max_loss") is not None
+        goals = []
+        if alloc.get("max_ppl_increase") is not None:
+            goals.append(f"predicted held-out perplexity <= (1 + {alloc['max_ppl_increase']}) x the original's")
+        if alloc.get("max_loss") is not None:
+            goals.append(f"predicted relative loss <= {alloc['max_loss']}")
+        target = (f"the smallest model with {' and '.join(goals)}" if goals
                   else f"one budget of (1 - {ratio}) x the linears' parameters")
         return (f"the rank the `{alloc['alloc']}` allocator gave it ({target}; rank multiple {alloc['rank_multiple']}; "
                 f"predicted relative loss {alloc['relative_loss']:.4f}; {alloc['profile']['profiling']}: "

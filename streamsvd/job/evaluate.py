@@ -27,8 +27,12 @@ def window_nll(model, input_ids: torch.Tensor) -> tuple[float, int]:
 @torch.no_grad()
 def head_nll(model, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
     """NLL from the final hidden states (after the final norm), the head applied a chunk at a time."""
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return logits_nll(model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None), hidden, input_ids)
+
+
+@torch.no_grad()
+def logits_nll(head, softcap: float | None, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL and token count, `head` (a callable: hidden -> logits) applied a chunk at a time."""
     total, count = 0.0, 0
     for start in range(0, input_ids.shape[1] - 1, _LOGIT_CHUNK):
         stop = min(start + _LOGIT_CHUNK, input_ids.shape[1] - 1)
@@ -38,6 +42,31 @@ def head_nll(model, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[floa
         targets = input_ids[:, start + 1 : stop + 1]
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
         count += targets.numel()
+    return total, count
+
+
+def head_weight(model, ckpt, dtype: torch.dtype) -> torch.Tensor:
+    """The output head's weight from the checkpoint: its own tensor, or the input embedding when tied
+    (model/loading.materialize_head's choice), without making the model's head resident."""
+    head = model.get_output_embeddings()
+    name = next(n for n, m in model.named_modules() if m is head) + ".weight"
+    if name not in ckpt:
+        embedding = model.get_input_embeddings()
+        name = next(n for n, m in model.named_modules() if m is embedding) + ".weight"
+    return ckpt.get(name).to(dtype)
+
+
+@torch.no_grad()
+def final_states_nll(model, ckpt, read, windows: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[float, int]:
+    """Summed next-token NLL of `windows` from their last block's outputs, `read(w, w + 1)` (one window at a
+    time): the model's final norm (materialised) and the head read from `ckpt`, as `streamsvd eval` applies them."""
+    weight = head_weight(model, ckpt, dtype)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    norm = model.model.norm
+    total, count = 0.0, 0
+    for w in range(len(windows)):
+        nll, n = logits_nll(lambda h: F.linear(h, weight), softcap, norm(read(w, w + 1)), windows[w : w + 1])
+        total, count = total + nll, count + n
     return total, count
 
 

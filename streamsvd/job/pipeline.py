@@ -11,6 +11,7 @@ shard was removed, the inputs are rebuilt from the finished blocks instead of st
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,7 @@ from ..model.architecture import (
     load_layer,
     check_seqlen,
 )
-from ..io.calibration import load_texts, load_tokenizer, sample_windows, text_digest
+from ..io.calibration import heldout_windows, load_texts, load_tokenizer, sample_windows, text_digest
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
 from ..io.checkpoint import Checkpoint
 from ..io.diskspace import check_free_space
@@ -48,8 +49,9 @@ from ..model.embedding import materialize_base_mapped
 from .peak import PeakSampler, high_water_bytes
 from .plan import COMPENSATE_MAX_IN, SVD_MODES, build_plan, refuse_if_too_small
 from ..io.output import OutputWriter
-from ..math.allocate import ALLOCATORS, allocate, max_loss, relative_loss
-from .profile import ProfileConfig, make_profile, profile_identity, read_profile
+from ..math.allocate import ALLOCATORS, allocate, max_loss, max_ppl_increase, predicted_nll_increase, relative_loss
+from .profile import MAX_HELDOUT, ProfileConfig, check_heldout, make_profile, profile_identity, read_profile
+from .evaluate import final_states_nll
 from .stages import (FactoredBlock, collect_group_statistics, refine_block, collect_statistics, factor_block, forward_groups,
                      output_side_linears, quantize_block)
 from .state import JobState, fingerprint
@@ -62,6 +64,10 @@ CALIBRATE_MODES = ("block", "sequential")
 DEFAULT_ANCHOR = 0.1  # measured: 0 over-fits the calibration text (cross-domain 2671 vs 393 at 0.1; docs/RESULTS.md)
 WORK_DIR_NAME = ".streamsvd-work"
 OWN_PROFILE = "profile"  # where `run` profiles when no --profile is given
+# --max-ppl-increase's held-out windows: 8 x 512 = 4,096 scored tokens for one extra forward of 1/8 of the
+# default 64 calibration windows; the figure is a ratio of two perplexities on the same windows, so most of
+# the windows' own variation cancels (docs/DESIGN.md).
+DEFAULT_HELDOUT = 8
 
 
 @dataclass
@@ -95,6 +101,10 @@ class JobConfig:
     rank_multiple: int = 1  # every rank a multiple of this (or full rank)
     profile: Path | None = None  # a saved `streamsvd profile` to allocate from (else one is made in OUT_DIR/profile)
     max_loss: float | None = None  # instead of --ratio: the largest relative weighted loss (math/allocate.relative_loss)
+    # instead of --ratio: the largest predicted increase of held-out perplexity, a fraction (0.25: +25%), measured
+    # on `heldout_samples` windows kept out of every statistic (None: DEFAULT_HELDOUT with the target)
+    max_ppl_increase: float | None = None
+    heldout_samples: int | None = None
     quant: str | None = None  # int8 or int4: every factor stored quantised per group (math/quantize.py); None: full precision
     group_size: int | None = None  # columns per quantisation group (None: DEFAULT_GROUP_SIZE with --quant)
     quant_rounding: str | None = None  # rtn or gptq (None: DEFAULT_ROUNDING with --quant)
@@ -110,7 +120,15 @@ class JobConfig:
     @property
     def needs_profile(self) -> bool:
         """Anything but today's per-matrix ranks needs every matrix's spectrum before block 0."""
-        return self.alloc != "uniform" or self.rank_multiple != 1 or self.profile is not None or self.max_loss is not None
+        return (self.alloc != "uniform" or self.rank_multiple != 1 or self.profile is not None or self.max_loss is not None
+                or self.max_ppl_increase is not None)
+
+    @property
+    def heldout_rows(self) -> int:
+        """Held-out windows the job carries through the compressed model (only with --max-ppl-increase)."""
+        if self.max_ppl_increase is None:
+            return 0
+        return DEFAULT_HELDOUT if self.heldout_samples is None else self.heldout_samples
 
     def resolve_defaults(self) -> None:
         """Compensation, sequential calibration and the anchor by default where they apply (docs/RESULTS.md:
@@ -155,6 +173,18 @@ class JobConfig:
                                  "give the fraction of the weighted output energy that may be dropped, in [0, 1), e.g. 0.05")
         if self.max_loss is not None and self.alloc == "v2":
             raise StreamSVDError("--max-loss follows the global allocator's order, not v2's", "use --alloc global (or leave --alloc out)")
+        if self.max_ppl_increase is not None and not (self.max_ppl_increase > 0 and self.max_ppl_increase <= 1e6):
+            raise StreamSVDError(f"--max-ppl-increase {self.max_ppl_increase} is out of range",
+                                 "give the largest held-out perplexity increase allowed as a fraction above 0, e.g. 0.25 for +25%")
+        if self.max_ppl_increase is not None and self.alloc == "v2":
+            raise StreamSVDError("--max-ppl-increase follows the global allocator's order, not v2's",
+                                 "use --alloc global (or leave --alloc out)")
+        if self.heldout_samples is not None and self.max_ppl_increase is None:
+            raise StreamSVDError("--heldout-samples without --max-ppl-increase does nothing",
+                                 "add --max-ppl-increase F, or drop --heldout-samples")
+        if self.heldout_samples is not None and not 1 <= self.heldout_samples <= MAX_HELDOUT:
+            raise StreamSVDError(f"--heldout-samples {self.heldout_samples} is out of range",
+                                 f"give 1 to {MAX_HELDOUT} held-out windows (default {DEFAULT_HELDOUT})")
         if self.calibrate not in CALIBRATE_MODES:
             raise StreamSVDError(f"unknown --calibrate {self.calibrate!r}", f"choose one of {', '.join(CALIBRATE_MODES)}")
         if not (0.0 <= self.anchor <= 100.0) or self.anchor != self.anchor:
@@ -227,6 +257,8 @@ def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str, profile_digest: st
         identity["rank_multiple"] = cfg.rank_multiple
     if cfg.max_loss is not None:
         identity["max_loss"] = cfg.max_loss
+    if cfg.max_ppl_increase is not None:
+        identity["max_ppl_increase"] = [cfg.max_ppl_increase, cfg.heldout_rows]
     if cfg.needs_profile:
         identity["profile"] = profile_digest or "own"
     spec = cfg.quant_spec
@@ -264,6 +296,8 @@ class CompressionJob:
         self.profile, self.ranks = None, None
         if cfg.profile is not None:
             self.profile = read_profile(cfg.profile, self._profile_identity())
+            if cfg.max_ppl_increase is not None:
+                check_heldout(self.profile, cfg.heldout_rows)
             self.ranks = self._allocate()
         self.identity = job_identity(cfg, self.ckpt, self.text, self.profile.digest if self.profile else None)
         job_fp = fingerprint(self.identity)
@@ -275,6 +309,9 @@ class CompressionJob:
             JobIntegrity(self).check_restart_target()
         # Everything that can reject the input runs before anything is written to OUT_DIR.
         self.windows = sample_windows(self.tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
+        # --max-ppl-increase: windows that share no token with the calibration windows and enter no statistic;
+        # they ride in rows [streams x S, streams x S + H) of the activation files, through the compressed blocks.
+        self.heldout = heldout_windows(self.tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_rows)
         self.model = empty_model(self.config, COMPUTE_DTYPE)
         self.batch_size = self._batch_size()
         if not self.state.complete:
@@ -286,6 +323,9 @@ class CompressionJob:
 
     def _allocate(self) -> dict[str, int]:
         """Every matrix's rank from the profile (math/allocate.py), all meeting one --ratio budget."""
+        if self.cfg.max_ppl_increase is not None:
+            return max_ppl_increase(self.profile.matrices(), self.cfg.max_ppl_increase, self.cfg.seqlen, self.cfg.factors,
+                                    multiple=self.cfg.rank_multiple, max_relative_loss=self.cfg.max_loss)
         if self.cfg.max_loss is not None:
             return max_loss(self.profile.matrices(), self.cfg.max_loss, self.cfg.factors, multiple=self.cfg.rank_multiple)
         return allocate(self.cfg.alloc, self.profile.matrices(), self.cfg.ratio, self.cfg.factors,
@@ -298,7 +338,9 @@ class CompressionJob:
         self.profile = make_profile(ProfileConfig(
             model_dir=cfg.model_dir, profile_dir=Path(cfg.out_dir) / OWN_PROFILE, max_mem=cfg.max_mem, calib=cfg.calib,
             calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, seed=cfg.seed, act_dtype=cfg.act_dtype,
-            work_dir=self.work, progress=cfg.progress))
+            work_dir=self.work, progress=cfg.progress, heldout_samples=cfg.heldout_rows))
+        if cfg.max_ppl_increase is not None:
+            check_heldout(self.profile, cfg.heldout_rows)
         if not self.profile.reused:  # the cost goes to this run's figures, not the (deterministic) report
             self.profile_figures = {"profile_" + k: v for k, v in self.profile.timing.items()}
         self.ranks = self._allocate()
@@ -349,8 +391,13 @@ class CompressionJob:
         return {Path(self.cfg.out_dir): out, self.work: work}
 
     def _activation_shape(self) -> tuple[int, int, int]:
-        """The compressed model's stream in samples [0, S); when compensating, the original's in [S, 2S)."""
-        return (self.cfg.calib_samples * self.cfg.streams, self.cfg.seqlen, self.config.hidden_size)
+        """The compressed model's stream in samples [0, S); when compensating, the original's in [S, 2S); then the
+        held-out windows (--max-ppl-increase), through the compressed blocks."""
+        return (self.cfg.calib_samples * self.cfg.streams + self.cfg.heldout_rows, self.cfg.seqlen, self.config.hidden_size)
+
+    @property
+    def _heldout_base(self) -> int:
+        return self.cfg.calib_samples * self.cfg.streams
 
     def _activation_file(self, name: str, create: bool) -> ActivationFile:
         return ActivationFile(self.work / name, self._activation_shape(), self.cfg.act_dtype, create=create)
@@ -433,6 +480,7 @@ class CompressionJob:
             if on_block_done is not None:
                 on_block_done(index)
         bar.close()
+        self.heldout_figures = self._measure_heldout() if self.heldout.shape[0] else None
         self._stage("write")
         report = self._report()
         figures = {}
@@ -474,8 +522,8 @@ class CompressionJob:
             tqdm.write(f"streamsvd: the files of finished block {intact} are missing or damaged; redoing from block {intact}",
                        file=sys.stderr)
             integrity.rewind(intact)
-        elif state.blocks_done == len(decoder_layers(self.model)):
-            return  # every block is done: finishing needs no activations
+        elif state.blocks_done == len(decoder_layers(self.model)) and not self.heldout.shape[0]:
+            return  # every block is done: finishing needs no activations (the held-out windows' final states aside)
         elif state.inputs_file is not None and integrity.inputs_trusted():
             return
         elif state.blocks_done:
@@ -493,6 +541,9 @@ class CompressionJob:
             dst = self._activation_file(name, create=True)
             self._stage("propagate")
             self._propagate(layer, index, src, dst, desc=f"block {index} rebuild")
+            if self.heldout.shape[0]:
+                self._propagate_heldout(layer if self.cfg.propagate == "compressed" else self._finished_layer(index, compressed=True),
+                                        index, src, dst)
             if self.cfg.streams == 2:
                 original = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
                 self._propagate(original, index, src, dst, desc=f"block {index} rebuild (original)", stream=1)
@@ -502,10 +553,11 @@ class CompressionJob:
         state.save(self.out.dir)
         faults.point("state-saved")
 
-    def _finished_layer(self, index: int) -> nn.Module:
-        """Block `index` as it was when its outputs were propagated: compressed from OUT_DIR, or original."""
+    def _finished_layer(self, index: int, compressed: bool = False) -> nn.Module:
+        """Block `index` as it was when its outputs were propagated: compressed from OUT_DIR, or original
+        (`compressed`: the compressed one whatever --propagate says, for the held-out windows)."""
         layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
-        if self.cfg.propagate == "original":
+        if self.cfg.propagate == "original" and not compressed:
             return layer
         prefix = layer_prefix(self.model, index)
         with safe_open(str(self.out.block_path(index)), framework="pt", device="cpu") as f:
@@ -527,6 +579,8 @@ class CompressionJob:
             for stream in range(self.cfg.streams):  # both streams start from the same embeddings
                 acts.write(stream * len(windows) + start, hidden)
             faults.point("activation-batch")
+        for start, stop in self._batches(len(self.heldout)):
+            acts.write(self._heldout_base + start, first_layer_inputs(self.model, self.heldout[start:stop]))
         acts.sync()
         return acts.path.name
 
@@ -545,6 +599,22 @@ class CompressionJob:
         for start, stop in self._bar(desc):
             dst.write(base + start, forward(layer, src.read(base + start, base + stop)))
             faults.point("activation-batch")
+
+    @torch.no_grad()
+    def _propagate_heldout(self, layer: nn.Module, index: int, src: ActivationFile, dst: ActivationFile) -> None:
+        """The held-out windows through the compressed block (whatever --propagate says for the calibration rows)."""
+        forward, base = self._forward(index), self._heldout_base
+        for start, stop in self._batches(len(self.heldout)):
+            dst.write(base + start, forward(layer, src.read(base + start, base + stop)))
+
+    def _measure_heldout(self) -> dict:
+        """After the last block: the compressed model's perplexity on the held-out windows (final norm and head)."""
+        self._stage("heldout")
+        final = self._activation_file(self.state.inputs_file, create=False)
+        base = self._heldout_base
+        total, count = final_states_nll(self.model, self.ckpt, lambda a, b: final.read(base + a, base + b), self.heldout,
+                                        COMPUTE_DTYPE)
+        return {"tokens": count, "nll_per_token": total / count, "perplexity": math.exp(total / count)}
 
     # ---------------------------------------------------------------- one block
     @torch.no_grad()
@@ -578,6 +648,8 @@ class CompressionJob:
         self._stage("propagate")
         if cfg.propagate == "compressed":
             self._propagate(layer, index, src, dst, desc=f"block {index} propagate")
+        if self.heldout.shape[0]:
+            self._propagate_heldout(layer, index, src, dst)
         dst.sync()
         self._stage("write")
         digest = JobIntegrity(self).activation_digest(dst_name)
@@ -683,8 +755,9 @@ class CompressionJob:
             return {}
         meta = self.profile.meta
         given = self.cfg.profile is not None
+        targeted = self.cfg.max_loss is not None or self.cfg.max_ppl_increase is not None
         return {"allocation": {
-            "alloc": "global" if self.cfg.max_loss is not None else self.cfg.alloc,
+            "alloc": "global" if targeted else self.cfg.alloc,
             "rank_multiple": self.cfg.rank_multiple,
             "max_loss": self.cfg.max_loss,
             # predicted: the weighted truncation loss the profile's spectra give for these ranks (0 = none dropped)
@@ -696,7 +769,28 @@ class CompressionJob:
                 "profiling": "profile reused" if given else "profiled by this job",
                 "sensitivity_samples": meta.get("sensitivity_samples", 0),
             },
+            **self._perplexity_target(),
         }}
+
+    def _perplexity_target(self) -> dict:
+        """--max-ppl-increase: the original's held-out perplexity (the profile's), the target, the prediction the
+        ranks were chosen by, and what the compressed model measured on the same windows."""
+        if self.cfg.max_ppl_increase is None:
+            return {}
+        original = self.profile.meta["heldout"]["perplexity"]
+        delta = predicted_nll_increase(self.profile.matrices(), self.ranks, self.cfg.seqlen)
+        target = original * (1 + self.cfg.max_ppl_increase)
+        measured = self.heldout_figures["perplexity"]
+        return {
+            "max_ppl_increase": self.cfg.max_ppl_increase,
+            "heldout_samples": self.cfg.heldout_rows,
+            "heldout_tokens": self.heldout_figures["tokens"],
+            "original_ppl": original,
+            "target_ppl": target,
+            "predicted_ppl": original * math.exp(delta),
+            "measured_ppl": measured,
+            "target_met": measured <= target,
+        }
 
     def _factors_section(self) -> dict:
         """The stored form: `factors` as requested, `forms` per module (pivoted, plain or dense) for load."""

@@ -265,6 +265,7 @@ class PlanInputs:
     refine_steps: int = 0  # > 0: the refine stage (optimiser state, a backward through the block)
     ranks: dict[str, int] | None = None  # an allocation (math/allocate.py); None: every rank from `ratio`
     quant: object = None  # a math.quantize.QuantSpec: factors written quantised (smaller shards, a quantize stage)
+    heldout_samples: int = 0  # --max-ppl-increase's held-out windows: that many more rows in each activation file
 
     @property
     def compensated(self) -> bool:
@@ -471,7 +472,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     stage_totals = totals(batch)
 
     # ---- disk: the output (from the headers and the ranks) and the two activation files
-    work = 2 * S * L * hidden * act * (2 if settings.compensate else 1)  # two files; each holds both streams when compensating
+    # two files; each holds both streams when compensating, and the held-out windows
+    work = 2 * (S * (2 if settings.compensate else 1) + settings.heldout_samples) * L * hidden * act
     out_bytes = extra_bytes + other_file_bytes
     for prefix in block_prefixes:
         ls = (block_linears(ckpt, prefix, settings.ratio, settings.method, "exact", settings.factors, settings.ranks,
@@ -592,7 +594,8 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dic
                           propagate=cfg.propagate, act_dtype=cfg.act_dtype, svd=getattr(cfg, "svd", "auto"),
                           factors=getattr(cfg, "factors", "pivoted"), calibrate=getattr(cfg, "calibrate", "block"),
                           compensate=getattr(cfg, "compensate", False), anchor=getattr(cfg, "anchor", 0.0),
-                          refine_steps=getattr(cfg, "refine_steps", 0), ranks=ranks, quant=getattr(cfg, "quant_spec", None))
+                          refine_steps=getattr(cfg, "refine_steps", 0), ranks=ranks, quant=getattr(cfg, "quant_spec", None),
+                          heldout_samples=getattr(cfg, "heldout_rows", 0))
     budget = cfg.max_mem if cfg.max_mem is not None else default_budget()
     other = sum(p.stat().st_size for p in sorted(ckpt.dir.iterdir()) if p.is_file() and not p.name.endswith(".safetensors")
                 and p.name not in ("model.safetensors.index.json",))

@@ -17,6 +17,12 @@ original`, one block in memory at a time) saves, per linear:
   output read by a tensor hook, and the gradient at the block's input handed to the block before.
   Costs about three forwards of the subset; its seconds are in profile_log.json.
 
+With `heldout_samples` H > 0 (`run --max-ppl-increase`), H more windows, disjoint from the calibration
+windows (io/calibration.heldout_windows), ride in rows [S, S + H) of the activation files: each block runs
+them after its statistics are taken (they enter none), and after the last block the final norm and the
+head give the original model's perplexity on them, stored as `heldout` in profile.json (and H in the
+identity), the figure `run --max-ppl-increase` measures the compressed model against.
+
 The profile's folder holds `spectra.safetensors` (float64, by full module name) and `profile.json`
 (written last: a folder without it is not a profile; nothing in it depends on the machine's speed, so a
 job that profiles for itself still ends byte-identical after an interruption) with the identity (checkpoint fingerprint,
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import sys
 import time
@@ -44,7 +51,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..errors import StreamSVDError
 from ..io.activations import ActivationFile
-from ..io.calibration import load_texts, load_tokenizer, sample_windows, text_digest
+from ..io.calibration import heldout_windows, load_texts, load_tokenizer, sample_windows, text_digest
 from ..io.checkpoint import Checkpoint
 from ..io.fsutil import atomic_path, atomic_write_json
 from ..math.allocate import Matrix
@@ -52,6 +59,7 @@ from ..math.factorize import whiten
 from ..model.architecture import decoder_layers, empty_model, layer_prefix, linear_modules, load_config, check_seqlen, load_layer
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
 from ..model.embedding import materialize_base_mapped
+from .evaluate import final_states_nll
 from .stages import collect_statistics, output_side_linears
 
 COMPUTE_DTYPE = torch.float32
@@ -60,6 +68,7 @@ PROFILE_LOG = "profile_log.json"  # wall times of the pass that made the profile
 SPECTRA_FILE = "spectra.safetensors"
 WORK_NAME = ".profile-work"
 MATCHED_KEYS = ("checkpoint", "calib_digest", "calib_samples", "seqlen", "seed")
+MAX_HELDOUT = 256
 
 
 @dataclass
@@ -73,6 +82,7 @@ class ProfileConfig:
     seed: int = 0
     act_dtype: str = "float32"
     sensitivity_samples: int = 16  # windows of the backward pass; 0: no sensitivity (every weight 1)
+    heldout_samples: int = 0  # windows kept out of every statistic, for the original's held-out perplexity
     work_dir: Path | None = None  # where the activation files go (default: inside the profile folder)
     progress: bool = True
 
@@ -89,12 +99,37 @@ class ProfileConfig:
         if not 0 <= self.sensitivity_samples <= 16:
             raise StreamSVDError(f"--sensitivity-samples {self.sensitivity_samples} is out of range",
                                  "give 0 (no sensitivity) to 16 windows for the backward pass")
+        if not 0 <= self.heldout_samples <= MAX_HELDOUT:
+            raise StreamSVDError(f"--heldout-samples {self.heldout_samples} is out of range",
+                                 f"give 0 (none) to {MAX_HELDOUT} held-out windows, e.g. 8")
 
 
-def profile_identity(ckpt: Checkpoint, text: str, calib_samples: int, seqlen: int, seed: int) -> dict:
-    """What a profile's measurements depend on; a run must match every key to use it."""
-    return {"checkpoint": ckpt.fingerprint(), "calib_digest": text_digest(text), "calib_samples": calib_samples,
-            "seqlen": seqlen, "seed": seed}
+def profile_identity(ckpt: Checkpoint, text: str, calib_samples: int, seqlen: int, seed: int, heldout_samples: int = 0) -> dict:
+    """What a profile's measurements depend on; a run must match every MATCHED_KEYS key to use it (and
+    `heldout_samples`, present only when > 0 so profiles from before keep their identity, for --max-ppl-increase)."""
+    identity = {"checkpoint": ckpt.fingerprint(), "calib_digest": text_digest(text), "calib_samples": calib_samples,
+                "seqlen": seqlen, "seed": seed}
+    if heldout_samples:
+        identity["heldout_samples"] = heldout_samples
+    return identity
+
+
+def check_heldout(profile: "Profile", heldout_samples: int, own: bool = False) -> dict:
+    """The profile's original held-out figures for `run --max-ppl-increase` with `heldout_samples` windows;
+    refused (one error, one fix) when the profile has none, other ones, or no sensitivity weights."""
+    fix = (f"make the profile again with `streamsvd profile MODEL_DIR PROFILE_DIR --heldout-samples {heldout_samples}` "
+           "(and the run's calibration flags), or leave --profile out: the run then profiles for itself")
+    found = profile.meta.get("heldout")
+    if not found:
+        raise StreamSVDError(f"the profile in {profile.dir} has no held-out perplexity of the original model, which "
+                             "--max-ppl-increase measures against (made without --heldout-samples, or before it existed)", fix)
+    if found["samples"] != heldout_samples:
+        raise StreamSVDError(f"the profile in {profile.dir} measured {found['samples']} held-out windows, not the "
+                             f"--heldout-samples {heldout_samples} of this run", fix)
+    if not profile.meta.get("sensitivity"):
+        raise StreamSVDError(f"the profile in {profile.dir} has no sensitivity weights, which --max-ppl-increase "
+                             "predicts from", fix + " (with --sensitivity-samples above 0)")
+    return found
 
 
 @dataclass
@@ -177,8 +212,10 @@ class Profiler:
         check_seqlen(self.config, cfg.seqlen)
         self.text, self.text_source = load_texts(cfg.calib)
         _check_places(cfg)
-        self.identity = profile_identity(self.ckpt, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
-        self.windows = sample_windows(load_tokenizer(self.ckpt.dir), self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
+        self.identity = profile_identity(self.ckpt, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_samples)
+        tokenizer = load_tokenizer(self.ckpt.dir)
+        self.windows = sample_windows(tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
+        self.heldout = heldout_windows(tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_samples)
         self.model = empty_model(self.config, COMPUTE_DTYPE)
         from .plan import build_plan, refuse_if_too_small
 
@@ -188,14 +225,14 @@ class Profiler:
         self.work = Path(cfg.profile_dir) / WORK_NAME if cfg.work_dir is None else Path(cfg.work_dir) / "streamsvd-profile"
 
     def disk_needs(self) -> dict[Path, int]:
-        """Bytes the pass writes: two activation files, the saved block inputs and final states of the
-        sensitivity windows (float32), and the spectra."""
+        """Bytes the pass writes: two activation files (calibration and held-out windows), the saved block
+        inputs and final states of the sensitivity windows (float32), and the spectra."""
         from ..io.activations import activation_bytes
 
         cfg, config = self.cfg, self.config
         keep = min(cfg.sensitivity_samples, cfg.calib_samples)
         window = (cfg.seqlen, config.hidden_size)
-        work = 2 * activation_bytes((cfg.calib_samples, *window), cfg.act_dtype)
+        work = 2 * activation_bytes((cfg.calib_samples + cfg.heldout_samples, *window), cfg.act_dtype)
         work += (config.num_hidden_layers + 1) * activation_bytes((keep, *window), "float32") if keep else 0
         spectra = sum(8 * min(self.ckpt.shape(k)) for k in self.ckpt.keys()
                       if k.endswith(".weight") and len(self.ckpt.shape(k)) == 2 and ".layers." in k)
@@ -205,7 +242,9 @@ class Profiler:
         """A finished profile of the same settings already in the folder (the same command run twice)."""
         if not (Path(self.cfg.profile_dir) / PROFILE_JSON).exists():
             return None
-        return read_profile(self.cfg.profile_dir, self.identity)
+        found = read_profile(self.cfg.profile_dir, self.identity)
+        # Another number of held-out windows: the same calibration, other measurements; made again.
+        return found if found.meta["identity"].get("heldout_samples", 0) == self.cfg.heldout_samples else None
 
     def run(self) -> Profile:
         found = self.existing()
@@ -221,7 +260,7 @@ class Profiler:
         out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
         try:
-            spectra, shapes, final = self._forward()
+            spectra, shapes, final, heldout = self._forward()
             sens_started = time.time()
             sensitivity = self._sensitivity(final) if self.cfg.sensitivity_samples else None
             if sensitivity is not None:
@@ -242,28 +281,32 @@ class Profiler:
             "shapes": shapes,
             "sensitivity": sensitivity,
             "sensitivity_samples": min(self.cfg.sensitivity_samples, self.cfg.calib_samples) if sensitivity else 0,
+            **({"heldout": heldout} if heldout else {}),
         })
         return read_profile(out, self.identity)
 
     # ------------------------------------------------------------ forward: spectra
-    def _batches(self):
-        n = self.cfg.calib_samples
+    def _batches(self, n: int | None = None):
+        n = self.cfg.calib_samples if n is None else n
         for start in range(0, n, self.batch_size):
             yield start, min(n, start + self.batch_size)
 
     def _file(self, name: str, samples: int | None = None, create: bool = True) -> ActivationFile:
-        shape = (samples or self.cfg.calib_samples, self.cfg.seqlen, self.config.hidden_size)
+        shape = (samples or self.cfg.calib_samples + self.cfg.heldout_samples, self.cfg.seqlen, self.config.hidden_size)
         dtype = "float32" if samples else self.cfg.act_dtype  # the backward pass reads exact float32 inputs
         return ActivationFile(self.work / name, shape, dtype, create=create)
 
     @torch.no_grad()
-    def _forward(self) -> tuple[dict[str, np.ndarray], dict[str, list[int]], ActivationFile | None]:
+    def _forward(self) -> tuple[dict[str, np.ndarray], dict[str, list[int]], ActivationFile | None, dict | None]:
         materialize_base_mapped(self.model, self.ckpt, COMPUTE_DTYPE)
         self.layer_args = capture_layer_kwargs(self.model, self.windows[:1])
         keep = min(self.cfg.sensitivity_samples, self.cfg.calib_samples)
         src = self._file("acts-0.bin")
         for start, stop in self._batches():
             src.write(start, first_layer_inputs(self.model, self.windows[start:stop]))
+        S, H = self.cfg.calib_samples, len(self.heldout)
+        for start, stop in self._batches(H):
+            src.write(S + start, first_layer_inputs(self.model, self.heldout[start:stop]))
         spectra, shapes = {}, {}
         n_layers = len(decoder_layers(self.model))
         for index in tqdm(range(n_layers), desc="profile", unit="block", disable=not self.cfg.progress):
@@ -280,6 +323,8 @@ class Profiler:
             args, kwargs = self.layer_args[index]
             stats = collect_statistics(layer, self._batches(), read, lambda lyr, h: run_layer(lyr, h, args, kwargs),
                                        on_output=dst.write, output_side=output_side_linears(layer, "eig"))
+            for start, stop in self._batches(H):  # the held-out windows: after the statistics, in none of them
+                dst.write(S + start, run_layer(layer, src.read(S + start, S + stop), args, kwargs))
             prefix = layer_prefix(self.model, index)
             for name, s in block_spectra(layer, stats).items():
                 spectra[prefix + name] = s
@@ -290,7 +335,11 @@ class Profiler:
         if keep:
             final = self._file("final.bin", keep)
             final.write(0, src.read(0, keep))
-        return spectra, shapes, final
+        heldout = None
+        if H:
+            total, count = final_states_nll(self.model, self.ckpt, lambda a, b, src=src: src.read(S + a, S + b), self.heldout)
+            heldout = {"samples": H, "tokens": count, "nll_per_token": total / count, "perplexity": math.exp(total / count)}
+        return spectra, shapes, final, heldout
 
     # ------------------------------------------------------------ backward: sensitivity
     def _head_gradient(self, final: ActivationFile, keep: int) -> torch.Tensor:

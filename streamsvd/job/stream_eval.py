@@ -79,8 +79,9 @@ class _InMemory:
 @torch.no_grad()
 def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None = None, max_mem: int | None = None,
                          work_dir: Path | None = None, progress: bool = True,
-                         on_disk: bool | None = None) -> dict:
-    """`on_disk`: None decides by the budget (`hidden_on_disk`); True or False forces it."""
+                         on_disk: bool | None = None, windows: torch.Tensor | None = None) -> dict:
+    """`on_disk`: None decides by the budget (`hidden_on_disk`); True or False forces it. `windows`: score these
+    token windows instead of `text`'s (e.g. a job's held-out windows, io/calibration.heldout_windows)."""
     from ..model.loading import check_finished
 
     path = Path(path)
@@ -88,7 +89,8 @@ def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None =
     ckpt = Checkpoint(path)
     config = load_config(ckpt)
     check_seqlen(config, seqlen)
-    windows = eval_windows(load_tokenizer(path), text, seqlen, max_windows)
+    if windows is None:
+        windows = eval_windows(load_tokenizer(path), text, seqlen, max_windows)
     started = time.time()
     model = empty_model(config, COMPUTE_DTYPE)
     materialize_base(model, ckpt, COMPUTE_DTYPE)

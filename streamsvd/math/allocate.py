@@ -30,6 +30,14 @@ full rank (`uniform`, today's per-matrix rank_for_ratio, leaves less than one st
 - `max_loss`: instead of a ratio, the smallest model on the greedy path whose relative weighted loss
   (`relative_loss`: sum w sum(s[r:]^2) / sum w sum(s^2), the fraction of the weighted whitened
   output energy that truncation drops, between 0 and 1) is at most the target.
+- `max_ppl_increase`: the smallest model on the same greedy path whose predicted held-out perplexity is at
+  most (1 + F) times the original's. The prediction (`predicted_nll_increase`, derived in docs/DESIGN.md):
+  with w the mean squared gradient of the summed LM loss at a linear's output, the truncation error e_t of
+  output t adds about 1/2 sum_t e_t^T diag(g_t^2) e_t to the summed loss (second order, the empirical Fisher
+  as curvature, the first-order term taken as zero at a trained model); with the error spread evenly over
+  the output's coordinates that is 1/2 w sum_t ||e_t||^2 = 1/2 w P tail(r) over P positions, so the mean NLL
+  per predicted token (P (seqlen - 1) / seqlen of them) rises by 1/2 seqlen / (seqlen - 1) sum_i w_i tail_i(r_i),
+  the matrices' errors taken as independent; perplexity is multiplied by exp of that.
 """
 
 from __future__ import annotations
@@ -203,6 +211,26 @@ def max_loss(mats: list[Matrix], target: float, factors: str = "pivoted", multip
     ranks = {a.name: start_rank(a, multiple) for a in mats}
     total = sum(a.weight * a.tail(0) for a in mats)
     return _greedy(mats, ranks, math.inf, 1.0, multiple, factors, loss_target=target * total)
+
+
+def predicted_nll_increase(mats: list[Matrix], ranks: dict[str, int], seqlen: int) -> float:
+    """The second-order estimate of the mean next-token NLL increase of truncating to `ranks` (module doc)."""
+    return 0.5 * seqlen / (seqlen - 1) * sum(a.weight * a.tail(ranks[a.name]) for a in mats)
+
+
+def max_ppl_increase(mats: list[Matrix], target: float, seqlen: int, factors: str = "pivoted", multiple: int = 1,
+                     max_relative_loss: float | None = None) -> dict[str, int]:
+    """The first model on the global greedy path whose predicted perplexity is at most (1 + target) x the original's
+    (target > 0); with `max_relative_loss` too (--max-loss), the first that meets both."""
+    _check_multiple(multiple)
+    if not (target > 0 and math.isfinite(target)):
+        raise StreamSVDError(f"--max-ppl-increase {target} is out of range",
+                             "give the largest held-out perplexity increase allowed as a fraction above 0, e.g. 0.25 for +25%")
+    limit = math.log1p(target) / (0.5 * seqlen / (seqlen - 1))  # in units of sum w tail
+    if max_relative_loss is not None:
+        limit = min(limit, max_relative_loss * sum(a.weight * a.tail(0) for a in mats))
+    ranks = {a.name: start_rank(a, multiple) for a in mats}
+    return _greedy(mats, ranks, math.inf, 1.0, multiple, factors, loss_target=limit)
 
 
 def _water_fill(inv: np.ndarray, params: np.ndarray, hi: np.ndarray, ratio: float) -> np.ndarray:

@@ -178,3 +178,24 @@ def test_unknown_allocator_and_bad_spectrum_are_refused():
         allocate("best", _model(), 0.4)
     with pytest.raises(ValueError, match="spectrum"):
         global_greedy([Matrix("a.q_proj", 8, 8, np.ones(3))], 0.4)
+
+
+def test_max_ppl_increase_is_the_first_model_on_the_global_path_within_the_predicted_target():
+    from streamsvd.math.allocate import max_ppl_increase, predicted_nll_increase
+
+    mats = _model(weights=True)
+    scale = 2.0 / sum(a.weight * a.tail(0) for a in mats)  # weights scaled so that dropping everything predicts +1.0 nat
+    mats = [Matrix(a.name, a.m, a.n, a.spectrum, a.weight * scale) for a in mats]
+    sizes = []
+    for f in (0.01, 0.1, 0.5):
+        ranks = max_ppl_increase(mats, f, seqlen=64)
+        assert predicted_nll_increase(mats, ranks, 64) <= math.log1p(f) + 1e-12
+        # The same path as --max-loss: the model max_loss picks for the same weighted loss.
+        assert ranks == max_loss(mats, relative_loss(mats, ranks) * (1 + 1e-12))
+        sizes.append(total_numel(mats, ranks))
+        both = max_ppl_increase(mats, f, seqlen=64, max_relative_loss=0.05)
+        assert relative_loss(mats, both) <= 0.05 and predicted_nll_increase(mats, both, 64) <= math.log1p(f) + 1e-12
+    assert sizes[0] > sizes[1] > sizes[2]
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(StreamSVDError, match="max-ppl-increase"):
+            max_ppl_increase(mats, bad, seqlen=64)
