@@ -71,8 +71,10 @@ def _add_run(sub) -> None:
                    "original's, F > 0 (0.25: +25%%). Predicted from the profile's spectra and sensitivity weights (second "
                    "order); the report and the summary also give the measured figure, and a warning if it misses the "
                    "target. Costs the --heldout-samples windows: one extra forward of them per block in the profile and "
-                   "in the run, and that many more rows in each activation file (no extra pass over the model). With "
-                   "--max-loss too: the smallest model that meets both")
+                   "in the run, and that many more rows in each activation file (no extra pass over the model). Needs "
+                   "a profile holding the original's held-out perplexity: --profile made with `streamsvd profile "
+                   "--heldout-samples H`, or the run profiles for itself first. With --max-loss too: the smallest model "
+                   "that meets both")
     p.add_argument("--heldout-samples", type=int, default=None, metavar="H",
                    help="with --max-ppl-increase: windows of --seqlen tokens drawn from the calibration text, sharing no "
                    "token with the calibration windows, kept out of every statistic, on which perplexity is predicted "
