@@ -54,6 +54,9 @@ def _add_run(sub) -> None:
     _add_svd_flag(p)
     _add_quality_flags(p)
     _add_quant_flags(p)
+    p.add_argument("--no-plots", action="store_true",
+                   help="do not draw allocation.png and spectra.png at the end (they cost a few seconds and about "
+                   "100 MiB of memory, which sets the smallest --max-mem only for tiny models)")
     p.add_argument("--alloc", choices=["uniform", "v2", "global"], default="uniform",
                    help="how the --ratio budget is shared out: uniform (default: every linear loses the same fraction), "
                    "v2 (SVD-LLM V2's per-type ratios from the truncation loss), global (greedy over all matrices by "
@@ -199,6 +202,7 @@ def _add_plan(sub) -> None:
     _add_svd_flag(p)
     _add_quality_flags(p)
     _add_quant_flags(p)
+    p.add_argument("--no-plots", action="store_true", help="as for run: plan without the end's pictures")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object (min_max_mem_bytes, "
                    "peak_bytes, disk_bytes, seconds_estimate, and every stage's parts)")
 
@@ -307,6 +311,7 @@ def cmd_run(args) -> int:
     cfg.calibrate, cfg.compensate, cfg.anchor = args.calibrate, args.compensate, args.anchor
     cfg.refine_steps, cfg.refine_lr = args.refine_steps, args.refine_lr
     cfg.alloc, cfg.rank_multiple = args.alloc, args.rank_multiple
+    cfg.plots = not args.no_plots
     cfg.profile = Path(args.profile) if args.profile else None
     cfg.max_loss = args.max_loss
     cfg.max_ppl_increase, cfg.heldout_samples = args.max_ppl_increase, args.heldout_samples
@@ -438,6 +443,7 @@ def cmd_plan(args) -> int:
         propagate=args.propagate, act_dtype=args.act_dtype, svd=args.svd, factors=args.factors, progress=False,
         calibrate=args.calibrate, compensate=args.compensate, anchor=args.anchor, refine_steps=args.refine_steps,
         refine_lr=args.refine_lr, quant=args.quant, group_size=args.group_size, quant_rounding=args.quant_rounding,
+        plots=not args.no_plots,
     )
     plan = plan_job(cfg)
     if args.json:

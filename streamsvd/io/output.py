@@ -114,8 +114,10 @@ class OutputWriter:
         """Files copied from MODEL_DIR unchanged at the end (tokenizer, generation config, ...)."""
         return [p for p in sorted(self.ckpt.dir.iterdir()) if p.is_file() and not _is_weight_file(p.name) and p.name != "config.json"]
 
-    def finish(self, config_section: dict, report: dict, before_index=None) -> None:
-        """Everything but the shards, the index last; `before_index(record)` runs just before it is written."""
+    def finish(self, config_section: dict, report: dict, before_index=None, pictures: dict[str, bytes] | None = None) -> None:
+        """Everything but the shards, the index last; `before_index(record)` runs just before it is written.
+
+        `pictures`: file name -> bytes (io/plots.py), written before the report that names them."""
         for src in self.other_files():
             with atomic_path(self.dir / src.name) as tmp:
                 shutil.copyfile(src, tmp)
@@ -129,6 +131,10 @@ class OutputWriter:
         atomic_write_json(self.dir / "config.json", remote_config_dict(self.ckpt.config_dict, config_section))
         self._record(self.dir / "config.json")
         faults.point("finish-file")
+        for name, data in sorted((pictures or {}).items()):
+            atomic_write_bytes(self.dir / name, data)
+            self._record(self.dir / name)
+            faults.point("finish-file")
         atomic_write_json(self.dir / REPORT_JSON, report)
         self._record(self.dir / REPORT_JSON)
         faults.point("finish-file")
@@ -200,6 +206,7 @@ def markdown_report(report: dict) -> str:
         *_perplexity_lines(report),
         f"- calibration: {report['calibration']['samples']} x {report['calibration']['seqlen']} tokens of "
         f"{report['calibration']['source']} (seed {report['calibration']['seed']})",
+        *[f"\n![{Path(name).stem}]({name})" for name in report.get("plots", [])],
         "",
         "| module | out x in | rank | truncation loss (RMS per token) |",
         "|---|---|---|---|",

@@ -26,6 +26,7 @@ from ..io.checkpoint import INDEX_NAME
 from ..io.checksums import file_sha256, group_digest, tensor_sha256
 from ..io.fsutil import fsync_dir
 from ..io.output import REPORT_JSON, REPORT_MD, RUN_LOG, SPECTRA_DIR
+from ..io.plots import ALLOCATION_PNG, SPECTRA_PNG
 from ..model.architecture import layer_prefix
 from ..model.remote import MODELING_FILE, modeling_source
 from .lock import LOCK_NAME
@@ -77,7 +78,7 @@ class JobIntegrity:
             if name == LOCK_NAME:
                 continue
             if p.is_file() and (
-                name in (STATE_NAME, INDEX_NAME, REPORT_JSON, REPORT_MD, RUN_LOG)
+                name in (STATE_NAME, INDEX_NAME, REPORT_JSON, REPORT_MD, RUN_LOG, ALLOCATION_PNG, SPECTRA_PNG)
                 or (name.startswith("model-") and "-of-" in name and name.endswith(".safetensors"))
                 or (name.startswith(".") and ".tmp-" in name)
                 or (name == "config.json" and _has_streamsvd_section(p))

@@ -47,8 +47,9 @@ from ..model.lowrank import module_from_tensors, replace_module
 from ..model.remote import modeling_source
 from ..model.embedding import materialize_base_mapped
 from .peak import PeakSampler, high_water_bytes
-from .plan import COMPENSATE_MAX_IN, SVD_MODES, build_plan, refuse_if_too_small
-from ..io.output import OutputWriter
+from .plan import COMPENSATE_MAX_IN, SVD_MODES, build_plan, plot_disk_bytes, refuse_if_too_small
+from ..io.output import SPECTRA_DIR, OutputWriter
+from ..io.plots import plots, read_spectra
 from ..math.allocate import ALLOCATORS, allocate, max_loss, max_ppl_increase, predicted_nll_increase, relative_loss
 from .profile import MAX_HELDOUT, ProfileConfig, check_heldout, make_profile, profile_identity, read_profile
 from .evaluate import final_states_nll
@@ -99,6 +100,7 @@ class JobConfig:
     refine_lr: float = 1e-4
     alloc: str = "uniform"  # rank allocation (math/allocate.py): uniform, v2 or global
     rank_multiple: int = 1  # every rank a multiple of this (or full rank)
+    plots: bool = True  # allocation.png and spectra.png at the end (io/plots.py)
     profile: Path | None = None  # a saved `streamsvd profile` to allocate from (else one is made in OUT_DIR/profile)
     max_loss: float | None = None  # instead of --ratio: the largest relative weighted loss (math/allocate.relative_loss)
     # instead of --ratio: the largest predicted increase of held-out perplexity, a fraction (0.25: +25%), measured
@@ -317,6 +319,14 @@ class CompressionJob:
         if not self.state.complete:
             check_free_space(self._disk_needs())
 
+    def _pictures(self, report: dict) -> dict[str, bytes]:
+        """allocation.png and spectra.png (io/plots.py); a picture that fails to draw is a warning, never a lost job."""
+        try:
+            return plots(report, read_spectra(self.out.dir / SPECTRA_DIR))
+        except Exception as exc:  # noqa: BLE001 - matplotlib's own failures (fonts, backends) vary by machine
+            print(f"warning: the allocation and spectra plots were not drawn ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return {}
+
     # ---------------------------------------------------------------- allocation
     def _profile_identity(self) -> dict:
         return profile_identity(self.ckpt, self.text, self.cfg.calib_samples, self.cfg.seqlen, self.cfg.seed)
@@ -388,6 +398,8 @@ class CompressionJob:
                 factored = stored_linear_bytes(m, n, rank, self.cfg.factors, itemsize, self.cfg.quant_spec)  # pivots too
                 block += factored - m * n * itemsize + min(m, n) * 4  # factors - weight + spectrum
             out += block
+        if self.cfg.plots:  # written at the end, whatever is left to do
+            out += plot_disk_bytes(sum(len(linear_modules(layer)) for layer in layers))
         return {Path(self.cfg.out_dir): out, self.work: work}
 
     def _activation_shape(self) -> tuple[int, int, int]:
@@ -483,6 +495,13 @@ class CompressionJob:
         self.heldout_figures = self._measure_heldout() if self.heldout.shape[0] else None
         self._stage("write")
         report = self._report()
+        pictures = {}
+        if self.cfg.plots:
+            self._stage("plots")
+            pictures = self._pictures(report)
+            self._stage("write")
+        if pictures:
+            report["plots"] = sorted(pictures)
         figures = {}
 
         def complete():  # the state says complete before the index exists: an unfinished job never has one
@@ -498,7 +517,7 @@ class CompressionJob:
             self.state.save(self.out.dir)
             faults.point("state-saved")
 
-        self.out.finish(self._config_section(), report, before_index=complete)
+        self.out.finish(self._config_section(), report, before_index=complete, pictures=pictures)
         integrity.remove_scratch()
         result = {**report, "this_run": figures}
         if repaired:

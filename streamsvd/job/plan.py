@@ -20,7 +20,8 @@ resident at that stage's peak:
   factors of the block;
 - `propagate` (pass 2): the compressed block, the block's tensors for the shard, one batch;
 - `write`: the block's tensors and the serialiser's copy of them (safetensors' `save_file`
-  turns each tensor into bytes before writing).
+  turns each tensor into bytes before writing);
+- `plots`: at the end, the allocation and spectra pictures (matplotlib, every block's spectra).
 
 The batch size is the largest that keeps every stage within the budget; the smallest workable
 budget (`min_max_mem_bytes`) is the planned peak at batch 1 (plus a margin for the baseline's
@@ -56,12 +57,22 @@ SLACK_FRACTION = 0.05
 # doing the same thing (measured up to 42 MiB between `plan` and `run`); the minimum that `plan`
 # reports carries this margin so that `run` in another process accepts it.
 BASELINE_MARGIN_BYTES = 64 << 20
-STAGES = ("embed", "extra shard", "statistics", "factorize", "refine", "quantize", "propagate", "write")
+STAGES = ("embed", "extra shard", "statistics", "factorize", "refine", "quantize", "propagate", "write", "plots")
+# The end's pictures (io/plots.py): matplotlib's modules, two figures and their PNG buffers. Measured +64 MiB
+# for SmolLM2's 210 matrices (30 layers); counted with headroom, plus every spectrum read back.
+PLOT_BYTES = 96 << 20
+# Their files: measured 202 KB for a tiny model's 21 matrices, 233 KB for SmolLM2's 210; counted per matrix too.
+PLOT_DISK_FIXED, PLOT_DISK_PER_MATRIX = 192 << 10, 1 << 10
 SVD_MODES = ("exact", "randomized", "auto")
 # The widest input a compensated linear may have: its statistics are two in x in float64 matrices and an
 # eigendecomposition, about 64 in^2 bytes (16 GiB at 16384, the MLP width of 7B-8B models). A wider linear
 # on the output side (a 70B model's down_proj, 28672) keeps that route and is neither compensated nor anchored.
 COMPENSATE_MAX_IN = 16384
+
+
+def plot_disk_bytes(matrices: int) -> int:
+    """The two PNGs' bytes, an upper estimate (io/plots.py)."""
+    return PLOT_DISK_FIXED + PLOT_DISK_PER_MATRIX * matrices
 
 
 def stored_numel(m: int, n: int, rank: int, factors: str = "pivoted") -> int:
@@ -266,6 +277,7 @@ class PlanInputs:
     ranks: dict[str, int] | None = None  # an allocation (math/allocate.py); None: every rank from `ratio`
     quant: object = None  # a math.quantize.QuantSpec: factors written quantised (smaller shards, a quantize stage)
     heldout_samples: int = 0  # --max-ppl-increase's held-out windows: that many more rows in each activation file
+    plots: bool = True  # the end's pictures (a `plots` stage; off with run --no-plots, and for a profile)
 
     @property
     def compensated(self) -> bool:
@@ -437,6 +449,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             "propagate": {"block weights": factors_compute + (weights - sum(s.out_features * s.in_features for s in linears) * c),
                           "shard tensors": shard, "batch": batch, "outputs": b * L * hidden * (c + act)},
             "write": {"block weights": factors_compute + weights, "shard tensors": shard, "serialiser copy": shard + spectra},
+            "plots": {} if not settings.plots else {"matplotlib and figures": PLOT_BYTES, "spectra": n_layers * spectra},
         }
         for stage in parts:
             parts[stage] = {**held, **parts[stage]}
@@ -482,6 +495,9 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         out_bytes += block_stored[prefix] - lin_bytes + sum(
             stored_linear_bytes(s.out_features, s.in_features, s.rank, s.factors, s.itemsize, settings.quant)
             + 4 * min(s.out_features, s.in_features) for s in ls)
+
+    if settings.plots:
+        out_bytes += plot_disk_bytes(n_layers * len(linears))
 
     # ---- time (an estimate)
     speed = machine_speed()
@@ -595,7 +611,7 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dic
                           factors=getattr(cfg, "factors", "pivoted"), calibrate=getattr(cfg, "calibrate", "block"),
                           compensate=getattr(cfg, "compensate", False), anchor=getattr(cfg, "anchor", 0.0),
                           refine_steps=getattr(cfg, "refine_steps", 0), ranks=ranks, quant=getattr(cfg, "quant_spec", None),
-                          heldout_samples=getattr(cfg, "heldout_rows", 0))
+                          heldout_samples=getattr(cfg, "heldout_rows", 0), plots=getattr(cfg, "plots", False))
     budget = cfg.max_mem if cfg.max_mem is not None else default_budget()
     other = sum(p.stat().st_size for p in sorted(ckpt.dir.iterdir()) if p.is_file() and not p.name.endswith(".safetensors")
                 and p.name not in ("model.safetensors.index.json",))

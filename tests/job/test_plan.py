@@ -69,7 +69,7 @@ def test_plan_text_names_every_stage(capsys, tiny, text):
 
 def test_batch_grows_with_the_budget_and_is_one_at_the_minimum(tiny):
     ckpt = Checkpoint(tiny)
-    settings = PlanInputs(calib_samples=64, seqlen=128)
+    settings = PlanInputs(calib_samples=64, seqlen=128, plots=False)  # for this tiny model the pictures would set the minimum
     base = 400 << 20
     low = make_plan(ckpt, "model.layers", settings, budget=1, baseline=base)
     assert low.batch_size == 1 and low.peak_bytes == low.strict_min_bytes  # the minimum is the peak at batch 1
@@ -128,3 +128,15 @@ def test_measured_peak_stays_within_the_budget_in_a_subprocess(capsys, tiny, tex
     assert "measured peak / budget" in proc.stdout
     # The report (byte-identical across interruptions) carries no run-dependent figure.
     assert "peak_rss" not in (out / "streamsvd_report.json").read_text()
+
+
+def test_the_pictures_are_a_planned_stage_and_no_plots_drops_it(tiny):
+    from streamsvd.job.plan import PLOT_BYTES
+
+    ckpt, base = Checkpoint(tiny), 400 << 20
+    on = make_plan(ckpt, "model.layers", PlanInputs(), budget=1 << 40, baseline=base)
+    off = make_plan(ckpt, "model.layers", PlanInputs(plots=False), budget=1 << 40, baseline=base)
+    assert on.components["plots"]["matplotlib and figures"] == PLOT_BYTES and on.components["plots"]["spectra"] > 0
+    assert "matplotlib and figures" not in off.components["plots"]
+    assert on.stage_bytes["plots"] > off.stage_bytes["plots"] + PLOT_BYTES // 2
+    assert on.min_stage == "plots" and on.min_max_mem_bytes > off.min_max_mem_bytes  # tiny model: the pictures set it
