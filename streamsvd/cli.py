@@ -64,6 +64,9 @@ def _add_run(sub) -> None:
                    "OUT_DIR/profile first")
     p.add_argument("--rank-multiple", type=int, default=1, metavar="K",
                    help="every rank a multiple of K (or full rank), still within the --ratio budget (default 1)")
+    p.add_argument("--alloc-floor", type=float, default=0.0, metavar="F",
+                   help="--alloc global only: every matrix keeps at least F x the rank uniform would give it, in [0, 1] "
+                   "(default 0: no floor); the greedy shares out the rest. No extra cost")
     p.add_argument("--max-loss", type=float, default=None, metavar="F",
                    help="a quality target instead of --ratio: the smallest model (on the global allocator's path) whose "
                    "predicted relative loss is at most F: the sensitivity-weighted truncation loss over the weighted total "
@@ -310,13 +313,17 @@ def cmd_run(args) -> int:
     cfg.factors = args.factors
     cfg.calibrate, cfg.compensate, cfg.anchor = args.calibrate, args.compensate, args.anchor
     cfg.refine_steps, cfg.refine_lr = args.refine_steps, args.refine_lr
-    cfg.alloc, cfg.rank_multiple = args.alloc, args.rank_multiple
+    cfg.alloc, cfg.rank_multiple, cfg.alloc_floor = args.alloc, args.rank_multiple, args.alloc_floor
     cfg.plots = not args.no_plots
     cfg.profile = Path(args.profile) if args.profile else None
     cfg.max_loss = args.max_loss
     cfg.max_ppl_increase, cfg.heldout_samples = args.max_ppl_increase, args.heldout_samples
     cfg.quant, cfg.group_size, cfg.quant_rounding = args.quant, args.group_size, args.quant_rounding
     state = read_state(cfg.out_dir, strict=False) if cfg.out_dir.is_dir() and not args.restart else None
+    from .io.calibration import DEFAULT_WARNING
+
+    if not args.calib:
+        print(DEFAULT_WARNING, file=sys.stderr)
     report = run_job(cfg)
     finished_before = state is not None and state.complete and not report.get("repaired")
     print(
@@ -327,6 +334,7 @@ def cmd_run(args) -> int:
         f"({report['model_params_before']:,} -> {report['model_params_after']:,} parameters)\n"
         f"{_bytes_line(report)}"
         f"{_allocation_line(report)}"
+        f"  calibration:        {_calibration_line(report)}\n"
         f"  {'that' if finished_before else 'this'} run: {_run_figures(report.get('this_run') or {})}\n"
         f"  report: {Path(args.out_dir) / 'streamsvd_report.md'}"
     )
@@ -336,6 +344,11 @@ def cmd_run(args) -> int:
         if line.startswith("warning:"):
             print(line, file=sys.stderr)
     return 0
+
+
+def _calibration_line(report: dict) -> str:
+    c = report["calibration"]
+    return f"{c['samples']} windows x {c['seqlen']} tokens of {c['source']} (seed {c['seed']}); the model fits this text best"
 
 
 def _bytes_line(report: dict) -> str:

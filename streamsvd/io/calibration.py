@@ -11,6 +11,14 @@ import torch
 from ..errors import StreamSVDError
 
 DEFAULT_CALIBRATION = "pydoc"  # Python's own reference docs: real English, in every CPython, no download
+DEFAULT_SOURCE = "pydoc_data.topics (Python reference documentation, built in)"
+# What `run` says when --calib is left out: whitening fits its calibration text, and this one is narrow.
+DEFAULT_WARNING = (
+    "warning: no --calib: the statistics come from the built-in text, Python's reference documentation "
+    "(technical English); the compressed model will do best on text like it and can do far worse on others "
+    "(docs/RESULTS.md: perplexity 1897 on Shakespeare's plays where calibrating on plays gives 131)\n"
+    "fix: pass --calib FILE (plain text or .jsonl) with text of the domain the model will be used on"
+)
 
 
 def default_text() -> str:
@@ -43,7 +51,7 @@ def read_text_file(path: Path) -> str:
 def load_texts(paths: list[str] | None) -> tuple[str, str]:
     """(text, source description)."""
     if not paths:
-        return default_text(), "pydoc_data.topics (Python reference documentation, built in)"
+        return default_text(), DEFAULT_SOURCE
     text = "\n\n".join(read_text_file(Path(p)) for p in paths)
     return text, ", ".join(str(p) for p in paths)
 

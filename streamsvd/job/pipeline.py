@@ -100,6 +100,7 @@ class JobConfig:
     refine_lr: float = 1e-4
     alloc: str = "uniform"  # rank allocation (math/allocate.py): uniform, v2 or global
     rank_multiple: int = 1  # every rank a multiple of this (or full rank)
+    alloc_floor: float = 0.0  # global: every matrix keeps at least this fraction of its uniform rank
     plots: bool = True  # allocation.png and spectra.png at the end (io/plots.py)
     profile: Path | None = None  # a saved `streamsvd profile` to allocate from (else one is made in OUT_DIR/profile)
     max_loss: float | None = None  # instead of --ratio: the largest relative weighted loss (math/allocate.relative_loss)
@@ -170,6 +171,9 @@ class JobConfig:
             raise StreamSVDError(f"unknown --alloc {self.alloc!r}", f"choose one of {', '.join(ALLOCATORS)}")
         if self.rank_multiple < 1:
             raise StreamSVDError(f"--rank-multiple {self.rank_multiple} is not positive", "give 1 or more, e.g. 64")
+        if not 0.0 <= self.alloc_floor <= 1.0:
+            raise StreamSVDError(f"--alloc-floor {self.alloc_floor} is out of range",
+                                 "give the fraction of its uniform rank every matrix keeps at least, in [0, 1], e.g. 0.5")
         if self.max_loss is not None and not 0.0 <= self.max_loss < 1.0:
             raise StreamSVDError(f"--max-loss {self.max_loss} is out of range",
                                  "give the fraction of the weighted output energy that may be dropped, in [0, 1), e.g. 0.05")
@@ -257,6 +261,8 @@ def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str, profile_digest: st
         identity["alloc"] = cfg.alloc
     if cfg.rank_multiple != 1:
         identity["rank_multiple"] = cfg.rank_multiple
+    if cfg.alloc == "global" and cfg.alloc_floor:
+        identity["alloc_floor"] = cfg.alloc_floor
     if cfg.max_loss is not None:
         identity["max_loss"] = cfg.max_loss
     if cfg.max_ppl_increase is not None:
@@ -339,7 +345,7 @@ class CompressionJob:
         if self.cfg.max_loss is not None:
             return max_loss(self.profile.matrices(), self.cfg.max_loss, self.cfg.factors, multiple=self.cfg.rank_multiple)
         return allocate(self.cfg.alloc, self.profile.matrices(), self.cfg.ratio, self.cfg.factors,
-                        multiple=self.cfg.rank_multiple, tokens=self.profile.tokens)
+                        multiple=self.cfg.rank_multiple, tokens=self.profile.tokens, floor=self.cfg.alloc_floor)
 
     def _own_profile(self) -> None:
         """No --profile: profile into OUT_DIR/profile first (reused if a killed run already finished it)."""
@@ -778,6 +784,7 @@ class CompressionJob:
         return {"allocation": {
             "alloc": "global" if targeted else self.cfg.alloc,
             "rank_multiple": self.cfg.rank_multiple,
+            "alloc_floor": self.cfg.alloc_floor if self.cfg.alloc == "global" and not targeted else None,
             "max_loss": self.cfg.max_loss,
             # predicted: the weighted truncation loss the profile's spectra give for these ranks (0 = none dropped)
             "relative_loss": relative_loss(self.profile.matrices(), self.ranks),

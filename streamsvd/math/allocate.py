@@ -193,11 +193,31 @@ def uniform(mats: list[Matrix], ratio: float, factors: str = "pivoted", multiple
 
 
 def global_greedy(mats: list[Matrix], ratio: float, factors: str = "pivoted", multiple: int = 1,
-                  tokens: float = 1.0) -> dict[str, int]:
-    """All ranks together: the budget goes where it removes the most weighted loss per parameter."""
+                  tokens: float = 1.0, floor: float = 0.0) -> dict[str, int]:
+    """All ranks together: the budget goes where it removes the most weighted loss per parameter.
+
+    `floor` f in [0, 1]: every matrix starts at f x its uniform rank (rounded down to the multiple), so none
+    falls below it; the greedy shares out only what is left. The second-order loss it ranks steps by holds
+    for small errors; a floor keeps each matrix's error in that range (docs/RESULTS.md measures it).
+    """
     _check_multiple(multiple)
+    _check_floor(floor)
     budget = budget_numel(mats, ratio)
-    return _greedy(mats, _starting_ranks(mats, budget, multiple, factors), budget, tokens, multiple, factors)
+    ranks = _starting_ranks(mats, budget, multiple, factors)
+    if floor > 0:
+        for a in mats:
+            low = _round_down(a, int(floor * rank_for_ratio(a.m, a.n, ratio, factors)), multiple)
+            ranks[a.name] = max(ranks[a.name], low)
+        if total_numel(mats, ranks, factors) > budget:  # only when the multiple's rounding up of tiny ranks overshoots
+            raise StreamSVDError(f"--alloc-floor {floor} with --rank-multiple {multiple} does not fit --ratio {ratio}",
+                                 "use a smaller --alloc-floor, a smaller --rank-multiple or a smaller --ratio")
+    return _greedy(mats, ranks, budget, tokens, multiple, factors)
+
+
+def _check_floor(floor: float) -> None:
+    if not (0.0 <= floor <= 1.0):
+        raise StreamSVDError(f"--alloc-floor {floor} is out of range",
+                             "give the fraction of its uniform rank every matrix keeps at least, in [0, 1], e.g. 0.5")
 
 
 def max_loss(mats: list[Matrix], target: float, factors: str = "pivoted", multiple: int = 1) -> dict[str, int]:
@@ -285,9 +305,11 @@ def v2(mats: list[Matrix], ratio: float, factors: str = "pivoted", multiple: int
 
 
 def allocate(method: str, mats: list[Matrix], ratio: float, factors: str = "pivoted", multiple: int = 1,
-             tokens: float = 1.0) -> dict[str, int]:
-    """The ranks of allocator `method` (uniform, v2 or global) for --ratio `ratio`."""
+             tokens: float = 1.0, floor: float = 0.0) -> dict[str, int]:
+    """The ranks of allocator `method` (uniform, v2 or global) for --ratio `ratio`; `floor` is global's."""
     functions = {"uniform": uniform, "v2": v2, "global": global_greedy}
     if method not in functions:
         raise StreamSVDError(f"unknown --alloc {method!r}", f"choose one of {', '.join(ALLOCATORS)}")
+    if method == "global":
+        return global_greedy(mats, ratio, factors, multiple=multiple, tokens=tokens, floor=floor)
     return functions[method](mats, ratio, factors, multiple=multiple, tokens=tokens)

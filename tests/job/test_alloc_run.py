@@ -120,6 +120,17 @@ def test_defaults_keep_the_old_identity(tiny):
     assert not {"alloc", "rank_multiple", "profile"} & set(identity)
     identity = job_identity(_job(tiny, "out", alloc="global", rank_multiple=64), Checkpoint(tiny), "text", "abc")
     assert (identity["alloc"], identity["rank_multiple"], identity["profile"]) == ("global", 64, "abc")
+    assert "alloc_floor" not in identity and "alloc_floor" not in job_identity(_job(tiny, "out", alloc_floor=0.5), Checkpoint(tiny), "t")
+    assert job_identity(_job(tiny, "out", alloc="global", alloc_floor=0.5), Checkpoint(tiny), "t", "abc")["alloc_floor"] == 0.5
+
+
+def test_alloc_floor_reaches_the_ranks_and_the_report(tiny, profiled, tmp_path, monkeypatch):
+    _no_profiling(monkeypatch)
+    prof = profile_module.read_profile(profiled)
+    report = run_job(_job(tiny, tmp_path / "out", ratio=0.6, alloc="global", alloc_floor=0.75, profile=profiled))
+    assert {n: m["rank"] for n, m in report["modules"].items()} == allocate("global", prof.matrices(), 0.6,
+                                                                             tokens=prof.tokens, floor=0.75)
+    assert report["allocation"]["alloc_floor"] == 0.75
 
 
 def test_the_plan_counts_the_allocated_ranks(tiny, profiled):
@@ -136,6 +147,7 @@ def test_the_plan_counts_the_allocated_ranks(tiny, profiled):
 def test_bad_allocation_flags_end_with_one_error_and_a_fix(tiny, profiled, tmp_path, capsys):
     base = ["run", str(tiny), str(tmp_path / "out"), "--calib-samples", str(SAMPLES), "--seqlen", str(SEQLEN), "--no-progress"]
     for extra, says in [(["--rank-multiple", "0"], "--rank-multiple 0"),
+                        (["--alloc", "global", "--alloc-floor", "1.5"], "--alloc-floor 1.5 is out of range"),
                         (["--alloc", "global", "--profile", str(tmp_path / "none")], "not a finished streamsvd profile"),
                         (["--alloc", "global", "--profile", str(profiled), "--seed", "5"], "another seed"),
                         (["--alloc", "global", "--profile", str(profiled), "--ratio", "0.95", "--rank-multiple", "32"],
