@@ -64,9 +64,16 @@ def _add_run(sub) -> None:
                    "OUT_DIR/profile first")
     p.add_argument("--rank-multiple", type=int, default=1, metavar="K",
                    help="every rank a multiple of K (or full rank), still within the --ratio budget (default 1)")
+    p.add_argument("--shrink", type=float, default=0.0, metavar="A",
+                   help="read every input Gram as (1 - A) G + A diag(G) when factoring, in [0, 1) (default 0: G itself). "
+                   "Fits the calibration text less hard, but measure before relying on it: at --ratio 0.4, A = 0.3 lowered "
+                   "SmolLM2's held-out perplexity 10%% in the calibration's domain and 31%% in another, yet raised Gemma 3's "
+                   "67%%, and A = 0.5 broke SmolLM2 (docs/RESULTS.md). No extra cost. The profile's spectra (allocation) "
+                   "stay unshrunk")
     p.add_argument("--alloc-floor", type=float, default=0.0, metavar="F",
                    help="--alloc global only: every matrix keeps at least F x the rank uniform would give it, in [0, 1] "
-                   "(default 0: no floor); the greedy shares out the rest. No extra cost")
+                   "(default 0: no floor); the greedy shares out the rest. No extra cost; measured: no gain on Gemma 3 at "
+                   "--ratio 0.6, the one case where global loses to uniform (docs/RESULTS.md)")
     p.add_argument("--max-loss", type=float, default=None, metavar="F",
                    help="a quality target instead of --ratio: the smallest model (on the global allocator's path) whose "
                    "predicted relative loss is at most F: the sensitivity-weighted truncation loss over the weighted total "
@@ -315,6 +322,7 @@ def cmd_run(args) -> int:
     cfg.refine_steps, cfg.refine_lr = args.refine_steps, args.refine_lr
     cfg.alloc, cfg.rank_multiple, cfg.alloc_floor = args.alloc, args.rank_multiple, args.alloc_floor
     cfg.plots = not args.no_plots
+    cfg.shrink = args.shrink
     cfg.profile = Path(args.profile) if args.profile else None
     cfg.max_loss = args.max_loss
     cfg.max_ppl_increase, cfg.heldout_samples = args.max_ppl_increase, args.heldout_samples

@@ -101,6 +101,7 @@ class JobConfig:
     alloc: str = "uniform"  # rank allocation (math/allocate.py): uniform, v2 or global
     rank_multiple: int = 1  # every rank a multiple of this (or full rank)
     alloc_floor: float = 0.0  # global: every matrix keeps at least this fraction of its uniform rank
+    shrink: float = 0.0  # input Grams read as (1 - a) G + a diag(G) when factoring (math/gram.shrink_gram)
     plots: bool = True  # allocation.png and spectra.png at the end (io/plots.py)
     profile: Path | None = None  # a saved `streamsvd profile` to allocate from (else one is made in OUT_DIR/profile)
     max_loss: float | None = None  # instead of --ratio: the largest relative weighted loss (math/allocate.relative_loss)
@@ -171,6 +172,9 @@ class JobConfig:
             raise StreamSVDError(f"unknown --alloc {self.alloc!r}", f"choose one of {', '.join(ALLOCATORS)}")
         if self.rank_multiple < 1:
             raise StreamSVDError(f"--rank-multiple {self.rank_multiple} is not positive", "give 1 or more, e.g. 64")
+        if not 0.0 <= self.shrink < 1.0:
+            raise StreamSVDError(f"--shrink {self.shrink} is out of range",
+                                 "give the weight of the Gram's diagonal, in [0, 1), e.g. 0.3")
         if not 0.0 <= self.alloc_floor <= 1.0:
             raise StreamSVDError(f"--alloc-floor {self.alloc_floor} is out of range",
                                  "give the fraction of its uniform rank every matrix keeps at least, in [0, 1], e.g. 0.5")
@@ -261,6 +265,8 @@ def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str, profile_digest: st
         identity["alloc"] = cfg.alloc
     if cfg.rank_multiple != 1:
         identity["rank_multiple"] = cfg.rank_multiple
+    if cfg.shrink:
+        identity["shrink"] = cfg.shrink
     if cfg.alloc == "global" and cfg.alloc_floor:
         identity["alloc_floor"] = cfg.alloc_floor
     if cfg.max_loss is not None:
@@ -663,7 +669,7 @@ class CompressionJob:
             )
             self._stage("factorize")
             block = factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
-                                 svd=cfg.svd, ranks=self.ranks, quant=self._quant_while_factoring())
+                                 svd=cfg.svd, ranks=self.ranks, quant=self._quant_while_factoring(), shrink=cfg.shrink)
             del stats  # the Grams are not needed past here
         if cfg.refine_steps:
             self._refine(layer, index, prefix, block, src, dst)
@@ -716,7 +722,7 @@ class CompressionJob:
             self._stage("factorize")
             factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
                          svd=cfg.svd, names=[n for g in target for n in g], anchor=cfg.anchor, block=block, finish=last,
-                         ranks=self.ranks, quant=self._quant_while_factoring())
+                         ranks=self.ranks, quant=self._quant_while_factoring(), shrink=cfg.shrink)
             del stats
         return block
 

@@ -342,7 +342,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     # sequential calibration one group's at a time; compensation adds the cross statistics X^T X'.
     per_group = []
     for members in groups.values():
-        group_bytes = sum(8 * s.out_features**2 for s in members if s.route == "output")
+        # output side: the out x out Gram and the input's diagonal (run --shrink reads it)
+        group_bytes = sum(8 * (s.out_features**2 + s.in_features) for s in members if s.route == "output")
         if any(s.route == "input" for s in members):
             group_bytes += 8 * members[0].in_features**2 * (2 if settings.compensate else 1)
         per_group.append(group_bytes)

@@ -25,7 +25,7 @@ from torch import nn
 from ..io.checkpoint import TORCH_DTYPES, Checkpoint
 from ..math.compensate import CrossGramAccumulator, compensated_whitening, factorize_compensated, output_error
 from ..math.factorize import factorize, factorize_output_side, rank_for_ratio, stored_numel, whiten
-from ..math.gram import GramAccumulator, OutputGramAccumulator
+from ..math.gram import GramAccumulator, OutputGramAccumulator, shrink_gram, shrunk_output_gram
 from ..math.quantize import QuantSpec, quantize_module_tensors
 from ..model.quantized import dequantizing_getter, logical_keys
 from ..model.architecture import linear_modules
@@ -266,7 +266,7 @@ def factor_block(
     layer: nn.Module, prefix: str, ckpt: Checkpoint, stats, ratio: float, method: str,
     compute_dtype: torch.dtype = torch.float32, factors: str = "pivoted", svd: str = "exact",
     names: list[str] | None = None, anchor: float = 0.0, block: FactoredBlock | None = None, finish: bool = True,
-    ranks: dict[str, int] | None = None, quant: QuantSpec | None = None,
+    ranks: dict[str, int] | None = None, quant: QuantSpec | None = None, shrink: float = 0.0,
 ) -> FactoredBlock:
     """Factor the linears `names` of `layer` (default: all) and swap in the modules the shard will hold.
 
@@ -278,7 +278,8 @@ def factor_block(
     rank, from math/allocate.py) wins over `ratio` when given. `quant`: each module's factors are
     quantised as soon as they are made (math/quantize.py; GPTQ rounding with the Gram of the
     linear's input while it is still held, round-to-nearest for a linear factored on its output side)
-    and the module swapped in is the dequantised one.
+    and the module swapped in is the dequantised one. `shrink` a: every input Gram is read as
+    (1 - a) G + a diag(G) (math/gram.shrink_gram; run --shrink).
     """
     block = block if block is not None else FactoredBlock()
     whitenings: dict[str, object] = {}
@@ -294,14 +295,14 @@ def factor_block(
         input_gram = None
         if name in stats.output_grams:
             group = name
-            f = factorize_output_side(linear.weight, stats.output_grams.pop(name).gram, rank)
+            f = factorize_output_side(linear.weight, shrunk_output_gram(stats.output_grams.pop(name), shrink), rank)
         else:
             group = stats.group_of[name]
             cross = getattr(stats, "cross", {}).get(group)
             route_svd = choose_svd(svd, linear.out_features, linear.in_features, rank)
             if cross is not None or anchor > 0:
                 if group not in whitenings:
-                    gram = stats.grams[group].gram
+                    gram = shrink_gram(stats.grams[group].gram, shrink)
                     whitenings[group] = (compensated_whitening(gram, anchor), gram)
                 (white, q, inv, lam), gram = whitenings[group]
                 input_gram = gram
@@ -311,7 +312,7 @@ def factor_block(
                                          None if cross is None else cross.gram, gram)
             else:
                 if method != "svd" and group not in whitenings:
-                    gram = stats.grams.pop(group).gram
+                    gram = shrink_gram(stats.grams.pop(group).gram, shrink)
                     whitenings[group] = whiten(gram, method)  # the Gram is not needed again, unless GPTQ rounds
                     if keep:
                         kept_grams[group] = gram

@@ -92,9 +92,9 @@ OPTIONAL_FIELDS = {"settings"}  # may be absent (older states); all others must 
 _FLAGS = {"ratio": "--ratio", "method": "--method", "calib_samples": "--calib-samples", "seqlen": "--seqlen",
           "seed": "--seed", "propagate": "--propagate", "act_dtype": "--act-dtype", "svd": "--svd",
           "factors": "--factors", "calibrate": "--calibrate", "anchor": "--anchor", "alloc": "--alloc",
-          "rank_multiple": "--rank-multiple", "max_loss": "--max-loss", "alloc_floor": "--alloc-floor"}
+          "rank_multiple": "--rank-multiple", "max_loss": "--max-loss", "alloc_floor": "--alloc-floor", "shrink": "--shrink"}
 _ABSENT = {"factors": "plain", "calibrate": "block", "compensate": False, "anchor": 0.0, "refine": [0, None],
-           "alloc": "uniform", "rank_multiple": 1, "alloc_floor": 0.0, "max_loss": None, "profile": None, "quant": None}
+           "alloc": "uniform", "rank_multiple": 1, "alloc_floor": 0.0, "shrink": 0.0, "max_loss": None, "profile": None, "quant": None}
 _WHAT = {"checkpoint": "another model or checkpoint files", "calib_digest": "another calibration text",
          "version": "another streamsvd version", "profile": "another --profile"}
 

@@ -47,6 +47,8 @@ class OutputGramAccumulator(GramAccumulator):
     def __init__(self, weight: torch.Tensor):
         super().__init__(weight.shape[0])
         self.weight = weight  # the layer's own parameter (not copied)
+        # sum of x_i^2 per input channel: diag(G) times tokens, what shrinkage of the input Gram needs (shrunk_output_gram)
+        self.input_diag_sum = torch.zeros(weight.shape[1], dtype=torch.float64)
 
     def add_batch(self, x: torch.Tensor) -> None:
         w = self.weight.detach()
@@ -63,4 +65,30 @@ class OutputGramAccumulator(GramAccumulator):
                 for r in range(0, m, tile):
                     y[:, r : r + tile] = chunk @ w[r : r + tile].to(torch.float64).T
             self.sum.addmm_(y.T, y)
+            self.input_diag_sum += chunk.pow(2).sum(0)
         self.tokens += rows.shape[0]
+
+    def nbytes(self) -> int:
+        return (self.sum.numel() + self.input_diag_sum.numel()) * 8
+
+
+def shrink_gram(gram: torch.Tensor, shrink: float) -> torch.Tensor:
+    """(1 - a) G + a diag(G): the input Gram pulled toward its diagonal (run --shrink a).
+
+    The off-diagonal correlations are what whitening fits hardest to the calibration text; the diagonal
+    (each channel's energy) carries over to other text far better. a = 0 is G itself. In place: pass a
+    Gram nobody else holds (an accumulator's `.gram` is a fresh tensor)."""
+    if not shrink:
+        return gram
+    diagonal = gram.diagonal().clone()
+    gram.mul_(1.0 - shrink).diagonal().add_(diagonal, alpha=shrink)
+    return gram
+
+
+def shrunk_output_gram(acc: "OutputGramAccumulator", shrink: float) -> torch.Tensor:
+    """W shrink_gram(G) W^T from the output Gram W G W^T and G's diagonal, without G: (1 - a) H + a W diag(G) W^T."""
+    h = acc.gram
+    if not shrink:
+        return h
+    w = acc.weight.detach().to(torch.float64)
+    return h.mul_(1.0 - shrink).add_((w * (acc.input_diag_sum / max(acc.tokens, 1))) @ w.T, alpha=shrink)
