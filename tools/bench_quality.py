@@ -8,6 +8,10 @@ tragedies in EVAL_PLAYS (never calibrated on). Each compression and evaluation r
 
     python tools/bench_quality.py --ratios 0.2 0.4 0.6 --methods eig cholesky
     python tools/bench_quality.py --models smollm2 gemma3 --methods eig --factors plain pivoted --cross-domain
+    python tools/bench_quality.py --models smollm2 gemma3 --methods eig --allocs uniform global v2 --cross-domain
+
+With --allocs, each model is profiled once (`streamsvd profile`, its wall time in the rows as `profile_wall_s`)
+and every non-uniform row runs with `--alloc A --profile PROFILE` (so `compress_wall_s` excludes profiling).
 
 Plain vs pivoted factors (issue 14) at the same ratio store the same number of parameters (within
 rounding of the rank); `ppl` is held-out plays (the calibration's domain), `ppl_cross` Python's
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -70,10 +75,16 @@ def main() -> None:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--max-mem", default="8G")
+    p.add_argument("--allocs", nargs="+", default=["uniform"], choices=["uniform", "v2", "global"],
+                   help="rank allocators to compare (streamsvd run --alloc); one `streamsvd profile` per model serves them all")
     p.add_argument("--variants", nargs="+", default=["-"], metavar="FLAGS",
                    help="extra `streamsvd run` flags per row, one word each: key=value or key, comma-separated, e.g. "
                    "calibrate=sequential,compensate,anchor=0.1 for --calibrate sequential --compensate --anchor 0.1 "
                    "(compensation, issue 8); `-` for none (default: one row with none)")
+    p.add_argument("--reuse-profile", action="store_true",
+                   help="keep a profile already in WORK from an earlier run with the same settings (profile_wall_s is then "
+                   "the time to find it, not to make it)")
+    p.add_argument("--keep-outputs", action="store_true", help="leave each row's OUT_DIR in WORK (default: removed once scored)")
     p.add_argument("--skip-original", action="store_true", help="do not evaluate the uncompressed model (rows then lack ppl_before)")
     p.add_argument("--work", type=Path, default=assets.cache_root() / "bench", help="where outputs go (default: the cache)")
     args = p.parse_args()
@@ -101,29 +112,43 @@ def main() -> None:
         if not args.skip_original:
             print(json.dumps({**common, "method": "original", "ratio": 0.0, **{k: v["perplexity"] for k, v in base.items()},
                               "tokens_scored": base["ppl"]["tokens_scored"]}), flush=True)
-        for method in args.methods:
-            for ratio in args.ratios:
-                for factors, variant in [(f, v) for f in args.factors for v in args.variants]:
-                    out = args.work / f"{model_key}-{method}-{factors}-{ratio}"
-                    shutil.rmtree(out, ignore_errors=True)
-                    start = time.time()
-                    _streamsvd("run", str(model), str(out), "--ratio", str(ratio), "--method", method, "--factors", factors,
-                               *calib_flags, "--calib-samples", str(args.calib_samples), "--seqlen", str(args.seqlen),
-                               "--max-mem", args.max_mem, "--no-progress", *_flags(variant))
-                    wall = time.time() - start
-                    report = json.loads((out / "streamsvd_report.json").read_text())
-                    this_run = json.loads((out / RUN_LOG).read_text().strip().splitlines()[-1])  # wall time, peak RSS
-                    after = {key: evaluate(out, text, args.eval_seqlen, args.eval_windows) for key, text in texts.items()}
-                    print(json.dumps({**common, "method": method, "factors": factors, "flags": variant, "ratio": ratio,
-                                      "ratio_linear": round(report["ratio_linear"], 4),
-                                      "ratio_model": round(report["ratio_model"], 4),
-                                      "linear_params_after": report["linear_params_after"],
-                                      "model_params_after": report["model_params_after"],
-                                      **{f"{k}_before": v["perplexity"] for k, v in base.items()},
-                                      **{k: v["perplexity"] for k, v in after.items()}, "compress_wall_s": round(wall, 1),
-                                      "compress_peak_rss_bytes": this_run["peak_rss_bytes"],
-                                      "eval_wall_s": after["ppl"]["seconds"]}), flush=True)
-                    shutil.rmtree(out, ignore_errors=True)
+        calib_args = [*calib_flags, "--calib-samples", str(args.calib_samples), "--seqlen", str(args.seqlen),
+                      "--max-mem", args.max_mem, "--no-progress"]
+        profile, profile_wall = None, None
+        if any(a != "uniform" for a in args.allocs):
+            profile = args.work / f"{model_key}-profile"
+            if not args.reuse_profile:
+                shutil.rmtree(profile, ignore_errors=True)
+            start = time.time()
+            _streamsvd("profile", str(model), str(profile), *calib_args)
+            profile_wall = round(time.time() - start, 1)
+        rows = [(m, r, f, a, v) for m in args.methods for r in args.ratios for f in args.factors for a in args.allocs
+                for v in args.variants]
+        for method, ratio, factors, alloc, variant in rows:
+            tag = "" if variant == "-" else "-" + re.sub(r"[^A-Za-z0-9.=]+", "_", variant)
+            out = args.work / f"{model_key}-{method}-{factors}-{alloc}-{ratio}{tag}"
+            shutil.rmtree(out, ignore_errors=True)
+            alloc_flags = [] if alloc == "uniform" else ["--alloc", alloc, "--profile", str(profile)]
+            start = time.time()
+            _streamsvd("run", str(model), str(out), "--ratio", str(ratio), "--method", method, "--factors", factors,
+                       *calib_args, *alloc_flags, *_flags(variant))
+            wall = time.time() - start
+            report = json.loads((out / "streamsvd_report.json").read_text())
+            this_run = json.loads((out / RUN_LOG).read_text().strip().splitlines()[-1])  # wall time, peak RSS
+            after = {key: evaluate(out, text, args.eval_seqlen, args.eval_windows) for key, text in texts.items()}
+            print(json.dumps({**common, "method": method, "factors": factors, "alloc": alloc, "flags": variant,
+                              "ratio": ratio,
+                              "ratio_linear": round(report["ratio_linear"], 4),
+                              "ratio_model": round(report["ratio_model"], 4),
+                              "linear_params_after": report["linear_params_after"],
+                              "model_params_after": report["model_params_after"],
+                              **{f"{k}_before": v["perplexity"] for k, v in base.items()},
+                              **{k: v["perplexity"] for k, v in after.items()}, "compress_wall_s": round(wall, 1),
+                              "compress_peak_rss_bytes": this_run["peak_rss_bytes"],
+                              "eval_wall_s": after["ppl"]["seconds"],
+                              **({"profile_wall_s": profile_wall} if alloc != "uniform" else {})}), flush=True)
+            if not args.keep_outputs:
+                shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":
