@@ -330,9 +330,9 @@ def cmd_run(args) -> int:
     state = read_state(cfg.out_dir, strict=False) if cfg.out_dir.is_dir() and not args.restart else None
     from .io.calibration import DEFAULT_WARNING
 
-    if not args.calib:
-        print(DEFAULT_WARNING, file=sys.stderr)
     report = run_job(cfg)
+    if not args.calib:  # once the job has succeeded: a refused input gets its one error and fix line alone
+        print(DEFAULT_WARNING, file=sys.stderr)
     finished_before = state is not None and state.complete and not report.get("repaired")
     print(
         f"{'already complete, nothing to do' if finished_before else 'done'}: {args.out_dir}\n"
