@@ -31,16 +31,6 @@ def tiny_checkpoints(tmp_path_factory):
     return get
 
 
-@pytest.fixture(autouse=True)
-def _no_pictures_unless_asked(request, monkeypatch):
-    """Drawing allocation.png and spectra.png costs 2-5 s per job, more than a tiny job itself; tests that are
-    not about them skip the drawing (the job still runs its `plots` stage). Tests marked `plots` draw."""
-    if request.node.get_closest_marker("plots") is None:
-        from streamsvd.job.pipeline import CompressionJob
-
-        monkeypatch.setattr(CompressionJob, "_pictures", lambda self, report: {})
-
-
 # --- real assets (session-scoped: fetched and imported at most once per machine) ---------------
 
 @pytest.fixture(scope="session")

@@ -58,7 +58,9 @@ def allocation_png(report: dict) -> bytes:
     import matplotlib.pyplot as plt
 
     types = _by_type(report["modules"])
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    # A fixed layout: constrained_layout measured most of the drawing time (every tick label's box, twice).
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.12, top=0.88, wspace=0.18)
     for t, rows in types.items():
         layers = [layer for layer, _, _ in rows]
         rank = [rec["rank"] / min(rec["in_features"], rec["out_features"]) for _, _, rec in rows]
@@ -85,12 +87,17 @@ def spectra_png(report: dict, spectra: dict[str, np.ndarray]) -> bytes:
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullLocator
 
     types = {t: [r for r in rows if r[1] in spectra] for t, rows in _by_type(report["modules"]).items()}
     types = {t: rows for t, rows in types.items() if rows}
     cols = min(4, max(1, len(types)))
     nrows = -(-len(types) // cols) if types else 1
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 3.0 * nrows), squeeze=False, constrained_layout=True)
+    # A fixed layout and a shared, sparsely ticked log axis: constrained_layout and log-scale minor ticks were
+    # 2-4 s of a 3-5 s drawing on 2 cores; this draws the same picture in well under a second.
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols + 0.8, 3.0 * nrows + 0.4), squeeze=False, sharey=True)
+    fig.subplots_adjust(left=0.08, right=0.88, bottom=0.12 / nrows + 0.04, top=1 - 0.3 / (3.0 * nrows + 0.4) - 0.04,
+                        wspace=0.12, hspace=0.45)
     depth = max((layer for rows in types.values() for layer, _, _ in rows), default=0) or 1
     cmap = plt.get_cmap("viridis")
     for ax, (t, rows) in zip(axes.flat, types.items()):
@@ -109,13 +116,16 @@ def spectra_png(report: dict, spectra: dict[str, np.ndarray]) -> bytes:
         ax.set_title(t, fontsize=9)
         ax.set_xlabel("rank / full rank")
         ax.set_ylim(1e-6, 1.5)
+        ax.set_xlim(0, 1)
+        ax.yaxis.set_major_locator(LogLocator(base=10, numticks=4))
+        ax.yaxis.set_minor_locator(NullLocator())
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
         ax.set_ylabel("relative truncation loss")
     for ax in list(axes.flat)[len(types):]:
         ax.axis("off")
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, depth))
-    fig.colorbar(sm, ax=axes, label="layer", shrink=0.8)
+    fig.colorbar(sm, cax=fig.add_axes((0.91, 0.2, 0.015, 0.6)), label="layer")
     fig.suptitle(_title(report) + "; dots: the rank kept", fontsize=9)
     data = _png(fig)
     plt.close(fig)

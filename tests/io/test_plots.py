@@ -12,7 +12,6 @@ from streamsvd.job.pipeline import JobConfig, run_job
 from tiny_models import make_tiny_checkpoint
 
 PNG = b"\x89PNG\r\n\x1a\n"
-pytestmark = pytest.mark.plots  # conftest skips the drawing elsewhere
 
 
 @pytest.fixture(scope="module")

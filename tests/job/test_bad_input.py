@@ -399,7 +399,6 @@ def test_not_enough_disk_space_is_refused_before_anything_is_written(capsys, pri
     assert not out.exists()
 
 
-@pytest.mark.plots  # the estimate counts the pictures, so this job draws them
 def test_disk_space_estimate_matches_what_a_job_writes(pristine, out, long_text):
     from streamsvd.job.pipeline import CompressionJob
 

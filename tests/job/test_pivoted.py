@@ -143,7 +143,6 @@ def test_a_module_kept_at_full_rank_is_stored_dense_and_loads_as_a_linear(model_
     assert out_ids.shape == (1, 7)
 
 
-@pytest.mark.plots  # the estimate counts the pictures, so this job draws them
 @pytest.mark.parametrize("factors", ["pivoted", "plain"])
 def test_disk_estimate_counts_the_form_it_writes(model_dir, tmp_path, factors):
     out = tmp_path / "out"

@@ -86,7 +86,6 @@ def test_cholesky_keeps_the_input_side(tiny):
     assert all(v.startswith("input side") for v in plan.routes.values())
 
 
-@pytest.mark.plots  # the disk figure counts the pictures, so this job draws them
 def test_plan_disk_figure_matches_what_the_job_writes(tiny, text, tmp_path):
     cfg = JobConfig(model_dir=tiny, out_dir=tmp_path / "out", calib=[str(text)], calib_samples=4, seqlen=32, progress=False)
     job = CompressionJob(cfg)

@@ -161,7 +161,6 @@ def test_bad_quant_flags_are_one_error_and_one_fix(model_dir, tmp_path, capsys, 
     assert not out.exists()
 
 
-@pytest.mark.plots  # the disk figure counts the pictures, so this job draws them
 def test_plan_counts_the_smaller_shards_and_the_quantize_stage(model_dir, tmp_path):
     full = CompressionJob(_cfg(model_dir, tmp_path / "a"))
     quant = CompressionJob(_cfg(model_dir, tmp_path / "b", quant="int4", group_size=32))

@@ -45,7 +45,10 @@ def test_output_gram_accumulator_is_w_g_wt_without_the_input_gram():
     inputs.add_batch(x.float())
     w64 = w.float().double()
     torch.testing.assert_close(acc.gram, w64 @ inputs.gram @ w64.T, rtol=1e-10, atol=1e-10)
-    assert acc.nbytes() == 8 * w.shape[0] ** 2  # out x out, not in x in
+    torch.testing.assert_close(acc.input_diag_sum / acc.tokens, torch.diag(inputs.gram), rtol=1e-10, atol=1e-10)
+    # out x out, not in x in, plus the in-long diagonal --shrink reads
+    assert acc.nbytes() == 8 * w.shape[0] ** 2 + 8 * w.shape[1]
+    assert acc.nbytes() < 8 * w.shape[1] ** 2
 
 
 def test_output_gram_tiles_of_the_weight_give_the_same_sums(monkeypatch):
