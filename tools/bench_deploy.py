@@ -276,12 +276,16 @@ def plot(rows: list[dict], path: Path) -> None:
                            label="original (16-bit)")
             ax.set_xscale("log")
             ax.set_yscale("log")
+            if orig:  # 2-bit rounding runs to 1e5-1e11: clipped, so the useful range is readable (the table has them)
+                ax.set_ylim(orig[key] * 0.8, orig[key] * 60)
             ax.set_xlabel("MB of decoder linears (floats at 16 bits)")
             ax.set_ylabel("perplexity")
-            ax.set_title(f"{model.split(' (')[0]}: {title}", fontsize=10)
+            ax.set_title(f"{model.split(' (')[0]}: {title}", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
+    fig.suptitle("held-out perplexity against bytes; points above a panel's top (2-bit rounding) are off its scale",
+                 fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, metadata={"Software": None})
