@@ -103,6 +103,14 @@ def child(outputs, tmp_path_factory):
         torch.save({"ids": _ids(), "logits": logits}, root / f"{family}.pt")
         cases.append({"out": str(out), "ref": str(root / f"{family}.pt")})
         refs[str(out)] = tokens.tolist()
+    # Quantised copies (packed int8 / int4 factors): the remote code dequantises them as streamsvd.load does.
+    for quant in ("int8", "int4"):
+        packed = root / f"llama-{quant}"
+        assert main(["quantize", str(outputs["llama"]), str(packed), "--quant", quant, "--group-size", "32"]) == 0
+        logits, tokens, _ = _reference(packed)
+        torch.save({"ids": _ids(), "logits": logits}, root / f"llama-{quant}.pt")
+        cases.append({"out": str(packed), "ref": str(root / f"llama-{quant}.pt")})
+        refs[str(packed)] = tokens.tolist()
     # A copy whose config claims a plain form where the shards hold pivoted factors.
     damaged = root / "damaged"
     damaged.mkdir()
@@ -137,6 +145,16 @@ def test_remote_code_gives_the_same_logits_and_tokens_as_streamsvd_load(child, o
     assert case["classes"] == ["StreamSVD" + base, base]
     assert case["layer"] == ("LowRankLinear" if family == "qwen2" else "PivotedLinear")
     assert len(case["encoded"]) > 3
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_remote_code_dequantises_a_quantised_output_as_streamsvd_load_does(child, quant):
+    result, refs = child
+    out = next(o for o in result["cases"] if o.endswith(f"llama-{quant}"))
+    case = result["cases"][out]
+    assert case["equal"], f"max |diff| {case['max_diff']}"
+    assert case["tokens"] == refs[out]
+    assert case["classes"] == ["StreamSVDLlamaForCausalLM", "LlamaForCausalLM"] and case["layer"] == "PivotedLinear"
 
 
 def test_plain_from_pretrained_refuses_and_names_trust_remote_code(child):

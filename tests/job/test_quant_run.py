@@ -220,11 +220,35 @@ def test_gptq_rounding_moves_an_output_side_linear_to_its_input_side(model_dir, 
     assert "output" in plain_route and "output" in rtn_route and "output" not in gptq_route
 
 
-def test_the_remote_code_refuses_a_quantised_output_with_what_to_do(outputs):
-    """OUT_DIR's remote code does not dequantise packed factors yet: it must stop with a message, never
-    build the base model with missing (random) factors."""
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_the_remote_code_loads_a_quantised_output_with_streamsvd_loads_logits(outputs, quant):
+    """OUT_DIR's remote code dequantises packed factors itself (tests/export/test_remote_code.py checks it where
+    streamsvd cannot be imported): the same logits as streamsvd.load, bit for bit."""
     from transformers import AutoModelForCausalLM
 
     root, _ = outputs
-    with pytest.raises(ValueError, match=r"quantised \(int8, groups of 32\).*streamsvd\.load"):
-        AutoModelForCausalLM.from_pretrained(root / "int8", trust_remote_code=True)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    remote = AutoModelForCausalLM.from_pretrained(root / quant, trust_remote_code=True)
+    ours = streamsvd.load(root / quant)
+    with torch.no_grad():
+        assert torch.equal(remote(ids).logits, ours(ids).logits)
+
+
+def test_the_remote_code_refuses_a_quantised_output_missing_a_tensor(outputs, tmp_path):
+    """A quantised output with a factor's scales gone must stop with a message, never leave a random factor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    root, _ = outputs
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "int8", broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"]
+    key = next(k for k in index if k.endswith("_scale"))
+    shard = broken / index[key]
+    tensors = load_file(shard)
+    del tensors[key]
+    save_file(tensors, shard)
+    with pytest.raises(ValueError, match=r"lacks .*_scale.*rerun"):
+        AutoModelForCausalLM.from_pretrained(broken, trust_remote_code=True)

@@ -35,6 +35,70 @@ AUTO_MAP = {
 }
 
 
+# ---------------------------------------------------------------- quantised factors (`run --quant`)
+# compressed-tensors' pack-quantized layout; the format is described in streamsvd/model/quantized.py,
+# which packs (the writer) and imports this reader.
+QUANT_PARTS = ("_packed", "_scale", "_zero_point", "_shape")
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, length: int, dim: int = 1) -> torch.Tensor:
+    """The int8 values `pack_int32` packed: `length` of them along `dim`."""
+    value = packed.to(torch.int64)
+    if dim == 0:
+        value = value.t()
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    fields = (value.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    out = (fields.reshape(value.shape[0], -1)[:, :length] - (1 << (bits - 1))).to(torch.int8)
+    return (out.t() if dim == 0 else out).contiguous()
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, shape, bits: int, group_size: int,
+               zero_point: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The rows x cols tensor a packed one stands for, in `dtype` (default: the scale's)."""
+    rows, cols = (int(s) for s in shape)
+    q = unpack_int32(packed, bits, cols).to(torch.float32)
+    if scale.shape != (rows, -(-cols // group_size)):
+        raise ValueError(f"a scale of shape {tuple(scale.shape)} does not fit {rows} x {cols} in groups of {group_size}")
+    index = torch.arange(cols) // group_size  # column j belongs to group j // G
+    s = scale.to(torch.float32)[:, index]
+    if zero_point is not None:
+        zp = unpack_int32(zero_point, bits, rows, dim=0).to(torch.float32)[:, index]
+        q = q - zp
+    return (q * s).to(dtype or scale.dtype)
+
+
+def quantized_bases(keys) -> set[str]:
+    """The tensor names (`NAME.T`) that `keys` hold in packed form."""
+    return {k[: -len("_packed")] for k in keys if k.endswith("_packed")}
+
+
+def logical_keys(keys) -> set[str]:
+    """The names a model sees: a packed tensor's parts become its one name."""
+    keys = set(keys)
+    bases = quantized_bases(keys)
+    parts = {b + p for b in bases for p in QUANT_PARTS}
+    return (keys - parts) | bases
+
+
+def dequantizing_getter(get, keys, bits: int, group_size: int, dtype: torch.dtype | None = None):
+    """`get(name)` over logical names: a packed tensor comes back dequantised, the rest as stored.
+
+    `get` reads one stored tensor by name; `keys` are the stored names.
+    """
+    keys = set(keys)
+    bases = quantized_bases(keys)
+
+    def read(name: str) -> torch.Tensor:
+        if name in bases:
+            zp = get(name + "_zero_point") if name + "_zero_point" in keys else None
+            return dequantize(get(name + "_packed"), get(name + "_scale"), get(name + "_shape").tolist(), bits,
+                              group_size, zp, dtype)
+        return get(name)
+
+    return read
+
+
 class LowRankLinear(nn.Module):
     """y = out_factor @ (in_factor @ x) + bias, with in_factor (k x in) and out_factor (out x k).
 
@@ -225,13 +289,14 @@ class StreamSVDForCausalLM(PreTrainedModel):
         base = config.base_config()
         section = getattr(base, SECTION)
         quant = section.get("quantization")
-        if quant:
-            # Packed integer factors (`run --quant`): this file does not dequantise them yet.
-            raise ValueError(f"{pretrained_model_name_or_path} stores its factors quantised ({quant.get('type', 'int')}"
-                             f"{quant.get('num_bits', '')}, groups of {quant.get('group_size')}), which this remote code "
-                             "cannot load yet; load it with streamsvd.load (pip install streamsvd), or compress "
-                             "without --quant for an output that loads anywhere")
         model_class = compressed_class(AutoModelForCausalLM._model_mapping[type(base)])
+        if quant:
+            # Packed integer factors (`run --quant`): transformers' loader has no place for them, so they are
+            # read here, dequantised, and loaded into the same model streamsvd.load builds.
+            model = load_quantized(model_class, pretrained_model_name_or_path, base, section, quant, **kwargs)
+            if kwargs.get("output_loading_info"):
+                return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+            return model
         want_info = kwargs.pop("output_loading_info", False)
         kwargs.pop("trust_remote_code", None)
         model, info = model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=base,
@@ -242,6 +307,57 @@ class StreamSVDForCausalLM(PreTrainedModel):
                              f"(base {section.get('base_model_type')}): {bad}; the output is damaged or incomplete, "
                              "rerun the `streamsvd run` command that made it")
         return (model, info) if want_info else model
+
+
+def load_quantized(model_class: type, path, config: PreTrainedConfig, section: dict, quant: dict, dtype=None,
+                   torch_dtype=None, **ignored) -> nn.Module:
+    """A quantised OUT_DIR (a local folder) as `model_class`: every stored tensor read from its shards, packed
+    factors dequantised (the reader above, as streamsvd.load does), then cast to `dtype` (default: the saved
+    one). A tensor missing or left over is refused, as on the plain path."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    root = Path(path)
+    if not root.is_dir():
+        raise ValueError(f"{path}: a quantised streamsvd output loads from a local folder; download it first")
+    if quant.get("format") != "pack-quantized" or quant.get("num_bits") not in (4, 8) or not isinstance(quant.get("group_size"), int):
+        raise ValueError(f"{path} stores its factors quantised as {quant!r}, which this remote code cannot read; "
+                         "load it with a newer streamsvd (streamsvd.load)")
+    dtype = dtype if dtype not in (None, "auto") else torch_dtype
+    if dtype in (None, "auto"):
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    index = root / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    stored = {}
+    for shard in shards:
+        with safe_open(str(root / shard), framework="pt") as f:
+            for key in f.keys():
+                stored[key] = f.get_tensor(key)
+    read = dequantizing_getter(stored.__getitem__, stored.keys(), quant["num_bits"], quant["group_size"])
+    state = {}
+    for key in logical_keys(stored):
+        try:
+            value = read(key)
+        except KeyError as e:  # a packed tensor without its scale, zero point or shape
+            raise ValueError(f"{path} lacks {e} for the quantised tensor {key}; the output is damaged or incomplete, "
+                             "rerun the `streamsvd run` command that made it") from None
+        state[key] = value.to(dtype) if value.is_floating_point() else value.to(torch.long)
+    model = model_class._from_config(config, dtype=dtype)  # as AutoModelForCausalLM.from_config builds it for streamsvd.load
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set()
+    if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()
+        tied = {n + ".weight" for n, mod in model.named_modules() if mod is model.get_output_embeddings()}
+    missing = sorted(set(missing) - tied)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match its streamsvd config (base {section.get('base_model_type')}): "
+                         f"{ {'missing_keys': missing, 'unexpected_keys': sorted(unexpected)} }; the output is damaged or "
+                         "incomplete, rerun the `streamsvd run` command that made it")
+    return model.eval()
 
 
 _CLASSES: dict[type, type] = {}
