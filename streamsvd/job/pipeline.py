@@ -71,16 +71,6 @@ OWN_PROFILE = "profile"  # where `run` profiles when no --profile is given
 DEFAULT_HELDOUT = 8
 
 
-NO_PLOTS_ENV = "STREAMSVD_NO_PLOTS"  # "1": no pictures unless asked for (the test suite sets it: 0.7 s a job)
-
-
-def plots_default() -> bool:
-    """Whether a job draws its pictures when nothing says otherwise: yes, unless $STREAMSVD_NO_PLOTS is 1."""
-    import os
-
-    return os.environ.get(NO_PLOTS_ENV) != "1"
-
-
 @dataclass
 class JobConfig:
     model_dir: Path
@@ -112,7 +102,7 @@ class JobConfig:
     rank_multiple: int = 1  # every rank a multiple of this (or full rank)
     alloc_floor: float = 0.0  # global: every matrix keeps at least this fraction of its uniform rank
     shrink: float = 0.0  # input Grams read as (1 - a) G + a diag(G) when factoring (math/gram.shrink_gram)
-    plots: bool = field(default_factory=lambda: plots_default())  # allocation.png and spectra.png at the end (io/plots.py)
+    plots: bool = True  # allocation.png and spectra.png at the end (io/plots.py)
     profile: Path | None = None  # a saved `streamsvd profile` to allocate from (else one is made in OUT_DIR/profile)
     max_loss: float | None = None  # instead of --ratio: the largest relative weighted loss (math/allocate.relative_loss)
     # instead of --ratio: the largest predicted increase of held-out perplexity, a fraction (0.25: +25%), measured

@@ -19,12 +19,8 @@ def tiny(tmp_path_factory):
     return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("llama") / "model")
 
 
-pytestmark = pytest.mark.plots  # conftest: the rest of the suite skips the pictures
-
-
 def _job(model_dir, out_dir, **kw):
-    return JobConfig(**{"model_dir": model_dir, "out_dir": out_dir, "calib_samples": 4, "seqlen": 32, "progress": False,
-                        "plots": True, **kw})
+    return JobConfig(model_dir=model_dir, out_dir=out_dir, calib_samples=4, seqlen=32, progress=False, **kw)
 
 
 def test_a_job_writes_both_pictures_recorded_and_linked_and_the_same_bytes_again(tiny, tmp_path):
