@@ -36,8 +36,6 @@ import functools
 import json
 import math
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -53,8 +51,8 @@ from streamsvd.math.quantize import gptq, rtn
 from streamsvd.model.architecture import decoder_layers
 from streamsvd.model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
 
-MODELS = {"smollm2": ("SmolLM2-135M-Instruct (Q4_1 dequantised, float32)", assets.smollm2_checkpoint),
-          "gemma3": ("Gemma 3 270M (Q4_K_M dequantised, float32)", assets.gemma3_checkpoint)}
+from bench_quality import MODELS, _streamsvd  # noqa: E402 - tools/ is on sys.path beside this script
+
 FLOAT_BYTES = 2  # every floating-point number counted at 16 bits (see the module's docstring)
 
 
@@ -133,13 +131,6 @@ def quantize_dense(model: nn.Module, bits: int, group: int, windows: torch.Tenso
             q = gptq(module.weight, grams[name], bits, group, symmetric=False)
             module.weight.copy_(q.dequantize(module.weight.dtype))
         hidden = [run_layer(layer, h, args, kwargs) for h in hidden]
-
-
-def _streamsvd(*args: str) -> None:
-    cmd = [sys.executable, "-m", "streamsvd.cli", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
 
 
 def main() -> None:
