@@ -15,7 +15,7 @@ from ..io.checkpoint import Checkpoint
 from ..errors import CheckpointError, StreamSVDError
 from .lowrank import FORMS, module_from_tensors, replace_module
 from .quantized import dequantizing_getter, logical_keys
-from .remote.modeling_streamsvd import swap_compressed_linears
+from .remote.modeling_streamsvd import quant_readable, swap_compressed_linears, ties_embeddings
 from ..job.state import read_state
 
 
@@ -63,7 +63,7 @@ def _load(path: Path, dtype: torch.dtype | None, device: str) -> nn.Module:
         # Integer tensors (the pivots of pivoted factors) keep their integer type.
         value = value.to(torch.long) if not value.is_floating_point() else value.to(dtype)
         set_module_tensor_to_device(model, key, device, value=value)
-    if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False):
+    if ties_embeddings(config):
         model.tie_weights()
     missing = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
     if missing:
@@ -79,7 +79,7 @@ def tensor_reader(ckpt: Checkpoint):
     quant = section.get("quantization")
     if not quant:
         return ckpt.get, set(ckpt.keys())
-    if quant.get("format") != "pack-quantized" or quant.get("num_bits") not in (4, 8) or not isinstance(quant.get("group_size"), int):
+    if not quant_readable(quant):
         raise StreamSVDError(f"{ckpt.dir} stores its factors quantised as {quant!r}, which this streamsvd cannot read",
                              "upgrade streamsvd to load this output")
     return dequantizing_getter(ckpt.get, ckpt.keys(), quant["num_bits"], quant["group_size"]), logical_keys(ckpt.keys())

@@ -68,6 +68,17 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, shape, bits: int, grou
     return (q * s).to(dtype or scale.dtype)
 
 
+def quant_readable(quant: dict) -> bool:
+    """Whether this reader takes a `quantization` entry: pack-quantized, 4 or 8 bits, an integer group size."""
+    return (quant.get("format") == "pack-quantized" and quant.get("num_bits") in (4, 8)
+            and isinstance(quant.get("group_size"), int))
+
+
+def ties_embeddings(config) -> bool:
+    """Whether the output head shares the input embedding's tensor (so the head is not stored)."""
+    return bool(getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False))
+
+
 def quantized_bases(keys) -> set[str]:
     """The tensor names (`NAME.T`) that `keys` hold in packed form."""
     return {k[: -len("_packed")] for k in keys if k.endswith("_packed")}
@@ -290,22 +301,19 @@ class StreamSVDForCausalLM(PreTrainedModel):
         section = getattr(base, SECTION)
         quant = section.get("quantization")
         model_class = compressed_class(AutoModelForCausalLM._model_mapping[type(base)])
+        want_info = kwargs.pop("output_loading_info", False)
         if quant:
             # Packed integer factors (`run --quant`): transformers' loader has no place for them, so they are
             # read here, dequantised, and loaded into the same model streamsvd.load builds.
             model = load_quantized(model_class, pretrained_model_name_or_path, base, section, quant, **kwargs)
-            if kwargs.get("output_loading_info"):
-                return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
-            return model
-        want_info = kwargs.pop("output_loading_info", False)
+            info = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+            return (model, info) if want_info else model
         kwargs.pop("trust_remote_code", None)
         model, info = model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=base,
                                                   output_loading_info=True, **kwargs)
         bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if bad:
-            raise ValueError(f"{pretrained_model_name_or_path} does not match its streamsvd config "
-                             f"(base {section.get('base_model_type')}): {bad}; the output is damaged or incomplete, "
-                             "rerun the `streamsvd run` command that made it")
+            raise mismatch(pretrained_model_name_or_path, section, bad)
         return (model, info) if want_info else model
 
 
@@ -322,7 +330,7 @@ def load_quantized(model_class: type, path, config: PreTrainedConfig, section: d
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"{path}: a quantised streamsvd output loads from a local folder; download it first")
-    if quant.get("format") != "pack-quantized" or quant.get("num_bits") not in (4, 8) or not isinstance(quant.get("group_size"), int):
+    if not quant_readable(quant):
         raise ValueError(f"{path} stores its factors quantised as {quant!r}, which this remote code cannot read; "
                          "load it with a newer streamsvd (streamsvd.load)")
     dtype = dtype if dtype not in (None, "auto") else torch_dtype
@@ -349,15 +357,19 @@ def load_quantized(model_class: type, path, config: PreTrainedConfig, section: d
     model = model_class._from_config(config, dtype=dtype)  # as AutoModelForCausalLM.from_config builds it for streamsvd.load
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set()
-    if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False):
+    if ties_embeddings(config):
         model.tie_weights()
         tied = {n + ".weight" for n, mod in model.named_modules() if mod is model.get_output_embeddings()}
     missing = sorted(set(missing) - tied)
     if missing or unexpected:
-        raise ValueError(f"{path} does not match its streamsvd config (base {section.get('base_model_type')}): "
-                         f"{ {'missing_keys': missing, 'unexpected_keys': sorted(unexpected)} }; the output is damaged or "
-                         "incomplete, rerun the `streamsvd run` command that made it")
+        raise mismatch(path, section, {"missing_keys": missing, "unexpected_keys": sorted(unexpected)})
     return model.eval()
+
+
+def mismatch(path, section: dict, bad: dict) -> ValueError:
+    """The error for an OUT_DIR whose tensors are not the ones its config describes."""
+    return ValueError(f"{path} does not match its streamsvd config (base {section.get('base_model_type')}): {bad}; "
+                      "the output is damaged or incomplete, rerun the `streamsvd run` command that made it")
 
 
 _CLASSES: dict[type, type] = {}
