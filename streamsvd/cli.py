@@ -263,7 +263,7 @@ def _add_export(sub) -> None:
                        "weights (the command prints both sizes), and one pass over OUT_DIR. "
                        "onnx: model.onnx (+ model.onnx.data above 1 GiB of weights) for onnxruntime, with the KV cache as "
                        "inputs (past_key_values.N.key/value) and outputs (present.N.key/value), each factor pair as two "
-                       "MatMuls (pivoted: Gather, MatMul, Add, MatMul), float32; config.json and the tokenizer files beside "
+                       "MatMuls (pivoted: Transpose, Gather, MatMul, Add, MatMul), float32; config.json and the tokenizer files beside "
                        "it. The export is checked: onnxruntime runs a prefill and a cached decode step, and a float32 "
                        "graph whose logits differ from PyTorch's by over 1e-3 of the largest logit is refused. Needs `pip install 'streamsvd[onnx]'`. "
                        "Costs about 6x the float32 model's bytes in RAM and 2.5 CPU-minutes for SmolLM2-135M (2.2 GB peak).")
@@ -280,6 +280,13 @@ def _add_export(sub) -> None:
     p.add_argument("--onnx-block-size", type=int, default=32, metavar="N",
                    help="onnx: inputs per quantisation block with --onnx-int4 (16, 32, 64 or 128; default 32; larger "
                    "is smaller and less accurate)")
+    p.add_argument("--onnx-pivoted", choices=["rows", "columns", "folded"], default="rows",
+                   help="onnx: how a pivoted factor pair enters the graph (float32 exports). rows (default): the "
+                   "activations transposed so the pivots gather whole rows; the fastest for prompts, no extra bytes. "
+                   "columns: gathers on the last axis as PyTorch does; two nodes fewer per linear, a few percent faster "
+                   "single-sequence decoding, a quarter slower prompts in onnxruntime. folded: plain factors [I | B'] P^T "
+                   "and A', no gathers; fastest overall on SmolLM2 but r^2 more numbers per linear (+11%% bytes at "
+                   "ratio 0.4); docs/RESULTS.md, 'Inference speed'")
     p.add_argument("--no-check", action="store_true",
                    help="onnx: skip the onnxruntime check against PyTorch (saves one model's worth of RAM and a few seconds)")
 
@@ -558,7 +565,7 @@ def export_onnx(args) -> int:
     from .job.memory import format_size
 
     rec = export(Path(args.out_dir), Path(args.dir), int4=args.onnx_int4, block_size=args.onnx_block_size,
-                 check=not args.no_check)
+                 check=not args.no_check, pivoted=args.onnx_pivoted)
     quant = f", {rec['matmul_nbits']} of them 4-bit MatMulNBits" if rec["int4"] else ""
     print(f"wrote {Path(args.dir) / rec['file']}: {format_size(rec['bytes'])}, {rec['linears_as_matmul']} linears as "
           f"MatMuls{quant}, KV cache of {rec['cache']['layers']} layers, {rec['export_seconds']:.0f} s")
@@ -578,8 +585,8 @@ EXPORTS = {"dense": export_dense, "onnx": export_onnx}
 
 
 def cmd_export(args) -> int:
-    if args.format != "onnx" and (args.onnx_int4 or args.onnx_block_size != 32 or args.no_check):
-        raise StreamSVDError(f"--onnx-int4, --onnx-block-size and --no-check apply to `export onnx`, not `export {args.format}`",
+    if args.format != "onnx" and (args.onnx_int4 or args.onnx_block_size != 32 or args.no_check or args.onnx_pivoted != "rows"):
+        raise StreamSVDError(f"--onnx-int4, --onnx-block-size, --onnx-pivoted and --no-check apply to `export onnx`, not `export {args.format}`",
                              "drop them, or export onnx")
     return EXPORTS[args.format](args)
 

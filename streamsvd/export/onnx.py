@@ -5,7 +5,7 @@ onnxscript's translation and optimiser); nothing is written by hand. Before expo
 linear is swapped for a module that computes the same product on the unflattened activations with its
 factors stored transposed (K x N), so each becomes plain ONNX ops on named initializers:
 
-    pivoted: Gather(x, p) + MatMul(Gather(x, q), in_rest_t), then MatMul(., out_factor_t) [+ bias]
+    pivoted: X = x^T; Gather(X, p) + MatMul(in_rest, Gather(X, q)), then MatMul(.^T, out_factor_t) [+ bias]
     plain:   MatMul(MatMul(x, in_factor_t), out_factor_t) [+ bias]
     dense:   MatMul(x, weight_t) [+ bias]   (a matrix streamsvd kept whole)
 
@@ -52,7 +52,7 @@ EXTERNAL_DATA_BYTES = 1 << 30
 # on a random cache); a graph that computes something else is off by O(1) (docs/RESULTS.md, "ONNX check").
 FLOAT_TOLERANCE = 1e-3
 # Weight names the int4 quantiser takes: the transposed factors of the decoder blocks' linears.
-QUANT_SUFFIXES = (".in_rest_t", ".in_factor_t", ".out_factor_t", ".weight_t")
+QUANT_SUFFIXES = (".in_factor_t", ".out_factor_t", ".weight_t")
 
 
 def require_onnx() -> None:
@@ -63,7 +63,39 @@ def require_onnx() -> None:
 
 
 class _PivotedMatMul(nn.Module):
-    """PivotedLinear's product: x[..., p] + x[..., q] @ B'^T, then @ A'^T (+ bias); Gather, MatMul, Add, MatMul."""
+    """PivotedLinear's product with the tokens as columns: X = x^T (in x T); Z = X[p] + B' X[q] (r x T);
+    y = Z^T A'^T (+ bias). Transpose, two Gathers on axis 0, MatMul, Add, MatMul.
+
+    Gathering rows of x^T copies whole rows; gathering x's last axis, as PyTorch's module does, copies
+    one float at a time in onnxruntime and was a third of a SmolLM2 prefill there (135 of 393 ms for
+    128 tokens). This form: prefill 22-29% faster, batch-1 decode 6-12% slower (two more nodes per
+    linear), no more bytes (docs/RESULTS.md, "Inference speed").
+    """
+
+    def __init__(self, m):
+        super().__init__()
+        r = m.rank
+        self.in_features = m.in_features
+        self.register_buffer("head", m.pivots[:r].detach().clone())
+        self.register_buffer("rest", m.pivots[r:].detach().clone())
+        self.in_rest = nn.Parameter(m.in_rest.detach().contiguous(), requires_grad=False)  # r x (in - r)
+        self.out_factor_t = nn.Parameter(m.out_factor.detach().t().contiguous(), requires_grad=False)
+        self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x):
+        cols = x.reshape(-1, self.in_features).t()
+        z = cols.index_select(0, self.head) + torch.matmul(self.in_rest, cols.index_select(0, self.rest))
+        y = torch.matmul(z.t(), self.out_factor_t)
+        y = y if self.bias is None else y + self.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class _PivotedColumns(nn.Module):
+    """PivotedLinear's product as PyTorch's module computes it: x[..., p] + x[..., q] B'^T, then A'^T (+ bias).
+
+    Gathers on the last axis (`--onnx-pivoted columns`): two nodes fewer per linear than the default
+    rows form, so a little faster for batch-1 decoding, and much slower for prompts (docs/RESULTS.md).
+    """
 
     def __init__(self, m):
         super().__init__()
@@ -110,6 +142,15 @@ class _PlainMatMul(nn.Module):
         dtype = m.out_factor.dtype
         return cls((u[:, :r] * root).to(dtype), (root[:, None] * vh[:r]).to(dtype), m.bias)
 
+    @classmethod
+    def folded(cls, m) -> "_PlainMatMul":
+        """A pivoted module as plain factors [I | B'] P^T and A' (`--onnx-pivoted folded`): no Gather, r^2 more numbers."""
+        r = m.rank
+        basis = torch.zeros(m.in_features, r, dtype=m.out_factor.dtype)
+        basis[m.pivots[:r]] = torch.eye(r, dtype=basis.dtype)
+        basis[m.pivots[r:]] = m.in_rest.detach().t()
+        return cls(basis, m.out_factor.t(), m.bias)
+
     def forward(self, x):
         y = torch.matmul(torch.matmul(x, self.in_factor_t), self.out_factor_t)
         return y if self.bias is None else y + self.bias
@@ -128,11 +169,20 @@ class _DenseMatMul(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def export_form(model: nn.Module, balanced: bool = False) -> int:
+# How a pivoted module goes into the graph (`--onnx-pivoted`); "balanced" is what --onnx-int4 uses.
+PIVOTED_FORMS = {
+    "rows": _PivotedMatMul,
+    "columns": _PivotedColumns,
+    "folded": _PlainMatMul.folded,
+    "balanced": _PlainMatMul.balanced,
+}
+
+
+def export_form(model: nn.Module, pivoted: str = "rows") -> int:
     """Swap every linear of the decoder blocks for its MatMul form, in place; how many were swapped.
 
-    `balanced`: pivoted modules become balanced plain factors (`_PlainMatMul.balanced`), the form
-    that survives 4-bit rounding.
+    `pivoted`: the form of pivoted modules, a key of PIVOTED_FORMS ("balanced": balanced plain factors,
+    `_PlainMatMul.balanced`, the form that survives 4-bit rounding).
     """
     from ..model.architecture import decoder_layers
     from ..model.lowrank import LowRankLinear, PivotedLinear, replace_module
@@ -143,7 +193,7 @@ def export_form(model: nn.Module, balanced: bool = False) -> int:
             if isinstance(module, PivotedLinear) and module.rank == module.in_features:
                 new = _DenseMatMul(_as_linear(module))
             elif isinstance(module, PivotedLinear):
-                new = _PlainMatMul.balanced(module) if balanced else _PivotedMatMul(module)
+                new = PIVOTED_FORMS[pivoted](module)
             elif isinstance(module, LowRankLinear):
                 new = _PlainMatMul.of(module)
             elif isinstance(module, nn.Linear):
@@ -213,13 +263,16 @@ def _step_inputs(batch: int, seq: int, past: int, config, vocab: int, seed: int)
     return ids, mask, pos, cache
 
 
-def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: bool = True) -> dict:
+def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: bool = True,
+                pivoted: str = "rows") -> dict:
     """Export OUT_DIR (a streamsvd output, or any checkpoint streamsvd.load reads) to DEST; the record written.
 
     DEST receives model.onnx (+ model.onnx.data above 1 GiB of weights), config.json, the generation
     config and tokenizer files, and streamsvd_onnx.json (inputs, outputs, options, the check's figures).
     With `check`, onnxruntime runs a prefill and one cached decode step on random tokens and the
     export is refused if a float32 graph's logits differ from PyTorch's beyond FLOAT_TOLERANCE.
+    `pivoted`: "rows" (default), "columns" or "folded" (PIVOTED_FORMS); with `int4`, pivoted modules are
+    always balanced plain factors.
     """
     require_onnx()
     import onnx
@@ -232,6 +285,11 @@ def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: 
     if block_size < 16 or block_size & (block_size - 1):
         raise StreamSVDError(f"--onnx-block-size {block_size} is not a power of two >= 16",
                              "use 16, 32, 64 or 128 (what MatMulNBits takes)")
+    if pivoted not in ("rows", "columns", "folded"):
+        raise StreamSVDError(f"--onnx-pivoted {pivoted!r} is not a form", "use rows (default), columns or folded")
+    if int4 and pivoted != "rows":
+        raise StreamSVDError("--onnx-pivoted applies to float32 exports; with --onnx-int4 pivoted factors are always "
+                             "exported as balanced plain factors", "drop --onnx-pivoted, or --onnx-int4")
     _check_dest(dest, out_dir)
     start = time.perf_counter()
     model = load(out_dir, dtype=torch.float32)
@@ -243,7 +301,7 @@ def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: 
     decoder = _Decoder(model).eval()
     with torch.no_grad():
         expected = [decoder(ids, mask, pos, *cache)[0].numpy() for ids, mask, pos, cache in checks]
-    swapped = export_form(model, balanced=int4)
+    swapped = export_form(model, "balanced" if int4 else pivoted)
     names_in, names_out = io_names(layers)
     dyn = torch.export.Dim.DYNAMIC
     tokens = {0: dyn, 1: dyn}
@@ -288,7 +346,7 @@ def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: 
         "inputs": names_in, "outputs": names_out, "cache": {"layers": layers, "kv_heads": kv, "head_dim": head_dim},
         "dtype": "float32", "int4": int4, "block_size": block_size if int4 else None,
         "linears_as_matmul": swapped, "matmul_nbits": quantised,
-        "pivoted_as": "balanced plain factors" if int4 else "pivoted (Gather, MatMul, Add, MatMul)",
+        "pivoted_as": "balanced" if int4 else pivoted,
         "bytes": sum(p.stat().st_size for p in (dest / MODEL_FILE, dest / DATA_FILE) if p.exists()),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__},

@@ -93,15 +93,21 @@ def test_export_dir_holds_model_config_tokenizer_and_factor_matmuls(exported):
     assert [o.name for o in graph.output] == ["logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]
     ops = [n.op_type for n in graph.node]
     assert "Gemm" not in ops
-    # Each pivoted linear: Gather (pivots) + MatMul (in_rest_t) + Add + MatMul (out_factor_t) on named initializers.
-    weights = [n.input[1] for n in graph.node if n.op_type == "MatMul"]
+    # Each pivoted linear: two Gathers of rows of x^T (the pivots) + MatMul (in_rest, on the left) + Add + MatMul
+    # (out_factor_t) on named initializers; no Gather on the last axis (onnxruntime copies it a float at a time).
+    inits = {t.name for t in graph.initializer}
+    left = [n.input[0] for n in graph.node if n.op_type == "MatMul" and n.input[0] in inits]
+    right = [n.input[1] for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
     layers = 2 * LINEARS_PER_LAYER
-    assert sum(w.endswith(".in_rest_t") for w in weights) == layers == sum(w.endswith(".out_factor_t") for w in weights)
+    assert sum(w.endswith(".in_rest") for w in left) == layers == sum(w.endswith(".out_factor_t") for w in right)
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[1] in inits]
+    assert len(gathers) == 2 * layers  # two per pivoted linear (the embedding gathers by input_ids)
+    assert all(a.i == 0 for n in gathers for a in n.attribute if a.name == "axis")
     assert record["linears_as_matmul"] == layers and record["int4"] is False
     init = {t.name: t for t in graph.initializer}
     rank = json.loads((out / "config.json").read_text())["streamsvd"]["ranks"]["model.layers.0.mlp.down_proj"]
     assert list(init["model.model.layers.0.mlp.down_proj.out_factor_t"].dims) == [rank, 64]
-    assert list(init["model.model.layers.0.mlp.down_proj.in_rest_t"].dims) == [160 - rank, rank]
+    assert list(init["model.model.layers.0.mlp.down_proj.in_rest"].dims) == [rank, 160 - rank]
 
 
 def test_int4_quantises_the_blocks_matmuls_as_balanced_factors_and_keeps_the_head(exported, tmp_path):
@@ -113,7 +119,7 @@ def test_int4_quantises_the_blocks_matmuls_as_balanced_factors_and_keeps_the_hea
     # Pivoted linears go to 4 bits as balanced plain factors (rounding A' and B' themselves loses far more).
     assert all(n.domain == "com.microsoft" and n.input[1].split("_Q4")[0].endswith(("in_factor_t", "out_factor_t"))
                for n in nbits)
-    assert not any(n.input[1].endswith("in_rest_t") for n in graph.node if n.op_type == "MatMul")
+    assert not any(i.endswith("in_rest") for n in graph.node if n.op_type == "MatMul" for i in n.input)
     head = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in {t.name for t in graph.initializer}]
     assert len(head) == 1  # lm_head stays float32
     assert rec4["bytes"] < record["bytes"] and rec4["int4"] and rec4["block_size"] == 16
@@ -128,12 +134,35 @@ def test_int4_quantises_the_blocks_matmuls_as_balanced_factors_and_keeps_the_hea
     assert len(session.generate(ids.numpy(), 4)[0]) == 16
 
 
+@pytest.mark.parametrize("form", ["columns", "folded"])
+def test_the_other_pivoted_forms_compute_the_same_logits(exported, tmp_path, capsys, form):
+    out, default, record = exported
+    assert main(["export", "onnx", str(out), str(tmp_path / form), "--onnx-pivoted", form]) == 0  # checked, or refused
+    graph = onnx.load(str(tmp_path / form / MODEL_FILE)).graph
+    inits = {t.name for t in graph.initializer}
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[1] in inits]
+    axes = {a.i for n in gathers for a in n.attribute if a.name == "axis"}
+    if form == "columns":  # PyTorch's formulation: gathers along the features
+        assert len(gathers) == 2 * 2 * LINEARS_PER_LAYER and axes == {-1}
+    else:  # one MatMul by [I | B'] P^T (in x r) and one by A'^T, no gathers: r^2 more numbers
+        assert not gathers
+        assert json.loads((tmp_path / form / RECORD).read_text())["bytes"] > record["bytes"]
+    ids = _ids(2, 9, seed=4)
+    mask, pos = np.ones((2, 9), np.int64), np.broadcast_to(np.arange(9), (2, 9))
+    want = OnnxDecoder(default).step(ids.numpy(), mask, pos, OnnxDecoder(default).empty_cache(2))[0]
+    session = OnnxDecoder(tmp_path / form)
+    np.testing.assert_allclose(session.step(ids.numpy(), mask, pos, session.empty_cache(2))[0], want, rtol=0, atol=ATOL)
+    capsys.readouterr()
+    assert main(["export", "onnx", str(out), str(tmp_path / "q"), "--onnx-int4", "--onnx-pivoted", form]) == 2
+    assert "--onnx-pivoted applies to float32 exports" in capsys.readouterr().err
+
+
 def test_balanced_factors_compute_the_pivoted_product(exported):
     model = streamsvd.load(exported[0])
     ids = _ids(2, 9, seed=1)
     with torch.no_grad():
         want = model(ids).logits
-        assert export_form(model, balanced=True) == 2 * LINEARS_PER_LAYER
+        assert export_form(model, "balanced") == 2 * LINEARS_PER_LAYER
         got = model(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert not any(isinstance(m, PivotedLinear) for m in model.modules())
