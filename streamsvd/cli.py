@@ -284,7 +284,7 @@ def _add_export(sub) -> None:
                    help="onnx: how a pivoted factor pair enters the graph (float32 exports). rows (default): the "
                    "activations transposed so the pivots gather whole rows; the fastest for prompts, no extra bytes. "
                    "columns: gathers on the last axis as PyTorch does; two nodes fewer per linear, a few percent faster "
-                   "single-sequence decoding, a quarter slower prompts in onnxruntime. folded: plain factors [I | B'] P^T "
+                   "single-sequence decoding, a quarter to a third slower prompts in onnxruntime. folded: plain factors [I | B'] P^T "
                    "and A', no gathers; fastest overall on SmolLM2 but r^2 more numbers per linear (+11%% bytes at "
                    "ratio 0.4); docs/RESULTS.md, 'Inference speed'")
     p.add_argument("--no-check", action="store_true",

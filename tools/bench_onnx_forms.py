@@ -50,6 +50,8 @@ def main() -> None:
 
     decoders = {Path(e).name: OnnxDecoder(e, threads=args.threads) for e in args.exports}
     vocab = min(json.loads((Path(e) / "config.json").read_text()).get("vocab_size", 1000) for e in args.exports)
+    sizes = {name: sum(f.stat().st_size for f in Path(e).iterdir() if f.name.startswith("model.onnx"))
+             for name, e in zip(decoders, args.exports)}
     for batch, seq, past in [(1, 1, args.past), (8, 1, args.past), (1, args.prompt, 0), (8, args.prompt, 0)]:
         feeds = {name: _feeds(d, batch, seq, past, vocab, seed=batch + seq) for name, d in decoders.items()}
         for name, d in decoders.items():
@@ -62,8 +64,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
         row = {"batch": batch, "seq": seq, "past": past, "threads": args.threads, "reps": args.reps}
         row.update({name: round(1e3 * statistics.median(t), 2) for name, t in times.items()})
-        row["bytes"] = {name: sum(f.stat().st_size for f in Path(e).iterdir() if f.name.startswith("model.onnx"))
-                        for name, e in zip(decoders, args.exports)}
+        row["bytes"] = sizes
         print(json.dumps(row), flush=True)
 
 

@@ -68,7 +68,7 @@ class _PivotedMatMul(nn.Module):
 
     Gathering rows of x^T copies whole rows; gathering x's last axis, as PyTorch's module does, copies
     one float at a time in onnxruntime and was a third of a SmolLM2 prefill there (135 of 393 ms for
-    128 tokens). This form: prefill 22-29% faster, batch-1 decode 6-12% slower (two more nodes per
+    128 tokens). This form: prefill 19-29% faster, batch-1 decode 6-13% slower (two more nodes per
     linear), no more bytes (docs/RESULTS.md, "Inference speed").
     """
 
@@ -112,6 +112,15 @@ class _PivotedColumns(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def _pivot_basis(m, dtype: torch.dtype) -> torch.Tensor:
+    """([I | B'] P^T)^T of a pivoted module (in x r): row p_i is e_i, the rows q are B'^T."""
+    r = m.rank
+    basis = torch.zeros(m.in_features, r, dtype=dtype)
+    basis[m.pivots[:r]] = torch.eye(r, dtype=dtype)
+    basis[m.pivots[r:]] = m.in_rest.detach().to(dtype).t()
+    return basis
+
+
 class _PlainMatMul(nn.Module):
     """LowRankLinear's product: (x @ in_factor^T) @ out_factor^T (+ bias); two MatMuls."""
 
@@ -134,9 +143,7 @@ class _PlainMatMul(nn.Module):
         balanced factors by ~12% (rounding W' itself: ~8%). Costs r^2 more numbers per linear.
         """
         r = m.rank
-        basis = torch.zeros(m.in_features, r, dtype=torch.float64)
-        basis[m.pivots[:r]] = torch.eye(r, dtype=torch.float64)
-        basis[m.pivots[r:]] = m.in_rest.detach().double().t()
+        basis = _pivot_basis(m, torch.float64)
         u, s, vh = torch.linalg.svd(basis @ m.out_factor.detach().double().t(), full_matrices=False)  # in x out
         root = s[:r].sqrt()
         dtype = m.out_factor.dtype
@@ -145,11 +152,7 @@ class _PlainMatMul(nn.Module):
     @classmethod
     def folded(cls, m) -> "_PlainMatMul":
         """A pivoted module as plain factors [I | B'] P^T and A' (`--onnx-pivoted folded`): no Gather, r^2 more numbers."""
-        r = m.rank
-        basis = torch.zeros(m.in_features, r, dtype=m.out_factor.dtype)
-        basis[m.pivots[:r]] = torch.eye(r, dtype=basis.dtype)
-        basis[m.pivots[r:]] = m.in_rest.detach().t()
-        return cls(basis, m.out_factor.t(), m.bias)
+        return cls(_pivot_basis(m, m.out_factor.dtype), m.out_factor.t(), m.bias)
 
     def forward(self, x):
         y = torch.matmul(torch.matmul(x, self.in_factor_t), self.out_factor_t)
@@ -285,7 +288,7 @@ def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: 
     if block_size < 16 or block_size & (block_size - 1):
         raise StreamSVDError(f"--onnx-block-size {block_size} is not a power of two >= 16",
                              "use 16, 32, 64 or 128 (what MatMulNBits takes)")
-    if pivoted not in ("rows", "columns", "folded"):
+    if pivoted not in PIVOTED_FORMS.keys() - {"balanced"}:
         raise StreamSVDError(f"--onnx-pivoted {pivoted!r} is not a form", "use rows (default), columns or folded")
     if int4 and pivoted != "rows":
         raise StreamSVDError("--onnx-pivoted applies to float32 exports; with --onnx-int4 pivoted factors are always "
