@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..timing import charged
 from .diskspace import allocate, disk_full_error, is_disk_full
 
 DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16)}
@@ -41,6 +42,10 @@ class ActivationFile:
             raise ValueError(f"{self.path} does not have the size of a {self.shape} {dtype} activation file")
 
     def write(self, start: int, hidden: torch.Tensor) -> None:
+        with charged("activation io"):
+            self._write(start, hidden)
+
+    def _write(self, start: int, hidden: torch.Tensor) -> None:
         data = hidden.detach().to(self.torch_dtype).contiguous()
         if self.dtype == "bfloat16":
             data = data.view(torch.int16)
@@ -61,6 +66,10 @@ class ActivationFile:
             os.close(fd)
 
     def read(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        with charged("activation io"):
+            return self._read(start, stop, dtype)
+
+    def _read(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         stop = min(stop, self.shape[0])
         out = np.empty((stop - start, *self.shape[1:]), dtype=self.np_dtype)
         buf = memoryview(out).cast("B")
@@ -81,6 +90,10 @@ class ActivationFile:
 
     def sync(self) -> None:
         """Flush to disk before the job state says this file is complete."""
+        with charged("activation io"):
+            self._sync()
+
+    def _sync(self) -> None:
         fd = os.open(self.path, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import threading
+import time
 
 import psutil
 
@@ -58,12 +59,15 @@ def return_freed_memory_to_the_os(threshold: int = 1 << 20) -> bool:
 
 
 class PeakSampler:
-    """Samples RSS every INTERVAL_S seconds in a daemon thread; `peaks` maps stage -> peak bytes."""
+    """Samples RSS every INTERVAL_S seconds in a daemon thread; `peaks` maps stage -> peak bytes and
+    `seconds` stage -> wall time spent in it."""
 
     def __init__(self, first_stage: str = "embed", interval_s: float = INTERVAL_S):
         self.interval_s = interval_s
         self.peaks: dict[str, int] = {}
         self.current = first_stage
+        self.seconds: dict[str, float] = {}
+        self._since = time.perf_counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="streamsvd-rss", daemon=True)
@@ -84,9 +88,15 @@ class PeakSampler:
         self._thread.start()
         return self
 
+    def _charge_time(self) -> None:
+        now = time.perf_counter()
+        self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self._since
+        self._since = now
+
     def stage(self, name: str) -> None:
         self._sample()  # the end of the previous stage
         with self._lock:
+            self._charge_time()
             self.current = name
         self._sample()
 
@@ -104,6 +114,8 @@ class PeakSampler:
         if self._thread.is_alive():
             self._thread.join()
         self._sample()
+        with self._lock:
+            self._charge_time()
         return dict(self.peaks)
 
     @property

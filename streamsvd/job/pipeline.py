@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import __version__, faults
+from .. import __version__, faults, timing
 from ..io.activations import DTYPES as ACT_DTYPES
 from ..io.activations import ActivationFile, activation_bytes
 from ..model.architecture import (
@@ -53,7 +53,7 @@ from ..io.plots import plots, read_spectra
 from ..math.allocate import ALLOCATORS, allocate, max_loss, max_ppl_increase, predicted_nll_increase, relative_loss
 from .profile import MAX_HELDOUT, ProfileConfig, check_heldout, make_profile, profile_identity, read_profile
 from .evaluate import final_states_nll
-from .stages import (FactoredBlock, collect_group_statistics, refine_block, collect_statistics, factor_block, forward_groups,
+from .stages import (FactoredBlock, OriginalInputs, collect_group_statistics, refine_block, collect_statistics, factor_block, forward_groups,
                      output_side_linears, quantize_block)
 from .state import JobState, fingerprint
 from .integrity import JobIntegrity
@@ -395,6 +395,7 @@ class CompressionJob:
         """Bytes still to be written: the rest of the output, and the two activation files."""
         act = self._activation_nbytes()
         work = sum(act for name in ("acts-0.bin", "acts-1.bin") if not _has_size(self.work / name, act))
+        work += self.plan.disk.get("original inputs", 0)  # one block's stash of the original inputs (compensation)
         out = sum(p.stat().st_size for p in self.out.other_files()) + len(modeling_source())  # + the remote code
         if not self.state.extra_shard_done:
             out += sum(self.ckpt.nbytes(k) for k in self.out.extra_names())
@@ -468,6 +469,7 @@ class CompressionJob:
                 integrity.remove_scratch()
                 return {**self.out.read_report(), "this_run": self.out.last_run()}
         self.sampler = PeakSampler().start()
+        self.work_before = timing.snapshot()
         self.refinements: dict[str, dict] = {}  # block -> refine_block's figures, this run's blocks
         try:
             return self._run(started, integrity, repaired, on_block_done)
@@ -695,9 +697,9 @@ class CompressionJob:
     def _calibrate_groups(self, layer: nn.Module, index: int, prefix: str, src: ActivationFile, dst: ActivationFile) -> FactoredBlock:
         """Statistics and factors group by group (sequential), or all groups in one pass, with compensation.
 
-        When compensating, the untouched block runs beside the compressed one on the original
-        model's stream (samples [S, 2S) of the activation files), and the pass that runs it whole
-        writes its outputs: the next block's original inputs.
+        When compensating, the untouched block runs on the original model's stream (samples [S, 2S)
+        of the activation files) beside the compressed one, whole and once per block: the first pass
+        writes its outputs (the next block's original inputs) and its inputs to the later groups.
         """
         cfg, samples = self.cfg, self.cfg.calib_samples
         forward = self._forward(index)
@@ -710,21 +712,39 @@ class CompressionJob:
         # Measured on SmolLM2: leaving down_proj uncompensated loses the whole gain (docs/RESULTS.md).
         output_side = self._output_side(layer)
         block = FactoredBlock()
-        for i, target in enumerate(passes):
-            last = i == len(passes) - 1
-            self._stage("statistics")
-            stats = collect_group_statistics(
-                layer, target, self._bar(f"block {index} stats {i + 1}/{len(passes)}"), src.read, forward,
-                stop_before=None if last else passes[i + 1][0][0], original=original,
-                read_original=lambda a, b: src.read(samples + a, samples + b),
-                on_original_output=lambda start, out: dst.write(samples + start, out), output_side=output_side,
-            )
-            self._stage("factorize")
-            factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
-                         svd=cfg.svd, names=[n for g in target for n in g], anchor=cfg.anchor, block=block, finish=last,
-                         ranks=self.ranks, quant=self._quant_while_factoring(), shrink=cfg.shrink)
-            del stats
+        # With compensation over several passes the original block runs once, in the first, and leaves its
+        # inputs to the later groups' leaders on disk (stages.OriginalInputs) for the later passes to pair with.
+        stash = self._original_inputs(layer, passes, output_side) if cfg.compensate and len(passes) > 1 else None
+        energies: dict[str, float] = {}
+        try:
+            for i, target in enumerate(passes):
+                last = i == len(passes) - 1
+                self._stage("statistics")
+                stats = collect_group_statistics(
+                    layer, target, self._bar(f"block {index} stats {i + 1}/{len(passes)}"), src.read, forward,
+                    stop_before=None if last else passes[i + 1][0][0], original=original if stash is None or i == 0 else None,
+                    read_original=lambda a, b: src.read(samples + a, samples + b),
+                    on_original_output=lambda start, out: dst.write(samples + start, out), output_side=output_side,
+                    stash=stash, energies=energies,
+                )
+                self._stage("factorize")
+                factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
+                             svd=cfg.svd, names=[n for g in target for n in g], anchor=cfg.anchor, block=block,
+                             finish=last, ranks=self.ranks, quant=self._quant_while_factoring(), shrink=cfg.shrink)
+                del stats
+                if i == 0:
+                    original = None  # not needed past the one pass that runs it
+        finally:
+            if stash is not None:
+                stash.remove()
         return block
+
+    def _original_inputs(self, layer: nn.Module, passes: list[list[list[str]]], output_side: set[str]) -> OriginalInputs:
+        """The stash of the original block's inputs to the later passes' input-side leaders (stages.OriginalInputs)."""
+        linears = linear_modules(layer)
+        later = [g for target in passes[1:] for g in target]
+        leaders = {g[0]: linears[g[0]].in_features for g in later if any(n not in output_side for n in g)}
+        return OriginalInputs(self.work, self.cfg.calib_samples, self.cfg.seqlen, leaders, [n for g in later for n in g])
 
     def _output_side(self, layer: nn.Module) -> set[str]:
         """The linears factored from their output Gram (job/plan.py factor_route). Compensation, the anchor and
@@ -851,6 +871,10 @@ class CompressionJob:
         return {
             "peak_rss_bytes": peak,
             "peak_rss_by_stage": dict(sorted(self.sampler.peaks.items())),
+            # wall time per stage up to here (the final write is not in it), and within them the statistics'
+            # arithmetic and the activation files (streamsvd/timing.py; tools/bench_speed.py reads both)
+            "seconds_by_stage": {k: round(v, 3) for k, v in sorted(self.sampler.seconds.items())},
+            "seconds_in": timing.since(self.work_before),
             "max_mem_bytes": self.plan.budget_bytes,
             "planned_peak_bytes": self.plan.peak_bytes,
             "min_max_mem_bytes": self.plan.min_max_mem_bytes,

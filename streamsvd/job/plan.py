@@ -47,8 +47,12 @@ from .memory import format_size
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 ACT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 COMPUTE_BYTES = 4  # float32 blocks and activations in the forward
-GRAM_ROW_CHUNK = 2048  # rows of a batch converted to float64 at a time by the Gram update (math/gram.py)
-OUTPUT_TILE_BYTES = 64 << 20  # float64 tile of a weight converted at a time for an output Gram
+GRAM_ROW_CHUNK = 2048  # rows of a batch multiplied at a time by the Gram update (math/gram.py _ROW_CHUNK)
+PRODUCT_TILE_BYTES = 64 << 20  # the float32 product of one column tile of a Gram (math/gram.py _TILE_BYTES)
+# Sequential calibration's partial passes over the block as compressed so far, in compressed-block forwards:
+# q/k/v's ends at its input, o's after attention, gate/up's after it, down's before down (about 0.05 + 0.25 +
+# 0.3 + 0.75 of a block on SmolLM2's shapes; checked against tools/bench_speed.py's split, docs/RESULTS.md)
+SEQUENTIAL_PASSES = 1.35
 # What a job allocates beyond the live tensors counted below: Python objects, torch's per-op
 # scratch, the allocator's rounding. Measured on SmolLM2 and the tiny models (tools/bench_memory.py).
 SLACK_BYTES = 64 << 20
@@ -351,9 +355,12 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     stats_bytes = max(per_group, default=0) if settings.calibrate == "sequential" else sum(per_group)
     widest_in = max((s.in_features for s in linears), default=hidden)
     widest_out = max((s.out_features for s in linears if s.route == "output"), default=0)
-    gram_chunk = 8 * GRAM_ROW_CHUNK * widest_in + 8 * GRAM_ROW_CHUNK * widest_out + min(OUTPUT_TILE_BYTES, 8 * widest_out * widest_in)
+    # math/gram.py: a chunk's float32 copy (16-bit inputs), an output Gram's chunk of outputs, and one column
+    # tile's float32 product, counted three times over for a float64 copy the in-place add may make of it
+    tile = min(PRODUCT_TILE_BYTES, 4 * widest_in * max(widest_in, widest_out))
+    gram_chunk = 4 * GRAM_ROW_CHUNK * widest_in + 4 * GRAM_ROW_CHUNK * widest_out + 3 * tile
     if settings.compensate:
-        gram_chunk += 8 * GRAM_ROW_CHUNK * widest_in  # the paired chunk of the original model's inputs
+        gram_chunk += 4 * GRAM_ROW_CHUNK * widest_in  # the paired chunk of the original model's inputs
 
     # ---- held for the whole job
     layer_args = 2 * (L * L * 4) + 2 * 2 * L * head_dim * 4 + 2 * L * 8  # masks, rotary cos/sin, positions
@@ -489,6 +496,13 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     # ---- disk: the output (from the headers and the ranks) and the two activation files
     # two files; each holds both streams when compensating, and the held-out windows
     work = 2 * (S * (2 if settings.compensate else 1) + settings.heldout_samples) * L * hidden * act
+    # compensating group by group: the original block's inputs to the later groups' leaders, for one block
+    # (job/stages.py OriginalInputs); the first group's leader is not stashed, every other input-side one is
+    stashed = 0
+    if settings.compensate and settings.calibrate == "sequential":
+        stashed_groups = [m for m in groups.values() if any(s.route == "input" for s in m)]
+        first = next((m for m in stashed_groups if any(s.name.rsplit(".", 1)[-1] in ("q_proj", "qkv_proj") for s in m)), None)
+        stashed = 4 * S * L * sum(m[0].in_features for m in stashed_groups if m is not first)  # float32
     out_bytes = extra_bytes + other_file_bytes
     for prefix in block_prefixes:
         ls = (block_linears(ckpt, prefix, settings.ratio, settings.method, "exact", settings.factors, settings.ranks,
@@ -508,23 +522,28 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     lin_params = sum(s.out_features * s.in_features for s in linears)
     low_params = sum(stored_numel(s.out_features, s.in_features, s.rank, s.factors) for s in linears)
     attn = 4 * tokens * L * q_width / 2
-    forward = (2 * tokens * lin_params + attn) / f32
-    if settings.propagate == "compressed":
-        forward += (2 * tokens * low_params + attn) / f32
+    original_pass = (2 * tokens * lin_params + attn) / f32
+    compressed_pass = (2 * tokens * low_params + attn) / f32
     if settings.calibrate == "sequential":
-        forward *= 1.75  # the partial passes up to each later group (measured in docs/RESULTS.md)
-    if settings.compensate:
-        forward += (2 * tokens * lin_params + attn) / f32  # the original block on the original stream
+        # the partial passes of the block as compressed so far, each ending at its group's input
+        # (job/stages.py collect_group_statistics); the original block once when compensating
+        forward = SEQUENTIAL_PASSES * compressed_pass + (original_pass if settings.compensate else 0.0)
+    else:
+        forward = original_pass * (2 if settings.compensate else 1)
+    if settings.propagate == "compressed":
+        forward += compressed_pass
     stats_t, fact_t = 0.0, 0.0
     for members in groups.values():
         if any(s.route == "input" for s in members):
             n = members[0].in_features
-            stats_t += 2 * tokens * n * n / f64
+            stats_t += tokens * n * n * (1 if n < 1024 else 0.625) / f32  # float32 products, upper triangle (math/gram.py)
+            if settings.compensate:
+                stats_t += 2 * tokens * n * n / f32  # the cross statistics
             fact_t += speed["eigh_s_per_n3"] * n**3
         for s in members:
             m, n, k = s.out_features, s.in_features, s.rank
             if s.route == "output":
-                stats_t += (2 * tokens * m * n + 2 * tokens * m * m) / f64
+                stats_t += (2 * tokens * m * n + tokens * m * m) / f32
                 fact_t += speed["eigh_s_per_n3"] * m**3 + 2 * k * m * n / f64
             elif s.route == "input":
                 fact_t += 2 * m * n * n / f64
@@ -559,8 +578,9 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         min_max_mem_bytes=strict_min + BASELINE_MARGIN_BYTES, strict_min_bytes=strict_min,
         min_stage=min_stage, min_component=min_component, stage_bytes=stage_totals,
         components=stage_parts(batch), routes=routes,
-        tiles={"batch_size": batch, "gram_row_chunk": GRAM_ROW_CHUNK, "output_gram_tile_bytes": OUTPUT_TILE_BYTES},
-        disk_bytes=out_bytes + work, disk={"output": out_bytes, "work files": work},
+        tiles={"batch_size": batch, "gram_row_chunk": GRAM_ROW_CHUNK, "gram_product_tile_bytes": PRODUCT_TILE_BYTES},
+        disk_bytes=out_bytes + work + stashed,
+        disk={"output": out_bytes, "work files": work, **({"original inputs": stashed} if stashed else {})},
         seconds_estimate=float(f"{per_block * n_layers:.4g}"), seconds_per_block=float(f"{per_block:.4g}"),
         seconds_split={k: round(v, 2) for k, v in split.items()}, speed={k: float(v) for k, v in speed.items()},
         layers=n_layers, baseline_bytes=baseline, notes=notes,

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..io.activations import ActivationFile
 from ..io.checkpoint import TORCH_DTYPES, Checkpoint
 from ..math.compensate import CrossGramAccumulator, compensated_whitening, factorize_compensated, output_error
 from ..math.factorize import factorize, factorize_output_side, rank_for_ratio, stored_numel, whiten
@@ -30,6 +32,7 @@ from ..math.quantize import QuantSpec, quantize_module_tensors
 from ..model.quantized import dequantizing_getter, logical_keys
 from ..model.architecture import linear_modules
 from ..model.lowrank import factor_tensors, module_from_tensors, replace_module, stored_form, stored_rank
+from ..timing import charged
 from .plan import choose_svd
 
 
@@ -49,7 +52,8 @@ class GramCollector:
 
     def _output_hook(self, name):
         def fn(module, inputs):
-            self.output_grams[name].add_batch(inputs[0])
+            with charged("accumulate"):
+                self.output_grams[name].add_batch(inputs[0])
 
         return fn
 
@@ -62,7 +66,8 @@ class GramCollector:
                 # Holding x keeps its memory from being reused by another input within this batch.
                 self._batch_inputs[key] = (name, x)
                 leader = self.group_of.setdefault(name, name)
-                self.grams.setdefault(leader, GramAccumulator(x.shape[-1])).add_batch(x)
+                with charged("accumulate"):
+                    self.grams.setdefault(leader, GramAccumulator(x.shape[-1])).add_batch(x)
             else:
                 self.group_of.setdefault(name, self.group_of[seen[0]])
 
@@ -164,56 +169,93 @@ def collect_group_statistics(
     read_original: Callable[[int, int], torch.Tensor] | None = None,
     on_original_output: Callable[[int, torch.Tensor], None] | None = None,
     output_side: set[str] = frozenset(),
+    stash: "OriginalInputs | None" = None,
+    energies: dict[str, float] | None = None,
 ) -> GroupStatistics:
     """One pass: the statistics of `groups` on the inputs `layer` (as compressed so far) gives them.
 
-    The forward ends at the pre-hook of `stop_before` (the next group's first linear; None: the
-    whole block runs). With `original` (the untouched block) each batch first runs through it on
-    the original model's inputs, and its inputs to the same linears are paired with the compressed
-    ones (compensation); a pass that runs the whole original block hands its outputs, the next
-    block's original inputs, to `on_original_output`.
+    Each forward ends as soon as its hooks have had what they need (the compressed block: the
+    wanted groups' inputs; the original: their inputs and the wanted linears' outputs), and at the
+    latest at the pre-hook of `stop_before` (the next group's first linear; None: the whole block).
+    A pass that must hand the original block's outputs on runs the original whole. Stopping early
+    changes no statistic, only skips work: the rest of the block (a first pass's attention, a
+    gate/up pass's MLP) was a fifth of a default job's block forwards on SmolLM2.
+
+    With `original` (the untouched block) each batch first runs through it on the original model's
+    inputs, and its inputs to the same linears are paired with the compressed ones (compensation);
+    a pass that runs the whole original block hands its outputs, the next block's original inputs,
+    to `on_original_output`.
+
+    `stash` (OriginalInputs): the original block runs once per block instead of once per pass. The
+    pass given `original` runs it whole and writes its inputs to the later groups' leaders into the
+    stash (and their outputs' energy into `energies`, shared by the passes); a pass without
+    `original` reads its paired inputs from the stash.
     """
-    stats = GroupStatistics(layer, groups, original is not None, output_side)
+    stats = GroupStatistics(layer, groups, original is not None or stash is not None, output_side)
     wanted = {n for g in groups for n in g}
     captured: dict[str, torch.Tensor] = {}
+    energies = {} if energies is None else energies
+    batch_start = [0]
 
     def stop_hook(module, inputs):
         raise _StopForward
 
+    pending: set = set()  # the hooks of the running forward that have not fired yet in this batch
+    early = [True]  # whether the running forward may end once `pending` is empty
+
+    def done(key):
+        pending.discard(key)
+        if early[0] and not pending:
+            raise _StopForward
+
     def capture(name):
         def fn(module, inputs):
             captured[name] = inputs[0]
+            done(("capture", name))
+        return fn
+
+    def stash_input(name):
+        def fn(module, inputs):
+            stash.write(name, batch_start[0], inputs[0])
         return fn
 
     def output_energy(name):
         bias = modules[id(original)][name].bias
 
         def fn(module, inputs, out):
-            y = out.detach().to(torch.float64)
-            if bias is not None:
-                y = y - bias.detach().to(torch.float64)
-            stats.e0[name] = stats.e0.get(name, 0.0) + float(y.pow(2).sum())
+            with charged("accumulate"):
+                y = out.detach()
+                if bias is not None:
+                    y = y - bias.detach()
+                # squares in the layer's precision, summed in float64 (no float64 copy of the outputs)
+                energies[name] = energies.get(name, 0.0) + float(torch.sum(y * y, dtype=torch.float64))
+            done(("energy", name))
         return fn
 
     def accumulate(name):
         def fn(module, inputs):
             x = inputs[0]
-            if name in stats.output_grams:
-                stats.output_grams[name].add_batch(x)
-            if name in stats.grams:
-                stats.grams[name].add_batch(x)
-                if name in stats.cross:
-                    stats.cross[name].add_pair(captured.pop(name), x)
+            with charged("accumulate"):
+                if name in stats.output_grams:
+                    stats.output_grams[name].add_batch(x)
+                if name in stats.grams:
+                    stats.grams[name].add_batch(x)
+                    if name in stats.cross:
+                        stats.cross[name].add_pair(captured.pop(name), x)
+            done(("accumulate", name))
         return fn
 
     modules = {id(layer): linear_modules(layer)}  # looked up once per pass, not per hook and batch
     if original is not None:
         modules[id(original)] = linear_modules(original)
 
-    def run(module, hidden, hooks):
+    def run(module, hidden, hooks, keys, may_stop_early):
         by_name = modules[id(module)]
         handles = [by_name[n].register_forward_pre_hook(fn) if kind == "pre" else by_name[n].register_forward_hook(fn)
                    for n, kind, fn in hooks]
+        pending.clear()
+        pending.update(keys)
+        early[0] = may_stop_early
         try:
             return forward(module, hidden)
         except _StopForward:
@@ -224,18 +266,62 @@ def collect_group_statistics(
 
     stop = [(stop_before, "pre", stop_hook)] if stop_before is not None else []
     leaders = [n for n in wanted if stats.group_of[n] == n]
+    captures = [n for n in leaders if n in stats.cross]
+    accumulated = [n for n in wanted if n in stats.grams or n in stats.output_grams]
+    if original is not None and stash is not None:  # the one original pass of the block: whole, stashing ahead
+        whole_original, original_stop = True, []
+        energy = [n for n in modules[id(original)] if n in wanted or n in stash.energy_of]
+        ahead = [(n, "pre", stash_input(n)) for n in stash.files]
+    else:
+        whole_original = stop_before is None and on_original_output is not None  # its outputs are the next block's inputs
+        original_stop, energy, ahead = stop, sorted(wanted), []
     for start, end in batches:
+        batch_start[0] = start
         if original is not None:
             out = run(original, read_original(start, end),
-                      [(n, "pre", capture(n)) for n in leaders if n in stats.cross]
-                      + [(n, "post", output_energy(n)) for n in wanted] + stop)
+                      [(n, "pre", capture(n)) for n in captures] + ahead + [(n, "post", output_energy(n)) for n in energy]
+                      + original_stop,
+                      [("capture", n) for n in captures] + [("energy", n) for n in energy], not whole_original)
             if out is not None and on_original_output is not None:
                 on_original_output(start, out)
-        run(layer, read(start, end), [(n, "pre", accumulate(n)) for n in wanted if n in stats.grams or n in stats.output_grams] + stop)
+        elif stash is not None:
+            captured.update({n: stash.read(n, start, end) for n in captures})
+        run(layer, read(start, end), [(n, "pre", accumulate(n)) for n in accumulated] + stop,
+            [("accumulate", n) for n in accumulated], True)
         captured.clear()
     tokens = next((g.tokens for g in list(stats.grams.values()) + list(stats.output_grams.values())), 0)
-    stats.e0 = {n: v / max(tokens, 1) for n, v in stats.e0.items()}
+    stats.e0 = {n: energies[n] / max(tokens, 1) for n in sorted(wanted) if n in energies}
     return stats
+
+
+class OriginalInputs:
+    """The original block's inputs to the leaders of a block's later groups, on disk for one block.
+
+    With compensation each group's cross statistics pair the original block's inputs with the
+    compressed one's. Without this the original block ran again in every pass (up to the group);
+    with it, it runs once per block and the later passes read their half of the pairs from here:
+    float32 (exactly what the forward gave), one file per leader, (samples, seqlen, in_features).
+    `energy_of`: the later groups' linears, whose outputs' energy the one pass measures too.
+    """
+
+    PREFIX = "original-inputs-"
+
+    def __init__(self, folder: Path, samples: int, seqlen: int, leaders: dict[str, int], later: list[str]):
+        self.files = {name: ActivationFile(Path(folder) / f"{self.PREFIX}{i}.bin", (samples, seqlen, width), "float32",
+                                           create=True)
+                      for i, (name, width) in enumerate(leaders.items())}
+        self.energy_of = set(later)
+
+    def write(self, name: str, start: int, x: torch.Tensor) -> None:
+        self.files[name].write(start, x)
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.files[name].read(start, stop)
+
+    def remove(self) -> None:
+        for f in self.files.values():
+            f.path.unlink(missing_ok=True)
+
 
 
 @dataclass

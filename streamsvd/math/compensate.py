@@ -28,9 +28,7 @@ from __future__ import annotations
 import torch
 
 from .factorize import Factors, Whitening, factorize
-from .gram import GramAccumulator
-
-_ROW_CHUNK = 2048
+from .gram import GramAccumulator, add_products
 
 
 class CrossGramAccumulator(GramAccumulator):
@@ -41,8 +39,7 @@ class CrossGramAccumulator(GramAccumulator):
         b = x_comp.detach().reshape(-1, self.features)
         if a.shape != b.shape:
             raise ValueError(f"paired inputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-        for start in range(0, a.shape[0], _ROW_CHUNK):
-            self.sum.addmm_(a[start : start + _ROW_CHUNK].to(torch.float64).T, b[start : start + _ROW_CHUNK].to(torch.float64))
+        add_products(self.sum, a, b)  # not symmetric: every tile, no mirroring
         self.tokens += a.shape[0]
 
 

@@ -1,47 +1,104 @@
-"""Accumulation of a linear layer's input statistics, GPTQ-style: add_batch(x), then use .gram."""
+"""Accumulation of a linear layer's input statistics, GPTQ-style: add_batch(x), then use .gram.
+
+Precision: each chunk of _ROW_CHUNK tokens is multiplied in the inputs' own precision (float32 for
+float32 or 16-bit activations, float64 for float64 inputs) and added into a float64 running sum, so
+the rounding of one product stays within a chunk (about 1e-6 of an entry for 2,048 float32 tokens)
+and sums over millions of tokens stay exact. A float64 product per chunk cost a quarter of a default
+job's CPU time on SmolLM2 (dgemm, plus the float64 copies of every chunk); docs/RESULTS.md has the
+loss difference this makes. A symmetric Gram is accumulated on its upper triangle only, by column
+tiles (about (1 + 1/T) / 2 of the full product's work for T tiles), and mirrored when read.
+"""
 
 from __future__ import annotations
 
 import torch
 
-# Rows converted to float64 at a time: bounds the temporary copy to rows x features x 8 bytes.
+# Rows multiplied at a time: bounds the temporary copy of a 16-bit batch to rows x features x 4 bytes.
 _ROW_CHUNK = 2048
+# The float32 product of one column tile stays under this (a 28672-wide Gram is added in 64 MiB pieces).
+_TILE_BYTES = 64 << 20
+# Column tiles of a symmetric Gram at least this wide are split into _MIN_TILES pieces, so that only
+# the upper triangle is multiplied; narrower ones (SmolLM2's 576) are one product.
+_SPLIT_FROM = 1024
+_MIN_TILES = 4
+
+
+def product_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 inputs keep float64; float32 and 16-bit inputs are multiplied in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _tiles(features: int, rows: int, symmetric: bool) -> list[tuple[int, int]]:
+    """Column ranges [lo, hi): the product of `rows` x width stays under _TILE_BYTES."""
+    count = -(-rows * features * 4 // _TILE_BYTES)
+    if symmetric and features >= _SPLIT_FROM:
+        count = max(count, _MIN_TILES)
+    width = -(-features // max(count, 1))
+    return [(lo, min(features, lo + width)) for lo in range(0, features, width)]
+
+
+def add_products(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
+    """total += a^T b (float64 `total`, 2-D `a`, `b` of the same rows), chunk by chunk and tile by tile.
+
+    b None: a^T a, on the upper triangle and the diagonal blocks only (`mirror` completes it).
+    """
+    symmetric = b is None
+    n = total.shape[1]
+    dtype = product_dtype(a)
+    tiles = _tiles(n, total.shape[0], symmetric)
+    for start in range(0, a.shape[0], _ROW_CHUNK):
+        left = a[start : start + _ROW_CHUNK].to(dtype)
+        right = left if symmetric else b[start : start + _ROW_CHUNK].to(dtype)
+        for lo, hi in tiles:
+            rows = hi if symmetric else total.shape[0]
+            total[:rows, lo:hi] += left[:, :rows].T @ right[:, lo:hi]
+
+
+def mirror(total: torch.Tensor) -> None:
+    """Make an upper-accumulated sum (add_products with b None) symmetric, in place."""
+    n = total.shape[0]
+    for lo, hi in _tiles(n, n, True):
+        block = total[lo:hi, lo:hi]
+        block.copy_(block.triu() + block.triu(1).T)
+        total[hi:, lo:hi] = total[lo:hi, hi:].T
 
 
 class GramAccumulator:
-    """Running mean of x x^T over every token seen (float64, so sums over millions of tokens stay exact)."""
+    """Running mean of x x^T over every token seen (a float64 sum of per-chunk products; see the module)."""
 
     def __init__(self, features: int):
         self.features = features
         self.sum = torch.zeros(features, features, dtype=torch.float64)
         self.tokens = 0
+        self._upper_only = False  # add_batch fills the upper triangle; `gram` mirrors it once
 
     def add_batch(self, x: torch.Tensor) -> None:
         rows = x.detach().reshape(-1, self.features)
-        for start in range(0, rows.shape[0], _ROW_CHUNK):
-            chunk = rows[start : start + _ROW_CHUNK].to(torch.float64)
-            self.sum.addmm_(chunk.T, chunk)
+        add_products(self.sum, rows)
+        self._upper_only = True
         self.tokens += rows.shape[0]
+
+    def _symmetric_sum(self) -> torch.Tensor:
+        if self._upper_only:
+            mirror(self.sum)
+            self._upper_only = False
+        return self.sum
 
     @property
     def gram(self) -> torch.Tensor:
         """Mean Gram: the truncation loss it implies is the per-token root-mean-square error."""
-        return self.sum / max(self.tokens, 1)
+        return self._symmetric_sum() / max(self.tokens, 1)
 
     def nbytes(self) -> int:
         return self.sum.numel() * 8
 
 
-# Float64 tile of the weight converted at a time for the output Gram (bounds the temporary copy).
-_WEIGHT_TILE_BYTES = 64 << 20
-
-
 class OutputGramAccumulator(GramAccumulator):
-    """Running mean of y y^T for y = W x (bias excluded), computed in float64 from the inputs.
+    """Running mean of y y^T for y = W x (bias excluded), from the inputs.
 
     Its mean is W G W^T for the input Gram G, so a weight with out < in can be factored from this
     out x out matrix (math/factorize.py, the output side) without the in x in Gram ever existing.
-    The weight is converted to float64 a tile of rows at a time.
+    y is computed a chunk of tokens at a time in the product precision (as the layer computes it).
     """
 
     def __init__(self, weight: torch.Tensor):
@@ -51,21 +108,15 @@ class OutputGramAccumulator(GramAccumulator):
         self.input_diag_sum = torch.zeros(weight.shape[1], dtype=torch.float64)
 
     def add_batch(self, x: torch.Tensor) -> None:
-        w = self.weight.detach()
-        m, n = w.shape
+        n = self.weight.shape[1]
         rows = x.detach().reshape(-1, n)
-        tile = max(1, _WEIGHT_TILE_BYTES // (8 * n))
-        whole = w.to(torch.float64) if tile >= m else None
+        dtype = product_dtype(rows)
+        w = self.weight.detach().to(dtype)
         for start in range(0, rows.shape[0], _ROW_CHUNK):
-            chunk = rows[start : start + _ROW_CHUNK].to(torch.float64)
-            if whole is not None:
-                y = chunk @ whole.T
-            else:
-                y = torch.empty(chunk.shape[0], m, dtype=torch.float64)
-                for r in range(0, m, tile):
-                    y[:, r : r + tile] = chunk @ w[r : r + tile].to(torch.float64).T
-            self.sum.addmm_(y.T, y)
-            self.input_diag_sum += chunk.pow(2).sum(0)
+            chunk = rows[start : start + _ROW_CHUNK].to(dtype)
+            add_products(self.sum, chunk @ w.T)
+            self.input_diag_sum += torch.sum(chunk * chunk, 0, dtype=torch.float64)
+        self._upper_only = True
         self.tokens += rows.shape[0]
 
     def nbytes(self) -> int:

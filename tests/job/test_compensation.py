@@ -148,7 +148,9 @@ def test_the_work_files_hold_both_streams_and_the_disk_check_counts_them(model_d
     one = CompressionJob(_cfg(model_dir, tmp_path / "one", **OFF))
     two = CompressionJob(_cfg(model_dir, tmp_path / "two", compensate=True))
     assert two._activation_nbytes() == 2 * one._activation_nbytes()
-    assert two._disk_needs()[two.work] == 2 * one._disk_needs()[one.work]
+    stash = two.plan.disk["original inputs"]  # one block's original inputs to the later groups (stages.OriginalInputs)
+    assert stash > 0 and "original inputs" not in one.plan.disk
+    assert two._disk_needs()[two.work] == 2 * one._disk_needs()[one.work] + stash
     assert two.plan.disk["work files"] == 2 * one.plan.disk["work files"]
     # The original block and the cross statistics, net of the process baseline: the overall peak may sit in a
     # stage compensation does not touch (the embedding), and the baseline is measured anew by each plan.
@@ -226,3 +228,31 @@ def test_a_fit_that_does_not_help_the_held_out_windows_changes_nothing(model_dir
     assert all(f["best_step"] == 0 for f in wrecked["this_run"]["refinement"].values())
     a, b = _tensors(plain, "model.layers."), _tensors(tmp_path / "wrecked", "model.layers.")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_original_block_runs_once_per_block_and_its_stash_is_what_the_plan_counts(model_dir, tmp_path, monkeypatch):
+    """Compensating group by group, the original block runs in one pass per block (not in every group's), its
+    inputs to the later groups go to disk in exactly the bytes the plan counts, and nothing of it is left."""
+    from streamsvd.job import pipeline, stages
+
+    job = pipeline.CompressionJob(_cfg(model_dir, tmp_path / "out", **COMPENSATED))
+    planned = job.plan.disk["original inputs"]
+    stashed, passes = [], []
+    remove, collect = stages.OriginalInputs.remove, pipeline.collect_group_statistics
+
+    def recording_remove(self):
+        stashed.append(sum(f.path.stat().st_size for f in self.files.values()))
+        remove(self)
+
+    def recording_collect(*args, **kwargs):
+        passes.append(kwargs["original"] is not None)
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(stages.OriginalInputs, "remove", recording_remove)
+    monkeypatch.setattr(pipeline, "collect_group_statistics", recording_collect)
+    job.run()
+    n_layers = job.config.num_hidden_layers
+    assert len(passes) == 4 * n_layers  # q/k/v, o, gate/up, down
+    assert sum(passes) == n_layers and all(passes[::4])  # the original block in each block's first pass only
+    assert stashed == [planned] * n_layers
+    assert not list((tmp_path / "out").rglob(stages.OriginalInputs.PREFIX + "*"))
