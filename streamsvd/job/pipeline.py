@@ -722,7 +722,7 @@ class CompressionJob:
                 self._stage("statistics")
                 stats = collect_group_statistics(
                     layer, target, self._bar(f"block {index} stats {i + 1}/{len(passes)}"), src.read, forward,
-                    stop_before=None if last else passes[i + 1][0][0], original=original if stash is None or i == 0 else None,
+                    stop_before=None if last else passes[i + 1][0][0], original=original,
                     read_original=lambda a, b: src.read(samples + a, samples + b),
                     on_original_output=lambda start, out: dst.write(samples + start, out), output_side=output_side,
                     stash=stash, energies=energies,
@@ -732,8 +732,7 @@ class CompressionJob:
                              svd=cfg.svd, names=[n for g in target for n in g], anchor=cfg.anchor, block=block,
                              finish=last, ranks=self.ranks, quant=self._quant_while_factoring(), shrink=cfg.shrink)
                 del stats
-                if i == 0:
-                    original = None  # not needed past the one pass that runs it
+                original = None  # the first pass ran it (whole when stashing; the only pass otherwise)
         finally:
             if stash is not None:
                 stash.remove()
@@ -744,7 +743,7 @@ class CompressionJob:
         linears = linear_modules(layer)
         later = [g for target in passes[1:] for g in target]
         leaders = {g[0]: linears[g[0]].in_features for g in later if any(n not in output_side for n in g)}
-        return OriginalInputs(self.work, self.cfg.calib_samples, self.cfg.seqlen, leaders, [n for g in later for n in g])
+        return OriginalInputs(self.work, self.cfg.calib_samples, self.cfg.seqlen, leaders)
 
     def _output_side(self, layer: nn.Module) -> set[str]:
         """The linears factored from their output Gram (job/plan.py factor_route). Compensation, the anchor and

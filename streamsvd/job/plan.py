@@ -41,14 +41,15 @@ import torch
 from ..errors import StreamSVDError
 from ..io.checkpoint import Checkpoint
 from ..math.factorize import rank_for_ratio
+from ..math.gram import _ROW_CHUNK, _TILE_BYTES, product_fraction
 from ..math.quantize import stored_linear_bytes
 from .memory import format_size
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 ACT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 COMPUTE_BYTES = 4  # float32 blocks and activations in the forward
-GRAM_ROW_CHUNK = 2048  # rows of a batch multiplied at a time by the Gram update (math/gram.py _ROW_CHUNK)
-PRODUCT_TILE_BYTES = 64 << 20  # the float32 product of one column tile of a Gram (math/gram.py _TILE_BYTES)
+GRAM_ROW_CHUNK = _ROW_CHUNK  # rows of a batch multiplied at a time by the Gram update
+PRODUCT_TILE_BYTES = _TILE_BYTES  # the float32 product of one column tile of a Gram
 # Sequential calibration's partial passes over the block as compressed so far, in compressed-block forwards:
 # q/k/v's ends at its input, o's after attention, gate/up's after it, down's before down (about 0.05 + 0.25 +
 # 0.3 + 0.75 of a block on SmolLM2's shapes; checked against tools/bench_speed.py's split, docs/RESULTS.md)
@@ -536,7 +537,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     for members in groups.values():
         if any(s.route == "input" for s in members):
             n = members[0].in_features
-            stats_t += tokens * n * n * (1 if n < 1024 else 0.625) / f32  # float32 products, upper triangle (math/gram.py)
+            stats_t += 2 * tokens * n * n * product_fraction(n) / f32  # float32 products, upper triangle (math/gram.py)
             if settings.compensate:
                 stats_t += 2 * tokens * n * n / f32  # the cross statistics
             fact_t += speed["eigh_s_per_n3"] * n**3

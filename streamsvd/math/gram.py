@@ -37,6 +37,11 @@ def _tiles(features: int, rows: int, symmetric: bool) -> list[tuple[int, int]]:
     return [(lo, min(features, lo + width)) for lo in range(0, features, width)]
 
 
+def product_fraction(features: int) -> float:
+    """The multiply-adds add_products spends on a symmetric features-wide Gram, over the full product's."""
+    return sum(hi * (hi - lo) for lo, hi in _tiles(features, features, True)) / features**2
+
+
 def add_products(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
     """total += a^T b (float64 `total`, 2-D `a`, `b` of the same rows), chunk by chunk and tile by tile.
 

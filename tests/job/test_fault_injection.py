@@ -45,6 +45,7 @@ POINTS = [
     ("shard-written", 9),
     ("state-saved", 8),
     ("rebuild-block", 4),
+    ("original-inputs-read", 12),  # compensation's later passes (o, gate/up, down) of 4 blocks
     ("finish-file", 6),
     ("index-written", 1),
 ]
