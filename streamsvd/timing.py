@@ -1,10 +1,11 @@
 """Where a job's time goes inside its stages: seconds spent in named kinds of work, per process.
 
 The stages (`job/peak.py`) say when the job was collecting statistics or propagating; this says how
-much of that was the statistics' arithmetic (`accumulate`) and the activation files (`activation
-io`) rather than the block's forward pass. `charged(name)` adds the wall time of its body to
-`SECONDS[name]`; it costs two clock reads, and it is used once per batch, never per element.
-`tools/bench_speed.py` reads the split from a job's `this_run` figures.
+much of that was the statistics' arithmetic (`accumulate`), the activation files (`activation io`)
+and the checkpoint's weight reads with their checksums (`read`, io/checkpoint.py) rather than the
+block's forward pass. `charged(name)` adds the wall time of its body to `SECONDS[name]`; it costs
+two clock reads, and it is used once per batch or per tensor read, never per element.
+`tools/bench_speed.py` and `tools/bench_scale.py` read the split from a job's figures.
 """
 
 from __future__ import annotations

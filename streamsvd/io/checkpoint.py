@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
+from ..timing import charged
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -150,12 +151,13 @@ class Checkpoint:
         # One short-lived handle per read: get_tensor copies out of the memory map, and a handle kept
         # open keeps every page read through it resident, so RSS would grow by the whole checkpoint
         # over a job (measured: +530 MB on SmolLM2). Reopening costs one header parse per tensor.
-        with safe_open(str(self.dir / self.weight_map[name]), framework="pt", device="cpu") as f:
-            tensor = f.get_tensor(name)
-        if self.read_digests is not None:  # the job records what it read (identity by content)
-            from .checksums import tensor_sha256
+        with charged("read"):  # the weights' reads (and their checksums) in a job's time split (streamsvd/timing.py)
+            with safe_open(str(self.dir / self.weight_map[name]), framework="pt", device="cpu") as f:
+                tensor = f.get_tensor(name)
+            if self.read_digests is not None:  # the job records what it read (identity by content)
+                from .checksums import tensor_sha256
 
-            self.read_digests[name] = tensor_sha256(tensor)
+                self.read_digests[name] = tensor_sha256(tensor)
         return tensor
 
     def fingerprint(self) -> dict:
