@@ -388,7 +388,7 @@ def factor_block(
             if cross is not None or anchor > 0:
                 if group not in whitenings:
                     gram = shrink_gram(stats.grams[group].gram, shrink)
-                    whitenings[group] = (compensated_whitening(gram, anchor), gram)
+                    whitenings[group] = (compensated_whitening(gram, anchor, stats.grams[group].product_eps), gram)
                 (white, q, inv, lam), gram = whitenings[group]
                 input_gram = gram
                 f = factorize_compensated(linear.weight, white, q, inv, lam, None if cross is None else cross.gram, rank, svd=route_svd)

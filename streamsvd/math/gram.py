@@ -76,9 +76,13 @@ class GramAccumulator:
         self.sum = torch.zeros(features, features, dtype=torch.float64)
         self.tokens = 0
         self._upper_only = False  # add_batch fills the upper triangle; `gram` mirrors it once
+        # the machine epsilon of the products summed so far (float32 products: no eigenvalue of the Gram below
+        # about eps x its largest can be told from round-off; math/compensate.py's pseudo-inverse reads it)
+        self.product_eps = 0.0
 
     def add_batch(self, x: torch.Tensor) -> None:
         rows = x.detach().reshape(-1, self.features)
+        self.product_eps = max(self.product_eps, torch.finfo(product_dtype(rows)).eps)
         add_products(self.sum, rows)
         self._upper_only = True
         self.tokens += rows.shape[0]
