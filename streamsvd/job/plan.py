@@ -385,12 +385,17 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             elif s.route == "input":
                 # W float64, W S, SVD: copy, U, Vh, gesdd work; factors
                 mn = min(m, n)
+                what = f"SVD of the whitened {m} x {n} {s.name}"
                 if s.svd == "randomized":
                     p = k + 10
                     svd_ws = 8 * (3 * max(m, n) * p + 3 * p * p + m * n)
+                elif settings.method == "eig" and m > n:
+                    # tall: A^T A, eigh's vectors and syevd's 2 n^2 work; V_k and U_k = A V_k (math/factorize._tall_eig)
+                    svd_ws = 8 * (4 * n * n + 2 * m * k)
+                    what = f"eigh of A^T A for the whitened {m} x {n} {s.name}"
                 else:
                     svd_ws = 8 * (m * n + m * mn + mn * n + 4 * mn * mn + 4 * max(m, n) * mn)
-                fact_parts.append((f"SVD of the whitened {m} x {n} {s.name}", 8 * (2 * m * n + k * (m + n)) + svd_ws))
+                fact_parts.append((what, 8 * (2 * m * n + k * (m + n)) + svd_ws))
             else:
                 mn = min(m, n)
                 fact_parts.append((f"SVD of {s.name}", 8 * (2 * m * n + m * mn + mn * n + 4 * mn * mn + 4 * max(m, n) * mn)))

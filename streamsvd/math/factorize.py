@@ -14,6 +14,8 @@ The smaller side (eig only): U_k, the top-k left singular vectors of W S, are th
 eigenvectors of (W S)(W S)^T = W G W^T, an out x out matrix (the Gram of the layer's outputs), and
 the singular values are the square roots of its eigenvalues. So a weight with out < in is factored
 from that matrix (`factorize_output_side`) and its in x in Gram is not needed (docs/DESIGN.md).
+Likewise a tall whitened weight (out > in: gate_proj, up_proj) takes U_k from the in x in A^T A
+(`_tall_eig`) rather than an SVD of the whole out x in matrix.
 
 `svd="randomized"` replaces the exact SVD of W S by Halko-Martinsson-Tropp's randomized SVD
 (math/randomized.py); only the leading rank + oversamples singular values are then known, and the
@@ -28,6 +30,9 @@ from dataclasses import dataclass
 import torch
 
 METHODS = ("eig", "cholesky", "svd")
+# eig on a tall whitened weight (out > in) goes through the in x in A^T A; U_k = A V_k / s_k while the kept
+# rank's singular value is at least this fraction of the largest (exact to about 1e-8), else a QR (see _tall_eig)
+TALL_MIN_RATIO = 1e-4
 
 
 @dataclass
@@ -146,6 +151,8 @@ def factorize(weight: torch.Tensor, gram: torch.Tensor | Whitening | None, rank:
             root = s[:rank].sqrt()
             v_k_sinv = torch.linalg.solve_triangular(white.s.T, vh[:rank].T, upper=True, left=True)
             return Factors(u_k * root, root[:, None] * v_k_sinv.T, s, white.shift, tail_loss=tail)
+    elif method == "eig" and m > n:
+        return _tall_eig(a, w, rank)
     else:
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
     if method == "eig":
@@ -156,6 +163,32 @@ def factorize(weight: torch.Tensor, gram: torch.Tensor | Whitening | None, rank:
     # V_k^T S^{-1}: solve S^T Z^T = V_k instead of forming the inverse.
     v_k_sinv = torch.linalg.solve_triangular(white.s.T, vh[:rank].T, upper=True, left=True)
     return Factors(u[:, :rank] * root, root[:, None] * v_k_sinv.T, s, white.shift)
+
+
+def _tall_eig(a: torch.Tensor, w: torch.Tensor, rank: int) -> Factors:
+    """eig's factors of a tall whitened weight A = W S (m > n) from the n x n matrix A^T A.
+
+    A^T A = V diag(s^2) V^T, so U_k = A V_k diag(1/s_k) are A's top-k left singular vectors and
+    W' = U_k U_k^T W as from the SVD, with an n x n eigendecomposition instead of gesdd on m x n
+    (whose U, copy of A and work array are 2.5x this route's memory for an 11008 x 4096 gate_proj;
+    docs/DESIGN.md). The squared route loses precision where s_k is small (an error of about
+    eps (s_0 / s_k)^2 in U_k): when the kept rank reaches below TALL_MIN_RATIO s_0 (rank-deficient
+    inputs: few calibration tokens, dead channels), U_k is the Q of A V_k's QR instead, orthonormal
+    whatever s_k, equal to the singular vectors where they are well determined and spanning what
+    is left of A's range after them (whose loss is below that s_k anyway).
+    """
+    gram = a.T @ a
+    evals, evecs = torch.linalg.eigh(gram)
+    del gram
+    s = evals.flip(0).clamp_min(0).sqrt()  # descending
+    v_k = evecs[:, evecs.shape[1] - rank :].flip(1)  # the top k, descending (a copy of k columns only)
+    del evecs
+    u_k = a @ v_k
+    if float(s[rank - 1]) > TALL_MIN_RATIO * float(s[0]):
+        u_k /= s[:rank]
+    else:
+        u_k = torch.linalg.qr(u_k).Q
+    return Factors(u_k, u_k.T @ w, s)
 
 
 def factorize_output_side(weight: torch.Tensor, output_gram: torch.Tensor, rank: int) -> Factors:

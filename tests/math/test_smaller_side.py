@@ -77,3 +77,25 @@ def test_output_side_refuses_what_it_cannot_do():
         factorize(w, x.T @ x, 5, "cholesky", side="output")
     with pytest.raises(ValueError):
         factorize_output_side(w, torch.eye(3, dtype=torch.float64), 5)
+
+
+@pytest.mark.parametrize("rank", [1, 9, 30, 40])
+@pytest.mark.parametrize("tokens", [500, 30])  # 30 tokens: ranks past 30 keep singular values of zero
+def test_a_tall_weight_from_the_small_gram_equals_the_svd_of_the_whitened_weight(rank, tokens):
+    from streamsvd.math.factorize import TALL_MIN_RATIO, whiten
+
+    w, x = _problem(tokens=tokens, m=96, n=40)  # out > in: gate_proj's shape, factored from the 40 x 40 A^T A
+    white = whiten(x.T @ x, "eig")
+    u, s, _ = torch.linalg.svd(w @ white.s, full_matrices=False)
+    got = factorize(w, white, rank, "eig")
+    sure = int((s[:rank] > TALL_MIN_RATIO * s[0]).sum())  # kept singular values that are not (numerically) zero
+    assert sure >= min(rank, 9)
+    if sure == rank:  # the reference: W' = U_k U_k^T W from the SVD of W S (past the input's rank both are arbitrary)
+        torch.testing.assert_close(got.out_factor @ got.in_factor, u[:, :rank] @ u[:, :rank].T @ w, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got.spectrum, s, rtol=1e-7, atol=1e-6 * float(s[0]))
+    assert got.truncation_loss() == pytest.approx(float(s[rank:].pow(2).sum().sqrt()), rel=1e-7, abs=1e-6 * float(s[0]))
+    assert _loss(w, got, x) == pytest.approx(got.truncation_loss(), rel=1e-6, abs=1e-6 * float(s[0]))
+    # orthonormal columns, the singular vectors in order wherever they are well determined
+    torch.testing.assert_close(got.out_factor.T @ got.out_factor, torch.eye(rank, dtype=torch.float64), rtol=0, atol=1e-8)
+    signs = torch.sign((got.out_factor[:, :sure] * u[:, :sure]).sum(0))
+    torch.testing.assert_close(got.out_factor[:, :sure] * signs, u[:, :sure], rtol=1e-6, atol=1e-6)
