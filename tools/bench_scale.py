@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--calib", type=Path, default=None, help="calibration text (default: the CALIB_PLAYS)")
+    p.add_argument("--no-compensate", action="store_true",
+                   help="streamsvd run --no-compensate: one stream, down_proj on its output side (a smaller minimum budget)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop (resumably) after N blocks of this run, e.g. to measure a few blocks of a long job")
     args = p.parse_args(argv)
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             f.write(line + "\n")
 
     cfg = JobConfig(model_dir=args.model_dir, out_dir=args.out, ratio=args.ratio, max_mem=budget, calib=[str(calib)],
-                    calib_samples=args.calib_samples, seqlen=args.seqlen, progress=False)
+                    calib_samples=args.calib_samples, seqlen=args.seqlen, progress=False,
+                    compensate=False if args.no_compensate else None)
     cfg.plots = False
     try:
         job = CompressionJob(cfg)
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
           "min_max_mem_bytes": plan.min_max_mem_bytes, "planned_peak_bytes": plan.peak_bytes,
           "plan_disk_bytes": plan.disk_bytes, "plan_seconds_estimate": round(plan.seconds_estimate),
           "batch_size": plan.batch_size, "calib_samples": args.calib_samples, "seqlen": args.seqlen,
-          "ratio": args.ratio, "starts_at_block": state.blocks_done if state else 0, "cpus": os.cpu_count()})
+          "ratio": args.ratio, "compensate": cfg.compensate, "starts_at_block": state.blocks_done if state else 0, "cpus": os.cpu_count()})
     sampler, rows = BlockPeak(), []
     largest_out = [0]
     mark = {"t": time.perf_counter(), "inside": timing.snapshot(), "stages": {}}

@@ -28,6 +28,7 @@ def test_a_stopped_run_resumes_and_every_block_is_a_row_under_the_budget(tiny_ch
     assert [r["row"] for r in rows] == ["setup", "block", "total", "setup", "block", "block", "total"]
     setups, blocks, totals = ([r for r in rows if r["row"] == kind] for kind in ("setup", "block", "total"))
     assert [s["starts_at_block"] for s in setups] == [0, 1] and setups[0]["layers"] == 3
+    assert all(s["compensate"] is True for s in setups)  # streamsvd run's default
     assert [b["block"] for b in blocks] == [0, 1, 2]
     assert [t["finished"] for t in totals] == [False, True] and [t["blocks_this_run"] for t in totals] == [1, 2]
     budget = 3 << 30
@@ -48,7 +49,8 @@ def test_a_stopped_run_resumes_and_every_block_is_a_row_under_the_budget(tiny_ch
 
 def test_a_budget_below_the_plans_minimum_is_refused_with_the_jobs_own_lines(tiny_checkpoints, tmp_path):
     model = tiny_checkpoints("llama")
-    proc = _bench(str(model), "--out", str(tmp_path / "scale"), "--calib-samples", "2", "--seqlen", "16", "--max-mem", "1M")
+    proc = _bench(str(model), "--out", str(tmp_path / "scale"), "--calib-samples", "2", "--seqlen", "16", "--max-mem", "1M",
+                  "--no-compensate")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[0].startswith("error: ") and lines[1].strip().startswith("fix: ") and "Traceback" not in proc.stderr
