@@ -123,7 +123,9 @@ def _add_quality_flags(p) -> None:
                    help="after a block is factored, tune its factors (only them) with this many Adam steps so the block's "
                    "output matches the original block's; an eighth of the windows is held out and decides early stopping, "
                    "so a fit that does not generalise changes nothing. Costs a forward and a backward of the block per "
-                   f"step (time per block in the summary) and the optimiser state in memory; 0 turns it off (default {d.refine_steps})")
+                   f"step (time per block in the summary) and the optimiser state in memory; 0 turns it off (default {d.refine_steps}; "
+                   "measured on SmolLM2 at 0.4 on top of compensation: 40 steps took 5-7x the compression time for +0.5%% "
+                   "held-out perplexity in domain, -0.7%% across, docs/RESULTS.md)")
     p.add_argument("--refine-lr", type=float, default=d.refine_lr, help=f"Adam step size for --refine-steps (default {d.refine_lr})")
 
 
