@@ -1,0 +1,214 @@
+"""`torchrun --nproc-per-node 2 -m streamsvd run ...` (job/distributed.py) on a tiny model, two gloo processes.
+
+Every job here is a subprocess with one BLAS thread, the one-process reference included, so that both
+compute with the same threads. The claim tested: a job on N processes writes, byte for byte, what the
+one-process job with the same batch size writes (every file but the run log and the state, which
+record the number of processes); docs/DESIGN.md, "Distributed runs", says why and when.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from streamsvd.io.output import RUN_LOG
+from streamsvd.job.distributed import COLLECTIVE_TIMEOUT_S
+from streamsvd.job.lock import LOCK_NAME
+from streamsvd.job.state import STATE_NAME
+
+REPO = Path(__file__).resolve().parents[2]
+# 8 windows in batches of 2: 2 batches per rank; 4 blocks.
+FLAGS = ["--calib-samples", "8", "--seqlen", "32", "--batch-size", "2", "--no-progress", "--no-plots"]
+BLOCK = ["--no-compensate", "--calibrate", "block", "--anchor", "0"]
+VOLATILE = {RUN_LOG, STATE_NAME}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+ENV.pop("STREAMSVD_FAULT", None)
+ENV.pop("STREAMSVD_FAULT_RANK", None)
+
+
+def _one(model: Path, out: Path, *flags: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamsvd", "run", str(model), str(out), *FLAGS, *flags],
+                          env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=300, **kw)
+
+
+def _torchrun(model: Path, out: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "streamsvd", "run", str(model), str(out), *FLAGS, *flags]
+
+
+def _two(model: Path, out: Path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(_torchrun(model, out, *flags), env={**ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name not in VOLATILE}
+
+
+def _ours(stderr: str) -> list[str]:
+    """Our processes' `error:` and `fix:` lines (torchrun adds its own failure summary after them)."""
+    return [line for line in stderr.splitlines() if line.startswith("error:") or line.startswith("  fix:")]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from tiny_models import make_tiny_checkpoint
+
+    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("llama") / "model")
+
+
+@pytest.fixture(scope="module")
+def reference(model, tmp_path_factory):
+    """settings name -> the one-process job's OUT_DIR files."""
+    made = {}
+
+    def get(name: str, flags: list[str]) -> dict[str, bytes]:
+        if name not in made:
+            out = tmp_path_factory.mktemp("one") / name
+            done = _one(model, out, *flags)
+            assert done.returncode == 0, done.stderr
+            made[name] = _files(out)
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name, flags", [("default", []), ("block", BLOCK)])
+def test_two_processes_write_the_one_process_output_byte_for_byte(model, reference, tmp_path, name, flags):
+    """Default settings (compensation, sequential calibration) and plain block calibration."""
+    out = tmp_path / "two"
+    done = _two(model, out, *flags)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("done: ") == 1  # rank 0's summary only
+    assert not _ours(done.stderr) and "Traceback" not in done.stderr
+    run = json.loads((out / RUN_LOG).read_text().splitlines()[-1])
+    assert run["processes"] == 2 and run["windows_per_process"] == [[0, 4], [4, 8]] and run["batch_size"] == 2
+    state = json.loads((out / STATE_NAME).read_text())
+    assert state["settings"]["processes"] == 2 and state["complete"]
+    assert not (out / ".streamsvd-work").exists()  # every rank's scratch is gone
+    files = _files(out)
+    assert any(k.startswith("model-") for k in files)
+    assert files == reference(name, flags)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--refine-steps", "5"], "--refine-steps cannot run under torchrun yet"),
+    (["--quant", "int8"], "--quant cannot run under torchrun yet"),
+    (["--alloc", "global"], "cannot run under torchrun yet"),
+    (["--calib-samples", "2"], "fewer than the 2 processes"),
+])
+def test_what_does_not_run_under_torchrun_is_refused_with_one_error(model, tmp_path, flags, says):
+    out = tmp_path / "out"
+    done = _two(model, out, *flags)
+    assert done.returncode != 0
+    ours = _ours(done.stderr)
+    assert len(ours) == 2 and ours[0].startswith("error:") and says in ours[0] and ours[1].startswith("  fix:"), done.stderr
+    assert "[rank0]: Traceback" not in done.stderr and "[rank1]: Traceback" not in done.stderr
+    assert not (out / STATE_NAME).exists()  # refused before anything was written
+
+
+def test_a_killed_rank_stops_the_job_with_one_error_and_the_rerun_resumes_to_the_same_bytes(model, reference, tmp_path):
+    out = tmp_path / "out"
+    started = time.time()
+    # rank 1 SIGKILLs itself at its 6th activation batch: during block 1, after block 0 was committed
+    killed = _two(model, out, env={"STREAMSVD_FAULT": "activation-batch:6", "STREAMSVD_FAULT_RANK": "1"})
+    assert time.time() - started < COLLECTIVE_TIMEOUT_S + 60
+    assert killed.returncode != 0
+    ours = _ours(killed.stderr)
+    assert len(ours) == 2 and ours[0].startswith("error: rank 1 of 2 was lost"), killed.stderr
+    state = json.loads((out / STATE_NAME).read_text())
+    assert 1 <= state["blocks_done"] < 4 and not state["complete"]
+
+    done = _two(model, out)
+    assert done.returncode == 0, done.stderr
+    assert "rebuilding" not in done.stderr  # the ranks' activation files were trusted, not rebuilt
+    assert _files(out) == reference("default", [])
+
+
+def test_killing_every_rank_and_relaunching_gives_the_same_bytes(model, reference, tmp_path):
+    out = tmp_path / "out"
+    killed = _two(model, out, *BLOCK, env={"STREAMSVD_FAULT": "state-saved:3"})  # every rank, after block 0
+    assert killed.returncode != 0
+    assert json.loads((out / STATE_NAME).read_text())["blocks_done"] >= 1
+    done = _two(model, out, *BLOCK)
+    assert done.returncode == 0, done.stderr
+    assert _files(out) == reference("block", BLOCK)
+    # the same command without torchrun is another job (its sums would be added in another order): refused
+    plain = _one(model, out, *BLOCK)
+    assert plain.returncode == 2 and "torchrun --nproc-per-node" in plain.stderr, plain.stderr
+
+
+def _wait_for(predicate, seconds: float, what: str):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        return [p for p in psutil.Process(proc.pid).children(recursive=True) if "streamsvd" in " ".join(p.cmdline())]
+    except psutil.Error:
+        return []
+
+
+def _stopped(proc) -> list[psutil.Process]:
+    out = []
+    for p in _workers(proc):
+        try:
+            if p.status() == psutil.STATUS_STOPPED:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(model, tmp_path):
+    """A rank that stops answering (SIGSTOP) makes the others stop within the bound, naming it."""
+    timeout = 5
+    proc = subprocess.Popen(_torchrun(model, tmp_path / "out"), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**ENV, "STREAMSVD_FAULT": "activation-batch:6:stop", "STREAMSVD_FAULT_RANK": "1",
+                                 "STREAMSVD_COLLECTIVE_TIMEOUT_S": str(timeout)}, start_new_session=True)
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: lines.extend((time.time(), ln) for ln in proc.stderr), daemon=True)
+    reader.start()
+    try:
+        _wait_for(lambda: _stopped(proc), 120, "rank 1 to freeze")
+        frozen = time.time()
+        at, line = _wait_for(lambda: next(((t, ln) for t, ln in list(lines) if ln.startswith("error:")), None),
+                             timeout + 30, "the error line")
+        assert at - frozen < timeout + 10  # the collective timeout, and a little for a loaded machine
+        assert line.startswith("error: rank 1 of 2 was lost"), line
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun would wait 30 s for the frozen rank to take SIGTERM
+        proc.wait()
+
+
+def test_one_job_per_out_dir_whether_distributed_or_not(model, tmp_path):
+    out = tmp_path / "out"
+    # both ranks freeze at their 3rd activation batch (block 0's propagation), holding the job's locks
+    proc = subprocess.Popen(_torchrun(model, out), stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
+                            env={**ENV, "STREAMSVD_FAULT": "activation-batch:3:stop"})
+    try:
+        _wait_for(lambda: len(_stopped(proc)) == 2, 120, "both ranks to freeze")
+        assert (out / LOCK_NAME).exists()
+        # a plain job is another job (one process): refused by the state before it even tries the lock
+        plain = _one(model, out)
+        assert plain.returncode == 2 and "it was torchrun --nproc-per-node 2, now 1" in plain.stderr, plain.stderr
+        assert not (out / "model.safetensors.index.json").exists()
+        second = _two(model, out)
+        ours = _ours(second.stderr)
+        assert second.returncode != 0 and len(ours) == 2 and "in use by another streamsvd job" in ours[0], second.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
