@@ -162,6 +162,22 @@ def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
         return []
 
 
+def _kill_all(proc: subprocess.Popen) -> None:
+    """torchrun and its workers (which run in sessions of their own), so no frozen rank outlives the test."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        family = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in family:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    proc.wait()
+    psutil.wait_procs(family, timeout=10)
+
+
 def _stopped(proc) -> list[psutil.Process]:
     out = []
     for p in _workers(proc):
@@ -190,8 +206,7 @@ def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(model, tmp_pat
         assert at - frozen < timeout + 10  # the collective timeout, and a little for a loaded machine
         assert line.startswith("error: rank 1 of 2 was lost"), line
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun would wait 30 s for the frozen rank to take SIGTERM
-        proc.wait()
+        _kill_all(proc)  # torchrun would wait 30 s for the frozen rank to take SIGTERM
 
 
 def test_one_job_per_out_dir_whether_distributed_or_not(model, tmp_path):
@@ -210,5 +225,75 @@ def test_one_job_per_out_dir_whether_distributed_or_not(model, tmp_path):
         ours = _ours(second.stderr)
         assert second.returncode != 0 and len(ours) == 2 and "in use by another streamsvd job" in ours[0], second.stderr
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _kill_all(proc)
+
+
+REDUCE_SCRIPT = '''
+import sys
+from types import SimpleNamespace
+
+import torch
+
+from streamsvd.job.distributed import World
+from streamsvd.math.compensate import CrossGramAccumulator
+from streamsvd.math.gram import GramAccumulator, OutputGramAccumulator
+
+torch.set_num_threads(1)
+world = World.start()
+gen = torch.Generator().manual_seed(0)
+# 4 batches; rank r has batches [2r, 2r + 2). Scales 1e6 apart: a running float64 sum rounds differently
+# from the per-rank sums added in rank order, so the order the reduction promises is visible.
+batches = [torch.randn(3000, 24, generator=gen) * s for s in (1e3, 1e-3, 1e3, 1e-3)]
+weight = torch.randn(8, 24, generator=gen)
+mine = batches[2 * world.rank: 2 * world.rank + 2]
+stats = SimpleNamespace(grams={"a": GramAccumulator(24)}, output_grams={"o": OutputGramAccumulator(weight)},
+                        cross={"a": CrossGramAccumulator(24)}, e0={},
+                        energy_terms={"w": [float(torch.sum(b * b, dtype=torch.float64)) for b in mine]})
+for b in mine:
+    stats.grams["a"].add_batch(b)
+    stats.output_grams["o"].add_batch(b)
+    stats.cross["a"].add_pair(b.flip(0), b)
+world.reduce_statistics(stats)
+torch.save({"gram": stats.grams["a"].sum, "out": stats.output_grams["o"].sum, "diag": stats.output_grams["o"].input_diag_sum,
+            "cross": stats.cross["a"].sum, "tokens": stats.grams["a"].tokens, "e0": stats.e0["w"]},
+           f"{sys.argv[1]}/rank{world.rank}.pt")
+world.stop()
+'''
+
+
+def test_the_reduction_adds_the_ranks_partial_sums_in_rank_order_identically_on_every_rank(tmp_path):
+    import torch
+
+    from streamsvd.math.gram import GramAccumulator
+
+    script = tmp_path / "reduce.py"
+    script.write_text(REDUCE_SCRIPT)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+                           str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for key in ("gram", "out", "diag", "cross"):
+        assert torch.equal(r0[key], r1[key]), key  # bit-identical totals on every rank
+    assert r0["tokens"] == r1["tokens"] == 12000 and r0["e0"] == r1["e0"]
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(3000, 24, generator=gen) * s for s in (1e3, 1e-3, 1e3, 1e-3)]
+    partial = []
+    for r in (0, 1):
+        acc = GramAccumulator(24)
+        for b in batches[2 * r: 2 * r + 2]:
+            acc.add_batch(b)
+        partial.append(acc.sum)
+    assert torch.equal(r0["gram"], partial[0] + partial[1])  # exactly (p_0 + p_1), the documented order
+    running = GramAccumulator(24)  # what one process sums: one running sum over the batches in order
+    for b in batches:
+        running.add_batch(b)
+    # not the same bits here (the scales are chosen so), but within float64 rounding of the entries' scale
+    scale = running.sum.abs().max()
+    assert not torch.equal(r0["gram"], running.sum)
+    assert float((r0["gram"] - running.sum).abs().max()) <= 1e-15 * float(scale)
+    # the output energies are summed term by term in the global batch order, exactly as one process does
+    total = 0.0
+    for b in batches:
+        total += float(torch.sum(b * b, dtype=torch.float64))
+    assert r0["e0"] == total / 12000
