@@ -399,10 +399,9 @@ class CompressionJob:
         if self.state.batch_size and cfg.batch_size and cfg.batch_size != self.state.batch_size:
             raise StreamSVDError(f"--batch-size {cfg.batch_size} differs from the interrupted job's {self.state.batch_size}",
                                  f"resume with --batch-size {self.state.batch_size} (or leave it out)")
-        if world.active and fixed is None:
-            own = build_plan(cfg, self.ckpt, ranks=self.ranks).batch_size
-            fixed = world.min_int(min(own, max(1, cfg.calib_samples // world.size)))
-        self.plan = build_plan(cfg, self.ckpt, fixed_batch=fixed, ranks=self.ranks)
+        if world.active and fixed is None:  # each rank's plan is for its share (job/plan.py); the smallest batch wins
+            fixed = world.min_int(build_plan(cfg, self.ckpt, ranks=self.ranks, processes=world.size).batch_size)
+        self.plan = build_plan(cfg, self.ckpt, fixed_batch=fixed, ranks=self.ranks, processes=world.size)
         refuse_if_too_small(self.plan, resumed=bool(self.state.batch_size))
         return self.plan.batch_size
 

@@ -297,3 +297,20 @@ def test_the_reduction_adds_the_ranks_partial_sums_in_rank_order_identically_on_
     for b in batches:
         total += float(torch.sum(b * b, dtype=torch.float64))
     assert r0["e0"] == total / 12000
+
+
+def test_plan_nproc_plans_one_process_share(model, capsys):
+    from streamsvd.cli import main
+
+    plans = {}
+    for n in (1, 2):
+        assert main(["plan", str(model), "--calib-samples", "8", "--seqlen", "32", "--nproc", str(n), "--json"]) == 0
+        plans[n] = json.loads(capsys.readouterr().out)
+    one, two = plans[1], plans[2]
+    assert one["batch_size"] == 8 and two["batch_size"] == 4  # every process gets a batch
+    assert two["disk"]["work files"] * 2 == one["disk"]["work files"]  # a process's work files hold its share
+    assert two["disk"]["output"] == one["disk"]["output"]
+    assert "reduction buffers" in two["components"]["statistics"] and "reduction buffers" not in one["components"]["statistics"]
+    assert main(["plan", str(model), "--calib-samples", "1", "--seqlen", "32", "--nproc", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 calibration windows in batches of 1 make 1 batch(es), fewer than the 2 processes")
