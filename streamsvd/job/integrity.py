@@ -165,6 +165,8 @@ class JobIntegrity:
         if not job.world.writes:  # under torchrun OUT_DIR is rank 0's to tidy (its temporary files may be in flight)
             return
         shutil.rmtree(out / ".streamsvd-work", ignore_errors=True)
+        if job.world.active and job.cfg.work_dir is not None:
+            shutil.rmtree(job.work.parent, ignore_errors=True)  # the job's folder that holds the ranks' folders
         for stale in list(out.glob(".*.tmp-*")) + list((out / SPECTRA_DIR).glob(".*.tmp-*")):
             stale.unlink(missing_ok=True)
 
