@@ -632,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             raise disk_full_error(e.filename or "OUT_DIR") from e
     except StreamSVDError as e:
+        if world is not None:
+            world.ending = True
         # Under torchrun every rank meets the same input errors: rank 0 prints them (a lost rank: the lowest survivor).
         if not getattr(e, "quiet", launched_distributed() and os.environ.get("RANK", "0") != "0"):
             print(f"error: {e.problem}", file=sys.stderr)
@@ -639,10 +641,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  fix: {e.fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished blocks are kept; run the same command again to resume", file=sys.stderr)
+        if world is not None:
+            world.ending = True
+        if not launched_distributed() or os.environ.get("RANK", "0") == "0":
+            print("interrupted: finished blocks are kept; run the same command again to resume", file=sys.stderr)
         return 130
     finally:
         if world is not None:
+            world.ending = True
             world.stop()
 
 

@@ -80,6 +80,7 @@ class World:
         self.rank, self.size = rank, size
         self._peers: list[tuple[str, int]] = []
         self.where = "start"  # what the job was doing, for the lost-rank message
+        self.ending = False  # an error was decided: a SIGTERM from torchrun now only hurries the exit along
 
     @property
     def active(self) -> bool:
@@ -105,7 +106,13 @@ class World:
             import torch.distributed as dist
 
             if not dist.is_initialized():
-                dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=collective_timeout_s()))
+                try:
+                    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=collective_timeout_s()))
+                except (RuntimeError, ValueError) as exc:
+                    raise StreamSVDError(f"rank {rank} of {size} could not join the job's torch.distributed process group "
+                                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                                         "start the job with torchrun (it sets MASTER_ADDR, MASTER_PORT, RANK and "
+                                         "WORLD_SIZE), e.g. torchrun --nproc-per-node 2 -m streamsvd run ...") from None
             world._peers = world._gather((socket.gethostname(), os.getpid()))
             signal.signal(signal.SIGTERM, world._terminated)
         from .state import set_writer
@@ -152,11 +159,14 @@ class World:
                        "run the same command again to resume from the finished blocks")
         printer = min((r for r in range(self.size) if r not in lost), default=0)
         err.quiet = printer != self.rank
+        self.ending = True
         return err
 
     def _terminated(self, signum, frame):
         """torchrun stops the other ranks with SIGTERM when one fails: end with the lost-rank error, or as interrupted."""
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        if self.ending:  # this rank is already on its way out with its error (said once, by one rank)
+            return
         if self._lost():
             raise self._failed(InterruptedError("SIGTERM from the launcher"))
         raise KeyboardInterrupt
@@ -210,6 +220,7 @@ class World:
             _, problem, fix = errors[0]
             err = StreamSVDError(problem, fix)
             err.quiet = self.rank != 0
+            self.ending = True
             raise err
         return result
 

@@ -46,6 +46,7 @@ from ..model.quantized import dequantizing_getter, logical_keys
 from ..model.lowrank import module_from_tensors, replace_module
 from ..model.remote import modeling_source
 from ..model.embedding import materialize_base_mapped
+from .memory import format_size
 from .peak import PeakSampler, high_water_bytes
 from .plan import COMPENSATE_MAX_IN, SVD_MODES, build_plan, plot_disk_bytes, refuse_if_too_small
 from ..io.output import SPECTRA_DIR, OutputWriter
@@ -403,6 +404,9 @@ class CompressionJob:
             fixed = world.min_int(build_plan(cfg, self.ckpt, ranks=self.ranks, processes=world.size).batch_size)
         self.plan = build_plan(cfg, self.ckpt, fixed_batch=fixed, ranks=self.ranks, processes=world.size)
         refuse_if_too_small(self.plan, resumed=bool(self.state.batch_size))
+        if cfg.batch_size and not self.state.batch_size and self.plan.peak_bytes > self.plan.budget_bytes:
+            raise StreamSVDError(f"--batch-size {cfg.batch_size} needs {format_size(self.plan.peak_bytes)}, more than --max-mem "
+                                 f"{format_size(self.plan.budget_bytes)}", "give a smaller --batch-size, or leave it out")
         return self.plan.batch_size
 
     @property

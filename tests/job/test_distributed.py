@@ -314,3 +314,17 @@ def test_plan_nproc_plans_one_process_share(model, capsys):
     assert main(["plan", str(model), "--calib-samples", "1", "--seqlen", "32", "--nproc", "2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: 1 calibration windows in batches of 1 make 1 batch(es), fewer than the 2 processes")
+
+
+def test_batch_size_is_checked(model, tmp_path, capsys):
+    from streamsvd.cli import main
+
+    args = ["run", str(model), str(tmp_path / "out"), "--calib-samples", "8", "--seqlen", "32", "--no-progress", "--no-plots"]
+    assert main(args + ["--batch-size", "0"]) == 2
+    assert "error: --batch-size 0 is not positive" in capsys.readouterr().err
+    assert main(args + ["--batch-size", "3"]) == 0
+    assert json.loads((tmp_path / "out" / RUN_LOG).read_text().splitlines()[-1])["batch_size"] == 3
+    capsys.readouterr()
+    # the job in OUT_DIR keeps the batch size it started with; another one is refused, naming it
+    assert main(args + ["--batch-size", "2"]) == 2
+    assert "error: --batch-size 2 differs from the interrupted job's 3" in capsys.readouterr().err
