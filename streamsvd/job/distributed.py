@@ -81,6 +81,7 @@ class World:
         self._peers: list[tuple[str, int]] = []
         self.where = "start"  # what the job was doing, for the lost-rank message
         self.ending = False  # an error was decided: a SIGTERM from torchrun now only hurries the exit along
+        self._dealt = 0  # linears dealt so far (`spread`): the next call starts at the next rank
 
     @property
     def active(self) -> bool:
@@ -302,17 +303,22 @@ class World:
     # ---------------------------------------------------------------- factorisations
     def spread(self, names: list[str], solve) -> dict | None:
         """`solve(name)` for every name, dealt round-robin to the ranks, every result broadcast by its owner.
-        None on a single process (the caller solves as it goes)."""
+        None on a single process (the caller solves as it goes).
+
+        The deal goes on from call to call (sequential calibration factors one or a few linears per call), so
+        the ranks take turns. Whichever rank solves a linear makes the same bytes: same totals, same code."""
         if not self.active:
             return None
         import torch.distributed as dist
 
         self.where = self.where.split(" (")[0] + " (factoring)"
-        mine = {name: solve(name) for i, name in enumerate(names) if i % self.size == self.rank}
+        owner = {name: (self._dealt + i) % self.size for i, name in enumerate(names)}
+        self._dealt += len(names)
+        mine = {name: solve(name) for name in names if owner[name] == self.rank}
         out = {}
-        for i, name in enumerate(names):
+        for name in names:
             box = [mine.get(name)]
-            self._call(dist.broadcast_object_list, box, src=i % self.size)
+            self._call(dist.broadcast_object_list, box, src=owner[name])
             out[name] = box[0]
         return out
 

@@ -217,6 +217,10 @@ def test_one_job_per_out_dir_whether_distributed_or_not(model, tmp_path):
     try:
         _wait_for(lambda: len(_stopped(proc)) == 2, 120, "both ranks to freeze")
         assert (out / LOCK_NAME).exists()
+        # each rank's activation files hold its own 4 of the 8 windows, both streams (compensation)
+        hidden = json.loads((model / "config.json").read_text())["hidden_size"]
+        for r in (0, 1):
+            assert (out / ".streamsvd-work" / f"rank-{r}-of-2" / "acts-0.bin").stat().st_size == 4 * 2 * 32 * hidden * 4
         # a plain job is another job (one process): refused by the state before it even tries the lock
         plain = _one(model, out)
         assert plain.returncode == 2 and "it was torchrun --nproc-per-node 2, now 1" in plain.stderr, plain.stderr
