@@ -116,9 +116,11 @@ class World:
                                          "WORLD_SIZE), e.g. torchrun --nproc-per-node 2 -m streamsvd run ...") from None
             world._peers = world._gather((socket.gethostname(), os.getpid()))
             signal.signal(signal.SIGTERM, world._terminated)
+        from ..math.gram import keep_diag_terms
         from .state import set_writer
 
         set_writer(world.writes)
+        keep_diag_terms(world.active)
         cls._current = world
         return world
 
@@ -284,14 +286,18 @@ class World:
                 parts.append((kind, name, acc))
         layout = [(kind, name, tuple(acc.sum.shape)) for kind, name, acc in parts]
         meta = self._gather({"layout": layout, "tokens": [acc.tokens for _, _, acc in parts],
-                             "energies": getattr(stats, "energy_terms", {})})
+                             "energies": getattr(stats, "energy_terms", {}),
+                             "diag_terms": [getattr(acc, "diag_terms", None) for _, _, acc in parts]})
         if any(m["layout"] != layout for m in meta):
             raise RuntimeError("the ranks collected different statistics (a bug: they run the same hooks)")
         for i, (kind, name, acc) in enumerate(parts):
             acc.sum = self._ordered_sum(acc.sum)
             acc.tokens = sum(m["tokens"][i] for m in meta)
-            if hasattr(acc, "input_diag_sum"):
-                acc.input_diag_sum = self._ordered_sum(acc.input_diag_sum)
+            if hasattr(acc, "input_diag_sum"):  # the chunks' terms, in the global order, as one process adds them
+                acc.diag_terms = [t for m in meta for t in m["diag_terms"][i]]
+                acc.input_diag_sum = torch.zeros_like(acc.input_diag_sum)
+                for term in acc.diag_terms:
+                    acc.input_diag_sum += term
         if hasattr(stats, "energy_terms"):
             from .stages import energy_means
 
