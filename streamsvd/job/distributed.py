@@ -79,7 +79,8 @@ class World:
     def __init__(self, rank: int = 0, size: int = 1):
         self.rank, self.size = rank, size
         self._peers: list[tuple[str, int]] = []
-        self.where = "start"  # what the job was doing, for the lost-rank message
+        self.block: int | None = None  # what the job was doing, for the lost-rank message: the block,
+        self.stage = "start"  # and the stage (the plan's stage names, set by CompressionJob._stage)
         self.ending = False  # an error was decided: a SIGTERM from torchrun now only hurries the exit along
         self._dealt = 0  # linears dealt so far (`spread`): the next call starts at the next rank
 
@@ -157,8 +158,11 @@ class World:
             who = ", ".join(str(r) for r in lost)
             what = f"rank {who} of {self.size} was lost (killed, crashed or stopped)"
         else:
-            what = f"a rank of {self.size} stopped answering within {collective_timeout_s():.0f} s ({type(exc).__name__})"
-        err = RankLost(f"{what} during {self.where}; the job stopped",
+            detail = (str(exc).strip().splitlines() or [""])[0][:200]
+            what = (f"a rank of {self.size} (not one on this host) stopped answering, within the {collective_timeout_s():.0f} s "
+                    f"collective timeout ({type(exc).__name__}: {detail})")
+        where = self.stage if self.block is None else f"block {self.block} ({self.stage})"
+        err = RankLost(f"{what} during {where}; the job stopped",
                        "run the same command again to resume from the finished blocks")
         printer = min((r for r in range(self.size) if r not in lost), default=0)
         err.quiet = printer != self.rank
@@ -279,7 +283,6 @@ class World:
         """Replace every partial sum in `stats` (a GramCollector or GroupStatistics) by the job's total, in place."""
         if not self.active:
             return
-        self.where = self.where.split(" (")[0] + " (reducing statistics)"
         parts = []
         for kind in ("grams", "output_grams", "cross"):
             for name, acc in sorted(getattr(stats, kind, {}).items()):
@@ -317,7 +320,6 @@ class World:
             return None
         import torch.distributed as dist
 
-        self.where = self.where.split(" (")[0] + " (factoring)"
         owner = {name: (self._dealt + i) % self.size for i, name in enumerate(names)}
         self._dealt += len(names)
         mine = {name: solve(name) for name in names if owner[name] == self.rank}

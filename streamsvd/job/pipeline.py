@@ -427,6 +427,7 @@ class CompressionJob:
 
     def _stage(self, name: str) -> None:
         """Charge the RSS samples from now on to stage `name` (the plan's stage names)."""
+        self.world.stage = name
         if getattr(self, "sampler", None) is not None:
             self.sampler.stage(name)
 
@@ -496,7 +497,6 @@ class CompressionJob:
         started = time.time()
         integrity = JobIntegrity(self)
         world = self.world
-        world.where = "start"
         world.agree(integrity.lock)
         if self.cfg.restart:
             world.on_rank0(integrity.remove_own_files)
@@ -705,7 +705,7 @@ class CompressionJob:
         """Statistics, factors, propagation, commit: the stages in job/stages.py, in order."""
         cfg = self.cfg
         prefix = layer_prefix(self.model, index)
-        self.world.where = f"block {index}"
+        self.world.block = index
         self.ckpt.read_digests = {}
         self._stage("statistics")
         layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)

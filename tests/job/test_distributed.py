@@ -104,6 +104,7 @@ def test_two_processes_write_the_one_process_output_byte_for_byte(model, referen
     (["--refine-steps", "5"], "--refine-steps cannot run under torchrun yet"),
     (["--quant", "int8"], "--quant cannot run under torchrun yet"),
     (["--alloc", "global"], "cannot run under torchrun yet"),
+    (["--max-ppl-increase", "0.5"], "--max-ppl-increase cannot run under torchrun yet"),
     (["--calib-samples", "2"], "fewer than the 2 processes"),
 ])
 def test_what_does_not_run_under_torchrun_is_refused_with_one_error(model, tmp_path, flags, says):
