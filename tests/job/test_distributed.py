@@ -382,3 +382,17 @@ def test_a_gram_off_by_float64_rounding_changes_the_stored_weights_only_at_float
 
     a, b = stored(f), stored(h)
     assert float((a - b).abs().max()) <= 1e-6 * float(a.abs().max())
+
+
+def test_restart_and_work_dir_under_torchrun(model, reference, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "scratch"
+    work.mkdir()
+    killed = _two(model, out, *BLOCK, "--work-dir", str(work), env={"STREAMSVD_FAULT": "state-saved:3"})
+    assert killed.returncode != 0
+    [job] = list(work.iterdir())
+    assert sorted(p.name for p in job.iterdir()) == ["rank-0-of-2", "rank-1-of-2"]  # each rank's own files
+    done = _two(model, out, *BLOCK, "--work-dir", str(work), "--restart")
+    assert done.returncode == 0, done.stderr
+    assert "--restart removes" in done.stderr
+    assert _files(out) == reference("block", BLOCK)
+    assert list(work.iterdir()) == []  # no scratch left behind, the ranks' folders' folder included
