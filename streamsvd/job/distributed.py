@@ -83,6 +83,7 @@ class World:
         self.stage = "start"  # and the stage (the plan's stage names, set by CompressionJob._stage)
         self.ending = False  # an error was decided: a SIGTERM from torchrun now only hurries the exit along
         self._dealt = 0  # linears dealt so far (`spread`): the next call starts at the next rank
+        self._gathers = 0  # gathers so far: every rank must be at the same one (`_gather` checks)
 
     @property
     def active(self) -> bool:
@@ -115,7 +116,7 @@ class World:
                                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
                                          "start the job with torchrun (it sets MASTER_ADDR, MASTER_PORT, RANK and "
                                          "WORLD_SIZE), e.g. torchrun --nproc-per-node 2 -m streamsvd run ...") from None
-            world._peers = world._gather((socket.gethostname(), os.getpid()))
+            world._peers = world._gather((socket.gethostname(), os.getpid()), "start")
             signal.signal(signal.SIGTERM, world._terminated)
         from ..math.gram import keep_diag_terms
         from .state import set_writer
@@ -185,12 +186,22 @@ class World:
             raise self._failed(exc) from None
 
     # ---------------------------------------------------------------- collectives
-    def _gather(self, value) -> list:
+    def _gather(self, value, what: str) -> list:
+        """Every rank's `value`, in rank order; refuses ranks that are not at the same gather, the `what`-th one
+        (a bug, never a silently mixed result)."""
         import torch.distributed as dist
 
+        self._gathers += 1
         out = [None] * self.size
-        self._call(dist.all_gather_object, out, value)
-        return out
+        self._call(dist.all_gather_object, out, ((self._gathers, what), self.stage, value))
+        if len({step for step, _, _ in out}) > 1:
+            self.ending = True
+            err = StreamSVDError("the processes fell out of step (" + ", ".join(
+                f"rank {r} at gather {n} ({w}) in {stage}" for r, ((n, w), stage, _) in enumerate(out)) + "); the job stopped",
+                "this is a bug in streamsvd: please report it; the same command resumes from the finished blocks")
+            err.quiet = self.rank != 0
+            raise err
+        return [v for _, _, v in out]
 
     def from_rank0(self, value):
         """Rank 0's `value` on every rank."""
@@ -222,7 +233,7 @@ class World:
             error = (type(exc).__name__, exc.problem, exc.fix)
         if not self.active:
             return result
-        errors = [e for e in self._gather(error) if e is not None]
+        errors = [e for e in self._gather(error, "agree") if e is not None]
         if errors:
             _, problem, fix = errors[0]
             err = StreamSVDError(problem, fix)
@@ -238,16 +249,16 @@ class World:
         return self.from_rank0(self.agree(fn if self.writes else None))
 
     def all_true(self, flag: bool) -> bool:
-        return all(self._gather(bool(flag))) if self.active else bool(flag)
+        return all(self._gather(bool(flag), "all_true")) if self.active else bool(flag)
 
     def min_int(self, value: int) -> int:
-        return min(self._gather(int(value))) if self.active else int(value)
+        return min(self._gather(int(value), "min_int")) if self.active else int(value)
 
     def combined_digest(self, local: str) -> str:
         """One digest for the ranks' activation files (each rank's own file's digest, in rank order)."""
         if not self.active:
             return local
-        parts = self._gather(local)
+        parts = self._gather(local, "digest")
         return hashlib.sha256(("\n".join([f"{self.size} ranks"] + parts)).encode()).hexdigest()
 
     # ---------------------------------------------------------------- windows
@@ -290,7 +301,7 @@ class World:
         layout = [(kind, name, tuple(acc.sum.shape)) for kind, name, acc in parts]
         meta = self._gather({"layout": layout, "tokens": [acc.tokens for _, _, acc in parts],
                              "energies": getattr(stats, "energy_terms", {}),
-                             "diag_terms": [getattr(acc, "diag_terms", None) for _, _, acc in parts]})
+                             "diag_terms": [getattr(acc, "diag_terms", None) for _, _, acc in parts]}, "statistics")
         if any(m["layout"] != layout for m in meta):
             raise RuntimeError("the ranks collected different statistics (a bug: they run the same hooks)")
         for i, (kind, name, acc) in enumerate(parts):

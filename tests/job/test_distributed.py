@@ -396,3 +396,32 @@ def test_restart_and_work_dir_under_torchrun(model, reference, tmp_path):
     assert "--restart removes" in done.stderr
     assert _files(out) == reference("block", BLOCK)
     assert list(work.iterdir()) == []  # no scratch left behind, the ranks' folders' folder included
+
+
+STEP_SCRIPT = """
+from streamsvd.errors import StreamSVDError
+from streamsvd.job.distributed import World
+
+world = World.start()
+try:
+    if world.rank == 1:
+        world.min_int(3)  # a rank taking another path than the others (a bug) ...
+    world.all_true(True)
+except StreamSVDError as e:
+    print(("quiet " if getattr(e, "quiet", False) else "") + "error: " + e.problem)
+world.stop()
+"""
+
+
+def test_ranks_out_of_step_are_an_error_not_a_mixed_result(tmp_path):
+    script = tmp_path / "step.py"
+    script.write_text(STEP_SCRIPT)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    said = [line for line in done.stdout.splitlines() if "error:" in line]
+    # ... is caught at the next gather, by both ranks, said by rank 0 only
+    assert sorted(said) == sorted([
+        "error: the processes fell out of step (rank 0 at gather 2 (all_true) in start, rank 1 at gather 2 (min_int) in "
+        "start); the job stopped",
+        "quiet error: the processes fell out of step (rank 0 at gather 2 (all_true) in start, rank 1 at gather 2 (min_int) "
+        "in start); the job stopped"]), done.stdout + done.stderr
