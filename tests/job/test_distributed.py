@@ -143,6 +143,11 @@ def test_killing_every_rank_and_relaunching_gives_the_same_bytes(model, referenc
     done = _two(model, out, *BLOCK)
     assert done.returncode == 0, done.stderr
     assert _files(out) == reference("block", BLOCK)
+    # a finished shard lost: rank 0 sees it, every rank replays the finished blocks on its own windows
+    next(out.glob("model-00002-of-*.safetensors")).unlink()
+    repaired = _two(model, out, *BLOCK)
+    assert repaired.returncode == 0 and "is damaged" in repaired.stderr, repaired.stderr
+    assert _files(out) == reference("block", BLOCK)
     # the same command without torchrun is another job (its sums would be added in another order): refused
     plain = _one(model, out, *BLOCK)
     assert plain.returncode == 2 and "torchrun --nproc-per-node" in plain.stderr, plain.stderr
