@@ -18,6 +18,7 @@ from ..errors import JobMismatch, StreamSVDError
 from ..io.fsutil import atomic_write_json
 
 STATE_NAME = "streamsvd_state.json"
+RESTART_FIX = "run the same command with --restart to remove streamsvd's files from OUT_DIR and start over"
 # Under torchrun only rank 0 writes OUT_DIR (job/distributed.py); the other ranks keep the same state in memory.
 _writes = True
 
@@ -25,7 +26,6 @@ _writes = True
 def set_writer(writes: bool) -> None:
     global _writes
     _writes = writes
-RESTART_FIX = "run the same command with --restart to remove streamsvd's files from OUT_DIR and start over"
 
 
 def fingerprint(job_identity: dict) -> str:
