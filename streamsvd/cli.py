@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,12 @@ def _add_run(sub) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR", help="new or empty directory, or the OUT_DIR of an interrupted job to resume")
     p.add_argument("--ratio", type=float, default=None,
                    help="fraction of each compressed linear's parameters to remove, in (0, 1) (default 0.4)")
-    p.add_argument("--max-mem", default=None, help="memory budget, e.g. 24G or 512M; sizes the batches (default: 75%% of available RAM)")
+    p.add_argument("--max-mem", default=None, help="memory budget, e.g. 24G or 512M; sizes the batches (default: 75%% of available RAM); "
+                   "under torchrun, per process")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="windows per batch (default: the largest that fits --max-mem; under torchrun at most a process's "
+                   "share). A job on N processes writes the bytes a one-process job with the same batch size writes "
+                   "(docs/DESIGN.md, \"Distributed runs\")")
     p.add_argument("--calib", action="append", default=[], metavar="FILE",
                    help="calibration text: plain text or .jsonl with a \"text\" field; repeat for several files "
                    "(default: Python's built-in reference documentation)")
@@ -215,6 +221,9 @@ def _add_plan(sub) -> None:
     _add_quality_flags(p)
     _add_quant_flags(p)
     p.add_argument("--no-plots", action="store_true", help="as for run: plan without the end's pictures")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="plan one process of a `torchrun --nproc-per-node N -m streamsvd run` job: its share of the "
+                   "windows, its memory under --max-mem (per process) and its work files (default 1)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object (min_max_mem_bytes, "
                    "peak_bytes, disk_bytes, seconds_estimate, and every stage's parts)")
 
@@ -336,10 +345,16 @@ def cmd_run(args) -> int:
     cfg.max_loss = args.max_loss
     cfg.max_ppl_increase, cfg.heldout_samples = args.max_ppl_increase, args.heldout_samples
     cfg.quant, cfg.group_size, cfg.quant_rounding = args.quant, args.group_size, args.quant_rounding
+    cfg.batch_size = args.batch_size
     state = read_state(cfg.out_dir, strict=False) if cfg.out_dir.is_dir() and not args.restart else None
     from .io.calibration import DEFAULT_WARNING
+    from .job.distributed import World
 
+    world = World.current()
+    cfg.progress = cfg.progress and world.writes  # one set of bars and one summary: rank 0's
     report = run_job(cfg)
+    if not world.writes:
+        return 0
     if not args.calib:  # once the job has succeeded: a refused input gets its one error and fix line alone
         print(DEFAULT_WARNING, file=sys.stderr)
     finished_before = state is not None and state.complete and not report.get("repaired")
@@ -475,7 +490,9 @@ def cmd_plan(args) -> int:
         refine_lr=args.refine_lr, quant=args.quant, group_size=args.group_size, quant_rounding=args.quant_rounding,
         plots=not args.no_plots,
     )
-    plan = plan_job(cfg)
+    if args.nproc < 1:
+        raise StreamSVDError(f"--nproc {args.nproc} is not positive", "give the number of processes torchrun starts, 1 or more")
+    plan = plan_job(cfg, processes=args.nproc)
     if args.json:
         print(json.dumps(plan.to_json()))
     else:
@@ -598,9 +615,17 @@ COMMANDS = {"run": cmd_run, "profile": cmd_profile, "plan": cmd_plan, "eval": cm
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .job.distributed import World, launched_distributed
+
     args = build_parser().parse_args(argv)
+    world = None
     try:
         try:
+            if launched_distributed():  # torchrun's environment: join the job's process group (job/distributed.py)
+                if args.command != "run":
+                    raise StreamSVDError(f"`streamsvd {args.command}` does not run under torchrun; only `streamsvd run` does",
+                                         f"run `streamsvd {args.command}` as one process, without torchrun")
+                world = World.start()
             return COMMANDS[args.command](args)
         except OSError as e:  # a full disk outside the writers that already report it (e.g. copying the tokenizer)
             from .io.diskspace import disk_full_error, is_disk_full
@@ -609,13 +634,24 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             raise disk_full_error(e.filename or "OUT_DIR") from e
     except StreamSVDError as e:
-        print(f"error: {e.problem}", file=sys.stderr)
-        if e.fix:
-            print(f"  fix: {e.fix}", file=sys.stderr)
+        if world is not None:
+            world.ending = True
+        # Under torchrun every rank meets the same input errors: rank 0 prints them (a lost rank: the lowest survivor).
+        if not getattr(e, "quiet", launched_distributed() and os.environ.get("RANK", "0") != "0"):
+            print(f"error: {e.problem}", file=sys.stderr)
+            if e.fix:
+                print(f"  fix: {e.fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished blocks are kept; run the same command again to resume", file=sys.stderr)
+        if world is not None:
+            world.ending = True
+        if not launched_distributed() or os.environ.get("RANK", "0") == "0":
+            print("interrupted: finished blocks are kept; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        if world is not None:
+            world.ending = True
+            world.stop()
 
 
 if __name__ == "__main__":

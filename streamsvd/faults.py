@@ -5,6 +5,7 @@ Inactive unless the environment variable STREAMSVD_FAULT is set when streamsvd i
 STREAMSVD_FAULT=NAME:N sends SIGKILL to this process the N-th time (1-based) point NAME is reached,
 exactly as a crash or an OOM kill would end it: no cleanup, no exception handlers, no flush.
 STREAMSVD_FAULT=NAME:N:stop sends SIGSTOP instead (a job frozen mid-way, holding its locks).
+Under torchrun every rank acts on it, unless STREAMSVD_FAULT_RANK=R names the one rank that does.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ def _parse(spec: str | None) -> tuple[str, int, int] | None:
     return name, int(count or 1), signal.SIGSTOP if action == "stop" else signal.SIGKILL
 
 
-_ACTIVE = _parse(os.environ.get(ENV))
+# STREAMSVD_FAULT_RANK=R: under torchrun, only rank R acts on STREAMSVD_FAULT (job/distributed.py); unset: every rank.
+RANK_ENV = "STREAMSVD_FAULT_RANK"
+_ACTIVE = _parse(os.environ.get(ENV)) if os.environ.get(RANK_ENV) in (None, os.environ.get("RANK", "0")) else None
 _hits: dict[str, int] = {}
 
 

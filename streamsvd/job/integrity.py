@@ -52,7 +52,8 @@ class JobIntegrity:
         job = self.job
         out = Path(job.cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        job.locks.take(out, "OUT_DIR")
+        if job.world.writes:  # under torchrun rank 0 holds OUT_DIR for the job; each rank its own work folder
+            job.locks.take(out, "OUT_DIR")
         if job.cfg.work_dir is not None:
             job.work.mkdir(parents=True, exist_ok=True)
             job.locks.take(job.work, "--work-dir")
@@ -132,28 +133,40 @@ class JobIntegrity:
             else:
                 p.unlink(missing_ok=True)
         fsync_dir(Path(job.cfg.out_dir))
+
+    def reset_state(self) -> None:
+        """After --restart removed the files (on rank 0 under torchrun): a fresh state and plan, on every rank."""
+        job = self.job
         job.state = type(job.state)(fingerprint=job.job_fp, settings=job.settings())
         job.batch_size = job._batch_size()
 
     # ---------------------------------------------------------------- scratch
     def activation_digest(self, name: str) -> str:
-        return file_sha256(self.job.work / name)
+        """The file's sha256; under torchrun, one digest of every rank's own file (job/distributed.py)."""
+        return self.job.world.combined_digest(file_sha256(self.job.work / name))
 
     def inputs_trusted(self) -> bool:
         state, job = self.job.state, self.job
         path = job.work / state.inputs_file
         try:
-            if path.stat().st_size != job._activation_nbytes():
-                return False
+            whole = path.stat().st_size == job._activation_nbytes()
         except OSError:
-            return False
-        return file_sha256(path) == state.inputs_digest
+            whole = False
+        if not job.world.active:
+            return whole and file_sha256(path) == state.inputs_digest
+        # every rank takes part in both collectives, whatever its own file is like
+        whole = job.world.all_true(whole)
+        return whole and self.activation_digest(state.inputs_file) == state.inputs_digest
 
     def remove_scratch(self) -> None:
         """No scratch left behind after a finished job, whichever run finished it."""
         job, out = self.job, Path(self.job.cfg.out_dir)
         shutil.rmtree(job.work, ignore_errors=True)
+        if not job.world.writes:  # under torchrun OUT_DIR is rank 0's to tidy (its temporary files may be in flight)
+            return
         shutil.rmtree(out / ".streamsvd-work", ignore_errors=True)
+        if job.world.active and job.cfg.work_dir is not None:
+            shutil.rmtree(job.work.parent, ignore_errors=True)  # the job's folder that holds the ranks' folders
         for stale in list(out.glob(".*.tmp-*")) + list((out / SPECTRA_DIR).glob(".*.tmp-*")):
             stale.unlink(missing_ok=True)
 

@@ -46,6 +46,7 @@ from ..model.quantized import dequantizing_getter, logical_keys
 from ..model.lowrank import module_from_tensors, replace_module
 from ..model.remote import modeling_source
 from ..model.embedding import materialize_base_mapped
+from .memory import format_size
 from .peak import PeakSampler, high_water_bytes
 from .plan import COMPENSATE_MAX_IN, SVD_MODES, build_plan, plot_disk_bytes, refuse_if_too_small
 from ..io.output import SPECTRA_DIR, OutputWriter
@@ -57,6 +58,7 @@ from .stages import (FactoredBlock, OriginalInputs, collect_group_statistics, re
                      output_side_linears, quantize_block)
 from .state import JobState, fingerprint
 from .integrity import JobIntegrity
+from .distributed import ReadOnlyOutput, World, refuse_unsupported
 from .lock import JobLocks
 from .preflight import check_paths
 
@@ -112,6 +114,9 @@ class JobConfig:
     quant: str | None = None  # int8 or int4: every factor stored quantised per group (math/quantize.py); None: full precision
     group_size: int | None = None  # columns per quantisation group (None: DEFAULT_GROUP_SIZE with --quant)
     quant_rounding: str | None = None  # rtn or gptq (None: DEFAULT_ROUNDING with --quant)
+    # windows per batch (None: the plan's largest that fits --max-mem; under torchrun at most a rank's share).
+    # Not part of the job's identity: a resumed job keeps the batch size it started with.
+    batch_size: int | None = None
 
     @property
     def quant_spec(self) -> QuantSpec | None:
@@ -162,6 +167,8 @@ class JobConfig:
             raise StreamSVDError(f"unknown --act-dtype {self.act_dtype!r}", f"choose one of {', '.join(ACT_DTYPES)}")
         if self.max_mem is not None and self.max_mem <= 0:
             raise StreamSVDError(f"--max-mem {self.max_mem} is not a positive size", "give a budget such as 8G")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise StreamSVDError(f"--batch-size {self.batch_size} is not positive", "give 1 or more windows, or leave it out")
         if self.calib_samples < 1:
             raise StreamSVDError(f"--calib-samples {self.calib_samples} is not positive", "use at least 1 sample")
         if self.seqlen < 2:
@@ -275,6 +282,9 @@ def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str, profile_digest: st
         identity["max_ppl_increase"] = [cfg.max_ppl_increase, cfg.heldout_rows]
     if cfg.needs_profile:
         identity["profile"] = profile_digest or "own"
+    world = World.current()
+    if world.active:  # absent for one process: its identity is as before. N ranks sum in another order (job/distributed.py)
+        identity["processes"] = world.size
     spec = cfg.quant_spec
     if spec is not None:  # absent without --quant, so unquantised jobs from before still resume
         identity["quant"] = spec.section()
@@ -300,6 +310,8 @@ class CompressionJob:
     def __init__(self, cfg: JobConfig):
         cfg.validate()
         self.cfg = cfg
+        self.world = World.current()
+        refuse_unsupported(cfg, self.world)
         self.ckpt = Checkpoint(cfg.model_dir)
         self.config = load_config(self.ckpt)
         check_seqlen(self.config, cfg.seqlen)
@@ -307,6 +319,8 @@ class CompressionJob:
         self.text, self.text_source = load_texts(cfg.calib)
         check_paths(cfg.model_dir, cfg.out_dir, cfg.work_dir, restart=cfg.restart)
         self.out = OutputWriter(cfg.out_dir, self.ckpt, self.config.num_hidden_layers)
+        if not self.world.writes:
+            self.out = ReadOnlyOutput(self.out)
         self.profile, self.ranks = None, None
         if cfg.profile is not None:
             self.profile = read_profile(cfg.profile, self._profile_identity())
@@ -319,6 +333,7 @@ class CompressionJob:
         self.state = self._open_state()
         # Under --work-dir, a folder of this job's own, so finishing never removes the user's files.
         self.work = Path(cfg.out_dir) / WORK_DIR_NAME if cfg.work_dir is None else Path(cfg.work_dir) / f"streamsvd-{job_fp[:12]}"
+        self.work = self.world.work_folder(self.work)  # under torchrun, each rank's activation files are its own
         if cfg.restart:
             JobIntegrity(self).check_restart_target()
         # Everything that can reject the input runs before anything is written to OUT_DIR.
@@ -328,6 +343,7 @@ class CompressionJob:
         self.heldout = heldout_windows(self.tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_rows)
         self.model = empty_model(self.config, COMPUTE_DTYPE)
         self.batch_size = self._batch_size()
+        self.share  # refuses a world with more processes than batches
         if not self.state.complete:
             check_free_space(self._disk_needs())
 
@@ -375,10 +391,33 @@ class CompressionJob:
 
     # ---------------------------------------------------------------- setup
     def _batch_size(self) -> int:
-        """The plan's batch size (job/plan.py); a resumed job keeps its own. Refuses a budget that cannot hold."""
-        self.plan = build_plan(self.cfg, self.ckpt, fixed_batch=self.state.batch_size or None, ranks=self.ranks)
+        """The plan's batch size (job/plan.py); a resumed job keeps its own. Refuses a budget that cannot hold.
+
+        --batch-size fixes it. Under torchrun every rank takes the smallest of the ranks' plans, at most a
+        rank's share of the windows (job/distributed.py), so that every rank has batches to stream."""
+        cfg, world = self.cfg, self.world
+        fixed = self.state.batch_size or cfg.batch_size or None
+        if self.state.batch_size and cfg.batch_size and cfg.batch_size != self.state.batch_size:
+            raise StreamSVDError(f"--batch-size {cfg.batch_size} differs from the interrupted job's {self.state.batch_size}",
+                                 f"resume with --batch-size {self.state.batch_size} (or leave it out)")
+        if world.active and fixed is None:  # each rank's plan is for its share (job/plan.py); the smallest batch wins
+            fixed = world.min_int(build_plan(cfg, self.ckpt, ranks=self.ranks, processes=world.size).batch_size)
+        self.plan = build_plan(cfg, self.ckpt, fixed_batch=fixed, ranks=self.ranks, processes=world.size)
         refuse_if_too_small(self.plan, resumed=bool(self.state.batch_size))
+        if cfg.batch_size and not self.state.batch_size and self.plan.peak_bytes > self.plan.budget_bytes:
+            raise StreamSVDError(f"--batch-size {cfg.batch_size} needs {format_size(self.plan.peak_bytes)}, more than --max-mem "
+                                 f"{format_size(self.plan.budget_bytes)}", "give a smaller --batch-size, or leave it out")
         return self.plan.batch_size
+
+    @property
+    def share(self) -> tuple[int, int]:
+        """This process's windows [lo, hi) of the job's (all of them for one process; job/distributed.py)."""
+        return self.world.share(self.cfg.calib_samples, self.batch_size)
+
+    @property
+    def samples(self) -> int:
+        """Calibration windows this process streams (all of them for one process)."""
+        return self.share[1] - self.share[0]
 
     def _quant_while_factoring(self) -> QuantSpec | None:
         """Factors are quantised as each linear is factored (its Gram at hand for GPTQ, and the block's later
@@ -388,6 +427,7 @@ class CompressionJob:
 
     def _stage(self, name: str) -> None:
         """Charge the RSS samples from now on to stage `name` (the plan's stage names)."""
+        self.world.stage = name
         if getattr(self, "sampler", None) is not None:
             self.sampler.stage(name)
 
@@ -418,11 +458,11 @@ class CompressionJob:
     def _activation_shape(self) -> tuple[int, int, int]:
         """The compressed model's stream in samples [0, S); when compensating, the original's in [S, 2S); then the
         held-out windows (--max-ppl-increase), through the compressed blocks."""
-        return (self.cfg.calib_samples * self.cfg.streams + self.cfg.heldout_rows, self.cfg.seqlen, self.config.hidden_size)
+        return (self.samples * self.cfg.streams + self.cfg.heldout_rows, self.cfg.seqlen, self.config.hidden_size)
 
     @property
     def _heldout_base(self) -> int:
-        return self.cfg.calib_samples * self.cfg.streams
+        return self.samples * self.cfg.streams
 
     def _activation_file(self, name: str, create: bool) -> ActivationFile:
         return ActivationFile(self.work / name, self._activation_shape(), self.cfg.act_dtype, create=create)
@@ -456,15 +496,20 @@ class CompressionJob:
     def _run_locked(self, on_block_done=None) -> dict:
         started = time.time()
         integrity = JobIntegrity(self)
-        integrity.lock()
+        world = self.world
+        world.agree(integrity.lock)
         if self.cfg.restart:
-            integrity.remove_own_files()
-        elif integrity.reread_state():
+            world.on_rank0(integrity.remove_own_files)
+            integrity.reset_state()
+        elif world.on_rank0(integrity.reread_state):
+            self.state = world.from_rank0(self.state)  # under torchrun, rank 0's state is every rank's
             self.batch_size = self._batch_size()
+        self.state = world.from_rank0(self.state)
         self.out.written = self.state.files
         repaired = []
         if self.state.complete:
-            repaired = integrity.reopen_if_damaged()
+            repaired = world.on_rank0(integrity.reopen_if_damaged)
+            self.state = world.from_rank0(self.state)
             if not repaired:
                 integrity.remove_scratch()
                 return {**self.out.read_report(), "this_run": self.out.last_run()}
@@ -479,7 +524,7 @@ class CompressionJob:
     def _run(self, started: float, integrity: JobIntegrity, repaired: list, on_block_done) -> dict:
         self._stage("embed")
         self.state.batch_size = self.batch_size
-        integrity.check_model_unchanged()
+        self.world.agree(integrity.check_model_unchanged)
         self.state.save(self.out.dir)
         self.out.prepare()
         self.work.mkdir(parents=True, exist_ok=True)
@@ -510,7 +555,7 @@ class CompressionJob:
         self._stage("write")
         report = self._report()
         pictures = {}
-        if self.cfg.plots:
+        if self.cfg.plots and self.world.writes:
             self._stage("plots")
             pictures = self._pictures(report)
             self._stage("write")
@@ -522,6 +567,9 @@ class CompressionJob:
             figures.update(self.out.log_run({
                 "seconds": round(time.time() - started, 2),
                 "batch_size": self.batch_size,
+                # under torchrun: how many processes, and each one's windows [lo, hi) (absent for one process)
+                **({"processes": self.world.size, "windows_per_process": self.world.shares(self.cfg.calib_samples, self.batch_size)}
+                   if self.world.active else {}),
                 **getattr(self, "profile_figures", {}),
                 **self._memory_figures(),
                 **({"refinement": self.refinements} if self.refinements else {}),
@@ -548,9 +596,11 @@ class CompressionJob:
         """
         state = self.state
         integrity = JobIntegrity(self)
-        if state.extra_shard_done and not self.out.extra_intact():
+        if state.extra_shard_done and not self.world.from_rank0(self.out.extra_intact()):
             integrity.forget_extra()
-        intact = next((i for i in range(state.blocks_done) if not self.out.block_intact(i)), state.blocks_done)
+        # under torchrun rank 0's look at OUT_DIR decides for every rank (the others adopt its state)
+        intact = self.world.from_rank0(next((i for i in range(state.blocks_done) if not self.out.block_intact(i)),
+                                            state.blocks_done))
         if intact < state.blocks_done:
             tqdm.write(f"streamsvd: the files of finished block {intact} are missing or damaged; redoing from block {intact}",
                        file=sys.stderr)
@@ -566,7 +616,7 @@ class CompressionJob:
         # leaves no file that the next resume trusts.
         state.inputs_file = state.inputs_digest = None
         state.save(self.out.dir)
-        name = self._embed(self.windows)
+        name = self._embed(self.windows[self.share[0]:self.share[1]])
         for index in tqdm(range(state.blocks_done), desc="rebuild", unit="block", leave=False, disable=not self.cfg.progress or not state.blocks_done):
             layer = self._finished_layer(index)
             src = self._activation_file(name, create=False)
@@ -618,7 +668,7 @@ class CompressionJob:
         return acts.path.name
 
     def _bar(self, desc: str):
-        return tqdm(list(self._batches(self.cfg.calib_samples)), desc=desc, leave=False, disable=not self._inner_bars())
+        return tqdm(list(self._batches(self.samples)), desc=desc, leave=False, disable=not self._inner_bars())
 
     def _forward(self, index: int):
         args, kwargs = self.layer_args[index]
@@ -628,7 +678,7 @@ class CompressionJob:
     def _propagate(self, layer: nn.Module, index: int, src: ActivationFile, dst: ActivationFile, desc: str,
                    stream: int = 0) -> None:
         forward = self._forward(index)
-        base = stream * self.cfg.calib_samples
+        base = stream * self.samples
         for start, stop in self._bar(desc):
             dst.write(base + start, forward(layer, src.read(base + start, base + stop)))
             faults.point("activation-batch")
@@ -655,6 +705,7 @@ class CompressionJob:
         """Statistics, factors, propagation, commit: the stages in job/stages.py, in order."""
         cfg = self.cfg
         prefix = layer_prefix(self.model, index)
+        self.world.block = index
         self.ckpt.read_digests = {}
         self._stage("statistics")
         layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
@@ -669,9 +720,11 @@ class CompressionJob:
                 on_output=dst.write if cfg.propagate == "original" else None,
                 output_side=self._output_side(layer),
             )
+            self.world.reduce_statistics(stats)
             self._stage("factorize")
             block = factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
-                                 svd=cfg.svd, ranks=self.ranks, quant=self._quant_while_factoring(), shrink=cfg.shrink)
+                                 svd=cfg.svd, ranks=self.ranks, quant=self._quant_while_factoring(), shrink=cfg.shrink,
+                                 spread=self.world.spread)
             del stats  # the Grams are not needed past here
         if cfg.refine_steps:
             self._refine(layer, index, prefix, block, src, dst)
@@ -701,7 +754,7 @@ class CompressionJob:
         of the activation files) beside the compressed one, whole and once per block: the first pass
         writes its outputs (the next block's original inputs) and its inputs to the later groups.
         """
-        cfg, samples = self.cfg, self.cfg.calib_samples
+        cfg, samples = self.cfg, self.samples
         forward = self._forward(index)
         original = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE) if cfg.compensate else None
         groups = forward_groups(layer, src.read(0, 1), forward)
@@ -715,7 +768,7 @@ class CompressionJob:
         # With compensation over several passes the original block runs once, in the first, and leaves its
         # inputs to the later groups' leaders on disk (stages.OriginalInputs) for the later passes to pair with.
         stash = self._original_inputs(layer, passes, output_side) if cfg.compensate and len(passes) > 1 else None
-        energies: dict[str, float] = {}
+        energies: dict[str, list[float]] = {}
         try:
             for i, target in enumerate(passes):
                 last = i == len(passes) - 1
@@ -727,10 +780,12 @@ class CompressionJob:
                     on_original_output=lambda start, out: dst.write(samples + start, out), output_side=output_side,
                     stash=stash, energies=energies,
                 )
+                self.world.reduce_statistics(stats)
                 self._stage("factorize")
                 factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
                              svd=cfg.svd, names=[n for g in target for n in g], anchor=cfg.anchor, block=block,
-                             finish=last, ranks=self.ranks, quant=self._quant_while_factoring(), shrink=cfg.shrink)
+                             finish=last, ranks=self.ranks, quant=self._quant_while_factoring(), shrink=cfg.shrink,
+                             spread=self.world.spread)
                 del stats
                 original = None  # the first pass ran it (whole when stashing; the only pass otherwise)
         finally:
@@ -743,7 +798,7 @@ class CompressionJob:
         linears = linear_modules(layer)
         later = [g for target in passes[1:] for g in target]
         leaders = {g[0]: linears[g[0]].in_features for g in later if any(n not in output_side for n in g)}
-        return OriginalInputs(self.work, self.cfg.calib_samples, self.cfg.seqlen, leaders)
+        return OriginalInputs(self.work, self.samples, self.cfg.seqlen, leaders)
 
     def _output_side(self, layer: nn.Module) -> set[str]:
         """The linears factored from their output Gram (job/plan.py factor_route). Compensation, the anchor and
@@ -765,7 +820,7 @@ class CompressionJob:
         The target is what the original model gives at this boundary: with compensation, the original
         stream's outputs the last pass wrote; otherwise the original block run on the compressed inputs.
         """
-        cfg, samples = self.cfg, self.cfg.calib_samples
+        cfg, samples = self.cfg, self.samples
         self._stage("refine")
         forward = self._forward(index)
         if cfg.compensate:
@@ -915,5 +970,7 @@ def _has_size(path: Path, nbytes: int) -> bool:
 
 
 def run_job(cfg: JobConfig, on_block_done=None) -> dict:
-    return CompressionJob(cfg).run(on_block_done=on_block_done)
+    # Under torchrun a refused input is refused by every rank together, and said once (job/distributed.py).
+    job = World.current().agree(lambda: CompressionJob(cfg))
+    return job.run(on_block_done=on_block_done)
 

@@ -284,6 +284,8 @@ class PlanInputs:
     quant: object = None  # a math.quantize.QuantSpec: factors written quantised (smaller shards, a quantize stage)
     heldout_samples: int = 0  # --max-ppl-increase's held-out windows: that many more rows in each activation file
     plots: bool = True  # the end's pictures (a `plots` stage; off with run --no-plots, and for a profile)
+    # processes of one job under torchrun (job/distributed.py): the plan is one process's, for its share of the windows
+    processes: int = 1
 
     @property
     def compensated(self) -> bool:
@@ -312,6 +314,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     head_dim = _config_int(cfg, "head_dim", hidden // max(heads, 1))
     n_layers = _config_int(cfg, "num_hidden_layers", 0)
     L, S = settings.seqlen, settings.calib_samples
+    P, S_total = max(1, settings.processes), settings.calib_samples
     act = ACT_BYTES[settings.act_dtype]
     c = COMPUTE_BYTES
 
@@ -433,6 +436,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         io_batch = b * L * hidden * act
         statistics = {"block weights": weights, "statistics": stats_bytes, "batch": batch,
                       "gram chunk": gram_chunk, "outputs": b * L * hidden * (c + act)}
+        if P > 1:  # adding up the ranks' sums: the running total and one rank's partial beside this rank's own
+            statistics["reduction buffers"] = 2 * 8 * max(widest_in, widest_out) ** 2
         if settings.compensate:
             # the untouched block beside the compressed one, the original inputs of the group held while
             # the compressed forward runs, and its outputs' energy in float64
@@ -446,6 +451,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             "factorize": {"block weights": weights * (2 if settings.compensate else 1), "statistics": stats_bytes,
                           "whitening": whitening_held,
                           "workspace": workspace, "factors": factors_stored + factors_compute + spectra,
+                          **({"broadcast factors": 2 * factors_compute} if P > 1 else {}),
                           **({"rounding": quant_work} if settings.quant is not None and not quant_stage else {})},
             "refine": {} if not settings.refine_steps else {
                 # the block with its factors; Adam's two moments, the gradients and the best factors so far;
@@ -489,7 +495,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     else:
         batch = 1
         if budget >= strict_min:
-            lo, hi = 1, max(1, S)
+            lo, hi = 1, max(1, S // P)  # under torchrun every process needs a batch: at most S // P windows
             while lo < hi:  # the largest batch whose every stage fits
                 mid = (lo + hi + 1) // 2
                 if max(totals(mid).values()) <= budget:
@@ -498,6 +504,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                     hi = mid - 1
             batch = lo
     stage_totals = totals(batch)
+    if P > 1:  # from here on, one process's share of the windows: the most any rank streams (job/distributed.py)
+        S = min(S_total, -(-(-(-S_total // batch)) // P) * batch)
 
     # ---- disk: the output (from the headers and the ranks) and the two activation files
     # two files; each holds both streams when compensating, and the held-out windows
@@ -577,6 +585,11 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         else:
             routes[key] = "plain SVD of the weight"
     notes = []
+    if P > 1:
+        notes.append(f"one process of {P} (torchrun): it streams at most {S} of the {S_total} windows (whole batches of "
+                     f"{batch}); memory and the work files are per process, the output is written once (rank 0); "
+                     "every process holds the block, and while the ranks add up their statistics two more copies of "
+                     "the largest one")
     if fixed_batch is not None:
         notes.append(f"batch {fixed_batch} is the interrupted job's (kept on resume so the output does not change)")
     return Plan(
@@ -620,7 +633,8 @@ def refuse_if_too_small(plan: Plan, resumed: bool = False) -> None:
         )
 
 
-def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dict[str, int] | None = None) -> Plan:
+def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dict[str, int] | None = None,
+               processes: int = 1) -> Plan:
     """The plan of the job `cfg` (a JobConfig) under its --max-mem (default: 75% of available RAM).
 
     The baseline is this process's RSS now, after the speed measurement has loaded and warmed up
@@ -639,7 +653,8 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dic
                           factors=getattr(cfg, "factors", "pivoted"), calibrate=getattr(cfg, "calibrate", "block"),
                           compensate=getattr(cfg, "compensate", False), anchor=getattr(cfg, "anchor", 0.0),
                           refine_steps=getattr(cfg, "refine_steps", 0), ranks=ranks, quant=getattr(cfg, "quant_spec", None),
-                          heldout_samples=getattr(cfg, "heldout_rows", 0), plots=getattr(cfg, "plots", False))
+                          heldout_samples=getattr(cfg, "heldout_rows", 0), plots=getattr(cfg, "plots", False),
+                          processes=processes)
     budget = cfg.max_mem if cfg.max_mem is not None else default_budget()
     other = sum(p.stat().st_size for p in sorted(ckpt.dir.iterdir()) if p.is_file() and not p.name.endswith(".safetensors")
                 and p.name not in ("model.safetensors.index.json",))
@@ -647,7 +662,7 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dic
     return make_plan(ckpt, layers_path, settings, budget, rss_bytes(), fixed_batch=fixed_batch, other_file_bytes=other)
 
 
-def plan_job(cfg) -> Plan:
+def plan_job(cfg, processes: int = 1) -> Plan:
     """`streamsvd plan`: everything `run` checks and loads before its plan, then the plan (no OUT_DIR)."""
     from ..io.calibration import load_texts, load_tokenizer, sample_windows
     from ..model.architecture import check_seqlen, empty_model, load_config
@@ -660,6 +675,10 @@ def plan_job(cfg) -> Plan:
     text, _ = load_texts(cfg.calib)
     windows = sample_windows(tokenizer, text, cfg.calib_samples, cfg.seqlen, cfg.seed)
     model = empty_model(config, torch.float32)
-    plan = build_plan(cfg, ckpt)
+    plan = build_plan(cfg, ckpt, processes=processes)
+    if processes > 1:  # refuses, as `run` under torchrun would, a job with fewer batches than processes
+        from .distributed import World
+
+        World(0, processes).share(cfg.calib_samples, plan.batch_size)
     del windows, model
     return plan

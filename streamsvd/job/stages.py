@@ -156,6 +156,7 @@ class GroupStatistics:
         self.grams = {leader: GramAccumulator(linears[leader].in_features) for leader in leaders}
         self.cross = {leader: CrossGramAccumulator(linears[leader].in_features) for leader in leaders} if compensate else {}
         self.e0: dict[str, float] = {}
+        self.energy_terms: dict[str, list[float]] = {}  # name -> the per-batch sums e0 is made of
 
 
 @torch.no_grad()
@@ -228,8 +229,9 @@ def collect_group_statistics(
                 y = out.detach()
                 if bias is not None:
                     y = y - bias.detach()
-                # squares in the layer's precision, summed in float64 (no float64 copy of the outputs)
-                energies[name] = energies.get(name, 0.0) + float(torch.sum(y * y, dtype=torch.float64))
+                # squares in the layer's precision, summed in float64 (no float64 copy of the outputs); one term
+                # per batch, added up in batch order (energy_means), so N processes add the same terms in the same order
+                energies.setdefault(name, []).append(float(torch.sum(y * y, dtype=torch.float64)))
             done(("energy", name))
         return fn
 
@@ -291,8 +293,20 @@ def collect_group_statistics(
             [("accumulate", n) for n in accumulated], True)
         captured.clear()
     tokens = next((g.tokens for g in list(stats.grams.values()) + list(stats.output_grams.values())), 0)
-    stats.e0 = {n: energies[n] / max(tokens, 1) for n in sorted(wanted) if n in energies}
+    stats.energy_terms = {n: list(energies[n]) for n in sorted(wanted) if n in energies}
+    stats.e0 = energy_means(stats.energy_terms, tokens)
     return stats
+
+
+def energy_means(terms: dict[str, list[float]], tokens: int) -> dict[str, float]:
+    """name -> (sum of its per-batch output energies, added in batch order from 0.0) / tokens."""
+    means = {}
+    for name, values in terms.items():
+        total = 0.0
+        for value in values:  # not sum(): Python 3.12's sum() of floats compensates, and would change the bits
+            total += value
+        means[name] = total / max(tokens, 1)
+    return means
 
 
 class OriginalInputs:
@@ -351,7 +365,7 @@ def factor_block(
     layer: nn.Module, prefix: str, ckpt: Checkpoint, stats, ratio: float, method: str,
     compute_dtype: torch.dtype = torch.float32, factors: str = "pivoted", svd: str = "exact",
     names: list[str] | None = None, anchor: float = 0.0, block: FactoredBlock | None = None, finish: bool = True,
-    ranks: dict[str, int] | None = None, quant: QuantSpec | None = None, shrink: float = 0.0,
+    ranks: dict[str, int] | None = None, quant: QuantSpec | None = None, shrink: float = 0.0, spread=None,
 ) -> FactoredBlock:
     """Factor the linears `names` of `layer` (default: all) and swap in the modules the shard will hold.
 
@@ -364,7 +378,9 @@ def factor_block(
     quantised as soon as they are made (math/quantize.py; GPTQ rounding with the Gram of the
     linear's input while it is still held, round-to-nearest for a linear factored on its output side)
     and the module swapped in is the dequantised one. `shrink` a: every input Gram is read as
-    (1 - a) G + a diag(G) (math/gram.shrink_gram; run --shrink).
+    (1 - a) G + a diag(G) (math/gram.shrink_gram; run --shrink). `spread(names, solve)`: under torchrun,
+    every linear's factors computed by one rank and given to all (job/distributed.World.spread); None or a
+    `spread` that returns None: each linear is factored here as the loop reaches it.
     """
     block = block if block is not None else FactoredBlock()
     whitenings: dict[str, object] = {}
@@ -372,7 +388,9 @@ def factor_block(
     keep = quant is not None and quant.rounding == "gptq"
     linears = linear_modules(layer)
     names = list(linears) if names is None else list(names)
-    for i, name in enumerate(names):
+
+    def solve(name: str):
+        """(input group, factors, output error, input Gram for GPTQ) of linear `name`."""
         linear = linears[name]
         full = prefix + name
         rank = ranks[full] if ranks is not None else rank_for_ratio(linear.out_features, linear.in_features, ratio, factors)
@@ -404,6 +422,21 @@ def factor_block(
                 input_gram = kept_grams.get(group) if group in kept_grams else (
                     stats.grams[group].gram if keep and group in stats.grams else None)
                 f = factorize(linear.weight, whitenings.get(group), rank, method, svd=route_svd)
+        return group, f, error, input_gram
+
+    out_side = set(stats.output_grams)
+    # Under torchrun (job/distributed.py) the linears are factored by the ranks in turn and the factors broadcast.
+    solved = spread(names, lambda n: solve(n)[1:3]) if spread is not None else None
+    if solved is not None and quant is not None:
+        raise ValueError("quantisation needs the input Grams where the factors are used; it is not spread")
+    for i, name in enumerate(names):
+        linear = linears[name]
+        full = prefix + name
+        if solved is None:
+            group, f, error, input_gram = solve(name)
+        else:
+            (f, error), input_gram = solved[name], None
+            group = name if name in out_side else stats.group_of[name]
         bias = ckpt.get(full + ".bias") if (full + ".bias") in ckpt else None
         stored = factor_tensors(full, f.out_factor, f.in_factor, bias, store_dtype(ckpt, full + ".weight"), factors)
         form = stored_form(set(stored), full)

@@ -19,6 +19,13 @@ from ..io.fsutil import atomic_write_json
 
 STATE_NAME = "streamsvd_state.json"
 RESTART_FIX = "run the same command with --restart to remove streamsvd's files from OUT_DIR and start over"
+# Under torchrun only rank 0 writes OUT_DIR (job/distributed.py); the other ranks keep the same state in memory.
+_writes = True
+
+
+def set_writer(writes: bool) -> None:
+    global _writes
+    _writes = writes
 
 
 def fingerprint(job_identity: dict) -> str:
@@ -82,6 +89,8 @@ class JobState:
 
     def save(self, out_dir: Path) -> None:
         self.digest = self.content_digest()
+        if not _writes:
+            return
         atomic_write_json(Path(out_dir) / STATE_NAME, asdict(self))
 
 
@@ -92,9 +101,11 @@ OPTIONAL_FIELDS = {"settings"}  # may be absent (older states); all others must 
 _FLAGS = {"ratio": "--ratio", "method": "--method", "calib_samples": "--calib-samples", "seqlen": "--seqlen",
           "seed": "--seed", "propagate": "--propagate", "act_dtype": "--act-dtype", "svd": "--svd",
           "factors": "--factors", "calibrate": "--calibrate", "anchor": "--anchor", "alloc": "--alloc",
-          "rank_multiple": "--rank-multiple", "max_loss": "--max-loss", "alloc_floor": "--alloc-floor", "shrink": "--shrink"}
+          "rank_multiple": "--rank-multiple", "max_loss": "--max-loss", "alloc_floor": "--alloc-floor", "shrink": "--shrink",
+          "processes": "torchrun --nproc-per-node"}
 _ABSENT = {"factors": "plain", "calibrate": "block", "compensate": False, "anchor": 0.0, "refine": [0, None],
-           "alloc": "uniform", "rank_multiple": 1, "alloc_floor": 0.0, "shrink": 0.0, "max_loss": None, "profile": None, "quant": None}
+           "alloc": "uniform", "rank_multiple": 1, "alloc_floor": 0.0, "shrink": 0.0, "max_loss": None, "profile": None, "quant": None,
+           "processes": 1}
 _WHAT = {"checkpoint": "another model or checkpoint files", "calib_digest": "another calibration text",
          "version": "another streamsvd version", "profile": "another --profile"}
 

@@ -21,6 +21,15 @@ _TILE_BYTES = 64 << 20
 # the upper triangle is multiplied; narrower ones (SmolLM2's 576) are one product.
 _SPLIT_FROM = 1024
 _MIN_TILES = 4
+# Under torchrun (job/distributed.py) an output Gram also keeps the per-chunk terms of its input diagonal: they
+# are float64 sums, whose total depends on how they are grouped, so the ranks add them all up in the one
+# process's order instead of adding their partial sums. Off for one process (nothing kept).
+_keep_diag_terms = False
+
+
+def keep_diag_terms(keep: bool) -> None:
+    global _keep_diag_terms
+    _keep_diag_terms = keep
 
 
 def product_dtype(x: torch.Tensor) -> torch.dtype:
@@ -115,6 +124,7 @@ class OutputGramAccumulator(GramAccumulator):
         self.weight = weight  # the layer's own parameter (not copied)
         # sum of x_i^2 per input channel: diag(G) times tokens, what shrinkage of the input Gram needs (shrunk_output_gram)
         self.input_diag_sum = torch.zeros(weight.shape[1], dtype=torch.float64)
+        self.diag_terms: list[torch.Tensor] | None = [] if _keep_diag_terms else None
 
     def add_batch(self, x: torch.Tensor) -> None:
         n = self.weight.shape[1]
@@ -124,7 +134,10 @@ class OutputGramAccumulator(GramAccumulator):
         for start in range(0, rows.shape[0], _ROW_CHUNK):
             chunk = rows[start : start + _ROW_CHUNK].to(dtype)
             add_products(self.sum, chunk @ w.T)
-            self.input_diag_sum += torch.sum(chunk * chunk, 0, dtype=torch.float64)
+            term = torch.sum(chunk * chunk, 0, dtype=torch.float64)
+            self.input_diag_sum += term
+            if self.diag_terms is not None:
+                self.diag_terms.append(term)
         self._upper_only = True
         self.tokens += rows.shape[0]
 

@@ -1,0 +1,432 @@
+"""`torchrun --nproc-per-node 2 -m streamsvd run ...` (job/distributed.py) on a tiny model, two gloo processes.
+
+Every job here is a subprocess with one BLAS thread, the one-process reference included, so that both
+compute with the same threads. The claim tested: a job on N processes writes, byte for byte, what the
+one-process job with the same batch size writes (every file but the run log and the state, which
+record the number of processes); docs/DESIGN.md, "Distributed runs", says why and when.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from streamsvd.io.output import RUN_LOG
+from streamsvd.job.distributed import COLLECTIVE_TIMEOUT_S
+from streamsvd.job.lock import LOCK_NAME
+from streamsvd.job.state import STATE_NAME
+
+REPO = Path(__file__).resolve().parents[2]
+# 8 windows in batches of 2: 2 batches per rank; 4 blocks.
+FLAGS = ["--calib-samples", "8", "--seqlen", "32", "--batch-size", "2", "--no-progress", "--no-plots"]
+BLOCK = ["--no-compensate", "--calibrate", "block", "--anchor", "0"]
+VOLATILE = {RUN_LOG, STATE_NAME}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+ENV.pop("STREAMSVD_FAULT", None)
+ENV.pop("STREAMSVD_FAULT_RANK", None)
+
+
+def _one(model: Path, out: Path, *flags: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamsvd", "run", str(model), str(out), *FLAGS, *flags],
+                          env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=300, **kw)
+
+
+def _torchrun(model: Path, out: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "streamsvd", "run", str(model), str(out), *FLAGS, *flags]
+
+
+def _two(model: Path, out: Path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(_torchrun(model, out, *flags), env={**ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name not in VOLATILE}
+
+
+def _ours(stderr: str) -> list[str]:
+    """Our processes' `error:` and `fix:` lines (torchrun adds its own failure summary after them)."""
+    return [line for line in stderr.splitlines() if line.startswith("error:") or line.startswith("  fix:")]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from tiny_models import make_tiny_checkpoint
+
+    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("llama") / "model")
+
+
+@pytest.fixture(scope="module")
+def reference(model, tmp_path_factory):
+    """settings name -> the one-process job's OUT_DIR files."""
+    made = {}
+
+    def get(name: str, flags: list[str]) -> dict[str, bytes]:
+        if name not in made:
+            out = tmp_path_factory.mktemp("one") / name
+            done = _one(model, out, *flags)
+            assert done.returncode == 0, done.stderr
+            made[name] = _files(out)
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name, flags", [("default", []), ("block", BLOCK), ("shrink", BLOCK + ["--shrink", "0.3"])])
+def test_two_processes_write_the_one_process_output_byte_for_byte(model, reference, tmp_path, name, flags):
+    """Default settings (compensation, sequential calibration), plain block calibration, and --shrink (which
+    reads the output Grams' input diagonals: float64 terms whose sum depends on the grouping; before they
+    were added up term by term in the global order, a truncation loss in the report differed in its last bit)."""
+    out = tmp_path / "two"
+    done = _two(model, out, *flags)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("done: ") == 1  # rank 0's summary only
+    assert not _ours(done.stderr) and "Traceback" not in done.stderr
+    run = json.loads((out / RUN_LOG).read_text().splitlines()[-1])
+    assert run["processes"] == 2 and run["windows_per_process"] == [[0, 4], [4, 8]] and run["batch_size"] == 2
+    state = json.loads((out / STATE_NAME).read_text())
+    assert state["settings"]["processes"] == 2 and state["complete"]
+    assert not (out / ".streamsvd-work").exists()  # every rank's scratch is gone
+    files = _files(out)
+    assert any(k.startswith("model-") for k in files)
+    assert files == reference(name, flags)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--refine-steps", "5"], "--refine-steps cannot run under torchrun yet"),
+    (["--quant", "int8"], "--quant cannot run under torchrun yet"),
+    (["--alloc", "global"], "cannot run under torchrun yet"),
+    (["--max-ppl-increase", "0.5"], "--max-ppl-increase cannot run under torchrun yet"),
+    (["--calib-samples", "2"], "fewer than the 2 processes"),
+])
+def test_what_does_not_run_under_torchrun_is_refused_with_one_error(model, tmp_path, flags, says):
+    out = tmp_path / "out"
+    done = _two(model, out, *flags)
+    assert done.returncode != 0
+    ours = _ours(done.stderr)
+    assert len(ours) == 2 and ours[0].startswith("error:") and says in ours[0] and ours[1].startswith("  fix:"), done.stderr
+    assert "[rank0]: Traceback" not in done.stderr and "[rank1]: Traceback" not in done.stderr
+    assert not (out / STATE_NAME).exists()  # refused before anything was written
+
+
+def test_a_killed_rank_stops_the_job_with_one_error_and_the_rerun_resumes_to_the_same_bytes(model, reference, tmp_path):
+    out = tmp_path / "out"
+    started = time.time()
+    # rank 1 SIGKILLs itself at its 6th activation batch: during block 1, after block 0 was committed
+    killed = _two(model, out, env={"STREAMSVD_FAULT": "activation-batch:6", "STREAMSVD_FAULT_RANK": "1"})
+    assert time.time() - started < COLLECTIVE_TIMEOUT_S + 60
+    assert killed.returncode != 0
+    ours = _ours(killed.stderr)
+    assert len(ours) == 2 and ours[0].startswith("error: rank 1 of 2 was lost"), killed.stderr
+    state = json.loads((out / STATE_NAME).read_text())
+    assert 1 <= state["blocks_done"] < 4 and not state["complete"]
+
+    done = _two(model, out)
+    assert done.returncode == 0, done.stderr
+    assert "rebuilding" not in done.stderr  # the ranks' activation files were trusted, not rebuilt
+    assert _files(out) == reference("default", [])
+
+
+def test_killing_every_rank_and_relaunching_gives_the_same_bytes(model, reference, tmp_path):
+    out = tmp_path / "out"
+    killed = _two(model, out, *BLOCK, env={"STREAMSVD_FAULT": "state-saved:3"})  # every rank, after block 0
+    assert killed.returncode != 0
+    assert json.loads((out / STATE_NAME).read_text())["blocks_done"] >= 1
+    done = _two(model, out, *BLOCK)
+    assert done.returncode == 0, done.stderr
+    assert _files(out) == reference("block", BLOCK)
+    # a finished shard lost: rank 0 sees it, every rank replays the finished blocks on its own windows
+    next(out.glob("model-00002-of-*.safetensors")).unlink()
+    repaired = _two(model, out, *BLOCK)
+    assert repaired.returncode == 0 and "is damaged" in repaired.stderr, repaired.stderr
+    assert _files(out) == reference("block", BLOCK)
+    # the same command without torchrun is another job (its sums would be added in another order): refused
+    plain = _one(model, out, *BLOCK)
+    assert plain.returncode == 2 and "torchrun --nproc-per-node" in plain.stderr, plain.stderr
+
+
+def _wait_for(predicate, seconds: float, what: str):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        return [p for p in psutil.Process(proc.pid).children(recursive=True) if "streamsvd" in " ".join(p.cmdline())]
+    except psutil.Error:
+        return []
+
+
+def _kill_all(proc: subprocess.Popen) -> None:
+    """torchrun and its workers (which run in sessions of their own), so no frozen rank outlives the test."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        family = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in family:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    proc.wait()
+    psutil.wait_procs(family, timeout=10)
+
+
+def _stopped(proc) -> list[psutil.Process]:
+    out = []
+    for p in _workers(proc):
+        try:
+            if p.status() == psutil.STATUS_STOPPED:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(model, tmp_path):
+    """A rank that stops answering (SIGSTOP) makes the others stop within the bound, naming it."""
+    timeout = 5
+    proc = subprocess.Popen(_torchrun(model, tmp_path / "out"), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**ENV, "STREAMSVD_FAULT": "activation-batch:6:stop", "STREAMSVD_FAULT_RANK": "1",
+                                 "STREAMSVD_COLLECTIVE_TIMEOUT_S": str(timeout)}, start_new_session=True)
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: lines.extend((time.time(), ln) for ln in proc.stderr), daemon=True)
+    reader.start()
+    try:
+        _wait_for(lambda: _stopped(proc), 120, "rank 1 to freeze")
+        frozen = time.time()
+        at, line = _wait_for(lambda: next(((t, ln) for t, ln in list(lines) if ln.startswith("error:")), None),
+                             timeout + 30, "the error line")
+        assert at - frozen < timeout + 10  # the collective timeout, and a little for a loaded machine
+        assert line.startswith("error: rank 1 of 2 was lost"), line
+    finally:
+        _kill_all(proc)  # torchrun would wait 30 s for the frozen rank to take SIGTERM
+
+
+def test_one_job_per_out_dir_whether_distributed_or_not(model, tmp_path):
+    out = tmp_path / "out"
+    # both ranks freeze at their 3rd activation batch (block 0's propagation), holding the job's locks
+    proc = subprocess.Popen(_torchrun(model, out), stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
+                            env={**ENV, "STREAMSVD_FAULT": "activation-batch:3:stop"})
+    try:
+        _wait_for(lambda: len(_stopped(proc)) == 2, 120, "both ranks to freeze")
+        assert (out / LOCK_NAME).exists()
+        # each rank's activation files hold its own 4 of the 8 windows, both streams (compensation)
+        hidden = json.loads((model / "config.json").read_text())["hidden_size"]
+        for r in (0, 1):
+            assert (out / ".streamsvd-work" / f"rank-{r}-of-2" / "acts-0.bin").stat().st_size == 4 * 2 * 32 * hidden * 4
+        # a plain job is another job (one process): refused by the state before it even tries the lock
+        plain = _one(model, out)
+        assert plain.returncode == 2 and "it was torchrun --nproc-per-node 2, now 1" in plain.stderr, plain.stderr
+        assert not (out / "model.safetensors.index.json").exists()
+        second = _two(model, out)
+        ours = _ours(second.stderr)
+        assert second.returncode != 0 and len(ours) == 2 and "in use by another streamsvd job" in ours[0], second.stderr
+    finally:
+        _kill_all(proc)
+
+
+REDUCE_SCRIPT = '''
+import sys
+from types import SimpleNamespace
+
+import torch
+
+from streamsvd.job.distributed import World
+from streamsvd.math.compensate import CrossGramAccumulator
+from streamsvd.math.gram import GramAccumulator, OutputGramAccumulator
+
+torch.set_num_threads(1)
+world = World.start()
+gen = torch.Generator().manual_seed(0)
+# 4 batches; rank r has batches [2r, 2r + 2). Scales 1e6 apart: a running float64 sum rounds differently
+# from the per-rank sums added in rank order, so the order the reduction promises is visible.
+batches = [torch.randn(3000, 24, generator=gen) * s for s in (1e3, 1e-3, 1e3, 1e-3)]
+weight = torch.randn(8, 24, generator=gen)
+mine = batches[2 * world.rank: 2 * world.rank + 2]
+stats = SimpleNamespace(grams={"a": GramAccumulator(24)}, output_grams={"o": OutputGramAccumulator(weight)},
+                        cross={"a": CrossGramAccumulator(24)}, e0={},
+                        energy_terms={"w": [float(torch.sum(b * b, dtype=torch.float64)) for b in mine]})
+for b in mine:
+    stats.grams["a"].add_batch(b)
+    stats.output_grams["o"].add_batch(b)
+    stats.cross["a"].add_pair(b.flip(0), b)
+world.reduce_statistics(stats)
+torch.save({"gram": stats.grams["a"].sum, "out": stats.output_grams["o"].sum, "diag": stats.output_grams["o"].input_diag_sum,
+            "cross": stats.cross["a"].sum, "tokens": stats.grams["a"].tokens, "e0": stats.e0["w"]},
+           f"{sys.argv[1]}/rank{world.rank}.pt")
+world.stop()
+'''
+
+
+def test_the_reduction_adds_the_ranks_partial_sums_in_rank_order_identically_on_every_rank(tmp_path):
+    import torch
+
+    from streamsvd.math.gram import GramAccumulator, OutputGramAccumulator
+
+    script = tmp_path / "reduce.py"
+    script.write_text(REDUCE_SCRIPT)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+                           str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for key in ("gram", "out", "diag", "cross"):
+        assert torch.equal(r0[key], r1[key]), key  # bit-identical totals on every rank
+    assert r0["tokens"] == r1["tokens"] == 12000 and r0["e0"] == r1["e0"]
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(3000, 24, generator=gen) * s for s in (1e3, 1e-3, 1e3, 1e-3)]
+    weight = torch.randn(8, 24, generator=gen)
+    out = OutputGramAccumulator(weight)
+    for b in batches:
+        out.add_batch(b)
+    assert torch.equal(r0["diag"], out.input_diag_sum)  # the diagonal's terms: added in the one process's order
+    partial = []
+    for r in (0, 1):
+        acc = GramAccumulator(24)
+        for b in batches[2 * r: 2 * r + 2]:
+            acc.add_batch(b)
+        partial.append(acc.sum)
+    assert torch.equal(r0["gram"], partial[0] + partial[1])  # exactly (p_0 + p_1), the documented order
+    running = GramAccumulator(24)  # what one process sums: one running sum over the batches in order
+    for b in batches:
+        running.add_batch(b)
+    # not the same bits here (the scales are chosen so), but within float64 rounding of the entries' scale
+    scale = running.sum.abs().max()
+    assert not torch.equal(r0["gram"], running.sum)
+    assert float((r0["gram"] - running.sum).abs().max()) <= 1e-15 * float(scale)
+    # the output energies are summed term by term in the global batch order, exactly as one process does
+    total = 0.0
+    for b in batches:
+        total += float(torch.sum(b * b, dtype=torch.float64))
+    assert r0["e0"] == total / 12000
+
+
+def test_plan_nproc_plans_one_process_share(model, capsys):
+    from streamsvd.cli import main
+
+    plans = {}
+    for n in (1, 2):
+        assert main(["plan", str(model), "--calib-samples", "8", "--seqlen", "32", "--nproc", str(n), "--json"]) == 0
+        plans[n] = json.loads(capsys.readouterr().out)
+    one, two = plans[1], plans[2]
+    assert one["batch_size"] == 8 and two["batch_size"] == 4  # every process gets a batch
+    assert two["disk"]["work files"] * 2 == one["disk"]["work files"]  # a process's work files hold its share
+    assert two["disk"]["output"] == one["disk"]["output"]
+    assert "reduction buffers" in two["components"]["statistics"] and "reduction buffers" not in one["components"]["statistics"]
+    assert main(["plan", str(model), "--calib-samples", "1", "--seqlen", "32", "--nproc", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 calibration windows in batches of 1 make 1 batch(es), fewer than the 2 processes")
+
+
+def test_batch_size_is_checked(model, tmp_path, capsys):
+    from streamsvd.cli import main
+
+    args = ["run", str(model), str(tmp_path / "out"), "--calib-samples", "8", "--seqlen", "32", "--no-progress", "--no-plots"]
+    assert main(args + ["--batch-size", "0"]) == 2
+    assert "error: --batch-size 0 is not positive" in capsys.readouterr().err
+    assert main(args + ["--batch-size", "3"]) == 0
+    assert json.loads((tmp_path / "out" / RUN_LOG).read_text().splitlines()[-1])["batch_size"] == 3
+    capsys.readouterr()
+    # the job in OUT_DIR keeps the batch size it started with; another one is refused, naming it
+    assert main(args + ["--batch-size", "2"]) == 2
+    assert "error: --batch-size 2 differs from the interrupted job's 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("route", ["input", "compensated", "output"])
+def test_a_gram_off_by_float64_rounding_changes_the_stored_weights_only_at_float32_rounding(route):
+    """The tolerance where the ranks' sums are not exact (docs/DESIGN.md, "Distributed runs"): totals whose
+    entries are off by a few float64 units in the last place, as a regrouped float64 sum can be, give
+    float64 factors that differ, but a compressed weight W' = out_factor @ in_factor, from the factors rounded
+    to float32 as the shard stores them, within 1e-6 of its largest entry (measured: 0 to 5e-8 at 576 wide,
+    a few float32 units in the last place of a handful of factor entries)."""
+    import torch
+
+    from streamsvd.math.compensate import compensated_whitening, factorize_compensated
+    from streamsvd.math.factorize import factorize, factorize_output_side, whiten
+    from streamsvd.math.gram import GramAccumulator, OutputGramAccumulator
+
+    gen = torch.Generator().manual_seed(1)
+    n = 384
+    weight = torch.randn(n if route != "output" else n // 2, n, generator=gen) / 20
+    x = torch.randn(8192, n, generator=gen) * torch.logspace(-3, 1, n)  # channels four decades apart
+    acc = OutputGramAccumulator(weight) if route == "output" else GramAccumulator(n)
+    acc.add_batch(x)
+    gram = acc.gram
+    noise = torch.randn(gram.shape, generator=gen, dtype=torch.float64) * 4 * 2.0**-52 * gram.abs()
+    other = gram + (noise + noise.T) / 2  # about 4 float64 ulps per entry, still symmetric
+    assert not torch.equal(gram, other)
+
+    def factors(g):
+        if route == "output":
+            return factorize_output_side(weight, g, 64)
+        if route == "compensated":
+            white, q, inv, lam = compensated_whitening(g, 0.1)
+            return factorize_compensated(weight, white, q, inv, lam, g * 0.9, 128)
+        return factorize(weight, whiten(g, "eig"), 128, "eig")
+
+    f, h = factors(gram), factors(other)
+    assert not torch.equal(f.out_factor, h.out_factor)  # the float64 factors do move
+
+    def stored(f):
+        return (f.out_factor.to(torch.float32) @ f.in_factor.to(torch.float32)).double()
+
+    a, b = stored(f), stored(h)
+    assert float((a - b).abs().max()) <= 1e-6 * float(a.abs().max())
+
+
+def test_restart_and_work_dir_under_torchrun(model, reference, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "scratch"
+    work.mkdir()
+    killed = _two(model, out, *BLOCK, "--work-dir", str(work), env={"STREAMSVD_FAULT": "state-saved:3"})
+    assert killed.returncode != 0
+    [job] = list(work.iterdir())
+    assert sorted(p.name for p in job.iterdir()) == ["rank-0-of-2", "rank-1-of-2"]  # each rank's own files
+    done = _two(model, out, *BLOCK, "--work-dir", str(work), "--restart")
+    assert done.returncode == 0, done.stderr
+    assert "--restart removes" in done.stderr
+    assert _files(out) == reference("block", BLOCK)
+    assert list(work.iterdir()) == []  # no scratch left behind, the ranks' folders' folder included
+
+
+STEP_SCRIPT = """
+from streamsvd.errors import StreamSVDError
+from streamsvd.job.distributed import World
+
+world = World.start()
+try:
+    if world.rank == 1:
+        world.min_int(3)  # a rank taking another path than the others (a bug) ...
+    world.all_true(True)
+except StreamSVDError as e:
+    print(("quiet " if getattr(e, "quiet", False) else "") + "error: " + e.problem)
+world.stop()
+"""
+
+
+def test_ranks_out_of_step_are_an_error_not_a_mixed_result(tmp_path):
+    script = tmp_path / "step.py"
+    script.write_text(STEP_SCRIPT)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    said = [line for line in done.stdout.splitlines() if "error:" in line]
+    # ... is caught at the next gather, by both ranks, said by rank 0 only
+    assert sorted(said) == sorted([
+        "error: the processes fell out of step (rank 0 at gather 2 (all_true) in start, rank 1 at gather 2 (min_int) in "
+        "start); the job stopped",
+        "quiet error: the processes fell out of step (rank 0 at gather 2 (all_true) in start, rank 1 at gather 2 (min_int) "
+        "in start); the job stopped"]), done.stdout + done.stderr
