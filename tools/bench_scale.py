@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from streamsvd import assets, timing  # noqa: E402  (first: it sets torch's allo
 from streamsvd.errors import StreamSVDError  # noqa: E402
 from streamsvd.io.checkpoint import Checkpoint  # noqa: E402
 from streamsvd.job.memory import parse_size  # noqa: E402
-from streamsvd.job.peak import high_water_bytes, rss_bytes  # noqa: E402
+from streamsvd.job.peak import PeakSampler, high_water_bytes  # noqa: E402
 from streamsvd.job.pipeline import CompressionJob, JobConfig  # noqa: E402
 from streamsvd.job.state import read_state  # noqa: E402
 
@@ -49,32 +48,20 @@ FORWARD_STAGES = ("statistics", "propagate", "refine")
 
 
 class BlockPeak:
-    """This process's RSS sampled every `interval_s` in a thread; `take()` gives the peak since the last take."""
+    """The job's own RSS sampler (job/peak.py PeakSampler, every 20 ms in a thread), one stage per block:
+    `take()` gives the peak since the last take."""
 
-    def __init__(self, interval_s: float = 0.02):
-        self.interval_s, self.peak = interval_s, rss_bytes()
-        self._lock, self._stop = threading.Lock(), threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="bench-scale-rss", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
-
-    def _sample(self) -> None:
-        rss = rss_bytes()
-        with self._lock:
-            self.peak = max(self.peak, rss)
+    def __init__(self):
+        self.sampler, self.blocks = PeakSampler("block 0").start(), 0
 
     def take(self) -> int:
-        self._sample()
-        with self._lock:
-            peak, self.peak = self.peak, rss_bytes()
-        return peak
+        done = f"block {self.blocks}"
+        self.blocks += 1
+        self.sampler.stage(f"block {self.blocks}")  # samples the end of the block that ended, then the next one's start
+        return self.sampler.peaks.pop(done)
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        self.sampler.stop()
 
 
 def tree_bytes(path: Path) -> int:
