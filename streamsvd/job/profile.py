@@ -8,14 +8,21 @@ original`, one block in memory at a time) saves, per linear:
   on their output side), exactly the spectrum `run --svd exact` writes, so the truncation loss at
   every rank is known before any block is factored (math/allocate.py);
 - a sensitivity weight: the mean squared gradient of the LM loss at the linear's output, over the
-  first `sensitivity_samples` windows (16 by default). The LM loss is the sum of the next-token
-  cross-entropies (a sum, so a token's gradient does not shrink with the number of tokens). The
-  forward keeps each block's inputs for those windows on disk; the loss and its gradient at the
-  final hidden states come from the final norm and the head (read from the checkpoint); then the
-  blocks are walked backwards, each loaded alone, its forward recomputed from its saved inputs with
-  grad enabled (transformers' own layer, model/capture.run_layer), the gradient at every linear's
-  output read by a tensor hook, and the gradient at the block's input handed to the block before.
-  Costs about three forwards of the subset; its seconds are in profile_log.json.
+  first `sensitivity_samples` windows (16 by default), and the same per token (w_t). The LM loss is
+  the sum of the next-token cross-entropies (a sum, so a token's gradient does not shrink with the
+  number of tokens). This runs first: those windows go through the blocks once with each block's
+  inputs kept on disk; the loss and its gradient at the final hidden states come from the final norm
+  and the head (read from the checkpoint); then the blocks are walked backwards, each loaded alone,
+  its forward recomputed from its saved inputs with grad enabled (transformers' own layer,
+  model/capture.run_layer), the gradient at every linear's output read by a tensor hook, and the
+  gradient at the block's input handed to the block before. Costs about three forwards of the
+  subset; its seconds are in profile_log.json.
+- weighted energies (`weighted.safetensors`, math/allocate.Matrix.weighted): in the statistics pass,
+  each linear also accumulates the Gram of its inputs (its outputs where out < in) over the
+  sensitivity windows' tokens, each token scaled by its own w_t (`WeightedEnergies`); along the
+  directions the job truncates (U from the same eig / SVD as the spectrum) diag(U^T W G_w W^T U) is,
+  per direction, the loss its truncation costs with each token weighted by how much the model's
+  output depends on it there. Allocation ranks by these when the profile has them.
 
 With `heldout_samples` H > 0 (`run --max-ppl-increase`), H more windows, disjoint from the calibration
 windows (io/calibration.heldout_windows), ride in rows [S, S + H) of the activation files: each block runs
@@ -60,12 +67,15 @@ from ..model.architecture import decoder_layers, empty_model, layer_prefix, line
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
 from ..model.embedding import materialize_base_mapped
 from .evaluate import final_states_nll
+from ..math.gram import GramAccumulator, OutputGramAccumulator
+from ..timing import charged
 from .stages import collect_statistics, output_side_linears
 
 COMPUTE_DTYPE = torch.float32
 PROFILE_JSON = "profile.json"
 PROFILE_LOG = "profile_log.json"  # wall times of the pass that made the profile (not part of its identity)
 SPECTRA_FILE = "spectra.safetensors"
+WEIGHTED_FILE = "weighted.safetensors"  # per direction, the token-weighted energies (Matrix.weighted)
 WORK_NAME = ".profile-work"
 MATCHED_KEYS = ("checkpoint", "calib_digest", "calib_samples", "seqlen", "seed")
 MAX_HELDOUT = 256
@@ -137,6 +147,7 @@ class Profile:
     dir: Path
     meta: dict  # profile.json
     spectra: dict[str, np.ndarray]
+    weighted: dict[str, np.ndarray] | None = None  # weighted.safetensors (profiles made before it have none)
     reused: bool = False  # True when make_profile found it already made instead of profiling
 
     @property
@@ -151,6 +162,8 @@ class Profile:
     def digest(self) -> str:
         """Identifies the measurements: a job's identity records it, so another profile is another job."""
         h = hashlib.sha256((self.dir / SPECTRA_FILE).read_bytes())
+        if self.weighted is not None:
+            h.update((self.dir / WEIGHTED_FILE).read_bytes())
         h.update(json.dumps({k: self.meta[k] for k in ("identity", "sensitivity", "shapes")}, sort_keys=True).encode())
         return h.hexdigest()[:16]
 
@@ -161,7 +174,8 @@ class Profile:
     def matrices(self, names: list[str] | None = None) -> list[Matrix]:
         """math/allocate's input, in the model's order (or `names`' order)."""
         weights = self.meta.get("sensitivity") or {}
-        return [Matrix(name, *self.meta["shapes"][name], self.spectra[name], float(weights.get(name, 1.0)))
+        weighted = self.weighted or {}
+        return [Matrix(name, *self.meta["shapes"][name], self.spectra[name], float(weights.get(name, 1.0)), weighted.get(name))
                 for name in (names or self.meta["order"])]
 
 
@@ -172,11 +186,14 @@ def read_profile(path: Path, identity: dict | None = None) -> Profile:
     try:
         meta = json.loads((path / PROFILE_JSON).read_text())
         spectra = {k: v.numpy() for k, v in load_file(str(path / SPECTRA_FILE)).items()}
+        weighted = ({k: v.numpy() for k, v in load_file(str(path / WEIGHTED_FILE)).items()}
+                    if (path / WEIGHTED_FILE).exists() else None)
     except FileNotFoundError:
         raise StreamSVDError(f"{path} is not a finished streamsvd profile (no {PROFILE_JSON} or {SPECTRA_FILE})", fix) from None
     except (OSError, ValueError) as e:
         raise StreamSVDError(f"the profile in {path} cannot be read ({e})", fix) from None
-    if not isinstance(meta, dict) or not {"identity", "shapes", "order", "tokens"} <= set(meta) or set(meta["order"]) != set(spectra):
+    if (not isinstance(meta, dict) or not {"identity", "shapes", "order", "tokens"} <= set(meta) or set(meta["order"]) != set(spectra)
+            or (weighted is not None and set(weighted) != set(spectra))):
         raise StreamSVDError(f"the profile in {path} is damaged ({PROFILE_JSON} does not match {SPECTRA_FILE})", fix)
     if identity is not None:
         differ = [k for k in MATCHED_KEYS if meta["identity"].get(k) != identity[k]]
@@ -184,7 +201,7 @@ def read_profile(path: Path, identity: dict | None = None) -> Profile:
             what = ", ".join("the model" if k == "checkpoint" else "the calibration text" if k == "calib_digest" else k
                              for k in differ)
             raise StreamSVDError(f"the profile in {path} was made with another {what} than this run", fix)
-    return Profile(path, meta, spectra)
+    return Profile(path, meta, spectra, weighted)
 
 
 def _check_places(cfg: ProfileConfig) -> None:
@@ -260,16 +277,23 @@ class Profiler:
         out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
         try:
-            spectra, shapes, final, heldout = self._forward()
+            materialize_base_mapped(self.model, self.ckpt, COMPUTE_DTYPE)
+            self.layer_args = capture_layer_kwargs(self.model, self.windows[:1])
             sens_started = time.time()
-            sensitivity = self._sensitivity(final) if self.cfg.sensitivity_samples else None
+            sensitivity, token_weights = self._sensitivity() if self._keep() else (None, None)
+            sens_seconds = time.time() - sens_started
+            spectra, weighted, shapes, heldout = self._forward(token_weights)
             if sensitivity is not None:
                 sensitivity = {name: sensitivity[name] for name in spectra}  # the model's order
-            sens_seconds = time.time() - sens_started
         finally:
             shutil.rmtree(self.work, ignore_errors=True)
         atomic_write_json(out / PROFILE_LOG, {"seconds": round(time.time() - started, 2),
                                               "sensitivity_seconds": round(sens_seconds, 2) if sensitivity else None})
+        if weighted:
+            with atomic_path(out / WEIGHTED_FILE) as tmp:
+                save_file({k: torch.from_numpy(weighted[k]) for k in spectra}, str(tmp))
+        else:
+            (out / WEIGHTED_FILE).unlink(missing_ok=True)
         with atomic_path(out / SPECTRA_FILE) as tmp:
             save_file({k: torch.from_numpy(v) for k, v in spectra.items()}, str(tmp))
         atomic_write_json(out / PROFILE_JSON, {
@@ -296,52 +320,76 @@ class Profiler:
         dtype = "float32" if samples else self.cfg.act_dtype  # the backward pass reads exact float32 inputs
         return ActivationFile(self.work / name, shape, dtype, create=create)
 
+    def _keep(self) -> int:
+        """Windows of the backward pass (the first ones of the calibration)."""
+        return min(self.cfg.sensitivity_samples, self.cfg.calib_samples)
+
     @torch.no_grad()
-    def _forward(self) -> tuple[dict[str, np.ndarray], dict[str, list[int]], ActivationFile | None, dict | None]:
-        materialize_base_mapped(self.model, self.ckpt, COMPUTE_DTYPE)
-        self.layer_args = capture_layer_kwargs(self.model, self.windows[:1])
-        keep = min(self.cfg.sensitivity_samples, self.cfg.calib_samples)
+    def _forward(self, token_weights: dict[str, torch.Tensor] | None):
+        """The statistics pass: every calibration window through the original blocks; per linear its spectrum
+        and, with `token_weights`, its weighted energies (block_spectra)."""
+        keep = self._keep()
         src = self._file("acts-0.bin")
         for start, stop in self._batches():
             src.write(start, first_layer_inputs(self.model, self.windows[start:stop]))
         S, H = self.cfg.calib_samples, len(self.heldout)
         for start, stop in self._batches(H):
             src.write(S + start, first_layer_inputs(self.model, self.heldout[start:stop]))
-        spectra, shapes = {}, {}
+        spectra, weighted, shapes = {}, {}, {}
         n_layers = len(decoder_layers(self.model))
         for index in tqdm(range(n_layers), desc="profile", unit="block", disable=not self.cfg.progress):
             layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
             dst = self._file(f"acts-{(index + 1) % 2}.bin")
-            saved = self._file(f"inputs-{index}.bin", keep) if keep else None
+            prefix = layer_prefix(self.model, index)
+            weighing = None
+            if token_weights is not None:
+                weighing = WeightedEnergies(linear_modules(layer), {n: token_weights[prefix + n] for n in linear_modules(layer)})
 
-            def read(start, stop, src=src, saved=saved):
-                x = src.read(start, stop)
-                if saved is not None and start < keep:
-                    saved.write(start, x[: keep - start])
-                return x
+            def read(start, stop, src=src, weighing=weighing):
+                if weighing is not None:
+                    weighing.rows = (start, stop)
+                return src.read(start, stop)
 
             args, kwargs = self.layer_args[index]
-            stats = collect_statistics(layer, self._batches(), read, lambda lyr, h: run_layer(lyr, h, args, kwargs),
-                                       on_output=dst.write, output_side=output_side_linears(layer, "eig"))
+            try:
+                stats = collect_statistics(layer, self._batches(), read, lambda lyr, h: run_layer(lyr, h, args, kwargs),
+                                           on_output=dst.write, output_side=output_side_linears(layer, "eig"))
+            finally:
+                if weighing is not None:
+                    weighing.close()
             for start, stop in self._batches(H):  # the held-out windows: after the statistics, in none of them
                 dst.write(S + start, run_layer(layer, src.read(S + start, S + stop), args, kwargs))
-            prefix = layer_prefix(self.model, index)
-            for name, s in block_spectra(layer, stats).items():
+            for name, (s, d) in block_spectra(layer, stats, weighing).items():
                 spectra[prefix + name] = s
+                if d is not None:
+                    weighted[prefix + name] = d
                 linear = layer.get_submodule(name)
                 shapes[prefix + name] = [linear.out_features, linear.in_features]
             src = dst
-        final = None
-        if keep:
-            final = self._file("final.bin", keep)
-            final.write(0, src.read(0, keep))
         heldout = None
         if H:
             total, count = final_states_nll(self.model, self.ckpt, lambda a, b, src=src: src.read(S + a, S + b), self.heldout)
             heldout = {"samples": H, "tokens": count, "nll_per_token": total / count, "perplexity": math.exp(total / count)}
-        return spectra, shapes, final, heldout
+        return spectra, weighted, shapes, heldout
 
     # ------------------------------------------------------------ backward: sensitivity
+    @torch.no_grad()
+    def _sensitivity_forward(self, keep: int) -> ActivationFile:
+        """The first `keep` windows through the original blocks, each block's inputs saved (float32) for the backward
+        walk; returns the final states."""
+        src = self._file("inputs-0.bin", keep)
+        for start, stop in self._batches(keep):
+            src.write(start, first_layer_inputs(self.model, self.windows[start:stop]))
+        n_layers = len(decoder_layers(self.model))
+        for index in tqdm(range(n_layers), desc="sensitivity (forward)", unit="block", disable=not self.cfg.progress):
+            layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
+            args, kwargs = self.layer_args[index]
+            dst = self._file(f"inputs-{index + 1}.bin", keep)
+            for start, stop in self._batches(keep):
+                dst.write(start, run_layer(layer, src.read(start, stop), args, kwargs))
+            src = dst
+        return src
+
     def _head_gradient(self, final: ActivationFile, keep: int) -> torch.Tensor:
         """d(summed next-token NLL) / d(final hidden states), window by window."""
         head_name = "lm_head.weight" if "lm_head.weight" in self.ckpt else next(k for k in self.ckpt.keys() if k.endswith("embed_tokens.weight"))
@@ -360,36 +408,40 @@ class Profiler:
                 grads[w : w + 1] = torch.autograd.grad(loss, hidden)[0]
         return grads
 
-    def _sensitivity(self, final: ActivationFile) -> dict[str, float]:
-        keep = final.shape[0]
+    def _sensitivity(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """Per linear: the mean squared gradient at its output (the weight), and the same per token (keep x seqlen)."""
+        keep = self._keep()
+        final = self._sensitivity_forward(keep)
         grads = self._head_gradient(final, keep)
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
+        per_token: dict[str, torch.Tensor] = {}
+        window = [0]
         layers = decoder_layers(self.model)
         for index in tqdm(range(len(layers) - 1, -1, -1), desc="sensitivity", unit="block", disable=not self.cfg.progress):
             layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
             layer.requires_grad_(False)  # only the activations' gradients are wanted
             prefix = layer_prefix(self.model, index)
-            handles = [m.register_forward_hook(_gradient_reader(prefix + name, sums, counts))
+            for name in linear_modules(layer):
+                per_token[prefix + name] = torch.zeros(keep, self.cfg.seqlen, dtype=torch.float64)
+            handles = [m.register_forward_hook(_gradient_reader(per_token[prefix + name], window))
                        for name, m in linear_modules(layer).items()]
             saved = self._file(f"inputs-{index}.bin", keep, create=False)
             args, kwargs = self.layer_args[index]
             for w in range(keep):
+                window[0] = w
                 x = saved.read(w, w + 1).requires_grad_(True)
                 with torch.enable_grad():
                     out = run_layer(layer, x, args, kwargs)
                     grads[w : w + 1] = torch.autograd.grad(out, x, grad_outputs=grads[w : w + 1])[0]
             for h in handles:
                 h.remove()
-        return {name: sums[name] / counts[name] for name in sums}
+        return {name: float(t.mean()) for name, t in per_token.items()}, per_token
 
 
-def _gradient_reader(name: str, sums: dict, counts: dict):
-    """A forward hook that puts a tensor hook on the linear's output: the sum of squared gradients."""
+def _gradient_reader(per_token: torch.Tensor, window: list[int]):
+    """A forward hook that puts a tensor hook on the linear's output: each token's mean squared gradient."""
 
     def on_grad(grad):
-        sums[name] = sums.get(name, 0.0) + float(grad.detach().double().pow(2).sum())
-        counts[name] = counts.get(name, 0) + grad.numel()
+        per_token[window[0]] += grad.detach().double().pow(2).mean(-1).reshape(-1)
 
     def hook(module, inputs, output):
         if output.requires_grad:
@@ -398,23 +450,80 @@ def _gradient_reader(name: str, sums: dict, counts: dict):
     return hook
 
 
+class WeightedEnergies:
+    """Forward pre-hooks that accumulate, per linear, the Gram of its inputs (or of its outputs, the smaller side)
+    over the sensitivity windows' tokens, each token scaled by its mean squared gradient at the linear's output.
+
+    With U the directions the job truncates along (block_spectra), diag(U^T W G_w W^T U) is then, per direction j,
+    E_t[w_t a_tj^2]: the sensitivity-weighted energy the direction carries (math/allocate.Matrix.weighted).
+    A profile-only statistic: one more Gram per linear of the block while it is in memory.
+    """
+
+    def __init__(self, linears: dict, token_weights: dict[str, torch.Tensor]):
+        self.rows = (0, 0)  # the window rows of the batch being run (set by the reader)
+        self.keep = next(iter(token_weights.values())).shape[0] if token_weights else 0
+        self.grams: dict[str, GramAccumulator] = {}
+        for name, m in linears.items():
+            out_f, in_f = m.weight.shape
+            self.grams[name] = OutputGramAccumulator(m.weight) if out_f < in_f else GramAccumulator(in_f)
+        self._handles = [m.register_forward_pre_hook(self._hook(name, token_weights[name])) for name, m in linears.items()]
+
+    def _hook(self, name: str, weights: torch.Tensor):
+        def fn(module, inputs):
+            start, stop = self.rows
+            if start >= self.keep:
+                return
+            x = inputs[0][: self.keep - start]
+            w = weights[start : start + x.shape[0]].to(x.dtype).sqrt()
+            with charged("accumulate"):
+                self.grams[name].add_batch(x * w[..., None])
+
+        return fn
+
+    def energies(self, name: str, u: torch.Tensor, weight: torch.Tensor) -> np.ndarray:
+        """diag(U^T W G_w W^T U) for U (out x k) orthonormal, float64."""
+        acc = self.grams.pop(name)
+        g = acc.gram.to(torch.float64)
+        if isinstance(acc, OutputGramAccumulator):
+            b = u.T  # the Gram is already W G_w W^T
+        else:
+            b = u.T @ weight.detach().to(torch.float64)
+        return ((b @ g) * b).sum(1).numpy()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
 @torch.no_grad()
-def block_spectra(layer, stats) -> dict[str, np.ndarray]:
-    """Each linear's whitened spectrum from the block's statistics, as job/stages.factor_block computes it (eig, exact)."""
+def block_spectra(layer, stats, weighing: WeightedEnergies | None = None) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Each linear's whitened spectrum from the block's statistics, as job/stages.factor_block computes it (eig, exact),
+    and with `weighing` its weighted energies along the same directions (None without)."""
     whitenings = {}
     out = {}
     for name, linear in linear_modules(layer).items():
         w = linear.weight.detach().to(torch.float64)
         k = min(w.shape)
+        u = None
         if name in stats.output_grams:
-            evals = torch.linalg.eigvalsh(stats.output_grams.pop(name).gram.to(torch.float64)).flip(0)
+            h = stats.output_grams.pop(name).gram.to(torch.float64)
+            if weighing is None:
+                evals = torch.linalg.eigvalsh(h).flip(0)
+            else:
+                evals, vecs = torch.linalg.eigh(h)
+                evals, u = evals.flip(0), vecs.flip(1)[:, :k]
             s = evals.clamp_min(0).sqrt()[:k]
         else:
             group = stats.group_of[name]
             if group not in whitenings:
                 whitenings[group] = whiten(stats.grams.pop(group).gram, "eig")
-            s = torch.linalg.svdvals(w @ whitenings[group].s)
-        out[name] = s.numpy().astype(np.float64)
+            if weighing is None:
+                s = torch.linalg.svdvals(w @ whitenings[group].s)
+            else:
+                u, s, _ = torch.linalg.svd(w @ whitenings[group].s, full_matrices=False)
+        d = weighing.energies(name, u, w) if weighing is not None else None
+        out[name] = (s.numpy().astype(np.float64), d)
     return out
 
 

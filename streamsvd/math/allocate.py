@@ -2,8 +2,14 @@
 
 Input per matrix: its shape m x n, its whitened spectrum s (the singular values of W S, descending,
 from the mean Gram: the truncation loss at rank r is sum(s[r:]^2), the mean squared output error per
-calibration token) and an optional sensitivity weight w (the mean squared gradient of the LM loss at
-the matrix's output; 1 without one). Output: a rank per matrix. Storage is counted by
+calibration token), an optional sensitivity weight w (the mean squared gradient of the LM loss at
+the matrix's output; 1 without one) and optionally its weighted energies d (`Matrix.weighted`, one per
+direction of s: d_j = E_t[w_t a_tj^2], a_tj the output's component along the j-th direction at token t
+and w_t that token's own mean squared gradient). The sensitivity-weighted loss at rank r (`Matrix.loss`)
+is sum(d[r:]), or w sum(s[r:]^2) without d; the two agree when a token's gradient is unrelated to how
+much energy it carries. They do not on Gemma 3: its down_proj, behind a norm, carries most energy on
+tokens whose gradient is small, and w sum(s^2) over-predicted its cost 40x (docs/RESULTS.md).
+Output: a rank per matrix. Storage is counted by
 math/factorize.stored_numel (pivoted: r (m + n - r) numbers; a matrix at full rank is stored dense
 and costs m n exactly), and every allocator except `uniform` spends the global budget
 
@@ -23,7 +29,7 @@ full rank (`uniform`, today's per-matrix rank_for_ratio, leaves less than one st
   repeated until nothing more clips). The per-matrix rounding down to whole ranks leaves budget over;
   it is spent by the `global` greedy step below (unweighted), so v2 meets the same tightness.
 - `global`: greedy over all matrices by (weighted loss reduction) / (marginal parameter cost), with
-  a heap. Loss = w sum(s[r:]^2) / tokens; a common factor on every loss (the number of tokens, the
+  a heap. Loss = Matrix.loss(r) / tokens; a common factor on every loss (the number of tokens, the
   Gram as a sum instead of a mean) changes no comparison, so the ranks do not depend on it.
 - `rank_multiple` K (any allocator but plain uniform): every rank is a multiple of K or full rank;
   the greedy steps are K ranks (or the rest up to full rank).
@@ -35,9 +41,10 @@ full rank (`uniform`, today's per-matrix rank_for_ratio, leaves less than one st
   with w the mean squared gradient of the summed LM loss at a linear's output, the truncation error e_t of
   output t adds about 1/2 sum_t e_t^T diag(g_t^2) e_t to the summed loss (second order, the empirical Fisher
   as curvature, the first-order term taken as zero at a trained model); with the error spread evenly over
-  the output's coordinates that is 1/2 w sum_t ||e_t||^2 = 1/2 w P tail(r) over P positions, so the mean NLL
-  per predicted token (P (seqlen - 1) / seqlen of them) rises by 1/2 seqlen / (seqlen - 1) sum_i w_i tail_i(r_i),
-  the matrices' errors taken as independent; perplexity is multiplied by exp of that.
+  the output's coordinates that is 1/2 sum_t w_t ||e_t||^2 = 1/2 P loss(r) over P positions (loss from the
+  weighted energies; w tail(r) without them), so the mean NLL per predicted token (P (seqlen - 1) / seqlen of
+  them) rises by 1/2 seqlen / (seqlen - 1) sum_i loss_i(r_i), the matrices' errors taken as independent;
+  perplexity is multiplied by exp of that.
 """
 
 from __future__ import annotations
@@ -63,6 +70,9 @@ class Matrix:
     n: int  # in_features
     spectrum: np.ndarray | None = None  # whitened singular values, descending, min(m, n) of them
     weight: float = 1.0  # sensitivity: mean squared gradient at the output (1 without one)
+    # per singular direction j (the spectrum's order): E_t[w_t a_tj^2], the energy of the output's j-th direction
+    # weighted token by token by that token's mean squared gradient w_t; when given, it replaces weight x s_j^2
+    weighted: np.ndarray | None = None
 
     @property
     def full(self) -> int:
@@ -81,6 +91,18 @@ class Matrix:
         cum = self.energy()
         return float(cum[-1] - cum[min(rank, self.full)])
 
+    def loss(self, rank: int) -> float:
+        """The sensitivity-weighted truncation loss at `rank`: sum of `weighted` over the dropped directions,
+        or weight x tail(rank) without it (one weight for every token and direction)."""
+        if self.weighted is None:
+            return self.weight * self.tail(rank)
+        if getattr(self, "_wcum", None) is None:
+            d = np.asarray(self.weighted, dtype=np.float64)
+            if d.shape[0] != self.full:
+                raise ValueError(f"{self.name}: {d.shape[0]} weighted energies, expected min(m, n) = {self.full}")
+            self._wcum = np.concatenate([[0.0], np.cumsum(d)])
+        return float(self._wcum[-1] - self._wcum[min(rank, self.full)])
+
 
 def matrix_type(name: str) -> str:
     """q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj (any family's own leaf names)."""
@@ -97,8 +119,8 @@ def total_numel(mats: list[Matrix], ranks: dict[str, int], factors: str = "pivot
 
 def relative_loss(mats: list[Matrix], ranks: dict[str, int]) -> float:
     """The max_loss measure: weighted truncation loss over weighted total energy (0 = nothing dropped)."""
-    total = sum(a.weight * a.tail(0) for a in mats)
-    return sum(a.weight * a.tail(ranks[a.name]) for a in mats) / total if total > 0 else 0.0
+    total = sum(a.loss(0) for a in mats)
+    return sum(a.loss(ranks[a.name]) for a in mats) / total if total > 0 else 0.0
 
 
 def next_rank(a: Matrix, rank: int, multiple: int = 1, factors: str = "pivoted") -> int:
@@ -137,7 +159,7 @@ def _greedy(mats: list[Matrix], ranks: dict[str, int], budget: float, tokens: fl
     """
     ranks = dict(ranks)
     used = total_numel(mats, ranks, factors)
-    loss = sum(a.weight * a.tail(ranks[a.name]) for a in mats)
+    loss = sum(a.loss(ranks[a.name]) for a in mats)
     heap = []
 
     def push(i: int) -> None:
@@ -147,7 +169,7 @@ def _greedy(mats: list[Matrix], ranks: dict[str, int], budget: float, tokens: fl
             return
         nxt = next_rank(a, r, multiple, factors)
         cost = step_cost(a, r, multiple, factors)
-        gain = a.weight * (a.tail(r) - a.tail(nxt)) / tokens
+        gain = (a.loss(r) - a.loss(nxt)) / tokens
         heapq.heappush(heap, (-gain / max(cost, 1e-12), i))
 
     for i in range(len(mats)):
@@ -162,7 +184,7 @@ def _greedy(mats: list[Matrix], ranks: dict[str, int], budget: float, tokens: fl
         if used + cost > budget:
             continue
         ranks[a.name] = next_rank(a, r, multiple, factors)
-        loss -= a.weight * (a.tail(r) - a.tail(ranks[a.name]))
+        loss -= a.loss(r) - a.loss(ranks[a.name])
         used += cost
         push(i)
     return ranks
@@ -229,13 +251,13 @@ def max_loss(mats: list[Matrix], target: float, factors: str = "pivoted", multip
     if target == 0.0:
         return {a.name: a.full for a in mats}  # nothing may be dropped (the running sum's rounding aside)
     ranks = {a.name: start_rank(a, multiple) for a in mats}
-    total = sum(a.weight * a.tail(0) for a in mats)
+    total = sum(a.loss(0) for a in mats)
     return _greedy(mats, ranks, math.inf, 1.0, multiple, factors, loss_target=target * total)
 
 
 def predicted_nll_increase(mats: list[Matrix], ranks: dict[str, int], seqlen: int) -> float:
     """The second-order estimate of the mean next-token NLL increase of truncating to `ranks` (module doc)."""
-    return 0.5 * seqlen / (seqlen - 1) * sum(a.weight * a.tail(ranks[a.name]) for a in mats)
+    return 0.5 * seqlen / (seqlen - 1) * sum(a.loss(ranks[a.name]) for a in mats)
 
 
 def max_ppl_increase(mats: list[Matrix], target: float, seqlen: int, factors: str = "pivoted", multiple: int = 1,
@@ -248,7 +270,7 @@ def max_ppl_increase(mats: list[Matrix], target: float, seqlen: int, factors: st
                              "give the largest held-out perplexity increase allowed as a fraction above 0, e.g. 0.25 for +25%")
     limit = math.log1p(target) / (0.5 * seqlen / (seqlen - 1))  # in units of sum w tail
     if max_relative_loss is not None:
-        limit = min(limit, max_relative_loss * sum(a.weight * a.tail(0) for a in mats))
+        limit = min(limit, max_relative_loss * sum(a.loss(0) for a in mats))
     ranks = {a.name: start_rank(a, multiple) for a in mats}
     return _greedy(mats, ranks, math.inf, 1.0, multiple, factors, loss_target=limit)
 

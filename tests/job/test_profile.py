@@ -59,6 +59,50 @@ def test_sensitivity_matches_dense_autograd(tiny, tmp_path):
     assert profile.timing["sensitivity_seconds"] >= 0 and profile.meta["sensitivity_samples"] == KEEP
 
 
+def test_weighted_energies_match_dense_autograd(tiny, tmp_path):
+    """Per direction j of the job's truncation: E_t[w_t (u_j . W x_t)^2] over the sensitivity windows' tokens, with w_t
+    the token's mean squared gradient at the linear's output, as the whole model in memory computes it."""
+    profile = _profile(tiny, tmp_path / "prof")
+    windows = sample_windows(AutoTokenizer.from_pretrained(tiny), default_text(), SAMPLES, SEQLEN, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    linears = {f"model.layers.{i}.{n}": m for i, layer in enumerate(model.model.layers)
+               for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    inputs, outputs = {}, {}
+    for key, m in linears.items():
+        def hook(module, args, output, key=key):
+            inputs.setdefault(key, []).append(args[0].detach().double())
+            if output.requires_grad:
+                output.retain_grad()
+                outputs[key] = output
+        m.register_forward_hook(hook)
+    with torch.no_grad():
+        model(windows)  # every calibration window: the Grams the directions come from
+    grams = {k: torch.cat(v).reshape(-1, v[0].shape[-1]) for k, v in inputs.items()}
+    inputs.clear()
+    keep = windows[:KEEP]
+    embeds = model.get_input_embeddings()(keep).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds).logits[:, :-1]
+    F.cross_entropy(logits.reshape(-1, logits.shape[-1]), keep[:, 1:].reshape(-1), reduction="sum").backward()
+    assert profile.weighted is not None and set(profile.weighted) == set(linears)
+    for key, m in linears.items():
+        x = grams[key]
+        w = m.weight.double()
+        evals, q = torch.linalg.eigh(x.T @ x / x.shape[0])
+        u, s, _ = torch.linalg.svd(w @ (q * evals.clamp_min(0).sqrt()), full_matrices=False)
+        xk = inputs[key][0].reshape(-1, w.shape[1])
+        tw = outputs[key].grad.double().pow(2).mean(-1).reshape(-1)  # each token's mean squared gradient
+        want = (tw[:, None] * (xk @ w.T @ u).pow(2)).mean(0).numpy()
+        got = profile.weighted[key]
+        assert got.shape == want.shape and np.all(got >= -1e-12)
+        # basis-free: their sum is E_t[w_t ||W x_t||^2]; then the loss at every rank (directions agree up to sign)
+        assert got.sum() == pytest.approx(want.sum(), rel=1e-4), key
+        np.testing.assert_allclose(np.cumsum(got), np.cumsum(want), rtol=2e-3, atol=1e-6 * want.sum(), err_msg=key)
+    mats = {a.name: a for a in profile.matrices()}
+    a = mats[next(iter(linears))]
+    assert a.loss(0) == pytest.approx(float(profile.weighted[a.name].sum())) and a.loss(a.full) == 0.0
+
+
 def test_spectra_are_what_run_writes(tiny, tmp_path):
     """Same statistics as `run --propagate original --svd exact`, so the same whitened spectra."""
     profile = _profile(tiny, tmp_path / "prof", sensitivity_samples=0)

@@ -73,6 +73,22 @@ def test_global_follows_the_spectra_and_the_weights():
     assert ranks["b.q_proj"] == 64 and ranks["a.q_proj"] < 32
 
 
+def test_weighted_energies_replace_weight_times_spectrum():
+    """Matrix.weighted (per direction, token-weighted) is the loss the greedy ranks by; weight x s^2 gives the old ranks."""
+    mats = _model(weights=True)
+    same = [Matrix(a.name, a.m, a.n, a.spectrum, a.weight, a.weight * a.spectrum**2) for a in mats]
+    assert global_greedy(same, 0.4) == global_greedy(mats, 0.4)
+    assert max_loss(same, 0.1) == max_loss(mats, 0.1)
+    a, b = same[0], same[1]
+    assert a.loss(3) == pytest.approx(a.weight * a.tail(3)) and a.loss(a.full) == 0.0
+    # The same scalar weight, but b's tokens that carry its energy are where the model is sensitive: b keeps its rank.
+    flat = [Matrix("a.q_proj", 64, 64, np.ones(64), 1.0, np.ones(64)), Matrix("b.q_proj", 64, 64, np.ones(64), 1.0, 100 * np.ones(64))]
+    ranks = global_greedy(flat, 0.3)
+    assert ranks["b.q_proj"] == 64 and ranks["a.q_proj"] < 32
+    with pytest.raises(ValueError, match="weighted energies"):
+        Matrix("c.q_proj", 64, 64, np.ones(64), 1.0, np.ones(3)).loss(0)
+
+
 @pytest.mark.parametrize("multiple", [1, 8])
 def test_global_ranks_do_not_depend_on_the_number_of_calibration_tokens(multiple):
     """A Gram summed over T tokens instead of averaged scales every s by sqrt(T): same ranks once normalised."""
