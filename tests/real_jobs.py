@@ -10,7 +10,7 @@ EVAL_WINDOWS, EVAL_SEQLEN = 6, 256
 
 
 def compress(model_dir, out, calib, ratio, method="eig", samples=8, seqlen=256, **flags):
-    return run_job(JobConfig(model_dir=model_dir, out_dir=out, ratio=ratio, method=method, calib=[str(calib)],
+    return run_job(JobConfig(alloc="uniform", model_dir=model_dir, out_dir=out, ratio=ratio, method=method, calib=[str(calib)],
                              calib_samples=samples, seqlen=seqlen, progress=False, **flags))
 
 

@@ -33,6 +33,7 @@ stored form (pivoted factors) changes one function.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -62,7 +63,7 @@ SLACK_FRACTION = 0.05
 # doing the same thing (measured up to 42 MiB between `plan` and `run`); the minimum that `plan`
 # reports carries this margin so that `run` in another process accepts it.
 BASELINE_MARGIN_BYTES = 64 << 20
-STAGES = ("embed", "extra shard", "statistics", "factorize", "refine", "quantize", "propagate", "write", "plots")
+STAGES = ("profile", "embed", "extra shard", "statistics", "factorize", "refine", "quantize", "propagate", "write", "plots")
 # The end's pictures (io/plots.py): matplotlib's modules, two figures and their PNG buffers. Measured +64 MiB
 # for SmolLM2's 210 matrices (30 layers); counted with headroom, plus every spectrum read back.
 PLOT_BYTES = 96 << 20
@@ -247,7 +248,7 @@ class Plan:
             f"planned peak {format_size(self.peak_bytes)} "
             f"(smallest workable --max-mem {format_size(self.min_max_mem_bytes)}, set by {self.min_stage}: {self.min_component})",
         ]
-        for stage in STAGES:
+        for stage in (s for s in STAGES if s in self.stage_bytes):
             parts = ", ".join(f"{k} {format_size(v)}" for k, v in self.components[stage].items() if v)
             lines.append(f"  {stage:<12} {format_size(self.stage_bytes[stage]):>11}  {parts}")
         lines.append("factorisation routes (per matrix type):")
@@ -286,6 +287,9 @@ class PlanInputs:
     plots: bool = True  # the end's pictures (a `plots` stage; off with run --no-plots, and for a profile)
     # processes of one job under torchrun (job/distributed.py): the plan is one process's, for its share of the windows
     processes: int = 1
+    # `streamsvd profile` with sensitivity: a token-weighted Gram per linear on its smaller side, held through the
+    # statistics and the spectra (job/profile.WeightedEnergies)
+    weighted_energies: bool = False
 
     @property
     def compensated(self) -> bool:
@@ -357,6 +361,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             group_bytes += 8 * members[0].in_features**2 * (2 if settings.compensate else 1)
         per_group.append(group_bytes)
     stats_bytes = max(per_group, default=0) if settings.calibrate == "sequential" else sum(per_group)
+    if settings.weighted_energies:
+        stats_bytes += sum(8 * min(s.out_features, s.in_features) ** 2 for s in linears)
     widest_in = max((s.in_features for s in linears), default=hidden)
     widest_out = max((s.out_features for s in linears if s.route == "output"), default=0)
     # math/gram.py: a chunk's float32 copy (16-bit inputs), an output Gram's chunk of outputs, and one column
@@ -392,7 +398,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                 if s.svd == "randomized":
                     p = k + 10
                     svd_ws = 8 * (3 * max(m, n) * p + 3 * p * p + m * n)
-                elif settings.method == "eig" and m > n:
+                elif settings.method == "eig" and m > n and not settings.weighted_energies:  # the profile: U in full
                     # tall: A^T A, eigh's vectors and syevd's 2 n^2 work; V_k and U_k = A V_k (math/factorize._tall_eig)
                     svd_ws = 8 * (4 * n * n + 2 * m * k)
                     what = f"eigh of A^T A for the whitened {m} x {n} {s.name}"
@@ -634,7 +640,7 @@ def refuse_if_too_small(plan: Plan, resumed: bool = False) -> None:
 
 
 def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dict[str, int] | None = None,
-               processes: int = 1) -> Plan:
+               processes: int = 1, weighted_energies: bool = False) -> Plan:
     """The plan of the job `cfg` (a JobConfig) under its --max-mem (default: 75% of available RAM).
 
     The baseline is this process's RSS now, after the speed measurement has loaded and warmed up
@@ -654,12 +660,33 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dic
                           compensate=getattr(cfg, "compensate", False), anchor=getattr(cfg, "anchor", 0.0),
                           refine_steps=getattr(cfg, "refine_steps", 0), ranks=ranks, quant=getattr(cfg, "quant_spec", None),
                           heldout_samples=getattr(cfg, "heldout_rows", 0), plots=getattr(cfg, "plots", False),
-                          processes=processes)
+                          processes=processes, weighted_energies=weighted_energies)
     budget = cfg.max_mem if cfg.max_mem is not None else default_budget()
     other = sum(p.stat().st_size for p in sorted(ckpt.dir.iterdir()) if p.is_file() and not p.name.endswith(".safetensors")
                 and p.name not in ("model.safetensors.index.json",))
     layers_path = SUPPORTED[ckpt.config_dict.get("model_type")]
-    return make_plan(ckpt, layers_path, settings, budget, rss_bytes(), fixed_batch=fixed_batch, other_file_bytes=other)
+    plan = make_plan(ckpt, layers_path, settings, budget, rss_bytes(), fixed_batch=fixed_batch, other_file_bytes=other)
+    if ranks is None and getattr(cfg, "needs_profile", False) and getattr(cfg, "profile", None) is None:
+        _add_own_profile(plan, cfg, ckpt)
+    return plan
+
+
+def _add_own_profile(plan: Plan, cfg, ckpt: Checkpoint) -> None:
+    """A job that profiles for itself (`--alloc global`, the default, without --profile) first runs `streamsvd profile`
+    under the same budget: its plan's peak is this plan's `profile` stage, and its minimum counts toward the job's."""
+    from .profile import ProfileConfig
+
+    prof_cfg = ProfileConfig(model_dir=cfg.model_dir, profile_dir=Path(cfg.out_dir), max_mem=cfg.max_mem, calib=cfg.calib,
+                             calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, seed=cfg.seed, act_dtype=cfg.act_dtype,
+                             heldout_samples=getattr(cfg, "heldout_rows", 0))
+    prof = build_plan(prof_cfg.job_config(), ckpt, weighted_energies=prof_cfg.sensitivity_samples > 0)
+    plan.stage_bytes = {"profile": prof.peak_bytes, **plan.stage_bytes}
+    plan.components = {"profile": {f"the profile's own plan (batch {prof.batch_size}, set by its {prof.min_stage} stage)":
+                                   prof.peak_bytes}, **plan.components}
+    plan.peak_bytes = max(plan.peak_bytes, prof.peak_bytes)
+    if prof.strict_min_bytes > plan.strict_min_bytes:
+        plan.strict_min_bytes, plan.min_max_mem_bytes = prof.strict_min_bytes, prof.min_max_mem_bytes
+        plan.min_stage, plan.min_component = "profile", f"its {prof.min_stage} stage: {prof.min_component}"
 
 
 def plan_job(cfg, processes: int = 1) -> Plan:

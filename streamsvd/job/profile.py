@@ -102,7 +102,7 @@ class ProfileConfig:
 
         return JobConfig(model_dir=self.model_dir, out_dir=self.profile_dir, max_mem=self.max_mem, calib=self.calib,
                          calib_samples=self.calib_samples, seqlen=self.seqlen, seed=self.seed, propagate="original",
-                         act_dtype=self.act_dtype, progress=self.progress, svd="exact")
+                         act_dtype=self.act_dtype, progress=self.progress, svd="exact", alloc="uniform", plots=False)
 
     def validate(self) -> None:
         self.job_config().validate()
@@ -236,7 +236,7 @@ class Profiler:
         self.model = empty_model(self.config, COMPUTE_DTYPE)
         from .plan import build_plan, refuse_if_too_small
 
-        plan = build_plan(cfg.job_config(), self.ckpt)
+        plan = build_plan(cfg.job_config(), self.ckpt, weighted_energies=cfg.sensitivity_samples > 0)
         refuse_if_too_small(plan)
         self.batch_size = plan.batch_size
         self.work = Path(cfg.profile_dir) / WORK_NAME if cfg.work_dir is None else Path(cfg.work_dir) / "streamsvd-profile"

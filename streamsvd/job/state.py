@@ -116,6 +116,8 @@ def _differences(old: dict, new: dict) -> list[str]:
         a, b = old.get(key, _ABSENT.get(key)), new.get(key, _ABSENT.get(key))
         if a == b:
             continue
+        if key == "profile" and "own" in (a, b) and None in (a, b):
+            continue  # a job that profiles for itself against one that needs no profile: the --alloc line says it
         if key in _WHAT:
             out.append(_WHAT[key])
         elif key == "compensate":

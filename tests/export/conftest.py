@@ -18,7 +18,7 @@ def tiny_outputs(tmp_path_factory):
     for family, factors in CASES:
         model_dir = make_tiny_checkpoint(family, root / f"{family}-model")
         out = root / f"{family}-{factors}"
-        run_job(JobConfig(model_dir=model_dir, out_dir=out, ratio=0.4, calib_samples=4, seqlen=32, progress=False,
+        run_job(JobConfig(alloc="uniform", model_dir=model_dir, out_dir=out, ratio=0.4, calib_samples=4, seqlen=32, progress=False,
                           factors=factors))
         outs[family] = (model_dir, out)
     return outs

@@ -29,7 +29,7 @@ LINEARS_PER_LAYER = 7
 def _compress(tmp, model_type, **job):
     model = make_tiny_checkpoint(model_type, tmp / "model", num_hidden_layers=2)
     out = tmp / "out"
-    run_job(JobConfig(**{**dict(model_dir=model, out_dir=out, ratio=0.4, calib_samples=4, seqlen=32, progress=False), **job}))
+    run_job(JobConfig(**{"alloc": "uniform", **dict(model_dir=model, out_dir=out, ratio=0.4, calib_samples=4, seqlen=32, progress=False), **job}))
     return out
 
 

@@ -20,7 +20,7 @@ def tiny(tmp_path_factory):
 
 
 def _job(model_dir, out_dir, **kw):
-    return JobConfig(model_dir=model_dir, out_dir=out_dir, calib_samples=4, seqlen=32, progress=False, **kw)
+    return JobConfig(model_dir=model_dir, out_dir=out_dir, calib_samples=4, seqlen=32, progress=False, **{"alloc": "uniform", **kw})
 
 
 def test_a_job_writes_both_pictures_recorded_and_linked_and_the_same_bytes_again(tiny, tmp_path):

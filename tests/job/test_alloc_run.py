@@ -31,7 +31,7 @@ def profiled(tiny, tmp_path_factory):
 
 
 def _job(model_dir, out_dir, **kw):
-    return JobConfig(model_dir=model_dir, out_dir=out_dir, calib_samples=SAMPLES, seqlen=SEQLEN, progress=False, **kw)
+    return JobConfig(model_dir=model_dir, out_dir=out_dir, calib_samples=SAMPLES, seqlen=SEQLEN, progress=False, **{"alloc": "uniform", **kw})
 
 
 def _no_profiling(monkeypatch):
@@ -114,10 +114,31 @@ def test_run_with_an_own_profile_equals_run_with_the_same_profile_given(tiny, tm
     assert {n: m["rank"] for n, m in own["modules"].items()} == {n: m["rank"] for n, m in given["modules"].items()}
 
 
-def test_defaults_keep_the_old_identity(tiny):
+def test_the_default_allocation_is_global_and_profiles_for_itself(tiny, tmp_path, monkeypatch):
+    """Left out, --alloc is global (measured better than uniform, docs/RESULTS.md); under torchrun, uniform."""
+    cfg = JobConfig(model_dir=tiny, out_dir=tmp_path / "out", calib_samples=SAMPLES, seqlen=SEQLEN, progress=False, plots=False)
+    assert cfg.needs_profile and cfg.alloc == "global"
+    report = run_job(cfg)
+    assert report["allocation"]["alloc"] == "global" and (tmp_path / "out" / "profile" / "profile.json").exists()
+    assert (tmp_path / "out" / "profile" / "weighted.safetensors").exists()
+    from streamsvd.job import distributed
+
+    class Active:
+        active = True
+
+    monkeypatch.setattr(distributed.World, "current", classmethod(lambda cls: Active()))
+    under_torchrun = JobConfig(model_dir=tiny, out_dir=tmp_path / "d", calib_samples=SAMPLES, seqlen=SEQLEN)
+    assert not under_torchrun.needs_profile and under_torchrun.alloc == "uniform"
+
+
+def test_uniform_jobs_keep_the_old_identity(tiny):
     cfg = _job(tiny, "out")
     identity = job_identity(cfg, Checkpoint(tiny), "text")
     assert not {"alloc", "rank_multiple", "profile"} & set(identity)
+    from streamsvd.job.state import mismatch
+
+    said = mismatch(identity, job_identity(_job(tiny, "out", alloc="global"), Checkpoint(tiny), "text"))
+    assert "--alloc uniform, now global" in said and "profile" not in said  # the job's own profile goes with --alloc
     identity = job_identity(_job(tiny, "out", alloc="global", rank_multiple=64), Checkpoint(tiny), "text", "abc")
     assert (identity["alloc"], identity["rank_multiple"], identity["profile"]) == ("global", 64, "abc")
     assert "alloc_floor" not in identity and "alloc_floor" not in job_identity(_job(tiny, "out", alloc_floor=0.5), Checkpoint(tiny), "t")

@@ -346,7 +346,7 @@ def test_load_refuses_an_interrupted_job(capsys, pristine, out, long_text):
         if index == 0:
             raise KeyboardInterrupt
 
-    cfg = JobConfig(model_dir=pristine, out_dir=out, ratio=0.4, calib=[str(long_text)], calib_samples=4, seqlen=32,
+    cfg = JobConfig(alloc="uniform", model_dir=pristine, out_dir=out, ratio=0.4, calib=[str(long_text)], calib_samples=4, seqlen=32,
                     progress=False)
     with pytest.raises(KeyboardInterrupt):
         run_job(cfg, on_block_done=stop_at_block_0)
@@ -402,7 +402,7 @@ def test_not_enough_disk_space_is_refused_before_anything_is_written(capsys, pri
 def test_disk_space_estimate_matches_what_a_job_writes(pristine, out, long_text):
     from streamsvd.job.pipeline import CompressionJob
 
-    cfg = JobConfig(model_dir=pristine, out_dir=out, calib=[str(long_text)], calib_samples=4, seqlen=32, progress=False)
+    cfg = JobConfig(alloc="uniform", model_dir=pristine, out_dir=out, calib=[str(long_text)], calib_samples=4, seqlen=32, progress=False)
     job = CompressionJob(cfg)
     needs = job._disk_needs()
     job.run()
@@ -465,9 +465,14 @@ def test_disk_full_when_allocating_activations(capsys, pristine, out, long_text,
 
     monkeypatch.setattr(diskspace.os, "posix_fallocate", full)
     rc = cli(["run", pristine, out, "--calib", long_text, *FAST])
-    assert_clean_error(capsys, rc, "disk is full", "acts-0.bin")
+    assert_clean_error(capsys, rc, "disk is full", "inputs-0.bin")  # the default job's first: its profile's
     assert_not_complete(out)
-    assert not list(out.rglob("acts-*.bin"))
+    assert not list(out.rglob("*.bin"))
+    other = Path(out).parent / "uniform"
+    rc = cli(["run", pristine, other, "--calib", long_text, *FAST, "--alloc", "uniform"])  # no profile: the job's own
+    assert_clean_error(capsys, rc, "disk is full", "acts-0.bin")
+    assert_not_complete(other)
+    assert not list(other.rglob("acts-*.bin"))
 
 
 # ------------------------------------------------------------------------------------------ real script

@@ -28,7 +28,7 @@ def tiny(request, checkpoint):
 
 
 def _job(model_dir, out_dir, **kw):
-    return JobConfig(model_dir=model_dir, out_dir=out_dir, calib_samples=SAMPLES, seqlen=SEQLEN, progress=False, **kw)
+    return JobConfig(model_dir=model_dir, out_dir=out_dir, calib_samples=SAMPLES, seqlen=SEQLEN, progress=False, **{"alloc": "uniform", **kw})
 
 
 @torch.no_grad()

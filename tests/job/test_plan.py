@@ -87,7 +87,7 @@ def test_cholesky_keeps_the_input_side(tiny):
 
 
 def test_plan_disk_figure_matches_what_the_job_writes(tiny, text, tmp_path):
-    cfg = JobConfig(model_dir=tiny, out_dir=tmp_path / "out", calib=[str(text)], calib_samples=4, seqlen=32, progress=False)
+    cfg = JobConfig(alloc="uniform", model_dir=tiny, out_dir=tmp_path / "out", calib=[str(text)], calib_samples=4, seqlen=32, progress=False)
     job = CompressionJob(cfg)
     assert job.plan.disk["work files"] == 2 * 2 * 4 * 32 * 64 * 4  # two files, each with both streams (compensation)
     job.run()
@@ -140,3 +140,15 @@ def test_the_pictures_are_a_planned_stage_and_no_plots_drops_it(tiny):
     assert "matplotlib and figures" not in off.components["plots"]
     assert on.stage_bytes["plots"] > off.stage_bytes["plots"] + PLOT_BYTES // 2
     assert on.min_stage == "plots" and on.min_max_mem_bytes > off.min_max_mem_bytes  # tiny model: the pictures set it
+
+
+def test_the_profiles_weighted_grams_are_planned(tiny):
+    """`streamsvd profile` with sensitivity holds one token-weighted Gram per linear on its smaller side (float64)."""
+    ckpt, base = Checkpoint(tiny), 400 << 20
+    plain = make_plan(ckpt, "model.layers", PlanInputs(propagate="original"), budget=1 << 40, baseline=base)
+    weighted = make_plan(ckpt, "model.layers", PlanInputs(propagate="original", weighted_energies=True), budget=1 << 40,
+                         baseline=base)
+    shapes = [ckpt.shape(k) for k in ckpt.keys() if k.startswith("model.layers.0.") and k.endswith("proj.weight")]
+    extra = sum(8 * min(shape) ** 2 for shape in shapes)
+    assert weighted.components["statistics"]["statistics"] == plain.components["statistics"]["statistics"] + extra
+    assert weighted.stage_bytes["factorize"] >= plain.stage_bytes["factorize"] + extra

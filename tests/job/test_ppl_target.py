@@ -39,7 +39,7 @@ def profiled(tiny, tmp_path_factory):
 
 def _job(model_dir, out_dir, **kw):
     kw.setdefault("heldout_samples", HELD)
-    return JobConfig(model_dir=model_dir, out_dir=out_dir, calib_samples=SAMPLES, seqlen=SEQLEN, progress=False, **kw)
+    return JobConfig(model_dir=model_dir, out_dir=out_dir, calib_samples=SAMPLES, seqlen=SEQLEN, progress=False, **{"alloc": "uniform", **kw})
 
 
 def _cli(tiny, out, *extra):

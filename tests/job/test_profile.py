@@ -107,7 +107,7 @@ def test_spectra_are_what_run_writes(tiny, tmp_path):
     """Same statistics as `run --propagate original --svd exact`, so the same whitened spectra."""
     profile = _profile(tiny, tmp_path / "prof", sensitivity_samples=0)
     assert profile.meta["sensitivity"] is None
-    run_job(JobConfig(model_dir=tiny, out_dir=tmp_path / "out", calib_samples=SAMPLES, seqlen=SEQLEN, progress=False,
+    run_job(JobConfig(alloc="uniform", model_dir=tiny, out_dir=tmp_path / "out", calib_samples=SAMPLES, seqlen=SEQLEN, progress=False,
                       propagate="original", svd="exact"))
     n = json.loads((tiny / "config.json").read_text())["num_hidden_layers"]
     for index in range(n):

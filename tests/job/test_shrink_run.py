@@ -17,7 +17,7 @@ def tiny(tmp_path_factory):
 
 
 def _job(model_dir, out_dir, **kw):
-    return JobConfig(model_dir=model_dir, out_dir=out_dir, calib_samples=4, seqlen=32, progress=False, plots=False, **kw)
+    return JobConfig(model_dir=model_dir, out_dir=out_dir, calib_samples=4, seqlen=32, progress=False, plots=False, **{"alloc": "uniform", **kw})
 
 
 def _block0(out):

@@ -23,7 +23,7 @@ TEXT = default_text()[:60_000]
 def test_streaming_matches_in_memory_original_and_compressed(model_type, tmp_path):
     model_dir = make_tiny_checkpoint(model_type, tmp_path / "model")
     out = tmp_path / "out"
-    run_job(JobConfig(model_dir=model_dir, out_dir=out, ratio=0.5, calib_samples=4, seqlen=32, progress=False))
+    run_job(JobConfig(alloc="uniform", model_dir=model_dir, out_dir=out, ratio=0.5, calib_samples=4, seqlen=32, progress=False))
     for path in (model_dir, out):
         expected = perplexity(streamsvd.load(path), load_tokenizer(path), TEXT, 48, max_windows=5, progress=False)
         got = streaming_perplexity(path, TEXT, 48, max_windows=5, progress=False)

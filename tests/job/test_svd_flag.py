@@ -37,5 +37,5 @@ def test_unknown_svd_mode_is_one_error(capsys, tiny, tmp_path):
     from streamsvd.errors import StreamSVDError
 
     with pytest.raises(StreamSVDError, match="--svd"):
-        run_job(JobConfig(model_dir=tiny, out_dir=tmp_path / "o", svd="fast", calib_samples=4, seqlen=32, progress=False))
+        run_job(JobConfig(alloc="uniform", model_dir=tiny, out_dir=tmp_path / "o", svd="fast", calib_samples=4, seqlen=32, progress=False))
     assert not (tmp_path / "o").exists()

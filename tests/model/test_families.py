@@ -70,7 +70,7 @@ def test_family_compresses_loads_stays_close_and_generates(family, checkpoints, 
     with torch.no_grad():
         want = original(ids).logits
     out = tmp_path / "out"
-    report = run_job(JobConfig(model_dir=model_dir, out_dir=out, ratio=RATIO, calib_samples=SAMPLES, seqlen=SEQLEN,
+    report = run_job(JobConfig(alloc="uniform", model_dir=model_dir, out_dir=out, ratio=RATIO, calib_samples=SAMPLES, seqlen=SEQLEN,
                                progress=False))
     assert RATIO <= report["ratio_linear"] < 0.05
     model = streamsvd.load(out)
