@@ -540,6 +540,10 @@ class CompressionJob:
             self._own_profile()
         elif self.profile is not None:
             tqdm.write(f"streamsvd: profile reused: {self.cfg.profile} (no profiling)", file=sys.stderr)
+            if self.profile.meta.get("sensitivity") and self.profile.weighted is None:
+                print(f"warning: the profile in {self.cfg.profile} predates token-weighted sensitivity, so the ranks come "
+                      "from one weight per matrix (on Gemma 3 that was worse than uniform at ratio 0.6, docs/RESULTS.md)\n"
+                      "  fix: make the profile again with `streamsvd profile` for the better allocation", file=sys.stderr)
         materialize_base_mapped(self.model, self.ckpt, COMPUTE_DTYPE)
         self.layer_args = capture_layer_kwargs(self.model, self.windows[:1])
         self._restore_inputs()

@@ -63,6 +63,24 @@ def test_a_profile_reused_by_two_runs_at_other_ratios(tiny, profiled, tmp_path, 
         streamsvd.load(out)
 
 
+def test_a_profile_from_before_token_weighting_still_allocates_and_says_so(tiny, profiled, tmp_path, capsys):
+    """Without weighted.safetensors the ranks come from one weight per matrix, with a warning and a fix."""
+    import shutil
+
+    old = tmp_path / "old-profile"
+    shutil.copytree(profiled, old)
+    (old / profile_module.WEIGHTED_FILE).unlink()
+    prof = profile_module.read_profile(old)
+    assert prof.weighted is None and all(a.weighted is None for a in prof.matrices())
+    report = run_job(_job(tiny, tmp_path / "out", ratio=0.4, alloc="global", profile=old))
+    err = capsys.readouterr().err
+    assert "predates token-weighted sensitivity" in err and "fix: make the profile again" in err
+    ranks = {name: m["rank"] for name, m in report["modules"].items()}
+    assert ranks == allocate("global", prof.matrices(), 0.4, tokens=prof.tokens)
+    assert "predates" not in (run_job(_job(tiny, tmp_path / "new", ratio=0.4, alloc="global", profile=profiled)) and
+                              capsys.readouterr().err)
+
+
 def test_run_without_a_profile_profiles_into_out_dir_and_resumes_with_it(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     report = run_job(_job(tiny, out, alloc="global"))
