@@ -398,9 +398,10 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                 if s.svd == "randomized":
                     p = k + 10
                     svd_ws = 8 * (3 * max(m, n) * p + 3 * p * p + m * n)
-                elif settings.method == "eig" and m > n and not settings.weighted_energies:  # the profile: U in full
-                    # tall: A^T A, eigh's vectors and syevd's 2 n^2 work; V_k and U_k = A V_k (math/factorize._tall_eig)
-                    svd_ws = 8 * (4 * n * n + 2 * m * k)
+                elif settings.method == "eig" and m > n:
+                    # tall: A^T A, eigh's vectors and syevd's 2 n^2 work; V_k and U_k = A V_k (math/factorize._tall_eig);
+                    # the profile's weighted energies: W^T W, S^T W^T W and U^T W, each in x in (job/profile.py)
+                    svd_ws = 8 * (4 * n * n + 2 * m * k + (3 * n * n if settings.weighted_energies else 0))
                     what = f"eigh of A^T A for the whitened {m} x {n} {s.name}"
                 else:
                     svd_ws = 8 * (m * n + m * mn + mn * n + 4 * mn * mn + 4 * max(m, n) * mn)

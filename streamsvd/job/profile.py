@@ -62,7 +62,7 @@ from ..io.calibration import heldout_windows, load_texts, load_tokenizer, sample
 from ..io.checkpoint import Checkpoint
 from ..io.fsutil import atomic_path, atomic_write_json
 from ..math.allocate import Matrix
-from ..math.factorize import whiten
+from ..math.factorize import TALL_MIN_RATIO, whiten
 from ..model.architecture import decoder_layers, empty_model, layer_prefix, linear_modules, load_config, check_seqlen, load_layer
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
 from ..model.embedding import materialize_base_mapped
@@ -463,6 +463,8 @@ class WeightedEnergies:
         self.rows = (0, 0)  # the window rows of the batch being run (set by the reader)
         self.keep = next(iter(token_weights.values())).shape[0] if token_weights else 0
         self.grams: dict[str, GramAccumulator] = {}
+        # the one weight per matrix, for the directions too faint to resolve on the tall route (energies())
+        self.mean_weight = {name: float(w.mean()) for name, w in token_weights.items()}
         for name, m in linears.items():
             out_f, in_f = m.weight.shape
             self.grams[name] = OutputGramAccumulator(m.weight) if out_f < in_f else GramAccumulator(in_f)
@@ -480,14 +482,27 @@ class WeightedEnergies:
 
         return fn
 
-    def energies(self, name: str, u: torch.Tensor, weight: torch.Tensor) -> np.ndarray:
-        """diag(U^T W G_w W^T U) for U (out x k) orthonormal, float64."""
+    def energies(self, name: str, u: torch.Tensor | None, weight: torch.Tensor, tall: tuple | None = None) -> np.ndarray:
+        """diag(U^T W G_w W^T U) for U (out x k) orthonormal, float64.
+
+        `tall` = (V, s, S) instead of U for a tall whitened weight A = W S (out > in), whose U = A V / s is never
+        formed (math/factorize._tall_eig): U^T W = diag(1/s) V^T S^T (W^T W), all in x in. Directions with s below
+        TALL_MIN_RATIO s_0 cannot be resolved that way; they get the matrix's one weight times s^2 (their
+        energy is that small anyway)."""
         acc = self.grams.pop(name)
         g = acc.gram.to(torch.float64)
+        w = weight.detach().to(torch.float64)
         if isinstance(acc, OutputGramAccumulator):
             b = u.T  # the Gram is already W G_w W^T
+        elif tall is None:
+            b = u.T @ w
         else:
-            b = u.T @ weight.detach().to(torch.float64)
+            v, s, root = tall
+            faint = s <= TALL_MIN_RATIO * s[0]
+            b = (v.T @ (root.T @ (w.T @ w))) / torch.where(faint, 1.0, s)[:, None]
+            d = ((b @ g) * b).sum(1)
+            d[faint] = self.mean_weight[name] * s[faint] ** 2
+            return d.numpy()
         return ((b @ g) * b).sum(1).numpy()
 
     def close(self) -> None:
@@ -518,11 +533,19 @@ def block_spectra(layer, stats, weighing: WeightedEnergies | None = None) -> dic
             group = stats.group_of[name]
             if group not in whitenings:
                 whitenings[group] = whiten(stats.grams.pop(group).gram, "eig")
+            root = whitenings[group].s
+            tall = None
             if weighing is None:
-                s = torch.linalg.svdvals(w @ whitenings[group].s)
+                s = torch.linalg.svdvals(w @ root)
+            elif w.shape[0] > w.shape[1]:  # the job's tall route: the in x in A^T A, no out x in U (plan.py counts it)
+                a = w @ root
+                evals, v = torch.linalg.eigh(a.T @ a)
+                del a
+                s, v = evals.flip(0).clamp_min(0).sqrt(), v.flip(1)
+                tall = (v, s, root)
             else:
-                u, s, _ = torch.linalg.svd(w @ whitenings[group].s, full_matrices=False)
-        d = weighing.energies(name, u, w) if weighing is not None else None
+                u, s, _ = torch.linalg.svd(w @ root, full_matrices=False)
+        d = weighing.energies(name, u, w, tall) if weighing is not None else None
         out[name] = (s.numpy().astype(np.float64), d)
     return out
 
