@@ -78,14 +78,19 @@ class Matrix:
     def full(self) -> int:
         return min(self.m, self.n)
 
+    def _cumulative(self, attr: str, per_direction, what: str) -> np.ndarray:
+        """[0, cumsum(per_direction())], computed once and kept in `attr`; min(m, n) values are required."""
+        if getattr(self, attr, None) is None:
+            values = np.asarray(per_direction(), dtype=np.float64)
+            if values.shape[0] != self.full:
+                raise ValueError(f"{self.name}: {what} of {values.shape[0]} values, expected min(m, n) = {self.full}")
+            setattr(self, attr, np.concatenate([[0.0], np.cumsum(values)]))
+        return getattr(self, attr)
+
     def energy(self) -> np.ndarray:
         """cum[r] = sum(s[:r]^2), so the loss at rank r is cum[-1] - cum[r]."""
-        if getattr(self, "_cum", None) is None:
-            s = np.zeros(self.full) if self.spectrum is None else np.asarray(self.spectrum, dtype=np.float64)
-            if s.shape[0] != self.full:
-                raise ValueError(f"{self.name}: spectrum of {s.shape[0]} values, expected min(m, n) = {self.full}")
-            self._cum = np.concatenate([[0.0], np.cumsum(s * s)])
-        return self._cum
+        return self._cumulative("_cum", lambda: (np.zeros(self.full) if self.spectrum is None
+                                                 else np.asarray(self.spectrum, dtype=np.float64)) ** 2, "spectrum")
 
     def tail(self, rank: int) -> float:
         cum = self.energy()
@@ -96,12 +101,8 @@ class Matrix:
         or weight x tail(rank) without it (one weight for every token and direction)."""
         if self.weighted is None:
             return self.weight * self.tail(rank)
-        if getattr(self, "_wcum", None) is None:
-            d = np.asarray(self.weighted, dtype=np.float64)
-            if d.shape[0] != self.full:
-                raise ValueError(f"{self.name}: {d.shape[0]} weighted energies, expected min(m, n) = {self.full}")
-            self._wcum = np.concatenate([[0.0], np.cumsum(d)])
-        return float(self._wcum[-1] - self._wcum[min(rank, self.full)])
+        cum = self._cumulative("_wcum", lambda: self.weighted, "weighted energies")
+        return float(cum[-1] - cum[min(rank, self.full)])
 
 
 def matrix_type(name: str) -> str:
@@ -268,7 +269,7 @@ def max_ppl_increase(mats: list[Matrix], target: float, seqlen: int, factors: st
     if not (target > 0 and math.isfinite(target)):
         raise StreamSVDError(f"--max-ppl-increase {target} is out of range",
                              "give the largest held-out perplexity increase allowed as a fraction above 0, e.g. 0.25 for +25%")
-    limit = math.log1p(target) / (0.5 * seqlen / (seqlen - 1))  # in units of sum w tail
+    limit = math.log1p(target) / (0.5 * seqlen / (seqlen - 1))  # in units of sum Matrix.loss
     if max_relative_loss is not None:
         limit = min(limit, max_relative_loss * sum(a.loss(0) for a in mats))
     ranks = {a.name: start_rank(a, multiple) for a in mats}
