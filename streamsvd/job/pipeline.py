@@ -381,10 +381,7 @@ class CompressionJob:
         """No --profile: profile into OUT_DIR/profile first (reused if a killed run already finished it)."""
         cfg = self.cfg
         self._stage("profile")
-        self.profile = make_profile(ProfileConfig(
-            model_dir=cfg.model_dir, profile_dir=Path(cfg.out_dir) / OWN_PROFILE, max_mem=cfg.max_mem, calib=cfg.calib,
-            calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, seed=cfg.seed, act_dtype=cfg.act_dtype,
-            work_dir=self.work, progress=cfg.progress, heldout_samples=cfg.heldout_rows))
+        self.profile = make_profile(ProfileConfig.for_job(cfg, Path(cfg.out_dir) / OWN_PROFILE, work_dir=self.work))
         if cfg.max_ppl_increase is not None:
             check_heldout(self.profile, cfg.heldout_rows)
         if not self.profile.reused:  # the cost goes to this run's figures, not the (deterministic) report

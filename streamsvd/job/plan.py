@@ -33,9 +33,9 @@ stored form (pivoted factors) changes one function.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -677,10 +677,7 @@ def _add_own_profile(plan: Plan, cfg, ckpt: Checkpoint) -> None:
     under the same budget: its plan's peak is this plan's `profile` stage, and its minimum counts toward the job's."""
     from .profile import ProfileConfig
 
-    prof_cfg = ProfileConfig(model_dir=cfg.model_dir, profile_dir=Path(cfg.out_dir), max_mem=cfg.max_mem, calib=cfg.calib,
-                             calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, seed=cfg.seed, act_dtype=cfg.act_dtype,
-                             heldout_samples=getattr(cfg, "heldout_rows", 0))
-    prof = build_plan(prof_cfg.job_config(), ckpt, weighted_energies=prof_cfg.sensitivity_samples > 0)
+    prof = ProfileConfig.for_job(cfg, Path(cfg.out_dir)).plan(ckpt)
     plan.stage_bytes = {"profile": prof.peak_bytes, **plan.stage_bytes}
     plan.components = {"profile": {f"the profile's own plan (batch {prof.batch_size}, set by its {prof.min_stage} stage)":
                                    prof.peak_bytes}, **plan.components}

@@ -63,12 +63,12 @@ from ..io.checkpoint import Checkpoint
 from ..io.fsutil import atomic_path, atomic_write_json
 from ..math.allocate import Matrix
 from ..math.factorize import TALL_MIN_RATIO, whiten
+from ..math.gram import GramAccumulator, OutputGramAccumulator
 from ..model.architecture import decoder_layers, empty_model, layer_prefix, linear_modules, load_config, check_seqlen, load_layer
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
 from ..model.embedding import materialize_base_mapped
-from .evaluate import final_states_nll
-from ..math.gram import GramAccumulator, OutputGramAccumulator
 from ..timing import charged
+from .evaluate import final_states_nll
 from .stages import collect_statistics, output_side_linears
 
 COMPUTE_DTYPE = torch.float32
@@ -103,6 +103,19 @@ class ProfileConfig:
         return JobConfig(model_dir=self.model_dir, out_dir=self.profile_dir, max_mem=self.max_mem, calib=self.calib,
                          calib_samples=self.calib_samples, seqlen=self.seqlen, seed=self.seed, propagate="original",
                          act_dtype=self.act_dtype, progress=self.progress, svd="exact", alloc="uniform", plots=False)
+
+    @classmethod
+    def for_job(cls, cfg, profile_dir: Path, work_dir: Path | None = None) -> "ProfileConfig":
+        """The profile a `run` without --profile makes for itself (`cfg` a JobConfig): its calibration and budget."""
+        return cls(model_dir=cfg.model_dir, profile_dir=profile_dir, max_mem=cfg.max_mem, calib=cfg.calib,
+                   calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, seed=cfg.seed, act_dtype=cfg.act_dtype,
+                   work_dir=work_dir, progress=cfg.progress, heldout_samples=cfg.heldout_rows)
+
+    def plan(self, ckpt: Checkpoint):
+        """The memory plan of this profile: a `--propagate original` job's, plus the weighted Grams (with sensitivity)."""
+        from .plan import build_plan
+
+        return build_plan(self.job_config(), ckpt, weighted_energies=self.sensitivity_samples > 0)
 
     def validate(self) -> None:
         self.job_config().validate()
@@ -234,9 +247,9 @@ class Profiler:
         self.windows = sample_windows(tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
         self.heldout = heldout_windows(tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_samples)
         self.model = empty_model(self.config, COMPUTE_DTYPE)
-        from .plan import build_plan, refuse_if_too_small
+        from .plan import refuse_if_too_small
 
-        plan = build_plan(cfg.job_config(), self.ckpt, weighted_energies=cfg.sensitivity_samples > 0)
+        plan = cfg.plan(self.ckpt)
         refuse_if_too_small(plan)
         self.batch_size = plan.batch_size
         self.work = Path(cfg.profile_dir) / WORK_NAME if cfg.work_dir is None else Path(cfg.work_dir) / "streamsvd-profile"
@@ -328,7 +341,6 @@ class Profiler:
     def _forward(self, token_weights: dict[str, torch.Tensor] | None):
         """The statistics pass: every calibration window through the original blocks; per linear its spectrum
         and, with `token_weights`, its weighted energies (block_spectra)."""
-        keep = self._keep()
         src = self._file("acts-0.bin")
         for start, stop in self._batches():
             src.write(start, first_layer_inputs(self.model, self.windows[start:stop]))
@@ -343,7 +355,8 @@ class Profiler:
             prefix = layer_prefix(self.model, index)
             weighing = None
             if token_weights is not None:
-                weighing = WeightedEnergies(linear_modules(layer), {n: token_weights[prefix + n] for n in linear_modules(layer)})
+                linears = linear_modules(layer)
+                weighing = WeightedEnergies(linears, {n: token_weights[prefix + n] for n in linears})
 
             def read(start, stop, src=src, weighing=weighing):
                 if weighing is not None:
