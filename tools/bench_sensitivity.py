@@ -2,7 +2,7 @@
 
 For one model and ratio: `streamsvd profile` (16 x 256 windows of the calibration plays by default), then
 for each matrix type (q_proj, ..., down_proj) every matrix of that type alone is truncated to its uniform
-rank along the profile's own directions (the whitened SVD of W S, S from the mean input Gram of the same
+rank along the profile's own directions (math/factorize.factorize, eig, on the mean input Gram of the same
 calibration windows), the rest of the model left whole, and the mean next-token NLL on the sensitivity
 windows (the profile's first 16) is measured against the original's. Two predictions of the same figure:
 
@@ -31,6 +31,8 @@ from streamsvd import assets
 from streamsvd.io.calibration import load_texts, load_tokenizer, sample_windows
 from streamsvd.job.profile import ProfileConfig, make_profile
 from streamsvd.math.allocate import allocate, matrix_type
+from streamsvd.math.factorize import factorize
+from streamsvd.math.gram import GramAccumulator
 
 MODELS = {"smollm2": assets.smollm2_checkpoint, "gemma3": assets.gemma3_checkpoint}
 
@@ -70,12 +72,11 @@ def main() -> None:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n in profile.spectra}
-    grams = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in linears.items()}
+    grams = {n: GramAccumulator(m.in_features) for n, m in linears.items()}
 
     def add(name):
         def hook(module, inputs):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-            grams[name] += x.T @ x
+            grams[name].add_batch(inputs[0].double())  # float64 products, as the profile's float32 ones within 1e-7
         return hook
 
     handles = [m.register_forward_pre_hook(add(n)) for n, m in linears.items()]
@@ -83,17 +84,15 @@ def main() -> None:
         model.model(windows[i : i + 1])
     for h in handles:
         h.remove()
-    tokens = windows.numel()
     base = _nll(model, windows[:keep])
     for kind in sorted({matrix_type(n) for n in linears}):
         names = [n for n in linears if matrix_type(n) == kind]
         saved = {}
         for n in names:
             w = linears[n].weight
-            evals, q = torch.linalg.eigh(grams[n] / tokens)
-            u = torch.linalg.svd(w.double() @ (q * evals.clamp_min(0).sqrt()), full_matrices=False)[0][:, : ranks[n]]
+            f = factorize(w, grams[n].gram, ranks[n], "eig")  # the job's own truncation: W' = U_k U_k^T W
             saved[n] = w.data.clone()
-            w.data = (u @ (u.T @ w.double())).float()
+            w.data = (f.out_factor @ f.in_factor).float()
         measured = _nll(model, windows[:keep]) - base
         for n, w in saved.items():
             linears[n].weight.data = w
