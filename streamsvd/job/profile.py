@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .. import __version__, faults
 from ..errors import StreamSVDError
 from ..io.activations import ActivationFile
 from ..io.calibration import heldout_windows, load_texts, load_tokenizer, sample_windows, text_digest
@@ -379,6 +379,7 @@ class Profiler:
                 linear = layer.get_submodule(name)
                 shapes[prefix + name] = [linear.out_features, linear.in_features]
             src = dst
+            faults.point("profile-block")
         heldout = None
         if H:
             total, count = final_states_nll(self.model, self.ckpt, lambda a, b, src=src: src.read(S + a, S + b), self.heldout)
@@ -447,6 +448,7 @@ class Profiler:
                     grads[w : w + 1] = torch.autograd.grad(out, x, grad_outputs=grads[w : w + 1])[0]
             for h in handles:
                 h.remove()
+            faults.point("profile-block")
         return {name: float(t.mean()) for name, t in per_token.items()}, per_token
 
 

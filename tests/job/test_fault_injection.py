@@ -48,6 +48,7 @@ POINTS = [
     ("original-inputs-read", 12),  # compensation's later passes (o, gate/up, down) of 4 blocks
     ("finish-file", 6),
     ("index-written", 1),
+    ("profile-block", 8),  # the default job's own profile first: its backward walk, then its statistics pass, per block
 ]
 DAMAGES = ["none", "none", "remove_work", "flip_activation", "remove_finished_shard", "truncate_state", "edit_state"]
 VOLATILE = {RUN_LOG, STATE_NAME, "profile_log.json"}  # the profile's wall times vary too
