@@ -68,8 +68,7 @@ def _add_run(sub) -> None:
                    "token-weighted sensitivity x truncation loss per parameter; 14-23%% lower held-out perplexity than uniform "
                    "in the calibration's domain and 31-60%% lower across domains on SmolLM2 and Gemma 3 at 0.2-0.6, "
                    "docs/RESULTS.md), "
-                   "uniform (every linear loses the same fraction; no profile, so one streamed pass less: the default "
-                   "under torchrun), v2 (SVD-LLM V2's per-type ratios from the truncation loss; worse than uniform here). "
+                   "uniform (every linear loses the same fraction; no profile, so one streamed pass less), v2 (SVD-LLM V2's per-type ratios from the truncation loss; worse than uniform here). "
                    "v2 and global need a profile: --profile, or one is made in OUT_DIR/profile first (about a third of a "
                    "default job's time on the small models)")
     p.add_argument("--rank-multiple", type=int, default=1, metavar="K",
@@ -168,6 +167,10 @@ def _add_profile(sub) -> None:
                    "calibration windows and enter no statistic: what `run --max-ppl-increase --heldout-samples H` "
                    "needs from a profile (default 0: none; run's default is 8). Costs one more forward of H windows")
     p.add_argument("--work-dir", default=None, metavar="DIR", help="where the activation files go (default: inside PROFILE_DIR)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="windows per batch (default: the largest that fits --max-mem). Under torchrun (`torchrun "
+                   "--nproc-per-node N -m streamsvd profile ...`) each process streams its share of the windows; the "
+                   "profile is the one-process profile with the same batch size, byte for byte")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -351,6 +354,13 @@ def cmd_run(args) -> int:
     cfg.quant, cfg.group_size, cfg.quant_rounding = args.quant, args.group_size, args.quant_rounding
     cfg.batch_size = args.batch_size
     state = read_state(cfg.out_dir, strict=False) if cfg.out_dir.is_dir() and not args.restart else None
+    if cfg.alloc is None and state is not None and state.settings:
+        # --alloc left out, resuming: the job's own allocation (a job started before `global` became the default
+        # was `uniform`, recorded as no "alloc" key), rather than refusing it as another job
+        cfg.alloc = state.settings.get("alloc", "uniform")
+        if cfg.alloc != "global":
+            print(f"streamsvd: resuming {args.out_dir} with the allocation it was started with: --alloc {cfg.alloc}",
+                  file=sys.stderr)
     from .io.calibration import DEFAULT_WARNING
     from .job.distributed import World
 
@@ -455,9 +465,15 @@ def cmd_profile(args) -> int:
         max_mem=parse_size(args.max_mem) if args.max_mem else None, calib=args.calib,
         calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, act_dtype=args.act_dtype,
         sensitivity_samples=args.sensitivity_samples, work_dir=Path(args.work_dir) if args.work_dir else None,
-        progress=not args.no_progress, heldout_samples=args.heldout_samples,
+        progress=not args.no_progress, heldout_samples=args.heldout_samples, batch_size=args.batch_size,
     )
+    from .job.distributed import World
+
+    world = World.current()
+    cfg.progress = cfg.progress and world.writes  # one set of bars and one summary: rank 0's
     profile = make_profile(cfg)
+    if not world.writes:
+        return 0
     meta = profile.meta
     timing = profile.timing
     sens = (f"sensitivity from {meta['sensitivity_samples']} windows in {timing.get('sensitivity_seconds') or 0:.1f} s"
@@ -626,8 +642,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             if launched_distributed():  # torchrun's environment: join the job's process group (job/distributed.py)
-                if args.command != "run":
-                    raise StreamSVDError(f"`streamsvd {args.command}` does not run under torchrun; only `streamsvd run` does",
+                if args.command not in ("run", "profile"):
+                    raise StreamSVDError(f"`streamsvd {args.command}` does not run under torchrun; only `streamsvd run` "
+                                         "and `streamsvd profile` do",
                                          f"run `streamsvd {args.command}` as one process, without torchrun")
                 world = World.start()
             return COMMANDS[args.command](args)

@@ -290,8 +290,19 @@ class World:
                 total += buf
         return total
 
+    def sum_in_rank_order(self, local: torch.Tensor) -> torch.Tensor:
+        """The ranks' `local` tensors added in rank order (identical bits on every rank); `local` itself for one
+        process. A tensor each rank fills only in its own rows (zeros elsewhere) comes back whole, exactly."""
+        return self._ordered_sum(local) if self.active else local
+
     def reduce_statistics(self, stats) -> None:
-        """Replace every partial sum in `stats` (a GramCollector or GroupStatistics) by the job's total, in place."""
+        """Replace every partial sum in `stats` (a GramCollector or GroupStatistics, or anything with `grams`,
+        `output_grams` or `cross` dicts of accumulators) by the job's total, in place.
+
+        A rank may have seen no tokens for an accumulator (the profile's weighted Grams cover only the
+        sensitivity windows): its partial is zeros. Partials kept as an upper triangle (GramAccumulator) are
+        mirrored before the sum when any rank's is, so the total is whole on every rank (the same bits as
+        mirroring the total)."""
         if not self.active:
             return
         parts = []
@@ -300,13 +311,19 @@ class World:
                 parts.append((kind, name, acc))
         layout = [(kind, name, tuple(acc.sum.shape)) for kind, name, acc in parts]
         meta = self._gather({"layout": layout, "tokens": [acc.tokens for _, _, acc in parts],
+                             "upper": [getattr(acc, "_upper_only", False) for _, _, acc in parts],
+                             "eps": [getattr(acc, "product_eps", 0.0) for _, _, acc in parts],
                              "energies": getattr(stats, "energy_terms", {}),
                              "diag_terms": [getattr(acc, "diag_terms", None) for _, _, acc in parts]}, "statistics")
         if any(m["layout"] != layout for m in meta):
             raise RuntimeError("the ranks collected different statistics (a bug: they run the same hooks)")
         for i, (kind, name, acc) in enumerate(parts):
+            if any(m["upper"][i] for m in meta):
+                acc._symmetric_sum()  # mirrors this rank's upper triangle (a zero partial stays zero)
             acc.sum = self._ordered_sum(acc.sum)
             acc.tokens = sum(m["tokens"][i] for m in meta)
+            if hasattr(acc, "product_eps"):
+                acc.product_eps = max(m["eps"][i] for m in meta)
             if hasattr(acc, "input_diag_sum"):  # the chunks' terms, in the global order, as one process adds them
                 acc.diag_terms = [t for m in meta for t in m["diag_terms"][i]]
                 acc.input_diag_sum = torch.zeros_like(acc.input_diag_sum)
@@ -357,8 +374,6 @@ def refuse_unsupported(cfg, world: World) -> None:
         unsupported.append("--max-ppl-increase")
     if cfg.quant is not None:
         unsupported.append("--quant")
-    if cfg.needs_profile and cfg.max_ppl_increase is None:
-        unsupported.append("--alloc, --rank-multiple, --profile and --max-loss (rank allocation from a profile)")
     if unsupported:
         raise StreamSVDError(f"{', '.join(unsupported)} cannot run under torchrun yet (this run has {world.size} processes)",
                              "run the same command without torchrun (one process), or drop " + unsupported[0].split(" ")[0])

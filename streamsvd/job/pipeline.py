@@ -154,10 +154,8 @@ class JobConfig:
             self.anchor = DEFAULT_ANCHOR if self.compensate else 0.0
         if self.alloc is None:
             # global (docs/RESULTS.md: lower held-out perplexity than uniform at 0.2, 0.4 and 0.6 on both models, in
-            # and across domains); uniform under torchrun, where allocation from a profile is not distributed yet
-            from .distributed import World
-
-            self.alloc = "uniform" if World.current().active else "global"
+            # and across domains), under torchrun too (the profile splits over the processes like the job)
+            self.alloc = "global"
 
     def validate(self) -> None:
         self.resolve_defaults()
@@ -388,7 +386,7 @@ class CompressionJob:
             self.profile_figures = {"profile_" + k: v for k, v in self.profile.timing.items()}
         self.ranks = self._allocate()
         # The plan again with the allocated ranks (a block may hold larger factors than uniform's); same batch.
-        self.plan = build_plan(cfg, self.ckpt, fixed_batch=self.batch_size, ranks=self.ranks)
+        self.plan = build_plan(cfg, self.ckpt, fixed_batch=self.batch_size, ranks=self.ranks, processes=self.world.size)
         refuse_if_too_small(self.plan, resumed=True)
 
     def _rank(self, full_name: str, m: int, n: int) -> int:

@@ -668,16 +668,16 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dic
     layers_path = SUPPORTED[ckpt.config_dict.get("model_type")]
     plan = make_plan(ckpt, layers_path, settings, budget, rss_bytes(), fixed_batch=fixed_batch, other_file_bytes=other)
     if ranks is None and getattr(cfg, "needs_profile", False) and getattr(cfg, "profile", None) is None:
-        _add_own_profile(plan, cfg, ckpt)
+        _add_own_profile(plan, cfg, ckpt, processes)
     return plan
 
 
-def _add_own_profile(plan: Plan, cfg, ckpt: Checkpoint) -> None:
+def _add_own_profile(plan: Plan, cfg, ckpt: Checkpoint, processes: int = 1) -> None:
     """A job that profiles for itself (`--alloc global`, the default, without --profile) first runs `streamsvd profile`
     under the same budget: its plan's peak is this plan's `profile` stage, and its minimum counts toward the job's."""
     from .profile import ProfileConfig
 
-    prof = ProfileConfig.for_job(cfg, Path(cfg.out_dir)).plan(ckpt)
+    prof = ProfileConfig.for_job(cfg, Path(cfg.out_dir)).plan(ckpt, processes=processes)
     plan.stage_bytes = {"profile": prof.peak_bytes, **plan.stage_bytes}
     plan.components = {"profile": {f"the profile's own plan (batch {prof.batch_size}, set by its {prof.min_stage} stage)":
                                    prof.peak_bytes}, **plan.components}

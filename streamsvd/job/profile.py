@@ -95,6 +95,7 @@ class ProfileConfig:
     heldout_samples: int = 0  # windows kept out of every statistic, for the original's held-out perplexity
     work_dir: Path | None = None  # where the activation files go (default: inside the profile folder)
     progress: bool = True
+    batch_size: int | None = None  # windows per batch (default: the plan's); under torchrun as for `run`
 
     def job_config(self):
         """The JobConfig whose checks and memory plan the profile shares (propagate original)."""
@@ -109,13 +110,15 @@ class ProfileConfig:
         """The profile a `run` without --profile makes for itself (`cfg` a JobConfig): its calibration and budget."""
         return cls(model_dir=cfg.model_dir, profile_dir=profile_dir, max_mem=cfg.max_mem, calib=cfg.calib,
                    calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, seed=cfg.seed, act_dtype=cfg.act_dtype,
-                   work_dir=work_dir, progress=cfg.progress, heldout_samples=cfg.heldout_rows)
+                   work_dir=work_dir, progress=cfg.progress, heldout_samples=cfg.heldout_rows, batch_size=cfg.batch_size)
 
-    def plan(self, ckpt: Checkpoint):
-        """The memory plan of this profile: a `--propagate original` job's, plus the weighted Grams (with sensitivity)."""
+    def plan(self, ckpt: Checkpoint, processes: int = 1, fixed_batch: int | None = None):
+        """The memory plan of this profile (one process's share under torchrun): a `--propagate original` job's,
+        plus the weighted Grams (with sensitivity)."""
         from .plan import build_plan
 
-        return build_plan(self.job_config(), ckpt, weighted_energies=self.sensitivity_samples > 0)
+        return build_plan(self.job_config(), ckpt, weighted_energies=self.sensitivity_samples > 0, processes=processes,
+                          fixed_batch=fixed_batch or self.batch_size)
 
     def validate(self) -> None:
         self.job_config().validate()
@@ -125,6 +128,13 @@ class ProfileConfig:
         if not 0 <= self.heldout_samples <= MAX_HELDOUT:
             raise StreamSVDError(f"--heldout-samples {self.heldout_samples} is out of range",
                                  f"give 0 (none) to {MAX_HELDOUT} held-out windows, e.g. 8")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise StreamSVDError(f"--batch-size {self.batch_size} is out of range", "give 1 or more windows, or leave it out")
+        from .distributed import World
+
+        if World.current().active and self.heldout_samples:
+            raise StreamSVDError("--heldout-samples cannot run under torchrun yet",
+                                 "profile with --heldout-samples as one process, without torchrun")
 
 
 def profile_identity(ckpt: Checkpoint, text: str, calib_samples: int, seqlen: int, seed: int, heldout_samples: int = 0) -> dict:
@@ -247,12 +257,24 @@ class Profiler:
         self.windows = sample_windows(tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
         self.heldout = heldout_windows(tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_samples)
         self.model = empty_model(self.config, COMPUTE_DTYPE)
+        from .distributed import World
         from .plan import refuse_if_too_small
 
-        plan = cfg.plan(self.ckpt)
+        # Under torchrun (job/distributed.py) each process streams its share of the windows: the statistics pass a
+        # contiguous run of whole batches, the sensitivity pass a contiguous run of the sensitivity windows (which
+        # go one window at a time, on one process too, so that every share is the one process's computation).
+        self.world = world = World.current()
+        fixed = cfg.batch_size
+        if world.active and fixed is None:  # the smallest of the ranks' plans, as `run` takes
+            fixed = world.min_int(cfg.plan(self.ckpt, processes=world.size).batch_size)
+        plan = cfg.plan(self.ckpt, processes=world.size, fixed_batch=fixed)
         refuse_if_too_small(plan)
         self.batch_size = plan.batch_size
-        self.work = Path(cfg.profile_dir) / WORK_NAME if cfg.work_dir is None else Path(cfg.work_dir) / "streamsvd-profile"
+        self.lo, self.hi = world.share(cfg.calib_samples, self.batch_size)
+        keep = self._keep()
+        self.sens_lo, self.sens_hi = keep * world.rank // world.size, keep * (world.rank + 1) // world.size
+        self.work_base = Path(cfg.profile_dir) / WORK_NAME if cfg.work_dir is None else Path(cfg.work_dir) / "streamsvd-profile"
+        self.work = world.work_folder(self.work_base)
 
     def disk_needs(self) -> dict[Path, int]:
         """Bytes the pass writes: two activation files (calibration and held-out windows), the saved block
@@ -260,9 +282,9 @@ class Profiler:
         from ..io.activations import activation_bytes
 
         cfg, config = self.cfg, self.config
-        keep = min(cfg.sensitivity_samples, cfg.calib_samples)
+        keep = self.sens_hi - self.sens_lo  # this process's share (all of them for one process)
         window = (cfg.seqlen, config.hidden_size)
-        work = 2 * activation_bytes((cfg.calib_samples + cfg.heldout_samples, *window), cfg.act_dtype)
+        work = 2 * activation_bytes((self.hi - self.lo + cfg.heldout_samples, *window), cfg.act_dtype)
         work += (config.num_hidden_layers + 1) * activation_bytes((keep, *window), "float32") if keep else 0
         spectra = sum(8 * min(self.ckpt.shape(k)) for k in self.ckpt.keys()
                       if k.endswith(".weight") and len(self.ckpt.shape(k)) == 2 and ".layers." in k)
@@ -277,14 +299,16 @@ class Profiler:
         return found if found.meta["identity"].get("heldout_samples", 0) == self.cfg.heldout_samples else None
 
     def run(self) -> Profile:
-        found = self.existing()
-        if found is not None:
-            _say(f"profile reused: {self.cfg.profile_dir} already holds a profile of these settings")
+        world = self.world
+        if world.on_rank0(lambda: self.existing() is not None):
+            found = self.existing()
+            if world.writes:
+                _say(f"profile reused: {self.cfg.profile_dir} already holds a profile of these settings")
             found.reused = True
             return found
         from ..io.diskspace import check_free_space
 
-        check_free_space(self.disk_needs())
+        world.agree(lambda: check_free_space(self.disk_needs()))
         started = time.time()
         out = Path(self.cfg.profile_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -300,6 +324,14 @@ class Profiler:
                 sensitivity = {name: sensitivity[name] for name in spectra}  # the model's order
         finally:
             shutil.rmtree(self.work, ignore_errors=True)
+        if world.writes:
+            self._write(out, spectra, weighted, shapes, sensitivity, heldout, started, sens_seconds)
+        world.barrier()  # rank 0 has written it: every process reads the same profile
+        if world.active and world.writes:
+            shutil.rmtree(self.work_base, ignore_errors=True)  # the ranks' work folders' parent
+        return read_profile(out, self.identity)
+
+    def _write(self, out: Path, spectra, weighted, shapes, sensitivity, heldout, started: float, sens_seconds: float) -> None:
         atomic_write_json(out / PROFILE_LOG, {"seconds": round(time.time() - started, 2),
                                               "sensitivity_seconds": round(sens_seconds, 2) if sensitivity else None})
         if weighted:
@@ -320,18 +352,27 @@ class Profiler:
             "sensitivity_samples": min(self.cfg.sensitivity_samples, self.cfg.calib_samples) if sensitivity else 0,
             **({"heldout": heldout} if heldout else {}),
         })
-        return read_profile(out, self.identity)
 
     # ------------------------------------------------------------ forward: spectra
-    def _batches(self, n: int | None = None):
-        n = self.cfg.calib_samples if n is None else n
-        for start in range(0, n, self.batch_size):
+    def _batches(self, n: int | None = None, lo: int = 0):
+        """Batches [start, stop) of windows [lo, n); default: this process's calibration windows."""
+        lo, n = (self.lo, self.hi) if n is None else (lo, n)
+        for start in range(lo, n, self.batch_size):
             yield start, min(n, start + self.batch_size)
 
-    def _file(self, name: str, samples: int | None = None, create: bool = True) -> ActivationFile:
-        shape = (samples or self.cfg.calib_samples + self.cfg.heldout_samples, self.cfg.seqlen, self.config.hidden_size)
-        dtype = "float32" if samples else self.cfg.act_dtype  # the backward pass reads exact float32 inputs
-        return ActivationFile(self.work / name, shape, dtype, create=create)
+    def _file(self, name: str, samples: int | None = None, create: bool = True) -> "_Rows":
+        """An activation file of this process's windows, addressed by the job's window numbers: its calibration
+        windows (then the held-out ones), or with `samples` its sensitivity windows (float32: the backward pass
+        reads exact inputs)."""
+        if samples is None:
+            lo, rows = self.lo, self.hi - self.lo + self.cfg.heldout_samples
+        else:
+            lo, rows = self.sens_lo, samples
+        if not rows:  # a process with none of the sensitivity windows (fewer of them than processes)
+            return _Rows(None, lo)
+        file = ActivationFile(self.work / name, (rows, self.cfg.seqlen, self.config.hidden_size),
+                              "float32" if samples is not None else self.cfg.act_dtype, create=create)
+        return _Rows(file, lo)
 
     def _keep(self) -> int:
         """Windows of the backward pass (the first ones of the calibration)."""
@@ -344,8 +385,8 @@ class Profiler:
         src = self._file("acts-0.bin")
         for start, stop in self._batches():
             src.write(start, first_layer_inputs(self.model, self.windows[start:stop]))
-        S, H = self.cfg.calib_samples, len(self.heldout)
-        for start, stop in self._batches(H):
+        S, H = self.hi, len(self.heldout)  # held-out rows follow this process's windows (one process: all of them)
+        for start, stop in self._batches(H, 0):
             src.write(S + start, first_layer_inputs(self.model, self.heldout[start:stop]))
         spectra, weighted, shapes = {}, {}, {}
         n_layers = len(decoder_layers(self.model))
@@ -370,9 +411,12 @@ class Profiler:
             finally:
                 if weighing is not None:
                     weighing.close()
-            for start, stop in self._batches(H):  # the held-out windows: after the statistics, in none of them
+            for start, stop in self._batches(H, 0):  # the held-out windows: after the statistics, in none of them
                 dst.write(S + start, run_layer(layer, src.read(S + start, S + stop), args, kwargs))
-            for name, (s, d) in block_spectra(layer, stats, weighing).items():
+            self.world.reduce_statistics(stats)
+            if weighing is not None:
+                self.world.reduce_statistics(weighing)
+            for name, (s, d) in block_spectra(layer, stats, weighing, spread=self.world.spread).items():
                 spectra[prefix + name] = s
                 if d is not None:
                     weighted[prefix + name] = d
@@ -391,16 +435,17 @@ class Profiler:
     def _sensitivity_forward(self, keep: int) -> ActivationFile:
         """The first `keep` windows through the original blocks, each block's inputs saved (float32) for the backward
         walk; returns the final states."""
-        src = self._file("inputs-0.bin", keep)
-        for start, stop in self._batches(keep):
-            src.write(start, first_layer_inputs(self.model, self.windows[start:stop]))
+        mine = range(self.sens_lo, self.sens_hi)  # this process's share, a window at a time (see __init__)
+        src = self._file("inputs-0.bin", len(mine))
+        for w in mine:
+            src.write(w, first_layer_inputs(self.model, self.windows[w : w + 1]))
         n_layers = len(decoder_layers(self.model))
         for index in tqdm(range(n_layers), desc="sensitivity (forward)", unit="block", disable=not self.cfg.progress):
             layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
             args, kwargs = self.layer_args[index]
-            dst = self._file(f"inputs-{index + 1}.bin", keep)
-            for start, stop in self._batches(keep):
-                dst.write(start, run_layer(layer, src.read(start, stop), args, kwargs))
+            dst = self._file(f"inputs-{index + 1}.bin", len(mine))
+            for w in mine:
+                dst.write(w, run_layer(layer, src.read(w, w + 1), args, kwargs))
             src = dst
         return src
 
@@ -410,8 +455,9 @@ class Profiler:
         head = self.ckpt.get(head_name).to(COMPUTE_DTYPE)
         softcap = getattr(self.config, "final_logit_softcapping", None)
         norm = self.model.model.norm
-        grads = torch.empty(keep, self.cfg.seqlen, self.config.hidden_size, dtype=COMPUTE_DTYPE)
-        for w in range(keep):
+        lo = self.sens_lo
+        grads = torch.empty(self.sens_hi - lo, self.cfg.seqlen, self.config.hidden_size, dtype=COMPUTE_DTYPE)
+        for w in range(lo, self.sens_hi):
             hidden = final.read(w, w + 1).requires_grad_(True)
             with torch.enable_grad():
                 logits = norm(hidden)[:, :-1] @ head.T
@@ -419,12 +465,15 @@ class Profiler:
                     logits = torch.tanh(logits / softcap) * softcap
                 targets = self.windows[w : w + 1, 1:]
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-                grads[w : w + 1] = torch.autograd.grad(loss, hidden)[0]
+                grads[w - lo : w - lo + 1] = torch.autograd.grad(loss, hidden)[0]
         return grads
 
     def _sensitivity(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        """Per linear: the mean squared gradient at its output (the weight), and the same per token (keep x seqlen)."""
-        keep = self._keep()
+        """Per linear: the mean squared gradient at its output (the weight), and the same per token (keep x seqlen).
+
+        Under torchrun each process walks its share of the windows and fills their rows; the rows are then
+        put together on every process (a sum in rank order of tensors that are zero outside each one's rows)."""
+        keep, lo = self._keep(), self.sens_lo
         final = self._sensitivity_forward(keep)
         grads = self._head_gradient(final, keep)
         per_token: dict[str, torch.Tensor] = {}
@@ -438,18 +487,35 @@ class Profiler:
                 per_token[prefix + name] = torch.zeros(keep, self.cfg.seqlen, dtype=torch.float64)
             handles = [m.register_forward_hook(_gradient_reader(per_token[prefix + name], window))
                        for name, m in linear_modules(layer).items()]
-            saved = self._file(f"inputs-{index}.bin", keep, create=False)
+            saved = self._file(f"inputs-{index}.bin", self.sens_hi - lo, create=False)
             args, kwargs = self.layer_args[index]
-            for w in range(keep):
+            for w in range(lo, self.sens_hi):
                 window[0] = w
                 x = saved.read(w, w + 1).requires_grad_(True)
                 with torch.enable_grad():
                     out = run_layer(layer, x, args, kwargs)
-                    grads[w : w + 1] = torch.autograd.grad(out, x, grad_outputs=grads[w : w + 1])[0]
+                    grads[w - lo : w - lo + 1] = torch.autograd.grad(out, x, grad_outputs=grads[w - lo : w - lo + 1])[0]
             for h in handles:
                 h.remove()
             faults.point("profile-block")
+        if self.world.active:
+            names = list(per_token)
+            whole = self.world.sum_in_rank_order(torch.stack([per_token[n] for n in names]))
+            per_token = {n: whole[i] for i, n in enumerate(names)}
         return {name: float(t.mean()) for name, t in per_token.items()}, per_token
+
+
+class _Rows:
+    """An activation file holding windows [lo, lo + rows) of the job, read and written by window number."""
+
+    def __init__(self, file: ActivationFile | None, lo: int):
+        self.file, self.lo = file, lo
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        return self.file.read(start - self.lo, stop - self.lo)
+
+    def write(self, start: int, hidden: torch.Tensor) -> None:
+        self.file.write(start - self.lo, hidden)
 
 
 def _gradient_reader(per_token: torch.Tensor, window: list[int]):
@@ -527,15 +593,19 @@ class WeightedEnergies:
 
 
 @torch.no_grad()
-def block_spectra(layer, stats, weighing: WeightedEnergies | None = None) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+def block_spectra(layer, stats, weighing: WeightedEnergies | None = None, spread=None) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """Each linear's whitened spectrum from the block's statistics, as job/stages.factor_block computes it (eig, exact),
-    and with `weighing` its weighted energies along the same directions (None without)."""
+    and with `weighing` its weighted energies along the same directions (None without).
+
+    `spread` (World.spread under torchrun) deals the linears to the processes, each solving its own from the
+    identical totals and sending the results to all; without it (or for one process) they are solved here in turn."""
     whitenings = {}
-    out = {}
-    for name, linear in linear_modules(layer).items():
-        w = linear.weight.detach().to(torch.float64)
+    linears = linear_modules(layer)
+
+    def solve(name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        w = linears[name].weight.detach().to(torch.float64)
         k = min(w.shape)
-        u = None
+        u, tall = None, None
         if name in stats.output_grams:
             h = stats.output_grams.pop(name).gram.to(torch.float64)
             if weighing is None:
@@ -549,7 +619,6 @@ def block_spectra(layer, stats, weighing: WeightedEnergies | None = None) -> dic
             if group not in whitenings:
                 whitenings[group] = whiten(stats.grams.pop(group).gram, "eig")
             root = whitenings[group].s
-            tall = None
             if weighing is None:
                 s = torch.linalg.svdvals(w @ root)
             elif w.shape[0] > w.shape[1]:  # the job's tall route: the in x in A^T A, no out x in U (plan.py counts it)
@@ -561,8 +630,11 @@ def block_spectra(layer, stats, weighing: WeightedEnergies | None = None) -> dic
             else:
                 u, s, _ = torch.linalg.svd(w @ root, full_matrices=False)
         d = weighing.energies(name, u, w, tall) if weighing is not None else None
-        out[name] = (s.numpy().astype(np.float64), d)
-    return out
+        return s.numpy().astype(np.float64), d
+
+    names = list(linears)
+    solved = spread(names, solve) if spread is not None else None
+    return {name: solved[name] if solved is not None else solve(name) for name in names}
 
 
 def make_profile(cfg: ProfileConfig) -> Profile:

@@ -132,21 +132,38 @@ def test_run_with_an_own_profile_equals_run_with_the_same_profile_given(tiny, tm
     assert {n: m["rank"] for n, m in own["modules"].items()} == {n: m["rank"] for n, m in given["modules"].items()}
 
 
-def test_the_default_allocation_is_global_and_profiles_for_itself(tiny, tmp_path, monkeypatch):
-    """Left out, --alloc is global (measured better than uniform, docs/RESULTS.md); under torchrun, uniform."""
+def test_the_default_allocation_is_global_and_profiles_for_itself(tiny, tmp_path):
+    """Left out, --alloc is global (measured better than uniform, docs/RESULTS.md), under torchrun too
+    (tests/job/test_distributed.py runs it on two processes)."""
     cfg = JobConfig(model_dir=tiny, out_dir=tmp_path / "out", calib_samples=SAMPLES, seqlen=SEQLEN, progress=False, plots=False)
     assert cfg.needs_profile and cfg.alloc == "global"
     report = run_job(cfg)
     assert report["allocation"]["alloc"] == "global" and (tmp_path / "out" / "profile" / "profile.json").exists()
     assert (tmp_path / "out" / "profile" / "weighted.safetensors").exists()
-    from streamsvd.job import distributed
 
-    class Active:
-        active = True
 
-    monkeypatch.setattr(distributed.World, "current", classmethod(lambda cls: Active()))
-    under_torchrun = JobConfig(model_dir=tiny, out_dir=tmp_path / "d", calib_samples=SAMPLES, seqlen=SEQLEN)
-    assert not under_torchrun.needs_profile and under_torchrun.alloc == "uniform"
+def test_a_job_started_uniform_resumes_uniform_when_alloc_is_left_out(tiny, tmp_path, capsys):
+    """A job interrupted before `global` became the default (it was uniform, recorded without an "alloc" key)
+    resumes with --alloc left out instead of being refused as another job; a new OUT_DIR takes global."""
+    out = tmp_path / "out"
+
+    def stop(index):
+        if index == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_job(_job(tiny, out, alloc="uniform", plots=False), on_block_done=stop)
+    flags = ["--calib-samples", str(SAMPLES), "--seqlen", str(SEQLEN), "--no-progress", "--no-plots"]
+    capsys.readouterr()
+    assert main(["run", str(tiny), str(out), *flags]) == 0
+    err = capsys.readouterr().err
+    assert "with the allocation it was started with: --alloc uniform" in err and "error:" not in err
+    report = json.loads((out / "streamsvd_report.json").read_text())
+    assert report.get("allocation") is None and not (out / "profile").exists()
+    straight = run_job(_job(tiny, tmp_path / "straight", alloc="uniform", plots=False))
+    assert {n: m["rank"] for n, m in report["modules"].items()} == {n: m["rank"] for n, m in straight["modules"].items()}
+    assert main(["run", str(tiny), str(tmp_path / "new"), *flags]) == 0
+    assert json.loads((tmp_path / "new" / "streamsvd_report.json").read_text())["allocation"]["alloc"] == "global"
 
 
 def test_uniform_jobs_keep_the_old_identity(tiny):

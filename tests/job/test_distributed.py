@@ -80,11 +80,16 @@ def reference(model, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name, flags", [("default", []), ("block", BLOCK), ("shrink", BLOCK + ["--shrink", "0.3"])])
+GLOBAL = ["--alloc", "global"]  # the default allocation: the job profiles for itself first, over both processes
+
+
+@pytest.mark.parametrize("name, flags", [("default", []), ("block", BLOCK), ("shrink", BLOCK + ["--shrink", "0.3"]),
+                                         ("global", GLOBAL)])
 def test_two_processes_write_the_one_process_output_byte_for_byte(model, reference, tmp_path, name, flags):
-    """Default settings (compensation, sequential calibration), plain block calibration, and --shrink (which
-    reads the output Grams' input diagonals: float64 terms whose sum depends on the grouping; before they
-    were added up term by term in the global order, a truncation loss in the report differed in its last bit)."""
+    """Compensation and sequential calibration, plain block calibration, --shrink (which reads the output
+    Grams' input diagonals: float64 terms whose sum depends on the grouping; before they were added up term by
+    term in the global order, a truncation loss in the report differed in its last bit), and the default
+    allocation (global), whose own profile (OUT_DIR/profile, compared too) is made by both processes."""
     out = tmp_path / "two"
     done = _two(model, out, *flags)
     assert done.returncode == 0, done.stderr
@@ -97,13 +102,41 @@ def test_two_processes_write_the_one_process_output_byte_for_byte(model, referen
     assert not (out / ".streamsvd-work").exists()  # every rank's scratch is gone
     files = _files(out)
     assert any(k.startswith("model-") for k in files)
+    assert ("profile/spectra.safetensors" in files) == (name == "global")
     assert files == reference(name, flags)
+
+
+def _profile(model: Path, out: Path, *flags: str, two: bool) -> subprocess.CompletedProcess:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if two
+                else [sys.executable])
+    return subprocess.run([*launcher, "-m", "streamsvd", "profile", str(model), str(out), "--calib-samples", "8",
+                           "--seqlen", "32", "--batch-size", "2", "--no-progress", *flags],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_streamsvd_profile_on_two_processes_writes_the_one_process_profile(model, tmp_path):
+    """Each process streams half the windows (and walks half the sensitivity windows backwards); the spectra,
+    sensitivity weights and token-weighted energies are the one process's, byte for byte."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _profile(model, one, two=False).returncode == 0
+    done = _profile(model, two, two=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("profile: ") == 1  # rank 0's summary only
+    assert not (two / ".profile-work").exists()  # every rank's scratch is gone
+    made = {p.name: p.read_bytes() for p in two.iterdir() if p.name != "profile_log.json"}
+    assert set(made) == {"profile.json", "spectra.safetensors", "weighted.safetensors"}
+    assert made == {name: (one / name).read_bytes() for name in made}
+    # the same command again finds it made (every process agrees), and --heldout-samples is refused for now
+    again = _profile(model, two, two=True)
+    assert again.returncode == 0 and "made earlier: reused" in again.stdout, again.stderr
+    refused = _profile(model, tmp_path / "h", "--heldout-samples", "4", two=True)
+    ours = _ours(refused.stderr)
+    assert refused.returncode != 0 and len(ours) == 2 and "--heldout-samples cannot run under torchrun" in ours[0]
 
 
 @pytest.mark.parametrize("flags, says", [
     (["--refine-steps", "5"], "--refine-steps cannot run under torchrun yet"),
     (["--quant", "int8"], "--quant cannot run under torchrun yet"),
-    (["--alloc", "global"], "cannot run under torchrun yet"),
     (["--max-ppl-increase", "0.5"], "--max-ppl-increase cannot run under torchrun yet"),
     (["--calib-samples", "2"], "fewer than the 2 processes"),
 ])
@@ -133,6 +166,19 @@ def test_a_killed_rank_stops_the_job_with_one_error_and_the_rerun_resumes_to_the
     assert done.returncode == 0, done.stderr
     assert "rebuilding" not in done.stderr  # the ranks' activation files were trusted, not rebuilt
     assert _files(out) == reference("default", [])
+
+
+def test_a_rank_killed_in_the_jobs_own_profile_stops_the_job_and_the_rerun_gives_the_same_bytes(model, reference, tmp_path):
+    out = tmp_path / "out"
+    # rank 1 SIGKILLs itself after its 2nd profile block (of the backward walk): the profile is redone on the rerun
+    killed = _two(model, out, *GLOBAL, env={"STREAMSVD_FAULT": "profile-block:2", "STREAMSVD_FAULT_RANK": "1"})
+    assert killed.returncode != 0
+    ours = _ours(killed.stderr)
+    assert len(ours) == 2 and ours[0].startswith("error: rank 1 of 2 was lost") and "profile" in ours[0], killed.stderr
+    assert not (out / "profile" / "profile.json").exists()
+    done = _two(model, out, *GLOBAL)
+    assert done.returncode == 0, done.stderr
+    assert _files(out) == reference("global", GLOBAL)
 
 
 def test_killing_every_rank_and_relaunching_gives_the_same_bytes(model, reference, tmp_path):
