@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from ..errors import StreamSVDError
+from ..timing import charged
 
 # The longest any rank waits in one collective before the job ends with an error naming the ranks it
 # lost (a rank that died closes its connections and is noticed at once; this bounds a frozen one).
@@ -84,6 +85,9 @@ class World:
         self.ending = False  # an error was decided: a SIGTERM from torchrun now only hurries the exit along
         self._dealt = 0  # linears dealt so far (`spread`): the next call starts at the next rank
         self._gathers = 0  # gathers so far: every rank must be at the same one (`_gather` checks)
+        # what the collectives cost this process (the run log's `per_process`, tools/bench_distributed.py): tensor
+        # bytes this rank contributed to statistics reductions, and pickled factor bytes it sent to the others
+        self.traffic = {"reduced_bytes": 0, "reductions": 0, "factor_bytes_sent": 0}
 
     @property
     def active(self) -> bool:
@@ -280,6 +284,7 @@ class World:
         """sum over ranks of `local`, added in rank order: ((p_0 + p_1) + p_2) + ..., identical bits on every rank."""
         import torch.distributed as dist
 
+        self.traffic["reduced_bytes"] += local.numel() * local.element_size()
         total = None
         for src in range(self.size):
             buf = local if src == self.rank else torch.empty_like(local)
@@ -305,6 +310,11 @@ class World:
         mirroring the total)."""
         if not self.active:
             return
+        with charged("reduce"):  # its wall time, waiting for the slowest rank included
+            self._reduce_statistics(stats)
+        self.traffic["reductions"] += 1
+
+    def _reduce_statistics(self, stats) -> None:
         parts = []
         for kind in ("grams", "output_grams", "cross"):
             for name, acc in sorted(getattr(stats, kind, {}).items()):
@@ -352,11 +362,18 @@ class World:
         self._dealt += len(names)
         mine = {name: solve(name) for name in names if owner[name] == self.rank}
         out = {}
-        for name in names:
-            box = [mine.get(name)]
-            self._call(dist.broadcast_object_list, box, src=owner[name])
-            out[name] = box[0]
+        with charged("share factors"):  # waiting for the owners' factorisations included
+            for name in names:
+                box = [mine.get(name)]
+                self._call(dist.broadcast_object_list, box, src=owner[name])
+                out[name] = box[0]
+                if owner[name] == self.rank:
+                    self.traffic["factor_bytes_sent"] += _payload_bytes(box[0])
         return out
+
+    def gather(self, value, what: str) -> list:
+        """Every rank's `value` (picklable), in rank order, on every rank; [value] for one process."""
+        return self._gather(value, what) if self.active else [value]
 
     # ---------------------------------------------------------------- OUT_DIR
     def work_folder(self, base: Path) -> Path:
@@ -377,6 +394,25 @@ def refuse_unsupported(cfg, world: World) -> None:
     if unsupported:
         raise StreamSVDError(f"{', '.join(unsupported)} cannot run under torchrun yet (this run has {world.size} processes)",
                              "run the same command without torchrun (one process), or drop " + unsupported[0].split(" ")[0])
+
+
+def _payload_bytes(value, depth: int = 0) -> int:
+    """The tensor and array bytes in `value` (what a broadcast of it mostly moves), without pickling it again."""
+    import numpy as np
+
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if depth > 4:
+        return 0
+    if isinstance(value, dict):
+        return sum(_payload_bytes(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_payload_bytes(v, depth + 1) for v in value)
+    if hasattr(value, "__dict__"):
+        return _payload_bytes(vars(value), depth + 1)
+    return 0
 
 
 class ReadOnlyOutput:

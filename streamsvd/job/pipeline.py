@@ -569,6 +569,8 @@ class CompressionJob:
         if pictures:
             report["plots"] = sorted(pictures)
         figures = {}
+        # under torchrun, every process's peak and time split, and what its collectives moved (absent for one process)
+        per_process = self.world.gather(self._process_figures(), "figures") if self.world.active else None
 
         def complete():  # the state says complete before the index exists: an unfinished job never has one
             figures.update(self.out.log_run({
@@ -579,6 +581,7 @@ class CompressionJob:
                    if self.world.active else {}),
                 **getattr(self, "profile_figures", {}),
                 **self._memory_figures(),
+                **({"per_process": per_process} if per_process else {}),
                 **({"refinement": self.refinements} if self.refinements else {}),
             }))
             self.state.complete = True
@@ -924,6 +927,12 @@ class CompressionJob:
         after = sum(m["stored_bytes"] for m in records)
         return {"linear_bytes_before": before, "linear_bytes_after": after, "bytes_ratio_linear": 1 - after / before,
                 **({"quantization": self.cfg.quant_spec.section()} if self.cfg.quant_spec is not None else {})}
+
+    def _process_figures(self) -> dict:
+        """This process's share of a distributed run: its peak RSS, time split and collective traffic."""
+        mem = self._memory_figures()
+        return {"rank": self.world.rank, "windows": list(self.share), **self.world.traffic,
+                **{k: mem[k] for k in ("peak_rss_bytes", "peak_over_budget", "seconds_by_stage", "seconds_in")}}
 
     def _memory_figures(self) -> dict:
         """Measured peak RSS (the kernel's high-water mark, and the sampler's peak per stage) against the budget."""
