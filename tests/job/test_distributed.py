@@ -355,10 +355,16 @@ def test_the_reduction_adds_the_ranks_partial_sums_in_rank_order_identically_on_
     scale = running.sum.abs().max()
     assert not torch.equal(r0["gram"], running.sum)
     assert float((r0["gram"] - running.sum).abs().max()) <= 1e-15 * float(scale)
-    # the output energies are summed term by term in the global batch order, exactly as one process does
-    total = 0.0
-    for b in batches:
-        total += float(torch.sum(b * b, dtype=torch.float64))
+    # the output energies are summed term by term in the global batch order, exactly as one process does (each
+    # term with one thread, as the ranks make them: a float64 sum's bits depend on how many threads add it up)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        total = 0.0
+        for b in batches:
+            total += float(torch.sum(b * b, dtype=torch.float64))
+    finally:
+        torch.set_num_threads(threads)
     assert r0["e0"] == total / 12000
 
 
