@@ -259,6 +259,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--in-memory", action="store_true", help="load the whole model instead of streaming it (needs "
                    "RAM for all of it; same figure)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="windows per block forward when streaming (default: the most that fit --max-mem). Under "
+                   "torchrun (`torchrun --nproc-per-node N -m streamsvd eval ...`) each process streams its share of "
+                   "the windows; the perplexity is the one-process figure with the same batch size, exactly")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -536,6 +540,11 @@ def cmd_eval(args) -> int:
     if args.work_dir and not Path(args.work_dir).is_dir():
         raise StreamSVDError(f"--work-dir {args.work_dir} is not a directory", "give an existing directory, or leave it out")
     if args.in_memory:
+        from .job.distributed import launched_distributed
+
+        if launched_distributed():
+            raise StreamSVDError("--in-memory cannot run under torchrun", "drop --in-memory (the streamed evaluation splits "
+                                 "over the processes), or run it as one process")
         from .job.evaluate import perplexity
         from .model.loading import load
 
@@ -550,8 +559,14 @@ def cmd_eval(args) -> int:
         from .job.stream_eval import streaming_perplexity
 
         text, source = load_texts(args.text)
+        from .job.distributed import World
+
+        world = World.current()
         result = streaming_perplexity(args.model, text, args.seqlen, args.max_windows, max_mem=max_mem,
-                                      work_dir=args.work_dir, progress=not args.no_progress)
+                                      work_dir=args.work_dir, progress=not args.no_progress and world.writes,
+                                      batch_size=args.batch_size)
+        if not world.writes:
+            return 0
     result = {"model": args.model, "text": source, **result}
     if args.json:
         print(json.dumps(result))
@@ -642,9 +657,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             if launched_distributed():  # torchrun's environment: join the job's process group (job/distributed.py)
-                if args.command not in ("run", "profile"):
-                    raise StreamSVDError(f"`streamsvd {args.command}` does not run under torchrun; only `streamsvd run` "
-                                         "and `streamsvd profile` do",
+                if args.command not in ("run", "profile", "eval"):
+                    raise StreamSVDError(f"`streamsvd {args.command}` does not run under torchrun; only `streamsvd run`, "
+                                         "`streamsvd profile` and `streamsvd eval` do",
                                          f"run `streamsvd {args.command}` as one process, without torchrun")
                 world = World.start()
             return COMMANDS[args.command](args)

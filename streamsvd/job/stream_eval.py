@@ -6,6 +6,10 @@ the head are applied at the end, a window and a chunk of positions at a time. So
 than RAM can be evaluated, and the figure equals the in-memory path's (tested to 1e-4 relative).
 The hidden states of all windows stay in memory when they take at most a quarter of the budget,
 else they go to two on-disk files that alternate, as in `run`.
+
+Under torchrun (`torchrun --nproc-per-node N -m streamsvd eval ...`) each process streams its share of
+the windows (whole batches, job/distributed.World.share) and the per-window figures are gathered and
+added in window order on every process: the one-process perplexity with the same batch size, exactly.
 """
 
 from __future__ import annotations
@@ -79,10 +83,15 @@ class _InMemory:
 @torch.no_grad()
 def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None = None, max_mem: int | None = None,
                          work_dir: Path | None = None, progress: bool = True,
-                         on_disk: bool | None = None, windows: torch.Tensor | None = None) -> dict:
+                         on_disk: bool | None = None, windows: torch.Tensor | None = None,
+                         batch_size: int | None = None) -> dict:
     """`on_disk`: None decides by the budget (`hidden_on_disk`); True or False forces it. `windows`: score these
-    token windows instead of `text`'s (e.g. a job's held-out windows, io/calibration.heldout_windows)."""
+    token windows instead of `text`'s (e.g. a job's held-out windows, io/calibration.heldout_windows).
+    `batch_size`: windows per block forward (default: the most that fit the budget)."""
     from ..model.loading import check_finished
+    from .distributed import World
+
+    world = World.current()
 
     path = Path(path)
     check_finished(path)
@@ -98,12 +107,22 @@ def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None =
     layer_args = capture_layer_kwargs(model, windows[:1])
 
     budget = max_mem if max_mem is not None else default_budget()
-    n, hidden = len(windows), config.hidden_size
+    n_all, hidden = len(windows), config.hidden_size
+    if batch_size is not None and batch_size < 1:
+        raise StreamSVDError(f"--batch-size {batch_size} is out of range", "give 1 or more windows, or leave it out")
+    # this process's windows: all of them, or under torchrun its share of whole batches (the batch the ranks agree on)
+    lo, hi = 0, n_all
+    if world.active:
+        guess = batch_size or world.min_int(eval_batch_size(config, ckpt, model, seqlen, -(-n_all // world.size), budget, 0))
+        lo, hi = world.share(n_all, guess)
+        batch_size = guess
+    windows = windows[lo:hi]
+    n = hi - lo
     shape = (n, windows.shape[1], hidden)
     states = activation_bytes(shape, "float32")
     if on_disk is None:
         on_disk = hidden_on_disk(states, budget)
-    batch = eval_batch_size(config, ckpt, model, seqlen, n, budget, 0 if on_disk else 2 * states)
+    batch = batch_size or eval_batch_size(config, ckpt, model, seqlen, n, budget, 0 if on_disk else 2 * states)
 
     scratch = Path(tempfile.mkdtemp(prefix="streamsvd-eval-", dir=work_dir)) if on_disk else None
     try:
@@ -123,13 +142,14 @@ def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None =
             del layer
             src = dst
         norm = model.model.norm
-        total, count = 0.0, 0
-        for w in range(n):
-            nll, k = head_nll(model, norm(src.read(w, w + 1)), windows[w : w + 1])
-            total, count = total + nll, count + k
+        scored = [head_nll(model, norm(src.read(w, w + 1)), windows[w : w + 1]) for w in range(n)]
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    out = result(total, count, n, seqlen, time.time() - started)
+    total, count = 0.0, 0
+    for share in world.gather(scored, "eval"):  # rank order is window order: one process's sum, term by term
+        for nll, k in share:
+            total, count = total + nll, count + k
+    out = result(total, count, n_all, seqlen, time.time() - started)
     out.update(batch_size=batch, hidden_on_disk=on_disk)
     return out

@@ -482,3 +482,31 @@ def test_ranks_out_of_step_are_an_error_not_a_mixed_result(tmp_path):
         "start); the job stopped",
         "quiet error: the processes fell out of step (rank 0 at gather 2 (all_true) in start, rank 1 at gather 2 (min_int) "
         "in start); the job stopped"]), done.stdout + done.stderr
+
+
+def _eval(out: Path, text: Path, *flags: str, two: bool) -> subprocess.CompletedProcess:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if two
+                else [sys.executable])
+    return subprocess.run([*launcher, "-m", "streamsvd", "eval", str(out), "--text", str(text), "--seqlen", "32",
+                           "--max-windows", "8", "--json", "--no-progress", *flags],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_streamsvd_eval_on_two_processes_gives_the_one_process_perplexity_exactly(model, tmp_path):
+    """Each process streams half the windows through the blocks; the per-window figures are added in window
+    order, so the perplexity is the one process's to the last bit (same batch size)."""
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    one = _eval(model, text, "--batch-size", "2", two=False)
+    two = _eval(model, text, "--batch-size", "2", two=True)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert len(two.stdout.splitlines()) == 1  # rank 0 prints
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert (b["perplexity"], b["tokens_scored"], b["windows"]) == (a["perplexity"], a["tokens_scored"], a["windows"])
+    refused = _eval(model, text, "--in-memory", two=True)
+    ours = _ours(refused.stderr)
+    assert refused.returncode != 0 and len(ours) == 2 and "--in-memory cannot run under torchrun" in ours[0], refused.stderr
+    other = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "streamsvd", "verify", str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=300)
+    ours = _ours(other.stderr)
+    assert other.returncode != 0 and len(ours) == 2 and "`streamsvd verify` does not run under torchrun" in ours[0]
