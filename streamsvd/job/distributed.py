@@ -389,8 +389,6 @@ def refuse_unsupported(cfg, world: World) -> None:
         unsupported.append("--refine-steps")
     if cfg.max_ppl_increase is not None:
         unsupported.append("--max-ppl-increase")
-    if cfg.quant is not None:
-        unsupported.append("--quant")
     if unsupported:
         raise StreamSVDError(f"{', '.join(unsupported)} cannot run under torchrun yet (this run has {world.size} processes)",
                              "run the same command without torchrun (one process), or drop " + unsupported[0].split(" ")[0])

@@ -425,25 +425,37 @@ def factor_block(
         return group, f, error, input_gram
 
     out_side = set(stats.output_grams)
+
+    def stored_for(name: str, f, input_gram):
+        """The shard's tensors of linear `name` (quantised with --quant), its stored form and kept rank."""
+        full = prefix + name
+        bias = ckpt.get(full + ".bias") if (full + ".bias") in ckpt else None
+        stored = factor_tensors(full, f.out_factor, f.in_factor, bias, store_dtype(ckpt, full + ".weight"), factors)
+        form, kept = stored_form(set(stored), full), stored_rank(stored.__getitem__, set(stored), full)
+        if quant is not None:
+            stored = quantize_module_tensors(stored, full, quant, input_gram)
+        return stored, form, kept
+
+    def solve_spread(name: str):
+        """What the owner of `name` sends: its factors and error, and with --quant its rounded tensors too
+        (GPTQ reads the input Gram, which the owner holds)."""
+        _, f, error, input_gram = solve(name)
+        return f, error, stored_for(name, f, input_gram) if quant is not None else None
+
     # Under torchrun (job/distributed.py) the linears are factored by the ranks in turn and the factors broadcast.
-    solved = spread(names, lambda n: solve(n)[1:3]) if spread is not None else None
-    if solved is not None and quant is not None:
-        raise ValueError("quantisation needs the input Grams where the factors are used; it is not spread")
+    solved = spread(names, solve_spread) if spread is not None else None
     for i, name in enumerate(names):
         linear = linears[name]
         full = prefix + name
         if solved is None:
             group, f, error, input_gram = solve(name)
+            stored, form, kept = stored_for(name, f, input_gram)
         else:
-            (f, error), input_gram = solved[name], None
+            f, error, made = solved[name]
+            stored, form, kept = made if made is not None else stored_for(name, f, None)
             group = name if name in out_side else stats.group_of[name]
-        bias = ckpt.get(full + ".bias") if (full + ".bias") in ckpt else None
-        stored = factor_tensors(full, f.out_factor, f.in_factor, bias, store_dtype(ckpt, full + ".weight"), factors)
-        form = stored_form(set(stored), full)
-        kept = stored_rank(stored.__getitem__, set(stored), full)
         get, keys = stored.__getitem__, set(stored)
         if quant is not None:
-            stored = quantize_module_tensors(stored, full, quant, input_gram)
             get, keys = dequantizing_getter(stored.__getitem__, stored, quant.bits, quant.group_size), logical_keys(stored)
         block.tensors.update(stored)
         block.spectra[full] = f.spectrum.to(torch.float32)

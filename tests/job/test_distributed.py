@@ -84,12 +84,13 @@ GLOBAL = ["--alloc", "global"]  # the default allocation: the job profiles for i
 
 
 @pytest.mark.parametrize("name, flags", [("default", []), ("block", BLOCK), ("shrink", BLOCK + ["--shrink", "0.3"]),
-                                         ("global", GLOBAL)])
+                                         ("global", GLOBAL), ("quant", ["--quant", "int4"])])
 def test_two_processes_write_the_one_process_output_byte_for_byte(model, reference, tmp_path, name, flags):
     """Compensation and sequential calibration, plain block calibration, --shrink (which reads the output
     Grams' input diagonals: float64 terms whose sum depends on the grouping; before they were added up term by
     term in the global order, a truncation loss in the report differed in its last bit), and the default
-    allocation (global), whose own profile (OUT_DIR/profile, compared too) is made by both processes."""
+    allocation (global), whose own profile (OUT_DIR/profile, compared too) is made by both processes, and
+    --quant int4 (GPTQ rounding by the rank that factored the linear, with the input Gram it holds)."""
     out = tmp_path / "two"
     done = _two(model, out, *flags)
     assert done.returncode == 0, done.stderr
@@ -136,7 +137,6 @@ def test_streamsvd_profile_on_two_processes_writes_the_one_process_profile(model
 
 @pytest.mark.parametrize("flags, says", [
     (["--refine-steps", "5"], "--refine-steps cannot run under torchrun yet"),
-    (["--quant", "int8"], "--quant cannot run under torchrun yet"),
     (["--max-ppl-increase", "0.5"], "--max-ppl-increase cannot run under torchrun yet"),
     (["--calib-samples", "2"], "fewer than the 2 processes"),
 ])
