@@ -382,6 +382,14 @@ class CompressionJob:
         self.profile = make_profile(ProfileConfig.for_job(cfg, Path(cfg.out_dir) / OWN_PROFILE, work_dir=self.work))
         if cfg.max_ppl_increase is not None:
             check_heldout(self.profile, cfg.heldout_rows)
+        digest = self.profile.digest
+        if self.state.profile_digest is None:
+            self.state.profile_digest = digest
+            self.state.save(self.out.dir)
+        elif self.state.profile_digest != digest:
+            raise StreamSVDError(f"the profile in {Path(cfg.out_dir) / OWN_PROFILE} is not the one this job allocated its "
+                                 f"finished blocks from (digest {self.state.profile_digest}, now {digest}): it was changed "
+                                 "or replaced since", "start the job again with --restart (it profiles anew)")
         if not self.profile.reused:  # the cost goes to this run's figures, not the (deterministic) report
             self.profile_figures = {"profile_" + k: v for k, v in self.profile.timing.items()}
         self.ranks = self._allocate()

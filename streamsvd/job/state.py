@@ -54,6 +54,9 @@ class JobState:
     # The job identity itself (what `fingerprint` hashes), so a refused rerun can name what differs.
     # Absent from states written before it existed; left out of the digest while absent, so those still verify.
     settings: dict | None = None
+    # The digest of the profile a job made for itself (OUT_DIR/profile), recorded once it is made: its ranks come
+    # from it, so a resume refuses a profile that changed since (the identity can only say "own" before it exists).
+    profile_digest: str | None = None
 
     def content_digest(self) -> str:
         data = {k: v for k, v in asdict(self).items() if k != "digest" and not (k in OPTIONAL_FIELDS and v is None)}
@@ -95,7 +98,7 @@ class JobState:
 
 
 STATE_FIELDS = {f.name for f in fields(JobState)}
-OPTIONAL_FIELDS = {"settings"}  # may be absent (older states); all others must be there
+OPTIONAL_FIELDS = {"settings", "profile_digest"}  # may be absent (older states); all others must be there
 
 # Identity keys -> how a user sets them; keys absent from an identity are at their old default.
 _FLAGS = {"ratio": "--ratio", "method": "--method", "calib_samples": "--calib-samples", "seqlen": "--seqlen",

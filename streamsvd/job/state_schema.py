@@ -105,6 +105,8 @@ def check_state(path: Path, n_layers: int | None = None, calib_samples: int | No
         check(key, lambda v: isinstance(v, bool), "true or false")
     for key in ("modules", "files", "weights", "model_files"):
         check(key, lambda v: isinstance(v, dict), "an object")
+    if data.get("profile_digest") is not None:
+        check("profile_digest", lambda v: isinstance(v, str) and HEX_DIGEST.match(v), "null or a hex digest")
     if data.get("settings") is not None:
         check("settings", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "an object")
     for name, rec in data["modules"].items():

@@ -118,6 +118,33 @@ def test_an_interrupted_job_that_profiles_for_itself_resumes_byte_identical(tiny
     assert "profile/spectra.safetensors" in files(tmp_path / "cut")
 
 
+def test_a_profile_changed_between_a_kill_and_the_resume_is_refused(tiny, tmp_path):
+    """The job records its own profile's digest once the profile is made; a resume that finds another profile in
+    OUT_DIR/profile (here one sensitivity weight doubled, still a readable profile) refuses it rather than
+    mixing ranks from two profiles."""
+    out = tmp_path / "out"
+
+    def stop(index):
+        if index == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_job(_job(tiny, out, alloc="global"), on_block_done=stop)
+    state = json.loads((out / "streamsvd_state.json").read_text())
+    meta_path = out / "profile" / "profile.json"
+    meta = json.loads(meta_path.read_text())
+    assert state["profile_digest"] == profile_module.read_profile(out / "profile").digest
+    name = meta["order"][0]
+    meta["sensitivity"][name] *= 2
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(StreamSVDError) as refused:
+        run_job(_job(tiny, out, alloc="global"))
+    assert "is not the one this job allocated its finished blocks from" in refused.value.problem
+    assert "--restart" in refused.value.fix
+    run_job(_job(tiny, out, alloc="global", restart=True))  # the fix works: profiled anew, finished
+    assert json.loads((out / "streamsvd_state.json").read_text())["complete"]
+
+
 def test_restart_removes_the_profile_the_job_made(tiny, tmp_path, capsys):
     run_job(_job(tiny, tmp_path / "out", alloc="global"))
     capsys.readouterr()
