@@ -445,6 +445,12 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                       "gram chunk": gram_chunk, "outputs": b * L * hidden * (c + act)}
         if P > 1:  # adding up the ranks' sums: the running total and one rank's partial beside this rank's own
             statistics["reduction buffers"] = 2 * 8 * max(widest_in, widest_out) ** 2
+            # an output Gram's input diagonal kept per chunk of at most 2,048 tokens of a batch (math/gram.py,
+            # keep_diag_terms), every rank's gathered for the sum in the one-process order: in_features float64 each
+            chunks = -(-S_total // b) * -(-b * L // GRAM_ROW_CHUNK)
+            diag = sum(8 * s.in_features * chunks for s in linears if s.route == "output")
+            if diag:
+                statistics["diagonal terms (gathered)"] = diag
         if settings.compensate:
             # the untouched block beside the compressed one, the original inputs of the group held while
             # the compressed forward runs, and its outputs' energy in float64
