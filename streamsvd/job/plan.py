@@ -358,7 +358,10 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         # output side: the out x out Gram and the input's diagonal (run --shrink reads it)
         group_bytes = sum(8 * (s.out_features**2 + s.in_features) for s in members if s.route == "output")
         if any(s.route == "input" for s in members):
-            group_bytes += 8 * members[0].in_features**2 * (2 if settings.compensate else 1)
+            group_bytes += 8 * members[0].in_features**2
+            if settings.compensate:  # the cross statistic: W C (out x in) for a lone out < in linear, else C (in x in)
+                lone = members[0] if len(members) == 1 and members[0].out_features < members[0].in_features else None
+                group_bytes += 8 * (lone.out_features if lone else members[0].in_features) * members[0].in_features
         per_group.append(group_bytes)
     stats_bytes = max(per_group, default=0) if settings.calibrate == "sequential" else sum(per_group)
     if settings.weighted_energies:
@@ -370,7 +373,9 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     tile = min(PRODUCT_TILE_BYTES, 4 * widest_in * max(widest_in, widest_out))
     gram_chunk = 4 * GRAM_ROW_CHUNK * widest_in + 4 * GRAM_ROW_CHUNK * widest_out + 3 * tile
     if settings.compensate:
-        gram_chunk += 4 * GRAM_ROW_CHUNK * widest_in  # the paired chunk of the original model's inputs
+        # the paired chunk of the original model's inputs, and a lone out < in linear's W x of it (math/compensate.py)
+        gram_chunk += 4 * GRAM_ROW_CHUNK * widest_in + 4 * GRAM_ROW_CHUNK * max(
+            (s.out_features for s in linears if s.route == "input" and s.out_features < s.in_features), default=0)
 
     # ---- held for the whole job
     layer_args = 2 * (L * L * 4) + 2 * 2 * L * head_dim * 4 + 2 * L * 8  # masks, rotary cos/sin, positions

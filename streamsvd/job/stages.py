@@ -26,7 +26,7 @@ from torch import nn
 from .. import faults
 from ..io.activations import ActivationFile
 from ..io.checkpoint import TORCH_DTYPES, Checkpoint
-from ..math.compensate import CrossGramAccumulator, compensated_whitening, factorize_compensated, output_error
+from ..math.compensate import compensated_whitening, cross_accumulator, factorize_compensated, output_error
 from ..math.factorize import factorize, factorize_output_side, rank_for_ratio, stored_numel, whiten
 from ..math.gram import GramAccumulator, OutputGramAccumulator, shrink_gram, shrunk_output_gram
 from ..math.quantize import QuantSpec, quantize_module_tensors
@@ -145,7 +145,7 @@ class GroupStatistics:
     """What one pass collects for some input groups; the interface `factor_block` reads (as GramCollector's).
 
     grams: leader -> X'^T X' (the compressed model's inputs); cross: leader -> X^T X' (paired with the
-    original model's inputs, when compensating); e0: name -> mean ||W x||^2 of the original linear.
+    original model's inputs, when compensating; W X^T X' itself for a linear alone in its group with out < in); e0: name -> mean ||W x||^2 of the original linear.
     """
 
     def __init__(self, layer: nn.Module, groups: list[list[str]], compensate: bool, output_side: set[str]):
@@ -154,7 +154,8 @@ class GroupStatistics:
         self.output_grams = {n: OutputGramAccumulator(linears[n].weight) for g in groups for n in g if n in output_side}
         leaders = [g[0] for g in groups if any(n not in output_side for n in g)]
         self.grams = {leader: GramAccumulator(linears[leader].in_features) for leader in leaders}
-        self.cross = {leader: CrossGramAccumulator(linears[leader].in_features) for leader in leaders} if compensate else {}
+        alone = {g[0] for g in groups if len(g) == 1}  # a linear with its input to itself: W C directly where out < in
+        self.cross = {leader: cross_accumulator(linears[leader].weight, leader in alone) for leader in leaders} if compensate else {}
         self.e0: dict[str, float] = {}
         self.energy_terms: dict[str, list[float]] = {}  # name -> the per-batch sums e0 is made of
 
@@ -409,10 +410,10 @@ def factor_block(
                     whitenings[group] = (compensated_whitening(gram, anchor, stats.grams[group].product_eps), gram)
                 (white, q, inv, lam), gram = whitenings[group]
                 input_gram = gram
-                f = factorize_compensated(linear.weight, white, q, inv, lam, None if cross is None else cross.gram, rank, svd=route_svd)
+                wc = None if cross is None else cross.times(linear.weight)  # W C: all compensation reads of C
+                f = factorize_compensated(linear.weight, white, q, inv, lam, None, rank, svd=route_svd, wc=wc)
                 if name in getattr(stats, "e0", {}):
-                    error = output_error(linear.weight, f.out_factor @ f.in_factor, stats.e0[name],
-                                         None if cross is None else cross.gram, gram)
+                    error = output_error(linear.weight, f.out_factor @ f.in_factor, stats.e0[name], None, gram, wc=wc)
             else:
                 if method != "svd" and group not in whitenings:
                     gram = shrink_gram(stats.grams.pop(group).gram, shrink)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .factorize import Factors, Whitening, factorize
-from .gram import GramAccumulator, add_products
+from .gram import _ROW_CHUNK, GramAccumulator, add_products, product_dtype
 
 
 class CrossGramAccumulator(GramAccumulator):
@@ -41,6 +41,48 @@ class CrossGramAccumulator(GramAccumulator):
             raise ValueError(f"paired inputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
         add_products(self.sum, a, b)  # not symmetric: every tile, no mirroring
         self.tokens += a.shape[0]
+
+    def times(self, weight: torch.Tensor) -> torch.Tensor:
+        """W C (float64, out x in): all that compensation reads of C."""
+        return weight.detach().to(torch.float64) @ self.gram.to(torch.float64)
+
+
+class ProjectedCrossAccumulator(GramAccumulator):
+    """Running mean of (W x) x'^T over paired tokens: W C itself (out x in), for a linear whose out < in that
+    has its input to itself (down_proj). Compensation reads C only as W C (compensated_target, output_error),
+    so the in x in C is never formed: out x in float64 instead of in x in, and per token an out x in product
+    instead of an in x in one (SmolLM2's down_proj: 576 x 1536 against 1536 x 1536). W x is made in the
+    products' precision, a chunk at a time, as OutputGramAccumulator makes the layer's outputs."""
+
+    def __init__(self, weight: torch.Tensor):
+        out_f, in_f = weight.shape
+        super().__init__(in_f)
+        self.weight = weight
+        self.sum = torch.zeros(out_f, in_f, dtype=torch.float64)
+
+    def add_pair(self, x: torch.Tensor, x_comp: torch.Tensor) -> None:
+        a = x.detach().reshape(-1, self.features)
+        b = x_comp.detach().reshape(-1, self.features)
+        if a.shape != b.shape:
+            raise ValueError(f"paired inputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+        dtype = product_dtype(a)
+        self.product_eps = max(self.product_eps, torch.finfo(dtype).eps)
+        w = self.weight.detach().to(dtype)
+        for start in range(0, a.shape[0], _ROW_CHUNK):
+            add_products(self.sum, a[start : start + _ROW_CHUNK].to(dtype) @ w.T, b[start : start + _ROW_CHUNK])
+        self.tokens += a.shape[0]
+
+    def times(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.shape != self.weight.shape:
+            raise ValueError("a projected cross statistic holds W C for its own linear's W only")
+        return self.gram.to(torch.float64)
+
+
+def cross_accumulator(weight: torch.Tensor, alone: bool):
+    """The cross statistic of a group led by the linear of `weight`: W C directly where that linear is alone in its
+    group and out < in (ProjectedCrossAccumulator), else C (CrossGramAccumulator)."""
+    out_f, in_f = weight.shape
+    return ProjectedCrossAccumulator(weight) if alone and out_f < in_f else CrossGramAccumulator(in_f)
 
 
 def ridge(gram: torch.Tensor, anchor: float) -> float:
@@ -72,12 +114,14 @@ def compensated_whitening(gram: torch.Tensor, anchor: float, product_eps: float 
 
 
 @torch.no_grad()
-def compensated_target(weight: torch.Tensor, cross: torch.Tensor | None, q: torch.Tensor, inv: torch.Tensor, lam: float) -> torch.Tensor:
-    """W* = W (C + lam I) H^+ (float64); `cross` None means X = X' (C = G'), where W* = W up to H's null space."""
+def compensated_target(weight: torch.Tensor, cross: torch.Tensor | None, q: torch.Tensor, inv: torch.Tensor, lam: float,
+                       wc: torch.Tensor | None = None) -> torch.Tensor:
+    """W* = W (C + lam I) H^+ (float64); `cross` None (and no `wc`) means X = X' (C = G'), where W* = W up to H's
+    null space. `wc`: W C already made (ProjectedCrossAccumulator, or a caller's `times`), instead of C."""
     w = weight.detach().to(torch.float64)
-    if cross is None:
+    if cross is None and wc is None:
         return w
-    target = w @ cross.to(torch.float64)
+    target = wc.to(torch.float64) if wc is not None else w @ cross.to(torch.float64)
     if lam:
         target = target + lam * w
     return ((target @ q) * inv) @ q.T
@@ -85,20 +129,22 @@ def compensated_target(weight: torch.Tensor, cross: torch.Tensor | None, q: torc
 
 @torch.no_grad()
 def factorize_compensated(weight: torch.Tensor, white: Whitening, q: torch.Tensor, inv: torch.Tensor, lam: float,
-                          cross: torch.Tensor | None, rank: int, svd: str = "exact") -> Factors:
+                          cross: torch.Tensor | None, rank: int, svd: str = "exact", wc: torch.Tensor | None = None) -> Factors:
     """The rank-`rank` minimiser of E (module docstring): truncation of W* whitened by H."""
-    return factorize(compensated_target(weight, cross, q, inv, lam), white, rank, "eig", svd=svd)
+    return factorize(compensated_target(weight, cross, q, inv, lam, wc), white, rank, "eig", svd=svd)
 
 
 @torch.no_grad()
-def output_error(weight: torch.Tensor, new: torch.Tensor, e0: float, cross: torch.Tensor | None, gram: torch.Tensor) -> float:
+def output_error(weight: torch.Tensor, new: torch.Tensor, e0: float, cross: torch.Tensor | None, gram: torch.Tensor,
+                 wc: torch.Tensor | None = None) -> float:
     """sqrt(||X W^T - X' W'^T||^2 / T) from the statistics: e0 - 2 tr(W C W'^T) + tr(W' G' W'^T).
 
-    `cross` None means X = X' (no compensation): C = G'.
+    `cross` None (and no `wc`) means X = X' (no compensation): C = G'. `wc`: W C already made.
     """
     w = weight.detach().to(torch.float64)
     wn = new.detach().to(torch.float64)
     g = gram.to(torch.float64)
-    c = g if cross is None else cross.to(torch.float64)
-    value = e0 - 2.0 * float(((w @ c) * wn).sum()) + float(((wn @ g) * wn).sum())
+    if wc is None:
+        wc = w @ (g if cross is None else cross.to(torch.float64))
+    value = e0 - 2.0 * float((wc.to(torch.float64) * wn).sum()) + float(((wn @ g) * wn).sum())
     return max(value, 0.0) ** 0.5

@@ -139,3 +139,35 @@ def test_paired_inputs_of_other_shapes_are_refused():
     acc = CrossGramAccumulator(4)
     with pytest.raises(ValueError):
         acc.add_pair(torch.zeros(3, 4), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_projected_cross_statistic_is_w_times_the_cross_gram_and_gives_the_same_factors(dtype):
+    """For a lone linear with out < in (down_proj) the job accumulates W C (out x in) instead of C (in x in):
+    the same W C to the products' precision, the same factors and the same output error."""
+    from streamsvd.math.compensate import ProjectedCrossAccumulator, cross_accumulator
+
+    x, x_comp, w = _problem(n=12, m=5)  # out 5 < in 12
+    projected, cross = ProjectedCrossAccumulator(w), CrossGramAccumulator(12)
+    gram = GramAccumulator(12)
+    for part in range(0, x.shape[0], 70):
+        projected.add_pair(x[part : part + 70].to(dtype), x_comp[part : part + 70].to(dtype))
+        cross.add_pair(x[part : part + 70].to(dtype), x_comp[part : part + 70].to(dtype))
+        gram.add_batch(x_comp[part : part + 70].to(dtype))
+    assert projected.sum.shape == (5, 12) and projected.tokens == cross.tokens == x.shape[0]
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    wc = projected.times(w)
+    assert torch.allclose(wc, cross.times(w), rtol=0, atol=tol * float(cross.times(w).abs().max()))
+    white, q, inv, lam = compensated_whitening(gram.gram, 0.1, gram.product_eps)
+    a = factorize_compensated(w, white, q, inv, lam, None, 3, wc=wc)
+    b = factorize_compensated(w, white, q, inv, lam, cross.gram, 3)
+    assert torch.allclose(a.out_factor @ a.in_factor, b.out_factor @ b.in_factor, atol=100 * tol * float(w.abs().max()))
+    e0 = float((x @ w.T).pow(2).sum()) / x.shape[0]
+    new = a.out_factor @ a.in_factor
+    assert output_error(w, new, e0, None, gram.gram, wc=wc) == pytest.approx(output_error(w, new, e0, cross.gram, gram.gram), rel=1e-4)
+    with pytest.raises(ValueError):
+        projected.times(w.T)  # W C of its own linear only
+    # the job's choice: W C for a lone out < in linear, C where the input is shared or out >= in
+    assert isinstance(cross_accumulator(w, alone=True), ProjectedCrossAccumulator)
+    assert type(cross_accumulator(w, alone=False)) is CrossGramAccumulator
+    assert type(cross_accumulator(w.T.contiguous(), alone=True)) is CrossGramAccumulator
