@@ -128,12 +128,16 @@ def main() -> None:
             tag = "" if variant == "-" else "-" + re.sub(r"[^A-Za-z0-9.=]+", "_", variant)
             out = args.work / f"{model_key}-{method}-{factors}-{alloc}-{ratio}{tag}"
             shutil.rmtree(out, ignore_errors=True)
-            alloc_flags = [] if alloc == "uniform" else ["--alloc", alloc, "--profile", str(profile)]
+            # explicit for uniform too: `run` defaults to global (which profiles for itself) since 06087f2
+            alloc_flags = ["--alloc", "uniform"] if alloc == "uniform" else ["--alloc", alloc, "--profile", str(profile)]
             start = time.time()
             _streamsvd("run", str(model), str(out), "--ratio", str(ratio), "--method", method, "--factors", factors,
                        *calib_args, *alloc_flags, *_flags(variant))
             wall = time.time() - start
             report = json.loads((out / "streamsvd_report.json").read_text())
+            ran = (report.get("allocation") or {}).get("alloc", "uniform")
+            if ran != alloc:  # a row must be what it says it is
+                raise SystemExit(f"the {alloc} row ran --alloc {ran}: {out}")
             this_run = json.loads((out / RUN_LOG).read_text().strip().splitlines()[-1])  # wall time, peak RSS
             after = {key: evaluate(out, text, args.eval_seqlen, args.eval_windows) for key, text in texts.items()}
             print(json.dumps({**common, "method": method, "factors": factors, "alloc": alloc, "flags": variant,
