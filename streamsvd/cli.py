@@ -120,9 +120,10 @@ def _add_quality_flags(p) -> None:
                    help="fit each compressed linear to the original model's outputs, correcting the error of the blocks "
                    "before it (closed form, docs/DESIGN.md; a linear wider than 16384 inputs, a 70B down_proj, is not). Costs a second "
                    "activation stream (twice the work files on disk), the original block beside the compressed one in "
-                   "memory, one more in x in matrix per input, one more block forward per batch: about 3x the compression "
-                   "time of --no-compensate on SmolLM2, for 24-28%% lower perplexity in the calibration's domain and 70-89%% "
-                   "lower across domains (docs/RESULTS.md). Default: on with --method eig and --propagate compressed")
+                   "memory, one more in x in matrix per input (out x in for down_proj), one more block forward per batch: "
+                   "about 3x the compression time of --no-compensate on SmolLM2, for 3-53%% lower held-out perplexity in "
+                   "the calibration's domain and 9-74%% lower across domains at ratio 0.4 on SmolLM2 and Gemma 3, the least "
+                   "on top of --alloc global (docs/RESULTS.md). Default: on with --method eig and --propagate compressed")
     p.add_argument("--anchor", type=float, default=None,
                    help="pull each factored weight toward the original: adds anchor x (the Gram's mean diagonal) x "
                    "||W - W'||^2 to the loss, so the fit does not follow the calibration text too closely; 0 turns it off "
@@ -133,8 +134,9 @@ def _add_quality_flags(p) -> None:
                    "output matches the original block's; an eighth of the windows is held out and decides early stopping, "
                    "so a fit that does not generalise changes nothing. Costs a forward and a backward of the block per "
                    f"step (time per block in the summary) and the optimiser state in memory; 0 turns it off (default {d.refine_steps}; "
-                   "measured on SmolLM2 at 0.4 on top of compensation: 40 steps took 5-7x the compression time for +0.5%% "
-                   "held-out perplexity in domain, -0.7%% across, docs/RESULTS.md)")
+                   "measured at 0.4 on SmolLM2 and Gemma 3, 40 steps: on top of compensation -0.8%% to +6%% held-out "
+                   "perplexity in domain and -0.7%% to +15%% across for 2-7x the compression time; without compensation "
+                   "up to 24%% lower in domain but higher across domains than the compensated default, docs/RESULTS.md)")
     p.add_argument("--refine-lr", type=float, default=d.refine_lr, help=f"Adam step size for --refine-steps (default {d.refine_lr})")
 
 
