@@ -135,8 +135,8 @@ def _add_quality_flags(p) -> None:
                    "so a fit that does not generalise changes nothing. Costs a forward and a backward of the block per "
                    f"step (time per block in the summary) and the optimiser state in memory; 0 turns it off (default {d.refine_steps}; "
                    "measured at 0.4 on SmolLM2 and Gemma 3, 40 steps: on top of compensation -0.8%% to +6%% held-out "
-                   "perplexity in domain and -0.7%% to +15%% across for 2-7x the compression time; without compensation "
-                   "up to 24%% lower in domain but higher across domains than the compensated default, docs/RESULTS.md)")
+                   "perplexity in domain and -0.7%% to +15%% across for 2-7x the compression time; on plain uniform "
+                   "truncation 20-28%% lower in domain, still above the compensated default across domains, docs/RESULTS.md)")
     p.add_argument("--refine-lr", type=float, default=d.refine_lr, help=f"Adam step size for --refine-steps (default {d.refine_lr})")
 
 
