@@ -465,7 +465,10 @@ try:
         world.min_int(3)  # a rank taking another path than the others (a bug) ...
     world.all_true(True)
 except StreamSVDError as e:
-    print(("quiet " if getattr(e, "quiet", False) else "") + "error: " + e.problem)
+    # one write per line (atomic on a pipe): both ranks write to the same stdout, and print() writes the text and the
+    # newline separately, so two ranks' lines could interleave ("...stoppedquiet error: ...")
+    import os
+    os.write(1, ((("quiet " if getattr(e, "quiet", False) else "") + "error: " + e.problem) + "\\n").encode())
 world.stop()
 """
 
