@@ -33,6 +33,7 @@ import hashlib
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -157,8 +158,18 @@ class World:
                 lost.append(r)
         return lost
 
+    def _lost_after(self, wait_s: float = 3.0) -> list[int]:
+        """`_lost()`, polled for up to `wait_s`: a killed peer's sockets close (and our collective fails) a moment
+        before the kernel marks the process a zombie, so a first look can still see it running."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            lost = self._lost()
+            if lost or time.monotonic() >= deadline:
+                return lost
+            time.sleep(0.05)
+
     def _failed(self, exc: BaseException) -> RankLost:
-        lost = self._lost()
+        lost = self._lost_after()
         if lost:
             who = ", ".join(str(r) for r in lost)
             what = f"rank {who} of {self.size} was lost (killed, crashed or stopped)"
