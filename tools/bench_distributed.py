@@ -19,7 +19,8 @@ One JSON line per job (`row: "run"`), with the job's own figures from its run lo
   `share_factors_s` (broadcasting the factors, waiting for their owners included), `reduced_bytes`
   (the tensor bytes this process contributed to reductions; each is broadcast to the N - 1 others),
   `reduced_bytes_per_block` (that over the decoder blocks; the job's own profile is in it),
-  `factor_bytes_sent`;
+  `factor_bytes_sent`, `gradient_bytes_sent` (refinement: the gradients of the steps whose batch this process
+  holds, `--refine-steps`);
 - `identical_to`: for N > 1, whether every output file but the run log and the state (which record the
   number of processes) equals the 1-process job's, and `differing` the files that do not.
 Then one `row: "summary"` line: the speed-up of each N over 1 process.
@@ -67,7 +68,8 @@ def process_row(p: dict, blocks: int) -> dict:
             "stage_s": p.get("seconds_by_stage", {}), "reduce_s": inside.get("reduce", 0.0),
             "share_factors_s": inside.get("share factors", 0.0), "reduced_bytes": p.get("reduced_bytes", 0),
             "reduced_bytes_per_block": round(p.get("reduced_bytes", 0) / max(blocks, 1)),
-            "reductions": p.get("reductions", 0), "factor_bytes_sent": p.get("factor_bytes_sent", 0)}
+            "reductions": p.get("reductions", 0), "factor_bytes_sent": p.get("factor_bytes_sent", 0),
+            "gradient_bytes_sent": p.get("gradient_bytes_sent", 0)}
 
 
 def main() -> None:

@@ -88,7 +88,7 @@ class World:
         self._gathers = 0  # gathers so far: every rank must be at the same one (`_gather` checks)
         # what the collectives cost this process (the run log's `per_process`, tools/bench_distributed.py): tensor
         # bytes this rank contributed to statistics reductions, and pickled factor bytes it sent to the others
-        self.traffic = {"reduced_bytes": 0, "reductions": 0, "factor_bytes_sent": 0}
+        self.traffic = {"reduced_bytes": 0, "reductions": 0, "factor_bytes_sent": 0, "gradient_bytes_sent": 0}
 
     @property
     def active(self) -> bool:
@@ -382,6 +382,28 @@ class World:
                     self.traffic["factor_bytes_sent"] += _payload_bytes(box[0])
         return out
 
+    def from_rank(self, src: int, tensors: list[torch.Tensor]) -> None:
+        """Overwrite `tensors` (same shapes and dtype on every rank) with rank `src`'s, in place, as one flat
+        broadcast; nothing on one process. (Refinement's gradients: the traffic counts them as gradient bytes.)"""
+        if not self.active or not tensors:
+            return
+        import torch.distributed as dist
+
+        dtype = tensors[0].dtype
+        if any(t.dtype != dtype for t in tensors):
+            raise ValueError("from_rank: the tensors must share one dtype")
+        if self.rank == src:
+            flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+            self.traffic["gradient_bytes_sent"] += flat.numel() * flat.element_size()
+        else:
+            flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype)
+        self._call(dist.broadcast, flat, src)
+        if self.rank != src:
+            at = 0
+            for t in tensors:
+                t.copy_(flat[at:at + t.numel()].view_as(t))
+                at += t.numel()
+
     def gather(self, value, what: str) -> list:
         """Every rank's `value` (picklable), in rank order, on every rank; [value] for one process."""
         return self._gather(value, what) if self.active else [value]
@@ -396,8 +418,6 @@ def refuse_unsupported(cfg, world: World) -> None:
     if not world.active:
         return
     unsupported = []
-    if cfg.refine_steps:
-        unsupported.append("--refine-steps")
     if cfg.max_ppl_increase is not None:
         unsupported.append("--max-ppl-increase")
     if unsupported:

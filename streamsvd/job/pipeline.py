@@ -846,8 +846,9 @@ class CompressionJob:
         else:
             original = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
             target = lambda a, b: forward(original, src.read(a, b))  # noqa: E731
-        r = refine_block(layer, prefix, block, src.read, target, forward, samples, self.batch_size, cfg.refine_steps,
-                         cfg.refine_lr, COMPUTE_DTYPE, seed=cfg.seed + index)
+        r = refine_block(layer, prefix, block, src.read, target, forward, cfg.calib_samples, self.batch_size,
+                         cfg.refine_steps, cfg.refine_lr, COMPUTE_DTYPE, seed=cfg.seed + index, world=self.world,
+                         share=self.share)
         self.refinements[str(index)] = asdict(r)
         if cfg.progress:
             tqdm.write(f"block {index}: refined {r.steps} steps (kept step {r.best_step}), held-out relative error "

@@ -34,6 +34,7 @@ from ..model.quantized import dequantizing_getter, logical_keys
 from ..model.architecture import linear_modules
 from ..model.lowrank import factor_tensors, module_from_tensors, replace_module, stored_form, stored_rank
 from ..timing import charged
+from .distributed import World
 from .plan import choose_svd
 
 
@@ -527,6 +528,7 @@ def refine_block(
     read: Callable[[int, int], torch.Tensor], target: Callable[[int, int], torch.Tensor],
     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor], samples: int, batch_size: int,
     steps: int, lr: float, compute_dtype: torch.dtype = torch.float32, seed: int = 0,
+    world: "World | None" = None, share: tuple[int, int] | None = None,
 ) -> Refinement:
     """Tune the block's factors (only them) so its output on `read` matches `target` (AutoRound-style).
 
@@ -535,6 +537,13 @@ def refine_block(
     a gain end the fit, so a fit that does not generalise changes nothing. Adam, fixed batch order,
     seeded: the same factors on a resume. The shard's tensors are replaced by the refined ones (in
     their stored dtype) and the layer rebuilt from them, exactly what a resume reads back.
+
+    `samples` counts the job's windows; `read` and `target` take this process's window numbers, its
+    `share` [lo, hi) of whole batches (all of them on one process). Under torchrun every step's batch lies
+    on one rank: that rank computes the gradients and broadcasts them, and every rank takes the same Adam
+    step; the held-out figures are gathered and added in window order. So the factors are one process's,
+    bit for bit, at one process's speed (the steps are sequential; a bigger batch spread over the ranks
+    would change the fit).
     """
     import time
 
@@ -548,16 +557,34 @@ def refine_block(
     for p in params:
         p.requires_grad_(True)
 
+    world = world or World.current()
+    lo, hi = share or (0, samples)
+
+    def mine(s: int, e: int) -> bool:
+        return lo <= s and e <= hi
+
+    def owner(s: int) -> int:  # the rank whose share holds window s (a batch never straddles two shares)
+        return next(r for r, (a, b) in enumerate(world.shares(samples, batch_size)) if a <= s < b) if world.active else 0
+
+    # the held-out windows in chunks of at most a batch that never cross the job's batch grid
+    chunks, s = [], train
+    while s < samples:
+        chunks.append((s, min(samples, (s // batch_size + 1) * batch_size)))
+        s = chunks[-1][1]
+
     def heldout_loss() -> float:
         if not held:
             return float("nan")
-        num = den = 0.0
+        terms = []
         with torch.no_grad():
-            for s in range(train, samples, batch_size):
-                e = min(samples, s + batch_size)
-                y = target(s, e)
-                num += float((forward(layer, read(s, e)) - y).pow(2).sum())
-                den += float(y.pow(2).sum())
+            for s, e in chunks:
+                if mine(s, e):
+                    y = target(s - lo, e - lo)
+                    terms.append((float((forward(layer, read(s - lo, e - lo)) - y).pow(2).sum()), float(y.pow(2).sum())))
+        num = den = 0.0
+        for part in world.gather(terms, "refine held-out"):  # rank order is window order
+            for n, d in part:
+                num, den = num + n, den + d
         return num / max(den, 1e-30)
 
     torch.manual_seed(seed)
@@ -570,10 +597,15 @@ def refine_block(
         for step in range(1, steps + 1 if train else 1):
             s = starts[(step - 1) % len(starts)]
             e = min(train, s + batch_size)
-            y = target(s, e)
-            loss = (forward(layer, read(s, e)) - y).pow(2).mean() / y.pow(2).mean().clamp_min(1e-30)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if mine(s, e):
+                y = target(s - lo, e - lo)
+                loss = (forward(layer, read(s - lo, e - lo)) - y).pow(2).mean() / y.pow(2).mean().clamp_min(1e-30)
+                loss.backward()
+            else:
+                for p in params:
+                    p.grad = torch.empty_like(p)
+            world.from_rank(owner(s), [p.grad for p in params])
             opt.step()
             taken = step
             if step % every == 0 or step == steps:

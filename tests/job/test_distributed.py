@@ -84,13 +84,16 @@ GLOBAL = ["--alloc", "global"]  # the default allocation: the job profiles for i
 
 
 @pytest.mark.parametrize("name, flags", [("default", []), ("block", BLOCK), ("shrink", BLOCK + ["--shrink", "0.3"]),
-                                         ("global", GLOBAL), ("quant", ["--quant", "int4"])])
+                                         ("global", GLOBAL), ("quant", ["--quant", "int4"]),
+                                         ("refine", ["--refine-steps", "6"]), ("refine-block", BLOCK + ["--refine-steps", "6"])])
 def test_two_processes_write_the_one_process_output_byte_for_byte(model, reference, tmp_path, name, flags):
     """Compensation and sequential calibration, plain block calibration, --shrink (which reads the output
     Grams' input diagonals: float64 terms whose sum depends on the grouping; before they were added up term by
     term in the global order, a truncation loss in the report differed in its last bit), and the default
     allocation (global), whose own profile (OUT_DIR/profile, compared too) is made by both processes, and
-    --quant int4 (GPTQ rounding by the rank that factored the linear, with the input Gram it holds)."""
+    --quant int4 (GPTQ rounding by the rank that factored the linear, with the input Gram it holds), and
+    --refine-steps (each step's gradients from the rank holding its batch, the held-out figures gathered; with
+    compensation the target is the original stream's outputs, without it the original block's on each rank)."""
     out = tmp_path / "two"
     done = _two(model, out, *flags)
     assert done.returncode == 0, done.stderr
@@ -98,6 +101,9 @@ def test_two_processes_write_the_one_process_output_byte_for_byte(model, referen
     assert not _ours(done.stderr) and "Traceback" not in done.stderr
     run = json.loads((out / RUN_LOG).read_text().splitlines()[-1])
     assert run["processes"] == 2 and run["windows_per_process"] == [[0, 4], [4, 8]] and run["batch_size"] == 2
+    if name.startswith("refine"):  # both ranks held steps' batches (train [0, 7): 4 batches) and sent their gradients
+        assert all(r["steps"] >= 1 for r in run["refinement"].values()), run["refinement"]
+        assert all(p["gradient_bytes_sent"] > 0 for p in run["per_process"]), run["per_process"]
     state = json.loads((out / STATE_NAME).read_text())
     assert state["settings"]["processes"] == 2 and state["complete"]
     assert not (out / ".streamsvd-work").exists()  # every rank's scratch is gone
@@ -136,7 +142,6 @@ def test_streamsvd_profile_on_two_processes_writes_the_one_process_profile(model
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--refine-steps", "5"], "--refine-steps cannot run under torchrun yet"),
     (["--max-ppl-increase", "0.5"], "--max-ppl-increase cannot run under torchrun yet"),
     (["--calib-samples", "2"], "fewer than the 2 processes"),
 ])
