@@ -280,10 +280,11 @@ class World:
     def shares(self, samples: int, batch: int) -> list[tuple[int, int]]:
         return [World(r, self.size).share(samples, batch) for r in range(self.size)]
 
-    def share(self, samples: int, batch: int) -> tuple[int, int]:
-        """Rank r's windows [lo, hi): the r-th of N contiguous runs of the job's batches."""
+    def share(self, samples: int, batch: int, allow_empty: bool = False) -> tuple[int, int]:
+        """Rank r's windows [lo, hi): the r-th of N contiguous runs of the job's batches. `allow_empty`: a rank
+        may get none (the held-out windows of --max-ppl-increase, fewer batches than processes)."""
         batches = -(-samples // batch)
-        if batches < self.size:
+        if batches < self.size and not allow_empty:
             raise StreamSVDError(
                 f"{samples} calibration windows in batches of {batch} make {batches} batch(es), fewer than the "
                 f"{self.size} processes", f"give at least {self.size * batch} windows (--calib-samples), or start fewer processes")
@@ -411,18 +412,6 @@ class World:
     # ---------------------------------------------------------------- OUT_DIR
     def work_folder(self, base: Path) -> Path:
         return base / f"rank-{self.rank}-of-{self.size}" if self.active else base
-
-
-def refuse_unsupported(cfg, world: World) -> None:
-    """What a run under torchrun does not do yet: one error and one fix line, before anything is written."""
-    if not world.active:
-        return
-    unsupported = []
-    if cfg.max_ppl_increase is not None:
-        unsupported.append("--max-ppl-increase")
-    if unsupported:
-        raise StreamSVDError(f"{', '.join(unsupported)} cannot run under torchrun yet (this run has {world.size} processes)",
-                             "run the same command without torchrun (one process), or drop " + unsupported[0].split(" ")[0])
 
 
 def _payload_bytes(value, depth: int = 0) -> int:

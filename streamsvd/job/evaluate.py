@@ -57,16 +57,28 @@ def head_weight(model, ckpt, dtype: torch.dtype) -> torch.Tensor:
 
 
 @torch.no_grad()
-def final_states_nll(model, ckpt, read, windows: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[float, int]:
+def final_states_nll(model, ckpt, read, windows: torch.Tensor, dtype: torch.dtype = torch.float32,
+                     world=None) -> tuple[float, int]:
     """Summed next-token NLL of `windows` from their last block's outputs, `read(w, w + 1)` (one window at a
-    time): the model's final norm (materialised) and the head read from `ckpt`, as `streamsvd eval` applies them."""
+    time): the model's final norm (materialised) and the head read from `ckpt`, as `streamsvd eval` applies them.
+
+    `world` (job/distributed.World) under torchrun: `windows` are this process's run of the job's windows (maybe
+    none); every process's per-window terms are gathered and added in window order (`add_in_order`), so every
+    process gets the one process's sum, bit for bit."""
     weight = head_weight(model, ckpt, dtype)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     norm = model.model.norm
+    terms = [logits_nll(lambda h: F.linear(h, weight), softcap, norm(read(w, w + 1)), windows[w : w + 1])
+             for w in range(len(windows))]
+    return add_in_order(world.gather(terms, "held-out nll") if world is not None else [terms])
+
+
+def add_in_order(shares: list[list[tuple[float, int]]]) -> tuple[float, int]:
+    """(NLL, tokens) summed term by term, the shares in rank order (window order): one process's sum."""
     total, count = 0.0, 0
-    for w in range(len(windows)):
-        nll, n = logits_nll(lambda h: F.linear(h, weight), softcap, norm(read(w, w + 1)), windows[w : w + 1])
-        total, count = total + nll, count + n
+    for share in shares:
+        for nll, n in share:
+            total, count = total + nll, count + n
     return total, count
 
 

@@ -58,7 +58,7 @@ from .stages import (FactoredBlock, OriginalInputs, collect_group_statistics, re
                      output_side_linears, quantize_block)
 from .state import JobState, fingerprint
 from .integrity import JobIntegrity
-from .distributed import ReadOnlyOutput, World, refuse_unsupported
+from .distributed import ReadOnlyOutput, World
 from .lock import JobLocks
 from .preflight import check_paths
 
@@ -317,7 +317,6 @@ class CompressionJob:
         cfg.validate()
         self.cfg = cfg
         self.world = World.current()
-        refuse_unsupported(cfg, self.world)
         self.ckpt = Checkpoint(cfg.model_dir)
         self.config = load_config(self.ckpt)
         check_seqlen(self.config, cfg.seqlen)
@@ -350,6 +349,9 @@ class CompressionJob:
         self.model = empty_model(self.config, COMPUTE_DTYPE)
         self.batch_size = self._batch_size()
         self.share  # refuses a world with more processes than batches
+        # under torchrun each process holds its run of the held-out windows' batches (maybe none), like its share
+        lo, hi = self.world.share(len(self.heldout), self.batch_size, allow_empty=True) if len(self.heldout) else (0, 0)
+        self.heldout = self.heldout[lo:hi]
         if not self.state.complete:
             check_free_space(self._disk_needs())
 
@@ -468,8 +470,9 @@ class CompressionJob:
 
     def _activation_shape(self) -> tuple[int, int, int]:
         """The compressed model's stream in samples [0, S); when compensating, the original's in [S, 2S); then the
-        held-out windows (--max-ppl-increase), through the compressed blocks."""
-        return (self.samples * self.cfg.streams + self.cfg.heldout_rows, self.cfg.seqlen, self.config.hidden_size)
+        held-out windows (--max-ppl-increase; this process's run of them under torchrun), through the compressed
+        blocks."""
+        return (self.samples * self.cfg.streams + len(self.heldout), self.cfg.seqlen, self.config.hidden_size)
 
     @property
     def _heldout_base(self) -> int:
@@ -566,7 +569,7 @@ class CompressionJob:
             if on_block_done is not None:
                 on_block_done(index)
         bar.close()
-        self.heldout_figures = self._measure_heldout() if self.heldout.shape[0] else None
+        self.heldout_figures = self._measure_heldout() if self.cfg.heldout_rows else None  # every process takes part
         self._stage("write")
         report = self._report()
         pictures = {}
@@ -623,7 +626,7 @@ class CompressionJob:
             tqdm.write(f"streamsvd: the files of finished block {intact} are missing or damaged; redoing from block {intact}",
                        file=sys.stderr)
             integrity.rewind(intact)
-        elif state.blocks_done == len(decoder_layers(self.model)) and not self.heldout.shape[0]:
+        elif state.blocks_done == len(decoder_layers(self.model)) and not self.cfg.heldout_rows:
             return  # every block is done: finishing needs no activations (the held-out windows' final states aside)
         elif state.inputs_file is not None and integrity.inputs_trusted():
             return
@@ -714,7 +717,7 @@ class CompressionJob:
         final = self._activation_file(self.state.inputs_file, create=False)
         base = self._heldout_base
         total, count = final_states_nll(self.model, self.ckpt, lambda a, b: final.read(base + a, base + b), self.heldout,
-                                        COMPUTE_DTYPE)
+                                        COMPUTE_DTYPE, world=self.world)
         return {"tokens": count, "nll_per_token": total / count, "perplexity": math.exp(total / count)}
 
     # ---------------------------------------------------------------- one block

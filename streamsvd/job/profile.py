@@ -130,11 +130,6 @@ class ProfileConfig:
                                  f"give 0 (none) to {MAX_HELDOUT} held-out windows, e.g. 8")
         if self.batch_size is not None and self.batch_size < 1:
             raise StreamSVDError(f"--batch-size {self.batch_size} is out of range", "give 1 or more windows, or leave it out")
-        from .distributed import World
-
-        if World.current().active and self.heldout_samples:
-            raise StreamSVDError("--heldout-samples cannot run under torchrun yet",
-                                 "profile with --heldout-samples as one process, without torchrun")
 
 
 def profile_identity(ckpt: Checkpoint, text: str, calib_samples: int, seqlen: int, seed: int, heldout_samples: int = 0) -> dict:
@@ -271,6 +266,9 @@ class Profiler:
         refuse_if_too_small(plan)
         self.batch_size = plan.batch_size
         self.lo, self.hi = world.share(cfg.calib_samples, self.batch_size)
+        # the held-out windows split the same way (a process may hold none): their NLLs are added in window order
+        held = world.share(len(self.heldout), self.batch_size, allow_empty=True) if len(self.heldout) else (0, 0)
+        self.heldout = self.heldout[held[0]:held[1]]
         keep = self._keep()
         self.sens_lo, self.sens_hi = keep * world.rank // world.size, keep * (world.rank + 1) // world.size
         self.work_base = Path(cfg.profile_dir) / WORK_NAME if cfg.work_dir is None else Path(cfg.work_dir) / "streamsvd-profile"
@@ -284,7 +282,7 @@ class Profiler:
         cfg, config = self.cfg, self.config
         keep = self.sens_hi - self.sens_lo  # this process's share (all of them for one process)
         window = (cfg.seqlen, config.hidden_size)
-        work = 2 * activation_bytes((self.hi - self.lo + cfg.heldout_samples, *window), cfg.act_dtype)
+        work = 2 * activation_bytes((self.hi - self.lo + len(self.heldout), *window), cfg.act_dtype)
         work += (config.num_hidden_layers + 1) * activation_bytes((keep, *window), "float32") if keep else 0
         spectra = sum(8 * min(self.ckpt.shape(k)) for k in self.ckpt.keys()
                       if k.endswith(".weight") and len(self.ckpt.shape(k)) == 2 and ".layers." in k)
@@ -365,7 +363,7 @@ class Profiler:
         windows (then the held-out ones), or with `samples` its sensitivity windows (float32: the backward pass
         reads exact inputs)."""
         if samples is None:
-            lo, rows = self.lo, self.hi - self.lo + self.cfg.heldout_samples
+            lo, rows = self.lo, self.hi - self.lo + len(self.heldout)
         else:
             lo, rows = self.sens_lo, samples
         if not rows:  # a process with none of the sensitivity windows (fewer of them than processes)
@@ -385,7 +383,7 @@ class Profiler:
         src = self._file("acts-0.bin")
         for start, stop in self._batches():
             src.write(start, first_layer_inputs(self.model, self.windows[start:stop]))
-        S, H = self.hi, len(self.heldout)  # held-out rows follow this process's windows (one process: all of them)
+        S, H = self.hi, len(self.heldout)  # held-out rows follow this process's windows (its run of the held-out ones)
         for start, stop in self._batches(H, 0):
             src.write(S + start, first_layer_inputs(self.model, self.heldout[start:stop]))
         spectra, weighted, shapes = {}, {}, {}
@@ -425,9 +423,11 @@ class Profiler:
             src = dst
             faults.point("profile-block")
         heldout = None
-        if H:
-            total, count = final_states_nll(self.model, self.ckpt, lambda a, b, src=src: src.read(S + a, S + b), self.heldout)
-            heldout = {"samples": H, "tokens": count, "nll_per_token": total / count, "perplexity": math.exp(total / count)}
+        if self.cfg.heldout_samples:  # every process takes part (gathered in window order), with windows or without
+            total, count = final_states_nll(self.model, self.ckpt, lambda a, b, src=src: src.read(S + a, S + b), self.heldout,
+                                            world=self.world)
+            heldout = {"samples": self.cfg.heldout_samples, "tokens": count, "nll_per_token": total / count,
+                       "perplexity": math.exp(total / count)}
         return spectra, weighted, shapes, heldout
 
     # ------------------------------------------------------------ backward: sensitivity

@@ -29,7 +29,7 @@ from ..io.checkpoint import Checkpoint
 from ..model.architecture import decoder_layers, empty_model, load_config, check_seqlen, materialize_base
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
 from ..model.loading import materialize_head, stored_layer
-from .evaluate import eval_windows, head_nll, result
+from .evaluate import add_in_order, eval_windows, head_nll, result
 from .memory import default_budget, format_size
 from .peak import rss_bytes
 
@@ -146,10 +146,7 @@ def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None =
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    total, count = 0.0, 0
-    for share in world.gather(scored, "eval"):  # rank order is window order: one process's sum, term by term
-        for nll, k in share:
-            total, count = total + nll, count + k
+    total, count = add_in_order(world.gather(scored, "eval"))  # rank order is window order: one process's sum
     out = result(total, count, n_all, seqlen, time.time() - started)
     out.update(batch_size=batch, hidden_on_disk=on_disk)
     return out

@@ -81,11 +81,14 @@ def reference(model, tmp_path_factory):
 
 
 GLOBAL = ["--alloc", "global"]  # the default allocation: the job profiles for itself first, over both processes
+# a perplexity target: 2 held-out windows are one batch, so rank 0 holds them and rank 1 none (in the profile too)
+PPL = ["--max-ppl-increase", "0.5", "--heldout-samples", "2"]
 
 
 @pytest.mark.parametrize("name, flags", [("default", []), ("block", BLOCK), ("shrink", BLOCK + ["--shrink", "0.3"]),
                                          ("global", GLOBAL), ("quant", ["--quant", "int4"]),
-                                         ("refine", ["--refine-steps", "6"]), ("refine-block", BLOCK + ["--refine-steps", "6"])])
+                                         ("refine", ["--refine-steps", "6"]), ("refine-block", BLOCK + ["--refine-steps", "6"]),
+                                         ("ppl", PPL)])
 def test_two_processes_write_the_one_process_output_byte_for_byte(model, reference, tmp_path, name, flags):
     """Compensation and sequential calibration, plain block calibration, --shrink (which reads the output
     Grams' input diagonals: float64 terms whose sum depends on the grouping; before they were added up term by
@@ -93,7 +96,8 @@ def test_two_processes_write_the_one_process_output_byte_for_byte(model, referen
     allocation (global), whose own profile (OUT_DIR/profile, compared too) is made by both processes, and
     --quant int4 (GPTQ rounding by the rank that factored the linear, with the input Gram it holds), and
     --refine-steps (each step's gradients from the rank holding its batch, the held-out figures gathered; with
-    compensation the target is the original stream's outputs, without it the original block's on each rank)."""
+    compensation the target is the original stream's outputs, without it the original block's on each rank), and
+    --max-ppl-increase (its own profile's and the job's held-out perplexity gathered in window order)."""
     out = tmp_path / "two"
     done = _two(model, out, *flags)
     assert done.returncode == 0, done.stderr
@@ -109,7 +113,10 @@ def test_two_processes_write_the_one_process_output_byte_for_byte(model, referen
     assert not (out / ".streamsvd-work").exists()  # every rank's scratch is gone
     files = _files(out)
     assert any(k.startswith("model-") for k in files)
-    assert ("profile/spectra.safetensors" in files) == (name == "global")
+    assert ("profile/spectra.safetensors" in files) == (name in ("global", "ppl"))
+    if name == "ppl":
+        report = json.loads(files["streamsvd_report.json"])
+        assert report["allocation"]["heldout_samples"] == 2 and report["allocation"]["measured_ppl"] > 0
     assert files == reference(name, flags)
 
 
@@ -133,16 +140,24 @@ def test_streamsvd_profile_on_two_processes_writes_the_one_process_profile(model
     made = {p.name: p.read_bytes() for p in two.iterdir() if p.name != "profile_log.json"}
     assert set(made) == {"profile.json", "spectra.safetensors", "weighted.safetensors"}
     assert made == {name: (one / name).read_bytes() for name in made}
-    # the same command again finds it made (every process agrees), and --heldout-samples is refused for now
+    # the same command again finds it made (every process agrees)
     again = _profile(model, two, two=True)
     assert again.returncode == 0 and "made earlier: reused" in again.stdout, again.stderr
-    refused = _profile(model, tmp_path / "h", "--heldout-samples", "4", two=True)
-    ours = _ours(refused.stderr)
-    assert refused.returncode != 0 and len(ours) == 2 and "--heldout-samples cannot run under torchrun" in ours[0]
+
+
+def test_the_original_heldout_perplexity_of_a_two_process_profile_is_the_one_process_one(model, tmp_path):
+    """--heldout-samples 6 in batches of 2: rank 0 holds one batch, rank 1 two; their per-window NLLs are added in
+    window order, so profile.json (with the held-out figures) is the one process's, byte for byte."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _profile(model, one, "--heldout-samples", "6", two=False).returncode == 0
+    done = _profile(model, two, "--heldout-samples", "6", two=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((two / "profile.json").read_text())["heldout"]["samples"] == 6
+    for name in ("profile.json", "spectra.safetensors", "weighted.safetensors"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--max-ppl-increase", "0.5"], "--max-ppl-increase cannot run under torchrun yet"),
     (["--calib-samples", "2"], "fewer than the 2 processes"),
 ])
 def test_what_does_not_run_under_torchrun_is_refused_with_one_error(model, tmp_path, flags, says):
