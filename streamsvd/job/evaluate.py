@@ -14,7 +14,7 @@ from ..errors import StreamSVDError
 
 # Vocabulary logits are made this many positions at a time: Gemma's 262k-word head would otherwise
 # need gigabytes for one long window.
-_LOGIT_CHUNK = 256
+LOGIT_CHUNK = 256
 
 
 @torch.no_grad()
@@ -34,8 +34,8 @@ def head_nll(model, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[floa
 def logits_nll(head, softcap: float | None, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
     """Summed next-token NLL and token count, `head` (a callable: hidden -> logits) applied a chunk at a time."""
     total, count = 0.0, 0
-    for start in range(0, input_ids.shape[1] - 1, _LOGIT_CHUNK):
-        stop = min(start + _LOGIT_CHUNK, input_ids.shape[1] - 1)
+    for start in range(0, input_ids.shape[1] - 1, LOGIT_CHUNK):
+        stop = min(start + LOGIT_CHUNK, input_ids.shape[1] - 1)
         logits = head(hidden[:, start:stop]).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap

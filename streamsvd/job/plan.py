@@ -44,6 +44,7 @@ from ..io.checkpoint import Checkpoint
 from ..math.factorize import rank_for_ratio
 from ..math.gram import _ROW_CHUNK, _TILE_BYTES, product_fraction
 from ..math.quantize import stored_linear_bytes
+from .evaluate import LOGIT_CHUNK
 from .memory import format_size
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -63,7 +64,10 @@ SLACK_FRACTION = 0.05
 # doing the same thing (measured up to 42 MiB between `plan` and `run`); the minimum that `plan`
 # reports carries this margin so that `run` in another process accepts it.
 BASELINE_MARGIN_BYTES = 64 << 20
-STAGES = ("profile", "embed", "extra shard", "statistics", "factorize", "refine", "quantize", "propagate", "write", "plots")
+STAGES = ("profile", "sensitivity (head)", "sensitivity (blocks)", "embed", "extra shard", "statistics", "factorize",
+          "refine", "quantize", "propagate", "heldout", "write", "plots")
+# stages a plan has only when its settings need them: a profile's backward pass, the held-out windows' NLL
+OPTIONAL_STAGES = ("sensitivity (head)", "sensitivity (blocks)", "heldout")
 # The end's pictures (io/plots.py): matplotlib's modules, two figures and their PNG buffers. Measured +64 MiB
 # for SmolLM2's 210 matrices (30 layers); counted with headroom, plus every spectrum read back.
 PLOT_BYTES = 96 << 20
@@ -290,6 +294,9 @@ class PlanInputs:
     # `streamsvd profile` with sensitivity: a token-weighted Gram per linear on its smaller side, held through the
     # statistics and the spectra (job/profile.WeightedEnergies)
     weighted_energies: bool = False
+    # `streamsvd profile`'s backward pass over that many windows (a `sensitivity` stage: the head's gradient
+    # and the blocks walked backwards, job/profile.Profiler._sensitivity)
+    sensitivity_samples: int = 0
 
     @property
     def compensated(self) -> bool:
@@ -382,6 +389,13 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     windows = S * L * 8
     held = {"baseline": baseline, "layer arguments": layer_args, "windows": windows, "norms": other_numel * c,
             "embeddings": 0}
+    # the output head, read only to score windows (the held-out NLL) and for the profile's head gradient: its
+    # stored tensor's pages (memory-mapped, resident once read) and its float32 copy (none when stored in float32)
+    head_key = "lm_head.weight" if "lm_head.weight" in ckpt else next(
+        (k for k in ckpt.keys() if k.endswith("embed_tokens.weight")), None)
+    vocab = ckpt.shape(head_key)[0] if head_key else 0
+    head = {} if not head_key else {"head (stored pages)": ckpt.nbytes(head_key),
+                                    **({"head (float32)": 4 * vocab * hidden} if ckpt.nbytes(head_key) != 4 * vocab * hidden else {})}
 
     # ---- one sample's working set inside the block forward (compute dtype)
     q_width, kv_width = heads * head_dim, kv_heads * head_dim
@@ -443,6 +457,23 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     shard = (packed_stored if settings.quant is not None else factors_stored) + block_other_stored
     spectra = sum(4 * min(s.out_features, s.in_features) for s in linears)
 
+    # `streamsvd profile`'s backward pass (job/profile.Profiler._sensitivity), a window at a time: first the
+    # head's gradient at the final states of this process's share of the windows, a chunk of tokens at a time;
+    # then the blocks walked backwards, every linear's per-token squared gradients (float64, all the windows)
+    # held to the end, and under torchrun summed over the processes (stacked, a running total, a partial)
+    sensitivity = {}
+    if settings.sensitivity_samples:
+        keep, mine = settings.sensitivity_samples, -(-settings.sensitivity_samples // P)
+        gradients = mine * L * hidden * c
+        per_token = n_layers * len(linears) * keep * L * 8
+        sensitivity = {
+            "sensitivity (head)": {**head, "gradients": gradients, "final states": L * hidden * c,
+                                   "logits and their gradients": 4 * LOGIT_CHUNK * vocab * 4},
+            "sensitivity (blocks)": {"block weights": weights, "gradients": gradients,
+                                     "one window's forward and backward": 3 * per_sample, "per-token weights": per_token,
+                                     **({"their sum over the processes": 3 * per_token} if P > 1 else {})},
+        }
+
     def stage_parts(b: int) -> dict[str, dict[str, int]]:
         batch = b * per_sample
         io_batch = b * L * hidden * act
@@ -489,6 +520,11 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                           "shard tensors": shard, "batch": batch, "outputs": b * L * hidden * (c + act)},
             "write": {"block weights": factors_compute + weights, "shard tensors": shard, "serialiser copy": shard + spectra},
             "plots": {} if not settings.plots else {"matplotlib and figures": PLOT_BYTES, "spectra": n_layers * spectra},
+            # the held-out windows' NLL (run --max-ppl-increase, profile --heldout-samples): one window's final
+            # states and a chunk of its logits (with their log-softmax and the softcap's copy)
+            **({"heldout": {**head, "final states": L * hidden * c, "logits": 3 * LOGIT_CHUNK * vocab * 4}}
+               if settings.heldout_samples else {}),
+            **sensitivity,
         }
         for stage in parts:
             parts[stage] = {**held, **parts[stage]}
@@ -652,7 +688,8 @@ def refuse_if_too_small(plan: Plan, resumed: bool = False) -> None:
 
 
 def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dict[str, int] | None = None,
-               processes: int = 1, weighted_energies: bool = False) -> Plan:
+               processes: int = 1, weighted_energies: bool = False, sensitivity_samples: int = 0,
+               heldout_samples: int | None = None) -> Plan:
     """The plan of the job `cfg` (a JobConfig) under its --max-mem (default: 75% of available RAM).
 
     The baseline is this process's RSS now, after the speed measurement has loaded and warmed up
@@ -671,8 +708,9 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dic
                           factors=getattr(cfg, "factors", "pivoted"), calibrate=getattr(cfg, "calibrate", "block"),
                           compensate=getattr(cfg, "compensate", False), anchor=getattr(cfg, "anchor", 0.0),
                           refine_steps=getattr(cfg, "refine_steps", 0), ranks=ranks, quant=getattr(cfg, "quant_spec", None),
-                          heldout_samples=getattr(cfg, "heldout_rows", 0), plots=getattr(cfg, "plots", False),
-                          processes=processes, weighted_energies=weighted_energies)
+                          heldout_samples=getattr(cfg, "heldout_rows", 0) if heldout_samples is None else heldout_samples,
+                          plots=getattr(cfg, "plots", False), processes=processes, weighted_energies=weighted_energies,
+                          sensitivity_samples=sensitivity_samples)
     budget = cfg.max_mem if cfg.max_mem is not None else default_budget()
     other = sum(p.stat().st_size for p in sorted(ckpt.dir.iterdir()) if p.is_file() and not p.name.endswith(".safetensors")
                 and p.name not in ("model.safetensors.index.json",))

@@ -68,7 +68,7 @@ from ..model.architecture import decoder_layers, empty_model, layer_prefix, line
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
 from ..model.embedding import materialize_base_mapped
 from ..timing import charged
-from .evaluate import final_states_nll
+from .evaluate import LOGIT_CHUNK, final_states_nll
 from .stages import collect_statistics, output_side_linears
 
 COMPUTE_DTYPE = torch.float32
@@ -114,11 +114,13 @@ class ProfileConfig:
 
     def plan(self, ckpt: Checkpoint, processes: int = 1, fixed_batch: int | None = None):
         """The memory plan of this profile (one process's share under torchrun): a `--propagate original` job's,
-        plus the weighted Grams (with sensitivity)."""
+        plus the weighted Grams and the backward pass (with sensitivity), and the held-out windows."""
         from .plan import build_plan
 
         return build_plan(self.job_config(), ckpt, weighted_energies=self.sensitivity_samples > 0, processes=processes,
-                          fixed_batch=fixed_batch or self.batch_size)
+                          fixed_batch=fixed_batch or self.batch_size,
+                          sensitivity_samples=min(self.sensitivity_samples, self.calib_samples),
+                          heldout_samples=self.heldout_samples)
 
     def validate(self) -> None:
         self.job_config().validate()
@@ -450,22 +452,27 @@ class Profiler:
         return src
 
     def _head_gradient(self, final: ActivationFile, keep: int) -> torch.Tensor:
-        """d(summed next-token NLL) / d(final hidden states), window by window."""
+        """d(summed next-token NLL) / d(final hidden states), window by window and LOGIT_CHUNK positions at a time
+        (the final norm and the head act on each position alone, so a chunk's gradient is its own: the logits
+        of a whole window would be a gigabyte at a 128k vocabulary). The last position predicts nothing: 0."""
         head_name = "lm_head.weight" if "lm_head.weight" in self.ckpt else next(k for k in self.ckpt.keys() if k.endswith("embed_tokens.weight"))
         head = self.ckpt.get(head_name).to(COMPUTE_DTYPE)
         softcap = getattr(self.config, "final_logit_softcapping", None)
         norm = self.model.model.norm
-        lo = self.sens_lo
-        grads = torch.empty(self.sens_hi - lo, self.cfg.seqlen, self.config.hidden_size, dtype=COMPUTE_DTYPE)
+        lo, positions = self.sens_lo, self.cfg.seqlen - 1
+        grads = torch.zeros(self.sens_hi - lo, self.cfg.seqlen, self.config.hidden_size, dtype=COMPUTE_DTYPE)
         for w in range(lo, self.sens_hi):
-            hidden = final.read(w, w + 1).requires_grad_(True)
-            with torch.enable_grad():
-                logits = norm(hidden)[:, :-1] @ head.T
-                if softcap:
-                    logits = torch.tanh(logits / softcap) * softcap
-                targets = self.windows[w : w + 1, 1:]
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-                grads[w - lo : w - lo + 1] = torch.autograd.grad(loss, hidden)[0]
+            hidden = final.read(w, w + 1)
+            for start in range(0, positions, LOGIT_CHUNK):
+                stop = min(positions, start + LOGIT_CHUNK)
+                part = hidden[:, start:stop].clone().requires_grad_(True)
+                with torch.enable_grad():
+                    logits = norm(part) @ head.T
+                    if softcap:
+                        logits = torch.tanh(logits / softcap) * softcap
+                    targets = self.windows[w : w + 1, start + 1 : stop + 1]
+                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+                    grads[w - lo, start:stop] = torch.autograd.grad(loss, part)[0][0]
         return grads
 
     def _sensitivity(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:

@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from streamsvd.cli import main
 from streamsvd.io.checkpoint import Checkpoint
 from streamsvd.job.pipeline import CompressionJob, JobConfig
-from streamsvd.job.plan import STAGES, PlanInputs, make_plan
+from streamsvd.job.plan import OPTIONAL_STAGES, STAGES, PlanInputs, make_plan
 from tiny_models import make_tiny_checkpoint
 
 FAST = ["--calib-samples", "4", "--seqlen", "32"]
@@ -41,7 +42,7 @@ def test_plan_json_has_the_promised_figures(capsys, tiny, text):
     plan = plan_json(capsys, tiny, "--calib", text, *FAST, "--max-mem", "4G")
     for key in ("min_max_mem_bytes", "peak_bytes", "disk_bytes", "seconds_estimate", "batch_size", "routes", "stage_bytes"):
         assert key in plan, key
-    assert set(plan["stage_bytes"]) == set(STAGES)
+    assert set(plan["stage_bytes"]) == set(STAGES) - set(OPTIONAL_STAGES)
     assert plan["strict_min_bytes"] <= plan["peak_bytes"] <= plan["budget_bytes"] == 4 << 30
     assert plan["min_max_mem_bytes"] > plan["strict_min_bytes"]
     assert plan["batch_size"] == 4  # a roomy budget takes every sample in one batch
@@ -63,7 +64,7 @@ def test_plan_text_names_every_stage(capsys, tiny, text):
     assert main(["plan", str(tiny), "--calib", str(text), *FAST]) == 0
     out = capsys.readouterr().out
     for stage in STAGES:
-        assert f"  {stage} " in out
+        assert (f"  {stage} " in out) == (stage not in OPTIONAL_STAGES), stage
     assert "ESTIMATE" in out and "smallest workable --max-mem" in out
 
 
@@ -152,3 +153,46 @@ def test_the_profiles_weighted_grams_are_planned(tiny):
     extra = sum(8 * min(shape) ** 2 for shape in shapes)
     assert weighted.components["statistics"]["statistics"] == plain.components["statistics"]["statistics"] + extra
     assert weighted.stage_bytes["factorize"] >= plain.stage_bytes["factorize"] + extra
+
+
+def test_the_profiles_backward_pass_and_the_heldout_windows_are_planned_stages(tiny, tmp_path):
+    """The head is read only to score windows: its stored pages and float32 copy are in the `heldout` stage (a
+    --max-ppl-increase job) and in the profile's `sensitivity (head)` stage, with a chunk of logits, never a
+    whole window's; the blocks' backward walk holds every linear's per-token squared gradients, and under
+    torchrun three more copies while they are summed over the processes."""
+    from streamsvd.job.evaluate import LOGIT_CHUNK
+
+    ckpt, base = Checkpoint(tiny), 400 << 20
+    vocab, hidden = ckpt.shape("lm_head.weight") if "lm_head.weight" in ckpt else ckpt.shape("model.embed_tokens.weight")
+    plain = make_plan(ckpt, "model.layers", PlanInputs(), budget=1 << 40, baseline=base)
+    assert not set(OPTIONAL_STAGES) & set(plain.stage_bytes)
+    held = make_plan(ckpt, "model.layers", PlanInputs(heldout_samples=8), budget=1 << 40, baseline=base)
+    # a float32 head is used as it is stored; a bfloat16 one is converted (its pages and the copy)
+    assert held.components["heldout"]["head (stored pages)"] == 4 * vocab * hidden
+    assert "head (float32)" not in held.components["heldout"]
+    assert held.components["heldout"]["logits"] == 3 * LOGIT_CHUNK * vocab * 4
+    half = Checkpoint(make_tiny_checkpoint("llama", tmp_path / "bf16", dtype=torch.bfloat16))
+    held = make_plan(half, "model.layers", PlanInputs(heldout_samples=8), budget=1 << 40, baseline=base).components["heldout"]
+    assert held["head (stored pages)"] == 2 * vocab * hidden and held["head (float32)"] == 4 * vocab * hidden
+    prof = [make_plan(ckpt, "model.layers", PlanInputs(propagate="original", seqlen=512, weighted_energies=True,
+                                                      sensitivity_samples=16, processes=p), budget=1 << 40, baseline=base)
+            for p in (1, 2)]
+    head = prof[0].components["sensitivity (head)"]
+    assert head["head (stored pages)"] == 4 * vocab * hidden and head["logits and their gradients"] == 4 * LOGIT_CHUNK * vocab * 4
+    assert head["gradients"] == 16 * 512 * hidden * 4 == 2 * prof[1].components["sensitivity (head)"]["gradients"]
+    blocks = [p.components["sensitivity (blocks)"] for p in prof]
+    linears = sum(1 for k in ckpt.keys() if ".layers." in k and k.endswith("proj.weight"))
+    assert blocks[0]["per-token weights"] == linears * 16 * 512 * 8
+    assert "their sum over the processes" not in blocks[0] and blocks[1]["their sum over the processes"] == 3 * blocks[0]["per-token weights"]
+
+
+def test_a_profile_plans_its_backward_pass(tiny):
+    """ProfileConfig.plan passes its sensitivity windows (at most the calibration's) and held-out windows on."""
+    from streamsvd.job.profile import ProfileConfig
+
+    plan = ProfileConfig(tiny, Path("unused"), calib_samples=4, seqlen=32, sensitivity_samples=16, heldout_samples=2,
+                         batch_size=1).plan(Checkpoint(tiny))
+    assert plan.components["sensitivity (head)"]["gradients"] == 4 * 32 * Checkpoint(tiny).shape("model.embed_tokens.weight")[1] * 4
+    assert "heldout" in plan.stage_bytes
+    none = ProfileConfig(tiny, Path("unused"), calib_samples=4, seqlen=32, sensitivity_samples=0, batch_size=1).plan(Checkpoint(tiny))
+    assert not set(OPTIONAL_STAGES) & set(none.stage_bytes)

@@ -59,6 +59,22 @@ def test_sensitivity_matches_dense_autograd(tiny, tmp_path):
     assert profile.timing["sensitivity_seconds"] >= 0 and profile.meta["sensitivity_samples"] == KEEP
 
 
+def test_the_head_gradient_taken_a_chunk_of_positions_at_a_time_is_the_whole_windows(tiny, tmp_path, monkeypatch):
+    """The head's gradient goes LOGIT_CHUNK positions at a time (a 128k vocabulary's logits for a whole window
+    would be a gigabyte): with chunks of 7 of the 47 scored positions (a short last one), the weights still match
+    dense autograd, and equal the one-chunk profile's to round-off."""
+    import streamsvd.job.profile as profile_module
+
+    whole = _profile(tiny, tmp_path / "whole").meta["sensitivity"]
+    monkeypatch.setattr(profile_module, "LOGIT_CHUNK", 7)
+    chunked = _profile(tiny, tmp_path / "chunked").meta["sensitivity"]
+    windows = sample_windows(AutoTokenizer.from_pretrained(tiny), default_text(), SAMPLES, SEQLEN, seed=0)[:KEEP]
+    want = dense_sensitivity(tiny, windows)
+    for name in want:
+        assert chunked[name] == pytest.approx(want[name], rel=1e-4), name
+        assert chunked[name] == pytest.approx(whole[name], rel=1e-6), name
+
+
 def test_weighted_energies_match_dense_autograd(tiny, tmp_path):
     """Per direction j of the job's truncation: E_t[w_t (u_j . W x_t)^2] over the sensitivity windows' tokens, with w_t
     the token's mean squared gradient at the linear's output, as the whole model in memory computes it."""
