@@ -69,6 +69,7 @@ from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
 from ..model.embedding import materialize_base_mapped
 from ..timing import charged
 from .evaluate import LOGIT_CHUNK, final_states_nll
+from .peak import PeakSampler
 from .stages import collect_statistics, output_side_linears
 
 COMPUTE_DTYPE = torch.float32
@@ -264,7 +265,7 @@ class Profiler:
         fixed = cfg.batch_size
         if world.active and fixed is None:  # the smallest of the ranks' plans, as `run` takes
             fixed = world.min_int(cfg.plan(self.ckpt, processes=world.size).batch_size)
-        plan = cfg.plan(self.ckpt, processes=world.size, fixed_batch=fixed)
+        self.plan = plan = cfg.plan(self.ckpt, processes=world.size, fixed_batch=fixed)
         refuse_if_too_small(plan)
         self.batch_size = plan.batch_size
         self.lo, self.hi = world.share(cfg.calib_samples, self.batch_size)
@@ -313,6 +314,8 @@ class Profiler:
         out = Path(self.cfg.profile_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
+        # the process's RSS per planned stage, for profile_log.json (a job that profiles has its own sampler too)
+        self.sampler = PeakSampler(first_stage="embed").start()
         try:
             materialize_base_mapped(self.model, self.ckpt, COMPUTE_DTYPE)
             self.layer_args = capture_layer_kwargs(self.model, self.windows[:1])
@@ -323,6 +326,7 @@ class Profiler:
             if sensitivity is not None:
                 sensitivity = {name: sensitivity[name] for name in spectra}  # the model's order
         finally:
+            self.sampler.stop()
             shutil.rmtree(self.work, ignore_errors=True)
         if world.writes:
             self._write(out, spectra, weighted, shapes, sensitivity, heldout, started, sens_seconds)
@@ -333,7 +337,11 @@ class Profiler:
 
     def _write(self, out: Path, spectra, weighted, shapes, sensitivity, heldout, started: float, sens_seconds: float) -> None:
         atomic_write_json(out / PROFILE_LOG, {"seconds": round(time.time() - started, 2),
-                                              "sensitivity_seconds": round(sens_seconds, 2) if sensitivity else None})
+                                              "sensitivity_seconds": round(sens_seconds, 2) if sensitivity else None,
+                                              # rank 0's peak RSS per stage against its plan (job/plan.py)
+                                              "peak_rss_by_stage": dict(sorted(self.sampler.peaks.items())),
+                                              "planned_bytes_by_stage": self.plan.stage_bytes,
+                                              "max_mem_bytes": self.plan.budget_bytes})
         if weighted:
             with atomic_path(out / WEIGHTED_FILE) as tmp:
                 save_file({k: torch.from_numpy(weighted[k]) for k in spectra}, str(tmp))
@@ -382,6 +390,7 @@ class Profiler:
     def _forward(self, token_weights: dict[str, torch.Tensor] | None):
         """The statistics pass: every calibration window through the original blocks; per linear its spectrum
         and, with `token_weights`, its weighted energies (block_spectra)."""
+        self.sampler.stage("embed")
         src = self._file("acts-0.bin")
         for start, stop in self._batches():
             src.write(start, first_layer_inputs(self.model, self.windows[start:stop]))
@@ -405,6 +414,7 @@ class Profiler:
                 return src.read(start, stop)
 
             args, kwargs = self.layer_args[index]
+            self.sampler.stage("statistics")
             try:
                 stats = collect_statistics(layer, self._batches(), read, lambda lyr, h: run_layer(lyr, h, args, kwargs),
                                            on_output=dst.write, output_side=output_side_linears(layer, "eig"))
@@ -416,6 +426,7 @@ class Profiler:
             self.world.reduce_statistics(stats)
             if weighing is not None:
                 self.world.reduce_statistics(weighing)
+            self.sampler.stage("factorize")  # the spectra: an eigh or SVD per linear
             for name, (s, d) in block_spectra(layer, stats, weighing, spread=self.world.spread).items():
                 spectra[prefix + name] = s
                 if d is not None:
@@ -426,6 +437,7 @@ class Profiler:
             faults.point("profile-block")
         heldout = None
         if self.cfg.heldout_samples:  # every process takes part (gathered in window order), with windows or without
+            self.sampler.stage("heldout")
             total, count = final_states_nll(self.model, self.ckpt, lambda a, b, src=src: src.read(S + a, S + b), self.heldout,
                                             world=self.world)
             heldout = {"samples": self.cfg.heldout_samples, "tokens": count, "nll_per_token": total / count,
@@ -481,8 +493,11 @@ class Profiler:
         Under torchrun each process walks its share of the windows and fills their rows; the rows are then
         put together on every process (a sum in rank order of tensors that are zero outside each one's rows)."""
         keep, lo = self._keep(), self.sens_lo
+        self.sampler.stage("sensitivity (blocks)")  # its forward: one window at a time, inputs kept on disk
         final = self._sensitivity_forward(keep)
+        self.sampler.stage("sensitivity (head)")
         grads = self._head_gradient(final, keep)
+        self.sampler.stage("sensitivity (blocks)")
         per_token: dict[str, torch.Tensor] = {}
         window = [0]
         layers = decoder_layers(self.model)

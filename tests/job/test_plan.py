@@ -196,3 +196,20 @@ def test_a_profile_plans_its_backward_pass(tiny):
     assert "heldout" in plan.stage_bytes
     none = ProfileConfig(tiny, Path("unused"), calib_samples=4, seqlen=32, sensitivity_samples=0, batch_size=1).plan(Checkpoint(tiny))
     assert not set(OPTIONAL_STAGES) & set(none.stage_bytes)
+
+
+def test_a_profile_process_stays_within_its_plan_stage_by_stage(tiny, text, tmp_path):
+    """`streamsvd profile` samples its RSS per planned stage (profile_log.json): with sensitivity and held-out
+    windows every stage it ran is a stage of its plan, and each stage's peak is at or under that stage's plan."""
+    out = tmp_path / "prof"
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamsvd.cli", "profile", str(tiny), str(out), "--calib", str(text), "--calib-samples", "4",
+         "--seqlen", "32", "--sensitivity-samples", "2", "--heldout-samples", "2", "--no-progress"],
+        capture_output=True, text=True, cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    log = json.loads((out / "profile_log.json").read_text())
+    measured, planned = log["peak_rss_by_stage"], log["planned_bytes_by_stage"]
+    assert {"sensitivity (head)", "sensitivity (blocks)", "statistics", "factorize", "heldout"} <= set(measured) <= set(planned)
+    for stage, peak in measured.items():
+        assert 0 < peak <= planned[stage], (stage, peak, planned[stage])
