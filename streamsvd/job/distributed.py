@@ -269,6 +269,14 @@ class World:
     def min_int(self, value: int) -> int:
         return min(self._gather(int(value), "min_int")) if self.active else int(value)
 
+    def agreed_batch(self, fixed: int | None, propose) -> int | None:
+        """The batch every process streams: `fixed` when given (--batch-size, a resumed job's); under torchrun
+        otherwise the smallest of the processes' `propose()` (each one's plan for its share of the windows, so
+        that every process has batches and stays in its budget); None for one process (its plan decides)."""
+        if fixed is not None or not self.active:
+            return fixed
+        return self.min_int(propose())
+
     def combined_digest(self, local: str) -> str:
         """One digest for the ranks' activation files (each rank's own file's digest, in rank order)."""
         if not self.active:

@@ -413,8 +413,7 @@ class CompressionJob:
         if self.state.batch_size and cfg.batch_size and cfg.batch_size != self.state.batch_size:
             raise StreamSVDError(f"--batch-size {cfg.batch_size} differs from the interrupted job's {self.state.batch_size}",
                                  f"resume with --batch-size {self.state.batch_size} (or leave it out)")
-        if world.active and fixed is None:  # each rank's plan is for its share (job/plan.py); the smallest batch wins
-            fixed = world.min_int(build_plan(cfg, self.ckpt, ranks=self.ranks, processes=world.size).batch_size)
+        fixed = world.agreed_batch(fixed, lambda: build_plan(cfg, self.ckpt, ranks=self.ranks, processes=world.size).batch_size)
         self.plan = build_plan(cfg, self.ckpt, fixed_batch=fixed, ranks=self.ranks, processes=world.size)
         refuse_if_too_small(self.plan, resumed=bool(self.state.batch_size))
         if cfg.batch_size and not self.state.batch_size and self.plan.peak_bytes > self.plan.budget_bytes:

@@ -262,9 +262,7 @@ class Profiler:
         # contiguous run of whole batches, the sensitivity pass a contiguous run of the sensitivity windows (which
         # go one window at a time, on one process too, so that every share is the one process's computation).
         self.world = world = World.current()
-        fixed = cfg.batch_size
-        if world.active and fixed is None:  # the smallest of the ranks' plans, as `run` takes
-            fixed = world.min_int(cfg.plan(self.ckpt, processes=world.size).batch_size)
+        fixed = world.agreed_batch(cfg.batch_size, lambda: cfg.plan(self.ckpt, processes=world.size).batch_size)
         self.plan = plan = cfg.plan(self.ckpt, processes=world.size, fixed_batch=fixed)
         refuse_if_too_small(plan)
         self.batch_size = plan.batch_size
@@ -301,8 +299,14 @@ class Profiler:
 
     def run(self) -> Profile:
         world = self.world
-        if world.on_rank0(lambda: self.existing() is not None):
-            found = self.existing()
+        seen = []  # rank 0's look (the one process's): read once; the other ranks read it after rank 0 said so
+
+        def look() -> bool:
+            seen.append(self.existing())
+            return seen[-1] is not None
+
+        if world.on_rank0(look):
+            found = seen[-1] if seen else self.existing()
             if world.writes:
                 _say(f"profile reused: {self.cfg.profile_dir} already holds a profile of these settings")
             found.reused = True

@@ -113,7 +113,8 @@ def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None =
     # this process's windows: all of them, or under torchrun its share of whole batches (the batch the ranks agree on)
     lo, hi = 0, n_all
     if world.active:
-        guess = batch_size or world.min_int(eval_batch_size(config, ckpt, model, seqlen, -(-n_all // world.size), budget, 0))
+        guess = world.agreed_batch(batch_size, lambda: eval_batch_size(config, ckpt, model, seqlen, -(-n_all // world.size),
+                                                                         budget, 0))
         lo, hi = world.share(n_all, guess)
         batch_size = guess
     windows = windows[lo:hi]
