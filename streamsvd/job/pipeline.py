@@ -345,13 +345,10 @@ class CompressionJob:
         self.windows = sample_windows(self.tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
         # --max-ppl-increase: windows that share no token with the calibration windows and enter no statistic;
         # they ride in rows [streams x S, streams x S + H) of the activation files, through the compressed blocks.
-        self.heldout = heldout_windows(self.tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_rows)
+        self.all_heldout = heldout_windows(self.tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_rows)
         self.model = empty_model(self.config, COMPUTE_DTYPE)
         self.batch_size = self._batch_size()
         self.share  # refuses a world with more processes than batches
-        # under torchrun each process holds its run of the held-out windows' batches (maybe none), like its share
-        lo, hi = self.world.share(len(self.heldout), self.batch_size, allow_empty=True) if len(self.heldout) else (0, 0)
-        self.heldout = self.heldout[lo:hi]
         if not self.state.complete:
             check_free_space(self._disk_needs())
 
@@ -395,8 +392,18 @@ class CompressionJob:
         if not self.profile.reused:  # the cost goes to this run's figures, not the (deterministic) report
             self.profile_figures = {"profile_" + k: v for k, v in self.profile.timing.items()}
         self.ranks = self._allocate()
-        # The plan again with the allocated ranks (a block may hold larger factors than uniform's); same batch.
+        # The plan again with the allocated ranks (a block may hold larger factors than uniform's); same batch,
+        # unless it no longer fits and nothing was streamed with it yet: the batch came from the plan of uniform
+        # ranks (the allocation was not known), so a fresh job takes the largest batch that fits these ranks.
         self.plan = build_plan(cfg, self.ckpt, fixed_batch=self.batch_size, ranks=self.ranks, processes=self.world.size)
+        if not self.world.all_true(self.plan.fits()) and self.state.blocks_done == 0 and not cfg.batch_size:
+            before, self.state.batch_size = self.batch_size, None
+            self.batch_size = self._batch_size()  # refuses a budget that even batch 1 of these ranks exceeds
+            self.state.batch_size = self.batch_size
+            self.state.save(self.out.dir)
+            if self.world.writes:
+                tqdm.write(f"streamsvd: batch {before} -> {self.batch_size}: the allocated ranks need more memory than "
+                           "uniform ones at this --max-mem", file=sys.stderr)
         refuse_if_too_small(self.plan, resumed=True)
 
     def _rank(self, full_name: str, m: int, n: int) -> int:
@@ -430,6 +437,15 @@ class CompressionJob:
     def samples(self) -> int:
         """Calibration windows this process streams (all of them for one process)."""
         return self.share[1] - self.share[0]
+
+    @property
+    def heldout(self) -> torch.Tensor:
+        """The held-out windows this process streams: all of them, or under torchrun its run of their batches (maybe
+        none), like its share of the calibration windows."""
+        if not len(self.all_heldout):
+            return self.all_heldout
+        lo, hi = self.world.share(len(self.all_heldout), self.batch_size, allow_empty=True)
+        return self.all_heldout[lo:hi]
 
     def _quant_while_factoring(self) -> QuantSpec | None:
         """Factors are quantised as each linear is factored (its Gram at hand for GPTQ, and the block's later

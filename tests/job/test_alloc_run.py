@@ -118,6 +118,42 @@ def test_an_interrupted_job_that_profiles_for_itself_resumes_byte_identical(tiny
     assert "profile/spectra.safetensors" in files(tmp_path / "cut")
 
 
+def test_a_fresh_job_whose_allocated_ranks_need_a_smaller_batch_takes_it(tiny, tmp_path, monkeypatch, capsys):
+    """The batch is planned before the job's own profile, with uniform ranks. When the allocated ranks need more
+    memory at that batch (a SmolLM2 default job at twice the plan's minimum did: 'too small for this interrupted
+    job'), a job that has streamed nothing yet takes the largest batch that fits them, and records it; its shards
+    are those of a run with that --batch-size and the same profile. (Here the budget is made to hold batch 3 of uniform ranks but only batch 1
+    of the allocated ones.)"""
+    import streamsvd.job.pipeline as pipeline
+
+    real = pipeline.build_plan
+
+    def tight(cfg, ckpt, fixed_batch=None, ranks=None, **kw):
+        plan = real(cfg, ckpt, fixed_batch=fixed_batch, ranks=ranks, **kw)
+        fits = 3 if ranks is None else 1
+        if fixed_batch is None:
+            plan.batch_size = fits
+        if plan.batch_size > fits:
+            plan.peak_bytes = plan.budget_bytes + 1
+        return plan
+
+    monkeypatch.setattr(pipeline, "build_plan", tight)
+    out = tmp_path / "out"
+    run_job(_job(tiny, out, alloc="global"))
+    assert "batch 3 -> 1: the allocated ranks need more memory" in capsys.readouterr().err
+    state = json.loads((out / "streamsvd_state.json").read_text())
+    assert state["batch_size"] == 1 and state["complete"]
+    monkeypatch.setattr(pipeline, "build_plan", real)
+    # the same profile given (the job's own was made at the profile's planned batch, not at --batch-size 1)
+    run_job(_job(tiny, tmp_path / "one", alloc="global", batch_size=1, profile=out / "profile"))
+    from test_resume import _files
+
+    def shards(o):
+        return {k: v for k, v in _files(o).items() if k.startswith("model")}
+
+    assert shards(out) and shards(out) == shards(tmp_path / "one")
+
+
 def test_a_profile_changed_between_a_kill_and_the_resume_is_refused(tiny, tmp_path):
     """The job records its own profile's digest once the profile is made; a resume that finds another profile in
     OUT_DIR/profile (here one sensitivity weight doubled, still a readable profile) refuses it rather than
