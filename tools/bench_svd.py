@@ -8,6 +8,12 @@ linear), at the ranks that --ratio 0.2, 0.4 and 0.6 give. With --large, also ran
 (s_i = (1 + i)^-0.6, about what SmolLM2's whitened spectra show over their first thousand values).
 One JSON line per (matrix, ratio, svd): loss, loss / exact loss, seconds, speed-up.
 
+"exact" is what `--svd exact` runs: for eig, eigh of the whitened weight's smaller-side product
+(A^T A for a tall weight, A A^T for a square or wide one; math/factorize.py). Each row also has the
+gesdd reference (torch.linalg.svd of A = W S, the route before): its seconds (`gesdd_s`), and the
+loss ||A - U_k U_k^T A||_F that each route's U_k actually gives, computed from A itself
+(`exact_actual_over_gesdd`: 1 means the eigh route gives gesdd's factors' loss).
+
     python tools/bench_svd.py                      # SmolLM2 blocks 0, 15, 29
     python tools/bench_svd.py --large --skip-real  # the 7B shapes (minutes on 2 cores)
 """
@@ -33,6 +39,12 @@ def timed(fn):
 
 
 _EXACT: dict = {}
+_GESDD: dict = {}
+
+
+def actual_loss(a: torch.Tensor, u_k: torch.Tensor) -> float:
+    """||A - U_k U_k^T A||_F, from A itself (not from a spectrum)."""
+    return float((a - u_k @ (u_k.T @ a)).norm())
 
 
 def compare(label: str, w: torch.Tensor, white, ratio: float, oversamples: int, power: int) -> None:
@@ -51,7 +63,16 @@ def compare(label: str, w: torch.Tensor, white, ratio: float, oversamples: int, 
     finally:
         randomized.OVERSAMPLES, randomized.POWER_ITERATIONS = OVERSAMPLES, POWER_ITERATIONS
     e, r = exact.truncation_loss(), rand.truncation_loss()
+    a = w.detach().double() @ white.s
+    if label not in _GESDD:
+        _GESDD[label] = timed(lambda: torch.linalg.svd(a, full_matrices=False)[0])
+    u_ref, t_gesdd = _GESDD[label]
+    ref_actual = actual_loss(a, u_ref[:, :k])
     print(json.dumps({
+        "gesdd_s": round(t_gesdd, 3), "exact_speedup_over_gesdd": round(t_gesdd / t_exact, 2),
+        # this rank's own factors (the timed ones above were made once, at the first ratio's rank)
+        "exact_actual_over_gesdd": (actual_loss(a, factorize(w, white, k, "eig", svd="exact").out_factor) / ref_actual
+                                    if ref_actual else None),
         "matrix": label, "shape": [m, n], "ratio": ratio, "rank": k, "oversamples": oversamples, "power_iterations": power,
         "exact_loss": e, "randomized_loss": r, "loss_over_exact": r / e if e else None,
         "exact_s": round(t_exact, 3), "randomized_s": round(t_rand, 3), "speedup": round(t_exact / t_rand, 2),

@@ -422,6 +422,10 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                     # the profile's weighted energies: W^T W, S^T W^T W and U^T W, each in x in (job/profile.py)
                     svd_ws = 8 * (4 * n * n + 2 * m * k + (3 * n * n if settings.weighted_energies else 0))
                     what = f"eigh of A^T A for the whitened {m} x {n} {s.name}"
+                elif settings.method == "eig":
+                    # square or wide: A A^T, eigh's vectors and syevd's 2 m^2 work; U_k (math/factorize._wide_eig)
+                    svd_ws = 8 * (4 * m * m + m * k)
+                    what = f"eigh of A A^T for the whitened {m} x {n} {s.name}"
                 else:
                     svd_ws = 8 * (m * n + m * mn + mn * n + 4 * mn * mn + 4 * max(m, n) * mn)
                 fact_parts.append((what, 8 * (2 * m * n + k * (m + n)) + svd_ws))
@@ -617,6 +621,9 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                 fact_t += 2 * m * n * n / f64
                 if s.svd == "randomized":
                     fact_t += 2 * 5 * m * n * (k + 10) / f64
+                elif settings.method == "eig":  # the smaller side's product, its eigh, and U_k or A V_k, U_k^T W
+                    small = min(m, n)
+                    fact_t += (2 * small * small * max(m, n) + 4 * k * m * n) / f64 + speed["eigh_s_per_n3"] * small**3
                 else:
                     fact_t += speed["svd_s_per_n3"] * min(m, n) ** 2 * max(m, n)
             else:
@@ -635,7 +642,12 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         if s.route == "output":
             routes[key] = f"output side: eigh of the {s.out_features} x {s.out_features} output Gram (the {s.in_features} x {s.in_features} input Gram is never formed)"
         elif s.route == "input":
-            routes[key] = f"input side: eigh of the {s.in_features} x {s.in_features} input Gram, {s.svd} SVD of the whitened weight"
+            m, n = s.out_features, s.in_features
+            how = ("randomized SVD of the whitened weight" if s.svd == "randomized"
+                   else f"eigh of the whitened weight's {min(m, n)} x {min(m, n)} product A^T A" if settings.method == "eig" and m > n
+                   else f"eigh of the whitened weight's {m} x {m} product A A^T" if settings.method == "eig"
+                   else "exact SVD of the whitened weight")
+            routes[key] = f"input side: eigh of the {n} x {n} input Gram, {how}"
         else:
             routes[key] = "plain SVD of the weight"
     notes = []

@@ -653,8 +653,11 @@ def block_spectra(layer, stats, weighing: WeightedEnergies | None = None, spread
                 del a
                 s, v = evals.flip(0).clamp_min(0).sqrt(), v.flip(1)
                 tall = (v, s, root)
-            else:
-                u, s, _ = torch.linalg.svd(w @ root, full_matrices=False)
+            else:  # the job's square / wide route: U from the out x out A A^T (math/factorize._wide_eig)
+                a = w @ root
+                evals, vecs = torch.linalg.eigh(a @ a.T)
+                del a
+                s, u = evals.flip(0).clamp_min(0).sqrt(), vecs.flip(1)[:, :k]
         d = weighing.energies(name, u, w, tall) if weighing is not None else None
         return s.numpy().astype(np.float64), d
 

@@ -99,3 +99,33 @@ def test_a_tall_weight_from_the_small_gram_equals_the_svd_of_the_whitened_weight
     torch.testing.assert_close(got.out_factor.T @ got.out_factor, torch.eye(rank, dtype=torch.float64), rtol=0, atol=1e-8)
     signs = torch.sign((got.out_factor[:, :sure] * u[:, :sure]).sum(0))
     torch.testing.assert_close(got.out_factor[:, :sure] * signs, u[:, :sure], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (24, 40)])  # square (q_proj, o_proj) and wide (k/v of grouped attention)
+@pytest.mark.parametrize("rank", [1, 9, 24])
+@pytest.mark.parametrize("tokens", [500, 12])  # 12 tokens: ranks past 12 keep singular values of zero
+def test_a_square_or_wide_weight_from_the_out_by_out_product_equals_the_svd_of_the_whitened_weight(
+        shape, rank, tokens, monkeypatch):
+    """eig takes U_k from eigh(A A^T) (math/factorize._wide_eig) instead of gesdd: the same W' = U_k U_k^T W, spectrum
+    and loss to round-off, orthonormal factors, and the loss it reports is the loss it gives on the inputs."""
+    from streamsvd.math.factorize import whiten
+
+    m, n = shape
+    w, x = _problem(tokens=tokens, m=m, n=n)
+    white = whiten(x.T @ x, "eig")
+    u, s, _ = torch.linalg.svd(w @ white.s, full_matrices=False)
+
+    def no_gesdd(*args, **kwargs):
+        raise AssertionError("eig ran an SVD")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_gesdd)
+    got = factorize(w, white, rank, "eig")
+    scale = float(s[0])
+    if int((s[:rank] > 1e-6 * scale).sum()) == rank:  # past the input's rank any basis of the null part does
+        torch.testing.assert_close(got.out_factor @ got.in_factor, u[:, :rank] @ u[:, :rank].T @ w, rtol=1e-6,
+                                   atol=1e-7 * scale)
+    assert got.spectrum.shape == s.shape
+    torch.testing.assert_close(got.spectrum, s, rtol=1e-6, atol=1e-6 * scale)
+    assert got.truncation_loss() == pytest.approx(float(s[rank:].pow(2).sum().sqrt()), rel=1e-6, abs=1e-6 * scale)
+    assert _loss(w, got, x) == pytest.approx(got.truncation_loss(), rel=1e-6, abs=1e-6 * scale)
+    torch.testing.assert_close(got.out_factor.T @ got.out_factor, torch.eye(rank, dtype=torch.float64), rtol=0, atol=1e-10)
