@@ -504,7 +504,10 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             "factorize": {"block weights": weights * (2 if settings.compensate else 1), "statistics": stats_bytes,
                           "whitening": whitening_held,
                           "workspace": workspace, "factors": factors_stored + factors_compute + spectra,
-                          **({"broadcast factors": 2 * factors_compute} if P > 1 else {}),
+                          # under torchrun: the pickled factors sent or received and their unpickled copy, and with
+                          # --quant the rounded tensors that travel with them (job/stages.factor_block, World.spread)
+                          **({"broadcast factors": 2 * (factors_compute + (packed_stored if settings.quant is not None
+                                                                         and not quant_stage else 0))} if P > 1 else {}),
                           **({"rounding": quant_work} if settings.quant is not None and not quant_stage else {})},
             "refine": {} if not settings.refine_steps else {
                 # the block with its factors; Adam's two moments, the gradients and the best factors so far;

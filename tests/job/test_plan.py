@@ -213,3 +213,20 @@ def test_a_profile_process_stays_within_its_plan_stage_by_stage(tiny, text, tmp_
     assert {"sensitivity (head)", "sensitivity (blocks)", "statistics", "factorize", "heldout"} <= set(measured) <= set(planned)
     for stage, peak in measured.items():
         assert 0 < peak <= planned[stage], (stage, peak, planned[stage])
+
+
+def test_under_torchrun_the_rounded_tensors_travel_with_the_factors_and_are_planned(tiny):
+    """--quant under torchrun: the owner of a linear sends its rounded tensors with its factors (World.spread)."""
+    from streamsvd.math.factorize import stored_numel
+    from streamsvd.math.quantize import QuantSpec, stored_linear_bytes
+    from streamsvd.job.plan import block_linears
+
+    ckpt, base = Checkpoint(tiny), 400 << 20
+    spec = QuantSpec("int4", 32)
+    plain = make_plan(ckpt, "model.layers", PlanInputs(processes=2), budget=1 << 40, baseline=base)
+    quant = make_plan(ckpt, "model.layers", PlanInputs(processes=2, quant=spec), budget=1 << 40, baseline=base)
+    one = make_plan(ckpt, "model.layers", PlanInputs(quant=spec), budget=1 << 40, baseline=base)
+    linears = block_linears(ckpt, "model.layers.0.", 0.4, "eig")
+    packed = sum(stored_linear_bytes(s.out_features, s.in_features, s.rank, s.factors, s.itemsize, spec) for s in linears)
+    assert quant.components["factorize"]["broadcast factors"] == plain.components["factorize"]["broadcast factors"] + 2 * packed
+    assert "broadcast factors" not in one.components["factorize"]
