@@ -552,3 +552,24 @@ def test_streamsvd_eval_on_two_processes_gives_the_one_process_perplexity_exactl
                             "-m", "streamsvd", "verify", str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=300)
     ours = _ours(other.stderr)
     assert other.returncode != 0 and len(ours) == 2 and "`streamsvd verify` does not run under torchrun" in ours[0]
+
+
+def test_two_torchrun_agents_as_two_nodes_write_the_one_process_output(model, reference, tmp_path):
+    """`--nnodes 2` with a c10d rendezvous: two launchers (as on two machines sharing OUT_DIR's filesystem, here one
+    host), one process each, make one job of 2 ranks that writes the one-process bytes."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                                "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                                "--rdzv-id", "streamsvd-test", "-m", "streamsvd", "run", str(model), str(out), *FLAGS],
+                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    done = [a.communicate(timeout=300) for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], [err for _, err in done]
+    run = json.loads((out / RUN_LOG).read_text().splitlines()[-1])
+    assert run["processes"] == 2 and run["windows_per_process"] == [[0, 4], [4, 8]]
+    assert sum(o.count("done: ") for o, _ in done) == 1  # one summary, from rank 0
+    assert _files(out) == reference("default", [])
