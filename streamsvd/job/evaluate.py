@@ -45,6 +45,14 @@ def logits_nll(head, softcap: float | None, hidden: torch.Tensor, input_ids: tor
     return total, count
 
 
+def head_key(ckpt) -> str | None:
+    """The checkpoint tensor the output head reads: `lm_head.weight`, or the input embedding when tied (None
+    for a checkpoint with neither). From the headers alone (the plan's and the profile's head gradient)."""
+    if "lm_head.weight" in ckpt:
+        return "lm_head.weight"
+    return next((k for k in ckpt.keys() if k.endswith("embed_tokens.weight")), None)
+
+
 def head_weight(model, ckpt, dtype: torch.dtype) -> torch.Tensor:
     """The output head's weight from the checkpoint: its own tensor, or the input embedding when tied
     (model/loading.materialize_head's choice), without making the model's head resident."""

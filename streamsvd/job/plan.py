@@ -44,7 +44,7 @@ from ..io.checkpoint import Checkpoint
 from ..math.factorize import rank_for_ratio
 from ..math.gram import _ROW_CHUNK, _TILE_BYTES, product_fraction
 from ..math.quantize import stored_linear_bytes
-from .evaluate import LOGIT_CHUNK
+from .evaluate import LOGIT_CHUNK, head_key
 from .memory import format_size
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -391,11 +391,11 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             "embeddings": 0}
     # the output head, read only to score windows (the held-out NLL) and for the profile's head gradient: its
     # stored tensor's pages (memory-mapped, resident once read) and its float32 copy (none when stored in float32)
-    head_key = "lm_head.weight" if "lm_head.weight" in ckpt else next(
-        (k for k in ckpt.keys() if k.endswith("embed_tokens.weight")), None)
-    vocab = ckpt.shape(head_key)[0] if head_key else 0
-    head = {} if not head_key else {"head (stored pages)": ckpt.nbytes(head_key),
-                                    **({"head (float32)": 4 * vocab * hidden} if ckpt.nbytes(head_key) != 4 * vocab * hidden else {})}
+    head_name = head_key(ckpt)
+    vocab = ckpt.shape(head_name)[0] if head_name else 0
+    head_stored = ckpt.nbytes(head_name) if head_name else 0
+    head = {} if not head_name else {"head (stored pages)": head_stored,
+                                     **({"head (float32)": 4 * vocab * hidden} if head_stored != 4 * vocab * hidden else {})}
 
     # ---- one sample's working set inside the block forward (compute dtype)
     q_width, kv_width = heads * head_dim, kv_heads * head_dim

@@ -68,7 +68,7 @@ from ..model.architecture import decoder_layers, empty_model, layer_prefix, line
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
 from ..model.embedding import materialize_base_mapped
 from ..timing import charged
-from .evaluate import LOGIT_CHUNK, final_states_nll
+from .evaluate import LOGIT_CHUNK, final_states_nll, head_key
 from .peak import PeakSampler
 from .stages import collect_statistics, output_side_linears
 
@@ -471,8 +471,7 @@ class Profiler:
         """d(summed next-token NLL) / d(final hidden states), window by window and LOGIT_CHUNK positions at a time
         (the final norm and the head act on each position alone, so a chunk's gradient is its own: the logits
         of a whole window would be a gigabyte at a 128k vocabulary). The last position predicts nothing: 0."""
-        head_name = "lm_head.weight" if "lm_head.weight" in self.ckpt else next(k for k in self.ckpt.keys() if k.endswith("embed_tokens.weight"))
-        head = self.ckpt.get(head_name).to(COMPUTE_DTYPE)
+        head = self.ckpt.get(head_key(self.ckpt)).to(COMPUTE_DTYPE)
         softcap = getattr(self.config, "final_logit_softcapping", None)
         norm = self.model.model.norm
         lo, positions = self.sens_lo, self.cfg.seqlen - 1
@@ -631,15 +630,9 @@ def block_spectra(layer, stats, weighing: WeightedEnergies | None = None, spread
     def solve(name: str) -> tuple[np.ndarray, np.ndarray | None]:
         w = linears[name].weight.detach().to(torch.float64)
         k = min(w.shape)
-        u, tall = None, None
+        u, tall, h = None, None, None  # h: an out x out (W S)(W S)^T, eigendecomposed below
         if name in stats.output_grams:
             h = stats.output_grams.pop(name).gram.to(torch.float64)
-            if weighing is None:
-                evals = torch.linalg.eigvalsh(h).flip(0)
-            else:
-                evals, vecs = torch.linalg.eigh(h)
-                evals, u = evals.flip(0), vecs.flip(1)[:, :k]
-            s = evals.clamp_min(0).sqrt()[:k]
         else:
             group = stats.group_of[name]
             if group not in whitenings:
@@ -653,11 +646,17 @@ def block_spectra(layer, stats, weighing: WeightedEnergies | None = None, spread
                 del a
                 s, v = evals.flip(0).clamp_min(0).sqrt(), v.flip(1)
                 tall = (v, s, root)
-            else:  # the job's square / wide route: U from the out x out A A^T (math/factorize._wide_eig)
+            else:  # the job's square / wide route: the out x out A A^T, as on the output side (math/factorize._wide_eig)
                 a = w @ root
-                evals, vecs = torch.linalg.eigh(a @ a.T)
+                h = a @ a.T
                 del a
-                s, u = evals.flip(0).clamp_min(0).sqrt(), vecs.flip(1)[:, :k]
+        if h is not None:
+            if weighing is None:
+                evals = torch.linalg.eigvalsh(h).flip(0)
+            else:
+                evals, vecs = torch.linalg.eigh(h)
+                evals, u = evals.flip(0), vecs.flip(1)[:, :k]
+            s = evals.clamp_min(0).sqrt()[:k]
         d = weighing.energies(name, u, w, tall) if weighing is not None else None
         return s.numpy().astype(np.float64), d
 

@@ -563,8 +563,10 @@ def refine_block(
     def mine(s: int, e: int) -> bool:
         return lo <= s and e <= hi
 
+    shares = world.shares(samples, batch_size) if world.active else [(0, samples)]
+
     def owner(s: int) -> int:  # the rank whose share holds window s (a batch never straddles two shares)
-        return next(r for r, (a, b) in enumerate(world.shares(samples, batch_size)) if a <= s < b) if world.active else 0
+        return next(r for r, (a, b) in enumerate(shares) if a <= s < b)
 
     # the held-out windows in chunks of at most a batch that never cross the job's batch grid
     chunks, s = [], train

@@ -205,11 +205,16 @@ def _wide_eig(a: torch.Tensor, w: torch.Tensor, rank: int) -> Factors:
     which leaves W' and its loss the SVD's. s comes from the eigenvalues: exact to about eps s_0^2 in
     s^2, so the truncation loss it reports is the SVD's to round-off of the largest squared value.
     """
-    gram = a @ a.T
-    evals, evecs = torch.linalg.eigh(gram)
-    del gram
-    s = evals.flip(0).clamp_min(0).sqrt()  # descending, min(m, n) = m of them
-    u_k = evecs[:, evecs.shape[1] - rank :].flip(1).contiguous()  # the top k, descending
+    return _from_out_gram(a @ a.T, w, rank)
+
+
+def _from_out_gram(h: torch.Tensor, w: torch.Tensor, rank: int) -> Factors:
+    """W' = U_k U_k^T W from H = (W S)(W S)^T (out x out): U_k its top-k eigenvectors, s the square roots of its
+    eigenvalues (min(m, n) of them), descending. The output side's route, and the square / wide input side's."""
+    m, n = w.shape
+    evals, evecs = torch.linalg.eigh(h)
+    s = evals.flip(0).clamp_min(0).sqrt()[: min(m, n)]
+    u_k = evecs[:, evecs.shape[1] - rank :].flip(1).contiguous()  # the top k, descending (a copy of k columns only)
     return Factors(u_k, u_k.T @ w, s)
 
 
@@ -225,9 +230,4 @@ def factorize_output_side(weight: torch.Tensor, output_gram: torch.Tensor, rank:
     h = output_gram.detach().to(torch.float64)
     if h.shape != (m, m):
         raise ValueError(f"output Gram of shape {tuple(h.shape)} does not match weight output size {m}")
-    rank = min(rank, m, n)
-    evals, evecs = torch.linalg.eigh(h)
-    evals, evecs = evals.flip(0), evecs.flip(1)  # descending
-    s = evals.clamp_min(0).sqrt()[: min(m, n)]
-    u_k = evecs[:, :rank].contiguous()
-    return Factors(u_k, u_k.T @ w, s)
+    return _from_out_gram(h, w, min(rank, m, n))
