@@ -515,6 +515,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                 # and the target batch (plus the original block when it computes the target)
                 "block weights": factors_compute + (weights - sum(s.out_features * s.in_features for s in linears) * c),
                 "optimiser": 4 * factors_compute, "batch": 3 * batch, "target": b * L * hidden * (c + act),
+                # under torchrun: each step's gradients as one flat tensor, sent or received (World.from_rank)
+                **({"gradient broadcast": factors_compute} if P > 1 else {}),
                 **({} if settings.compensate else {"original block": weights}),
             },
             "quantize": {} if not quant_stage else {

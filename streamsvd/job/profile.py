@@ -173,7 +173,8 @@ class Profile:
 
     @property
     def timing(self) -> dict:
-        """seconds and sensitivity_seconds of the pass that made it ({} if its log is gone)."""
+        """The log of the pass that made it ({} if it is gone): seconds, sensitivity_seconds, and since 2026-12 its
+        peak RSS per stage against its plan (a job that profiles copies them into its run log as profile_*)."""
         try:
             return json.loads((self.dir / PROFILE_LOG).read_text())
         except (OSError, ValueError):

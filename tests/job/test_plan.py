@@ -230,3 +230,11 @@ def test_under_torchrun_the_rounded_tensors_travel_with_the_factors_and_are_plan
     packed = sum(stored_linear_bytes(s.out_features, s.in_features, s.rank, s.factors, s.itemsize, spec) for s in linears)
     assert quant.components["factorize"]["broadcast factors"] == plain.components["factorize"]["broadcast factors"] + 2 * packed
     assert "broadcast factors" not in one.components["factorize"]
+
+
+def test_under_torchrun_refinement_plans_its_gradient_broadcast(tiny):
+    """--refine-steps under torchrun: each step's gradients travel as one flat tensor of the factors' size."""
+    ckpt, base = Checkpoint(tiny), 400 << 20
+    one = make_plan(ckpt, "model.layers", PlanInputs(refine_steps=5), budget=1 << 40, baseline=base).components["refine"]
+    two = make_plan(ckpt, "model.layers", PlanInputs(refine_steps=5, processes=2), budget=1 << 40, baseline=base).components["refine"]
+    assert "gradient broadcast" not in one and two["gradient broadcast"] == one["optimiser"] // 4 > 0
