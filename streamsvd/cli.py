@@ -230,6 +230,9 @@ def _add_plan(sub) -> None:
     _add_quality_flags(p)
     _add_quant_flags(p)
     p.add_argument("--no-plots", action="store_true", help="as for run: plan without the end's pictures")
+    p.add_argument("--alloc", choices=["uniform", "v2", "global"], default=None,
+                   help="as for run (default global: the plan includes the profile such a job runs first, as its "
+                   "`profile` stage; uniform plans no profile, so its smallest --max-mem can be lower)")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="plan one process of a `torchrun --nproc-per-node N -m streamsvd run` job: its share of the "
                    "windows, its memory under --max-mem (per process) and its work files (default 1)")
@@ -516,6 +519,7 @@ def cmd_plan(args) -> int:
         refine_lr=args.refine_lr, quant=args.quant, group_size=args.group_size, quant_rounding=args.quant_rounding,
         plots=not args.no_plots,
     )
+    cfg.alloc = args.alloc
     if args.nproc < 1:
         raise StreamSVDError(f"--nproc {args.nproc} is not positive", "give the number of processes torchrun starts, 1 or more")
     plan = plan_job(cfg, processes=args.nproc)

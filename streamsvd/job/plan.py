@@ -41,7 +41,7 @@ import torch
 
 from ..errors import StreamSVDError
 from ..io.checkpoint import Checkpoint
-from ..math.factorize import rank_for_ratio
+from ..math.factorize import LINE_CHUNK, rank_for_ratio
 from ..math.gram import _ROW_CHUNK, _TILE_BYTES, product_fraction
 from ..math.quantize import stored_linear_bytes
 from .evaluate import LOGIT_CHUNK, head_key
@@ -294,6 +294,8 @@ class PlanInputs:
     # `streamsvd profile` with sensitivity: a token-weighted Gram per linear on its smaller side, held through the
     # statistics and the spectra (job/profile.WeightedEnergies)
     weighted_energies: bool = False
+    # the plan of `streamsvd profile` (job/profile.block_spectra, whose spectra hold W S whole in float64)
+    profile: bool = False
     # `streamsvd profile`'s backward pass over that many windows (a `sensitivity` stage: the head's gradient
     # and the blocks walked backwards, job/profile.Profiler._sensitivity)
     sensitivity_samples: int = 0
@@ -404,12 +406,15 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
 
     # ---- factorisation workspace: the largest single step (float64)
     fact_parts = [("none", 0)]
+    group_steps = []  # per group: (label, bytes, whether the group's whitening is held beside it)
     for members in groups.values():
+        first = len(fact_parts)
         for s in members:
             m, n, k = s.out_features, s.in_features, s.rank
             if s.route == "output":
-                # mean output Gram, eigh (vectors + 2 m^2 work), W in float64, U_k^T W
-                fact_parts.append((f"eigh of the {m} x {m} output Gram of {s.name}", 8 * (4 * m * m + 2 * m * n + k * n)))
+                # mean output Gram, eigh (vectors + 2 m^2 work), U_k, U_k^T W summed over W's float64 row chunks
+                fact_parts.append((f"eigh of the {m} x {m} output Gram of {s.name}",
+                                   8 * (4 * m * m + m * k + k * n + LINE_CHUNK * n)))
             elif s.route == "input":
                 # W float64, W S, SVD: copy, U, Vh, gesdd work; factors
                 mn = min(m, n)
@@ -417,15 +422,31 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                 if s.svd == "randomized":
                     p = k + 10
                     svd_ws = 8 * (3 * max(m, n) * p + 3 * p * p + m * n)
-                elif settings.method == "eig" and m > n:
-                    # tall: A^T A, eigh's vectors and syevd's 2 n^2 work; V_k and U_k = A V_k (math/factorize._tall_eig);
-                    # the profile's weighted energies: W^T W, S^T W^T W and U^T W, each in x in (job/profile.py)
-                    svd_ws = 8 * (4 * n * n + 2 * m * k + (3 * n * n if settings.weighted_energies else 0))
-                    what = f"eigh of A^T A for the whitened {m} x {n} {s.name}"
-                elif settings.method == "eig":
-                    # square or wide: A A^T, eigh's vectors and syevd's 2 m^2 work; U_k (math/factorize._wide_eig)
-                    svd_ws = 8 * (4 * m * m + m * k)
-                    what = f"eigh of A A^T for the whitened {m} x {n} {s.name}"
+                elif settings.method == "eig" and m > n and s.svd == "exact" and not (settings.profile or settings.weighted_energies):
+                    # tall (math/factorize._tall_eig), W never whole in float64: A^T A = S^T (W^T W) S, eigh's
+                    # vectors and syevd's 2 n^2 work; S V_k; U_k = W S V_k and U_k^T W over float64 row chunks
+                    fact_parts.append((f"eigh of A^T A for the whitened {m} x {n} {s.name}",
+                                       8 * (4 * n * n + n * k + k * (m + n) + LINE_CHUNK * n)))
+                    continue
+                elif settings.method == "eig" and m <= n and s.svd == "exact" and not (settings.profile or settings.weighted_energies):
+                    # square or wide (math/factorize._wide_eig): A = W S by float64 row chunks, A A^T, eigh's
+                    # vectors and syevd's 2 m^2 work; U_k and U_k^T W
+                    fact_parts.append((f"eigh of A A^T for the whitened {m} x {n} {s.name}",
+                                       8 * (m * n + 4 * m * m + k * (m + n) + LINE_CHUNK * n)))
+                    continue
+                elif settings.method == "eig" and settings.weighted_energies and m > n:
+                    # the profile's tall route (job/profile.block_spectra): W^T W over float64 row chunks, S^T (W^T W) S
+                    # and its temporary, eigh's vectors and syevd's 2 n^2 work; then its weighted energies: S^T W^T W,
+                    # V^T of it and that times the weighted Gram, each in x in
+                    fact_parts.append((f"eigh of A^T A for the whitened {m} x {n} {s.name}",
+                                       8 * (8 * n * n + LINE_CHUNK * n)))
+                    continue
+                elif settings.method == "eig" and settings.weighted_energies:
+                    # the profile's square / wide route: A = W S by row chunks, A A^T, eigh's vectors and 2 m^2 work;
+                    # U^T W and that times the weighted Gram (U: all min(m, n) directions)
+                    fact_parts.append((f"eigh of A A^T for the whitened {m} x {n} {s.name}",
+                                       8 * (m * n + 4 * m * m + 2 * mn * n + LINE_CHUNK * n)))
+                    continue
                 else:
                     svd_ws = 8 * (m * n + m * mn + mn * n + 4 * mn * mn + 4 * max(m, n) * mn)
                 fact_parts.append((what, 8 * (2 * m * n + k * (m + n)) + svd_ws))
@@ -436,6 +457,9 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             n = members[0].in_features
             # mean Gram, eigenvectors, LAPACK syevd work (2 n^2), S; the whitening S stays until the group is done
             fact_parts.append((f"eigh of the {n} x {n} input Gram of {'/'.join(s.name for s in members)}", 8 * 5 * n * n))
+            group_steps.append([(lab, b, True) for lab, b in fact_parts[first:-1]] + [fact_parts[-1] + (False,)])
+        else:
+            group_steps.append([(lab, b, False) for lab, b in fact_parts[first:]])
     whitening_held = 8 * max((members[0].in_features**2 for members in groups.values() if any(s.route == "input" for s in members)), default=0)
     if settings.compensated:
         # compensated whitening: S and H's eigenvectors are both held (and H + lam I while eigh runs)
@@ -445,6 +469,21 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         fact_parts.append(("the compensated target W*", max((8 * 3 * s.out_features * s.in_features for s in linears
                                                               if s.route == "input"), default=0)))
     label, workspace = max(fact_parts, key=lambda t: t[1])
+    factor_stats = stats_bytes
+    if not (settings.compensate or settings.calibrate == "sequential" or settings.profile or settings.weighted_energies
+            or settings.quant is not None or P > 1):
+        # One process, one pass's statistics: the linears are factored in order, and each group's statistics go
+        # as its factoring starts (the Gram into its whitening, job/stages.factor_block), so a step holds the later
+        # groups' statistics, its own group's whitening, and its own workspace; the largest step sets the stage.
+        left, worst = sum(per_group), None
+        for group_bytes, steps, members in zip(per_group, group_steps, groups.values()):
+            left -= group_bytes
+            white = 8 * members[0].in_features ** 2
+            for lab, b, with_white in steps:
+                step = (left + (white if with_white else 0) + b, left, white if with_white else 0, lab, b)
+                worst = step if worst is None or step[0] > worst[0] else worst
+        if worst is not None:
+            _, factor_stats, whitening_held, label, workspace = worst
     factors_stored = sum(stored_numel(s.out_features, s.in_features, s.rank, s.factors) * s.itemsize for s in linears)
     packed_stored = sum(stored_linear_bytes(s.out_features, s.in_features, s.rank, s.factors, s.itemsize, settings.quant)
                         for s in linears)
@@ -457,6 +496,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     # Quantised as each linear is factored, unless refinement comes between (then a stage of its own).
     quant_stage = settings.quant is not None and settings.refine_steps > 0
     factors_compute = sum(stored_numel(s.out_features, s.in_features, s.rank, s.factors) * c for s in linears)
+    largest_compute = max((stored_numel(s.out_features, s.in_features, s.rank, s.factors) * c for s in linears), default=0)
     block_other_stored = block_stored.get(big, 0) - sum(s.out_features * s.in_features * s.itemsize for s in linears)
     shard = (packed_stored if settings.quant is not None else factors_stored) + block_other_stored
     spectra = sum(4 * min(s.out_features, s.in_features) for s in linears)
@@ -501,9 +541,11 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             "embed": {"batch": 2 * b * L * hidden * c + io_batch},
             "extra shard": {"copy buffer": 16 << 20},
             "statistics": statistics,
-            "factorize": {"block weights": weights * (2 if settings.compensate else 1), "statistics": stats_bytes,
+            "factorize": {"block weights": weights * (2 if settings.compensate else 1), "statistics": factor_stats,
                           "whitening": whitening_held,
-                          "workspace": workspace, "factors": factors_stored + factors_compute + spectra,
+                          # each linear's compute-dtype factors replace its weight as it is factored (job/stages.py
+                          # factor_block), so beside the stored factors only one linear's are extra, as they are made
+                          "workspace": workspace, "factors": factors_stored + largest_compute + spectra,
                           # under torchrun: the pickled factors sent or received and their unpickled copy, and with
                           # --quant the rounded tensors that travel with them (job/stages.factor_block, World.spread)
                           **({"broadcast factors": 2 * (factors_compute + (packed_stored if settings.quant is not None
@@ -706,7 +748,7 @@ def refuse_if_too_small(plan: Plan, resumed: bool = False) -> None:
 
 def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dict[str, int] | None = None,
                processes: int = 1, weighted_energies: bool = False, sensitivity_samples: int = 0,
-               heldout_samples: int | None = None) -> Plan:
+               heldout_samples: int | None = None, profile: bool = False) -> Plan:
     """The plan of the job `cfg` (a JobConfig) under its --max-mem (default: 75% of available RAM).
 
     The baseline is this process's RSS now, after the speed measurement has loaded and warmed up
@@ -726,7 +768,7 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dic
                           compensate=getattr(cfg, "compensate", False), anchor=getattr(cfg, "anchor", 0.0),
                           refine_steps=getattr(cfg, "refine_steps", 0), ranks=ranks, quant=getattr(cfg, "quant_spec", None),
                           heldout_samples=getattr(cfg, "heldout_rows", 0) if heldout_samples is None else heldout_samples,
-                          plots=getattr(cfg, "plots", False), processes=processes, weighted_energies=weighted_energies,
+                          plots=getattr(cfg, "plots", False), processes=processes, weighted_energies=weighted_energies, profile=profile,
                           sensitivity_samples=sensitivity_samples)
     budget = cfg.max_mem if cfg.max_mem is not None else default_budget()
     other = sum(p.stat().st_size for p in sorted(ckpt.dir.iterdir()) if p.is_file() and not p.name.endswith(".safetensors")

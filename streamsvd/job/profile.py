@@ -62,7 +62,7 @@ from ..io.calibration import heldout_windows, load_texts, load_tokenizer, sample
 from ..io.checkpoint import Checkpoint
 from ..io.fsutil import atomic_path, atomic_write_json
 from ..math.allocate import Matrix
-from ..math.factorize import TALL_MIN_RATIO, whiten
+from ..math.factorize import TALL_MIN_RATIO, project, weight_gram, whiten, whitened
 from ..math.gram import GramAccumulator, OutputGramAccumulator
 from ..model.architecture import decoder_layers, empty_model, layer_prefix, linear_modules, load_config, check_seqlen, load_layer
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
@@ -119,7 +119,7 @@ class ProfileConfig:
         from .plan import build_plan
 
         return build_plan(self.job_config(), ckpt, weighted_energies=self.sensitivity_samples > 0, processes=processes,
-                          fixed_batch=fixed_batch or self.batch_size,
+                          fixed_batch=fixed_batch or self.batch_size, profile=True,
                           sensitivity_samples=min(self.sensitivity_samples, self.calib_samples),
                           heldout_samples=self.heldout_samples)
 
@@ -592,21 +592,20 @@ class WeightedEnergies:
     def energies(self, name: str, u: torch.Tensor | None, weight: torch.Tensor, tall: tuple | None = None) -> np.ndarray:
         """diag(U^T W G_w W^T U) for U (out x k) orthonormal, float64.
 
-        `tall` = (V, s, S) instead of U for a tall whitened weight A = W S (out > in), whose U = A V / s is never
-        formed (math/factorize._tall_eig): U^T W = diag(1/s) V^T S^T (W^T W), all in x in. Directions with s below
+        `tall` = (V, s, S, W^T W) instead of U for a tall whitened weight A = W S (out > in), whose U = A V / s is
+        never formed (math/factorize._tall_eig): U^T W = diag(1/s) V^T S^T (W^T W), all in x in. Directions with s below
         TALL_MIN_RATIO s_0 cannot be resolved that way; they get the matrix's one weight times s^2 (their
         energy is that small anyway)."""
         acc = self.grams.pop(name)
         g = acc.gram.to(torch.float64)
-        w = weight.detach().to(torch.float64)
         if isinstance(acc, OutputGramAccumulator):
             b = u.T  # the Gram is already W G_w W^T
         elif tall is None:
-            b = u.T @ w
+            b = project(u, weight)  # U^T W over W's float64 row chunks
         else:
-            v, s, root = tall
+            v, s, root, wtw = tall  # wtw: W^T W, summed over W's float64 row chunks
             faint = s <= TALL_MIN_RATIO * s[0]
-            b = (v.T @ (root.T @ (w.T @ w))) / torch.where(faint, 1.0, s)[:, None]
+            b = (v.T @ (root.T @ wtw)) / torch.where(faint, 1.0, s)[:, None]
             d = ((b @ g) * b).sum(1)
             d[faint] = self.mean_weight[name] * s[faint] ** 2
             return d.numpy()
@@ -629,7 +628,7 @@ def block_spectra(layer, stats, weighing: WeightedEnergies | None = None, spread
     linears = linear_modules(layer)
 
     def solve(name: str) -> tuple[np.ndarray, np.ndarray | None]:
-        w = linears[name].weight.detach().to(torch.float64)
+        w = linears[name].weight.detach()  # in float64 only a row chunk at a time, except for the unweighted SVD
         k = min(w.shape)
         u, tall, h = None, None, None  # h: an out x out (W S)(W S)^T, eigendecomposed below
         if name in stats.output_grams:
@@ -640,15 +639,14 @@ def block_spectra(layer, stats, weighing: WeightedEnergies | None = None, spread
                 whitenings[group] = whiten(stats.grams.pop(group).gram, "eig")
             root = whitenings[group].s
             if weighing is None:
-                s = torch.linalg.svdvals(w @ root)
-            elif w.shape[0] > w.shape[1]:  # the job's tall route: the in x in A^T A, no out x in U (plan.py counts it)
-                a = w @ root
-                evals, v = torch.linalg.eigh(a.T @ a)
-                del a
+                s = torch.linalg.svdvals(w.to(torch.float64) @ root)
+            elif w.shape[0] > w.shape[1]:  # the job's tall route: the in x in S^T (W^T W) S, no out x in A or U
+                wtw = weight_gram(w)
+                evals, v = torch.linalg.eigh(root.T @ wtw @ root)
                 s, v = evals.flip(0).clamp_min(0).sqrt(), v.flip(1)
-                tall = (v, s, root)
+                tall = (v, s, root, wtw)
             else:  # the job's square / wide route: the out x out A A^T, as on the output side (math/factorize._wide_eig)
-                a = w @ root
+                a = whitened(w, root)
                 h = a @ a.T
                 del a
         if h is not None:

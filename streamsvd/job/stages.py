@@ -421,6 +421,7 @@ def factor_block(
                     whitenings[group] = whiten(gram, method)  # the Gram is not needed again, unless GPTQ rounds
                     if keep:
                         kept_grams[group] = gram
+                    del gram  # gone before the first factorisation, as job/plan.py's factorize stage counts
                 input_gram = kept_grams.get(group) if group in kept_grams else (
                     stats.grams[group].gram if keep and group in stats.grams else None)
                 f = factorize(linear.weight, whitenings.get(group), rank, method, svd=route_svd)
@@ -479,6 +480,11 @@ def factor_block(
             kept_grams.pop(group, None)
         # Exactly what a resume rebuilds from the saved shard (store dtype, then compute dtype).
         replace_module(layer, name, module_from_tensors(get, keys, full, compute_dtype))
+        # The original weight goes now, not at the block's end: each linear's compute-dtype factors take the place
+        # of its (larger) weight, so the block never holds both (job/plan.py's factorize stage counts on it).
+        del linear, linears[name], f
+        if solved is not None:
+            del solved[name]
     if not finish:
         return block
     factored = {k[len(prefix):] for k in block.records}  # earlier calls' linears are no longer nn.Linear

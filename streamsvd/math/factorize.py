@@ -126,18 +126,18 @@ def factorize(weight: torch.Tensor, gram: torch.Tensor | Whitening | None, rank:
         raise ValueError(f"unknown svd {svd!r}; choose exact or randomized")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    w = weight.detach().to(torch.float64)
-    m, n = w.shape
+    m, n = weight.shape
     rank = min(rank, m, n)
+    if method == "eig" and svd == "exact" and gram is not None:
+        # eig's exact routes never hold W or W S whole in float64 (row chunks of the stored weight)
+        white = _checked_whitening(gram, method, n)
+        return _tall_eig(weight, white.s, rank) if m > n else _wide_eig(weight, white.s, rank)
+    w = weight.detach().to(torch.float64)
     if method == "svd" or gram is None:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         root = s[:rank].sqrt()
         return Factors(u[:, :rank] * root, root[:, None] * vh[:rank], s)
-    white = gram if isinstance(gram, Whitening) else whiten(gram, method)
-    if white.method != method:
-        raise ValueError(f"whitening was computed for {white.method!r}, not {method!r}")
-    if white.s.shape != (n, n):
-        raise ValueError(f"whitening of shape {tuple(white.s.shape)} does not match weight input size {n}")
+    white = _checked_whitening(gram, method, n)
     a = w @ white.s
     if svd == "randomized":
         from .randomized import randomized_svd
@@ -152,13 +152,9 @@ def factorize(weight: torch.Tensor, gram: torch.Tensor | Whitening | None, rank:
             root = s[:rank].sqrt()
             v_k_sinv = torch.linalg.solve_triangular(white.s.T, vh[:rank].T, upper=True, left=True)
             return Factors(u_k * root, root[:, None] * v_k_sinv.T, s, white.shift, tail_loss=tail)
-    elif method == "eig" and m > n:
-        return _tall_eig(a, w, rank)
-    elif method == "eig":
-        return _wide_eig(a, w, rank)
-    else:
+    else:  # cholesky
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
-    if method == "eig":
+    if method == "eig":  # randomized, with every singular value known
         # W' = U_k U_k^T W: the same optimum as U_k S_k V_k^T S^{-1}, with nothing inverted.
         u_k = u[:, :rank]
         return Factors(u_k, u_k.T @ w, s)
@@ -168,54 +164,113 @@ def factorize(weight: torch.Tensor, gram: torch.Tensor | Whitening | None, rank:
     return Factors(u[:, :rank] * root, root[:, None] * v_k_sinv.T, s, white.shift)
 
 
-def _tall_eig(a: torch.Tensor, w: torch.Tensor, rank: int) -> Factors:
+def _checked_whitening(gram, method: str, n: int) -> Whitening:
+    white = gram if isinstance(gram, Whitening) else whiten(gram, method)
+    if white.method != method:
+        raise ValueError(f"whitening was computed for {white.method!r}, not {method!r}")
+    if white.s.shape != (n, n):
+        raise ValueError(f"whitening of shape {tuple(white.s.shape)} does not match weight input size {n}")
+    return white
+
+
+# Rows (or columns) of a weight converted to float64 at a time by eig's exact routes: W is never whole in
+# float64 (an 11008 x 4096 gate_proj would be 344 MiB, a 70B one 1.75 GiB), only this many of its rows.
+LINE_CHUNK = 512
+
+
+def _row_chunks(w: torch.Tensor):
+    for i in range(0, w.shape[0], LINE_CHUNK):
+        yield i, w[i : i + LINE_CHUNK].detach().to(torch.float64)
+
+
+def project(u_k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """U_k^T W (k x in, float64), summed over row chunks of W (any float dtype)."""
+    out = torch.zeros(u_k.shape[1], w.shape[1], dtype=torch.float64)
+    for i, chunk in _row_chunks(w):
+        out.addmm_(u_k[i : i + chunk.shape[0]].T, chunk)
+    return out
+
+
+def weight_gram(w: torch.Tensor) -> torch.Tensor:
+    """W^T W (in x in, float64), summed over row chunks of W (any float dtype)."""
+    wtw = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64)
+    for _, chunk in _row_chunks(w):
+        wtw.addmm_(chunk.T, chunk)
+    return wtw
+
+
+def whitened(w: torch.Tensor, s_white: torch.Tensor) -> torch.Tensor:
+    """A = W S (float64), made a row chunk of W at a time (W any float dtype)."""
+    a = torch.empty(w.shape[0], s_white.shape[1], dtype=torch.float64)
+    for i, chunk in _row_chunks(w):
+        torch.mm(chunk, s_white, out=a[i : i + chunk.shape[0]])
+    return a
+
+
+def _tall_eig(w: torch.Tensor, s_white: torch.Tensor, rank: int) -> Factors:
     """eig's factors of a tall whitened weight A = W S (m > n) from the n x n matrix A^T A.
 
     A^T A = V diag(s^2) V^T, so U_k = A V_k diag(1/s_k) are A's top-k left singular vectors and
     W' = U_k U_k^T W as from the SVD, with an n x n eigendecomposition instead of gesdd on m x n
     (whose U, copy of A and work array are 2.5x this route's memory for an 11008 x 4096 gate_proj;
-    docs/DESIGN.md). The squared route loses precision where s_k is small (an error of about
-    eps (s_0 / s_k)^2 in U_k): when the kept rank reaches below TALL_MIN_RATIO s_0 (rank-deficient
-    inputs: few calibration tokens, dead channels), U_k is the Q of A V_k's QR instead, orthonormal
-    whatever s_k, equal to the singular vectors where they are well determined and spanning what
-    is left of A's range after them (whose loss is below that s_k anyway).
+    docs/DESIGN.md). Neither A nor W is formed whole in float64: A^T A = S^T (W^T W) S with W^T W
+    summed over row chunks, U_k = W (S V_k) a row chunk at a time, and U_k^T W summed the same way
+    (a 7B gate_proj's workspace 1.75 -> 0.92 GiB; the same factors to round-off). The squared route
+    loses precision where s_k is small (an error of about eps (s_0 / s_k)^2 in U_k): when the kept
+    rank reaches below TALL_MIN_RATIO s_0 (rank-deficient inputs: few calibration tokens, dead
+    channels), U_k is the Q of A V_k's QR instead, orthonormal whatever s_k, equal to the singular
+    vectors where they are well determined and spanning what is left of A's range after them (whose
+    loss is below that s_k anyway).
     """
-    gram = a.T @ a
+    m, n = w.shape
+    wtw = weight_gram(w)
+    gram = s_white.T @ wtw @ s_white
+    del wtw
     evals, evecs = torch.linalg.eigh(gram)
     del gram
     s = evals.flip(0).clamp_min(0).sqrt()  # descending
-    v_k = evecs[:, evecs.shape[1] - rank :].flip(1)  # the top k, descending (a copy of k columns only)
+    sv = s_white @ evecs[:, evecs.shape[1] - rank :].flip(1)  # S V_k: the top k, descending
     del evecs
-    u_k = a @ v_k
+    u_k = torch.empty(m, rank, dtype=torch.float64)
+    for i, chunk in _row_chunks(w):
+        torch.mm(chunk, sv, out=u_k[i : i + chunk.shape[0]])
+    del sv
     if float(s[rank - 1]) > TALL_MIN_RATIO * float(s[0]):
         u_k /= s[:rank]
     else:
         u_k = torch.linalg.qr(u_k).Q
-    return Factors(u_k, u_k.T @ w, s)
+    return Factors(u_k, project(u_k, w), s)
 
 
-def _wide_eig(a: torch.Tensor, w: torch.Tensor, rank: int) -> Factors:
+def _wide_eig(w: torch.Tensor, s_white: torch.Tensor, rank: int) -> Factors:
     """eig's factors of a square or wide whitened weight A = W S (m <= n) from the m x m matrix A A^T.
 
     A A^T = U diag(s^2) U^T: its top eigenvectors are A's top-k left singular vectors, all that
     W' = U_k U_k^T W needs (V is never used), so an m x m product and eigh replace gesdd's U, V and
     work arrays: about 2x faster for a square 2048-wide matrix here, and a square attention weight is
-    half of a 7B block's factorisation (docs/RESULTS.md). Where eigenvalues are equal (a rank-deficient
-    input's zeros) the vectors eigh returns there are another orthonormal basis of the same space,
-    which leaves W' and its loss the SVD's. s comes from the eigenvalues: exact to about eps s_0^2 in
-    s^2, so the truncation loss it reports is the SVD's to round-off of the largest squared value.
+    half of a 7B block's factorisation (docs/RESULTS.md). A is made a row chunk of W at a time (W is
+    never whole in float64). Where eigenvalues are equal (a rank-deficient input's zeros) the vectors
+    eigh returns there are another orthonormal basis of the same space, which leaves W' and its loss
+    the SVD's. s comes from the eigenvalues: exact to about eps s_0^2 in s^2, so the truncation loss
+    it reports is the SVD's to round-off of the largest squared value.
     """
-    return _from_out_gram(a @ a.T, w, rank)
+    a = whitened(w, s_white)
+    h = a @ a.T
+    del a
+    return _from_out_gram(h, w, rank)
 
 
 def _from_out_gram(h: torch.Tensor, w: torch.Tensor, rank: int) -> Factors:
     """W' = U_k U_k^T W from H = (W S)(W S)^T (out x out): U_k its top-k eigenvectors, s the square roots of its
-    eigenvalues (min(m, n) of them), descending. The output side's route, and the square / wide input side's."""
+    eigenvalues (min(m, n) of them), descending. The output side's route, and the square / wide input side's.
+    `w` in any float dtype: U_k^T W is summed over its row chunks in float64."""
     m, n = w.shape
     evals, evecs = torch.linalg.eigh(h)
+    del h
     s = evals.flip(0).clamp_min(0).sqrt()[: min(m, n)]
     u_k = evecs[:, evecs.shape[1] - rank :].flip(1).contiguous()  # the top k, descending (a copy of k columns only)
-    return Factors(u_k, u_k.T @ w, s)
+    del evecs
+    return Factors(u_k, project(u_k, w), s)
 
 
 def factorize_output_side(weight: torch.Tensor, output_gram: torch.Tensor, rank: int) -> Factors:
@@ -225,9 +280,8 @@ def factorize_output_side(weight: torch.Tensor, output_gram: torch.Tensor, rank:
     eigenvalues their squared singular values: W' = U_k U_k^T W and the loss sqrt(sum of the
     dropped eigenvalues) are exactly what the input side gives, with an out x out eigendecomposition.
     """
-    w = weight.detach().to(torch.float64)
-    m, n = w.shape
+    m, n = weight.shape
     h = output_gram.detach().to(torch.float64)
     if h.shape != (m, m):
         raise ValueError(f"output Gram of shape {tuple(h.shape)} does not match weight output size {m}")
-    return _from_out_gram(h, w, min(rank, m, n))
+    return _from_out_gram(h, weight, min(rank, m, n))

@@ -129,3 +129,29 @@ def test_a_square_or_wide_weight_from_the_out_by_out_product_equals_the_svd_of_t
     assert got.truncation_loss() == pytest.approx(float(s[rank:].pow(2).sum().sqrt()), rel=1e-6, abs=1e-6 * scale)
     assert _loss(w, got, x) == pytest.approx(got.truncation_loss(), rel=1e-6, abs=1e-6 * scale)
     torch.testing.assert_close(got.out_factor.T @ got.out_factor, torch.eye(rank, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(70, 24), (24, 24), (20, 44)])  # tall, square, wide: A^T A, A A^T, A A^T
+@pytest.mark.parametrize("chunk", [7, 512])
+def test_eig_routes_read_the_weight_a_row_chunk_at_a_time_and_match_the_svd_of_w_s(monkeypatch, shape, chunk):
+    """eig's exact routes never convert W whole to float64 (math/factorize.LINE_CHUNK rows at a time): a 16-bit
+    weight gives the factors its float64 copy gives through gesdd of W S, whatever the chunk size."""
+    import streamsvd.math.factorize as fz
+
+    monkeypatch.setattr(fz, "LINE_CHUNK", chunk)
+    m, n = shape
+    g = torch.Generator().manual_seed(m * n)
+    w16 = (torch.randn(m, n, generator=g) * torch.logspace(0, -2, n)).to(torch.bfloat16)
+    x = torch.randn(300, n, generator=g, dtype=torch.float64) * torch.logspace(0, -1, n, dtype=torch.float64)
+    gram = x.T @ x
+    w = w16.to(torch.float64)
+    white = fz.whiten(gram, "eig")
+    u, s, _ = torch.linalg.svd(w @ white.s, full_matrices=False)
+    rank = 9
+    f = factorize(w16, white, rank, "eig")
+    assert f.out_factor.dtype == torch.float64 and f.in_factor.dtype == torch.float64
+    reference = u[:, :rank] @ (u[:, :rank].T @ w)
+    torch.testing.assert_close(f.out_factor @ f.in_factor, reference, rtol=1e-8, atol=1e-10 * float(w.abs().max()))
+    torch.testing.assert_close(f.spectrum[: min(m, n)], s, rtol=1e-6, atol=1e-7 * float(s[0]))
+    outside = factorize_output_side(w16, w @ gram @ w.T, rank)
+    torch.testing.assert_close(outside.out_factor @ outside.in_factor, reference, rtol=1e-7, atol=1e-9 * float(w.abs().max()))
