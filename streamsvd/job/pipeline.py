@@ -816,6 +816,9 @@ class CompressionJob:
                     on_original_output=lambda start, out: dst.write(samples + start, out), output_side=output_side,
                     stash=stash, energies=energies,
                 )
+                # The first pass ran the untouched block (whole when stashing; the only pass otherwise): it goes
+                # before any factorisation, so the factorize stage holds one copy of the block's weights (job/plan.py)
+                original = None
                 self.world.reduce_statistics(stats)
                 self._stage("factorize")
                 factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
@@ -823,7 +826,6 @@ class CompressionJob:
                              finish=last, ranks=self.ranks, quant=self._quant_while_factoring(), shrink=cfg.shrink,
                              spread=self.world.spread)
                 del stats
-                original = None  # the first pass ran it (whole when stashing; the only pass otherwise)
         finally:
             if stash is not None:
                 stash.remove()

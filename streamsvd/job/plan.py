@@ -541,7 +541,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             "embed": {"batch": 2 * b * L * hidden * c + io_batch},
             "extra shard": {"copy buffer": 16 << 20},
             "statistics": statistics,
-            "factorize": {"block weights": weights * (2 if settings.compensate else 1), "statistics": factor_stats,
+            # compensating, the untouched block is gone once its pass's statistics are in (job/pipeline.py)
+            "factorize": {"block weights": weights, "statistics": factor_stats,
                           "whitening": whitening_held,
                           # each linear's compute-dtype factors replace its weight as it is factored (job/stages.py
                           # factor_block), so beside the stored factors only one linear's are extra, as they are made

@@ -244,18 +244,21 @@ def test_under_torchrun_refinement_plans_its_gradient_broadcast(tiny):
 @pytest.mark.parametrize("extra", [{"compensate": False, "alloc": "uniform"}, {}])  # one pass; the default
 def test_each_original_weight_is_gone_before_the_next_linear_is_factored(tiny, text, tmp_path, monkeypatch, extra):
     """The plan's factorize stage counts one linear's compute-dtype factors beside the stored ones, because each
-    original weight is released as its factors replace it (job/stages.factor_block), not at the block's end."""
+    original weight is released as its factors replace it (job/stages.factor_block), not at the block's end; and
+    one copy of the block's weights, because a compensated job's untouched block goes once its pass has run."""
     import gc
     import weakref
 
+    import streamsvd.job.pipeline as pipeline
     import streamsvd.job.stages as stages
     import streamsvd.math.compensate as compensate
 
-    seen, alive_at_call = [], []
+    seen, alive_at_call, originals_alive_at_call = [], [], []
 
     def watch(real):
         def wrapped(weight, *args, **kwargs):
             alive_at_call.append(sum(ref() is not None for ref in seen))
+            originals_alive_at_call.append(sum(ref() is not None for ref in originals))
             result = real(weight, *args, **kwargs)
             seen.append(weakref.ref(weight))
             return result
@@ -264,6 +267,17 @@ def test_each_original_weight_is_gone_before_the_next_linear_is_factored(tiny, t
     monkeypatch.setattr(stages, "factorize", watch(stages.factorize))
     monkeypatch.setattr(stages, "factorize_output_side", watch(stages.factorize_output_side))
     monkeypatch.setattr(stages, "factorize_compensated", watch(stages.factorize_compensated))
+    # compensating: the untouched block beside the compressed one is gone before the first factorisation too
+    originals = []
+
+    def collect(*args, original=None, **kwargs):
+        if original is not None:
+            originals.append(weakref.ref(original))
+        return real_collect(*args, original=original, **kwargs)
+
+    real_collect = pipeline.collect_group_statistics
+    monkeypatch.setattr(pipeline, "collect_group_statistics", collect)
+
     gc.disable()  # refcounts alone must free them
     try:
         CompressionJob(JobConfig(model_dir=tiny, out_dir=tmp_path / "out", calib=[str(text)], calib_samples=4, seqlen=32,
@@ -272,3 +286,5 @@ def test_each_original_weight_is_gone_before_the_next_linear_is_factored(tiny, t
         gc.enable()
     assert len(alive_at_call) >= 14  # two blocks of seven linears
     assert alive_at_call == [0] * len(alive_at_call)  # no earlier weight (or compensated target W*) is alive
+    assert bool(originals) == extra.get("compensate", True)  # one untouched block per block when compensating
+    assert originals_alive_at_call == [0] * len(alive_at_call)
