@@ -419,37 +419,41 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                 # W float64, W S, SVD: copy, U, Vh, gesdd work; factors
                 mn = min(m, n)
                 what = f"SVD of the whitened {m} x {n} {s.name}"
+                part = None
                 if s.svd == "randomized":
                     p = k + 10
                     svd_ws = 8 * (3 * max(m, n) * p + 3 * p * p + m * n)
                 elif settings.method == "eig" and m > n and s.svd == "exact" and not (settings.profile or settings.weighted_energies):
                     # tall (math/factorize._tall_eig), W never whole in float64: A^T A = S^T (W^T W) S, eigh's
                     # vectors and syevd's 2 n^2 work; S V_k; U_k = W S V_k and U_k^T W over float64 row chunks
-                    fact_parts.append((f"eigh of A^T A for the whitened {m} x {n} {s.name}",
-                                       8 * (4 * n * n + n * k + k * (m + n) + LINE_CHUNK * n)))
-                    continue
+                    part = (f"eigh of A^T A for the whitened {m} x {n} {s.name}",
+                            8 * (4 * n * n + n * k + k * (m + n) + LINE_CHUNK * n))
                 elif settings.method == "eig" and m <= n and s.svd == "exact" and not (settings.profile or settings.weighted_energies):
                     # square or wide (math/factorize._wide_eig): A = W S by float64 row chunks, A A^T, eigh's
                     # vectors and syevd's 2 m^2 work; U_k and U_k^T W
-                    fact_parts.append((f"eigh of A A^T for the whitened {m} x {n} {s.name}",
-                                       8 * (m * n + 4 * m * m + k * (m + n) + LINE_CHUNK * n)))
-                    continue
+                    part = (f"eigh of A A^T for the whitened {m} x {n} {s.name}",
+                            8 * (m * n + 4 * m * m + k * (m + n) + LINE_CHUNK * n))
                 elif settings.method == "eig" and settings.weighted_energies and m > n:
                     # the profile's tall route (job/profile.block_spectra): W^T W over float64 row chunks, S^T (W^T W) S
                     # and its temporary, eigh's vectors and syevd's 2 n^2 work; then its weighted energies: S^T W^T W,
                     # V^T of it and that times the weighted Gram, each in x in
-                    fact_parts.append((f"eigh of A^T A for the whitened {m} x {n} {s.name}",
-                                       8 * (8 * n * n + LINE_CHUNK * n)))
-                    continue
+                    part = (f"eigh of A^T A for the whitened {m} x {n} {s.name}", 8 * (8 * n * n + LINE_CHUNK * n))
                 elif settings.method == "eig" and settings.weighted_energies:
                     # the profile's square / wide route: A = W S by row chunks, A A^T, eigh's vectors and 2 m^2 work;
                     # U^T W and that times the weighted Gram (U: all min(m, n) directions)
-                    fact_parts.append((f"eigh of A A^T for the whitened {m} x {n} {s.name}",
-                                       8 * (m * n + 4 * m * m + 2 * mn * n + LINE_CHUNK * n)))
-                    continue
+                    part = (f"eigh of A A^T for the whitened {m} x {n} {s.name}",
+                            8 * (m * n + 4 * m * m + 2 * mn * n + LINE_CHUNK * n))
                 else:
                     svd_ws = 8 * (m * n + m * mn + mn * n + 4 * mn * mn + 4 * max(m, n) * mn)
-                fact_parts.append((what, 8 * (2 * m * n + k * (m + n)) + svd_ws))
+                if part is None:
+                    part = (what, 8 * (2 * m * n + k * (m + n)) + svd_ws)
+                if settings.compensated:
+                    # math/compensate.py, measured on a 70B-shape block (docs/RESULTS.md): W C (m x n) is held from
+                    # before W* is made until the output error is taken, and W* through the factorisation above;
+                    # making W* (W in float64, W C + lam W, times Q, times 1/(eigenvalues)) and the output error
+                    # (W and W' in float64, W' G' and an elementwise product) each hold five m x n float64 matrices
+                    part = (f"{part[0]}, compensated (W C and W* held)", max(8 * 5 * m * n, 8 * 2 * m * n + part[1]))
+                fact_parts.append(part)
             else:
                 mn = min(m, n)
                 fact_parts.append((f"SVD of {s.name}", 8 * (2 * m * n + m * mn + mn * n + 4 * mn * mn + 4 * max(m, n) * mn)))
@@ -466,8 +470,6 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         whitening_held *= 2
         widest_group = max((m[0].in_features for m in groups.values() if any(s.route == "input" for s in m)), default=0)
         fact_parts.append((f"eigh of the {widest_group} x {widest_group} shrunk Gram", 8 * 6 * widest_group**2))
-        fact_parts.append(("the compensated target W*", max((8 * 3 * s.out_features * s.in_features for s in linears
-                                                              if s.route == "input"), default=0)))
     label, workspace = max(fact_parts, key=lambda t: t[1])
     factor_stats = stats_bytes
     if not (settings.compensate or settings.calibrate == "sequential" or settings.profile or settings.weighted_energies

@@ -288,3 +288,19 @@ def test_each_original_weight_is_gone_before_the_next_linear_is_factored(tiny, t
     assert alive_at_call == [0] * len(alive_at_call)  # no earlier weight (or compensated target W*) is alive
     assert bool(originals) == extra.get("compensate", True)  # one untouched block per block when compensating
     assert originals_alive_at_call == [0] * len(alive_at_call)
+
+
+def test_a_compensated_linear_plans_w_c_and_w_star_beside_its_factorisation(tmp_path, monkeypatch):
+    """Compensating, W C is held from before W* is made until the output error is taken, and W* through the
+    factorisation; making W* and the output error hold five m x n float64 matrices each (math/compensate.py).
+    On a 70B-shape block the plan that counted W* alone (3 m n) was 3 GiB under the measured factorize stage."""
+    import streamsvd.job.plan as plan
+
+    # as at 70B: down_proj's input over COMPENSATE_MAX_IN keeps the output side, so gate/up sets the workspace
+    monkeypatch.setattr(plan, "COMPENSATE_MAX_IN", 256)
+    model = make_tiny_checkpoint("llama", tmp_path / "model", hidden_size=256, intermediate_size=2048)
+    ckpt = Checkpoint(model)
+    m, n = 2048, 256  # gate_proj / up_proj (large enough that they, not down_proj's output side, set the workspace)
+    comp = make_plan(ckpt, "model.layers", PlanInputs(compensate=True), budget=1 << 40, baseline=0)
+    assert [v for k, v in comp.routes.items() if k.startswith("mlp.down_proj")][0].startswith("output side")
+    assert comp.components["factorize"]["workspace"] >= 8 * 5 * m * n
