@@ -730,6 +730,15 @@ def _block_of(key: str, layers_path: str) -> str | None:
     return f"{head}{index}." if index.isdigit() else None
 
 
+def _smaller_job_hint(plan: Plan) -> str:
+    """What else lowers the minimum: --seqlen where activations set it; where a factorisation (or the profile's)
+    does, the batch is not the cause, and a lighter job is (compensation's statistics and targets, the profile)."""
+    if plan.min_stage in ("factorize", "profile"):
+        return ("compress with --no-compensate and --alloc uniform, whose factorisations need less "
+                "(`streamsvd plan --no-compensate --alloc uniform` says how much)")
+    return "lower --seqlen"
+
+
 def refuse_if_too_small(plan: Plan, resumed: bool = False) -> None:
     """One `error:` line naming the smallest workable budget and the stage that sets it."""
     if plan.budget_bytes < plan.strict_min_bytes:
@@ -738,7 +747,7 @@ def refuse_if_too_small(plan: Plan, resumed: bool = False) -> None:
             f"{format_size(plan.min_max_mem_bytes)} ({plan.min_max_mem_bytes} bytes, with a "
             f"{BASELINE_MARGIN_BYTES >> 20} MiB margin for the process baseline), set by the {plan.min_stage} stage "
             f"({plan.min_component})",
-            f"give --max-mem {math.ceil(plan.min_max_mem_bytes / (1 << 20))}M or more, or lower --seqlen "
+            f"give --max-mem {math.ceil(plan.min_max_mem_bytes / (1 << 20))}M or more, or {_smaller_job_hint(plan)} "
             "(`streamsvd plan` shows the stages)",
         )
     if resumed and plan.peak_bytes > plan.budget_bytes:

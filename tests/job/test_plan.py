@@ -304,3 +304,20 @@ def test_a_compensated_linear_plans_w_c_and_w_star_beside_its_factorisation(tmp_
     comp = make_plan(ckpt, "model.layers", PlanInputs(compensate=True), budget=1 << 40, baseline=0)
     assert [v for k, v in comp.routes.items() if k.startswith("mlp.down_proj")][0].startswith("output side")
     assert comp.components["factorize"]["workspace"] >= 8 * 5 * m * n
+
+
+def test_the_refusal_names_a_lighter_job_where_a_factorisation_sets_the_minimum(tiny):
+    """--seqlen does not lower a minimum that a factorisation sets; the fix line says what does."""
+    import dataclasses
+
+    from streamsvd.errors import StreamSVDError
+    from streamsvd.job.plan import refuse_if_too_small
+
+    plan = make_plan(Checkpoint(tiny), "model.layers", PlanInputs(compensate=True), budget=1 << 40, baseline=0)
+    hints = {}
+    for stage in ("factorize", "statistics"):
+        with pytest.raises(StreamSVDError) as err:
+            refuse_if_too_small(dataclasses.replace(plan, budget_bytes=1, min_stage=stage))
+        hints[stage] = err.value.fix
+    assert "--no-compensate" in hints["factorize"] and "--seqlen" not in hints["factorize"]
+    assert "--seqlen" in hints["statistics"]
