@@ -200,7 +200,8 @@ def weight_gram(w: torch.Tensor) -> torch.Tensor:
 
 
 def whitened(w: torch.Tensor, s_white: torch.Tensor) -> torch.Tensor:
-    """A = W S (float64), made a row chunk of W at a time (W any float dtype)."""
+    """A = W S (float64), made a row chunk of W at a time (W any float dtype); S may have any number of columns
+    (the tall route's U_k = W (S V_k) is made the same way)."""
     a = torch.empty(w.shape[0], s_white.shape[1], dtype=torch.float64)
     for i, chunk in _row_chunks(w):
         torch.mm(chunk, s_white, out=a[i : i + chunk.shape[0]])
@@ -222,7 +223,6 @@ def _tall_eig(w: torch.Tensor, s_white: torch.Tensor, rank: int) -> Factors:
     vectors where they are well determined and spanning what is left of A's range after them (whose
     loss is below that s_k anyway).
     """
-    m, n = w.shape
     wtw = weight_gram(w)
     gram = s_white.T @ wtw @ s_white
     del wtw
@@ -231,9 +231,7 @@ def _tall_eig(w: torch.Tensor, s_white: torch.Tensor, rank: int) -> Factors:
     s = evals.flip(0).clamp_min(0).sqrt()  # descending
     sv = s_white @ evecs[:, evecs.shape[1] - rank :].flip(1)  # S V_k: the top k, descending
     del evecs
-    u_k = torch.empty(m, rank, dtype=torch.float64)
-    for i, chunk in _row_chunks(w):
-        torch.mm(chunk, sv, out=u_k[i : i + chunk.shape[0]])
+    u_k = whitened(w, sv)  # W (S V_k), a row chunk of W at a time
     del sv
     if float(s[rank - 1]) > TALL_MIN_RATIO * float(s[0]):
         u_k /= s[:rank]
