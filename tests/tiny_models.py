@@ -85,3 +85,19 @@ def make_tiny_checkpoint(model_type: str, path: Path, seed: int = 0, max_shard_s
     model.save_pretrained(path, max_shard_size=max_shard_size)
     tiny_tokenizer(add_bos=model_type.startswith("gemma")).save_pretrained(path)
     return Path(path)
+
+
+def first_layer(model_dir: Path, tokens: int = 16):
+    """Block 0 of a checkpoint, its inputs for one random window and `forward(layer, hidden)` (as the job runs it)."""
+    from streamsvd.io.checkpoint import Checkpoint
+    from streamsvd.model.architecture import empty_model, load_config, load_layer
+    from streamsvd.model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
+    from streamsvd.model.embedding import materialize_base_mapped
+
+    ckpt = Checkpoint(model_dir)
+    model = empty_model(load_config(ckpt), torch.float32)
+    materialize_base_mapped(model, ckpt, torch.float32)
+    windows = torch.randint(0, VOCAB, (1, tokens))
+    args, kwargs = capture_layer_kwargs(model, windows)[0]
+    layer = load_layer(model, 0, ckpt, torch.float32)
+    return layer, first_layer_inputs(model, windows), lambda l, h: run_layer(l, h, args, kwargs)

@@ -10,6 +10,7 @@ shard was removed, the inputs are rebuilt from the finished blocks instead of st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -54,7 +55,7 @@ from ..io.plots import plots, read_spectra
 from ..math.allocate import ALLOCATORS, allocate, max_loss, max_ppl_increase, predicted_nll_increase, relative_loss
 from .profile import MAX_HELDOUT, ProfileConfig, check_heldout, make_profile, profile_identity, read_profile
 from .evaluate import final_states_nll
-from .stages import (FactoredBlock, OriginalInputs, collect_group_statistics, refine_block, collect_statistics, factor_block, forward_groups,
+from .stages import (FactoredBlock, OriginalInputs, Replay, collect_group_statistics, refine_block, collect_statistics, factor_block, forward_groups, replayable_parts,
                      output_side_linears, quantize_block)
 from .state import JobState, fingerprint
 from .integrity import JobIntegrity
@@ -327,6 +328,7 @@ class CompressionJob:
         if not self.world.writes:
             self.out = ReadOnlyOutput(self.out)
         self.profile, self.ranks = None, None
+        self._replay: Replay | None = None  # one block's saved part inputs (stages.Replay), group by group
         if cfg.profile is not None:
             self.profile = read_profile(cfg.profile, self._profile_identity())
             if cfg.max_ppl_increase is not None:
@@ -464,6 +466,7 @@ class CompressionJob:
         act = self._activation_nbytes()
         work = sum(act for name in ("acts-0.bin", "acts-1.bin") if not _has_size(self.work / name, act))
         work += self.plan.disk.get("original inputs", 0)  # one block's stash of the original inputs (compensation)
+        work += self.plan.disk.get("replayed inputs", 0)  # one block's saved inputs of o_proj and down_proj (Replay)
         out = sum(p.stat().st_size for p in self.out.other_files()) + len(modeling_source())  # + the remote code
         if not self.state.extra_shard_done:
             out += sum(self.ckpt.nbytes(k) for k in self.out.extra_names())
@@ -712,12 +715,16 @@ class CompressionJob:
 
     @torch.no_grad()
     def _propagate(self, layer: nn.Module, index: int, src: ActivationFile, dst: ActivationFile, desc: str,
-                   stream: int = 0) -> None:
+                   stream: int = 0, replay: Replay | None = None) -> None:
+        """The calibration windows of `stream` through `layer`; `replay`: its finished parts from their saved inputs."""
         forward = self._forward(index)
         base = stream * self.samples
-        for start, stop in self._bar(desc):
-            dst.write(base + start, forward(layer, src.read(base + start, base + stop)))
-            faults.point("activation-batch")
+        with replay.replaying() if replay is not None else contextlib.nullcontext():
+            for start, stop in self._bar(desc):
+                if replay is not None:
+                    replay.batch = (start, stop)
+                dst.write(base + start, forward(layer, src.read(base + start, base + stop)))
+                faults.point("activation-batch")
 
     @torch.no_grad()
     def _propagate_heldout(self, layer: nn.Module, index: int, src: ActivationFile, dst: ActivationFile) -> None:
@@ -748,8 +755,9 @@ class CompressionJob:
         src = self._activation_file(self.state.inputs_file, create=False)
         dst_name = _other(self.state.inputs_file)
         dst = self._activation_file(dst_name, create=True)
+        replay = None
         if cfg.grouped:
-            block = self._calibrate_groups(layer, index, prefix, src, dst)
+            block, replay = self._calibrate_groups(layer, index, prefix, src, dst)
         else:
             stats = collect_statistics(
                 layer, self._bar(f"block {index} stats"), src.read, self._forward(index),
@@ -768,8 +776,13 @@ class CompressionJob:
             self._stage("quantize")
             quantize_block(layer, prefix, block, cfg.quant_spec, COMPUTE_DTYPE)
         self._stage("propagate")
+        if replay is not None and (cfg.refine_steps or (cfg.quant_spec is not None and self._quant_while_factoring() is None)):
+            replay = None  # refinement or the quantize stage changed factors after their inputs were saved
         if cfg.propagate == "compressed":
-            self._propagate(layer, index, src, dst, desc=f"block {index} propagate")
+            self._propagate(layer, index, src, dst, desc=f"block {index} propagate", replay=replay)
+        if self._replay is not None:
+            self._replay.remove()
+            self._replay = None
         if self.heldout.shape[0]:
             self._propagate_heldout(layer, index, src, dst)
         dst.sync()
@@ -783,7 +796,8 @@ class CompressionJob:
         self.state.save(self.out.dir)
         faults.point("state-saved")
 
-    def _calibrate_groups(self, layer: nn.Module, index: int, prefix: str, src: ActivationFile, dst: ActivationFile) -> FactoredBlock:
+    def _calibrate_groups(self, layer: nn.Module, index: int, prefix: str, src: ActivationFile,
+                          dst: ActivationFile) -> tuple[FactoredBlock, Replay | None]:
         """Statistics and factors group by group (sequential), or all groups in one pass, with compensation.
 
         When compensating, the untouched block runs on the original model's stream (samples [S, 2S)
@@ -804,6 +818,12 @@ class CompressionJob:
         # With compensation over several passes the original block runs once, in the first, and leaves its
         # inputs to the later groups' leaders on disk (stages.OriginalInputs) for the later passes to pair with.
         stash = self._original_inputs(layer, passes, output_side) if cfg.compensate and len(passes) > 1 else None
+        # Group by group, the later passes and the propagate stage replay the finished attention and MLP from their
+        # last linear's saved inputs instead of running them again (stages.Replay): the same bits, less work.
+        replay = None
+        if len(passes) > 1:
+            parts = replayable_parts(layer, src.read(0, 1), forward)
+            self._replay = replay = Replay(self.work, self.samples, cfg.seqlen, layer, parts) if parts else None
         energies: dict[str, list[float]] = {}
         try:
             for i, target in enumerate(passes):
@@ -814,7 +834,7 @@ class CompressionJob:
                     stop_before=None if last else passes[i + 1][0][0], original=original,
                     read_original=lambda a, b: src.read(samples + a, samples + b),
                     on_original_output=lambda start, out: dst.write(samples + start, out), output_side=output_side,
-                    stash=stash, energies=energies,
+                    stash=stash, energies=energies, replay=replay,
                 )
                 # The first pass ran the untouched block (whole when stashing; the only pass otherwise): it goes
                 # before any factorisation, so the factorize stage holds one copy of the block's weights (job/plan.py)
@@ -826,10 +846,12 @@ class CompressionJob:
                              finish=last, ranks=self.ranks, quant=self._quant_while_factoring(), shrink=cfg.shrink,
                              spread=self.world.spread)
                 del stats
+                if replay is not None:
+                    replay.done_factoring(n for g in target for n in g)
         finally:
             if stash is not None:
                 stash.remove()
-        return block
+        return block, replay
 
     def _original_inputs(self, layer: nn.Module, passes: list[list[list[str]]], output_side: set[str]) -> OriginalInputs:
         """The stash of the original block's inputs to the later passes' input-side leaders (stages.OriginalInputs)."""

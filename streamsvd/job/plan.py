@@ -53,9 +53,13 @@ COMPUTE_BYTES = 4  # float32 blocks and activations in the forward
 GRAM_ROW_CHUNK = _ROW_CHUNK  # rows of a batch multiplied at a time by the Gram update
 PRODUCT_TILE_BYTES = _TILE_BYTES  # the float32 product of one column tile of a Gram
 # Sequential calibration's partial passes over the block as compressed so far, in compressed-block forwards:
-# q/k/v's ends at its input, o's after attention, gate/up's after it, down's before down (about 0.05 + 0.25 +
-# 0.3 + 0.75 of a block on SmolLM2's shapes; checked against tools/bench_speed.py's split, docs/RESULTS.md)
-SEQUENTIAL_PASSES = 1.35
+# q/k/v's ends at its input, o's after attention, gate/up's replays the attention (o_proj on its saved input,
+# job/stages.py Replay), down's replays it and runs gate/up (about 0.05 + 0.25 + 0.05 + 0.5 of a block on
+# SmolLM2's shapes; 1.35 before the replay), and the propagate stage replays both parts (o_proj and down_proj:
+# about 0.3). Together 1.15 against 2.35 before, as tools/bench_speed.py measured (docs/RESULTS.md: block
+# forwards less the original block's, 18.3 -> 8.8 s on SmolLM2's first 4 blocks).
+SEQUENTIAL_PASSES = 0.85
+REPLAYED_PROPAGATE = 0.3
 # What a job allocates beyond the live tensors counted below: Python objects, torch's per-op
 # scratch, the allocator's rounding. Measured on SmolLM2 and the tiny models (tools/bench_memory.py).
 SLACK_BYTES = 64 << 20
@@ -105,6 +109,11 @@ class LinearShape:
     route: str = "input"  # input: eigh of the in x in Gram; output: eigh of the out x out output Gram; plain: SVD of W
     svd: str = "exact"  # exact or randomized, for the input route's SVD of W S
     factors: str = "pivoted"  # stored form: pivoted or plain
+
+
+# The linears whose output is their part's output as it is (attention: o_proj, MLP: down_proj): group by group,
+# their inputs are saved to replay the part (job/stages.py Replay; the job checks each part by a probe).
+REPLAYED_LEAVES = ("o_proj", "down_proj")
 
 
 def input_group(name: str, in_features: int) -> str:
@@ -403,6 +412,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     q_width, kv_width = heads * head_dim, kv_heads * head_dim
     per_token = c * (8 * hidden + 4 * q_width + 4 * kv_width + 4 * inter)
     per_sample = L * per_token + c * 2 * heads * L * L + L * hidden * (act + c)  # + scores, + the batch read and converted
+    # A replayed part (job/stages.py Replay) holds its last linear's saved input and output instead of the part's own
+    # intermediates (the attention's q/k/v and scores, the MLP's three inter-wide tensors): within per_sample.
 
     # ---- factorisation workspace: the largest single step (float64)
     fact_parts = [("none", 0)]
@@ -625,6 +636,11 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         stashed_groups = [m for m in groups.values() if any(s.route == "input" for s in m)]
         first = next((m for m in stashed_groups if any(s.name.rsplit(".", 1)[-1] in ("q_proj", "qkv_proj") for s in m)), None)
         stashed = 4 * S * L * sum(m[0].in_features for m in stashed_groups if m is not first)  # float32
+    # group by group: the inputs of the attention's and the MLP's last linears, saved in their own pass for the
+    # later passes and the propagate stage to replay those parts from, for one block (job/stages.py Replay)
+    replayed = 0
+    if settings.calibrate == "sequential":
+        replayed = 4 * S * L * sum(s.in_features for s in linears if s.name.rsplit(".", 1)[-1] in REPLAYED_LEAVES)
     out_bytes = extra_bytes + other_file_bytes
     for prefix in block_prefixes:
         ls = (block_linears(ckpt, prefix, settings.ratio, settings.method, "exact", settings.factors, settings.ranks,
@@ -653,7 +669,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     else:
         forward = original_pass * (2 if settings.compensate else 1)
     if settings.propagate == "compressed":
-        forward += compressed_pass
+        replays = settings.calibrate == "sequential" and not settings.refine_steps and not quant_stage
+        forward += (REPLAYED_PROPAGATE if replays else 1.0) * compressed_pass
     stats_t, fact_t = 0.0, 0.0
     for members in groups.values():
         if any(s.route == "input" for s in members):
@@ -714,8 +731,9 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         min_stage=min_stage, min_component=min_component, stage_bytes=stage_totals,
         components=stage_parts(batch), routes=routes,
         tiles={"batch_size": batch, "gram_row_chunk": GRAM_ROW_CHUNK, "gram_product_tile_bytes": PRODUCT_TILE_BYTES},
-        disk_bytes=out_bytes + work + stashed,
-        disk={"output": out_bytes, "work files": work, **({"original inputs": stashed} if stashed else {})},
+        disk_bytes=out_bytes + work + stashed + replayed,
+        disk={"output": out_bytes, "work files": work, **({"original inputs": stashed} if stashed else {}),
+              **({"replayed inputs": replayed} if replayed else {})},
         seconds_estimate=float(f"{per_block * n_layers:.4g}"), seconds_per_block=float(f"{per_block:.4g}"),
         seconds_split={k: round(v, 2) for k, v in split.items()}, speed={k: float(v) for k, v in speed.items()},
         layers=n_layers, baseline_bytes=baseline, notes=notes,

@@ -16,7 +16,8 @@ compensating, paired token by token with the original block's inputs to the same
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,6 +143,126 @@ def forward_groups(layer: nn.Module, hidden: torch.Tensor, forward: Callable[[nn
     return groups + [[n] for n in missing]  # a linear the forward never reached keeps its own (empty) group
 
 
+@torch.no_grad()
+def replayable_parts(layer: nn.Module, hidden: torch.Tensor,
+                     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> dict[str, tuple[str, int]]:
+    """The block's direct children whose output is one of their linears' output as it is (one probe).
+
+    child name -> (that linear's name, 0 when the child returns the tensor itself, else the length of the
+    tuple it returns, all of whose other items are None). A Llama-style block: self_attn -> o_proj (the
+    tuple (output, None) of transformers' attention), mlp -> down_proj. Only a child called once per
+    forward, whose linear is called once and whose output is that linear's very tensor, qualifies: what
+    `Replay` may replace by the linear alone without changing a bit.
+    """
+    linears = linear_modules(layer)
+    children = dict(layer.named_children())
+    seen: dict[str, list] = {}
+
+    def hook(name):
+        def fn(module, inputs, out):
+            seen.setdefault(name, []).append(out)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in list(linears.items()) + list(children.items())]
+    try:
+        forward(layer, hidden)
+    finally:
+        for h in handles:
+            h.remove()
+    parts = {}
+    for child in children:
+        outs = seen.get(child, [])
+        if len(outs) != 1:
+            continue
+        out, items = outs[0], 0
+        if isinstance(out, tuple) and out and all(o is None for o in out[1:]):
+            out, items = out[0], len(out)
+        if not isinstance(out, torch.Tensor):
+            continue
+        tail = next((n for n in linears if n.startswith(child + ".") and len(seen.get(n, [])) == 1
+                     and seen[n][0] is out), None)
+        if tail is not None:
+            parts[child] = (tail, items)
+    return parts
+
+
+class Replay:
+    """The compressed block's finished parts run from their saved inputs, not again (group-by-group passes).
+
+    Group by group, each pass runs the compressed block up to the group it calibrates, and the propagate
+    stage runs it whole: the attention ran again in every later pass and once more to propagate. A part
+    (`replayable_parts`: self_attn -> o_proj, mlp -> down_proj) whose linears are all factored is replayed
+    as its last linear applied to that linear's input, saved in the linear's own pass, when everything
+    before it in the block was already final: the same float32 tensor the forward would make again (same
+    kernels, same batches), so the output is byte-identical (tested). One float32 file per part,
+    (samples, seqlen, in_features), for one block (job/plan.py's disk "replayed inputs").
+    """
+
+    PREFIX = "replay-inputs-"
+
+    def __init__(self, folder: Path, samples: int, seqlen: int, layer: nn.Module, parts: dict[str, tuple[str, int]]):
+        linears = linear_modules(layer)
+        self.layer, self.parts = layer, parts
+        self.members = {child: {n for n in linears if n.startswith(child + ".")} for child in parts}
+        self.files = {tail: ActivationFile(Path(folder) / f"{self.PREFIX}{i}.bin",
+                                           (samples, seqlen, linears[tail].in_features), "float32", create=True)
+                      for i, (tail, _) in enumerate(parts.values())}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.saved: set[str] = set()  # tails whose every batch's input is on disk
+        self.ready: set[str] = set()  # children replayed from now on
+        self.factored: set[str] = set()
+        self.batch = (0, 0)
+
+    def to_save(self, names: Iterable[str]) -> list[str]:
+        """The tails among `names` (a pass's linears) whose inputs this pass saves."""
+        return [tail for tail in self.files if tail in set(names) and tail not in self.saved]
+
+    def save(self, tail: str, x: torch.Tensor) -> None:
+        self.dtypes[tail] = x.dtype
+        self.files[tail].write(self.batch[0], x)
+
+    def done_factoring(self, names: Iterable[str]) -> None:
+        """After a pass's linears are factored: a part whose linears are all final and whose input is saved
+        is replayed from the next pass on."""
+        self.factored.update(names)
+        for child, (tail, _) in self.parts.items():
+            if tail in self.saved and self.members[child] <= self.factored:
+                self.ready.add(child)
+
+    def _forward(self, child: str):
+        tail, items = self.parts[child]
+        linear = self.layer.get_submodule(tail)
+
+        def fn(*args, **kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            y = linear(self.files[tail].read(*self.batch, dtype=self.dtypes[tail]))
+            if hidden is not None and tuple(y.shape[:-1]) != tuple(hidden.shape[:-1]):
+                raise RuntimeError(f"replayed {child} gave {tuple(y.shape)} for inputs {tuple(hidden.shape)}")
+            return y if items == 0 else (y, *([None] * (items - 1)))
+        return fn
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """The ready parts' forwards replaced by their replay (set `batch` before each forward)."""
+        patched = []
+        try:
+            for child in sorted(self.ready):
+                module = self.layer.get_submodule(child)
+                patched.append((module, module.__dict__.get("forward")))
+                module.forward = self._forward(child)
+            yield
+        finally:
+            for module, old in patched:
+                if old is None:
+                    del module.forward
+                else:
+                    module.forward = old
+
+    def remove(self) -> None:
+        for f in self.files.values():
+            f.path.unlink(missing_ok=True)
+
+
 class GroupStatistics:
     """What one pass collects for some input groups; the interface `factor_block` reads (as GramCollector's).
 
@@ -175,6 +296,7 @@ def collect_group_statistics(
     output_side: set[str] = frozenset(),
     stash: "OriginalInputs | None" = None,
     energies: dict[str, float] | None = None,
+    replay: "Replay | None" = None,
 ) -> GroupStatistics:
     """One pass: the statistics of `groups` on the inputs `layer` (as compressed so far) gives them.
 
@@ -194,6 +316,9 @@ def collect_group_statistics(
     pass given `original` runs it whole and writes its inputs to the later groups' leaders into the
     stash (and their outputs' energy into `energies`, shared by the passes); a pass without
     `original` reads its paired inputs from the stash.
+
+    `replay` (Replay): the compressed block's parts that are ready run from their saved inputs, and this
+    pass saves the inputs of the parts' last linears it calibrates.
     """
     stats = GroupStatistics(layer, groups, original is not None or stash is not None, output_side)
     wanted = {n for g in groups for n in g}
@@ -221,6 +346,12 @@ def collect_group_statistics(
     def stash_input(name):
         def fn(module, inputs):
             stash.write(name, batch_start[0], inputs[0])
+        return fn
+
+    def save_input(name):
+        def fn(module, inputs):
+            replay.save(name, inputs[0])
+            done(("save", name))
         return fn
 
     def output_energy(name):
@@ -280,7 +411,9 @@ def collect_group_statistics(
     else:
         whole_original = stop_before is None and on_original_output is not None  # its outputs are the next block's inputs
         original_stop, energy, ahead = stop, sorted(wanted), []
-    for start, end in batches:
+    saving = replay.to_save(wanted) if replay is not None else []
+
+    def one_batch(start, end):
         batch_start[0] = start
         if original is not None:
             out = run(original, read_original(start, end),
@@ -291,9 +424,18 @@ def collect_group_statistics(
                 on_original_output(start, out)
         elif stash is not None:
             captured.update({n: stash.read(n, start, end) for n in captures})
-        run(layer, read(start, end), [(n, "pre", accumulate(n)) for n in accumulated] + stop,
-            [("accumulate", n) for n in accumulated], True)
+        if replay is not None:
+            replay.batch = (start, end)
+        run(layer, read(start, end), [(n, "pre", accumulate(n)) for n in accumulated]
+            + [(n, "pre", save_input(n)) for n in saving] + stop,
+            [("accumulate", n) for n in accumulated] + [("save", n) for n in saving], True)
         captured.clear()
+
+    with replay.replaying() if replay is not None else contextlib.nullcontext():
+        for start, end in batches:
+            one_batch(start, end)
+    if replay is not None:
+        replay.saved.update(saving)
     tokens = next((g.tokens for g in list(stats.grams.values()) + list(stats.output_grams.values())), 0)
     stats.energy_terms = {n: list(energies[n]) for n in sorted(wanted) if n in energies}
     stats.e0 = energy_means(stats.energy_terms, tokens)

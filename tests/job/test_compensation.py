@@ -14,8 +14,8 @@ from streamsvd.cli import main
 from streamsvd.io.output import RUN_LOG
 from streamsvd.job.pipeline import JobConfig, job_identity, run_job
 from streamsvd.job.state import STATE_NAME
-from streamsvd.model.architecture import decoder_layers, linear_modules
-from tiny_models import make_tiny_checkpoint
+from streamsvd.model.architecture import linear_modules
+from tiny_models import first_layer, make_tiny_checkpoint
 
 VOLATILE = {RUN_LOG, STATE_NAME, "profile_log.json"}  # the profile's wall times vary too
 COMPENSATED = dict(calibrate="sequential", compensate=True, anchor=0.1)
@@ -159,7 +159,9 @@ def test_the_work_files_hold_both_streams_and_the_disk_check_counts_them(model_d
     assert two._activation_nbytes() == 2 * one._activation_nbytes()
     stash = two.plan.disk["original inputs"]  # one block's original inputs to the later groups (stages.OriginalInputs)
     assert stash > 0 and "original inputs" not in one.plan.disk
-    assert two._disk_needs()[two.work] == 2 * one._disk_needs()[one.work] + stash
+    replayed = two.plan.disk["replayed inputs"]  # one block's saved inputs of o_proj and down_proj (stages.Replay)
+    assert replayed > 0 and "replayed inputs" not in one.plan.disk
+    assert two._disk_needs()[two.work] == 2 * one._disk_needs()[one.work] + stash + replayed
     assert two.plan.disk["work files"] == 2 * one.plan.disk["work files"]
     # The original block and the cross statistics, net of the process baseline: the overall peak may sit in a
     # stage compensation does not touch (the embedding), and the baseline is measured anew by each plan.
@@ -171,21 +173,12 @@ def test_the_work_files_hold_both_streams_and_the_disk_check_counts_them(model_d
 
 def test_sequential_groups_follow_the_forward(model_dir):
     from streamsvd.job.stages import forward_groups
-    from streamsvd.model.architecture import empty_model, load_config, load_layer
-    from streamsvd.io.checkpoint import Checkpoint
-    from streamsvd.model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
-    from streamsvd.model.embedding import materialize_base_mapped
 
-    ckpt = Checkpoint(model_dir)
-    model = empty_model(load_config(ckpt), torch.float32)
-    materialize_base_mapped(model, ckpt, torch.float32)
-    windows = torch.randint(0, 384, (1, 16))
-    args, kwargs = capture_layer_kwargs(model, windows)[0]
-    layer = load_layer(model, 0, ckpt, torch.float32)
-    groups = forward_groups(layer, first_layer_inputs(model, windows), lambda l, h: run_layer(l, h, args, kwargs))
+    layer, hidden, forward = first_layer(model_dir)
+    groups = forward_groups(layer, hidden, forward)
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
-    assert sorted(n for g in groups for n in g) == sorted(linear_modules(decoder_layers(model)[0]))
+    assert sorted(n for g in groups for n in g) == sorted(linear_modules(layer))
 
 
 REFINED = dict(calibrate="sequential", compensate=True, anchor=0.1, refine_steps=12, refine_lr=1e-4)
