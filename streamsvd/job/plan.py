@@ -325,6 +325,55 @@ def _config_int(cfg: dict, key: str, default: int) -> int:
     return int(v) if isinstance(v, (int, float)) else default
 
 
+def input_route_workspace(s: LinearShape, method: str, profiling: bool = False, weighted: bool = False,
+                          compensated: bool = False) -> tuple[str, int]:
+    """(what, bytes) of the float64 workspace that factoring input-side linear `s` holds at its largest step.
+
+    `profiling`: the profile's own routes (job/profile.block_spectra, every direction's spectrum); `weighted`: with its
+    weighted energies; `compensated`: math/compensate.py's W C and W* beside the route (tools/bench_compensate_memory.py
+    measures this against the peak at 7B and 70B shapes, docs/RESULTS.md).
+    """
+    m, n, k = s.out_features, s.in_features, s.rank
+    # W float64, W S, SVD: copy, U, Vh, gesdd work; factors
+    mn = min(m, n)
+    what = f"SVD of the whitened {m} x {n} {s.name}"
+    part = None
+    if s.svd == "randomized":
+        p = k + 10
+        svd_ws = 8 * (3 * max(m, n) * p + 3 * p * p + m * n)
+    elif method == "eig" and m > n and s.svd == "exact" and not profiling:
+        # tall (math/factorize._tall_eig), W never whole in float64: A^T A = S^T (W^T W) S, eigh's
+        # vectors and syevd's 2 n^2 work; S V_k; U_k = W S V_k and U_k^T W over float64 row chunks
+        part = (f"eigh of A^T A for the whitened {m} x {n} {s.name}",
+                8 * (4 * n * n + n * k + k * (m + n) + LINE_CHUNK * n))
+    elif method == "eig" and m <= n and s.svd == "exact" and not profiling:
+        # square or wide (math/factorize._wide_eig): A = W S by float64 row chunks, A A^T, eigh's
+        # vectors and syevd's 2 m^2 work; U_k and U_k^T W
+        part = (f"eigh of A A^T for the whitened {m} x {n} {s.name}",
+                8 * (m * n + 4 * m * m + k * (m + n) + LINE_CHUNK * n))
+    elif method == "eig" and weighted and m > n:
+        # the profile's tall route (job/profile.block_spectra): W^T W over float64 row chunks, S^T (W^T W) S
+        # and its temporary, eigh's vectors and syevd's 2 n^2 work; then its weighted energies: S^T W^T W,
+        # V^T of it and that times the weighted Gram, each in x in
+        part = (f"eigh of A^T A for the whitened {m} x {n} {s.name}", 8 * (8 * n * n + LINE_CHUNK * n))
+    elif method == "eig" and weighted:
+        # the profile's square / wide route: A = W S by row chunks, A A^T, eigh's vectors and 2 m^2 work;
+        # U^T W and that times the weighted Gram (U: all min(m, n) directions)
+        part = (f"eigh of A A^T for the whitened {m} x {n} {s.name}",
+                8 * (m * n + 4 * m * m + 2 * mn * n + LINE_CHUNK * n))
+    else:
+        svd_ws = 8 * (m * n + m * mn + mn * n + 4 * mn * mn + 4 * max(m, n) * mn)
+    if part is None:
+        part = (what, 8 * (2 * m * n + k * (m + n)) + svd_ws)
+    if compensated:
+        # math/compensate.py: W C (m x n float64) is held from before W* is made until the output error is taken,
+        # W* through the factorisation above. W* is made a row chunk at a time into its own m x n (W C and W* plus
+        # three LINE_CHUNK x n products); the output error is taken from the factors (k x n and k x k). So W C and
+        # W* beside the route's workspace; making W C (W's float64 copy and the product) fits in the same two.
+        part = (f"{part[0]}, compensated (W C and W* held)", 8 * 2 * m * n + max(part[1], 8 * 3 * LINE_CHUNK * n))
+    return part
+
+
 def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: int, baseline: int,
               fixed_batch: int | None = None, other_file_bytes: int = 0) -> Plan:
     """The plan for `settings` under `budget`; `fixed_batch` is a resumed job's batch size (kept)."""
@@ -427,44 +476,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                 fact_parts.append((f"eigh of the {m} x {m} output Gram of {s.name}",
                                    8 * (4 * m * m + m * k + k * n + LINE_CHUNK * n)))
             elif s.route == "input":
-                # W float64, W S, SVD: copy, U, Vh, gesdd work; factors
-                mn = min(m, n)
-                what = f"SVD of the whitened {m} x {n} {s.name}"
-                part = None
-                if s.svd == "randomized":
-                    p = k + 10
-                    svd_ws = 8 * (3 * max(m, n) * p + 3 * p * p + m * n)
-                elif settings.method == "eig" and m > n and s.svd == "exact" and not (settings.profile or settings.weighted_energies):
-                    # tall (math/factorize._tall_eig), W never whole in float64: A^T A = S^T (W^T W) S, eigh's
-                    # vectors and syevd's 2 n^2 work; S V_k; U_k = W S V_k and U_k^T W over float64 row chunks
-                    part = (f"eigh of A^T A for the whitened {m} x {n} {s.name}",
-                            8 * (4 * n * n + n * k + k * (m + n) + LINE_CHUNK * n))
-                elif settings.method == "eig" and m <= n and s.svd == "exact" and not (settings.profile or settings.weighted_energies):
-                    # square or wide (math/factorize._wide_eig): A = W S by float64 row chunks, A A^T, eigh's
-                    # vectors and syevd's 2 m^2 work; U_k and U_k^T W
-                    part = (f"eigh of A A^T for the whitened {m} x {n} {s.name}",
-                            8 * (m * n + 4 * m * m + k * (m + n) + LINE_CHUNK * n))
-                elif settings.method == "eig" and settings.weighted_energies and m > n:
-                    # the profile's tall route (job/profile.block_spectra): W^T W over float64 row chunks, S^T (W^T W) S
-                    # and its temporary, eigh's vectors and syevd's 2 n^2 work; then its weighted energies: S^T W^T W,
-                    # V^T of it and that times the weighted Gram, each in x in
-                    part = (f"eigh of A^T A for the whitened {m} x {n} {s.name}", 8 * (8 * n * n + LINE_CHUNK * n))
-                elif settings.method == "eig" and settings.weighted_energies:
-                    # the profile's square / wide route: A = W S by row chunks, A A^T, eigh's vectors and 2 m^2 work;
-                    # U^T W and that times the weighted Gram (U: all min(m, n) directions)
-                    part = (f"eigh of A A^T for the whitened {m} x {n} {s.name}",
-                            8 * (m * n + 4 * m * m + 2 * mn * n + LINE_CHUNK * n))
-                else:
-                    svd_ws = 8 * (m * n + m * mn + mn * n + 4 * mn * mn + 4 * max(m, n) * mn)
-                if part is None:
-                    part = (what, 8 * (2 * m * n + k * (m + n)) + svd_ws)
-                if settings.compensated:
-                    # math/compensate.py, measured on a 70B-shape block (docs/RESULTS.md): W C (m x n) is held from
-                    # before W* is made until the output error is taken, and W* through the factorisation above;
-                    # making W* (W in float64, W C + lam W, times Q, times 1/(eigenvalues)) and the output error
-                    # (W and W' in float64, W' G' and an elementwise product) each hold five m x n float64 matrices
-                    part = (f"{part[0]}, compensated (W C and W* held)", max(8 * 5 * m * n, 8 * 2 * m * n + part[1]))
-                fact_parts.append(part)
+                fact_parts.append(input_route_workspace(s, settings.method, settings.profile or settings.weighted_energies,
+                                                        settings.weighted_energies, settings.compensated))
             else:
                 mn = min(m, n)
                 fact_parts.append((f"SVD of {s.name}", 8 * (2 * m * n + m * mn + mn * n + 4 * mn * mn + 4 * max(m, n) * mn)))

@@ -556,7 +556,7 @@ def factor_block(
                 wc = None if cross is None else cross.times(linear.weight)  # W C: all compensation reads of C
                 f = factorize_compensated(linear.weight, white, q, inv, lam, None, rank, svd=route_svd, wc=wc)
                 if name in getattr(stats, "e0", {}):
-                    error = output_error(linear.weight, f.out_factor @ f.in_factor, stats.e0[name], None, gram, wc=wc)
+                    error = output_error(linear.weight, (f.out_factor, f.in_factor), stats.e0[name], None, gram, wc=wc)
             else:
                 if method != "svd" and group not in whitenings:
                     gram = shrink_gram(stats.grams.pop(group).gram, shrink)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .factorize import Factors, Whitening, factorize
+from .factorize import LINE_CHUNK, Factors, Whitening, row_chunks, factorize
 from .gram import _ROW_CHUNK, GramAccumulator, add_products, product_dtype
 
 
@@ -117,14 +117,21 @@ def compensated_whitening(gram: torch.Tensor, anchor: float, product_eps: float 
 def compensated_target(weight: torch.Tensor, cross: torch.Tensor | None, q: torch.Tensor, inv: torch.Tensor, lam: float,
                        wc: torch.Tensor | None = None) -> torch.Tensor:
     """W* = W (C + lam I) H^+ (float64); `cross` None (and no `wc`) means X = X' (C = G'), where W* = W up to H's
-    null space. `wc`: W C already made (ProjectedCrossAccumulator, or a caller's `times`), instead of C."""
-    w = weight.detach().to(torch.float64)
+    null space. `wc`: W C already made (ProjectedCrossAccumulator, or a caller's `times`), instead of C.
+
+    Made LINE_CHUNK rows at a time into the one m x n result: beside `wc` and W* nothing m x n is held (no float64
+    copy of W, no m x n intermediate products; job/plan.py counts W C and W* for a compensated linear)."""
     if cross is None and wc is None:
-        return w
-    target = wc.to(torch.float64) if wc is not None else w @ cross.to(torch.float64)
-    if lam:
-        target = target + lam * w
-    return ((target @ q) * inv) @ q.T
+        return weight.detach().to(torch.float64)
+    c = None if wc is not None else cross.to(torch.float64)
+    q = q.to(torch.float64)
+    out = torch.empty(weight.shape, dtype=torch.float64)
+    for i, w in row_chunks(weight):
+        target = wc[i : i + LINE_CHUNK].to(torch.float64) if wc is not None else w @ c
+        if lam:
+            target = target + lam * w
+        out[i : i + LINE_CHUNK] = ((target @ q) * inv) @ q.T
+    return out
 
 
 @torch.no_grad()
@@ -135,16 +142,29 @@ def factorize_compensated(weight: torch.Tensor, white: Whitening, q: torch.Tenso
 
 
 @torch.no_grad()
-def output_error(weight: torch.Tensor, new: torch.Tensor, e0: float, cross: torch.Tensor | None, gram: torch.Tensor,
+def output_error(weight: torch.Tensor, new, e0: float, cross: torch.Tensor | None, gram: torch.Tensor,
                  wc: torch.Tensor | None = None) -> float:
     """sqrt(||X W^T - X' W'^T||^2 / T) from the statistics: e0 - 2 tr(W C W'^T) + tr(W' G' W'^T).
 
+    `new`: W' itself, or its factors (B, A) with W' = B A, from which the two traces are taken without any
+    m x n matrix: tr(W C W'^T) = sum((B^T (W C)) * A) and tr(W' G' W'^T) = sum((A G' A^T) * (B^T B)) (k x n and
+    k x k; against W' G' and B A, two m x n float64 matrices and a third of the work at SmolLM2's ranks).
     `cross` None (and no `wc`) means X = X' (no compensation): C = G'. `wc`: W C already made.
     """
-    w = weight.detach().to(torch.float64)
-    wn = new.detach().to(torch.float64)
     g = gram.to(torch.float64)
     if wc is None:
-        wc = w @ (g if cross is None else cross.to(torch.float64))
-    value = e0 - 2.0 * float((wc.to(torch.float64) * wn).sum()) + float(((wn @ g) * wn).sum())
+        c = g if cross is None else cross.to(torch.float64)
+        wc = torch.empty(weight.shape, dtype=torch.float64)
+        for i, w in row_chunks(weight):
+            wc[i : i + LINE_CHUNK] = w @ c
+    wc = wc.to(torch.float64)
+    if isinstance(new, tuple):
+        b, a = (t.detach().to(torch.float64) for t in new)
+        cross_term = float(((b.T @ wc) * a).sum())
+        quadratic = float(((a @ g @ a.T) * (b.T @ b)).sum())
+    else:
+        wn = new.detach().to(torch.float64)
+        cross_term = float((wc * wn).sum())
+        quadratic = float(((wn @ g) * wn).sum())
+    value = e0 - 2.0 * cross_term + quadratic
     return max(value, 0.0) ** 0.5

@@ -178,7 +178,8 @@ def _checked_whitening(gram, method: str, n: int) -> Whitening:
 LINE_CHUNK = 512
 
 
-def _row_chunks(w: torch.Tensor):
+def row_chunks(w: torch.Tensor):
+    """(first row, those LINE_CHUNK rows of w in float64), in order: a weight read without a whole float64 copy."""
     for i in range(0, w.shape[0], LINE_CHUNK):
         yield i, w[i : i + LINE_CHUNK].detach().to(torch.float64)
 
@@ -186,7 +187,7 @@ def _row_chunks(w: torch.Tensor):
 def project(u_k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """U_k^T W (k x in, float64), summed over row chunks of W (any float dtype)."""
     out = torch.zeros(u_k.shape[1], w.shape[1], dtype=torch.float64)
-    for i, chunk in _row_chunks(w):
+    for i, chunk in row_chunks(w):
         out.addmm_(u_k[i : i + chunk.shape[0]].T, chunk)
     return out
 
@@ -194,7 +195,7 @@ def project(u_k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def weight_gram(w: torch.Tensor) -> torch.Tensor:
     """W^T W (in x in, float64), summed over row chunks of W (any float dtype)."""
     wtw = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64)
-    for _, chunk in _row_chunks(w):
+    for _, chunk in row_chunks(w):
         wtw.addmm_(chunk.T, chunk)
     return wtw
 
@@ -203,7 +204,7 @@ def whitened(w: torch.Tensor, s_white: torch.Tensor) -> torch.Tensor:
     """A = W S (float64), made a row chunk of W at a time (W any float dtype); S may have any number of columns
     (the tall route's U_k = W (S V_k) is made the same way)."""
     a = torch.empty(w.shape[0], s_white.shape[1], dtype=torch.float64)
-    for i, chunk in _row_chunks(w):
+    for i, chunk in row_chunks(w):
         torch.mm(chunk, s_white, out=a[i : i + chunk.shape[0]])
     return a
 

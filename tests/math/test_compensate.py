@@ -7,6 +7,7 @@ import torch
 
 from streamsvd.math.compensate import (
     CrossGramAccumulator,
+    compensated_target,
     compensated_whitening,
     factorize_compensated,
     output_error,
@@ -94,6 +95,8 @@ def test_the_reported_output_error_is_the_error_achieved(deficient):
     new = f.out_factor @ f.in_factor
     achieved = (float((x @ w.T - x_comp @ new.T).pow(2).sum()) / x.shape[0]) ** 0.5
     assert output_error(w, new, e0, cross, gram) == pytest.approx(achieved, rel=1e-9)
+    # from the factors, no m x n matrix (what the job reports)
+    assert output_error(w, (f.out_factor, f.in_factor), e0, cross, gram) == pytest.approx(achieved, rel=1e-9)
     # The spectrum's tail is the part of the objective above the unconstrained optimum W*.
     best = factorize_compensated(w, white, q, inv, lam, cross, min(w.shape))
     above = _objective(x, x_comp, w, new, lam) - _objective(x, x_comp, w, best.out_factor @ best.in_factor, lam)
@@ -171,3 +174,23 @@ def test_a_projected_cross_statistic_is_w_times_the_cross_gram_and_gives_the_sam
     assert isinstance(cross_accumulator(w, alone=True), ProjectedCrossAccumulator)
     assert type(cross_accumulator(w, alone=False)) is CrossGramAccumulator
     assert type(cross_accumulator(w.T.contiguous(), alone=True)) is CrossGramAccumulator
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_w_star_made_a_row_chunk_at_a_time_is_the_whole_products(dtype, monkeypatch):
+    """W* = W (C + lam I) H^+ made LINE_CHUNK rows at a time (no float64 copy of W, no m x n intermediates)
+    equals the whole-matrix product to round-off, with C or with W C given, from a weight in any dtype."""
+    from streamsvd.math import compensate, factorize as fz
+
+    x, x_comp, w = _problem(seed=9, n=12, m=23)
+    gram, cross, _ = _stats(x, x_comp, w)
+    white, q, inv, lam = compensated_whitening(gram, 0.1)
+    weight = w.to(dtype)
+    w64 = weight.to(torch.float64)
+    whole = (((w64 @ cross + lam * w64) @ q) * inv) @ q.T
+    for chunk in (5, 23, 512):  # chunks that split the rows unevenly, exactly, and not at all
+        monkeypatch.setattr(compensate, "LINE_CHUNK", chunk)
+        monkeypatch.setattr(fz, "LINE_CHUNK", chunk)
+        for got in (compensated_target(weight, cross, q, inv, lam), compensated_target(weight, None, q, inv, lam, wc=w64 @ cross)):
+            assert got.dtype == torch.float64 and got.shape == w.shape
+            assert torch.allclose(got, whole, rtol=0, atol=1e-12 * float(whole.abs().max()))
