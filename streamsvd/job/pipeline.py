@@ -328,7 +328,6 @@ class CompressionJob:
         if not self.world.writes:
             self.out = ReadOnlyOutput(self.out)
         self.profile, self.ranks = None, None
-        self._replay: Replay | None = None  # one block's saved part inputs (stages.Replay), group by group
         if cfg.profile is not None:
             self.profile = read_profile(cfg.profile, self._profile_identity())
             if cfg.max_ppl_increase is not None:
@@ -776,13 +775,12 @@ class CompressionJob:
             self._stage("quantize")
             quantize_block(layer, prefix, block, cfg.quant_spec, COMPUTE_DTYPE)
         self._stage("propagate")
-        if replay is not None and (cfg.refine_steps or (cfg.quant_spec is not None and self._quant_while_factoring() is None)):
-            replay = None  # refinement or the quantize stage changed factors after their inputs were saved
         if cfg.propagate == "compressed":
-            self._propagate(layer, index, src, dst, desc=f"block {index} propagate", replay=replay)
-        if self._replay is not None:
-            self._replay.remove()
-            self._replay = None
+            # refinement (and the quantize stage, which runs only after it) changed factors after their inputs were saved
+            self._propagate(layer, index, src, dst, desc=f"block {index} propagate",
+                            replay=None if cfg.refine_steps else replay)
+        if replay is not None:
+            replay.remove()
         if self.heldout.shape[0]:
             self._propagate_heldout(layer, index, src, dst)
         dst.sync()
@@ -823,7 +821,7 @@ class CompressionJob:
         replay = None
         if len(passes) > 1:
             parts = replayable_parts(layer, src.read(0, 1), forward)
-            self._replay = replay = Replay(self.work, self.samples, cfg.seqlen, layer, parts) if parts else None
+            replay = Replay(self.work, self.samples, cfg.seqlen, layer, parts) if parts else None
         energies: dict[str, list[float]] = {}
         try:
             for i, target in enumerate(passes):

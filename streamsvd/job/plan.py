@@ -682,7 +682,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     else:
         forward = original_pass * (2 if settings.compensate else 1)
     if settings.propagate == "compressed":
-        replays = settings.calibrate == "sequential" and not settings.refine_steps and not quant_stage
+        replays = settings.calibrate == "sequential" and not settings.refine_steps  # refinement: the block runs whole
         forward += (REPLAYED_PROPAGATE if replays else 1.0) * compressed_pass
     stats_t, fact_t = 0.0, 0.0
     for members in groups.values():

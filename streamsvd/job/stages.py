@@ -215,7 +215,8 @@ class Replay:
 
     def to_save(self, names: Iterable[str]) -> list[str]:
         """The tails among `names` (a pass's linears) whose inputs this pass saves."""
-        return [tail for tail in self.files if tail in set(names) and tail not in self.saved]
+        names = set(names)
+        return [tail for tail in self.files if tail in names and tail not in self.saved]
 
     def save(self, tail: str, x: torch.Tensor) -> None:
         self.dtypes[tail] = x.dtype

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .factorize import LINE_CHUNK, Factors, Whitening, row_chunks, factorize
+from .factorize import LINE_CHUNK, Factors, Whitening, factorize, row_chunks, whitened
 from .gram import _ROW_CHUNK, GramAccumulator, add_products, product_dtype
 
 
@@ -153,10 +153,7 @@ def output_error(weight: torch.Tensor, new, e0: float, cross: torch.Tensor | Non
     """
     g = gram.to(torch.float64)
     if wc is None:
-        c = g if cross is None else cross.to(torch.float64)
-        wc = torch.empty(weight.shape, dtype=torch.float64)
-        for i, w in row_chunks(weight):
-            wc[i : i + LINE_CHUNK] = w @ c
+        wc = whitened(weight, g if cross is None else cross.to(torch.float64))  # W C, a row chunk of W at a time
     wc = wc.to(torch.float64)
     if isinstance(new, tuple):
         b, a = (t.detach().to(torch.float64) for t in new)
