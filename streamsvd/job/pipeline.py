@@ -40,7 +40,7 @@ from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
 from ..io.checkpoint import Checkpoint
 from ..io.diskspace import check_free_space
 from ..errors import StreamSVDError
-from ..math.factorize import METHODS, rank_for_ratio, stored_numel
+from ..math.factorize import METHODS, PRECISIONS, rank_for_ratio, stored_numel
 from ..math.pivot import FACTOR_FORMS
 from ..math.quantize import DEFAULT_GROUP_SIZE, DEFAULT_ROUNDING, QUANT_BITS, ROUNDINGS, QuantSpec, stored_linear_bytes
 from ..model.quantized import dequantizing_getter, logical_keys
@@ -92,6 +92,7 @@ class JobConfig:
     restart: bool = False  # remove streamsvd's own files from OUT_DIR and start over
     factors: str = "pivoted"  # stored form of a compressed linear: pivoted (r (m + n - r) numbers) or plain
     svd: str = "auto"  # exact, randomized or auto: the SVD of the whitened weights (job/plan.py choose_svd)
+    precision: str = "float64"  # float64 or float32: eig's exact routes (math/factorize.py; the whitening stays float64)
     # Each input group calibrated on the inputs the block's already-compressed groups give it
     # ("sequential"), or all groups once per block on the block's inputs ("block").
     # None: the measured default (`resolve_defaults`): on wherever the job can do it (eig, compressed
@@ -182,6 +183,8 @@ class JobConfig:
             raise StreamSVDError(f"--seqlen {self.seqlen} is too short", "use at least 2 tokens per window")
         if self.svd not in SVD_MODES:
             raise StreamSVDError(f"unknown --svd {self.svd!r}", f"choose one of {', '.join(SVD_MODES)}")
+        if self.precision not in PRECISIONS:
+            raise StreamSVDError(f"unknown --precision {self.precision!r}", f"choose one of {', '.join(PRECISIONS)}")
         if self.alloc not in ALLOCATORS:
             raise StreamSVDError(f"unknown --alloc {self.alloc!r}", f"choose one of {', '.join(ALLOCATORS)}")
         if self.rank_multiple < 1:
@@ -281,6 +284,8 @@ def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str, profile_digest: st
         identity["rank_multiple"] = cfg.rank_multiple
     if cfg.shrink:
         identity["shrink"] = cfg.shrink
+    if cfg.precision != "float64":  # absent at the default, so jobs from before --precision still resume
+        identity["precision"] = cfg.precision
     if cfg.alloc == "global" and cfg.alloc_floor:
         identity["alloc_floor"] = cfg.alloc_floor
     if cfg.max_loss is not None:
@@ -767,7 +772,7 @@ class CompressionJob:
             self._stage("factorize")
             block = factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
                                  svd=cfg.svd, ranks=self.ranks, quant=self._quant_while_factoring(), shrink=cfg.shrink,
-                                 spread=self.world.spread)
+                                 spread=self.world.spread, precision=PRECISIONS[cfg.precision])
             del stats  # the Grams are not needed past here
         if cfg.refine_steps:
             self._refine(layer, index, prefix, block, src, dst)
@@ -842,7 +847,7 @@ class CompressionJob:
                 factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
                              svd=cfg.svd, names=[n for g in target for n in g], anchor=cfg.anchor, block=block,
                              finish=last, ranks=self.ranks, quant=self._quant_while_factoring(), shrink=cfg.shrink,
-                             spread=self.world.spread)
+                             spread=self.world.spread, precision=PRECISIONS[cfg.precision])
                 del stats
                 if replay is not None:
                     replay.done_factoring(n for g in target for n in g)

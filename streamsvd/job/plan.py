@@ -212,10 +212,12 @@ def machine_speed() -> dict:
     sym = a64 @ a64.T
     n = 384
     small = sym[:n, :n].contiguous()
+    small32 = small.float()
     _SPEED = {
         "matmul_f32_gflops": 2 * 1024**3 / best(lambda: a32 @ a32) / 1e9,
         "matmul_f64_gflops": 2 * 768**3 / best(lambda: a64 @ a64) / 1e9,
         "eigh_s_per_n3": best(lambda: torch.linalg.eigh(small)) / n**3,
+        "eigh_f32_s_per_n3": best(lambda: torch.linalg.eigh(small32)) / n**3,
         "svd_s_per_n3": best(lambda: torch.linalg.svd(small, full_matrices=False)) / n**3,
     }
     return _SPEED
@@ -289,6 +291,7 @@ class PlanInputs:
     propagate: str = "compressed"
     act_dtype: str = "float32"
     svd: str = "auto"
+    precision: str = "float64"  # eig's exact routes (math/factorize.py); the memory is counted in float64 either way
     factors: str = "pivoted"
     calibrate: str = "block"  # sequential: one input group's statistics at a time
     compensate: bool = False  # a second activation stream and the original block beside the compressed one
@@ -685,6 +688,10 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         replays = settings.calibrate == "sequential" and not settings.refine_steps  # refinement: the block runs whole
         forward += (REPLAYED_PROPAGATE if replays else 1.0) * compressed_pass
     stats_t, fact_t = 0.0, 0.0
+    # --precision float32: eig's exact routes in float32 (the whitening stays float64; math/factorize.py); a route that
+    # float32_trusted sends back to float64 costs both, which the estimate does not know in advance
+    low = settings.precision == "float32" and settings.method == "eig"
+    eig_flops, eig_eigh = (f32, speed["eigh_f32_s_per_n3"]) if low else (f64, speed["eigh_s_per_n3"])
     for members in groups.values():
         if any(s.route == "input" for s in members):
             n = members[0].in_features
@@ -696,14 +703,14 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             m, n, k = s.out_features, s.in_features, s.rank
             if s.route == "output":
                 stats_t += (2 * tokens * m * n + tokens * m * m) / f32
-                fact_t += speed["eigh_s_per_n3"] * m**3 + 2 * k * m * n / f64
+                fact_t += eig_eigh * m**3 + 2 * k * m * n / eig_flops
             elif s.route == "input":
                 fact_t += 2 * m * n * n / f64
                 if s.svd == "randomized":
                     fact_t += 2 * 5 * m * n * (k + 10) / f64
                 elif settings.method == "eig":  # the smaller side's product, its eigh, and U_k or A V_k, U_k^T W
                     small = min(m, n)
-                    fact_t += (2 * small * small * max(m, n) + 4 * k * m * n) / f64 + speed["eigh_s_per_n3"] * small**3
+                    fact_t += (2 * small * small * max(m, n) + 4 * k * m * n) / eig_flops + eig_eigh * small**3
                 else:
                     fact_t += speed["svd_s_per_n3"] * min(m, n) ** 2 * max(m, n)
             else:
@@ -807,6 +814,7 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dic
         cfg.resolve_defaults()  # a JobConfig not validated yet (the profile's) has its measured defaults unset
     settings = PlanInputs(calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, ratio=cfg.ratio, method=cfg.method,
                           propagate=cfg.propagate, act_dtype=cfg.act_dtype, svd=getattr(cfg, "svd", "auto"),
+                          precision=getattr(cfg, "precision", "float64"),
                           factors=getattr(cfg, "factors", "pivoted"), calibrate=getattr(cfg, "calibrate", "block"),
                           compensate=getattr(cfg, "compensate", False), anchor=getattr(cfg, "anchor", 0.0),
                           refine_steps=getattr(cfg, "refine_steps", 0), ranks=ranks, quant=getattr(cfg, "quant_spec", None),

@@ -511,6 +511,7 @@ def factor_block(
     compute_dtype: torch.dtype = torch.float32, factors: str = "pivoted", svd: str = "exact",
     names: list[str] | None = None, anchor: float = 0.0, block: FactoredBlock | None = None, finish: bool = True,
     ranks: dict[str, int] | None = None, quant: QuantSpec | None = None, shrink: float = 0.0, spread=None,
+    precision: torch.dtype = torch.float64,
 ) -> FactoredBlock:
     """Factor the linears `names` of `layer` (default: all) and swap in the modules the shard will hold.
 
@@ -525,7 +526,8 @@ def factor_block(
     and the module swapped in is the dequantised one. `shrink` a: every input Gram is read as
     (1 - a) G + a diag(G) (math/gram.shrink_gram; run --shrink). `spread(names, solve)`: under torchrun,
     every linear's factors computed by one rank and given to all (job/distributed.World.spread); None or a
-    `spread` that returns None: each linear is factored here as the loop reaches it.
+    `spread` that returns None: each linear is factored here as the loop reaches it. `precision`: the dtype of
+    eig's exact routes (math/factorize.py; run --precision).
     """
     block = block if block is not None else FactoredBlock()
     whitenings: dict[str, object] = {}
@@ -543,7 +545,8 @@ def factor_block(
         input_gram = None
         if name in stats.output_grams:
             group = name
-            f = factorize_output_side(linear.weight, shrunk_output_gram(stats.output_grams.pop(name), shrink), rank)
+            f = factorize_output_side(linear.weight, shrunk_output_gram(stats.output_grams.pop(name), shrink), rank,
+                                      precision)
         else:
             group = stats.group_of[name]
             cross = getattr(stats, "cross", {}).get(group)
@@ -555,7 +558,8 @@ def factor_block(
                 (white, q, inv, lam), gram = whitenings[group]
                 input_gram = gram
                 wc = None if cross is None else cross.times(linear.weight)  # W C: all compensation reads of C
-                f = factorize_compensated(linear.weight, white, q, inv, lam, None, rank, svd=route_svd, wc=wc)
+                f = factorize_compensated(linear.weight, white, q, inv, lam, None, rank, svd=route_svd, wc=wc,
+                                          dtype=precision)
                 if name in getattr(stats, "e0", {}):
                     error = output_error(linear.weight, (f.out_factor, f.in_factor), stats.e0[name], None, gram, wc=wc)
             else:
@@ -567,7 +571,7 @@ def factor_block(
                     del gram  # gone before the first factorisation, as job/plan.py's factorize stage counts
                 input_gram = kept_grams.get(group) if group in kept_grams else (
                     stats.grams[group].gram if keep and group in stats.grams else None)
-                f = factorize(linear.weight, whitenings.get(group), rank, method, svd=route_svd)
+                f = factorize(linear.weight, whitenings.get(group), rank, method, svd=route_svd, dtype=precision)
         return group, f, error, input_gram
 
     out_side = set(stats.output_grams)
@@ -618,6 +622,8 @@ def factor_block(
         }
         if error is not None:
             block.records[full]["output_error"] = error
+        if f.precision != "float64":  # --precision float32, kept (math/factorize.float32_trusted); absent: float64
+            block.records[full]["precision"] = f.precision
         if group in whitenings and not any(stats.group_of.get(other) == group for other in names[i + 1 :]):
             del whitenings[group]  # the last reader of this input is done
             kept_grams.pop(group, None)

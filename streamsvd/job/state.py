@@ -105,8 +105,8 @@ _FLAGS = {"ratio": "--ratio", "method": "--method", "calib_samples": "--calib-sa
           "seed": "--seed", "propagate": "--propagate", "act_dtype": "--act-dtype", "svd": "--svd",
           "factors": "--factors", "calibrate": "--calibrate", "anchor": "--anchor", "alloc": "--alloc",
           "rank_multiple": "--rank-multiple", "max_loss": "--max-loss", "alloc_floor": "--alloc-floor", "shrink": "--shrink",
-          "processes": "torchrun --nproc-per-node"}
-_ABSENT = {"factors": "plain", "calibrate": "block", "compensate": False, "anchor": 0.0, "refine": [0, None],
+          "processes": "torchrun --nproc-per-node", "precision": "--precision"}
+_ABSENT = {"precision": "float64", "factors": "plain", "calibrate": "block", "compensate": False, "anchor": 0.0, "refine": [0, None],
            "alloc": "uniform", "rank_multiple": 1, "alloc_floor": 0.0, "shrink": 0.0, "max_loss": None, "profile": None, "quant": None,
            "processes": 1}
 _WHAT = {"checkpoint": "another model or checkpoint files", "calib_digest": "another calibration text",

@@ -53,7 +53,8 @@ def _check_module(path: Path, name, rec) -> None:
             "truncation_loss": _is_num, "cholesky_shift": _is_num,
             "form": lambda v: v in ("plain", "pivoted", "dense"), "stored_numel": _is_int}
     optional = {"output_error": lambda v: _is_num(v) and v >= 0,  # compensated jobs (math/compensate.py)
-                "stored_bytes": lambda v: _is_int(v) and v >= 1}  # bytes of the stored factors (absent before quantisation)
+                "stored_bytes": lambda v: _is_int(v) and v >= 1,  # bytes of the stored factors (absent before quantisation)
+                "precision": lambda v: v == "float32"}  # --precision float32 where kept (math/factorize.float32_trusted)
     if not set(need) <= set(rec) <= set(need) | set(optional):
         raise _fail(path, f"has a module record for {name} with keys {sorted(rec)}, not {sorted(need)}")
     for key, ok in {**need, **optional}.items():

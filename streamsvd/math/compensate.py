@@ -136,9 +136,13 @@ def compensated_target(weight: torch.Tensor, cross: torch.Tensor | None, q: torc
 
 @torch.no_grad()
 def factorize_compensated(weight: torch.Tensor, white: Whitening, q: torch.Tensor, inv: torch.Tensor, lam: float,
-                          cross: torch.Tensor | None, rank: int, svd: str = "exact", wc: torch.Tensor | None = None) -> Factors:
-    """The rank-`rank` minimiser of E (module docstring): truncation of W* whitened by H."""
-    return factorize(compensated_target(weight, cross, q, inv, lam, wc), white, rank, "eig", svd=svd)
+                          cross: torch.Tensor | None, rank: int, svd: str = "exact", wc: torch.Tensor | None = None,
+                          dtype: torch.dtype = torch.float64) -> Factors:
+    """The rank-`rank` minimiser of E (module docstring): truncation of W* whitened by H.
+
+    `dtype`: the truncation's precision (math/factorize.py); H's eigendecomposition and pseudo-inverse, and W*,
+    stay float64 (the pseudo-inverse's cutoff is set by the product's precision)."""
+    return factorize(compensated_target(weight, cross, q, inv, lam, wc), white, rank, "eig", svd=svd, dtype=dtype)
 
 
 @torch.no_grad()

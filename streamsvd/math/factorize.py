@@ -21,6 +21,16 @@ projections) from the out x out A A^T (`_wide_eig`): eig never runs gesdd unless
 `svd="randomized"` replaces the exact SVD of W S by Halko-Martinsson-Tropp's randomized SVD
 (math/randomized.py); only the leading rank + oversamples singular values are then known, and the
 truncation loss is computed exactly from ||W S||_F instead of from the spectrum's tail.
+
+Precision (`dtype`, run --precision): eig's exact routes (W S, A A^T or A^T A and their eigh, U_k^T W; the
+output side's eigh of W G W^T) run in float64 by default or in float32, which takes about half the time on a
+CPU (here, at 2048: eigh 2.4x, a matrix product 2x faster) and is what a consumer GPU runs fast. The
+whitening (the eigh of G, shared by a group) stays float64: the float32 route reads a float32 copy of S,
+and a rerun reads S itself, so nothing beyond one route's workspace is held. The factors and the spectrum
+come back in float64 either way. float32 blurs the top-k directions of a matrix whose dropped energy is a
+small share of its total (`float32_trusted`); there the route runs again in float64, so float32 is kept
+only where its loss is predicted within PRECISION_TOLERANCE of float64's (docs/RESULTS.md measures both).
+Cholesky, plain SVD and the randomized SVD stay float64.
 """
 
 from __future__ import annotations
@@ -34,6 +44,11 @@ METHODS = ("eig", "cholesky", "svd")
 # eig on a tall whitened weight (out > in) goes through the in x in A^T A; U_k = A V_k / s_k while the kept
 # rank's singular value is at least this fraction of the largest (exact to about 1e-8), else a QR (see _tall_eig)
 TALL_MIN_RATIO = 1e-4
+# --precision: the dtype of eig's exact routes
+PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
+# float32 factors are kept only where their loss is predicted within this fraction of float64's (float32_trusted);
+# elsewhere the route runs again in float64
+PRECISION_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -43,6 +58,7 @@ class Factors:
     spectrum: torch.Tensor  # all singular values of the whitened matrix, descending, float64
     shift: float = 0.0  # diagonal added to G before Cholesky (0 when G was positive definite)
     tail_loss: float | None = None  # the loss when `spectrum` holds only the leading values (randomized)
+    precision: str = "float64"  # the arithmetic the factors came from (float32 only where float32_trusted)
 
     @property
     def rank(self) -> int:
@@ -110,8 +126,8 @@ def whiten(gram: torch.Tensor, method: str = "eig") -> Whitening:
 
 
 def factorize(weight: torch.Tensor, gram: torch.Tensor | Whitening | None, rank: int, method: str = "eig",
-              svd: str = "exact", side: str = "input") -> Factors:
-    """Factor `weight` (out x in) into (out x k) @ (k x in), computed in float64.
+              svd: str = "exact", side: str = "input", dtype: torch.dtype = torch.float64) -> Factors:
+    """Factor `weight` (out x in) into (out x k) @ (k x in), computed in float64 (eig's exact routes in `dtype`).
 
     `gram` may be the input Gram or its Whitening (pass that when several weights share an input).
     `svd` is "exact" or "randomized" (the SVD of W S); `side="output"` (eig only) factors from
@@ -121,7 +137,7 @@ def factorize(weight: torch.Tensor, gram: torch.Tensor | Whitening | None, rank:
         if method != "eig" or not isinstance(gram, torch.Tensor):
             raise ValueError("the output side needs method 'eig' and the input Gram itself")
         w64 = weight.detach().to(torch.float64)
-        return factorize_output_side(weight, w64 @ gram.to(torch.float64) @ w64.T, rank)
+        return factorize_output_side(weight, w64 @ gram.to(torch.float64) @ w64.T, rank, dtype)
     if svd not in ("exact", "randomized"):
         raise ValueError(f"unknown svd {svd!r}; choose exact or randomized")
     if method not in METHODS:
@@ -130,8 +146,13 @@ def factorize(weight: torch.Tensor, gram: torch.Tensor | Whitening | None, rank:
     rank = min(rank, m, n)
     if method == "eig" and svd == "exact" and gram is not None:
         # eig's exact routes never hold W or W S whole in float64 (row chunks of the stored weight)
-        white = _checked_whitening(gram, method, n)
-        return _tall_eig(weight, white.s, rank) if m > n else _wide_eig(weight, white.s, rank)
+        white = _checked_whitening(gram, method, n)  # float64 whatever `dtype` (see the module docstring)
+        route = _tall_eig if m > n else _wide_eig
+        f = route(weight, white.s.to(dtype), rank)
+        if dtype != torch.float64 and not float32_trusted(f.spectrum, rank):
+            f = None  # gone before the float64 route: the plan counts one route's workspace and factors
+            f = route(weight, white.s, rank)
+        return f
     w = weight.detach().to(torch.float64)
     if method == "svd" or gram is None:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
@@ -178,33 +199,33 @@ def _checked_whitening(gram, method: str, n: int) -> Whitening:
 LINE_CHUNK = 512
 
 
-def row_chunks(w: torch.Tensor):
-    """(first row, those LINE_CHUNK rows of w in float64), in order: a weight read without a whole float64 copy."""
+def row_chunks(w: torch.Tensor, dtype: torch.dtype = torch.float64):
+    """(first row, those LINE_CHUNK rows of w in `dtype`), in order: a weight read without a whole float64 copy."""
     for i in range(0, w.shape[0], LINE_CHUNK):
-        yield i, w[i : i + LINE_CHUNK].detach().to(torch.float64)
+        yield i, w[i : i + LINE_CHUNK].detach().to(dtype)
 
 
 def project(u_k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """U_k^T W (k x in, float64), summed over row chunks of W (any float dtype)."""
-    out = torch.zeros(u_k.shape[1], w.shape[1], dtype=torch.float64)
-    for i, chunk in row_chunks(w):
+    """U_k^T W (k x in, in U_k's dtype), summed over row chunks of W (any float dtype)."""
+    out = torch.zeros(u_k.shape[1], w.shape[1], dtype=u_k.dtype)
+    for i, chunk in row_chunks(w, u_k.dtype):
         out.addmm_(u_k[i : i + chunk.shape[0]].T, chunk)
     return out
 
 
-def weight_gram(w: torch.Tensor) -> torch.Tensor:
-    """W^T W (in x in, float64), summed over row chunks of W (any float dtype)."""
-    wtw = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64)
-    for _, chunk in row_chunks(w):
+def weight_gram(w: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """W^T W (in x in, in `dtype`), summed over row chunks of W (any float dtype)."""
+    wtw = torch.zeros(w.shape[1], w.shape[1], dtype=dtype)
+    for _, chunk in row_chunks(w, dtype):
         wtw.addmm_(chunk.T, chunk)
     return wtw
 
 
 def whitened(w: torch.Tensor, s_white: torch.Tensor) -> torch.Tensor:
-    """A = W S (float64), made a row chunk of W at a time (W any float dtype); S may have any number of columns
+    """A = W S (in S's dtype), made a row chunk of W at a time (W any float dtype); S may have any number of columns
     (the tall route's U_k = W (S V_k) is made the same way)."""
-    a = torch.empty(w.shape[0], s_white.shape[1], dtype=torch.float64)
-    for i, chunk in row_chunks(w):
+    a = torch.empty(w.shape[0], s_white.shape[1], dtype=s_white.dtype)
+    for i, chunk in row_chunks(w, s_white.dtype):
         torch.mm(chunk, s_white, out=a[i : i + chunk.shape[0]])
     return a
 
@@ -222,9 +243,12 @@ def _tall_eig(w: torch.Tensor, s_white: torch.Tensor, rank: int) -> Factors:
     rank reaches below TALL_MIN_RATIO s_0 (rank-deficient inputs: few calibration tokens, dead
     channels), U_k is the Q of A V_k's QR instead, orthonormal whatever s_k, equal to the singular
     vectors where they are well determined and spanning what is left of A's range after them (whose
-    loss is below that s_k anyway).
+    loss is below that s_k anyway). In float32 (eps 1.2e-7 instead of 2.2e-16) the squared route's error would
+    reach 1e-3 at s_k = 1e-2 s_0, so there U_k is always the QR's (2 m k^2 more operations, a few percent).
+    All in s_white's dtype; the factors and s come back in float64.
     """
-    wtw = weight_gram(w)
+    dtype = s_white.dtype
+    wtw = weight_gram(w, dtype)
     gram = s_white.T @ wtw @ s_white
     del wtw
     evals, evecs = torch.linalg.eigh(gram)
@@ -234,11 +258,17 @@ def _tall_eig(w: torch.Tensor, s_white: torch.Tensor, rank: int) -> Factors:
     del evecs
     u_k = whitened(w, sv)  # W (S V_k), a row chunk of W at a time
     del sv
-    if float(s[rank - 1]) > TALL_MIN_RATIO * float(s[0]):
+    if dtype == torch.float64 and float(s[rank - 1]) > TALL_MIN_RATIO * float(s[0]):
         u_k /= s[:rank]
     else:
         u_k = torch.linalg.qr(u_k).Q
-    return Factors(u_k, project(u_k, w), s)
+    return _float64_factors(u_k, project(u_k, w), s)
+
+
+def _float64_factors(u_k: torch.Tensor, in_factor: torch.Tensor, s: torch.Tensor) -> Factors:
+    """Factors in float64 whatever the route's precision (what callers and the stored form expect)."""
+    precision = "float64" if u_k.dtype == torch.float64 else "float32"
+    return Factors(u_k.to(torch.float64), in_factor.to(torch.float64), s.to(torch.float64), precision=precision)
 
 
 def _wide_eig(w: torch.Tensor, s_white: torch.Tensor, rank: int) -> Factors:
@@ -262,17 +292,18 @@ def _wide_eig(w: torch.Tensor, s_white: torch.Tensor, rank: int) -> Factors:
 def _from_out_gram(h: torch.Tensor, w: torch.Tensor, rank: int) -> Factors:
     """W' = U_k U_k^T W from H = (W S)(W S)^T (out x out): U_k its top-k eigenvectors, s the square roots of its
     eigenvalues (min(m, n) of them), descending. The output side's route, and the square / wide input side's.
-    `w` in any float dtype: U_k^T W is summed over its row chunks in float64."""
+    `w` in any float dtype: U_k^T W is summed over its row chunks in H's dtype; the factors come back in float64."""
     m, n = w.shape
     evals, evecs = torch.linalg.eigh(h)
     del h
     s = evals.flip(0).clamp_min(0).sqrt()[: min(m, n)]
     u_k = evecs[:, evecs.shape[1] - rank :].flip(1).contiguous()  # the top k, descending (a copy of k columns only)
     del evecs
-    return Factors(u_k, project(u_k, w), s)
+    return _float64_factors(u_k, project(u_k, w), s)
 
 
-def factorize_output_side(weight: torch.Tensor, output_gram: torch.Tensor, rank: int) -> Factors:
+def factorize_output_side(weight: torch.Tensor, output_gram: torch.Tensor, rank: int,
+                          dtype: torch.dtype = torch.float64) -> Factors:
     """eig's factors from H = W G W^T (out x out), the Gram of the layer's outputs.
 
     H = (W S)(W S)^T, so its eigenvectors are the left singular vectors U of W S and its
@@ -280,7 +311,28 @@ def factorize_output_side(weight: torch.Tensor, output_gram: torch.Tensor, rank:
     dropped eigenvalues) are exactly what the input side gives, with an out x out eigendecomposition.
     """
     m, n = weight.shape
-    h = output_gram.detach().to(torch.float64)
-    if h.shape != (m, m):
-        raise ValueError(f"output Gram of shape {tuple(h.shape)} does not match weight output size {m}")
-    return _from_out_gram(h, weight, min(rank, m, n))
+    if output_gram.shape != (m, m):
+        raise ValueError(f"output Gram of shape {tuple(output_gram.shape)} does not match weight output size {m}")
+    rank = min(rank, m, n)
+    f = _from_out_gram(output_gram.detach().to(dtype), weight, rank)
+    if dtype != torch.float64 and not float32_trusted(f.spectrum, rank):
+        f = None
+        f = _from_out_gram(output_gram.detach().to(torch.float64), weight, rank)
+    return f
+
+
+def float32_trusted(spectrum: torch.Tensor, rank: int) -> bool:
+    """Whether float32 factors with this spectrum (theirs) are predicted to lose at most PRECISION_TOLERANCE more
+    than float64's.
+
+    The routes eigendecompose a squared matrix (A A^T, A^T A or W G W^T), whose float32 eigenvalues are exact only to
+    about eps32 x its largest, so the top-k directions blur where the dropped energy is a small share of the total.
+    tools/bench_precision.py measured the loss increase below (eps32 sqrt(size) / 4) x total / dropped energy on
+    SmolLM2's matrices and 7B shapes (docs/RESULTS.md): block 0's attention at ratio 0.2 (1% of its output lost)
+    lost 1-2% more in float32; most matrices, 1e-8-1e-4 more."""
+    s2 = spectrum.to(torch.float64).pow(2)
+    dropped = float(s2[rank:].sum())
+    if dropped <= 0.0:
+        return False  # nothing dropped or float32 could not tell: float64 decides
+    predicted = torch.finfo(torch.float32).eps * math.sqrt(spectrum.shape[0]) / 4 * float(s2.sum()) / dropped
+    return predicted <= PRECISION_TOLERANCE

@@ -3,20 +3,16 @@
 import pytest
 import torch
 
+from factor_problems import activation_loss, activation_problem
 from streamsvd.math.factorize import factorize, factorize_output_side
 from streamsvd.math.gram import GramAccumulator, OutputGramAccumulator
 
 
 def _problem(tokens=500, m=40, n=96, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(m, n, generator=g, dtype=torch.float64)
-    x = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
-    x *= torch.logspace(-2, 1, n, dtype=torch.float64)
-    return w, x
+    return activation_problem(tokens, m, n, seed)
 
 
-def _loss(w, f, x):
-    return float(((w - f.out_factor @ f.in_factor) @ x.T).norm())
+_loss = activation_loss
 
 
 @pytest.mark.parametrize("rank", [1, 9, 30])
