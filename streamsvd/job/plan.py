@@ -329,12 +329,14 @@ def _config_int(cfg: dict, key: str, default: int) -> int:
 
 
 def input_route_workspace(s: LinearShape, method: str, profiling: bool = False, weighted: bool = False,
-                          compensated: bool = False) -> tuple[str, int]:
+                          compensated: bool = False, float32: bool = False) -> tuple[str, int]:
     """(what, bytes) of the float64 workspace that factoring input-side linear `s` holds at its largest step.
 
     `profiling`: the profile's own routes (job/profile.block_spectra, every direction's spectrum); `weighted`: with its
     weighted energies; `compensated`: math/compensate.py's W C and W* beside the route (tools/bench_compensate_memory.py
-    measures this against the peak at 7B and 70B shapes, docs/RESULTS.md).
+    measures this against the peak at 7B and 70B shapes, docs/RESULTS.md). `float32` (run --precision float32): eig's
+    exact route also holds a float32 copy of the whitening S; the rest is counted in float64 as before (float32's
+    half-size route, or the float64 rerun after it, fits in that count).
     """
     m, n, k = s.out_features, s.in_features, s.rank
     # W float64, W S, SVD: copy, U, Vh, gesdd work; factors
@@ -368,6 +370,8 @@ def input_route_workspace(s: LinearShape, method: str, profiling: bool = False, 
         svd_ws = 8 * (m * n + m * mn + mn * n + 4 * mn * mn + 4 * max(m, n) * mn)
     if part is None:
         part = (what, 8 * (2 * m * n + k * (m + n)) + svd_ws)
+    if float32 and method == "eig" and s.svd == "exact" and not profiling:
+        part = (f"{part[0]} (and S in float32)", part[1] + 4 * n * n)
     if compensated:
         # math/compensate.py: W C (m x n float64) is held from before W* is made until the output error is taken,
         # W* through the factorisation above. W* is made a row chunk at a time into its own m x n (W C and W* plus
@@ -480,7 +484,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                                    8 * (4 * m * m + m * k + k * n + LINE_CHUNK * n)))
             elif s.route == "input":
                 fact_parts.append(input_route_workspace(s, settings.method, settings.profile or settings.weighted_energies,
-                                                        settings.weighted_energies, settings.compensated))
+                                                        settings.weighted_energies, settings.compensated,
+                                                        float32=settings.precision == "float32" and settings.method == "eig"))
             else:
                 mn = min(m, n)
                 fact_parts.append((f"SVD of {s.name}", 8 * (2 * m * n + m * mn + mn * n + 4 * mn * mn + 4 * max(m, n) * mn)))

@@ -95,3 +95,18 @@ def test_an_interrupted_float32_job_resumes_byte_identical(tiny, tmp_path):
                 if p.is_file() and p.name not in (RUN_LOG, STATE_NAME)}
 
     assert files(tmp_path / "resumed") == files(tmp_path / "straight")
+
+
+def test_the_plan_counts_the_float32_copy_of_the_whitening():
+    """A wide k_proj of 70B shape: the float32 route holds a float32 S (8192^2 x 4 bytes) beside its half-size
+    arrays, more than float64's count alone; the plan adds it."""
+    from streamsvd.job.plan import LinearShape, input_route_workspace
+
+    k_proj = LinearShape("self_attn.k_proj", 1024, 8192, 2, "self_attn.q_proj", rank=700)
+    _, f64 = input_route_workspace(k_proj, "eig")
+    what, f32 = input_route_workspace(k_proj, "eig", float32=True)
+    assert f32 == f64 + 4 * 8192 * 8192 and "S in float32" in what
+    _, compensated = input_route_workspace(k_proj, "eig", compensated=True, float32=True)
+    assert compensated == 8 * 2 * 1024 * 8192 + f32
+    randomized = LinearShape("self_attn.k_proj", 1024, 8192, 2, "self_attn.q_proj", rank=700, svd="randomized")
+    assert input_route_workspace(randomized, "eig", float32=True) == input_route_workspace(randomized, "eig")
