@@ -485,7 +485,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             elif s.route == "input":
                 fact_parts.append(input_route_workspace(s, settings.method, settings.profile or settings.weighted_energies,
                                                         settings.weighted_energies, settings.compensated,
-                                                        float32=settings.precision == "float32" and settings.method == "eig"))
+                                                        float32=settings.precision == "float32"))
             else:
                 mn = min(m, n)
                 fact_parts.append((f"SVD of {s.name}", 8 * (2 * m * n + m * mn + mn * n + 4 * mn * mn + 4 * max(m, n) * mn)))

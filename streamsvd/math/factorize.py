@@ -148,11 +148,7 @@ def factorize(weight: torch.Tensor, gram: torch.Tensor | Whitening | None, rank:
         # eig's exact routes never hold W or W S whole in float64 (row chunks of the stored weight)
         white = _checked_whitening(gram, method, n)  # float64 whatever `dtype` (see the module docstring)
         route = _tall_eig if m > n else _wide_eig
-        f = route(weight, white.s.to(dtype), rank)
-        if dtype != torch.float64 and not float32_trusted(f.spectrum, rank):
-            f = None  # gone before the float64 route: the plan counts one route's workspace and factors
-            f = route(weight, white.s, rank)
-        return f
+        return _in_precision(lambda d: route(weight, white.s.to(d), rank), dtype, rank)
     w = weight.detach().to(torch.float64)
     if method == "svd" or gram is None:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
@@ -314,10 +310,15 @@ def factorize_output_side(weight: torch.Tensor, output_gram: torch.Tensor, rank:
     if output_gram.shape != (m, m):
         raise ValueError(f"output Gram of shape {tuple(output_gram.shape)} does not match weight output size {m}")
     rank = min(rank, m, n)
-    f = _from_out_gram(output_gram.detach().to(dtype), weight, rank)
+    return _in_precision(lambda d: _from_out_gram(output_gram.detach().to(d), weight, rank), dtype, rank)
+
+
+def _in_precision(route, dtype: torch.dtype, rank: int) -> Factors:
+    """route(dtype), run again as route(float64) where float32_trusted does not trust its float32 result."""
+    f = route(dtype)
     if dtype != torch.float64 and not float32_trusted(f.spectrum, rank):
-        f = None
-        f = _from_out_gram(output_gram.detach().to(torch.float64), weight, rank)
+        f = None  # gone before the float64 route: the plan counts one route's workspace and factors
+        f = route(torch.float64)
     return f
 
 
