@@ -169,6 +169,9 @@ def _add_profile(sub) -> None:
                    "calibration windows and enter no statistic: what `run --max-ppl-increase --heldout-samples H` "
                    "needs from a profile (default 0: none; run's default is 8). Costs one more forward of H windows")
     p.add_argument("--work-dir", default=None, metavar="DIR", help="where the activation files go (default: inside PROFILE_DIR)")
+    p.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="as for run: where each linear's spectrum (its eigh or SVD) is computed, cpu (default) or cuda")
+    p.add_argument("--max-gpu-mem", default=None, metavar="SIZE", help="as for run, with --device cuda")
     p.add_argument("--batch-size", type=int, default=None, metavar="B",
                    help="windows per batch (default: the largest that fits --max-mem). Under torchrun (`torchrun "
                    "--nproc-per-node N -m streamsvd profile ...`) each process streams its share of the windows; the "
@@ -216,8 +219,12 @@ PRECISION_HELP = ("arithmetic of the factorisation's eigendecompositions and pro
 
 
 def _add_svd_flag(p) -> None:
+    from .job.device import DEVICE_HELP, MAX_GPU_MEM_HELP
+
     p.add_argument("--svd", choices=["exact", "randomized", "auto"], default="auto", help=SVD_HELP)
     p.add_argument("--precision", choices=["float64", "float32"], default="float64", help=PRECISION_HELP)
+    p.add_argument("--device", default="cpu", metavar="DEVICE", help=DEVICE_HELP)
+    p.add_argument("--max-gpu-mem", default=None, metavar="SIZE", help=MAX_GPU_MEM_HELP)
 
 
 def _add_plan(sub) -> None:
@@ -359,7 +366,8 @@ def cmd_run(args) -> int:
         calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, method=args.method,
         propagate=args.propagate, act_dtype=args.act_dtype, progress=not args.no_progress,
         work_dir=Path(args.work_dir) if args.work_dir else None, restart=args.restart, svd=args.svd,
-        precision=args.precision,
+        precision=args.precision, device=args.device,
+        max_gpu_mem=parse_size(args.max_gpu_mem) if args.max_gpu_mem else None,
     )
     cfg.factors = args.factors
     cfg.calibrate, cfg.compensate, cfg.anchor = args.calibrate, args.compensate, args.anchor
@@ -485,6 +493,7 @@ def cmd_profile(args) -> int:
         calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, act_dtype=args.act_dtype,
         sensitivity_samples=args.sensitivity_samples, work_dir=Path(args.work_dir) if args.work_dir else None,
         progress=not args.no_progress, heldout_samples=args.heldout_samples, batch_size=args.batch_size,
+        device=args.device, max_gpu_mem=parse_size(args.max_gpu_mem) if args.max_gpu_mem else None,
     )
     from .job.distributed import World
 
@@ -527,7 +536,8 @@ def cmd_plan(args) -> int:
         propagate=args.propagate, act_dtype=args.act_dtype, svd=args.svd, factors=args.factors, progress=False,
         calibrate=args.calibrate, compensate=args.compensate, anchor=args.anchor, refine_steps=args.refine_steps,
         refine_lr=args.refine_lr, quant=args.quant, group_size=args.group_size, quant_rounding=args.quant_rounding,
-        plots=not args.no_plots, precision=args.precision,
+        plots=not args.no_plots, precision=args.precision, device=args.device,
+        max_gpu_mem=parse_size(args.max_gpu_mem) if args.max_gpu_mem else None,
     )
     cfg.alloc = args.alloc
     if args.nproc < 1:
@@ -539,6 +549,8 @@ def cmd_plan(args) -> int:
         print(plan.describe())
         if plan.budget_bytes < plan.strict_min_bytes:
             print("this budget is below the smallest workable one; `run` would refuse it")
+        if not plan.gpu_fits():
+            print("this --max-gpu-mem is below the GPU's planned peak; `run` would refuse it")
     return 0
 
 

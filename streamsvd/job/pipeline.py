@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,7 @@ from ..model.quantized import dequantizing_getter, logical_keys
 from ..model.lowrank import module_from_tensors, replace_module
 from ..model.remote import modeling_source
 from ..model.embedding import materialize_base_mapped
+from .device import check_device_name, hold_to_budget, peak_bytes, resolve_device
 from .memory import format_size
 from .peak import PeakSampler, high_water_bytes
 from .plan import COMPENSATE_MAX_IN, SVD_MODES, build_plan, plot_disk_bytes, refuse_if_too_small
@@ -93,6 +95,9 @@ class JobConfig:
     factors: str = "pivoted"  # stored form of a compressed linear: pivoted (r (m + n - r) numbers) or plain
     svd: str = "auto"  # exact, randomized or auto: the SVD of the whitened weights (job/plan.py choose_svd)
     precision: str = "float64"  # float64 or float32: eig's exact routes (math/factorize.py; the whitening stays float64)
+    # where each linear's factorisation runs (job/device.py): cpu, cuda or cuda:N; not part of the job's identity
+    device: str = "cpu"
+    max_gpu_mem: int | None = None  # the GPU's budget with --device cuda (None: DEFAULT_GPU_SHARE of its free memory)
     # Each input group calibrated on the inputs the block's already-compressed groups give it
     # ("sequential"), or all groups once per block on the block's inputs ("block").
     # None: the measured default (`resolve_defaults`): on wherever the job can do it (eig, compressed
@@ -185,6 +190,11 @@ class JobConfig:
             raise StreamSVDError(f"unknown --svd {self.svd!r}", f"choose one of {', '.join(SVD_MODES)}")
         if self.precision not in PRECISIONS:
             raise StreamSVDError(f"unknown --precision {self.precision!r}", f"choose one of {', '.join(PRECISIONS)}")
+        check_device_name(self.device)
+        if self.max_gpu_mem is not None and self.max_gpu_mem <= 0:
+            raise StreamSVDError(f"--max-gpu-mem {self.max_gpu_mem} is not a positive size", "give a GPU budget such as 20G")
+        if self.max_gpu_mem is not None and self.device == "cpu":
+            raise StreamSVDError("--max-gpu-mem without --device cuda does nothing", "add --device cuda, or drop --max-gpu-mem")
         if self.alloc not in ALLOCATORS:
             raise StreamSVDError(f"unknown --alloc {self.alloc!r}", f"choose one of {', '.join(ALLOCATORS)}")
         if self.rank_multiple < 1:
@@ -321,6 +331,8 @@ def check_quant_flags(quant: str | None, group_size: int | None, rounding: str |
 class CompressionJob:
     def __init__(self, cfg: JobConfig):
         cfg.validate()
+        # run --device: refused here, before anything is read or written, where torch sees no such GPU (job/device.py)
+        cfg.torch_device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
         self.cfg = cfg
         self.world = World.current()
         self.ckpt = Checkpoint(cfg.model_dir)
@@ -354,6 +366,8 @@ class CompressionJob:
         self.all_heldout = heldout_windows(self.tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_rows)
         self.model = empty_model(self.config, COMPUTE_DTYPE)
         self.batch_size = self._batch_size()
+        if cfg.torch_device.type == "cuda":
+            hold_to_budget(cfg.torch_device, self.plan.gpu_budget_bytes)
         self.share  # refuses a world with more processes than batches
         if not self.state.complete:
             check_free_space(self._disk_needs())
@@ -772,7 +786,8 @@ class CompressionJob:
             self._stage("factorize")
             block = factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
                                  svd=cfg.svd, ranks=self.ranks, quant=self._quant_while_factoring(), shrink=cfg.shrink,
-                                 spread=self.world.spread, precision=PRECISIONS[cfg.precision])
+                                 spread=self.world.spread, precision=PRECISIONS[cfg.precision],
+                                 device=cfg.torch_device)
             del stats  # the Grams are not needed past here
         if cfg.refine_steps:
             self._refine(layer, index, prefix, block, src, dst)
@@ -847,7 +862,7 @@ class CompressionJob:
                 factor_block(layer, prefix, self.ckpt, stats, cfg.ratio, cfg.method, COMPUTE_DTYPE, factors=cfg.factors,
                              svd=cfg.svd, names=[n for g in target for n in g], anchor=cfg.anchor, block=block,
                              finish=last, ranks=self.ranks, quant=self._quant_while_factoring(), shrink=cfg.shrink,
-                             spread=self.world.spread, precision=PRECISIONS[cfg.precision])
+                             spread=self.world.spread, precision=PRECISIONS[cfg.precision], device=cfg.torch_device)
                 del stats
                 if replay is not None:
                     replay.done_factoring(n for g in target for n in g)
@@ -1003,6 +1018,10 @@ class CompressionJob:
             "planned_peak_bytes": self.plan.peak_bytes,
             "min_max_mem_bytes": self.plan.min_max_mem_bytes,
             "peak_over_budget": round(peak / self.plan.budget_bytes, 4),
+            "device": str(self.cfg.torch_device),
+            # run --device cuda: torch's count of the most the factorisations held on the GPU, against its budget
+            **({"gpu_peak_bytes": peak_bytes(self.cfg.torch_device), "max_gpu_mem_bytes": self.plan.gpu_budget_bytes,
+                "planned_gpu_peak_bytes": self.plan.gpu_peak_bytes} if self.cfg.torch_device.type == "cuda" else {}),
         }
 
     def _report(self) -> dict:

@@ -45,6 +45,7 @@ from ..math.factorize import LINE_CHUNK, rank_for_ratio
 from ..math.gram import _ROW_CHUNK, _TILE_BYTES, product_fraction
 from ..math.quantize import stored_linear_bytes
 from .evaluate import LOGIT_CHUNK, head_key
+from .device import GPU_SLACK_BYTES, GPU_SLACK_FRACTION, gpu_budget
 from .memory import format_size
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -184,43 +185,46 @@ def block_linears(ckpt: Checkpoint, prefix: str, ratio: float, method: str, svd:
 
 
 # ------------------------------------------------------------------------------- machine speed
-_SPEED: dict | None = None
+_SPEED: dict[str, dict] = {}
 
 
-def machine_speed() -> dict:
-    """A one-second measurement of this machine: matmul GFLOP/s (float32, float64), eigh and SVD constants.
+def machine_speed(device=None) -> dict:
+    """A one-second measurement of this machine (or of `device`, run --device): matmul GFLOP/s (float32, float64),
+    eigh and SVD constants.
 
     eigh and SVD are timed at one size and scaled by n^3; the time estimate built from them is an
-    estimate, not a measurement of the job. Measured once per process.
+    estimate, not a measurement of the job. Measured once per process and device.
     """
-    global _SPEED
-    if _SPEED is not None:
-        return _SPEED
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if str(device) in _SPEED:
+        return _SPEED[str(device)]
     g = torch.Generator().manual_seed(0)
 
     def best(fn, repeat=3):
-        fn()
-        times = []
-        for _ in range(repeat):
+        def timed():
             t = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t)
-        return max(min(times), 1e-6)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - t
 
-    a32 = torch.randn(1024, 1024, generator=g)
+        timed()
+        return max(min(timed() for _ in range(repeat)), 1e-6)
+
+    a32 = torch.randn(1024, 1024, generator=g).to(device)
     a64 = a32[:768, :768].double()
     sym = a64 @ a64.T
     n = 384
     small = sym[:n, :n].contiguous()
     small32 = small.float()
-    _SPEED = {
+    _SPEED[str(device)] = {
         "matmul_f32_gflops": 2 * 1024**3 / best(lambda: a32 @ a32) / 1e9,
         "matmul_f64_gflops": 2 * 768**3 / best(lambda: a64 @ a64) / 1e9,
         "eigh_s_per_n3": best(lambda: torch.linalg.eigh(small)) / n**3,
         "eigh_f32_s_per_n3": best(lambda: torch.linalg.eigh(small32)) / n**3,
         "svd_s_per_n3": best(lambda: torch.linalg.svd(small, full_matrices=False)) / n**3,
     }
-    return _SPEED
+    return _SPEED[str(device)]
 
 
 # ------------------------------------------------------------------------------- the plan
@@ -246,9 +250,17 @@ class Plan:
     layers: int
     baseline_bytes: int
     notes: list[str] = field(default_factory=list)
+    # run --device cuda: the factorisations' tensors on the GPU (job/device.py); None / empty on the CPU
+    device: str = "cpu"
+    gpu_budget_bytes: int | None = None  # --max-gpu-mem (or the default share of the GPU); None: no GPU visible here
+    gpu_peak_bytes: int | None = None  # the planned peak on the GPU: also the smallest --max-gpu-mem that works
+    gpu_components: dict[str, int] = field(default_factory=dict)
 
     def fits(self) -> bool:
-        return self.peak_bytes <= self.budget_bytes
+        return self.peak_bytes <= self.budget_bytes and (self.gpu_budget_bytes is None or self.gpu_fits())
+
+    def gpu_fits(self) -> bool:
+        return self.gpu_peak_bytes is None or self.gpu_budget_bytes is None or self.gpu_peak_bytes <= self.gpu_budget_bytes
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -266,6 +278,12 @@ class Plan:
         for stage in (s for s in STAGES if s in self.stage_bytes):
             parts = ", ".join(f"{k} {format_size(v)}" for k, v in self.components[stage].items() if v)
             lines.append(f"  {stage:<12} {format_size(self.stage_bytes[stage]):>11}  {parts}")
+        if self.gpu_peak_bytes is not None:
+            parts = ", ".join(f"{k} {format_size(v)}" for k, v in self.gpu_components.items() if v)
+            budget = (f"--max-gpu-mem {format_size(self.gpu_budget_bytes)}" if self.gpu_budget_bytes is not None
+                      else "no GPU budget (no GPU visible here: give --max-gpu-mem to check one)")
+            lines.append(f"gpu ({self.device}, {budget}): planned peak {format_size(self.gpu_peak_bytes)}, also the "
+                         f"smallest workable --max-gpu-mem: {parts}")
         lines.append("factorisation routes (per matrix type):")
         lines += [f"  {k}: {v}" for k, v in self.routes.items()]
         lines.append("tiles: " + ", ".join(f"{k} {v}" for k, v in self.tiles.items()))
@@ -303,6 +321,8 @@ class PlanInputs:
     plots: bool = True  # the end's pictures (a `plots` stage; off with run --no-plots, and for a profile)
     # processes of one job under torchrun (job/distributed.py): the plan is one process's, for its share of the windows
     processes: int = 1
+    # run --device (job/device.py): "cpu", or a GPU on which the factorisations run (their workspace leaves the host)
+    device: str = "cpu"
     # `streamsvd profile` with sensitivity: a token-weighted Gram per linear on its smaller side, held through the
     # statistics and the spectra (job/profile.WeightedEnergies)
     weighted_energies: bool = False
@@ -382,8 +402,11 @@ def input_route_workspace(s: LinearShape, method: str, profiling: bool = False, 
 
 
 def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: int, baseline: int,
-              fixed_batch: int | None = None, other_file_bytes: int = 0) -> Plan:
-    """The plan for `settings` under `budget`; `fixed_batch` is a resumed job's batch size (kept)."""
+              fixed_batch: int | None = None, other_file_bytes: int = 0, gpu_budget: int | None = None,
+              device_speed: dict | None = None) -> Plan:
+    """The plan for `settings` under `budget`; `fixed_batch` is a resumed job's batch size (kept). With a GPU
+    (`settings.device`): `gpu_budget` its --max-gpu-mem (None: not known here), `device_speed` its machine_speed
+    (None: the factorisations' time is estimated at this CPU's speed)."""
     cfg = ckpt.config_dict
     hidden = _config_int(cfg, "hidden_size", 0)
     inter = _config_int(cfg, "intermediate_size", 4 * hidden)
@@ -503,6 +526,13 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         widest_group = max((m[0].in_features for m in groups.values() if any(s.route == "input" for s in m)), default=0)
         fact_parts.append((f"eigh of the {widest_group} x {widest_group} shrunk Gram", 8 * 6 * widest_group**2))
     label, workspace = max(fact_parts, key=lambda t: t[1])
+    # run --device cuda: the GPU holds no statistics, so its largest step is the largest whitening-and-workspace pair
+    # of any step (below, the host's is the step that also holds the most statistics); compensating, both maxima
+    gpu_white, gpu_work = whitening_held, workspace
+    if not settings.compensated:
+        gpu_white, gpu_work = max(((8 * members[0].in_features**2 if with_white else 0, b)
+                                   for steps, members in zip(group_steps, groups.values()) for _, b, with_white in steps),
+                                  key=sum, default=(0, 0))
     factor_stats = stats_bytes
     if not (settings.compensate or settings.calibrate == "sequential" or settings.profile or settings.weighted_energies
             or settings.quant is not None or P > 1):
@@ -518,6 +548,21 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                 worst = step if worst is None or step[0] > worst[0] else worst
         if worst is not None:
             _, factor_stats, whitening_held, label, workspace = worst
+    # run --device cuda (job/stages.factor_block): one linear's weight, its group's whitening (and, compensating, its
+    # Gram for the output error and a copy of C while W C is made), the route's workspace and its float64 factors are
+    # on the GPU; the host keeps the statistics and gets the factors back
+    gpu_parts: dict[str, int] = {}
+    if settings.device != "cpu":
+        widest = max((m[0].in_features for m in groups.values() if any(s.route == "input" for s in m)), default=0)
+        gpu_parts = {"weight": max((s.out_features * s.in_features * c for s in linears), default=0),
+                     "whitening": gpu_white, "workspace": gpu_work,
+                     "factors": max((8 * s.rank * (s.out_features + s.in_features) for s in linears), default=0)}
+        if settings.compensated:
+            gpu_parts["input Gram"] = 8 * widest**2
+        if settings.compensate:
+            gpu_parts["cross statistic"] = 8 * widest**2
+        factor_stats = stats_bytes
+    gpu_peak = (int(sum(gpu_parts.values()) * (1 + GPU_SLACK_FRACTION) + GPU_SLACK_BYTES) if gpu_parts else None)
     factors_stored = sum(stored_numel(s.out_features, s.in_features, s.rank, s.factors) * s.itemsize for s in linears)
     packed_stored = sum(stored_linear_bytes(s.out_features, s.in_features, s.rank, s.factors, s.itemsize, settings.quant)
                         for s in linears)
@@ -577,10 +622,11 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             "statistics": statistics,
             # compensating, the untouched block is gone once its pass's statistics are in (job/pipeline.py)
             "factorize": {"block weights": weights, "statistics": factor_stats,
-                          "whitening": whitening_held,
+                          "whitening": 0 if gpu_parts else whitening_held,
                           # each linear's compute-dtype factors replace its weight as it is factored (job/stages.py
                           # factor_block), so beside the stored factors only one linear's are extra, as they are made
-                          "workspace": workspace, "factors": factors_stored + largest_compute + spectra,
+                          "workspace": 0 if gpu_parts else workspace, "factors": factors_stored + largest_compute + spectra,
+                          **({"factors from the GPU": gpu_parts["factors"]} if gpu_parts else {}),
                           # under torchrun: the pickled factors sent or received and their unpickled copy, and with
                           # --quant the rounded tensors that travel with them (job/stages.factor_block, World.spread)
                           **({"broadcast factors": 2 * (factors_compute + (packed_stored if settings.quant is not None
@@ -677,6 +723,9 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     # ---- time (an estimate)
     speed = machine_speed()
     f32, f64 = speed["matmul_f32_gflops"] * 1e9, speed["matmul_f64_gflops"] * 1e9
+    # the factorisations at the GPU's speed where it was measured (run --device cuda), else at this CPU's
+    fspeed = device_speed if device_speed is not None else speed
+    d32, d64 = fspeed["matmul_f32_gflops"] * 1e9, fspeed["matmul_f64_gflops"] * 1e9
     tokens = S * L
     lin_params = sum(s.out_features * s.in_features for s in linears)
     low_params = sum(stored_numel(s.out_features, s.in_features, s.rank, s.factors) for s in linears)
@@ -696,30 +745,30 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     # --precision float32: eig's exact routes in float32 (the whitening stays float64; math/factorize.py); a route that
     # float32_trusted sends back to float64 costs both, which the estimate does not know in advance
     low = settings.precision == "float32" and settings.method == "eig"
-    eig_flops, eig_eigh = (f32, speed["eigh_f32_s_per_n3"]) if low else (f64, speed["eigh_s_per_n3"])
+    eig_flops, eig_eigh = (d32, fspeed["eigh_f32_s_per_n3"]) if low else (d64, fspeed["eigh_s_per_n3"])
     for members in groups.values():
         if any(s.route == "input" for s in members):
             n = members[0].in_features
             stats_t += 2 * tokens * n * n * product_fraction(n) / f32  # float32 products, upper triangle (math/gram.py)
             if settings.compensate:
                 stats_t += 2 * tokens * n * n / f32  # the cross statistics
-            fact_t += speed["eigh_s_per_n3"] * n**3
+            fact_t += fspeed["eigh_s_per_n3"] * n**3
         for s in members:
             m, n, k = s.out_features, s.in_features, s.rank
             if s.route == "output":
                 stats_t += (2 * tokens * m * n + tokens * m * m) / f32
                 fact_t += eig_eigh * m**3 + 2 * k * m * n / eig_flops
             elif s.route == "input":
-                fact_t += 2 * m * n * n / f64
+                fact_t += 2 * m * n * n / d64
                 if s.svd == "randomized":
-                    fact_t += 2 * 5 * m * n * (k + 10) / f64
+                    fact_t += 2 * 5 * m * n * (k + 10) / d64
                 elif settings.method == "eig":  # the smaller side's product, its eigh, and U_k or A V_k, U_k^T W
                     small = min(m, n)
                     fact_t += (2 * small * small * max(m, n) + 4 * k * m * n) / eig_flops + eig_eigh * small**3
                 else:
-                    fact_t += speed["svd_s_per_n3"] * min(m, n) ** 2 * max(m, n)
+                    fact_t += fspeed["svd_s_per_n3"] * min(m, n) ** 2 * max(m, n)
             else:
-                fact_t += speed["svd_s_per_n3"] * min(m, n) ** 2 * max(m, n)
+                fact_t += fspeed["svd_s_per_n3"] * min(m, n) ** 2 * max(m, n)
     io_t = (block_stored.get(big, 0) + shard + 3 * S * L * hidden * act) / 1e9  # about 1 GB/s of reads and writes
     split = {"forward": forward, "statistics": stats_t, "factorisation": fact_t, "I/O": io_t}
     if settings.refine_steps:
@@ -750,6 +799,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                      "the largest one")
     if fixed_batch is not None:
         notes.append(f"batch {fixed_batch} is the interrupted job's (kept on resume so the output does not change)")
+    if gpu_parts and device_speed is None:
+        notes.append("no GPU visible here: the factorisations' time is estimated at this CPU's speed")
     return Plan(
         budget_bytes=budget, batch_size=batch, peak_bytes=max(stage_totals.values()),
         min_max_mem_bytes=strict_min + BASELINE_MARGIN_BYTES, strict_min_bytes=strict_min,
@@ -761,7 +812,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
               **({"replayed inputs": replayed} if replayed else {})},
         seconds_estimate=float(f"{per_block * n_layers:.4g}"), seconds_per_block=float(f"{per_block:.4g}"),
         seconds_split={k: round(v, 2) for k, v in split.items()}, speed={k: float(v) for k, v in speed.items()},
-        layers=n_layers, baseline_bytes=baseline, notes=notes,
+        layers=n_layers, baseline_bytes=baseline, notes=notes, device=settings.device,
+        gpu_budget_bytes=gpu_budget if gpu_parts else None, gpu_peak_bytes=gpu_peak, gpu_components=gpu_parts,
     )
 
 
@@ -783,7 +835,16 @@ def _smaller_job_hint(plan: Plan) -> str:
 
 
 def refuse_if_too_small(plan: Plan, resumed: bool = False) -> None:
-    """One `error:` line naming the smallest workable budget and the stage that sets it."""
+    """One `error:` line naming the smallest workable budget and the stage that sets it (or the GPU's)."""
+    if not plan.gpu_fits():
+        largest = max(plan.gpu_components, key=plan.gpu_components.get)
+        raise StreamSVDError(
+            f"--max-gpu-mem {format_size(plan.gpu_budget_bytes)} is too small: the factorisations on {plan.device} need "
+            f"at least {format_size(plan.gpu_peak_bytes)} ({plan.gpu_peak_bytes} bytes; the largest part: {largest} "
+            f"{format_size(plan.gpu_components[largest])})",
+            f"give --max-gpu-mem {math.ceil(plan.gpu_peak_bytes / (1 << 20))}M or more, or leave --device out to factor on "
+            "the CPU (`streamsvd plan --device cuda` shows the parts)",
+        )
     if plan.budget_bytes < plan.strict_min_bytes:
         raise StreamSVDError(
             f"--max-mem {format_size(plan.budget_bytes)} is too small: this job needs at least "
@@ -815,6 +876,13 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dic
 
     return_freed_memory_to_the_os()
     machine_speed()
+    device_name = getattr(cfg, "device", "cpu")
+    gpu, device_speed, gpu_budget_bytes = plan_device(cfg), None, None
+    if gpu is not None:  # the CUDA runtime and its BLAS / LAPACK code are loaded before the baseline is measured
+        device_speed = machine_speed(gpu)
+        gpu_budget_bytes = gpu_budget(gpu, getattr(cfg, "max_gpu_mem", None))
+    elif device_name != "cpu":
+        gpu_budget_bytes = getattr(cfg, "max_gpu_mem", None)  # planning for another machine's GPU
     if hasattr(cfg, "resolve_defaults"):
         cfg.resolve_defaults()  # a JobConfig not validated yet (the profile's) has its measured defaults unset
     settings = PlanInputs(calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, ratio=cfg.ratio, method=cfg.method,
@@ -825,15 +893,34 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dic
                           refine_steps=getattr(cfg, "refine_steps", 0), ranks=ranks, quant=getattr(cfg, "quant_spec", None),
                           heldout_samples=getattr(cfg, "heldout_rows", 0) if heldout_samples is None else heldout_samples,
                           plots=getattr(cfg, "plots", False), processes=processes, weighted_energies=weighted_energies, profile=profile,
-                          sensitivity_samples=sensitivity_samples)
+                          sensitivity_samples=sensitivity_samples, device=device_name)
     budget = cfg.max_mem if cfg.max_mem is not None else default_budget()
     other = sum(p.stat().st_size for p in sorted(ckpt.dir.iterdir()) if p.is_file() and not p.name.endswith(".safetensors")
                 and p.name not in ("model.safetensors.index.json",))
     layers_path = SUPPORTED[ckpt.config_dict.get("model_type")]
-    plan = make_plan(ckpt, layers_path, settings, budget, rss_bytes(), fixed_batch=fixed_batch, other_file_bytes=other)
+    plan = make_plan(ckpt, layers_path, settings, budget, rss_bytes(), fixed_batch=fixed_batch, other_file_bytes=other,
+                     gpu_budget=gpu_budget_bytes, device_speed=device_speed)
     if ranks is None and getattr(cfg, "needs_profile", False) and getattr(cfg, "profile", None) is None:
         _add_own_profile(plan, cfg, ckpt, processes)
     return plan
+
+
+def plan_device(cfg):
+    """The torch.device a plan of `cfg` measures: the job's own (`cfg.torch_device`, set by the job once it resolved
+    --device), else --device's GPU where torch sees one; None for the CPU, or for a GPU not visible here (`streamsvd
+    plan --device cuda` on a machine without one plans for --max-gpu-mem, and `run` refuses there)."""
+    import os
+
+    device_name = getattr(cfg, "device", "cpu")
+    if device_name == "cpu":
+        return None
+    if getattr(cfg, "torch_device", None) is not None:
+        return cfg.torch_device
+    if not torch.cuda.is_available():
+        return None
+    from .device import resolve_device
+
+    return resolve_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _add_own_profile(plan: Plan, cfg, ckpt: Checkpoint, processes: int = 1) -> None:
@@ -846,6 +933,10 @@ def _add_own_profile(plan: Plan, cfg, ckpt: Checkpoint, processes: int = 1) -> N
     plan.components = {"profile": {f"the profile's own plan (batch {prof.batch_size}, set by its {prof.min_stage} stage)":
                                    prof.peak_bytes}, **plan.components}
     plan.peak_bytes = max(plan.peak_bytes, prof.peak_bytes)
+    if prof.gpu_peak_bytes is not None and prof.gpu_peak_bytes > (plan.gpu_peak_bytes or 0):
+        # the profile's spectra (every direction's, W S whole for the unweighted SVD) can need more of the GPU
+        plan.gpu_peak_bytes = prof.gpu_peak_bytes
+        plan.gpu_components = {f"the profile's {k}": v for k, v in prof.gpu_components.items()}
     if prof.strict_min_bytes > plan.strict_min_bytes:
         plan.strict_min_bytes, plan.min_max_mem_bytes = prof.strict_min_bytes, prof.min_max_mem_bytes
         plan.min_stage, plan.min_component = "profile", f"its {prof.min_stage} stage: {prof.min_component}"

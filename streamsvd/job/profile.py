@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -97,6 +98,8 @@ class ProfileConfig:
     work_dir: Path | None = None  # where the activation files go (default: inside the profile folder)
     progress: bool = True
     batch_size: int | None = None  # windows per batch (default: the plan's); under torchrun as for `run`
+    device: str = "cpu"  # where the spectra's eighs and SVDs run (job/device.py; run --device)
+    max_gpu_mem: int | None = None
 
     def job_config(self):
         """The JobConfig whose checks and memory plan the profile shares (propagate original)."""
@@ -104,14 +107,16 @@ class ProfileConfig:
 
         return JobConfig(model_dir=self.model_dir, out_dir=self.profile_dir, max_mem=self.max_mem, calib=self.calib,
                          calib_samples=self.calib_samples, seqlen=self.seqlen, seed=self.seed, propagate="original",
-                         act_dtype=self.act_dtype, progress=self.progress, svd="exact", alloc="uniform", plots=False)
+                         act_dtype=self.act_dtype, progress=self.progress, svd="exact", alloc="uniform", plots=False,
+                         device=self.device, max_gpu_mem=self.max_gpu_mem)
 
     @classmethod
     def for_job(cls, cfg, profile_dir: Path, work_dir: Path | None = None) -> "ProfileConfig":
         """The profile a `run` without --profile makes for itself (`cfg` a JobConfig): its calibration and budget."""
         return cls(model_dir=cfg.model_dir, profile_dir=profile_dir, max_mem=cfg.max_mem, calib=cfg.calib,
                    calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, seed=cfg.seed, act_dtype=cfg.act_dtype,
-                   work_dir=work_dir, progress=cfg.progress, heldout_samples=cfg.heldout_rows, batch_size=cfg.batch_size)
+                   work_dir=work_dir, progress=cfg.progress, heldout_samples=cfg.heldout_rows, batch_size=cfg.batch_size,
+                   device=cfg.device, max_gpu_mem=cfg.max_gpu_mem)
 
     def plan(self, ckpt: Checkpoint, processes: int = 1, fixed_batch: int | None = None):
         """The memory plan of this profile (one process's share under torchrun): a `--propagate original` job's,
@@ -256,8 +261,11 @@ class Profiler:
         self.windows = sample_windows(tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
         self.heldout = heldout_windows(tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_samples)
         self.model = empty_model(self.config, COMPUTE_DTYPE)
+        from .device import hold_to_budget, resolve_device
         from .distributed import World
         from .plan import refuse_if_too_small
+
+        self.device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
 
         # Under torchrun (job/distributed.py) each process streams its share of the windows: the statistics pass a
         # contiguous run of whole batches, the sensitivity pass a contiguous run of the sensitivity windows (which
@@ -266,6 +274,8 @@ class Profiler:
         fixed = world.agreed_batch(cfg.batch_size, lambda: cfg.plan(self.ckpt, processes=world.size).batch_size)
         self.plan = plan = cfg.plan(self.ckpt, processes=world.size, fixed_batch=fixed)
         refuse_if_too_small(plan)
+        if self.device.type == "cuda":
+            hold_to_budget(self.device, plan.gpu_budget_bytes)
         self.batch_size = plan.batch_size
         self.lo, self.hi = world.share(cfg.calib_samples, self.batch_size)
         # the held-out windows split the same way (a process may hold none): their NLLs are added in window order
@@ -432,7 +442,7 @@ class Profiler:
             if weighing is not None:
                 self.world.reduce_statistics(weighing)
             self.sampler.stage("factorize")  # the spectra: an eigh or SVD per linear
-            for name, (s, d) in block_spectra(layer, stats, weighing, spread=self.world.spread).items():
+            for name, (s, d) in block_spectra(layer, stats, weighing, spread=self.world.spread, device=self.device).items():
                 spectra[prefix + name] = s
                 if d is not None:
                     weighted[prefix + name] = d
@@ -597,7 +607,7 @@ class WeightedEnergies:
         TALL_MIN_RATIO s_0 cannot be resolved that way; they get the matrix's one weight times s^2 (their
         energy is that small anyway)."""
         acc = self.grams.pop(name)
-        g = acc.gram.to(torch.float64)
+        g = acc.gram.to(weight.device, torch.float64)  # where the directions were found (--device)
         if isinstance(acc, OutputGramAccumulator):
             b = u.T  # the Gram is already W G_w W^T
         elif tall is None:
@@ -608,8 +618,8 @@ class WeightedEnergies:
             b = (v.T @ (root.T @ wtw)) / torch.where(faint, 1.0, s)[:, None]
             d = ((b @ g) * b).sum(1)
             d[faint] = self.mean_weight[name] * s[faint] ** 2
-            return d.numpy()
-        return ((b @ g) * b).sum(1).numpy()
+            return d.cpu().numpy()
+        return ((b @ g) * b).sum(1).cpu().numpy()
 
     def close(self) -> None:
         for h in self._handles:
@@ -618,25 +628,30 @@ class WeightedEnergies:
 
 
 @torch.no_grad()
-def block_spectra(layer, stats, weighing: WeightedEnergies | None = None, spread=None) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+def block_spectra(layer, stats, weighing: WeightedEnergies | None = None, spread=None,
+                  device: torch.device | None = None) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """Each linear's whitened spectrum from the block's statistics, as job/stages.factor_block computes it (eig, exact),
     and with `weighing` its weighted energies along the same directions (None without).
 
     `spread` (World.spread under torchrun) deals the linears to the processes, each solving its own from the
-    identical totals and sending the results to all; without it (or for one process) they are solved here in turn."""
+    identical totals and sending the results to all; without it (or for one process) they are solved here in turn.
+    `device` (--device; None: the CPU): where each linear's eigh or SVD runs, its weight and statistics moved there
+    as it is solved (as job/stages.factor_block does)."""
     whitenings = {}
     linears = linear_modules(layer)
+    device = torch.device("cpu") if device is None else device
 
     def solve(name: str) -> tuple[np.ndarray, np.ndarray | None]:
-        w = linears[name].weight.detach()  # in float64 only a row chunk at a time, except for the unweighted SVD
+        # in float64 only a row chunk at a time, except for the unweighted SVD
+        w = linears[name].weight.detach().to(device)
         k = min(w.shape)
         u, tall, h = None, None, None  # h: an out x out (W S)(W S)^T, eigendecomposed below
         if name in stats.output_grams:
-            h = stats.output_grams.pop(name).gram.to(torch.float64)
+            h = stats.output_grams.pop(name).gram.to(device, torch.float64)
         else:
             group = stats.group_of[name]
             if group not in whitenings:
-                whitenings[group] = whiten(stats.grams.pop(group).gram, "eig")
+                whitenings[group] = whiten(stats.grams.pop(group).gram.to(device), "eig")
             root = whitenings[group].s
             if weighing is None:
                 s = torch.linalg.svdvals(w.to(torch.float64) @ root)
@@ -657,7 +672,7 @@ def block_spectra(layer, stats, weighing: WeightedEnergies | None = None, spread
                 evals, u = evals.flip(0), vecs.flip(1)[:, :k]
             s = evals.clamp_min(0).sqrt()[:k]
         d = weighing.energies(name, u, w, tall) if weighing is not None else None
-        return s.numpy().astype(np.float64), d
+        return s.cpu().numpy().astype(np.float64), d
 
     names = list(linears)
     solved = spread(names, solve) if spread is not None else None

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .. import faults
+from ..errors import StreamSVDError
 from ..io.activations import ActivationFile
 from ..io.checkpoint import TORCH_DTYPES, Checkpoint
 from ..math.compensate import compensated_whitening, cross_accumulator, factorize_compensated, output_error
@@ -511,7 +512,7 @@ def factor_block(
     compute_dtype: torch.dtype = torch.float32, factors: str = "pivoted", svd: str = "exact",
     names: list[str] | None = None, anchor: float = 0.0, block: FactoredBlock | None = None, finish: bool = True,
     ranks: dict[str, int] | None = None, quant: QuantSpec | None = None, shrink: float = 0.0, spread=None,
-    precision: torch.dtype = torch.float64,
+    precision: torch.dtype = torch.float64, device: torch.device | None = None,
 ) -> FactoredBlock:
     """Factor the linears `names` of `layer` (default: all) and swap in the modules the shard will hold.
 
@@ -527,8 +528,13 @@ def factor_block(
     (1 - a) G + a diag(G) (math/gram.shrink_gram; run --shrink). `spread(names, solve)`: under torchrun,
     every linear's factors computed by one rank and given to all (job/distributed.World.spread); None or a
     `spread` that returns None: each linear is factored here as the loop reaches it. `precision`: the dtype of
-    eig's exact routes (math/factorize.py; run --precision).
+    eig's exact routes (math/factorize.py; run --precision). `device` (run --device; None: the CPU): where each
+    linear's factorisation runs. Its weight, its group's statistics and whitening go there as it is factored, and
+    its factors come back to the CPU, where the statistics, the shard and the block stay.
     """
+    cpu = torch.device("cpu")
+    device = cpu if device is None else device
+    on = lambda t: t.to(device)  # noqa: E731  (the same tensor when it is there already: the CPU job holds no copy)
     block = block if block is not None else FactoredBlock()
     whitenings: dict[str, object] = {}
     kept_grams: dict[str, torch.Tensor] = {}  # input Grams held for GPTQ rounding after whitening took them
@@ -537,15 +543,27 @@ def factor_block(
     names = list(linears) if names is None else list(names)
 
     def solve(name: str):
-        """(input group, factors, output error, input Gram for GPTQ) of linear `name`."""
+        """(input group, factors, output error, input Gram for GPTQ) of linear `name`; the factors on the CPU."""
+        try:
+            return solve_on_device(name)
+        except torch.OutOfMemoryError as e:  # a GPU's allocator, held to --max-gpu-mem (job/device.py), or the host's
+            budget = "--max-gpu-mem" if device.type == "cuda" else "--max-mem"
+            raise StreamSVDError(f"{device} ran out of memory factoring {prefix + name} (the plan counted less than "
+                                 f"this step needed: {e})".replace("\n", " "),
+                                 f"rerun the same command with a larger {budget}"
+                                 + (", or without --device to factor on the CPU" if device.type == "cuda" else "")
+                                 + "; the finished blocks are kept") from e
+
+    def solve_on_device(name: str):
         linear = linears[name]
+        weight = on(linear.weight.detach())
         full = prefix + name
         rank = ranks[full] if ranks is not None else rank_for_ratio(linear.out_features, linear.in_features, ratio, factors)
         error = None
         input_gram = None
         if name in stats.output_grams:
             group = name
-            f = factorize_output_side(linear.weight, shrunk_output_gram(stats.output_grams.pop(name), shrink), rank,
+            f = factorize_output_side(weight, on(shrunk_output_gram(stats.output_grams.pop(name), shrink)), rank,
                                       precision)
         else:
             group = stats.group_of[name]
@@ -554,25 +572,28 @@ def factor_block(
             if cross is not None or anchor > 0:
                 if group not in whitenings:
                     gram = shrink_gram(stats.grams[group].gram, shrink)
-                    whitenings[group] = (compensated_whitening(gram, anchor, stats.grams[group].product_eps), gram)
-                (white, q, inv, lam), gram = whitenings[group]
+                    held = on(gram)
+                    whitenings[group] = (compensated_whitening(held, anchor, stats.grams[group].product_eps), gram, held)
+                (white, q, inv, lam), gram, held = whitenings[group]
                 input_gram = gram
-                wc = None if cross is None else cross.times(linear.weight)  # W C: all compensation reads of C
-                f = factorize_compensated(linear.weight, white, q, inv, lam, None, rank, svd=route_svd, wc=wc,
+                wc = None if cross is None else cross.times(weight)  # W C: all compensation reads of C
+                f = factorize_compensated(weight, white, q, inv, lam, None, rank, svd=route_svd, wc=wc,
                                           dtype=precision)
                 if name in getattr(stats, "e0", {}):
-                    error = output_error(linear.weight, (f.out_factor, f.in_factor), stats.e0[name], None, gram, wc=wc)
+                    error = output_error(weight, (f.out_factor, f.in_factor), stats.e0[name], None, held, wc=wc)
+                del wc
             else:
                 if method != "svd" and group not in whitenings:
                     gram = shrink_gram(stats.grams.pop(group).gram, shrink)
-                    whitenings[group] = whiten(gram, method)  # the Gram is not needed again, unless GPTQ rounds
+                    whitenings[group] = whiten(on(gram), method)  # the Gram is not needed again, unless GPTQ rounds
                     if keep:
                         kept_grams[group] = gram
                     del gram  # gone before the first factorisation, as job/plan.py's factorize stage counts
                 input_gram = kept_grams.get(group) if group in kept_grams else (
                     stats.grams[group].gram if keep and group in stats.grams else None)
-                f = factorize(linear.weight, whitenings.get(group), rank, method, svd=route_svd, dtype=precision)
-        return group, f, error, input_gram
+                f = factorize(weight, whitenings.get(group), rank, method, svd=route_svd, dtype=precision)
+        del weight
+        return group, f.to(cpu), error, input_gram
 
     out_side = set(stats.output_grams)
 

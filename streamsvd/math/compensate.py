@@ -43,8 +43,8 @@ class CrossGramAccumulator(GramAccumulator):
         self.tokens += a.shape[0]
 
     def times(self, weight: torch.Tensor) -> torch.Tensor:
-        """W C (float64, out x in): all that compensation reads of C."""
-        return weight.detach().to(torch.float64) @ self.gram.to(torch.float64)
+        """W C (float64, out x in, on W's device): all that compensation reads of C."""
+        return weight.detach().to(torch.float64) @ self.gram.to(weight.device, torch.float64)
 
 
 class ProjectedCrossAccumulator(GramAccumulator):
@@ -75,7 +75,7 @@ class ProjectedCrossAccumulator(GramAccumulator):
     def times(self, weight: torch.Tensor) -> torch.Tensor:
         if weight.shape != self.weight.shape:
             raise ValueError("a projected cross statistic holds W C for its own linear's W only")
-        return self.gram.to(torch.float64)
+        return self.gram.to(weight.device, torch.float64)
 
 
 def cross_accumulator(weight: torch.Tensor, alone: bool):
@@ -99,7 +99,7 @@ def compensated_whitening(gram: torch.Tensor, anchor: float, product_eps: float 
     """
     g = gram.detach().to(torch.float64)
     lam = ridge(g, anchor)
-    evals, evecs = torch.linalg.eigh(g + lam * torch.eye(g.shape[0], dtype=g.dtype))
+    evals, evecs = torch.linalg.eigh(g + lam * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
     evals = evals.clamp_min(0)
     # H's pseudo-inverse: directions H does not see (no calibration token reached them) keep W* = 0 there. With
     # float32 products (math/gram.py) those directions hold round-off of about eps32 x the largest eigenvalue, whose
@@ -125,7 +125,7 @@ def compensated_target(weight: torch.Tensor, cross: torch.Tensor | None, q: torc
         return weight.detach().to(torch.float64)
     c = None if wc is not None else cross.to(torch.float64)
     q = q.to(torch.float64)
-    out = torch.empty(weight.shape, dtype=torch.float64)
+    out = torch.empty(weight.shape, dtype=torch.float64, device=weight.device)
     for i, w in row_chunks(weight):
         target = wc[i : i + LINE_CHUNK].to(torch.float64) if wc is not None else w @ c
         if lam:

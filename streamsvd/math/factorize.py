@@ -64,6 +64,12 @@ class Factors:
     def rank(self) -> int:
         return self.in_factor.shape[0]
 
+    def to(self, device: torch.device) -> "Factors":
+        """The same factors with their tensors on `device` (run --device: made there, stored from the CPU)."""
+        move = lambda t: t.to(device)  # noqa: E731
+        return Factors(move(self.out_factor), move(self.in_factor), move(self.spectrum), self.shift, self.tail_loss,
+                       self.precision)
+
     def truncation_loss(self) -> float:
         """Predicted ||W X^T - W' X^T||_F (exact for eig; for cholesky, on the shifted Gram)."""
         if self.tail_loss is not None:
@@ -122,7 +128,7 @@ def whiten(gram: torch.Tensor, method: str = "eig") -> Whitening:
     # SVD-LLM's remedy: lift the spectrum so the smallest eigenvalue becomes slightly positive.
     smallest = float(torch.linalg.eigvalsh(g)[0])
     shift = -smallest + 1e-6 * max(1.0, float(g.diagonal().abs().mean()))
-    return Whitening(method, torch.linalg.cholesky(g + shift * torch.eye(g.shape[0], dtype=g.dtype)), shift)
+    return Whitening(method, torch.linalg.cholesky(g + shift * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)), shift)
 
 
 def factorize(weight: torch.Tensor, gram: torch.Tensor | Whitening | None, rank: int, method: str = "eig",
@@ -203,7 +209,7 @@ def row_chunks(w: torch.Tensor, dtype: torch.dtype = torch.float64):
 
 def project(u_k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """U_k^T W (k x in, in U_k's dtype), summed over row chunks of W (any float dtype)."""
-    out = torch.zeros(u_k.shape[1], w.shape[1], dtype=u_k.dtype)
+    out = torch.zeros(u_k.shape[1], w.shape[1], dtype=u_k.dtype, device=u_k.device)
     for i, chunk in row_chunks(w, u_k.dtype):
         out.addmm_(u_k[i : i + chunk.shape[0]].T, chunk)
     return out
@@ -211,7 +217,7 @@ def project(u_k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def weight_gram(w: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """W^T W (in x in, in `dtype`), summed over row chunks of W (any float dtype)."""
-    wtw = torch.zeros(w.shape[1], w.shape[1], dtype=dtype)
+    wtw = torch.zeros(w.shape[1], w.shape[1], dtype=dtype, device=w.device)
     for _, chunk in row_chunks(w, dtype):
         wtw.addmm_(chunk.T, chunk)
     return wtw
@@ -220,7 +226,7 @@ def weight_gram(w: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Te
 def whitened(w: torch.Tensor, s_white: torch.Tensor) -> torch.Tensor:
     """A = W S (in S's dtype), made a row chunk of W at a time (W any float dtype); S may have any number of columns
     (the tall route's U_k = W (S V_k) is made the same way)."""
-    a = torch.empty(w.shape[0], s_white.shape[1], dtype=s_white.dtype)
+    a = torch.empty(w.shape[0], s_white.shape[1], dtype=s_white.dtype, device=s_white.device)
     for i, chunk in row_chunks(w, s_white.dtype):
         torch.mm(chunk, s_white, out=a[i : i + chunk.shape[0]])
     return a

@@ -40,8 +40,9 @@ def randomized_svd(a: torch.Tensor, rank: int, oversamples: int = OVERSAMPLES, p
     if width >= min(m, n):  # nothing to save: the exact SVD is the same size
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
         return u, s, vh
-    g = torch.Generator(device=a.device).manual_seed(seed)
-    omega = torch.randn(n, width, generator=g, dtype=a.dtype, device=a.device)
+    # drawn on the CPU whatever a's device (run --device), so a GPU job sketches with the CPU job's test matrix
+    g = torch.Generator().manual_seed(seed)
+    omega = torch.randn(n, width, generator=g, dtype=a.dtype, device="cpu").to(a.device)
     q, _ = torch.linalg.qr(a @ omega)
     for _ in range(power_iterations):
         z, _ = torch.linalg.qr(a.T @ q)

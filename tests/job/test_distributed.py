@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from streamsvd.io.output import RUN_LOG
 from streamsvd.job.distributed import COLLECTIVE_TIMEOUT_S
@@ -159,6 +160,8 @@ def test_the_original_heldout_perplexity_of_a_two_process_profile_is_the_one_pro
 
 @pytest.mark.parametrize("flags, says", [
     (["--calib-samples", "2"], "fewer than the 2 processes"),
+    # each process takes cuda:LOCAL_RANK: refused by both where torch sees no GPU, and on one GPU by rank 1
+    *([(["--device", "cuda"], "--device cuda")] if torch.cuda.device_count() < 2 else []),
 ])
 def test_what_does_not_run_under_torchrun_is_refused_with_one_error(model, tmp_path, flags, says):
     out = tmp_path / "out"

@@ -1,0 +1,121 @@
+"""run --device: where each linear's factorisation runs (the CPU, or one CUDA GPU within --max-gpu-mem).
+
+The factorisations are what a large block's time goes to on a CPU (88% of a 7B-shape block here,
+docs/RESULTS.md), so they are what moves to the GPU first: as each linear is factored, its weight, its
+group's statistics and whitening go to the device, and its factors come back (job/stages.factor_block).
+`profile` (and a job's own profile) computes its spectra there the same way (job/profile.block_spectra). The block
+forwards, the statistics, the shards and the state stay on the CPU, as does `eval`.
+
+The GPU's memory is a budget like --max-mem: the plan counts the largest factorisation's tensors on the
+device (job/plan.py, `gpu` figures), `run` refuses a --max-gpu-mem below that before any work, and the
+budget is handed to torch's allocator (`torch.cuda.set_per_process_memory_fraction`), so a step that would
+exceed it fails there instead of growing past it. The CUDA runtime's host memory is in the plan's measured
+baseline: the plan times the device (plan.machine_speed), which loads it, before it measures the process.
+
+Matrix products run in full float32 / float64 on the device (TF32 is turned off for the job): the loss
+identities the factors are chosen by hold to the same round-off as on the CPU. The factors differ from the
+CPU's at round-off (different BLAS and LAPACK), so --device is not part of the job's identity, like the
+number of BLAS threads: a job may resume on another device, and each block is then valid but not
+byte-identical to an uninterrupted run on one device.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import StreamSVDError
+from .memory import format_size
+
+DEVICE_HELP = (
+    "where each linear's factorisation runs: cpu (default) or cuda / cuda:N (an NVIDIA GPU; under torchrun, cuda is "
+    "each process's own GPU, cuda:LOCAL_RANK). The factorisations are most of a large model's time on a CPU (88%% of a "
+    "7B block here), and the job's own profile computes its spectra there too; the block forwards, the statistics and "
+    "the output stay on the CPU. Needs a CUDA "
+    "build of torch. Costs GPU memory for the largest factorisation (`streamsvd plan --device cuda` says how much) "
+    "and nothing on the host but the CUDA runtime. GPU timings and its agreement with the CPU are not measured yet "
+    "(docs/RESULTS.md)"
+)
+MAX_GPU_MEM_HELP = (
+    "GPU memory budget with --device cuda, e.g. 20G (default: 90%% of the GPU's free memory when the job starts). "
+    "The plan refuses a budget below the largest factorisation's need, and torch's allocator is held to it. Under "
+    "torchrun, per process: processes sharing one GPU (--device cuda:0) each need theirs given"
+)
+# With --max-gpu-mem left out: this share of the device's free memory when the job starts.
+DEFAULT_GPU_SHARE = 0.9
+# What the device holds beyond the plan's tensors: cuSOLVER's and cuBLAS's workspaces (LAPACK's syevd work is in
+# the plan's counts on both devices) and the caching allocator's rounding to 2 MiB blocks. An allowance, not a
+# measurement: no GPU was lent to this task (docs/RESULTS.md marks the GPU rows unmeasured).
+GPU_SLACK_BYTES = 256 << 20
+GPU_SLACK_FRACTION = 0.10
+
+
+def check_device_name(name: str) -> str:
+    """`name` if it is cpu, cuda or cuda:N; else one error and its fix (no torch needed)."""
+    if name == "cpu" or name == "cuda" or re.fullmatch(r"cuda:\d+", name or ""):
+        return name
+    raise StreamSVDError(f"unknown --device {name!r}", "choose cpu, cuda or cuda:N (N: the GPU's index, from 0)")
+
+
+def on_gpu(name: str) -> bool:
+    return check_device_name(name) != "cpu"
+
+
+def resolve_device(name: str, local_rank: int = 0):
+    """The torch.device of --device `name` in a process of local rank `local_rank` (0 without torchrun).
+
+    Refused, with its fix, where torch sees no such GPU. On a GPU, TF32 products are turned off for the process."""
+    import torch
+
+    check_device_name(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        built = ("this torch has no CUDA support" if torch.version.cuda is None
+                 else f"this torch (CUDA {torch.version.cuda}) finds no GPU or driver")
+        raise StreamSVDError(f"--device {name}: {built} (torch {torch.__version__})",
+                             "install a CUDA build of torch on a machine with an NVIDIA GPU and its driver "
+                             "(pytorch.org lists the commands), or leave --device out to factor on the CPU")
+    index = int(name.split(":", 1)[1]) if ":" in name else local_rank
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise StreamSVDError(f"--device {name}: torch sees {count} GPU{'s' if count != 1 else ''}"
+                             + (f" (cuda means cuda:{index} in the process of local rank {index})" if ":" not in name else ""),
+                             f"give cuda:0 to cuda:{count - 1}, or start at most {count} processes per machine")
+    torch.backends.cuda.matmul.allow_tf32 = False  # full float32 products: the loss identities' round-off
+    return torch.device("cuda", index)
+
+
+def free_and_total(device) -> tuple[int, int]:
+    """(free, total) bytes of a CUDA device."""
+    import torch
+
+    return tuple(int(v) for v in torch.cuda.mem_get_info(device))
+
+
+def gpu_budget(device, max_gpu_mem: int | None) -> int:
+    """The GPU budget: --max-gpu-mem, or DEFAULT_GPU_SHARE of the device's free memory; refused above its total."""
+    free, total = free_and_total(device)
+    if max_gpu_mem is None:
+        return int(free * DEFAULT_GPU_SHARE)
+    if max_gpu_mem > total:
+        raise StreamSVDError(f"--max-gpu-mem {format_size(max_gpu_mem)} is more than {device} has "
+                             f"({format_size(total)})", f"give at most {total >> 20}M, or leave it out")
+    return max_gpu_mem
+
+
+def hold_to_budget(device, budget: int) -> None:
+    """torch's caching allocator on `device` refuses to grow past `budget` bytes (an out-of-memory error there)."""
+    import torch
+
+    _, total = free_and_total(device)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_bytes(device) -> int | None:
+    """The most the job's tensors held on `device` at once (torch's count), None on the CPU."""
+    import torch
+
+    if device is None or device.type != "cuda":
+        return None
+    return int(torch.cuda.max_memory_allocated(device))

@@ -1,0 +1,213 @@
+"""`run --device` / `--max-gpu-mem` end to end on a tiny model, and the GPU's part of the plan.
+
+On a machine where torch sees no GPU (CI), `--device cuda` must be one error and one fix before
+anything is written; where it sees one, the same test runs the job there and checks it against the
+CPU's (ranks equal, losses to round-off, the GPU's measured peak under its plan and budget).
+"""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from streamsvd.cli import main
+from streamsvd.errors import StreamSVDError
+from streamsvd.io.output import RUN_LOG
+from streamsvd.io.checkpoint import Checkpoint
+from streamsvd.job.pipeline import JobConfig, run_job
+from streamsvd.job.plan import PlanInputs, make_plan, refuse_if_too_small
+from tiny_models import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("device") / "model")
+
+
+COMMON = ["--calib-samples", "4", "--seqlen", "32", "--no-progress", "--no-plots"]
+
+
+def _report(out):
+    return json.loads((out / "streamsvd_report.json").read_text())["modules"]
+
+
+def _last_run(out):
+    return [json.loads(line) for line in (out / RUN_LOG).read_text().splitlines() if line.strip()][-1]
+
+
+def test_device_cpu_said_aloud_is_the_default_job_byte_for_byte(tiny, tmp_path):
+    assert main(["run", str(tiny), str(tmp_path / "a"), *COMMON]) == 0
+    assert main(["run", str(tiny), str(tmp_path / "b"), *COMMON, "--device", "cpu"]) == 0
+    shards = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
+    assert shards
+    for name in shards:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert "device" in json.dumps(_last_run(tmp_path / "b")) and '"cpu"' in json.dumps(_last_run(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("extra", [["--no-compensate", "--alloc", "uniform"], []], ids=["plain", "default"])
+def test_a_cuda_job_matches_the_cpu_job_or_is_refused_before_any_work(tiny, tmp_path, capsys, extra):
+    out = tmp_path / "gpu"
+    code = main(["run", str(tiny), str(out), *COMMON, *extra, "--device", "cuda"])
+    if not torch.cuda.is_available():
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2
+        assert err[0].startswith("error: --device cuda:") and err[1].strip().startswith("fix:"), err
+        assert "Traceback" not in "\n".join(err)
+        assert not out.exists()  # refused before OUT_DIR was made
+        return
+    assert code == 0
+    assert main(["run", str(tiny), str(tmp_path / "cpu"), *COMMON, *extra]) == 0
+    gpu, cpu = _report(out), _report(tmp_path / "cpu")
+    assert gpu.keys() == cpu.keys()
+    for name in cpu:
+        assert gpu[name]["rank"] == cpu[name]["rank"], name
+        assert gpu[name]["truncation_loss"] == pytest.approx(cpu[name]["truncation_loss"], rel=1e-4, abs=1e-7), name
+    run = _last_run(out)
+    text = json.dumps(run)
+    assert '"cuda:0"' in text
+    figures = next(v for v in _walk(run) if isinstance(v, dict) and "gpu_peak_bytes" in v)
+    assert 0 < figures["gpu_peak_bytes"] <= figures["planned_gpu_peak_bytes"] <= figures["max_gpu_mem_bytes"]
+
+
+def _walk(obj):
+    yield obj
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _walk(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _walk(v)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--device", "tpu"], "unknown --device 'tpu'"),
+    (["--device", "cuda:x"], "unknown --device 'cuda:x'"),
+    (["--max-gpu-mem", "8G"], "--max-gpu-mem without --device cuda"),
+    (["--device", "cuda", "--max-gpu-mem", "0"], "--max-gpu-mem 0 is not a positive size"),
+])
+def test_bad_device_flags_are_one_error_before_any_work(tiny, tmp_path, capsys, flags, match):
+    out = tmp_path / "o"
+    assert main(["run", str(tiny), str(out), *COMMON, *flags]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "fix:" in err and "Traceback" not in err
+    assert not out.exists()
+    with pytest.raises(StreamSVDError):
+        JobConfig(model_dir=tiny, out_dir=out, device=flags[1] if flags[0] == "--device" else "cpu",
+                  max_gpu_mem={"8G": 8 << 30, "0": 0}.get(flags[-1]) if "--max-gpu-mem" in flags else None).validate()
+
+
+@pytest.mark.parametrize("settings", [PlanInputs(), PlanInputs(calibrate="sequential", compensate=True, anchor=0.1)],
+                         ids=["plain", "compensated"])
+def test_the_gpu_takes_the_factorisations_workspace_off_the_host(tiny, settings):
+    ckpt = Checkpoint(tiny)
+    cpu = make_plan(ckpt, "model.layers", settings, budget=1 << 40, baseline=100 << 20)
+    gpu = make_plan(ckpt, "model.layers", replace(settings, device="cuda"), budget=1 << 40, baseline=100 << 20,
+                    gpu_budget=1 << 40)
+    assert cpu.gpu_peak_bytes is None and cpu.gpu_components == {}
+    host = gpu.components["factorize"]
+    # what the CPU's plan counts as the factorisations' workspace and whitening is the GPU's now (the GPU's largest
+    # step may be another one: without statistics beside it, the largest whitening-and-workspace pair)
+    gpu_step = gpu.gpu_components["workspace"] + gpu.gpu_components["whitening"]
+    assert gpu_step >= cpu.components["factorize"]["workspace"] + cpu.components["factorize"]["whitening"] > 0
+    assert host["workspace"] == 0 and host["whitening"] == 0 and host["factors from the GPU"] > 0
+    assert gpu.stage_bytes["factorize"] < cpu.stage_bytes["factorize"]
+    assert gpu.gpu_peak_bytes > sum(gpu.gpu_components.values())  # with the allocator's slack
+    if settings.compensate:
+        assert gpu.gpu_components["input Gram"] > 0 and gpu.gpu_components["cross statistic"] > 0
+    assert "gpu (cuda" in gpu.describe() and gpu.fits()
+
+
+def test_a_gpu_budget_below_the_plan_is_refused_naming_the_smallest(tiny):
+    ckpt = Checkpoint(tiny)
+    plan = make_plan(ckpt, "model.layers", PlanInputs(device="cuda"), budget=1 << 40, baseline=100 << 20,
+                     gpu_budget=1 << 20)
+    assert not plan.fits()
+    with pytest.raises(StreamSVDError, match=r"--max-gpu-mem 1.0 MiB is too small") as e:
+        refuse_if_too_small(plan)
+    assert f"{-(-plan.gpu_peak_bytes // (1 << 20))}M" in e.value.fix
+    ok = make_plan(ckpt, "model.layers", PlanInputs(device="cuda"), budget=1 << 40, baseline=100 << 20,
+                   gpu_budget=plan.gpu_peak_bytes)
+    refuse_if_too_small(ok)  # the planned peak itself is accepted
+
+
+def test_plan_for_a_gpu_this_machine_may_not_have(tiny, capsys):
+    flags = ["plan", str(tiny), "--calib-samples", "4", "--seqlen", "32", "--alloc", "uniform", "--device", "cuda"]
+    assert main([*flags, "--max-gpu-mem", "4G", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["device"] == "cuda" and plan["gpu_peak_bytes"] > 0 and plan["gpu_budget_bytes"] == 4 << 30
+    assert plan["components"]["factorize"]["workspace"] == 0
+    assert main([*flags, "--max-gpu-mem", "1K"]) == 0
+    out = capsys.readouterr().out
+    assert "gpu (cuda" in out and "--max-gpu-mem` below" not in out and "`run` would refuse it" in out
+    if not torch.cuda.is_available():  # nothing to measure: the budget is unknown, and the plan says so
+        assert main([*flags, "--json"]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        assert plan["gpu_budget_bytes"] is None
+        assert any("no GPU visible here" in n for n in plan["notes"])
+
+
+def test_under_a_job_a_cpu_device_writes_no_gpu_figures(tiny, tmp_path):
+    run_job(JobConfig(model_dir=tiny, out_dir=tmp_path / "o", calib_samples=4, seqlen=32, progress=False, plots=False,
+                      alloc="uniform", compensate=False, device="cpu"))
+    assert "gpu_peak_bytes" not in json.dumps(_last_run(tmp_path / "o"))
+
+
+def test_a_device_out_of_memory_is_one_error_and_the_rerun_finishes(tiny, tmp_path, capsys, monkeypatch):
+    """torch's allocator, held to --max-gpu-mem, refuses a step the plan under-counted: one error naming the linear,
+    a fix, the finished blocks kept; the same command then finishes (here the 'GPU' is the CPU, made to fail once)."""
+    from streamsvd.job import stages
+
+    real, calls = stages.factorize, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:  # in the second block
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    out = tmp_path / "o"
+    flags = ["run", str(tiny), str(out), *COMMON, "--no-compensate", "--alloc", "uniform"]
+    monkeypatch.setattr(stages, "factorize", failing)
+    assert main(flags) == 2
+    err = capsys.readouterr().err
+    assert "error: cpu ran out of memory factoring model.layers.1." in err and "Tried to allocate 2.00 GiB" in err
+    assert "fix: rerun the same command with a larger --max-mem; the finished blocks are kept" in err
+    assert "Traceback" not in err
+    state = json.loads((out / "streamsvd_state.json").read_text())
+    assert state["blocks_done"] == 1 and not state["complete"]  # block 0 kept, block 1 to do
+    monkeypatch.setattr(stages, "factorize", real)
+    assert main(flags) == 0
+    assert main(["run", str(tiny), str(tmp_path / "ref"), *COMMON, "--no-compensate", "--alloc", "uniform"]) == 0
+    for shard in sorted((tmp_path / "ref").glob("*.safetensors")):
+        assert (out / shard.name).read_bytes() == shard.read_bytes(), shard.name
+
+
+def test_profile_takes_the_device_too(tiny, tmp_path, capsys):
+    flags = ["--calib-samples", "4", "--seqlen", "32", "--no-progress", "--sensitivity-samples", "2"]
+    assert main(["profile", str(tiny), str(tmp_path / "cpu"), *flags, "--device", "cpu"]) == 0
+    code = main(["profile", str(tiny), str(tmp_path / "gpu"), *flags, "--device", "cuda"])
+    if not torch.cuda.is_available():
+        err = capsys.readouterr().err
+        assert code == 2 and "error: --device cuda:" in err and "fix:" in err and "Traceback" not in err
+        assert not (tmp_path / "gpu").exists()
+        return
+    assert code == 0
+    from streamsvd.job.profile import read_profile
+
+    cpu, gpu = read_profile(tmp_path / "cpu"), read_profile(tmp_path / "gpu")
+    for name, s in cpu.spectra.items():
+        assert gpu.spectra[name] == pytest.approx(s, rel=1e-5, abs=1e-8), name
+
+
+def test_the_gpu_plan_of_a_job_that_profiles_counts_the_profiles_spectra(tiny, capsys):
+    flags = ["plan", str(tiny), "--calib-samples", "4", "--seqlen", "32", "--device", "cuda", "--max-gpu-mem", "4G",
+             "--json"]
+    assert main([*flags, "--alloc", "uniform"]) == 0
+    uniform = json.loads(capsys.readouterr().out)
+    assert main(flags) == 0  # --alloc global (the default): the job's own profile first
+    own = json.loads(capsys.readouterr().out)
+    assert own["gpu_peak_bytes"] >= uniform["gpu_peak_bytes"] > 0
+    assert own["gpu_peak_bytes"] == uniform["gpu_peak_bytes"] or all(k.startswith("the profile's")
+                                                                     for k in own["gpu_components"])
