@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from streamsvd import assets, timing  # noqa: E402  (first: it sets torch's allocator up before torch allocates)
 from streamsvd.errors import StreamSVDError  # noqa: E402
 from streamsvd.io.checkpoint import Checkpoint  # noqa: E402
+from streamsvd.job.device import peak_bytes  # noqa: E402
 from streamsvd.job.memory import parse_size  # noqa: E402
 from streamsvd.job.peak import PeakSampler, high_water_bytes  # noqa: E402
 from streamsvd.job.pipeline import CompressionJob, JobConfig  # noqa: E402
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                    "default, which first runs a profile pass (its time lands in the first block's row)")
     p.add_argument("--precision", choices=["float64", "float32"], default="float64",
                    help="streamsvd run --precision: the factorisation's arithmetic (default float64)")
+    p.add_argument("--device", default="cpu", help="streamsvd run --device: where the factorisations run (cpu or cuda)")
+    p.add_argument("--max-gpu-mem", default=None, help="streamsvd run --max-gpu-mem, with --device cuda")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop (resumably) after N blocks of this run, e.g. to measure a few blocks of a long job")
     args = p.parse_args(argv)
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = JobConfig(model_dir=args.model_dir, out_dir=args.out, ratio=args.ratio, max_mem=budget, calib=[str(calib)],
                     calib_samples=args.calib_samples, seqlen=args.seqlen, progress=False,
-                    compensate=False if args.no_compensate else None, alloc=args.alloc, precision=args.precision)
+                    compensate=False if args.no_compensate else None, alloc=args.alloc, precision=args.precision,
+                    device=args.device, max_gpu_mem=parse_size(args.max_gpu_mem) if args.max_gpu_mem else None)
     cfg.plots = False
     try:
         job = CompressionJob(cfg)
@@ -140,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
           "min_max_mem_bytes": plan.min_max_mem_bytes, "planned_peak_bytes": plan.peak_bytes,
           "plan_disk_bytes": plan.disk_bytes, "plan_seconds_estimate": round(plan.seconds_estimate),
           "batch_size": plan.batch_size, "calib_samples": args.calib_samples, "seqlen": args.seqlen,
-          "ratio": args.ratio, "compensate": cfg.compensate, "starts_at_block": state.blocks_done if state else 0, "cpus": os.cpu_count()})
+          "ratio": args.ratio, "compensate": cfg.compensate, "starts_at_block": state.blocks_done if state else 0, "cpus": os.cpu_count(),
+          "device": args.device, **({"planned_gpu_peak_bytes": plan.gpu_peak_bytes, "max_gpu_mem_bytes": plan.gpu_budget_bytes}
+                                    if plan.gpu_peak_bytes is not None else {})})
     sampler, rows = BlockPeak(), []
     largest_out = [0]
     mark = {"t": time.perf_counter(), "inside": timing.snapshot(), "stages": {}}
@@ -158,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         row = {"row": "block", "block": index, "seconds": round(wall, 2),
                **split(delta(stages, mark["stages"]), delta(inside, mark["inside"]), wall),
                "peak_rss_bytes": peak, "peak_over_budget": round(peak / budget, 4), "out_bytes": disk}
+        gpu_peak = peak_bytes(cfg.torch_device)
+        if gpu_peak is not None:  # torch's count on the GPU since the last block (the allocator's high-water mark)
+            row["gpu_peak_bytes"] = gpu_peak
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(cfg.torch_device)
         rows.append(row)
         emit(row)
         mark.update(t=time.perf_counter(), inside=timing.snapshot(), stages=dict(job.sampler.seconds))
