@@ -211,3 +211,34 @@ def test_the_gpu_plan_of_a_job_that_profiles_counts_the_profiles_spectra(tiny, c
     assert own["gpu_peak_bytes"] >= uniform["gpu_peak_bytes"] > 0
     assert own["gpu_peak_bytes"] == uniform["gpu_peak_bytes"] or all(k.startswith("the profile's")
                                                                      for k in own["gpu_components"])
+
+
+@pytest.mark.parametrize("extra", [["--no-compensate", "--alloc", "uniform"], [], ["--quant", "int4", "--no-compensate"],
+                                   ["--method", "cholesky", "--alloc", "uniform"]],
+                         ids=["plain", "default (compensated, own profile)", "gptq", "cholesky"])
+def test_the_device_path_on_a_simulated_gpu_writes_the_cpu_jobs_bytes(tiny, tmp_path, monkeypatch, extra):
+    """Every factorisation of a job, and its profile's spectra, run with --device's code path on a simulated device
+    (tests/sim_device.py: CPU data behind a device of its own, where a tensor left on the CPU, or made without
+    device=, fails as on a GPU). The kernels are the CPU's, so the output must be the CPU job's byte for byte."""
+    from sim_device import SIM, SimDevice
+    from streamsvd.job import pipeline, profile
+
+    flags = [*COMMON, *extra]
+    assert main(["run", str(tiny), str(tmp_path / "cpu"), *flags]) == 0
+    calls = []
+
+    def on_sim(real):
+        def run(*args, **kwargs):
+            calls.append(real.__name__)
+            with SimDevice():
+                return real(*args, **{**kwargs, "device": SIM})
+        return run
+
+    monkeypatch.setattr(pipeline, "factor_block", on_sim(pipeline.factor_block))
+    monkeypatch.setattr(profile, "block_spectra", on_sim(profile.block_spectra))
+    assert main(["run", str(tiny), str(tmp_path / "sim"), *flags]) == 0
+    assert "factor_block" in calls and ("block_spectra" in calls) == ("--alloc" not in extra)
+    shards = sorted(p.name for p in (tmp_path / "cpu").glob("*.safetensors"))
+    assert shards
+    for name in shards:
+        assert (tmp_path / "sim" / name).read_bytes() == (tmp_path / "cpu" / name).read_bytes(), name

@@ -1,0 +1,79 @@
+"""A simulated second device on a CPU-only machine, for testing `--device` code without a GPU.
+
+Tensors "on the device" are CPU tensors wrapped in `Sim`, whose `.device` says "meta" (the device name the
+code under test is given). Inside `SimDevice()`:
+
+- `t.to(SIM)` and factories with `device=SIM` (torch.zeros, torch.eye, ...) make Sim tensors;
+- `t.to("cpu")` / `.cpu()` of a Sim tensor gives the plain CPU tensor back;
+- an op on Sim tensors runs the CPU kernel on their data (so the results are the CPU's, bit for bit) and wraps what
+  it returns; an op that meets a Sim tensor and a plain CPU tensor of one or more dimensions raises, as CUDA does
+  ("Expected all tensors to be on the same device"); copies between the two (`copy_`) are allowed, as on CUDA;
+- `.numpy()` of a Sim tensor fails, as a CUDA tensor's does.
+
+So code that forgets to move a tensor, or allocates without `device=`, fails here as it would on a GPU, while code
+that gets it right computes exactly what it computes on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
+
+SIM = torch.device("meta")
+_aten = torch.ops.aten
+_CPU = torch.device("cpu")
+# copies across devices are legal on CUDA; these must not count as a mix
+_CROSS_DEVICE_OK = {_aten.copy_.default, _aten._to_copy.default}
+
+
+class Sim(torch.Tensor):
+    @staticmethod
+    def __new__(cls, data: torch.Tensor):
+        r = torch.Tensor._make_wrapper_subclass(cls, data.shape, strides=data.stride(), storage_offset=data.storage_offset(),
+                                                dtype=data.dtype, device=SIM, requires_grad=data.requires_grad)
+        r.cpu_data = data
+        return r
+
+    def __repr__(self):
+        return f"Sim({self.cpu_data!r})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # only reached outside SimDevice
+        raise RuntimeError(f"a simulated-device tensor used outside SimDevice ({func})")
+
+
+def _on_sim(device) -> bool:
+    return device is not None and torch.device(device).type == SIM.type
+
+
+def _wrap(t):
+    return Sim(t) if type(t) is torch.Tensor else t
+
+
+def _unwrap(t):
+    return t.cpu_data if isinstance(t, Sim) else t
+
+
+class SimDevice(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if _on_sim(kwargs.get("device")):  # a factory there, or a copy to it
+            kwargs["device"] = _CPU
+            return tree_map(_wrap, func(*tree_map(_unwrap, args), **kwargs))
+        if func is _aten._to_copy.default and isinstance(args[0], Sim):
+            out = func(_unwrap(args[0]), **kwargs)
+            return out if kwargs.get("device") is not None else Sim(out)  # to the CPU, or another dtype there
+        leaves = tree_leaves((args, kwargs))
+        if not any(isinstance(t, Sim) for t in leaves):
+            return func(*args, **kwargs)
+        mixed = [tuple(t.shape) for t in leaves if type(t) is torch.Tensor and t.dim() > 0]
+        if mixed and func not in _CROSS_DEVICE_OK:
+            raise RuntimeError(f"Expected all tensors to be on the same device ({func}: CPU tensors of shapes {mixed} "
+                               "met tensors on the simulated device)")
+        out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
+        if "out" in kwargs:
+            return kwargs["out"]
+        if func._schema.name.endswith("_"):  # in place: the Sim tensor itself, its data changed
+            return args[0]
+        return tree_map(_wrap, out)
