@@ -16,7 +16,11 @@ that gets it right computes exactly what it computes on the CPU.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
@@ -55,7 +59,37 @@ def _unwrap(t):
     return t.cpu_data if isinstance(t, Sim) else t
 
 
-class SimDevice(TorchDispatchMode):
+def _check_not_mixed(func, leaves) -> None:
+    mixed = [tuple(t.shape) for t in leaves if type(t) is torch.Tensor and t.dim() > 0]
+    if mixed and any(isinstance(t, Sim) for t in leaves) and func not in _CROSS_DEVICE_OK:
+        raise RuntimeError(f"Expected all tensors to be on the same device ({func}: CPU tensors of shapes {mixed} "
+                           "met tensors on the simulated device)")
+
+
+class _SameKernels(TorchFunctionMode):
+    """Functions that pick their kernel by the device: run with the CPU's choice (attention's flash kernel for the
+    CPU, not the fallback a "meta" device gets), so the simulated device computes the CPU's bits."""
+
+    BY_DEVICE = {F.scaled_dot_product_attention}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.BY_DEVICE:
+            leaves = tree_leaves((args, kwargs))
+            if any(isinstance(t, Sim) for t in leaves):
+                _check_not_mixed(func, leaves)
+                return tree_map(_wrap, func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs)))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def SimDevice():
+    """The simulated device's rules (the module's docstring), for the code run inside."""
+    with _SameKernels(), _SimDispatch():
+        yield
+
+
+class _SimDispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if _on_sim(kwargs.get("device")):  # a factory there, or a copy to it
@@ -67,10 +101,7 @@ class SimDevice(TorchDispatchMode):
         leaves = tree_leaves((args, kwargs))
         if not any(isinstance(t, Sim) for t in leaves):
             return func(*args, **kwargs)
-        mixed = [tuple(t.shape) for t in leaves if type(t) is torch.Tensor and t.dim() > 0]
-        if mixed and func not in _CROSS_DEVICE_OK:
-            raise RuntimeError(f"Expected all tensors to be on the same device ({func}: CPU tensors of shapes {mixed} "
-                               "met tensors on the simulated device)")
+        _check_not_mixed(func, leaves)
         out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
         if "out" in kwargs:
             return kwargs["out"]
