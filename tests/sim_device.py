@@ -1,7 +1,7 @@
 """A simulated second device on a CPU-only machine, for testing `--device` code without a GPU.
 
-Tensors "on the device" are CPU tensors wrapped in `Sim`, whose `.device` says "meta" (the device name the
-code under test is given). Inside `SimDevice()`:
+Tensors "on the device" are CPU tensors wrapped in `Sim`, whose `.device` says "meta:1" (the device the code
+under test is given; the plain "meta" device, on which the job builds its empty model, is left alone). Inside `SimDevice()`:
 
 - `t.to(SIM)` and factories with `device=SIM` (torch.zeros, torch.eye, ...) make Sim tensors;
 - `t.to("cpu")` / `.cpu()` of a Sim tensor gives the plain CPU tensor back;
@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-SIM = torch.device("meta")
+SIM = torch.device("meta", 1)
 _aten = torch.ops.aten
 _CPU = torch.device("cpu")
 # copies across devices are legal on CUDA; these must not count as a mix
@@ -42,13 +42,16 @@ class Sim(torch.Tensor):
     def __repr__(self):
         return f"Sim({self.cpu_data!r})"
 
+    def data_ptr(self) -> int:  # as on CUDA: the address of the data (GramCollector tells shared inputs by it)
+        return self.cpu_data.data_ptr()
+
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # only reached outside SimDevice
         raise RuntimeError(f"a simulated-device tensor used outside SimDevice ({func})")
 
 
 def _on_sim(device) -> bool:
-    return device is not None and torch.device(device).type == SIM.type
+    return device is not None and torch.device(device) == SIM
 
 
 def _wrap(t):
@@ -68,7 +71,7 @@ def _check_not_mixed(func, leaves) -> None:
 
 class _SameKernels(TorchFunctionMode):
     """Functions that pick their kernel by the device: run with the CPU's choice (attention's flash kernel for the
-    CPU, not the fallback a "meta" device gets), so the simulated device computes the CPU's bits."""
+    CPU, not the fallback a "meta" device gets), so the simulated device computes the CPU's bits, backward too."""
 
     BY_DEVICE = {F.scaled_dot_product_attention}
 
@@ -78,8 +81,33 @@ class _SameKernels(TorchFunctionMode):
             leaves = tree_leaves((args, kwargs))
             if any(isinstance(t, Sim) for t in leaves):
                 _check_not_mixed(func, leaves)
-                return tree_map(_wrap, func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs)))
+                flat, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+                where = [i for i, t in enumerate(flat) if isinstance(t, Sim)]
+                return _OnCpu.apply(func, flat, spec, where, *[flat[i] for i in where])
         return func(*args, **kwargs)
+
+
+class _OnCpu(torch.autograd.Function):
+    """func on the Sim tensors' CPU data, with the CPU's own backward (its graph kept on the CPU data)."""
+
+    @staticmethod
+    def forward(ctx, func, flat, spec, where, *sims):
+        plain = [t.cpu_data.detach().requires_grad_(t.requires_grad) for t in sims]
+        flat = list(flat)
+        for i, p in zip(where, plain):
+            flat[i] = p
+        args, kwargs = torch.utils._pytree.tree_unflatten(flat, spec)
+        with torch.enable_grad():
+            out = func(*args, **kwargs)
+        ctx.plain, ctx.out = plain, out
+        return Sim(out.detach())
+
+    @staticmethod
+    def backward(ctx, grad):
+        needs = [p for p in ctx.plain if p.requires_grad]
+        got = iter(torch.autograd.grad(ctx.out, needs, _unwrap(grad), allow_unused=True) if needs else [])
+        grads = [(_wrap(next(got)) if p.requires_grad else None) for p in ctx.plain]
+        return (None, None, None, None, *grads)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,9 @@
 #   precision.jsonl  tools/bench_precision.py on 7B shapes, GPU then CPU of the same machine: time and loss, float64
 #                    and float32, and the GPU's measured peak against the plan's count per step
 #   block-*.jsonl    one 7B-shape block (random weights, bf16) compressed end to end with --device cuda and on the CPU:
-#                    seconds split by stage, peak RSS, the GPU's peak; then the two outputs' factors compared
+#                    seconds split by stage (forwards and factorisations on the GPU against the CPU's), peak RSS, the
+#                    GPU's peak; then the two outputs' factors compared (block-compare.json)
+#   ranks.json       a tiny job on two torchrun processes sharing the GPU (issue 12) against one process on it
 # docs/RESULTS.md, "GPU (--device cuda)", says what to copy where.
 set -u
 OUT=${OUT:-/tmp/gpu-check}
@@ -63,4 +65,18 @@ a, b = (json.load(open(f"{d}/streamsvd_report.json"))["modules"] for d in sys.ar
 worst = max(abs(a[n]["truncation_loss"] / b[n]["truncation_loss"] - 1) for n in b)
 print(json.dumps({"linears": len(b), "same_ranks": all(a[n]["rank"] == b[n]["rank"] for n in b),
                   "largest_relative_loss_difference": worst}))
+EOF
+
+echo "== two processes sharing the GPU (torchrun) against one"
+timeout 30 $PY -c "from tiny_models import make_tiny_checkpoint; make_tiny_checkpoint('llama', '$WORK/tiny')"
+R="--calib-samples 8 --seqlen 32 --batch-size 2 --no-plots --no-progress --device cuda:0 --max-gpu-mem 4G"
+OMP_NUM_THREADS=1 timeout 90 $PY -m streamsvd run "$WORK/tiny" "$WORK/one" $R > "$OUT/ranks-one.txt" 2>&1
+OMP_NUM_THREADS=1 timeout 120 $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m streamsvd run "$WORK/tiny" \
+    "$WORK/two" $R > "$OUT/ranks-two.txt" 2>&1
+timeout 30 $PY - "$WORK/one" "$WORK/two" <<'EOF' | tee "$OUT/ranks.json"
+import json, pathlib, sys
+one, two = map(pathlib.Path, sys.argv[1:3])
+shards = sorted(p.name for p in one.glob("*.safetensors"))
+same = [n for n in shards if (two / n).exists() and (two / n).read_bytes() == (one / n).read_bytes()]
+print(json.dumps({"shards": len(shards), "byte_identical": len(same), "two_finished": (two / "streamsvd_report.json").exists()}))
 EOF

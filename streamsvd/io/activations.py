@@ -46,7 +46,7 @@ class ActivationFile:
             self._write(start, hidden)
 
     def _write(self, start: int, hidden: torch.Tensor) -> None:
-        data = hidden.detach().to(self.torch_dtype).contiguous()
+        data = hidden.detach().to(device="cpu", dtype=self.torch_dtype).contiguous()  # from a GPU too (run --device)
         if self.dtype == "bfloat16":
             data = data.view(torch.int16)
         if start < 0 or start + data.shape[0] > self.shape[0] or tuple(data.shape[1:]) != self.shape[1:]:

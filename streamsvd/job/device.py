@@ -1,13 +1,16 @@
-"""run --device: where each linear's factorisation runs (the CPU, or one CUDA GPU within --max-gpu-mem).
+"""run --device: where a job's blocks run and its linears are factored (the CPU, or one CUDA GPU within --max-gpu-mem).
 
-The factorisations are what a large block's time goes to on a CPU (88% of a 7B-shape block here,
-docs/RESULTS.md), so they are what moves to the GPU first: as each linear is factored, its weight, its
-group's statistics and whitening go to the device, and its factors come back (job/stages.factor_block).
-`profile` (and a job's own profile) computes its spectra there the same way (job/profile.block_spectra). The block
-forwards, the statistics, the shards and the state stay on the CPU, as does `eval`.
+With a GPU, each block is loaded to it (job/pipeline._load_layer) and every batch read from the activation files
+goes there for the block forwards (`_forward`); the statistics' products are made there and added into their float64
+sums on the host (math/gram.add_products); each linear's factorisation runs there, its group's Gram and whitening
+moved over as it is factored, and its factors come back (job/stages.factor_block); outputs go back to the activation
+files on the host. `profile` (and a job's own profile) runs its passes there too (the statistics pass, the
+sensitivity forward and backward through the blocks) and its spectra (job/profile.block_spectra); the output head's
+gradient and the held-out NLL, `eval`, the shards and the state stay on the CPU.
 
-The GPU's memory is a budget like --max-mem: the plan counts the largest factorisation's tensors on the
-device (job/plan.py, `gpu` figures), `run` refuses a --max-gpu-mem below that before any work, and the
+The GPU's memory is a budget like --max-mem: the plan counts what each stage holds on the device (job/plan.py,
+`gpu_stage_bytes`; the block, a batch, the largest factorisation), `run` refuses a --max-gpu-mem below its
+smallest before any work, and the
 budget is handed to torch's allocator (`torch.cuda.set_per_process_memory_fraction`), so a step that would
 exceed it fails there instead of growing past it. The CUDA runtime's host memory is in the plan's measured
 baseline: the plan times the device (plan.machine_speed), which loads it, before it measures the process.
@@ -27,13 +30,13 @@ from ..errors import StreamSVDError
 from .memory import format_size
 
 DEVICE_HELP = (
-    "where each linear's factorisation runs: cpu (default) or cuda / cuda:N (an NVIDIA GPU; under torchrun, cuda is "
-    "each process's own GPU, cuda:LOCAL_RANK). The factorisations are most of a large model's time on a CPU (88%% of a "
-    "7B block here), and the job's own profile computes its spectra there too; the block forwards, the statistics and "
-    "the output stay on the CPU. Needs a CUDA "
-    "build of torch. Costs GPU memory for the largest factorisation (`streamsvd plan --device cuda` says how much) "
-    "and nothing on the host but the CUDA runtime. GPU timings and its agreement with the CPU are not measured yet "
-    "(docs/RESULTS.md)"
+    "where the job computes: cpu (default) or cuda / cuda:N (an NVIDIA GPU; under torchrun, cuda is each process's own "
+    "GPU, cuda:LOCAL_RANK). On a GPU: the block forwards (and backward, the profile's), the statistics' products and "
+    "every factorisation; the statistics' float64 sums, the output head, the activation files and the output stay on "
+    "the host. "
+    "Needs a CUDA build of torch. Costs GPU memory for a block, a batch and the largest factorisation (`streamsvd plan "
+    "--device cuda` says how much; the host needs no more than on the CPU). GPU timings and its agreement with the CPU "
+    "are not measured yet (docs/RESULTS.md)"
 )
 MAX_GPU_MEM_HELP = (
     "GPU memory budget with --device cuda, e.g. 20G (default: 90%% of the GPU's free memory when the job starts). "

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from .. import __version__, faults, timing
@@ -685,7 +686,7 @@ class CompressionJob:
                 self._propagate_heldout(layer if self.cfg.propagate == "compressed" else self._finished_layer(index, compressed=True),
                                         index, src, dst)
             if self.cfg.streams == 2:
-                original = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
+                original = self._load_layer(index)
                 self._propagate(original, index, src, dst, desc=f"block {index} rebuild (original)", stream=1)
             dst.sync()
             faults.point("rebuild-block")
@@ -696,7 +697,7 @@ class CompressionJob:
     def _finished_layer(self, index: int, compressed: bool = False) -> nn.Module:
         """Block `index` as it was when its outputs were propagated: compressed from OUT_DIR, or original
         (`compressed`: the compressed one whatever --propagate says, for the held-out windows)."""
-        layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
+        layer = self._load_layer(index)
         if self.cfg.propagate == "original" and not compressed:
             return layer
         prefix = layer_prefix(self.model, index)
@@ -706,7 +707,7 @@ class CompressionJob:
             if spec is not None:
                 get, stored = dequantizing_getter(get, stored, spec.bits, spec.group_size), logical_keys(stored)
             for name in linear_modules(layer):
-                replace_module(layer, name, module_from_tensors(get, stored, prefix + name, COMPUTE_DTYPE))
+                replace_module(layer, name, module_from_tensors(get, stored, prefix + name, COMPUTE_DTYPE).to(self.cfg.torch_device))
         return layer
 
     def _activation_nbytes(self) -> int:
@@ -727,9 +728,16 @@ class CompressionJob:
     def _bar(self, desc: str):
         return tqdm(list(self._batches(self.samples)), desc=desc, leave=False, disable=not self._inner_bars())
 
+    def _load_layer(self, index: int) -> nn.Module:
+        """Block `index` as stored, on the job's device (run --device: the block forwards run there too)."""
+        return load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE).to(self.cfg.torch_device)
+
     def _forward(self, index: int):
-        args, kwargs = self.layer_args[index]
-        return lambda layer, hidden: run_layer(layer, hidden, args, kwargs)
+        """forward(layer, hidden): the block on a batch read from disk, on the job's device (the batch moved there;
+        what it gives back stays there until the activation file, a statistic or the next forward takes it)."""
+        device = self.cfg.torch_device
+        args, kwargs = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, self.layer_args[index])
+        return lambda layer, hidden: run_layer(layer, hidden.to(device), args, kwargs)
 
     @torch.no_grad()
     def _propagate(self, layer: nn.Module, index: int, src: ActivationFile, dst: ActivationFile, desc: str,
@@ -769,7 +777,7 @@ class CompressionJob:
         self.world.block = index
         self.ckpt.read_digests = {}
         self._stage("statistics")
-        layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
+        layer = self._load_layer(index)
         src = self._activation_file(self.state.inputs_file, create=False)
         dst_name = _other(self.state.inputs_file)
         dst = self._activation_file(dst_name, create=True)
@@ -824,7 +832,7 @@ class CompressionJob:
         """
         cfg, samples = self.cfg, self.samples
         forward = self._forward(index)
-        original = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE) if cfg.compensate else None
+        original = self._load_layer(index) if cfg.compensate else None
         groups = forward_groups(layer, src.read(0, 1), forward)
         passes = [[g] for g in groups] if cfg.calibrate == "sequential" else [groups]
         # Compensation and the anchor need a linear's in x in statistics, so a linear the plain job factors
@@ -902,9 +910,9 @@ class CompressionJob:
         self._stage("refine")
         forward = self._forward(index)
         if cfg.compensate:
-            target = lambda a, b: dst.read(samples + a, samples + b)  # noqa: E731
+            target = lambda a, b: dst.read(samples + a, samples + b).to(cfg.torch_device)  # noqa: E731  (run --device)
         else:
-            original = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
+            original = self._load_layer(index)
             target = lambda a, b: forward(original, src.read(a, b))  # noqa: E731
         r = refine_block(layer, prefix, block, src.read, target, forward, cfg.calib_samples, self.batch_size,
                          cfg.refine_steps, cfg.refine_lr, COMPUTE_DTYPE, seed=cfg.seed + index, world=self.world,

@@ -80,6 +80,10 @@ PLOT_BYTES = 96 << 20
 # matrices with noisy random spectra (real ones are smoother and compress better); counted per matrix too.
 PLOT_DISK_FIXED, PLOT_DISK_PER_MATRIX = 150 << 10, 1280
 SVD_MODES = ("exact", "randomized", "auto")
+# run --device cuda: a stage's parts (job/plan.py stage_parts) that live on the GPU (the forward stages' block, batch
+# and outputs; refinement's optimiser and target), as opposed to the host's (the statistics' sums, shards, files)
+GPU_RESIDENT = frozenset({"block weights", "original block", "batch", "outputs", "paired inputs", "output energy",
+                          "optimiser", "target", "gradient broadcast", "one window's forward and backward"})
 # The widest input a compensated linear may have: its statistics are two in x in float64 matrices and an
 # eigendecomposition, about 64 in^2 bytes (16 GiB at 16384, the MLP width of 7B-8B models). A wider linear
 # on the output side (a 70B model's down_proj, 28672) keeps that route and is neither compensated nor anchored.
@@ -253,14 +257,17 @@ class Plan:
     # run --device cuda: the factorisations' tensors on the GPU (job/device.py); None / empty on the CPU
     device: str = "cpu"
     gpu_budget_bytes: int | None = None  # --max-gpu-mem (or the default share of the GPU); None: no GPU visible here
-    gpu_peak_bytes: int | None = None  # the planned peak on the GPU: also the smallest --max-gpu-mem that works
-    gpu_components: dict[str, int] = field(default_factory=dict)
+    gpu_peak_bytes: int | None = None  # the planned peak on the GPU at the plan's batch
+    gpu_min_bytes: int | None = None  # the smallest --max-gpu-mem that works (the GPU's peak at batch 1)
+    gpu_stage: str | None = None  # the stage that sets gpu_peak_bytes
+    gpu_components: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> part -> bytes on the GPU
+    gpu_stage_bytes: dict[str, int] = field(default_factory=dict)  # every stage's planned peak on the GPU
 
     def fits(self) -> bool:
         return self.peak_bytes <= self.budget_bytes and (self.gpu_budget_bytes is None or self.gpu_fits())
 
     def gpu_fits(self) -> bool:
-        return self.gpu_peak_bytes is None or self.gpu_budget_bytes is None or self.gpu_peak_bytes <= self.gpu_budget_bytes
+        return self.gpu_min_bytes is None or self.gpu_budget_bytes is None or self.gpu_min_bytes <= self.gpu_budget_bytes
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -279,11 +286,12 @@ class Plan:
             parts = ", ".join(f"{k} {format_size(v)}" for k, v in self.components[stage].items() if v)
             lines.append(f"  {stage:<12} {format_size(self.stage_bytes[stage]):>11}  {parts}")
         if self.gpu_peak_bytes is not None:
-            parts = ", ".join(f"{k} {format_size(v)}" for k, v in self.gpu_components.items() if v)
+            parts = ", ".join(f"{k} {format_size(v)}" for k, v in self.gpu_components[self.gpu_stage].items() if v)
             budget = (f"--max-gpu-mem {format_size(self.gpu_budget_bytes)}" if self.gpu_budget_bytes is not None
                       else "no GPU budget (no GPU visible here: give --max-gpu-mem to check one)")
-            lines.append(f"gpu ({self.device}, {budget}): planned peak {format_size(self.gpu_peak_bytes)}, also the "
-                         f"smallest workable --max-gpu-mem: {parts}")
+            lines.append(f"gpu ({self.device}, {budget}): planned peak {format_size(self.gpu_peak_bytes)} in the "
+                         f"{self.gpu_stage} stage ({parts}); smallest workable --max-gpu-mem "
+                         f"{format_size(self.gpu_min_bytes)}")
         lines.append("factorisation routes (per matrix type):")
         lines += [f"  {k}: {v}" for k, v in self.routes.items()]
         lines.append("tiles: " + ", ".join(f"{k} {v}" for k, v in self.tiles.items()))
@@ -550,7 +558,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             _, factor_stats, whitening_held, label, workspace = worst
     # run --device cuda (job/stages.factor_block): one linear's weight, its group's whitening (and, compensating, its
     # Gram for the output error and a copy of C while W C is made), the route's workspace and its float64 factors are
-    # on the GPU; the host keeps the statistics and gets the factors back
+    # on the GPU beside the block; the host keeps the statistics and gets the factors back. The block forwards run
+    # there too (gpu_stage_parts below)
     gpu_parts: dict[str, int] = {}
     if settings.device != "cpu":
         widest = max((m[0].in_features for m in groups.values() if any(s.route == "input" for s in m)), default=0)
@@ -562,7 +571,6 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         if settings.compensate:
             gpu_parts["cross statistic"] = 8 * widest**2
         factor_stats = stats_bytes
-    gpu_peak = (int(sum(gpu_parts.values()) * (1 + GPU_SLACK_FRACTION) + GPU_SLACK_BYTES) if gpu_parts else None)
     factors_stored = sum(stored_numel(s.out_features, s.in_features, s.rank, s.factors) * s.itemsize for s in linears)
     packed_stored = sum(stored_linear_bytes(s.out_features, s.in_features, s.rank, s.factors, s.itemsize, settings.quant)
                         for s in linears)
@@ -669,6 +677,26 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             out[stage] = int(live + SLACK_BYTES + SLACK_FRACTION * (live - baseline))
         return out
 
+    def gpu_stage_parts(b: int) -> dict[str, dict[str, int]]:
+        """run --device cuda: what each stage holds on the GPU. The block (and the original beside it), the batch's
+        working set, its outputs and the statistics' products (their sums stay on the host) in the forward stages;
+        the block and one factorisation (gpu_parts) in the factorize stage; the host's count of each stays as it
+        was (every tensor passes through the host on its way, and the host's plan counts it there too)."""
+        if not gpu_parts:
+            return {}
+        host = stage_parts(b)
+        on_gpu = {stage: {k: v for k, v in host[stage].items() if k in GPU_RESIDENT}
+                  for stage in ("statistics", "refine", "quantize", "propagate", "write", "sensitivity (blocks)")
+                  if stage in host}
+        on_gpu = {stage: parts for stage, parts in on_gpu.items() if any(parts.values())}  # the stages this job has
+        on_gpu["statistics"]["statistics' products"] = gram_chunk
+        on_gpu["factorize"] = {"block weights": weights, **gpu_parts}
+        return on_gpu
+
+    def gpu_totals(b: int) -> dict[str, int]:
+        return {stage: int(sum(parts.values()) * (1 + GPU_SLACK_FRACTION) + GPU_SLACK_BYTES)
+                for stage, parts in gpu_stage_parts(b).items()}
+
     at_one = totals(1)
     min_stage = max(at_one, key=at_one.get)
     strict_min = at_one[min_stage]
@@ -682,14 +710,20 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         batch = 1
         if budget >= strict_min:
             lo, hi = 1, max(1, S // P)  # under torchrun every process needs a batch: at most S // P windows
-            while lo < hi:  # the largest batch whose every stage fits
+            while lo < hi:  # the largest batch whose every stage fits (and on a GPU, whose every stage fits there)
                 mid = (lo + hi + 1) // 2
-                if max(totals(mid).values()) <= budget:
+                if max(totals(mid).values()) <= budget and (gpu_budget is None or max(gpu_totals(mid).values(), default=0)
+                                                            <= gpu_budget):
                     lo = mid
                 else:
                     hi = mid - 1
             batch = lo
     stage_totals = totals(batch)
+    gpu_stages = gpu_totals(batch)
+    gpu_stage = max(gpu_stages, key=gpu_stages.get) if gpu_stages else None
+    # the GPU's peak at the plan's batch, and its smallest budget: the peak at batch 1 (refuse_if_too_small)
+    gpu_peak = gpu_stages[gpu_stage] if gpu_stage else None
+    gpu_min = max(gpu_totals(1).values()) if gpu_stage else None
     if P > 1:  # from here on, one process's share of the windows: the most any rank streams (job/distributed.py)
         S = min(S_total, -(-(-(-S_total // batch)) // P) * batch)
 
@@ -813,7 +847,9 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         seconds_estimate=float(f"{per_block * n_layers:.4g}"), seconds_per_block=float(f"{per_block:.4g}"),
         seconds_split={k: round(v, 2) for k, v in split.items()}, speed={k: float(v) for k, v in speed.items()},
         layers=n_layers, baseline_bytes=baseline, notes=notes, device=settings.device,
-        gpu_budget_bytes=gpu_budget if gpu_parts else None, gpu_peak_bytes=gpu_peak, gpu_components=gpu_parts,
+        gpu_budget_bytes=gpu_budget if gpu_parts else None, gpu_peak_bytes=gpu_peak, gpu_min_bytes=gpu_min,
+        gpu_components=gpu_stage_parts(batch), gpu_stage=gpu_stage,
+        gpu_stage_bytes=gpu_stages,
     )
 
 
@@ -837,14 +873,21 @@ def _smaller_job_hint(plan: Plan) -> str:
 def refuse_if_too_small(plan: Plan, resumed: bool = False) -> None:
     """One `error:` line naming the smallest workable budget and the stage that sets it (or the GPU's)."""
     if not plan.gpu_fits():
-        largest = max(plan.gpu_components, key=plan.gpu_components.get)
+        peak_parts = plan.gpu_components[plan.gpu_stage]
+        largest = max(peak_parts, key=peak_parts.get)
         raise StreamSVDError(
-            f"--max-gpu-mem {format_size(plan.gpu_budget_bytes)} is too small: the factorisations on {plan.device} need "
-            f"at least {format_size(plan.gpu_peak_bytes)} ({plan.gpu_peak_bytes} bytes; the largest part: {largest} "
-            f"{format_size(plan.gpu_components[largest])})",
-            f"give --max-gpu-mem {math.ceil(plan.gpu_peak_bytes / (1 << 20))}M or more, or leave --device out to factor on "
+            f"--max-gpu-mem {format_size(plan.gpu_budget_bytes)} is too small: this job needs at least "
+            f"{format_size(plan.gpu_min_bytes)} ({plan.gpu_min_bytes} bytes) on {plan.device}, set by its "
+            f"{plan.gpu_stage} stage (the largest part: {largest} {format_size(peak_parts[largest])})",
+            f"give --max-gpu-mem {math.ceil(plan.gpu_min_bytes / (1 << 20))}M or more, or leave --device out to run on "
             "the CPU (`streamsvd plan --device cuda` shows the parts)",
         )
+    if resumed and plan.gpu_budget_bytes is not None and plan.gpu_peak_bytes is not None \
+            and plan.gpu_peak_bytes > plan.gpu_budget_bytes:
+        raise StreamSVDError(
+            f"--max-gpu-mem {format_size(plan.gpu_budget_bytes)} is too small for this interrupted job: it runs batches "
+            f"of {plan.batch_size} (kept so the output does not change), which need {format_size(plan.gpu_peak_bytes)} "
+            "on the GPU", f"resume with --max-gpu-mem {math.ceil(plan.gpu_peak_bytes / (1 << 20))}M or more")
     if plan.budget_bytes < plan.strict_min_bytes:
         raise StreamSVDError(
             f"--max-mem {format_size(plan.budget_bytes)} is too small: this job needs at least "
@@ -933,10 +976,15 @@ def _add_own_profile(plan: Plan, cfg, ckpt: Checkpoint, processes: int = 1) -> N
     plan.components = {"profile": {f"the profile's own plan (batch {prof.batch_size}, set by its {prof.min_stage} stage)":
                                    prof.peak_bytes}, **plan.components}
     plan.peak_bytes = max(plan.peak_bytes, prof.peak_bytes)
-    if prof.gpu_peak_bytes is not None and prof.gpu_peak_bytes > (plan.gpu_peak_bytes or 0):
+    if prof.gpu_peak_bytes is not None:
         # the profile's spectra (every direction's, W S whole for the unweighted SVD) can need more of the GPU
-        plan.gpu_peak_bytes = prof.gpu_peak_bytes
-        plan.gpu_components = {f"the profile's {k}": v for k, v in prof.gpu_components.items()}
+        plan.gpu_stage_bytes = {"profile": prof.gpu_peak_bytes, **plan.gpu_stage_bytes}
+        if prof.gpu_peak_bytes > (plan.gpu_peak_bytes or 0):
+            plan.gpu_peak_bytes, plan.gpu_stage = prof.gpu_peak_bytes, "profile"
+        plan.gpu_components = {"profile": {f"the profile's {prof.gpu_stage} stage": prof.gpu_peak_bytes},
+                               **plan.gpu_components}
+        if prof.gpu_min_bytes > (plan.gpu_min_bytes or 0):
+            plan.gpu_min_bytes = prof.gpu_min_bytes
     if prof.strict_min_bytes > plan.strict_min_bytes:
         plan.strict_min_bytes, plan.min_max_mem_bytes = prof.strict_min_bytes, prof.min_max_mem_bytes
         plan.min_stage, plan.min_component = "profile", f"its {prof.min_stage} stage: {prof.min_component}"

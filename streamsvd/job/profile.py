@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -286,6 +287,14 @@ class Profiler:
         self.work_base = Path(cfg.profile_dir) / WORK_NAME if cfg.work_dir is None else Path(cfg.work_dir) / "streamsvd-profile"
         self.work = world.work_folder(self.work_base)
 
+    def _layer(self, index: int):
+        """Block `index` as stored, on the profile's device (--device: its passes and spectra run there)."""
+        return load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE).to(self.device)
+
+    def _args(self, index: int):
+        """Block `index`'s arguments (masks, rotary tables) on the profile's device."""
+        return tree_map(lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t, self.layer_args[index])
+
     def disk_needs(self) -> dict[Path, int]:
         """Bytes the pass writes: two activation files (calibration and held-out windows), the saved block
         inputs and final states of the sensitivity windows (float32), and the spectra."""
@@ -415,7 +424,7 @@ class Profiler:
         spectra, weighted, shapes = {}, {}, {}
         n_layers = len(decoder_layers(self.model))
         for index in tqdm(range(n_layers), desc="profile", unit="block", disable=not self.cfg.progress):
-            layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
+            layer = self._layer(index)
             dst = self._file(f"acts-{(index + 1) % 2}.bin")
             prefix = layer_prefix(self.model, index)
             weighing = None
@@ -428,16 +437,17 @@ class Profiler:
                     weighing.rows = (start, stop)
                 return src.read(start, stop)
 
-            args, kwargs = self.layer_args[index]
+            args, kwargs = self._args(index)
             self.sampler.stage("statistics")
             try:
-                stats = collect_statistics(layer, self._batches(), read, lambda lyr, h: run_layer(lyr, h, args, kwargs),
+                stats = collect_statistics(layer, self._batches(), read,
+                                           lambda lyr, h: run_layer(lyr, h.to(self.device), args, kwargs),
                                            on_output=dst.write, output_side=output_side_linears(layer, "eig"))
             finally:
                 if weighing is not None:
                     weighing.close()
             for start, stop in self._batches(H, 0):  # the held-out windows: after the statistics, in none of them
-                dst.write(S + start, run_layer(layer, src.read(S + start, S + stop), args, kwargs))
+                dst.write(S + start, run_layer(layer, src.read(S + start, S + stop).to(self.device), args, kwargs))
             self.world.reduce_statistics(stats)
             if weighing is not None:
                 self.world.reduce_statistics(weighing)
@@ -470,11 +480,11 @@ class Profiler:
             src.write(w, first_layer_inputs(self.model, self.windows[w : w + 1]))
         n_layers = len(decoder_layers(self.model))
         for index in tqdm(range(n_layers), desc="sensitivity (forward)", unit="block", disable=not self.cfg.progress):
-            layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
-            args, kwargs = self.layer_args[index]
+            layer = self._layer(index)
+            args, kwargs = self._args(index)
             dst = self._file(f"inputs-{index + 1}.bin", len(mine))
             for w in mine:
-                dst.write(w, run_layer(layer, src.read(w, w + 1), args, kwargs))
+                dst.write(w, run_layer(layer, src.read(w, w + 1).to(self.device), args, kwargs))
             src = dst
         return src
 
@@ -516,7 +526,7 @@ class Profiler:
         window = [0]
         layers = decoder_layers(self.model)
         for index in tqdm(range(len(layers) - 1, -1, -1), desc="sensitivity", unit="block", disable=not self.cfg.progress):
-            layer = load_layer(self.model, index, self.ckpt, COMPUTE_DTYPE)
+            layer = self._layer(index)
             layer.requires_grad_(False)  # only the activations' gradients are wanted
             prefix = layer_prefix(self.model, index)
             for name in linear_modules(layer):
@@ -524,13 +534,14 @@ class Profiler:
             handles = [m.register_forward_hook(_gradient_reader(per_token[prefix + name], window))
                        for name, m in linear_modules(layer).items()]
             saved = self._file(f"inputs-{index}.bin", self.sens_hi - lo, create=False)
-            args, kwargs = self.layer_args[index]
+            args, kwargs = self._args(index)
             for w in range(lo, self.sens_hi):
                 window[0] = w
-                x = saved.read(w, w + 1).requires_grad_(True)
+                x = saved.read(w, w + 1).to(self.device).requires_grad_(True)
                 with torch.enable_grad():
                     out = run_layer(layer, x, args, kwargs)
-                    grads[w - lo : w - lo + 1] = torch.autograd.grad(out, x, grad_outputs=grads[w - lo : w - lo + 1])[0]
+                    below = grads[w - lo : w - lo + 1].to(self.device)
+                    grads[w - lo : w - lo + 1] = torch.autograd.grad(out, x, grad_outputs=below)[0]
             for h in handles:
                 h.remove()
             faults.point("profile-block")
@@ -558,7 +569,7 @@ def _gradient_reader(per_token: torch.Tensor, window: list[int]):
     """A forward hook that puts a tensor hook on the linear's output: each token's mean squared gradient."""
 
     def on_grad(grad):
-        per_token[window[0]] += grad.detach().double().pow(2).mean(-1).reshape(-1)
+        per_token[window[0]] += grad.detach().double().pow(2).mean(-1).reshape(-1).to(per_token.device)
 
     def hook(module, inputs, output):
         if output.requires_grad:
@@ -593,7 +604,7 @@ class WeightedEnergies:
             if start >= self.keep:
                 return
             x = inputs[0][: self.keep - start]
-            w = weights[start : start + x.shape[0]].to(x.dtype).sqrt()
+            w = weights[start : start + x.shape[0]].to(device=x.device, dtype=x.dtype).sqrt()
             with charged("accumulate"):
                 self.grams[name].add_batch(x * w[..., None])
 

@@ -237,7 +237,8 @@ class Replay:
 
         def fn(*args, **kwargs):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            y = linear(self.files[tail].read(*self.batch, dtype=self.dtypes[tail]))
+            x = self.files[tail].read(*self.batch, dtype=self.dtypes[tail])
+            y = linear(x.to(next(linear.parameters()).device))  # where the block runs (run --device)
             if hidden is not None and tuple(y.shape[:-1]) != tuple(hidden.shape[:-1]):
                 raise RuntimeError(f"replayed {child} gave {tuple(y.shape)} for inputs {tuple(hidden.shape)}")
             return y if items == 0 else (y, *([None] * (items - 1)))
@@ -649,7 +650,7 @@ def factor_block(
             del whitenings[group]  # the last reader of this input is done
             kept_grams.pop(group, None)
         # Exactly what a resume rebuilds from the saved shard (store dtype, then compute dtype).
-        replace_module(layer, name, module_from_tensors(get, keys, full, compute_dtype))
+        swap_module(layer, name, module_from_tensors(get, keys, full, compute_dtype))
         # The original weight goes now, not at the block's end: each linear's compute-dtype factors take the place
         # of its (larger) weight, so the block never holds both (job/plan.py's factorize stage counts on it).
         del linear, linears[name], f
@@ -663,6 +664,13 @@ def factor_block(
         if key.startswith(prefix) and key not in replaced:
             block.tensors[key] = ckpt.get(key)
     return block
+
+
+def swap_module(layer: nn.Module, name: str, new: nn.Module) -> None:
+    """replace_module, with `new` on the device of the module it replaces (run --device: a block on the GPU gets
+    its factored modules there; on the CPU `.to` gives the module itself)."""
+    old = next(layer.get_submodule(name).parameters(), None)
+    replace_module(layer, name, new.to(old.device) if old is not None else new)
 
 
 def linear_bytes(tensors: dict[str, torch.Tensor], full: str) -> int:
@@ -684,7 +692,7 @@ def quantize_block(layer: nn.Module, prefix: str, block: FactoredBlock, spec: Qu
         block.tensors.update(packed)
         block.records[full]["stored_bytes"] = linear_bytes(packed, full)
         get = dequantizing_getter(packed.__getitem__, packed, spec.bits, spec.group_size)
-        replace_module(layer, full[len(prefix):], module_from_tensors(get, logical_keys(packed), full, compute_dtype))
+        swap_module(layer, full[len(prefix):], module_from_tensors(get, logical_keys(packed), full, compute_dtype))
 
 
 TRAINABLE = (".out_factor", ".in_factor", ".in_rest")  # the stored factor tensors refinement tunes (not pivots, biases)
@@ -804,8 +812,9 @@ def refine_block(
         full = prefix + name
         for suffix in TRAINABLE:
             if full + suffix in block.tensors:
-                block.tensors[full + suffix] = getattr(m, suffix[1:]).detach().to(block.tensors[full + suffix].dtype).clone()
+                block.tensors[full + suffix] = getattr(m, suffix[1:]).detach().to(
+                    device="cpu", dtype=block.tensors[full + suffix].dtype).clone()
         stored = {k: v for k, v in block.tensors.items() if k.startswith(full + ".")}
-        replace_module(layer, name, module_from_tensors(stored.__getitem__, set(stored), full, compute_dtype))
+        swap_module(layer, name, module_from_tensors(stored.__getitem__, set(stored), full, compute_dtype))
     after = heldout_loss() if held else float("nan")
     return Refinement(taken, best_step, before, after, round(time.time() - start_time, 2))

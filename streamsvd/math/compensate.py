@@ -39,7 +39,7 @@ class CrossGramAccumulator(GramAccumulator):
         b = x_comp.detach().reshape(-1, self.features)
         if a.shape != b.shape:
             raise ValueError(f"paired inputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-        add_products(self.sum, a, b)  # not symmetric: every tile, no mirroring
+        add_products(self.sum, a.to(b.device), b)  # not symmetric: every tile, no mirroring; made where b is (run --device)
         self.tokens += a.shape[0]
 
     def times(self, weight: torch.Tensor) -> torch.Tensor:
@@ -67,9 +67,10 @@ class ProjectedCrossAccumulator(GramAccumulator):
             raise ValueError(f"paired inputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
         dtype = product_dtype(a)
         self.product_eps = max(self.product_eps, torch.finfo(dtype).eps)
-        w = self.weight.detach().to(dtype)
+        w = self.weight.detach().to(device=b.device, dtype=dtype)  # where the compressed block's inputs are (run --device)
         for start in range(0, a.shape[0], _ROW_CHUNK):
-            add_products(self.sum, a[start : start + _ROW_CHUNK].to(dtype) @ w.T, b[start : start + _ROW_CHUNK])
+            add_products(self.sum, a[start : start + _ROW_CHUNK].to(device=b.device, dtype=dtype) @ w.T,
+                         b[start : start + _ROW_CHUNK])
         self.tokens += a.shape[0]
 
     def times(self, weight: torch.Tensor) -> torch.Tensor:

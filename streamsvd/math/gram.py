@@ -54,7 +54,9 @@ def product_fraction(features: int) -> float:
 def add_products(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
     """total += a^T b (float64 `total`, 2-D `a`, `b` of the same rows), chunk by chunk and tile by tile.
 
-    b None: a^T a, on the upper triangle and the diagonal blocks only (`mirror` completes it).
+    b None: a^T a, on the upper triangle and the diagonal blocks only (`mirror` completes it). The products are
+    made on `a`'s device (b is brought there) and added into `total` on its own: run --device keeps the sums on
+    the host and makes the products on the GPU, where the block's activations are.
     """
     symmetric = b is None
     n = total.shape[1]
@@ -62,10 +64,10 @@ def add_products(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = 
     tiles = _tiles(n, total.shape[0], symmetric)
     for start in range(0, a.shape[0], _ROW_CHUNK):
         left = a[start : start + _ROW_CHUNK].to(dtype)
-        right = left if symmetric else b[start : start + _ROW_CHUNK].to(dtype)
+        right = left if symmetric else b[start : start + _ROW_CHUNK].to(device=left.device, dtype=dtype)
         for lo, hi in tiles:
             rows = hi if symmetric else total.shape[0]
-            total[:rows, lo:hi] += left[:, :rows].T @ right[:, lo:hi]
+            total[:rows, lo:hi] += (left[:, :rows].T @ right[:, lo:hi]).to(total.device)
 
 
 def mirror(total: torch.Tensor) -> None:
@@ -130,11 +132,11 @@ class OutputGramAccumulator(GramAccumulator):
         n = self.weight.shape[1]
         rows = x.detach().reshape(-1, n)
         dtype = product_dtype(rows)
-        w = self.weight.detach().to(dtype)
+        w = self.weight.detach().to(device=rows.device, dtype=dtype)  # the products where the inputs are (run --device)
         for start in range(0, rows.shape[0], _ROW_CHUNK):
             chunk = rows[start : start + _ROW_CHUNK].to(dtype)
             add_products(self.sum, chunk @ w.T)
-            term = torch.sum(chunk * chunk, 0, dtype=torch.float64)
+            term = torch.sum(chunk * chunk, 0, dtype=torch.float64).to(self.input_diag_sum.device)
             self.input_diag_sum += term
             if self.diag_terms is not None:
                 self.diag_terms.append(term)

@@ -106,17 +106,36 @@ def test_the_gpu_takes_the_factorisations_workspace_off_the_host(tiny, settings)
     gpu = make_plan(ckpt, "model.layers", replace(settings, device="cuda"), budget=1 << 40, baseline=100 << 20,
                     gpu_budget=1 << 40)
     assert cpu.gpu_peak_bytes is None and cpu.gpu_components == {}
-    host = gpu.components["factorize"]
+    host, factorize = gpu.components["factorize"], gpu.gpu_components["factorize"]
     # what the CPU's plan counts as the factorisations' workspace and whitening is the GPU's now (the GPU's largest
     # step may be another one: without statistics beside it, the largest whitening-and-workspace pair)
-    gpu_step = gpu.gpu_components["workspace"] + gpu.gpu_components["whitening"]
+    gpu_step = factorize["workspace"] + factorize["whitening"]
     assert gpu_step >= cpu.components["factorize"]["workspace"] + cpu.components["factorize"]["whitening"] > 0
     assert host["workspace"] == 0 and host["whitening"] == 0 and host["factors from the GPU"] > 0
     assert gpu.stage_bytes["factorize"] < cpu.stage_bytes["factorize"]
-    assert gpu.gpu_peak_bytes > sum(gpu.gpu_components.values())  # with the allocator's slack
+    # the block forwards run there too: the block, the batch's working set and its outputs, in every forward stage
+    statistics = gpu.gpu_components["statistics"]
+    assert statistics["block weights"] == factorize["block weights"] == host["block weights"]
+    assert statistics["batch"] == gpu.components["statistics"]["batch"] > 0 and statistics["outputs"] > 0
+    assert "statistics" not in statistics  # the sums stay on the host
+    assert set(gpu.gpu_stage_bytes) >= {"statistics", "factorize", "propagate", "write"}
+    assert gpu.gpu_peak_bytes == max(gpu.gpu_stage_bytes.values()) > sum(gpu.gpu_components[gpu.gpu_stage].values())
+    assert gpu.gpu_min_bytes <= gpu.gpu_peak_bytes
     if settings.compensate:
-        assert gpu.gpu_components["input Gram"] > 0 and gpu.gpu_components["cross statistic"] > 0
+        assert factorize["input Gram"] > 0 and factorize["cross statistic"] > 0
+        assert statistics["original block"] > 0
     assert "gpu (cuda" in gpu.describe() and gpu.fits()
+
+
+def test_the_gpu_budget_sets_the_batch_too(tiny):
+    ckpt = Checkpoint(tiny)
+    roomy = make_plan(ckpt, "model.layers", PlanInputs(device="cuda", calib_samples=16), budget=1 << 40,
+                      baseline=100 << 20, gpu_budget=1 << 40)
+    assert roomy.batch_size == 16
+    tight = roomy.gpu_stage_bytes["statistics"] - 1  # a byte short of the statistics stage at batch 16
+    plan = make_plan(ckpt, "model.layers", PlanInputs(device="cuda", calib_samples=16), budget=1 << 40,
+                     baseline=100 << 20, gpu_budget=tight)
+    assert 1 <= plan.batch_size < 16 and plan.gpu_peak_bytes <= tight and plan.fits()
 
 
 def test_a_gpu_budget_below_the_plan_is_refused_naming_the_smallest(tiny):
@@ -126,10 +145,11 @@ def test_a_gpu_budget_below_the_plan_is_refused_naming_the_smallest(tiny):
     assert not plan.fits()
     with pytest.raises(StreamSVDError, match=r"--max-gpu-mem 1.0 MiB is too small") as e:
         refuse_if_too_small(plan)
-    assert f"{-(-plan.gpu_peak_bytes // (1 << 20))}M" in e.value.fix
+    assert f"{-(-plan.gpu_min_bytes // (1 << 20))}M" in e.value.fix
     ok = make_plan(ckpt, "model.layers", PlanInputs(device="cuda"), budget=1 << 40, baseline=100 << 20,
-                   gpu_budget=plan.gpu_peak_bytes)
-    refuse_if_too_small(ok)  # the planned peak itself is accepted
+                   gpu_budget=plan.gpu_min_bytes)
+    refuse_if_too_small(ok)  # the smallest itself is accepted, at batch 1
+    assert ok.batch_size == 1 and ok.gpu_peak_bytes == plan.gpu_min_bytes
 
 
 def test_plan_for_a_gpu_this_machine_may_not_have(tiny, capsys):
@@ -137,7 +157,7 @@ def test_plan_for_a_gpu_this_machine_may_not_have(tiny, capsys):
     assert main([*flags, "--max-gpu-mem", "4G", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["device"] == "cuda" and plan["gpu_peak_bytes"] > 0 and plan["gpu_budget_bytes"] == 4 << 30
-    assert plan["components"]["factorize"]["workspace"] == 0
+    assert plan["components"]["factorize"]["workspace"] == 0 and plan["gpu_components"]["factorize"]["workspace"] > 0
     assert main([*flags, "--max-gpu-mem", "1K"]) == 0
     out = capsys.readouterr().out
     assert "gpu (cuda" in out and "--max-gpu-mem` below" not in out and "`run` would refuse it" in out
@@ -209,36 +229,87 @@ def test_the_gpu_plan_of_a_job_that_profiles_counts_the_profiles_spectra(tiny, c
     assert main(flags) == 0  # --alloc global (the default): the job's own profile first
     own = json.loads(capsys.readouterr().out)
     assert own["gpu_peak_bytes"] >= uniform["gpu_peak_bytes"] > 0
-    assert own["gpu_peak_bytes"] == uniform["gpu_peak_bytes"] or all(k.startswith("the profile's")
-                                                                     for k in own["gpu_components"])
+    assert "profile" in own["gpu_stage_bytes"] and "profile" not in uniform["gpu_stage_bytes"]
+    assert own["gpu_peak_bytes"] == max(own["gpu_stage_bytes"].values())
 
 
-@pytest.mark.parametrize("extra", [["--no-compensate", "--alloc", "uniform"], [], ["--quant", "int4", "--no-compensate"],
-                                   ["--method", "cholesky", "--alloc", "uniform"]],
-                         ids=["plain", "default (compensated, own profile)", "gptq", "cholesky"])
+@pytest.mark.parametrize("extra", [
+    ["--no-compensate", "--alloc", "uniform"], [], ["--quant", "int4", "--no-compensate"],
+    ["--method", "cholesky", "--alloc", "uniform"], ["--refine-steps", "3", "--alloc", "uniform"],
+    ["--max-ppl-increase", "0.5", "--heldout-samples", "2"], ["--propagate", "original", "--alloc", "uniform"],
+], ids=["plain", "default (compensated, own profile)", "gptq", "cholesky", "refine", "heldout target", "original"])
 def test_the_device_path_on_a_simulated_gpu_writes_the_cpu_jobs_bytes(tiny, tmp_path, monkeypatch, extra):
-    """Every factorisation of a job, and its profile's spectra, run with --device's code path on a simulated device
-    (tests/sim_device.py: CPU data behind a device of its own, where a tensor left on the CPU, or made without
-    device=, fails as on a GPU). The kernels are the CPU's, so the output must be the CPU job's byte for byte."""
+    """The whole job with its device set to a simulated one (tests/sim_device.py: CPU data behind a device of its own,
+    where a tensor left on the CPU, or made without device=, fails as on a GPU): the block forwards, the statistics'
+    products, the factorisations and the profile's spectra take --device's code path. The kernels are the CPU's, so
+    the output must be the CPU job's byte for byte."""
     from sim_device import SIM, SimDevice
-    from streamsvd.job import pipeline, profile
+    from streamsvd.job import device, pipeline
 
     flags = [*COMMON, *extra]
     assert main(["run", str(tiny), str(tmp_path / "cpu"), *flags]) == 0
-    calls = []
+    made = []
 
-    def on_sim(real):
-        def run(*args, **kwargs):
-            calls.append(real.__name__)
-            with SimDevice():
-                return real(*args, **{**kwargs, "device": SIM})
-        return run
+    def resolve(name, local_rank=0):
+        made.append(name)
+        return SIM
 
-    monkeypatch.setattr(pipeline, "factor_block", on_sim(pipeline.factor_block))
-    monkeypatch.setattr(profile, "block_spectra", on_sim(profile.block_spectra))
-    assert main(["run", str(tiny), str(tmp_path / "sim"), *flags]) == 0
-    assert "factor_block" in calls and ("block_spectra" in calls) == ("--alloc" not in extra)
+    monkeypatch.setattr(pipeline, "resolve_device", resolve)
+    monkeypatch.setattr(device, "resolve_device", resolve)  # the job's own profile's
+    with SimDevice():
+        assert main(["run", str(tiny), str(tmp_path / "sim"), *flags]) == 0
+    assert made == ["cpu"] * len(made) and len(made) == (1 if "--alloc" in extra else 2)
     shards = sorted(p.name for p in (tmp_path / "cpu").glob("*.safetensors"))
     assert shards
     for name in shards:
         assert (tmp_path / "sim" / name).read_bytes() == (tmp_path / "cpu" / name).read_bytes(), name
+
+
+def test_a_job_interrupted_on_the_simulated_gpu_resumes_to_the_cpu_jobs_bytes(tiny, tmp_path, monkeypatch):
+    """Stopped after its first block and run again (both on the simulated device), with the held-out windows that
+    are carried through the compressed blocks: the CPU job's bytes."""
+    from sim_device import SIM, SimDevice
+    from streamsvd.job import device, pipeline
+
+    def cfg(out):
+        return JobConfig(model_dir=tiny, out_dir=out, calib_samples=4, seqlen=32, progress=False, plots=False,
+                         max_ppl_increase=0.5, heldout_samples=2)
+
+    run_job(cfg(tmp_path / "cpu"))
+    monkeypatch.setattr(pipeline, "resolve_device", lambda name, local_rank=0: SIM)
+    monkeypatch.setattr(device, "resolve_device", lambda name, local_rank=0: SIM)
+
+    class Stop(Exception):
+        pass
+
+    def stop(index):
+        raise Stop
+
+    with SimDevice():
+        with pytest.raises(Stop):
+            run_job(cfg(tmp_path / "sim"), on_block_done=stop)
+        assert not json.loads((tmp_path / "sim" / "streamsvd_state.json").read_text())["complete"]
+        run_job(cfg(tmp_path / "sim"))
+    for shard in sorted((tmp_path / "cpu").glob("*.safetensors")):
+        assert (tmp_path / "sim" / shard.name).read_bytes() == shard.read_bytes(), shard.name
+    cpu_report = json.loads((tmp_path / "cpu" / "streamsvd_report.json").read_text())
+    sim_report = json.loads((tmp_path / "sim" / "streamsvd_report.json").read_text())
+    assert sim_report["allocation"]["measured_ppl"] == cpu_report["allocation"]["measured_ppl"]
+
+
+def test_a_profile_on_the_simulated_gpu_writes_the_cpu_profiles_bytes(tiny, tmp_path, monkeypatch):
+    """`streamsvd profile` with its passes (statistics, the sensitivity forward and backward, the held-out windows) and
+    its spectra on the simulated device: the CPU profile's files byte for byte."""
+    from sim_device import SIM, SimDevice
+    from streamsvd.job import device
+
+    flags = ["--calib-samples", "4", "--seqlen", "32", "--no-progress", "--sensitivity-samples", "2",
+             "--heldout-samples", "2"]
+    assert main(["profile", str(tiny), str(tmp_path / "cpu"), *flags]) == 0
+    monkeypatch.setattr(device, "resolve_device", lambda name, local_rank=0: SIM)
+    with SimDevice():
+        assert main(["profile", str(tiny), str(tmp_path / "sim"), *flags]) == 0
+    for name in ("spectra.safetensors", "weighted.safetensors"):
+        assert (tmp_path / "sim" / name).read_bytes() == (tmp_path / "cpu" / name).read_bytes(), name
+    cpu, sim = (json.loads((tmp_path / d / "profile.json").read_text()) for d in ("cpu", "sim"))
+    assert sim["sensitivity"] == cpu["sensitivity"] and sim["heldout"] == cpu["heldout"]
