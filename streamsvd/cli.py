@@ -697,6 +697,13 @@ def main(argv: list[str] | None = None) -> int:
             if not is_disk_full(e):
                 raise
             raise disk_full_error(e.filename or "OUT_DIR") from e
+        except Exception as e:  # torch.OutOfMemoryError (a GPU's allocator held to --max-gpu-mem) outside a factorisation
+            if type(e).__name__ != "OutOfMemoryError":
+                raise
+            raise StreamSVDError(f"out of memory ({str(e).splitlines()[0] if str(e) else 'torch.OutOfMemoryError'}): the "
+                                 "plan counted less than this step needed",
+                                 "rerun the same command with a larger --max-gpu-mem (with --device cuda) or --max-mem, "
+                                 "or a smaller --batch-size on a new job; the finished blocks are kept") from e
     except StreamSVDError as e:
         if world is not None:
             world.ending = True

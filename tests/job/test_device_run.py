@@ -313,3 +313,23 @@ def test_a_profile_on_the_simulated_gpu_writes_the_cpu_profiles_bytes(tiny, tmp_
         assert (tmp_path / "sim" / name).read_bytes() == (tmp_path / "cpu" / name).read_bytes(), name
     cpu, sim = (json.loads((tmp_path / d / "profile.json").read_text()) for d in ("cpu", "sim"))
     assert sim["sensitivity"] == cpu["sensitivity"] and sim["heldout"] == cpu["heldout"]
+
+
+def test_out_of_memory_in_a_block_forward_is_one_error(tiny, tmp_path, capsys, monkeypatch):
+    """The GPU's allocator refusing a block forward's step (outside a factorisation, which names its linear): one
+    error line and a fix, no traceback, the finished blocks kept."""
+    from streamsvd.job import pipeline
+
+    real, calls = pipeline.run_layer, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB\nmore detail")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_layer", failing)
+    assert main(["run", str(tiny), str(tmp_path / "o"), *COMMON, "--no-compensate", "--alloc", "uniform"]) == 2
+    err = capsys.readouterr().err
+    assert "error: out of memory (CUDA out of memory. Tried to allocate 1.50 GiB)" in err and "more detail" not in err
+    assert "fix: rerun the same command with a larger --max-gpu-mem" in err and "Traceback" not in err
