@@ -254,7 +254,7 @@ class Plan:
     layers: int
     baseline_bytes: int
     notes: list[str] = field(default_factory=list)
-    # run --device cuda: the factorisations' tensors on the GPU (job/device.py); None / empty on the CPU
+    # run --device cuda: what each stage holds on the GPU (job/device.py); None / empty on the CPU
     device: str = "cpu"
     gpu_budget_bytes: int | None = None  # --max-gpu-mem (or the default share of the GPU); None: no GPU visible here
     gpu_peak_bytes: int | None = None  # the planned peak on the GPU at the plan's batch
@@ -264,9 +264,12 @@ class Plan:
     gpu_stage_bytes: dict[str, int] = field(default_factory=dict)  # every stage's planned peak on the GPU
 
     def fits(self) -> bool:
-        return self.peak_bytes <= self.budget_bytes and (self.gpu_budget_bytes is None or self.gpu_fits())
+        """Whether the planned peaks (at the plan's batch) are within the budgets."""
+        return self.peak_bytes <= self.budget_bytes and (self.gpu_budget_bytes is None or self.gpu_peak_bytes is None
+                                                         or self.gpu_peak_bytes <= self.gpu_budget_bytes)
 
     def gpu_fits(self) -> bool:
+        """Whether --max-gpu-mem is at least the smallest that works (the GPU's peak at batch 1)."""
         return self.gpu_min_bytes is None or self.gpu_budget_bytes is None or self.gpu_min_bytes <= self.gpu_budget_bytes
 
     def to_json(self) -> dict:
