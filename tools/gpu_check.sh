@@ -16,7 +16,8 @@
 #                    and float32, and the GPU's measured peak against the plan's count per step
 #   block-*.jsonl    one 7B-shape block (random weights, bf16) compressed end to end with --device cuda and on the CPU:
 #                    seconds split by stage (forwards and factorisations on the GPU against the CPU's), peak RSS, the
-#                    GPU's peak; then the two outputs' factors compared (block-compare.json)
+#                    GPU's peak; then the two outputs' factors compared (block-compare.json); and the default job
+#                    (compensated, its own profile) on the GPU alone (block-default-cuda.jsonl)
 #   ranks.json       a tiny job on two torchrun processes sharing the GPU (issue 12) against one process on it
 # docs/RESULTS.md, "GPU (--device cuda)", says what to copy where.
 set -u
@@ -57,6 +58,9 @@ for dev in cuda cpu; do
     timeout 150 $PY tools/bench_scale.py "$WORK/model" --out "$WORK/out-$dev" --max-mem 16G --no-compensate \
         --calib-samples 8 --seqlen 512 --device $dev 2>&1 | tail -4 | tee "$OUT/block-$dev.jsonl"
 done
+# the default job (compensated, its own profile: the profile's forward and backward on the GPU too), GPU only
+timeout 120 $PY tools/bench_scale.py "$WORK/model" --out "$WORK/out-default" --max-mem 16G --alloc global \
+    --calib-samples 8 --seqlen 512 --device cuda 2>&1 | tail -3 | tee "$OUT/block-default-cuda.jsonl"
 timeout 60 $PY - "$WORK/out-cuda" "$WORK/out-cpu" <<'EOF' | tee "$OUT/block-compare.json"
 import json, os, sys
 if not all(os.path.exists(f"{d}/streamsvd_report.json") for d in sys.argv[1:3]):
