@@ -1,15 +1,15 @@
 """run --device: where a job's blocks run and its linears are factored (the CPU, or one CUDA GPU within --max-gpu-mem).
 
 With a GPU, each block is loaded to it (job/pipeline._load_layer) and every batch read from the activation files
-goes there for the block forwards (`_forward`); the statistics' products are made there and added into their float64
-sums on the host (math/gram.add_products); each linear's factorisation runs there, its group's Gram and whitening
-moved over as it is factored, and its factors come back (job/stages.factor_block); outputs go back to the activation
-files on the host. `profile` (and a job's own profile) runs its passes there too (the statistics pass, the
+goes there for the block forwards (`_forward`); the statistics are accumulated there (their float64 sums live with the
+block; math/gram.py); each linear's factorisation runs there, and its factors come back (job/stages.factor_block);
+outputs go back to the activation files on the host. Under torchrun the sums are added up over gloo on the host,
+once per block. `profile` (and a job's own profile) runs its passes there too (the statistics pass, the
 sensitivity forward and backward through the blocks) and its spectra (job/profile.block_spectra); the output head's
 gradient and the held-out NLL, `eval`, the shards and the state stay on the CPU.
 
 The GPU's memory is a budget like --max-mem: the plan counts what each stage holds on the device (job/plan.py,
-`gpu_stage_bytes`; the block, a batch, the largest factorisation), `run` refuses a --max-gpu-mem below its
+`gpu_stage_bytes`; the block, its statistics, a batch, the largest factorisation), `run` refuses a --max-gpu-mem below its
 smallest before any work, and the
 budget is handed to torch's allocator (`torch.cuda.set_per_process_memory_fraction`), so a step that would
 exceed it fails there instead of growing past it. The CUDA runtime's host memory is in the plan's measured
@@ -31,9 +31,8 @@ from .memory import format_size
 
 DEVICE_HELP = (
     "where the job computes: cpu (default) or cuda / cuda:N (an NVIDIA GPU; under torchrun, cuda is each process's own "
-    "GPU, cuda:LOCAL_RANK). On a GPU: the block forwards (and backward, the profile's), the statistics' products and "
-    "every factorisation; the statistics' float64 sums, the output head, the activation files and the output stay on "
-    "the host. "
+    "GPU, cuda:LOCAL_RANK). On a GPU: the block forwards (and backward, the profile's), the statistics and every "
+    "factorisation; the output head, the activation files and the output stay on the host. "
     "Needs a CUDA build of torch. Costs GPU memory for a block, a batch and the largest factorisation (`streamsvd plan "
     "--device cuda` says how much; the host needs no more than on the CPU). GPU timings and its agreement with the CPU "
     "are not measured yet (docs/RESULTS.md)"

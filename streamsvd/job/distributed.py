@@ -350,7 +350,7 @@ class World:
         for i, (kind, name, acc) in enumerate(parts):
             if any(m["upper"][i] for m in meta):
                 acc._symmetric_sum()  # mirrors this rank's upper triangle (a zero partial stays zero)
-            acc.sum = self._ordered_sum(acc.sum)
+            acc.sum = self._ordered_sum(acc.sum.to("cpu")).to(acc.sum.device)  # gloo adds host tensors (run --device)
             acc.tokens = sum(m["tokens"][i] for m in meta)
             if hasattr(acc, "product_eps"):
                 acc.product_eps = max(m["eps"][i] for m in meta)
@@ -358,7 +358,7 @@ class World:
                 acc.diag_terms = [t for m in meta for t in m["diag_terms"][i]]
                 acc.input_diag_sum = torch.zeros_like(acc.input_diag_sum)
                 for term in acc.diag_terms:
-                    acc.input_diag_sum += term
+                    acc.input_diag_sum += term.to(acc.input_diag_sum.device)
         if hasattr(stats, "energy_terms"):
             from .stages import energy_means
 

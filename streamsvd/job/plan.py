@@ -80,9 +80,9 @@ PLOT_BYTES = 96 << 20
 # matrices with noisy random spectra (real ones are smoother and compress better); counted per matrix too.
 PLOT_DISK_FIXED, PLOT_DISK_PER_MATRIX = 150 << 10, 1280
 SVD_MODES = ("exact", "randomized", "auto")
-# run --device cuda: a stage's parts (job/plan.py stage_parts) that live on the GPU (the forward stages' block, batch
-# and outputs; refinement's optimiser and target), as opposed to the host's (the statistics' sums, shards, files)
-GPU_RESIDENT = frozenset({"block weights", "original block", "batch", "outputs", "paired inputs", "output energy",
+# run --device cuda: a stage's parts (job/plan.py stage_parts) that live on the GPU (the forward stages' block, batch,
+# outputs and statistics; refinement's optimiser and target), as opposed to the host's (shards, files, the head)
+GPU_RESIDENT = frozenset({"block weights", "statistics", "original block", "batch", "outputs", "paired inputs", "output energy",
                           "optimiser", "target", "gradient broadcast", "one window's forward and backward"})
 # The widest input a compensated linear may have: its statistics are two in x in float64 matrices and an
 # eigendecomposition, about 64 in^2 bytes (16 GiB at 16384, the MLP width of 7B-8B models). A wider linear
@@ -559,15 +559,13 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                 worst = step if worst is None or step[0] > worst[0] else worst
         if worst is not None:
             _, factor_stats, whitening_held, label, workspace = worst
-    # run --device cuda (job/stages.factor_block): one linear's weight, its group's whitening (and, compensating, its
-    # Gram for the output error and a copy of C while W C is made), the route's workspace and its float64 factors are
-    # on the GPU beside the block; the host keeps the statistics and gets the factors back. The block forwards run
-    # there too (gpu_stage_parts below)
+    # run --device cuda (job/stages.factor_block): beside the block and its statistics (both on the GPU), a group's
+    # whitening (and, compensating, its mean Gram for the output error and C's float64 mean while W C is made), the
+    # route's workspace and its float64 factors (which then go to the host). The forward stages: gpu_stage_parts below
     gpu_parts: dict[str, int] = {}
     if settings.device != "cpu":
         widest = max((m[0].in_features for m in groups.values() if any(s.route == "input" for s in m)), default=0)
-        gpu_parts = {"weight": max((s.out_features * s.in_features * c for s in linears), default=0),
-                     "whitening": gpu_white, "workspace": gpu_work,
+        gpu_parts = {"whitening": gpu_white, "workspace": gpu_work,
                      "factors": max((8 * s.rank * (s.out_features + s.in_features) for s in linears), default=0)}
         if settings.compensated:
             gpu_parts["input Gram"] = 8 * widest**2
@@ -693,7 +691,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                   if stage in host}
         on_gpu = {stage: parts for stage, parts in on_gpu.items() if any(parts.values())}  # the stages this job has
         on_gpu["statistics"]["statistics' products"] = gram_chunk
-        on_gpu["factorize"] = {"block weights": weights, **gpu_parts}
+        on_gpu["factorize"] = {"block weights": weights, "statistics": factor_stats, **gpu_parts}
         return on_gpu
 
     def gpu_totals(b: int) -> dict[str, int]:

@@ -595,7 +595,7 @@ class WeightedEnergies:
         self.mean_weight = {name: float(w.mean()) for name, w in token_weights.items()}
         for name, m in linears.items():
             out_f, in_f = m.weight.shape
-            self.grams[name] = OutputGramAccumulator(m.weight) if out_f < in_f else GramAccumulator(in_f)
+            self.grams[name] = OutputGramAccumulator(m.weight) if out_f < in_f else GramAccumulator(in_f, m.weight.device)
         self._handles = [m.register_forward_pre_hook(self._hook(name, token_weights[name])) for name, m in linears.items()]
 
     def _hook(self, name: str, weights: torch.Tensor):

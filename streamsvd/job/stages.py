@@ -71,7 +71,7 @@ class GramCollector:
                 self._batch_inputs[key] = (name, x)
                 leader = self.group_of.setdefault(name, name)
                 with charged("accumulate"):
-                    self.grams.setdefault(leader, GramAccumulator(x.shape[-1])).add_batch(x)
+                    self.grams.setdefault(leader, GramAccumulator(x.shape[-1], x.device)).add_batch(x)
             else:
                 self.group_of.setdefault(name, self.group_of[seen[0]])
 
@@ -278,7 +278,8 @@ class GroupStatistics:
         self.group_of = {name: group[0] for group in groups for name in group}
         self.output_grams = {n: OutputGramAccumulator(linears[n].weight) for g in groups for n in g if n in output_side}
         leaders = [g[0] for g in groups if any(n not in output_side for n in g)]
-        self.grams = {leader: GramAccumulator(linears[leader].in_features) for leader in leaders}
+        self.grams = {leader: GramAccumulator(linears[leader].in_features, linears[leader].weight.device)
+                      for leader in leaders}
         alone = {g[0] for g in groups if len(g) == 1}  # a linear with its input to itself: W C directly where out < in
         self.cross = {leader: cross_accumulator(linears[leader].weight, leader in alone) for leader in leaders} if compensate else {}
         self.e0: dict[str, float] = {}
@@ -605,7 +606,8 @@ def factor_block(
         stored = factor_tensors(full, f.out_factor, f.in_factor, bias, store_dtype(ckpt, full + ".weight"), factors)
         form, kept = stored_form(set(stored), full), stored_rank(stored.__getitem__, set(stored), full)
         if quant is not None:
-            stored = quantize_module_tensors(stored, full, quant, input_gram)
+            # GPTQ rounds on the host (run --device: the Gram comes over from the GPU)
+            stored = quantize_module_tensors(stored, full, quant, input_gram.to("cpu") if input_gram is not None else None)
         return stored, form, kept
 
     def solve_spread(name: str):

@@ -56,9 +56,9 @@ class ProjectedCrossAccumulator(GramAccumulator):
 
     def __init__(self, weight: torch.Tensor):
         out_f, in_f = weight.shape
-        super().__init__(in_f)
+        super().__init__(in_f, weight.device)
         self.weight = weight
-        self.sum = torch.zeros(out_f, in_f, dtype=torch.float64)
+        self.sum = torch.zeros(out_f, in_f, dtype=torch.float64, device=weight.device)
 
     def add_pair(self, x: torch.Tensor, x_comp: torch.Tensor) -> None:
         a = x.detach().reshape(-1, self.features)
@@ -83,7 +83,7 @@ def cross_accumulator(weight: torch.Tensor, alone: bool):
     """The cross statistic of a group led by the linear of `weight`: W C directly where that linear is alone in its
     group and out < in (ProjectedCrossAccumulator), else C (CrossGramAccumulator)."""
     out_f, in_f = weight.shape
-    return ProjectedCrossAccumulator(weight) if alone and out_f < in_f else CrossGramAccumulator(in_f)
+    return ProjectedCrossAccumulator(weight) if alone and out_f < in_f else CrossGramAccumulator(in_f, weight.device)
 
 
 def ridge(gram: torch.Tensor, anchor: float) -> float:

@@ -55,8 +55,8 @@ def add_products(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = 
     """total += a^T b (float64 `total`, 2-D `a`, `b` of the same rows), chunk by chunk and tile by tile.
 
     b None: a^T a, on the upper triangle and the diagonal blocks only (`mirror` completes it). The products are
-    made on `a`'s device (b is brought there) and added into `total` on its own: run --device keeps the sums on
-    the host and makes the products on the GPU, where the block's activations are.
+    made on `a`'s device (b is brought there) and added into `total` on its own (run --device: the sums are on the
+    GPU with the block, so nothing moves; an accumulator made on the host still takes a GPU's inputs).
     """
     symmetric = b is None
     n = total.shape[1]
@@ -82,9 +82,10 @@ def mirror(total: torch.Tensor) -> None:
 class GramAccumulator:
     """Running mean of x x^T over every token seen (a float64 sum of per-chunk products; see the module)."""
 
-    def __init__(self, features: int):
+    def __init__(self, features: int, device: torch.device | None = None):
         self.features = features
-        self.sum = torch.zeros(features, features, dtype=torch.float64)
+        # on the device of the block it watches (run --device: the GPU, where the products are made)
+        self.sum = torch.zeros(features, features, dtype=torch.float64, device=device)
         self.tokens = 0
         self._upper_only = False  # add_batch fills the upper triangle; `gram` mirrors it once
         # the machine epsilon of the products summed so far (float32 products: no eigenvalue of the Gram below
@@ -122,10 +123,10 @@ class OutputGramAccumulator(GramAccumulator):
     """
 
     def __init__(self, weight: torch.Tensor):
-        super().__init__(weight.shape[0])
+        super().__init__(weight.shape[0], weight.device)
         self.weight = weight  # the layer's own parameter (not copied)
         # sum of x_i^2 per input channel: diag(G) times tokens, what shrinkage of the input Gram needs (shrunk_output_gram)
-        self.input_diag_sum = torch.zeros(weight.shape[1], dtype=torch.float64)
+        self.input_diag_sum = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
         self.diag_terms: list[torch.Tensor] | None = [] if _keep_diag_terms else None
 
     def add_batch(self, x: torch.Tensor) -> None:
@@ -138,8 +139,8 @@ class OutputGramAccumulator(GramAccumulator):
             add_products(self.sum, chunk @ w.T)
             term = torch.sum(chunk * chunk, 0, dtype=torch.float64).to(self.input_diag_sum.device)
             self.input_diag_sum += term
-            if self.diag_terms is not None:
-                self.diag_terms.append(term)
+            if self.diag_terms is not None:  # gathered from every rank (job/distributed.py): kept on the host
+                self.diag_terms.append(term.to("cpu"))
         self._upper_only = True
         self.tokens += rows.shape[0]
 
