@@ -58,10 +58,6 @@ def check_device_name(name: str) -> str:
     raise StreamSVDError(f"unknown --device {name!r}", "choose cpu, cuda or cuda:N (N: the GPU's index, from 0)")
 
 
-def on_gpu(name: str) -> bool:
-    return check_device_name(name) != "cpu"
-
-
 def resolve_device(name: str, local_rank: int = 0):
     """The torch.device of --device `name` in a process of local rank `local_rank` (0 without torchrun).
 

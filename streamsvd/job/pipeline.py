@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from .. import __version__, faults, timing
@@ -38,7 +37,7 @@ from ..model.architecture import (
     check_seqlen,
 )
 from ..io.calibration import heldout_windows, load_texts, load_tokenizer, sample_windows, text_digest
-from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
+from ..model.capture import capture_layer_kwargs, first_layer_inputs, layer_args_on, run_layer
 from ..io.checkpoint import Checkpoint
 from ..io.diskspace import check_free_space
 from ..errors import StreamSVDError
@@ -736,7 +735,7 @@ class CompressionJob:
         """forward(layer, hidden): the block on a batch read from disk, on the job's device (the batch moved there;
         what it gives back stays there until the activation file, a statistic or the next forward takes it)."""
         device = self.cfg.torch_device
-        args, kwargs = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, self.layer_args[index])
+        args, kwargs = layer_args_on(self.layer_args[index], device)
         return lambda layer, hidden: run_layer(layer, hidden.to(device), args, kwargs)
 
     @torch.no_grad()

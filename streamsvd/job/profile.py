@@ -53,7 +53,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_map
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -67,7 +66,7 @@ from ..math.allocate import Matrix
 from ..math.factorize import TALL_MIN_RATIO, project, weight_gram, whiten, whitened
 from ..math.gram import GramAccumulator, OutputGramAccumulator
 from ..model.architecture import decoder_layers, empty_model, layer_prefix, linear_modules, load_config, check_seqlen, load_layer
-from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
+from ..model.capture import capture_layer_kwargs, first_layer_inputs, layer_args_on, run_layer
 from ..model.embedding import materialize_base_mapped
 from ..timing import charged
 from .evaluate import LOGIT_CHUNK, final_states_nll, head_key
@@ -293,7 +292,7 @@ class Profiler:
 
     def _args(self, index: int):
         """Block `index`'s arguments (masks, rotary tables) on the profile's device."""
-        return tree_map(lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t, self.layer_args[index])
+        return layer_args_on(self.layer_args[index], self.device)
 
     def disk_needs(self) -> dict[Path, int]:
         """Bytes the pass writes: two activation files (calibration and held-out windows), the saved block

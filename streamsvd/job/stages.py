@@ -573,16 +573,15 @@ def factor_block(
             route_svd = choose_svd(svd, linear.out_features, linear.in_features, rank)
             if cross is not None or anchor > 0:
                 if group not in whitenings:
-                    gram = shrink_gram(stats.grams[group].gram, shrink)
-                    held = on(gram)
-                    whitenings[group] = (compensated_whitening(held, anchor, stats.grams[group].product_eps), gram, held)
-                (white, q, inv, lam), gram, held = whitenings[group]
+                    gram = on(shrink_gram(stats.grams[group].gram, shrink))
+                    whitenings[group] = (compensated_whitening(gram, anchor, stats.grams[group].product_eps), gram)
+                (white, q, inv, lam), gram = whitenings[group]
                 input_gram = gram
                 wc = None if cross is None else cross.times(weight)  # W C: all compensation reads of C
                 f = factorize_compensated(weight, white, q, inv, lam, None, rank, svd=route_svd, wc=wc,
                                           dtype=precision)
                 if name in getattr(stats, "e0", {}):
-                    error = output_error(weight, (f.out_factor, f.in_factor), stats.e0[name], None, held, wc=wc)
+                    error = output_error(weight, (f.out_factor, f.in_factor), stats.e0[name], None, gram, wc=wc)
                 del wc
             else:
                 if method != "svd" and group not in whitenings:

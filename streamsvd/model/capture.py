@@ -84,6 +84,13 @@ def first_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> torch.Tenso
     return out["hidden"]
 
 
+def layer_args_on(layer_args: tuple[tuple, dict], device: torch.device) -> tuple[tuple, dict]:
+    """One block's captured (args, kwargs) with every tensor in them (masks, rotary tables) on `device` (run --device)."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, layer_args)
+
+
 def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
     out = layer(hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
