@@ -284,6 +284,14 @@ def _add_eval(sub) -> None:
                    help="windows per block forward when streaming (default: the most that fit --max-mem). Under "
                    "torchrun (`torchrun --nproc-per-node N -m streamsvd eval ...`) each process streams its share of "
                    "the windows; the perplexity is the one-process figure with the same batch size, exactly")
+    p.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="where the blocks' forwards run: cpu (default) or cuda / cuda:N (under torchrun, cuda is each "
+                   "process's own GPU). On a GPU each block and each batch of hidden states go there, and the final norm "
+                   "and head too where the head's float32 weight fits --max-gpu-mem; the hidden states stay on the host. "
+                   "Needs a CUDA build of torch")
+    p.add_argument("--max-gpu-mem", default=None, metavar="SIZE",
+                   help="GPU memory budget with --device cuda, e.g. 8G (default: 90%% of the GPU's free memory); sets the "
+                   "batch with --max-mem, and torch's allocator is held to it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -567,6 +575,10 @@ def cmd_eval(args) -> int:
         raise StreamSVDError(f"--max-mem {args.max_mem} is not a positive size", "give a budget such as 8G")
     if args.work_dir and not Path(args.work_dir).is_dir():
         raise StreamSVDError(f"--work-dir {args.work_dir} is not a directory", "give an existing directory, or leave it out")
+    from .job.device import check_device_flags
+
+    max_gpu_mem = parse_size(args.max_gpu_mem) if args.max_gpu_mem else None
+    check_device_flags(args.device, max_gpu_mem)
     if args.in_memory:
         from .job.distributed import launched_distributed
 
@@ -576,13 +588,18 @@ def cmd_eval(args) -> int:
         from .job.evaluate import perplexity
         from .model.loading import load
 
-        model = load(args.model)
+        from .job.device import gpu_budget, hold_to_budget, resolve_device
+
+        device = resolve_device(args.device)  # refused before the model is read where torch sees no such GPU
+        if device.type == "cuda":
+            hold_to_budget(device, gpu_budget(device, max_gpu_mem))
+        model = load(args.model).to(device)
         from .model.architecture import check_seqlen
 
         check_seqlen(model.config, args.seqlen)
         text, source = load_texts(args.text)
         result = perplexity(model, load_tokenizer(Path(args.model)), text, args.seqlen, args.max_windows,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, device=device)
     else:
         from .job.stream_eval import streaming_perplexity
 
@@ -592,7 +609,7 @@ def cmd_eval(args) -> int:
         world = World.current()
         result = streaming_perplexity(args.model, text, args.seqlen, args.max_windows, max_mem=max_mem,
                                       work_dir=args.work_dir, progress=not args.no_progress and world.writes,
-                                      batch_size=args.batch_size)
+                                      batch_size=args.batch_size, device=args.device, max_gpu_mem=max_gpu_mem)
         if not world.writes:
             return 0
     result = {"model": args.model, "text": source, **result}
@@ -700,8 +717,12 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # torch.OutOfMemoryError (a GPU's allocator held to --max-gpu-mem) outside a factorisation
             if type(e).__name__ != "OutOfMemoryError":
                 raise
-            raise StreamSVDError(f"out of memory ({str(e).splitlines()[0] if str(e) else 'torch.OutOfMemoryError'}): the "
-                                 "plan counted less than this step needed",
+            first = str(e).splitlines()[0] if str(e) else "torch.OutOfMemoryError"
+            if args.command == "eval":
+                raise StreamSVDError(f"out of memory ({first}): the evaluation's batch needed more than its count",
+                                     "rerun with a larger --max-gpu-mem (with --device cuda) or --max-mem, or a smaller "
+                                     "--batch-size") from e
+            raise StreamSVDError(f"out of memory ({first}): the plan counted less than this step needed",
                                  "rerun the same command with a larger --max-gpu-mem (with --device cuda) or --max-mem, "
                                  "or a smaller --batch-size on a new job; the finished blocks are kept") from e
     except StreamSVDError as e:

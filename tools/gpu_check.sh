@@ -18,6 +18,7 @@
 #                    seconds split by stage (forwards and factorisations on the GPU against the CPU's), peak RSS, the
 #                    GPU's peak; then the two outputs' factors compared (block-compare.json); and the default job
 #                    (compensated, its own profile) on the GPU alone (block-default-cuda.jsonl)
+#   eval.json        `streamsvd eval --device cuda` of that block's output against the CPU: perplexity, seconds, GPU peak
 #   ranks.json       a tiny job on two torchrun processes sharing the GPU (issue 12) against one process on it
 # docs/RESULTS.md, "GPU (--device cuda)", says what to copy where.
 set -u
@@ -38,7 +39,7 @@ cat "$OUT/env.json"
 
 echo "== tests that take the GPU"
 timeout 240 $PY -m pytest -q -p no:cacheprovider -n 0 tests/math/test_device.py tests/job/test_device_run.py \
-    tests/tools/test_bench_precision.py 2>&1 | tail -25 | tee "$OUT/pytest.txt"
+    tests/job/test_eval_device.py tests/tools/test_bench_precision.py 2>&1 | tail -25 | tee "$OUT/pytest.txt"
 
 echo "== factorisation, GPU then CPU (7B shapes)"
 timeout 180 $PY tools/bench_precision.py --skip-real --large --shapes ${SHAPES:-4096x4096 11008x4096} --ratios 0.4 \
@@ -70,6 +71,24 @@ worst = max(abs(a[n]["truncation_loss"] / b[n]["truncation_loss"] - 1) for n in 
 print(json.dumps({"linears": len(b), "same_ranks": all(a[n]["rank"] == b[n]["rank"] for n in b),
                   "largest_relative_loss_difference": worst}))
 EOF
+
+echo "== streamsvd eval --device cuda against the CPU (the 7B-shape block's output above)"
+timeout 30 $PY -c "from streamsvd.io.calibration import default_text; open('$WORK/text.txt', 'w').write(default_text()[:400000])"
+for dev in cuda cpu; do
+    timeout 90 $PY -m streamsvd eval "$WORK/out-cpu" --text "$WORK/text.txt" --seqlen 512 --max-windows 16 --json \
+        --no-progress --device $dev > "$WORK/eval-$dev.json" 2> "$OUT/eval-$dev.err"
+done
+timeout 30 $PY - "$WORK/eval-cuda.json" "$WORK/eval-cpu.json" <<'EOF2' | tee "$OUT/eval.json"
+import json, sys
+try:
+    gpu, cpu = (json.loads(open(p).read()) for p in sys.argv[1:3])
+except (OSError, ValueError):
+    sys.exit(print(json.dumps({"compared": False, "why": "an eval above failed (eval-*.err)"})))
+print(json.dumps({"ppl_cuda": gpu["perplexity"], "ppl_cpu": cpu["perplexity"],
+                  "relative_difference": abs(gpu["perplexity"] / cpu["perplexity"] - 1), "seconds_cuda": gpu["seconds"],
+                  "seconds_cpu": cpu["seconds"], "gpu_peak_bytes": gpu.get("gpu_peak_bytes"),
+                  "max_gpu_mem_bytes": gpu.get("max_gpu_mem_bytes"), "head_on_device": gpu.get("head_on_device")}))
+EOF2
 
 echo "== two processes sharing the GPU (torchrun) against one"
 timeout 30 $PY -c "from tiny_models import make_tiny_checkpoint; make_tiny_checkpoint('llama', '$WORK/tiny')"

@@ -6,7 +6,8 @@ block; math/gram.py); each linear's factorisation runs there, and its factors co
 outputs go back to the activation files on the host. Under torchrun the sums are added up over gloo on the host,
 once per block. `profile` (and a job's own profile) runs its passes there too (the statistics pass, the
 sensitivity forward and backward through the blocks) and its spectra (job/profile.block_spectra); the output head's
-gradient and the held-out NLL, `eval`, the shards and the state stay on the CPU.
+gradient and the held-out NLL, the shards and the state stay on the CPU. `eval --device cuda` runs its blocks there,
+and its head where it fits (job/stream_eval.py).
 
 The GPU's memory is a budget like --max-mem: the plan counts what each stage holds on the device (job/plan.py,
 `gpu_stage_bytes`; the block, its statistics, a batch, the largest factorisation), `run` refuses a --max-gpu-mem below its
@@ -58,6 +59,15 @@ def check_device_name(name: str) -> str:
     raise StreamSVDError(f"unknown --device {name!r}", "choose cpu, cuda or cuda:N (N: the GPU's index, from 0)")
 
 
+def check_device_flags(name: str, max_gpu_mem: int | None) -> None:
+    """--device and --max-gpu-mem together (run's, profile's and eval's): one error and its fix (no torch needed)."""
+    check_device_name(name)
+    if max_gpu_mem is not None and max_gpu_mem <= 0:
+        raise StreamSVDError(f"--max-gpu-mem {max_gpu_mem} is not a positive size", "give a GPU budget such as 20G")
+    if max_gpu_mem is not None and name == "cpu":
+        raise StreamSVDError("--max-gpu-mem without --device cuda does nothing", "add --device cuda, or drop --max-gpu-mem")
+
+
 def resolve_device(name: str, local_rank: int = 0):
     """The torch.device of --device `name` in a process of local rank `local_rank` (0 without torchrun).
 
@@ -72,7 +82,7 @@ def resolve_device(name: str, local_rank: int = 0):
                  else f"this torch (CUDA {torch.version.cuda}) finds no GPU or driver")
         raise StreamSVDError(f"--device {name}: {built} (torch {torch.__version__})",
                              "install a CUDA build of torch on a machine with an NVIDIA GPU and its driver "
-                             "(pytorch.org lists the commands), or leave --device out to factor on the CPU")
+                             "(pytorch.org lists the commands), or leave --device out to run on the CPU")
     index = int(name.split(":", 1)[1]) if ":" in name else local_rank
     count = torch.cuda.device_count()
     if index >= count:

@@ -110,13 +110,15 @@ def eval_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = No
     return windows
 
 
-def perplexity(model, tokenizer, text: str, seqlen: int, max_windows: int | None = None, progress: bool = True) -> dict:
-    """In-memory perplexity: the whole model is loaded (see stream_eval.py for the streaming path)."""
+def perplexity(model, tokenizer, text: str, seqlen: int, max_windows: int | None = None, progress: bool = True,
+               device=None) -> dict:
+    """In-memory perplexity: the whole model is loaded (see stream_eval.py for the streaming path). `device`: where
+    the model is (each window is moved there); None: the CPU."""
     windows = eval_windows(tokenizer, text, seqlen, max_windows)
     started = time.time()
     total, count = 0.0, 0
     for w in tqdm(range(len(windows)), desc="eval", unit="window", disable=not progress):
-        nll, n = window_nll(model, windows[w : w + 1])
+        nll, n = window_nll(model, windows[w : w + 1].to(device or "cpu"))
         total, count = total + nll, count + n
     return result(total, count, len(windows), seqlen, time.time() - started)
 

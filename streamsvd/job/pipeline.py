@@ -48,7 +48,7 @@ from ..model.quantized import dequantizing_getter, logical_keys
 from ..model.lowrank import module_from_tensors, replace_module
 from ..model.remote import modeling_source
 from ..model.embedding import materialize_base_mapped
-from .device import check_device_name, hold_to_budget, peak_bytes, resolve_device
+from .device import check_device_flags, hold_to_budget, peak_bytes, resolve_device
 from .memory import format_size
 from .peak import PeakSampler, high_water_bytes
 from .plan import COMPENSATE_MAX_IN, SVD_MODES, build_plan, plot_disk_bytes, refuse_if_too_small
@@ -190,11 +190,7 @@ class JobConfig:
             raise StreamSVDError(f"unknown --svd {self.svd!r}", f"choose one of {', '.join(SVD_MODES)}")
         if self.precision not in PRECISIONS:
             raise StreamSVDError(f"unknown --precision {self.precision!r}", f"choose one of {', '.join(PRECISIONS)}")
-        check_device_name(self.device)
-        if self.max_gpu_mem is not None and self.max_gpu_mem <= 0:
-            raise StreamSVDError(f"--max-gpu-mem {self.max_gpu_mem} is not a positive size", "give a GPU budget such as 20G")
-        if self.max_gpu_mem is not None and self.device == "cpu":
-            raise StreamSVDError("--max-gpu-mem without --device cuda does nothing", "add --device cuda, or drop --max-gpu-mem")
+        check_device_flags(self.device, self.max_gpu_mem)
         if self.alloc not in ALLOCATORS:
             raise StreamSVDError(f"unknown --alloc {self.alloc!r}", f"choose one of {', '.join(ALLOCATORS)}")
         if self.rank_multiple < 1:

@@ -10,6 +10,11 @@ else they go to two on-disk files that alternate, as in `run`.
 Under torchrun (`torchrun --nproc-per-node N -m streamsvd eval ...`) each process streams its share of
 the windows (whole batches, job/distributed.World.share) and the per-window figures are gathered and
 added in window order on every process: the one-process perplexity with the same batch size, exactly.
+
+With `--device cuda` each block is moved to the GPU and every batch of hidden states goes there for the block's
+forward and back to the host store; the final norm and the head run there too where the head's float32 weight and a
+chunk of logits fit --max-gpu-mem (else on the host). The GPU's batch is the most windows that fit --max-gpu-mem
+beside the block (with job/device.py's allowance for workspaces), and torch's allocator is held to that budget.
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ from ..io.activations import ActivationFile, activation_bytes
 from ..io.calibration import load_tokenizer
 from ..io.checkpoint import Checkpoint
 from ..model.architecture import decoder_layers, empty_model, load_config, check_seqlen, materialize_base
-from ..model.capture import capture_layer_kwargs, first_layer_inputs, run_layer
+from ..model.capture import capture_layer_kwargs, first_layer_inputs, layer_args_on, run_layer
 from ..model.loading import materialize_head, stored_layer
-from .evaluate import add_in_order, eval_windows, head_nll, result
+from .evaluate import LOGIT_CHUNK, add_in_order, eval_windows, head_nll, logits_nll, result
 from .memory import default_budget, format_size
 from .peak import rss_bytes
 
@@ -42,10 +47,9 @@ def hidden_on_disk(states_bytes: int, budget: int) -> bool:
     return 2 * states_bytes > budget // 4
 
 
-def eval_batch_size(config, ckpt: Checkpoint, model, seqlen: int, windows: int, budget: int, held: int) -> int:
-    """The most windows per block forward that fit `budget`, counting what is already resident
-    (measured), the largest block's weights in float32, one chunk of logits and `held` bytes of
-    hidden states; refuses a budget too small for one window."""
+def eval_sizes(config, ckpt: Checkpoint, seqlen: int) -> tuple[int, int, int]:
+    """(the largest block's weights in float32, one window's working set inside a block forward, one chunk of
+    logits and its log-softmax), in bytes."""
     from ..model.architecture import SUPPORTED
 
     layers = SUPPORTED[config.model_type]
@@ -58,13 +62,53 @@ def eval_batch_size(config, ckpt: Checkpoint, model, seqlen: int, windows: int, 
     # one window's working set inside a block forward (float32): activations, q/k/v, MLP, scores
     per_token = 4 * (8 * config.hidden_size + 4 * heads * head_dim + 4 * kv + 4 * inter)
     per_window = seqlen * per_token + 4 * 2 * heads * seqlen * seqlen
-    logits = 4 * 2 * 256 * config.vocab_size  # one chunk of logits and its log-softmax
-    fixed = rss_bytes() + 2 * 4 * block + logits + held  # the block, and its copy while it is built
+    logits = 4 * 2 * LOGIT_CHUNK * config.vocab_size  # one chunk of logits and its log-softmax
+    return 4 * block, per_window, logits
+
+
+def eval_batch_size(config, ckpt: Checkpoint, model, seqlen: int, windows: int, budget: int, held: int) -> int:
+    """The most windows per block forward that fit `budget`, counting what is already resident
+    (measured), the largest block's weights in float32, one chunk of logits and `held` bytes of
+    hidden states; refuses a budget too small for one window."""
+    block, per_window, logits = eval_sizes(config, ckpt, seqlen)
+    fixed = rss_bytes() + 2 * block + logits + held  # the block, and its copy while it is built
     if budget - fixed < per_window:
         need = fixed + per_window
         raise StreamSVDError(f"--max-mem {format_size(budget)} is too small to evaluate: one window needs about "
                              f"{format_size(need)}", f"give --max-mem at least {format_size(need)}, or lower --seqlen")
     return max(1, min(windows, (budget - fixed) // per_window))
+
+
+def gpu_room(budget: int) -> int:
+    """What the tensors may take of a GPU budget, after job/device.py's allowance for cuBLAS's workspace and the
+    caching allocator's rounding (the same allowance the job's plan makes)."""
+    from .device import GPU_SLACK_BYTES, GPU_SLACK_FRACTION
+
+    return int((budget - GPU_SLACK_BYTES) / (1 + GPU_SLACK_FRACTION))
+
+
+def gpu_eval_batch_size(config, ckpt: Checkpoint, seqlen: int, windows: int, budget: int) -> int:
+    """With --device cuda: the most windows per block forward that fit the GPU budget beside one block's float32
+    weights (moved to the GPU whole); refuses a budget too small for one window."""
+    block, per_window, _ = eval_sizes(config, ckpt, seqlen)
+    room = gpu_room(budget) - block
+    if room < per_window:
+        from .device import GPU_SLACK_BYTES, GPU_SLACK_FRACTION
+
+        need = int((block + per_window) * (1 + GPU_SLACK_FRACTION)) + GPU_SLACK_BYTES + 1
+        raise StreamSVDError(f"--max-gpu-mem {format_size(budget)} is too small to evaluate on the GPU: a block and one "
+                             f"window need about {format_size(need)}",
+                             f"give --max-gpu-mem at least {format_size(need)}, or lower --seqlen")
+    return max(1, min(windows, room // per_window))
+
+
+def head_fits_gpu(config, seqlen: int, budget: int | None) -> bool:
+    """Whether the final norm and the head run on the GPU: the head's float32 weight, one chunk of logits and one
+    window's final states fit the GPU budget (after the blocks, which are gone by then); no budget: yes."""
+    if budget is None:
+        return True
+    head = 4 * config.vocab_size * config.hidden_size
+    return head + 4 * 2 * LOGIT_CHUNK * config.vocab_size + 2 * 4 * seqlen * config.hidden_size <= gpu_room(budget)
 
 
 class _InMemory:
@@ -84,13 +128,21 @@ class _InMemory:
 def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None = None, max_mem: int | None = None,
                          work_dir: Path | None = None, progress: bool = True,
                          on_disk: bool | None = None, windows: torch.Tensor | None = None,
-                         batch_size: int | None = None) -> dict:
+                         batch_size: int | None = None, device: str = "cpu", max_gpu_mem: int | None = None) -> dict:
     """`on_disk`: None decides by the budget (`hidden_on_disk`); True or False forces it. `windows`: score these
     token windows instead of `text`'s (e.g. a job's held-out windows, io/calibration.heldout_windows).
-    `batch_size`: windows per block forward (default: the most that fit the budget)."""
+    `batch_size`: windows per block forward (default: the most that fit the budget, and --max-gpu-mem's on a GPU).
+    `device`: cpu, cuda or cuda:N (the blocks' forwards, and the head where it fits); `max_gpu_mem`: its budget."""
+    import os
+
     from ..model.loading import check_finished
+    from .device import check_device_flags, gpu_budget, hold_to_budget, peak_bytes, resolve_device
     from .distributed import World
 
+    check_device_flags(device, max_gpu_mem)
+    gpu = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))  # refused here where torch sees no such GPU
+    on_gpu = gpu.type != "cpu"
+    gpu_bytes = gpu_budget(gpu, max_gpu_mem) if gpu.type == "cuda" else None
     world = World.current()
 
     path = Path(path)
@@ -111,10 +163,13 @@ def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None =
     if batch_size is not None and batch_size < 1:
         raise StreamSVDError(f"--batch-size {batch_size} is out of range", "give 1 or more windows, or leave it out")
     # this process's windows: all of them, or under torchrun its share of whole batches (the batch the ranks agree on)
+    def fitting(count: int, held: int) -> int:  # the most windows per forward that fit the host's and the GPU's budgets
+        host = eval_batch_size(config, ckpt, model, seqlen, count, budget, held)
+        return host if gpu_bytes is None else min(host, gpu_eval_batch_size(config, ckpt, seqlen, count, gpu_bytes))
+
     lo, hi = 0, n_all
     if world.active:
-        guess = world.agreed_batch(batch_size, lambda: eval_batch_size(config, ckpt, model, seqlen, -(-n_all // world.size),
-                                                                         budget, 0))
+        guess = world.agreed_batch(batch_size, lambda: fitting(-(-n_all // world.size), 0))
         lo, hi = world.share(n_all, guess)
         batch_size = guess
     windows = windows[lo:hi]
@@ -123,7 +178,10 @@ def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None =
     states = activation_bytes(shape, "float32")
     if on_disk is None:
         on_disk = hidden_on_disk(states, budget)
-    batch = batch_size or eval_batch_size(config, ckpt, model, seqlen, n, budget, 0 if on_disk else 2 * states)
+    batch = batch_size or fitting(n, 0 if on_disk else 2 * states)
+    if gpu_bytes is not None:
+        hold_to_budget(gpu, gpu_bytes)
+    head_here = on_gpu and head_fits_gpu(config, seqlen, gpu_bytes)
 
     scratch = Path(tempfile.mkdtemp(prefix="streamsvd-eval-", dir=work_dir)) if on_disk else None
     try:
@@ -135,19 +193,40 @@ def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None =
             src.write(start, first_layer_inputs(model, windows[start : start + batch]))
         layers = decoder_layers(model)
         for index in tqdm(range(len(layers)), desc="eval blocks", unit="block", disable=not progress):
-            layer = stored_layer(model, index, ckpt, COMPUTE_DTYPE)
-            args, kwargs = layer_args[index]
+            layer = stored_layer(model, index, ckpt, COMPUTE_DTYPE).to(gpu)
+            args, kwargs = layer_args_on(layer_args[index], gpu)
             dst = store((index + 1) % 2)
             for start in range(0, n, batch):
-                dst.write(start, run_layer(layer, src.read(start, min(n, start + batch)), args, kwargs))
+                hidden = run_layer(layer, src.read(start, min(n, start + batch)).to(gpu), args, kwargs)
+                dst.write(start, hidden.to("cpu"))
             del layer
             src = dst
-        norm = model.model.norm
-        scored = [head_nll(model, norm(src.read(w, w + 1)), windows[w : w + 1]) for w in range(n)]
+        scored = _scores(model, src, windows, gpu if head_here else None)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     total, count = add_in_order(world.gather(scored, "eval"))  # rank order is window order: one process's sum
     out = result(total, count, n_all, seqlen, time.time() - started)
-    out.update(batch_size=batch, hidden_on_disk=on_disk)
+    out.update(batch_size=batch, hidden_on_disk=on_disk, device=str(gpu))
+    if on_gpu:
+        out.update(head_on_device=head_here, gpu_peak_bytes=peak_bytes(gpu), max_gpu_mem_bytes=gpu_bytes)
     return out
+
+
+def _scores(model, src, windows: torch.Tensor, device) -> list[tuple[float, int]]:
+    """Each window's (NLL, tokens) from its last block's outputs: the final norm and the head on the host, or on
+    `device` (moved there once; the windows' states one at a time)."""
+    norm = model.model.norm
+    if device is None:
+        return [head_nll(model, norm(src.read(w, w + 1)), windows[w : w + 1]) for w in range(len(windows))]
+    import copy
+
+    import torch.nn.functional as F
+
+    head = model.get_output_embeddings()
+    weight = head.weight.to(device)
+    bias = head.bias.to(device) if getattr(head, "bias", None) is not None else None
+    norm = copy.deepcopy(norm).to(device)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return [logits_nll(lambda h: F.linear(h, weight, bias), softcap, norm(src.read(w, w + 1).to(device)),
+                       windows[w : w + 1].to(device)) for w in range(len(windows))]
