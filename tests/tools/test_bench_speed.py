@@ -18,7 +18,7 @@ def test_every_variant_is_timed_against_the_forward_floor(tiny_checkpoints, tmp_
     jobs = {r["row"]: r for r in rows if "flags" in r}
     floors = [r for r in rows if r["row"] == "forward"]
     summary = {r["row"]: r for r in rows if "x_forward" in r}
-    assert set(jobs) == set(summary) == {"default", "propagate-original"} and len(floors) == 2
+    assert set(jobs) == set(summary) == {"default", "plain", "propagate-original"} and len(floors) == 2
     for name, job in jobs.items():
         stages = job["seconds_by_stage"]
         assert {"statistics", "factorize", "write"} <= set(stages) and all(v >= 0 for v in stages.values())
@@ -27,5 +27,9 @@ def test_every_variant_is_timed_against_the_forward_floor(tiny_checkpoints, tmp_
         assert 0 < sum(stages.values()) <= job["seconds"]  # the setup before the first stage is in neither
         floor = min(f["seconds"] for f in floors)
         assert summary[name]["x_forward"] == round(job["seconds"] / floor, 2)
+        profile = job["seconds_by_stage"].get("profile", 0.0)
+        assert summary[name]["x_forward_without_profile"] == round((job["seconds"] - profile) / floor, 2)
+    assert jobs["default"]["seconds_by_stage"]["profile"] > 0  # global allocation profiles first
+    assert "profile" not in jobs["plain"]["seconds_by_stage"]  # uniform ranks need no profile
     assert "propagate" in jobs["default"]["seconds_by_stage"]  # the compressed block's pass
     assert not list((tmp_path / "w").glob("out-*"))  # the outputs are removed after each row
