@@ -170,7 +170,9 @@ def _add_profile(sub) -> None:
                    "needs from a profile (default 0: none; run's default is 8). Costs one more forward of H windows")
     p.add_argument("--work-dir", default=None, metavar="DIR", help="where the activation files go (default: inside PROFILE_DIR)")
     p.add_argument("--device", default="cpu", metavar="DEVICE",
-                   help="as for run: where each linear's spectrum (its eigh or SVD) is computed, cpu (default) or cuda")
+                   help="as for run: cpu (default) or cuda / cuda:N. On a GPU: the statistics pass, the sensitivity "
+                   "pass's forward and backward through the blocks, and each linear's spectrum (its eigh or SVD); the "
+                   "head's gradient and the activation files stay on the host")
     p.add_argument("--max-gpu-mem", default=None, metavar="SIZE", help="as for run, with --device cuda")
     p.add_argument("--batch-size", type=int, default=None, metavar="B",
                    help="windows per batch (default: the largest that fits --max-mem). Under torchrun (`torchrun "
