@@ -17,7 +17,7 @@ from streamsvd.io.output import RUN_LOG
 from streamsvd.io.checkpoint import Checkpoint
 from streamsvd.job.pipeline import JobConfig, run_job
 from streamsvd.job.plan import PlanInputs, make_plan, refuse_if_too_small
-from tiny_models import make_tiny_checkpoint
+from tiny_models import CONFIGS, make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -334,3 +334,24 @@ def test_out_of_memory_in_a_block_forward_is_one_error(tiny, tmp_path, capsys, m
     err = capsys.readouterr().err
     assert "error: out of memory (CUDA out of memory. Tried to allocate 1.50 GiB)" in err and "more detail" not in err
     assert "fix: rerun the same command with a larger --max-gpu-mem" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_every_family_runs_on_the_simulated_gpu_to_the_cpu_jobs_bytes(model_type, tmp_path, monkeypatch):
+    """Each family's per-block arguments (masks, rotary tables, Gemma's local and global ones) and its layer's own
+    modules (norms, q/k norms, softcapping) take --device's path: the default job (compensated, its own profile)
+    writes the CPU job's bytes."""
+    from sim_device import SIM, SimDevice
+    from streamsvd.job import device, pipeline
+
+    model = make_tiny_checkpoint(model_type, tmp_path / "model")
+    flags = COMMON
+    assert main(["run", str(model), str(tmp_path / "cpu"), *flags]) == 0
+    monkeypatch.setattr(pipeline, "resolve_device", lambda name, local_rank=0: SIM)
+    monkeypatch.setattr(device, "resolve_device", lambda name, local_rank=0: SIM)
+    with SimDevice():
+        assert main(["run", str(model), str(tmp_path / "sim"), *flags]) == 0
+    shards = sorted(p.name for p in (tmp_path / "cpu").glob("*.safetensors"))
+    assert shards
+    for name in shards:
+        assert (tmp_path / "sim" / name).read_bytes() == (tmp_path / "cpu" / name).read_bytes(), name

@@ -19,7 +19,7 @@ from streamsvd.job.evaluate import perplexity
 from streamsvd.job.pipeline import JobConfig, run_job
 from streamsvd.job.stream_eval import eval_sizes, gpu_eval_batch_size, head_fits_gpu, streaming_perplexity
 from streamsvd.model.architecture import load_config
-from tiny_models import make_tiny_checkpoint
+from tiny_models import CONFIGS, make_tiny_checkpoint
 
 TEXT = default_text()[:60_000]
 
@@ -168,3 +168,17 @@ def test_out_of_memory_in_eval_is_one_error_naming_evals_levers(models, tmp_path
     err = capsys.readouterr().err
     assert err.startswith("error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
     assert "--batch-size" in err and "finished blocks" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_every_family_evaluates_on_the_simulated_gpu_to_the_cpus_perplexity(model_type, tmp_path, monkeypatch):
+    """Each family's per-block arguments (masks, rotary tables, Gemma's local and global ones, softcapping) reach the
+    device with the block: the CPU's perplexity exactly."""
+    from sim_device import SimDevice
+
+    model_dir = make_tiny_checkpoint(model_type, tmp_path / "model")
+    cpu = streaming_perplexity(model_dir, TEXT, 48, max_windows=3, progress=False)
+    _on_sim(monkeypatch)
+    with SimDevice():
+        sim = streaming_perplexity(model_dir, TEXT, 48, max_windows=3, progress=False, device="cuda")
+    assert sim["perplexity"] == cpu["perplexity"] and sim["head_on_device"]
