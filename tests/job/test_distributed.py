@@ -576,3 +576,36 @@ def test_two_torchrun_agents_as_two_nodes_write_the_one_process_output(model, re
     assert run["processes"] == 2 and run["windows_per_process"] == [[0, 4], [4, 8]]
     assert sum(o.count("done: ") for o, _ in done) == 1  # one summary, from rank 0
     assert _files(out) == reference("default", [])
+
+
+SIM_RUN = REPO / "tests" / "sim_run.py"
+
+
+@pytest.mark.parametrize("name, flags", [("default", []), ("global", GLOBAL)])
+def test_two_processes_on_simulated_gpus_write_the_one_process_cpu_output(model, reference, tmp_path, name, flags):
+    """`--device cuda` under torchrun without a GPU: each rank's blocks, statistics and factorisations on the simulated
+    device (tests/sim_run.py), whose partial sums cross to the host for gloo and back, and whose factors are sent to
+    the other rank: the one-process CPU job's bytes (compensated; and with the job's own profile, whose per-token
+    weights and energies are gathered too)."""
+    out = tmp_path / "two"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(SIM_RUN), "run", str(model), str(out), *FLAGS, *flags],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not _ours(done.stderr) and "Traceback" not in done.stderr
+    run = json.loads((out / RUN_LOG).read_text().splitlines()[-1])
+    assert run["processes"] == 2 and run["device"] == "meta:1"  # the simulated device, on both ranks
+    assert _files(out) == reference(name, flags)
+
+
+def test_streamsvd_eval_on_two_simulated_gpus_gives_the_one_process_perplexity(model, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    one = _eval(model, text, "--batch-size", "2", two=False)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(SIM_RUN), "eval", str(model), "--text", str(text), "--seqlen", "32", "--max-windows", "8",
+                          "--json", "--no-progress", "--batch-size", "2", "--device", "cuda"],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert b["perplexity"] == a["perplexity"] and b["device"] == "meta:1" and b["head_on_device"]
