@@ -17,6 +17,7 @@ that gets it right computes exactly what it computes on the CPU.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +32,51 @@ _CPU = torch.device("cpu")
 _CROSS_DEVICE_OK = {_aten.copy_.default, _aten._to_copy.default}
 
 
+class Ledger:
+    """What the simulated device holds, as torch.cuda.memory_allocated counts a GPU's: the bytes of every storage a
+    live Sim tensor is backed by (views share their storage's bytes), and the most held at once since `reset_peak`."""
+
+    def __init__(self):
+        self.live: dict[int, list[int]] = {}  # storage address -> [bytes, Sim tensors backed by it]
+        self.now = self.peak = 0
+
+    def add(self, sim: "Sim") -> None:
+        storage = sim.cpu_data.untyped_storage()
+        key, nbytes = storage.data_ptr(), storage.nbytes()
+        if not nbytes:
+            return
+        entry = self.live.get(key)
+        if entry is None:
+            self.live[key] = [nbytes, 1]
+            self.now += nbytes
+            self.peak = max(self.peak, self.now)
+        else:
+            entry[1] += 1
+        weakref.finalize(sim, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.live[key]
+        entry[1] -= 1
+        if not entry[1]:
+            self.now -= entry[0]
+            del self.live[key]
+
+    def reset_peak(self) -> int:
+        """The peak since the last reset; the next one starts from what is held now."""
+        peak, self.peak = self.peak, self.now
+        return peak
+
+
+LEDGER = Ledger()
+
+
 class Sim(torch.Tensor):
     @staticmethod
     def __new__(cls, data: torch.Tensor):
         r = torch.Tensor._make_wrapper_subclass(cls, data.shape, strides=data.stride(), storage_offset=data.storage_offset(),
                                                 dtype=data.dtype, device=SIM, requires_grad=data.requires_grad)
         r.cpu_data = data
+        LEDGER.add(r)
         return r
 
     def __repr__(self):

@@ -583,8 +583,11 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         quant_work += max((8 * (4 * s.in_features**2 + s.rank**2) for s in linears), default=0)
     # Quantised as each linear is factored, unless refinement comes between (then a stage of its own).
     quant_stage = settings.quant is not None and settings.refine_steps > 0
-    factors_compute = sum(stored_numel(s.out_features, s.in_features, s.rank, s.factors) * c for s in linears)
-    largest_compute = max((stored_numel(s.out_features, s.in_features, s.rank, s.factors) * c for s in linears), default=0)
+    def compute_bytes(s: LinearShape) -> int:  # a factored linear in the compute dtype, with its int64 pivots
+        return stored_numel(s.out_features, s.in_features, s.rank, s.factors) * c + (8 * s.in_features if s.factors == "pivoted" else 0)
+
+    factors_compute = sum(compute_bytes(s) for s in linears)
+    largest_compute = max((compute_bytes(s) for s in linears), default=0)
     block_other_stored = block_stored.get(big, 0) - sum(s.out_features * s.in_features * s.itemsize for s in linears)
     shard = (packed_stored if settings.quant is not None else factors_stored) + block_other_stored
     spectra = sum(4 * min(s.out_features, s.in_features) for s in linears)
@@ -691,6 +694,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                   if stage in host}
         on_gpu = {stage: parts for stage, parts in on_gpu.items() if any(parts.values())}  # the stages this job has
         on_gpu["statistics"]["statistics' products"] = gram_chunk
+        if "quantize" in on_gpu:  # a linear's dequantised module moves to the GPU while the one it replaces is there
+            on_gpu["quantize"]["swapped linear"] = largest_compute
         on_gpu["factorize"] = {"block weights": weights, "statistics": factor_stats, **gpu_parts}
         return on_gpu
 
