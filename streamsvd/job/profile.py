@@ -423,13 +423,13 @@ class Profiler:
         spectra, weighted, shapes = {}, {}, {}
         n_layers = len(decoder_layers(self.model))
         for index in tqdm(range(n_layers), desc="profile", unit="block", disable=not self.cfg.progress):
+            self.sampler.stage("statistics")  # the block's load counts here: the previous block is gone by then
             layer = self._layer(index)
             dst = self._file(f"acts-{(index + 1) % 2}.bin")
             prefix = layer_prefix(self.model, index)
             weighing = None
             if token_weights is not None:
-                linears = linear_modules(layer)
-                weighing = WeightedEnergies(linears, {n: token_weights[prefix + n] for n in linears})
+                weighing = WeightedEnergies(linear_modules(layer), {n: token_weights[prefix + n] for n in linear_modules(layer)})
 
             def read(start, stop, src=src, weighing=weighing):
                 if weighing is not None:
@@ -437,7 +437,6 @@ class Profiler:
                 return src.read(start, stop)
 
             args, kwargs = self._args(index)
-            self.sampler.stage("statistics")
             try:
                 stats = collect_statistics(layer, self._batches(), read,
                                            lambda lyr, h: run_layer(lyr, h.to(self.device), args, kwargs),
@@ -457,6 +456,7 @@ class Profiler:
                     weighted[prefix + name] = d
                 linear = layer.get_submodule(name)
                 shapes[prefix + name] = [linear.out_features, linear.in_features]
+            del layer, stats, weighing, read, linear, args, kwargs  # before the next block loads (one at a time, GPU too)
             src = dst
             faults.point("profile-block")
         heldout = None
@@ -484,6 +484,7 @@ class Profiler:
             dst = self._file(f"inputs-{index + 1}.bin", len(mine))
             for w in mine:
                 dst.write(w, run_layer(layer, src.read(w, w + 1).to(self.device), args, kwargs))
+            del layer, args, kwargs  # before the next block is loaded
             src = dst
         return src
 
@@ -543,6 +544,7 @@ class Profiler:
                     grads[w - lo : w - lo + 1] = torch.autograd.grad(out, x, grad_outputs=below)[0]
             for h in handles:
                 h.remove()
+            del layer, handles, args, kwargs  # before the next block is loaded
             faults.point("profile-block")
         if self.world.active:
             names = list(per_token)

@@ -375,33 +375,72 @@ def test_what_the_simulated_gpu_holds_in_each_stage_stays_under_the_plans_count(
     a GPU's), at their most in each stage of the job, against the plan's count of that stage's GPU tensors (before its
     allowance for workspaces and rounding): a tensor the plan forgets shows here. It found two: during the quantize
     stage a linear's new module sits on the GPU beside the one it replaces, and pivots are int64 buffers."""
-    from sim_device import LEDGER, SIM, SimDevice
+    from sim_device import SIM, SimDevice
     from streamsvd.job import device, pipeline
 
     flags = ["--calib-samples", "8", "--seqlen", "128", "--no-progress", "--no-plots", *extra]
     assert main(["plan", str(wider), *flags[:4], *extra, "--device", "cuda", "--max-gpu-mem", "80G", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    peaks, current = {}, ["setup"]
-    real_stage = pipeline.CompressionJob._stage
-
-    def stage(job, name):
-        peaks[current[0]] = max(peaks.get(current[0], 0), LEDGER.reset_peak() - base)
-        current[0] = name
-        return real_stage(job, name)
-
-    monkeypatch.setattr(pipeline.CompressionJob, "_stage", stage)
     monkeypatch.setattr(pipeline, "resolve_device", lambda name, local_rank=0: SIM)
     monkeypatch.setattr(device, "resolve_device", lambda name, local_rank=0: SIM)
-    import gc
-
-    gc.collect()
-    base = LEDGER.now  # whatever earlier tests left on the simulated device
-    LEDGER.reset_peak()
+    held = _StagePeaks(monkeypatch, pipeline.CompressionJob, "_stage", "setup")
     with SimDevice():
         assert main(["run", str(wider), str(tmp_path / "sim"), *flags]) == 0
-    peaks[current[0]] = max(peaks.get(current[0], 0), LEDGER.reset_peak() - base)
     assert _last_run(tmp_path / "sim")["batch_size"] == plan["batch_size"]
-    planned = {stage: sum(parts.values()) for stage, parts in plan["gpu_components"].items()}
-    assert {"statistics", "factorize", "propagate"} <= set(planned) and peaks["factorize"] > 0
+    assert {"statistics", "factorize", "propagate"} <= set(plan["gpu_components"])
+    _each_under(held.done(), plan["gpu_components"], ("factorize",))
+
+
+class _StagePeaks:
+    """The most the simulated device holds (tests/sim_device.Ledger) in each stage, a stage being whatever
+    `cls.method(self, name)` switches to; what earlier tests left there is not counted."""
+
+    def __init__(self, monkeypatch, cls, method: str, first: str):
+        import gc
+
+        from sim_device import LEDGER
+
+        self.ledger, self.peaks, self.current = LEDGER, {}, first
+        real = getattr(cls, method)
+
+        def stage(obj, name):
+            self._close()
+            self.current = name
+            return real(obj, name)
+
+        monkeypatch.setattr(cls, method, stage)
+        gc.collect()
+        self.base = LEDGER.now
+        LEDGER.reset_peak()
+
+    def _close(self) -> None:
+        self.peaks[self.current] = max(self.peaks.get(self.current, 0), self.ledger.reset_peak() - self.base)
+
+    def done(self) -> dict[str, int]:
+        self._close()
+        return self.peaks
+
+
+def _each_under(peaks: dict[str, int], gpu_components: dict[str, dict[str, int]], busy: tuple[str, ...]) -> None:
+    """Every stage's most-held bytes within the plan's GPU count of that stage (its tensors, before the allowance)."""
+    planned = {stage: sum(parts.values()) for stage, parts in gpu_components.items()}
+    assert all(peaks.get(stage, 0) > 0 for stage in busy), peaks
     for stage, held in peaks.items():
         assert held <= planned.get(stage, 0), (stage, held, planned.get(stage))
+
+
+def test_what_the_simulated_gpu_holds_in_each_profile_stage_stays_under_the_plans_count(wider, tmp_path, monkeypatch):
+    """The same for `streamsvd profile` (its statistics pass with the weighted Grams, its spectra, the sensitivity
+    pass's forward and backward): each stage's most-held bytes on the simulated device against the plan's GPU count."""
+    from sim_device import SIM, SimDevice
+    from streamsvd.job import device, peak
+    from streamsvd.job.profile import ProfileConfig, make_profile
+
+    cfg = ProfileConfig(model_dir=wider, profile_dir=tmp_path / "p", calib_samples=8, seqlen=128, progress=False,
+                        sensitivity_samples=4, device="cuda", max_gpu_mem=80 << 30)
+    plan = cfg.plan(Checkpoint(wider))
+    monkeypatch.setattr(device, "resolve_device", lambda name, local_rank=0: SIM)
+    held = _StagePeaks(monkeypatch, peak.PeakSampler, "stage", "embed")
+    with SimDevice():
+        make_profile(cfg)
+    _each_under(held.done(), plan.gpu_components, ("statistics", "sensitivity (blocks)", "factorize"))

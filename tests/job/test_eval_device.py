@@ -182,3 +182,27 @@ def test_every_family_evaluates_on_the_simulated_gpu_to_the_cpus_perplexity(mode
     with SimDevice():
         sim = streaming_perplexity(model_dir, TEXT, 48, max_windows=3, progress=False, device="cuda")
     assert sim["perplexity"] == cpu["perplexity"] and sim["head_on_device"]
+
+
+def test_what_the_simulated_gpu_holds_during_eval_stays_under_its_count(tmp_path, monkeypatch):
+    """The most the simulated device holds during a streamed eval (tests/sim_device.Ledger) against what
+    gpu_eval_batch_size and head_fits_gpu count: a block and the batch's working set, or the head's phase."""
+    import gc
+
+    from sim_device import LEDGER, SimDevice
+
+    model_dir = make_tiny_checkpoint("llama", tmp_path / "model", hidden_size=256, intermediate_size=688,
+                                     num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                                     max_position_embeddings=512)
+    ckpt = Checkpoint(model_dir)
+    config = load_config(ckpt)
+    block, per_window, logits = eval_sizes(config, ckpt, 128)
+    _on_sim(monkeypatch)
+    gc.collect()
+    base = LEDGER.now
+    LEDGER.reset_peak()
+    with SimDevice():
+        got = streaming_perplexity(model_dir, TEXT, 128, max_windows=8, progress=False, batch_size=8, device="cuda")
+    held = LEDGER.reset_peak() - base
+    head = 4 * config.vocab_size * config.hidden_size + logits + 2 * 4 * 128 * config.hidden_size
+    assert got["batch_size"] == 8 and block < held <= max(block + 8 * per_window, head)
