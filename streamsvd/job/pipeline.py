@@ -680,9 +680,11 @@ class CompressionJob:
             if self.heldout.shape[0]:
                 self._propagate_heldout(layer if self.cfg.propagate == "compressed" else self._finished_layer(index, compressed=True),
                                         index, src, dst)
+            del layer  # before the original loads: one block at a time, as when it was made
             if self.cfg.streams == 2:
                 original = self._load_layer(index)
                 self._propagate(original, index, src, dst, desc=f"block {index} rebuild (original)", stream=1)
+                del original  # before the next block loads
             dst.sync()
             faults.point("rebuild-block")
         state.inputs_file, state.inputs_digest = name, integrity.activation_digest(name)

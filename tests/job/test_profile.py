@@ -187,33 +187,3 @@ def test_a_profile_that_would_not_fit_its_disk_is_refused_before_writing(tiny, t
         make_profile(cfg)
     assert not (tmp_path / "prof").exists()
 
-
-@pytest.mark.parametrize("which", ["profile", "job"])
-def test_one_block_at_a_time_no_block_outlives_its_turn(tmp_path, monkeypatch, which):
-    """When a pass loads block i, no block it loaded for an earlier turn is still alive (the profile's statistics
-    pass once kept the previous block's linears in a local until the next one was loaded: two blocks at once, on the
-    host and on a GPU). The compensated job loads each block twice on purpose (the compressed stream's and the
-    original beside it); those two die together before the next block."""
-    import gc
-    import weakref
-
-    from streamsvd.job import pipeline, profile
-
-    model_dir = make_tiny_checkpoint("llama", tmp_path / "model")
-    cls, method = (profile.Profiler, "_layer") if which == "profile" else (pipeline.CompressionJob, "_load_layer")
-    real, loaded, outlived = getattr(cls, method), [], []
-
-    def load(self, index):
-        gc.collect()
-        outlived.extend((i, index) for i, ref in loaded if ref() is not None and i != index)
-        layer = real(self, index)
-        loaded.append((index, weakref.ref(next(m for m in layer.modules() if isinstance(m, nn.Linear)))))
-        return layer
-
-    monkeypatch.setattr(cls, method, load)
-    if which == "profile":
-        _profile(model_dir, tmp_path / "p")
-    else:
-        run_job(JobConfig(model_dir=model_dir, out_dir=tmp_path / "out", calib_samples=4, seqlen=32, progress=False,
-                          plots=False, alloc="uniform"))
-    assert len({i for i, _ in loaded}) >= 2 and not outlived, outlived
