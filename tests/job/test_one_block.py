@@ -25,10 +25,10 @@ def _watch(monkeypatch, cls, method: str) -> tuple[list, list]:
     """Every block `cls.method` loads, and each (earlier block, block being loaded) where the earlier one was alive."""
     real, loaded, outlived = getattr(cls, method), [], []
 
-    def load(self, index):
+    def load(owner, index, *rest):  # a method (self, index) or stored_layer (model, index, checkpoint, dtype)
         gc.collect()
         outlived.extend((i, index) for i, ref in loaded if ref() is not None and i != index)
-        layer = real(self, index)
+        layer = real(owner, index, *rest)
         loaded.append((index, weakref.ref(next(m for m in layer.modules() if isinstance(m, nn.Linear)))))
         return layer
 
@@ -41,8 +41,9 @@ def model(tmp_path_factory):
     return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("one-block") / "model")
 
 
-def _job(model, out):
-    return JobConfig(model_dir=model, out_dir=out, calib_samples=4, seqlen=32, progress=False, plots=False, alloc="uniform")
+def _job(model, out, **kw):
+    return JobConfig(model_dir=model, out_dir=out, calib_samples=4, seqlen=32, progress=False, plots=False, alloc="uniform",
+                     **kw)
 
 
 def test_the_profiles_passes_hold_one_block(model, tmp_path, monkeypatch):
@@ -51,9 +52,21 @@ def test_the_profiles_passes_hold_one_block(model, tmp_path, monkeypatch):
     assert len({i for i, _ in loaded}) >= 2 and not outlived, outlived
 
 
-def test_a_job_holds_one_block_and_its_original(model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("settings", [{}, {"refine_steps": 2},
+                                      {"compensate": False, "calibrate": "block", "anchor": 0.0, "refine_steps": 2}],
+                         ids=["default", "refine", "refine uncompensated (its original block for the target)"])
+def test_a_job_holds_one_block_and_its_original(model, tmp_path, monkeypatch, settings):
     loaded, outlived = _watch(monkeypatch, pipeline.CompressionJob, "_load_layer")
-    run_job(_job(model, tmp_path / "out"))
+    run_job(_job(model, tmp_path / "out", **settings))
+    assert len({i for i, _ in loaded}) >= 2 and not outlived, outlived
+
+
+def test_a_streamed_eval_holds_one_block(model, monkeypatch):
+    from streamsvd.io.calibration import default_text
+    from streamsvd.job import stream_eval
+
+    loaded, outlived = _watch(monkeypatch, stream_eval, "stored_layer")
+    stream_eval.streaming_perplexity(model, default_text()[:20_000], 32, max_windows=3, progress=False)
     assert len({i for i, _ in loaded}) >= 2 and not outlived, outlived
 
 
