@@ -423,40 +423,8 @@ class Profiler:
         spectra, weighted, shapes = {}, {}, {}
         n_layers = len(decoder_layers(self.model))
         for index in tqdm(range(n_layers), desc="profile", unit="block", disable=not self.cfg.progress):
-            self.sampler.stage("statistics")  # the block's load counts here: the previous block is gone by then
-            layer = self._layer(index)
             dst = self._file(f"acts-{(index + 1) % 2}.bin")
-            prefix = layer_prefix(self.model, index)
-            weighing = None
-            if token_weights is not None:
-                weighing = WeightedEnergies(linear_modules(layer), {n: token_weights[prefix + n] for n in linear_modules(layer)})
-
-            def read(start, stop, src=src, weighing=weighing):
-                if weighing is not None:
-                    weighing.rows = (start, stop)
-                return src.read(start, stop)
-
-            args, kwargs = self._args(index)
-            try:
-                stats = collect_statistics(layer, self._batches(), read,
-                                           lambda lyr, h: run_layer(lyr, h.to(self.device), args, kwargs),
-                                           on_output=dst.write, output_side=output_side_linears(layer, "eig"))
-            finally:
-                if weighing is not None:
-                    weighing.close()
-            for start, stop in self._batches(H, 0):  # the held-out windows: after the statistics, in none of them
-                dst.write(S + start, run_layer(layer, src.read(S + start, S + stop).to(self.device), args, kwargs))
-            self.world.reduce_statistics(stats)
-            if weighing is not None:
-                self.world.reduce_statistics(weighing)
-            self.sampler.stage("factorize")  # the spectra: an eigh or SVD per linear
-            for name, (s, d) in block_spectra(layer, stats, weighing, spread=self.world.spread, device=self.device).items():
-                spectra[prefix + name] = s
-                if d is not None:
-                    weighted[prefix + name] = d
-                linear = layer.get_submodule(name)
-                shapes[prefix + name] = [linear.out_features, linear.in_features]
-            del layer, stats, weighing, read, linear, args, kwargs  # before the next block loads (one at a time, GPU too)
+            self._profile_block(index, src, dst, token_weights, spectra, weighted, shapes)
             src = dst
             faults.point("profile-block")
         heldout = None
@@ -467,6 +435,47 @@ class Profiler:
             heldout = {"samples": self.cfg.heldout_samples, "tokens": count, "nll_per_token": total / count,
                        "perplexity": math.exp(total / count)}
         return spectra, weighted, shapes, heldout
+
+    def _profile_block(self, index: int, src, dst, token_weights: dict[str, torch.Tensor] | None, spectra: dict,
+                       weighted: dict, shapes: dict) -> None:
+        """Block `index` in the statistics pass: its statistics (and weighted Grams) over `src`'s windows, its outputs
+        (and the held-out windows') into `dst`, and its linears' spectra added to `spectra`, `weighted` and `shapes`.
+        A method of its own so that the block and everything holding it are gone when it returns, before the next
+        block loads (one block at a time, on the host and on a GPU)."""
+        S, H = self.hi, len(self.heldout)
+        self.sampler.stage("statistics")
+        layer = self._layer(index)
+        prefix = layer_prefix(self.model, index)
+        weighing = None
+        if token_weights is not None:
+            linears = linear_modules(layer)
+            weighing = WeightedEnergies(linears, {n: token_weights[prefix + n] for n in linears})
+
+        def read(start, stop):
+            if weighing is not None:
+                weighing.rows = (start, stop)
+            return src.read(start, stop)
+
+        args, kwargs = self._args(index)
+        try:
+            stats = collect_statistics(layer, self._batches(), read,
+                                       lambda lyr, h: run_layer(lyr, h.to(self.device), args, kwargs),
+                                       on_output=dst.write, output_side=output_side_linears(layer, "eig"))
+        finally:
+            if weighing is not None:
+                weighing.close()
+        for start, stop in self._batches(H, 0):  # the held-out windows: after the statistics, in none of them
+            dst.write(S + start, run_layer(layer, src.read(S + start, S + stop).to(self.device), args, kwargs))
+        self.world.reduce_statistics(stats)
+        if weighing is not None:
+            self.world.reduce_statistics(weighing)
+        self.sampler.stage("factorize")  # the spectra: an eigh or SVD per linear
+        for name, (s, d) in block_spectra(layer, stats, weighing, spread=self.world.spread, device=self.device).items():
+            spectra[prefix + name] = s
+            if d is not None:
+                weighted[prefix + name] = d
+            linear = layer.get_submodule(name)
+            shapes[prefix + name] = [linear.out_features, linear.in_features]
 
     # ------------------------------------------------------------ backward: sensitivity
     @torch.no_grad()
