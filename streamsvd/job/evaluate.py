@@ -73,12 +73,18 @@ def final_states_nll(model, ckpt, read, windows: torch.Tensor, dtype: torch.dtyp
     `world` (job/distributed.World) under torchrun: `windows` are this process's run of the job's windows (maybe
     none); every process's per-window terms are gathered and added in window order (`add_in_order`), so every
     process gets the one process's sum, bit for bit."""
-    weight = head_weight(model, ckpt, dtype)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    norm = model.model.norm
-    terms = [logits_nll(lambda h: F.linear(h, weight), softcap, norm(read(w, w + 1)), windows[w : w + 1])
-             for w in range(len(windows))]
+    terms = states_nll(model.model.norm, head_weight(model, ckpt, dtype), None,
+                       getattr(model.config, "final_logit_softcapping", None), read, windows)
     return add_in_order(world.gather(terms, "held-out nll") if world is not None else [terms])
+
+
+def states_nll(norm, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None, read,
+               windows: torch.Tensor) -> list[tuple[float, int]]:
+    """Each window's (summed next-token NLL, tokens) from its final states `read(w, w + 1)` (one window at a time):
+    `norm` and the head (`weight`, `bias`) applied where `weight` is, the states and the targets moved there."""
+    device = weight.device
+    return [logits_nll(lambda h: F.linear(h, weight, bias), softcap, norm(read(w, w + 1).to(device)),
+                       windows[w : w + 1].to(device)) for w in range(len(windows))]
 
 
 def add_in_order(shares: list[list[tuple[float, int]]]) -> tuple[float, int]:

@@ -34,7 +34,7 @@ from ..io.checkpoint import Checkpoint
 from ..model.architecture import decoder_layers, empty_model, load_config, check_seqlen, materialize_base
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, layer_args_on, run_layer
 from ..model.loading import materialize_head, stored_layer
-from .evaluate import LOGIT_CHUNK, add_in_order, eval_windows, head_nll, logits_nll, result
+from .evaluate import LOGIT_CHUNK, add_in_order, eval_windows, result, states_nll
 from .memory import default_budget, format_size
 from .peak import rss_bytes
 
@@ -197,8 +197,7 @@ def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None =
             args, kwargs = layer_args_on(layer_args[index], gpu)
             dst = store((index + 1) % 2)
             for start in range(0, n, batch):
-                hidden = run_layer(layer, src.read(start, min(n, start + batch)).to(gpu), args, kwargs)
-                dst.write(start, hidden.to("cpu"))
+                dst.write(start, run_layer(layer, src.read(start, min(n, start + batch)).to(gpu), args, kwargs))
             del layer
             src = dst
         scored = _scores(model, src, windows, gpu if head_here else None)
@@ -214,19 +213,13 @@ def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None =
 
 
 def _scores(model, src, windows: torch.Tensor, device) -> list[tuple[float, int]]:
-    """Each window's (NLL, tokens) from its last block's outputs: the final norm and the head on the host, or on
-    `device` (moved there once; the windows' states one at a time)."""
-    norm = model.model.norm
-    if device is None:
-        return [head_nll(model, norm(src.read(w, w + 1)), windows[w : w + 1]) for w in range(len(windows))]
-    import copy
+    """Each window's (NLL, tokens) from its last block's outputs: the final norm and the head on the host, or moved
+    once to `device` (the windows' states go there one at a time)."""
+    head, norm = model.get_output_embeddings(), model.model.norm
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if device is not None:
+        import copy
 
-    import torch.nn.functional as F
-
-    head = model.get_output_embeddings()
-    weight = head.weight.to(device)
-    bias = head.bias.to(device) if getattr(head, "bias", None) is not None else None
-    norm = copy.deepcopy(norm).to(device)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    return [logits_nll(lambda h: F.linear(h, weight, bias), softcap, norm(src.read(w, w + 1).to(device)),
-                       windows[w : w + 1].to(device)) for w in range(len(windows))]
+        weight, norm = weight.to(device), copy.deepcopy(norm).to(device)
+        bias = bias.to(device) if bias is not None else None
+    return states_nll(norm, weight, bias, getattr(model.config, "final_logit_softcapping", None), src.read, windows)
