@@ -114,6 +114,8 @@ class JobConfig:
     shrink: float = 0.0  # input Grams read as (1 - a) G + a diag(G) when factoring (math/gram.shrink_gram)
     plots: bool = True  # allocation.png and spectra.png at the end (io/plots.py)
     profile: Path | None = None  # a saved `streamsvd profile` to allocate from (else one is made in OUT_DIR/profile)
+    # windows of the statistics pass of the profile the job makes for itself (None: job/profile.DEFAULT_PROFILE_SAMPLES)
+    profile_samples: int | None = None
     max_loss: float | None = None  # instead of --ratio: the largest relative weighted loss (math/allocate.relative_loss)
     # instead of --ratio: the largest predicted increase of held-out perplexity, a fraction (0.25: +25%), measured
     # on `heldout_samples` windows kept out of every statistic (None: DEFAULT_HELDOUT with the target)
@@ -140,6 +142,13 @@ class JobConfig:
         self.resolve_defaults()
         return (self.alloc != "uniform" or self.rank_multiple != 1 or self.profile is not None or self.max_loss is not None
                 or self.max_ppl_increase is not None)
+
+    @property
+    def own_profile_samples(self) -> int:
+        """Windows of the statistics pass of the job's own profile (job/profile.py)."""
+        from .profile import DEFAULT_PROFILE_SAMPLES
+
+        return DEFAULT_PROFILE_SAMPLES if self.profile_samples is None else self.profile_samples
 
     @property
     def heldout_rows(self) -> int:
@@ -212,6 +221,16 @@ class JobConfig:
         if self.max_ppl_increase is not None and self.alloc == "v2":
             raise StreamSVDError("--max-ppl-increase follows the global allocator's order, not v2's",
                                  "use --alloc global (or leave --alloc out)")
+        if self.profile_samples is not None:
+            if not self.needs_profile:
+                raise StreamSVDError("--profile-samples without a profile does nothing (--alloc uniform needs none)",
+                                     "drop --profile-samples, or use --alloc global")
+            if self.profile is not None:
+                raise StreamSVDError("--profile-samples sets the windows of the profile a run makes for itself; with "
+                                     "--profile the run makes none", "drop --profile-samples (or --profile)")
+            from .profile import SENSITIVITY_SAMPLES, check_profile_samples
+
+            check_profile_samples(self.profile_samples, min(SENSITIVITY_SAMPLES, self.calib_samples))
         if self.heldout_samples is not None and self.max_ppl_increase is None:
             raise StreamSVDError("--heldout-samples without --max-ppl-increase does nothing",
                                  "add --max-ppl-increase F, or drop --heldout-samples")
@@ -300,6 +319,10 @@ def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str, profile_digest: st
         identity["max_ppl_increase"] = [cfg.max_ppl_increase, cfg.heldout_rows]
     if cfg.needs_profile:
         identity["profile"] = profile_digest or "own"
+        windows = min(cfg.own_profile_samples, cfg.calib_samples)
+        if profile_digest is None and windows < cfg.calib_samples:
+            # the own profile's statistics windows (absent: all of them, as before --profile-samples)
+            identity["profile_samples"] = windows
     world = World.current()
     if world.active:  # absent for one process: its identity is as before. N ranks sum in another order (job/distributed.py)
         identity["processes"] = world.size
@@ -958,6 +981,8 @@ class CompressionJob:
                 # "profile reused": a given profile, no profiling in this job; else the cost of making it
                 "profiling": "profile reused" if given else "profiled by this job",
                 "sensitivity_samples": meta.get("sensitivity_samples", 0),
+                # windows of its statistics pass (the spectra): the first ones of the calibration
+                "profile_samples": meta["identity"].get("profile_samples", meta["identity"]["calib_samples"]),
             },
             **self._perplexity_target(),
         }}

@@ -1,7 +1,9 @@
 """`streamsvd profile`: what rank allocation reads, measured once and reused by any number of runs.
 
 One streamed pass over the model with the original model's activations (like `run --propagate
-original`, one block in memory at a time) saves, per linear:
+original`, one block in memory at a time) over the first `profile_samples` calibration windows (16 by
+default: as good an allocation as all of them, measured, for less time; DEFAULT_PROFILE_SAMPLES) saves,
+per linear:
 
 - the whitened spectrum: the singular values of W S with G = S S^T from the eig of the input Gram
   (or the square roots of the eigenvalues of the output Gram W G W^T for the linears `run` factors
@@ -81,6 +83,12 @@ WEIGHTED_FILE = "weighted.safetensors"  # per direction, the token-weighted ener
 WORK_NAME = ".profile-work"
 MATCHED_KEYS = ("checkpoint", "calib_digest", "calib_samples", "seqlen", "seed")
 MAX_HELDOUT = 256
+# Windows of the statistics pass (the spectra), the first ones of the calibration: measured on SmolLM2 and Gemma 3 at
+# 64 x 512, ratio 0.4, a profile over the first 16 windows gave the default job the held-out perplexity of one over
+# all 64 (within 1.1% in the calibration's domain, +-6% across) for 28-38% less profiling time (docs/RESULTS.md, "The
+# profile's windows"). The sensitivity pass's windows (16) are these same first ones.
+DEFAULT_PROFILE_SAMPLES = 16
+SENSITIVITY_SAMPLES = 16  # the backward pass's windows by default (and at most)
 
 
 @dataclass
@@ -93,8 +101,11 @@ class ProfileConfig:
     seqlen: int = 512
     seed: int = 0
     act_dtype: str = "float32"
-    sensitivity_samples: int = 16  # windows of the backward pass; 0: no sensitivity (every weight 1)
+    sensitivity_samples: int = SENSITIVITY_SAMPLES  # windows of the backward pass; 0: no sensitivity (every weight 1)
     heldout_samples: int = 0  # windows kept out of every statistic, for the original's held-out perplexity
+    # windows of the statistics pass (the spectra and weighted energies): the first ones of the calibration (all of
+    # them when there are fewer); at least the sensitivity pass's
+    profile_samples: int = DEFAULT_PROFILE_SAMPLES
     work_dir: Path | None = None  # where the activation files go (default: inside the profile folder)
     progress: bool = True
     batch_size: int | None = None  # windows per batch (default: the plan's); under torchrun as for `run`
@@ -116,7 +127,13 @@ class ProfileConfig:
         return cls(model_dir=cfg.model_dir, profile_dir=profile_dir, max_mem=cfg.max_mem, calib=cfg.calib,
                    calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, seed=cfg.seed, act_dtype=cfg.act_dtype,
                    work_dir=work_dir, progress=cfg.progress, heldout_samples=cfg.heldout_rows, batch_size=cfg.batch_size,
-                   device=cfg.device, max_gpu_mem=cfg.max_gpu_mem)
+                   device=cfg.device, max_gpu_mem=cfg.max_gpu_mem,
+                   profile_samples=DEFAULT_PROFILE_SAMPLES if cfg.profile_samples is None else cfg.profile_samples)
+
+    @property
+    def statistics_windows(self) -> int:
+        """Windows of the statistics pass: the first `profile_samples` of the calibration (all when fewer)."""
+        return min(self.profile_samples, self.calib_samples)
 
     def plan(self, ckpt: Checkpoint, processes: int = 1, fixed_batch: int | None = None):
         """The memory plan of this profile (one process's share under torchrun): a `--propagate original` job's,
@@ -130,23 +147,42 @@ class ProfileConfig:
 
     def validate(self) -> None:
         self.job_config().validate()
-        if not 0 <= self.sensitivity_samples <= 16:
+        if not 0 <= self.sensitivity_samples <= SENSITIVITY_SAMPLES:
             raise StreamSVDError(f"--sensitivity-samples {self.sensitivity_samples} is out of range",
                                  "give 0 (no sensitivity) to 16 windows for the backward pass")
         if not 0 <= self.heldout_samples <= MAX_HELDOUT:
             raise StreamSVDError(f"--heldout-samples {self.heldout_samples} is out of range",
                                  f"give 0 (none) to {MAX_HELDOUT} held-out windows, e.g. 8")
+        check_profile_samples(self.profile_samples, min(self.sensitivity_samples, self.calib_samples))
         if self.batch_size is not None and self.batch_size < 1:
             raise StreamSVDError(f"--batch-size {self.batch_size} is out of range", "give 1 or more windows, or leave it out")
 
 
-def profile_identity(ckpt: Checkpoint, text: str, calib_samples: int, seqlen: int, seed: int, heldout_samples: int = 0) -> dict:
+def check_profile_samples(profile_samples: int, sensitivity_windows: int) -> None:
+    """--profile-samples: at least the sensitivity pass's windows (the weighted energies are taken over them in the
+    statistics pass), at most a bound that keeps a typo from meaning a week."""
+    if not max(1, sensitivity_windows) <= profile_samples <= MAX_PROFILE_SAMPLES:
+        raise StreamSVDError(f"--profile-samples {profile_samples} is out of range",
+                             f"give {max(1, sensitivity_windows)} (the sensitivity pass's windows) to {MAX_PROFILE_SAMPLES} "
+                             f"windows for the profile's statistics pass (default {DEFAULT_PROFILE_SAMPLES}; more than "
+                             "--calib-samples means all of them)")
+
+
+MAX_PROFILE_SAMPLES = 1 << 20
+
+
+def profile_identity(ckpt: Checkpoint, text: str, calib_samples: int, seqlen: int, seed: int, heldout_samples: int = 0,
+                     statistics_windows: int | None = None) -> dict:
     """What a profile's measurements depend on; a run must match every MATCHED_KEYS key to use it (and
-    `heldout_samples`, present only when > 0 so profiles from before keep their identity, for --max-ppl-increase)."""
+    `heldout_samples`, present only when > 0 so profiles from before keep their identity, for --max-ppl-increase;
+    `profile_samples`, the statistics pass's windows, present only when fewer than the calibration's: profiles
+    from before took every window)."""
     identity = {"checkpoint": ckpt.fingerprint(), "calib_digest": text_digest(text), "calib_samples": calib_samples,
                 "seqlen": seqlen, "seed": seed}
     if heldout_samples:
         identity["heldout_samples"] = heldout_samples
+    if statistics_windows is not None and statistics_windows < calib_samples:
+        identity["profile_samples"] = statistics_windows
     return identity
 
 
@@ -256,7 +292,8 @@ class Profiler:
         check_seqlen(self.config, cfg.seqlen)
         self.text, self.text_source = load_texts(cfg.calib)
         _check_places(cfg)
-        self.identity = profile_identity(self.ckpt, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_samples)
+        self.identity = profile_identity(self.ckpt, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_samples,
+                                         cfg.statistics_windows)
         tokenizer = load_tokenizer(self.ckpt.dir)
         self.windows = sample_windows(tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
         self.heldout = heldout_windows(tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_samples)
@@ -277,7 +314,14 @@ class Profiler:
         if self.device.type == "cuda":
             hold_to_budget(self.device, plan.gpu_budget_bytes)
         self.batch_size = plan.batch_size
-        self.lo, self.hi = world.share(cfg.calib_samples, self.batch_size)
+        windows = cfg.statistics_windows
+        if windows < world.size:
+            raise StreamSVDError(f"the profile's statistics pass has {windows} window(s), fewer than the {world.size} "
+                                 "processes", f"give --profile-samples {world.size} or more, or start fewer processes")
+        # The statistics pass's batches: at most a process's share of its windows, so that every process has one
+        # (one process: the plan's batch, or all the windows in one batch when they are fewer)
+        self.stat_batch = min(self.batch_size, -(-windows // world.size))
+        self.lo, self.hi = world.share(windows, self.stat_batch)
         # the held-out windows split the same way (a process may hold none): their NLLs are added in window order
         held = world.share(len(self.heldout), self.batch_size, allow_empty=True) if len(self.heldout) else (0, 0)
         self.heldout = self.heldout[held[0]:held[1]]
@@ -313,8 +357,12 @@ class Profiler:
         if not (Path(self.cfg.profile_dir) / PROFILE_JSON).exists():
             return None
         found = read_profile(self.cfg.profile_dir, self.identity)
-        # Another number of held-out windows: the same calibration, other measurements; made again.
-        return found if found.meta["identity"].get("heldout_samples", 0) == self.cfg.heldout_samples else None
+        # Another number of held-out windows, or of the statistics pass's: the same calibration, other measurements;
+        # made again.
+        ident = found.meta["identity"]
+        same = (ident.get("heldout_samples", 0) == self.cfg.heldout_samples
+                and ident.get("profile_samples", self.cfg.calib_samples) == self.cfg.statistics_windows)
+        return found if same else None
 
     def run(self) -> Profile:
         world = self.world
@@ -376,7 +424,7 @@ class Profiler:
             "version": __version__,
             "identity": self.identity,
             "calibration_source": self.text_source,
-            "tokens": self.cfg.calib_samples * self.cfg.seqlen,
+            "tokens": self.cfg.statistics_windows * self.cfg.seqlen,  # the statistics pass's
             "order": list(spectra),
             "shapes": shapes,
             "sensitivity": sensitivity,
@@ -386,10 +434,10 @@ class Profiler:
 
     # ------------------------------------------------------------ forward: spectra
     def _batches(self, n: int | None = None, lo: int = 0):
-        """Batches [start, stop) of windows [lo, n); default: this process's calibration windows."""
-        lo, n = (self.lo, self.hi) if n is None else (lo, n)
-        for start in range(lo, n, self.batch_size):
-            yield start, min(n, start + self.batch_size)
+        """Batches [start, stop) of windows [lo, n); default: this process's windows of the statistics pass."""
+        lo, n, batch = (self.lo, self.hi, self.stat_batch) if n is None else (lo, n, self.batch_size)
+        for start in range(lo, n, batch):
+            yield start, min(n, start + batch)
 
     def _file(self, name: str, samples: int | None = None, create: bool = True) -> "_Rows":
         """An activation file of this process's windows, addressed by the job's window numbers: its calibration

@@ -105,10 +105,11 @@ _FLAGS = {"ratio": "--ratio", "method": "--method", "calib_samples": "--calib-sa
           "seed": "--seed", "propagate": "--propagate", "act_dtype": "--act-dtype", "svd": "--svd",
           "factors": "--factors", "calibrate": "--calibrate", "anchor": "--anchor", "alloc": "--alloc",
           "rank_multiple": "--rank-multiple", "max_loss": "--max-loss", "alloc_floor": "--alloc-floor", "shrink": "--shrink",
-          "processes": "torchrun --nproc-per-node", "precision": "--precision"}
+          "processes": "torchrun --nproc-per-node", "precision": "--precision",
+          "profile_samples": "--profile-samples"}
 _ABSENT = {"precision": "float64", "factors": "plain", "calibrate": "block", "compensate": False, "anchor": 0.0, "refine": [0, None],
            "alloc": "uniform", "rank_multiple": 1, "alloc_floor": 0.0, "shrink": 0.0, "max_loss": None, "profile": None, "quant": None,
-           "processes": 1}
+           "processes": 1, "profile_samples": "all"}
 _WHAT = {"checkpoint": "another model or checkpoint files", "calib_digest": "another calibration text",
          "version": "another streamsvd version", "profile": "another --profile"}
 

@@ -93,6 +93,55 @@ def test_run_without_a_profile_profiles_into_out_dir_and_resumes_with_it(tiny, t
         run_job(_job(tiny, out, alloc="v2"))  # another allocation into the same OUT_DIR is another job
 
 
+def test_the_own_profile_takes_profile_samples_windows_and_another_count_is_another_job(tiny, tmp_path):
+    """18 calibration windows, the job's own profile over the first 16 (the default) or 17: its tokens and identity
+    say so, and resuming the job with another count is refused naming the flag (the ranks would change)."""
+    def job(out, **kw):
+        return JobConfig(model_dir=tiny, out_dir=out, calib_samples=18, seqlen=16, progress=False, alloc="global", **kw)
+
+    out = tmp_path / "out"
+    report = run_job(job(out))
+    prof = profile_module.read_profile(out / "profile")
+    assert prof.tokens == 16 * 16 and prof.meta["identity"]["profile_samples"] == 16
+    assert report["allocation"]["profile"]["profile_samples"] == 16
+    with pytest.raises(JobMismatch, match="it was --profile-samples 16, now 17"):
+        run_job(job(out, profile_samples=17))
+    assert run_job(job(out, profile_samples=16))["linear_params_after"] == report["linear_params_after"]  # the same job
+    every = run_job(job(tmp_path / "every", profile_samples=18))
+    assert profile_module.read_profile(tmp_path / "every" / "profile").tokens == 18 * 16
+    assert every["allocation"]["profile"]["profile_samples"] == 18
+
+
+def test_a_job_from_before_profile_samples_resumes_with_its_profile_over_every_window(tiny, tmp_path, capsys):
+    """A job whose own profile took every calibration window (as every job did before --profile-samples: no key in
+    its identity), killed after block 0, resumes from the command line without the flag: it keeps that profile and
+    ends with the bytes of the uninterrupted job, instead of being refused as another job."""
+    from test_resume import _files
+
+    from streamsvd.job.profile import PROFILE_LOG
+
+    def job(out, **kw):
+        return JobConfig(model_dir=tiny, out_dir=out, calib_samples=18, seqlen=16, progress=False, alloc="global",
+                         profile_samples=18, **kw)
+
+    run_job(job(tmp_path / "straight"))
+
+    def stop(index):
+        if index == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_job(job(tmp_path / "cut"), on_block_done=stop)
+    assert "profile_samples" not in json.loads((tmp_path / "cut" / "streamsvd_state.json").read_text())["settings"]
+    assert main(["run", str(tiny), str(tmp_path / "cut"), "--calib-samples", "18", "--seqlen", "16", "--no-progress"]) == 0
+    assert "with the profile it was started with: --profile-samples 18" in capsys.readouterr().err
+
+    def files(out):
+        return {k: v for k, v in _files(out).items() if not k.endswith(PROFILE_LOG)}
+
+    assert files(tmp_path / "cut") == files(tmp_path / "straight")
+
+
 def test_an_interrupted_job_that_profiles_for_itself_resumes_byte_identical(tiny, tmp_path):
     from test_resume import _files  # every file but the state and the run log
 
@@ -269,6 +318,9 @@ def test_bad_allocation_flags_end_with_one_error_and_a_fix(tiny, profiled, tmp_p
                         (["--alloc", "global", "--alloc-floor", "1.5"], "--alloc-floor 1.5 is out of range"),
                         (["--alloc", "global", "--profile", str(tmp_path / "none")], "not a finished streamsvd profile"),
                         (["--alloc", "global", "--profile", str(profiled), "--seed", "5"], "another seed"),
+                        (["--profile-samples", "5"], "--profile-samples 5 is out of range"),  # below the 6 sensitivity windows
+                        (["--alloc", "uniform", "--profile-samples", "8"], "--profile-samples without a profile"),
+                        (["--profile", str(profiled), "--profile-samples", "8"], "with --profile the run makes none"),
                         (["--alloc", "global", "--profile", str(profiled), "--ratio", "0.95", "--rank-multiple", "32"],
                          "smallest ranks allowed")]:
         assert main(base + extra) == 2

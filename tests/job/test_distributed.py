@@ -609,3 +609,17 @@ def test_streamsvd_eval_on_two_simulated_gpus_gives_the_one_process_perplexity(m
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     a, b = json.loads(one.stdout), json.loads(two.stdout)
     assert b["perplexity"] == a["perplexity"] and b["device"] == "meta:1" and b["head_on_device"]
+
+
+def test_a_two_process_profile_over_fewer_windows_than_the_calibration_is_the_one_process_one(model, tmp_path):
+    """--profile-samples 4 of 8 windows in batches of 2: each process streams one batch of the statistics pass (the
+    first 4 windows) and two of the sensitivity pass; the profile is the one process's, byte for byte."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    flags = ("--profile-samples", "4", "--sensitivity-samples", "4")
+    assert _profile(model, one, *flags, two=False).returncode == 0
+    done = _profile(model, two, *flags, two=True)
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((two / "profile.json").read_text())
+    assert meta["identity"]["profile_samples"] == 4 and meta["tokens"] == 4 * 32
+    for name in ("profile.json", "spectra.safetensors", "weighted.safetensors"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name

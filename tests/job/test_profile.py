@@ -187,3 +187,40 @@ def test_a_profile_that_would_not_fit_its_disk_is_refused_before_writing(tiny, t
         make_profile(cfg)
     assert not (tmp_path / "prof").exists()
 
+
+
+def test_the_statistics_pass_takes_the_first_profile_samples_windows(tiny, tmp_path):
+    """--profile-samples 4 of 6 calibration windows: the spectra, weighted energies and sensitivity of a profile made
+    with --calib-samples 4 (the first 4 windows are the same ones), byte for byte; not those of all 6; the identity
+    says so, and the same folder with another count is made again, with the same count reused."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    assert torch.equal(sample_windows(tokenizer, default_text(), SAMPLES, SEQLEN, 0)[:KEEP],
+                       sample_windows(tokenizer, default_text(), KEEP, SEQLEN, 0))  # what the comparison rests on
+    part = _profile(tiny, tmp_path / "part", profile_samples=KEEP)
+    first = _profile(tiny, tmp_path / "first", calib_samples=KEEP)
+    every = _profile(tiny, tmp_path / "every")
+    for name in ("spectra.safetensors", "weighted.safetensors"):
+        assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "first" / name).read_bytes(), name
+        assert (tmp_path / "part" / name).read_bytes() != (tmp_path / "every" / name).read_bytes(), name
+    assert part.meta["sensitivity"] == first.meta["sensitivity"] == every.meta["sensitivity"]
+    assert part.tokens == KEEP * SEQLEN and every.tokens == SAMPLES * SEQLEN
+    assert part.meta["identity"]["profile_samples"] == KEEP and part.meta["identity"]["calib_samples"] == SAMPLES
+    assert "profile_samples" not in every.meta["identity"]  # all windows: the identity of profiles from before
+    # more than there are: all of them, the same profile as without the flag
+    assert _profile(tiny, tmp_path / "every", profile_samples=SAMPLES + 10).reused
+    again = _profile(tiny, tmp_path / "part", profile_samples=KEEP + 1)
+    assert not again.reused and again.tokens == (KEEP + 1) * SEQLEN
+    assert _profile(tiny, tmp_path / "part", profile_samples=KEEP + 1).reused
+
+
+def test_profile_samples_below_the_sensitivity_windows_are_refused(tiny, tmp_path, capsys):
+    from streamsvd.cli import main
+
+    with pytest.raises(StreamSVDError, match="--profile-samples 3 is out of range") as e:
+        _profile(tiny, tmp_path / "p", profile_samples=KEEP - 1)
+    assert f"give {KEEP} " in e.value.fix
+    assert main(["profile", str(tiny), str(tmp_path / "p"), "--calib-samples", str(SAMPLES), "--seqlen", str(SEQLEN),
+                 "--profile-samples", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--profile-samples 0" in err and "fix: " in err and "Traceback" not in err
+    assert not (tmp_path / "p").exists()
