@@ -110,7 +110,7 @@ def _add_run(sub) -> None:
 
 PROFILE_SAMPLES_HELP = (
     "windows of the statistics pass (every linear's spectrum), the first N calibration windows, at least those of "
-    "the sensitivity pass (16) (default 16; more than --calib-samples: all of them). Each window costs one block forward "
+    "the sensitivity pass (8 by default) (default 16; more than --calib-samples: all of them). Each window costs one block forward "
     "per block in the profile; measured at 64 x 512 on SmolLM2 and Gemma 3: 16 gave the held-out perplexity of all 64 (within 1.1%% in "
     "the calibration's domain, +-6%% across) for 28-38%% less profiling time, 11-13%% of the job's (docs/RESULTS.md)")
 
@@ -170,8 +170,10 @@ def _add_profile(sub) -> None:
     p.add_argument("profile_dir", metavar="PROFILE_DIR", help="new directory for the profile")
     _add_calibration_flags(p)
     p.add_argument("--act-dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="as for run")
-    p.add_argument("--sensitivity-samples", type=int, default=16, metavar="N",
-                   help="windows of the backward pass for the sensitivity weights, 0 to 16 (default 16; 0: none, "
+    p.add_argument("--sensitivity-samples", type=int, default=8, metavar="N",
+                   help="windows of the backward pass for the sensitivity weights, the first N calibration windows, 0 "
+                   "to 16 (default 8, as `run`'s own profile: measured as good as 16 on SmolLM2 and Gemma 3 for 40-94 s "
+                   "less, docs/RESULTS.md; 0: none, "
                    "every matrix weighs the same)")
     p.add_argument("--profile-samples", type=int, default=None, metavar="N", help=PROFILE_SAMPLES_HELP)
     p.add_argument("--heldout-samples", type=int, default=0, metavar="H",

@@ -228,9 +228,9 @@ class JobConfig:
             if self.profile is not None:
                 raise StreamSVDError("--profile-samples sets the windows of the profile a run makes for itself; with "
                                      "--profile the run makes none", "drop --profile-samples (or --profile)")
-            from .profile import SENSITIVITY_SAMPLES, check_profile_samples
+            from .profile import DEFAULT_SENSITIVITY, check_profile_samples
 
-            check_profile_samples(self.profile_samples, min(SENSITIVITY_SAMPLES, self.calib_samples))
+            check_profile_samples(self.profile_samples, min(DEFAULT_SENSITIVITY, self.calib_samples))
         if self.heldout_samples is not None and self.max_ppl_increase is None:
             raise StreamSVDError("--heldout-samples without --max-ppl-increase does nothing",
                                  "add --max-ppl-increase F, or drop --heldout-samples")

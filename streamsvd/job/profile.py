@@ -10,7 +10,7 @@ per linear:
   on their output side), exactly the spectrum `run --svd exact` writes, so the truncation loss at
   every rank is known before any block is factored (math/allocate.py);
 - a sensitivity weight: the mean squared gradient of the LM loss at the linear's output, over the
-  first `sensitivity_samples` windows (16 by default), and the same per token (w_t). The LM loss is
+  first `sensitivity_samples` windows (8 by default, DEFAULT_SENSITIVITY), and the same per token (w_t). The LM loss is
   the sum of the next-token cross-entropies (a sum, so a token's gradient does not shrink with the
   number of tokens). This runs first: those windows go through the blocks once with each block's
   inputs kept on disk; the loss and its gradient at the final hidden states come from the final norm
@@ -86,9 +86,13 @@ MAX_HELDOUT = 256
 # Windows of the statistics pass (the spectra), the first ones of the calibration: measured on SmolLM2 and Gemma 3 at
 # 64 x 512, ratio 0.4, a profile over the first 16 windows gave the default job the held-out perplexity of one over
 # all 64 (within 1.1% in the calibration's domain, +-6% across) for 28-38% less profiling time (docs/RESULTS.md, "The
-# profile's windows"). The sensitivity pass's windows (16) are these same first ones.
+# profile's windows"). The sensitivity pass's windows (DEFAULT_SENSITIVITY) are the first of these.
 DEFAULT_PROFILE_SAMPLES = 16
-SENSITIVITY_SAMPLES = 16  # the backward pass's windows by default (and at most)
+SENSITIVITY_SAMPLES = 16  # the backward pass's windows at most
+# ... and by default: measured on SmolLM2 and Gemma 3 (64 x 512, ratio 0.4, statistics over 16 windows), 8 windows gave
+# the default job the held-out perplexity of 16 (within 0.3% in the calibration's domain, 2.2% across) for 40-94 s less
+# profiling (docs/RESULTS.md, "The profile's windows")
+DEFAULT_SENSITIVITY = 8
 
 
 @dataclass
@@ -101,7 +105,7 @@ class ProfileConfig:
     seqlen: int = 512
     seed: int = 0
     act_dtype: str = "float32"
-    sensitivity_samples: int = SENSITIVITY_SAMPLES  # windows of the backward pass; 0: no sensitivity (every weight 1)
+    sensitivity_samples: int = DEFAULT_SENSITIVITY  # windows of the backward pass; 0: no sensitivity (every weight 1)
     heldout_samples: int = 0  # windows kept out of every statistic, for the original's held-out perplexity
     # windows of the statistics pass (the spectra and weighted energies): the first ones of the calibration (all of
     # them when there are fewer); at least the sensitivity pass's
@@ -149,7 +153,7 @@ class ProfileConfig:
         self.job_config().validate()
         if not 0 <= self.sensitivity_samples <= SENSITIVITY_SAMPLES:
             raise StreamSVDError(f"--sensitivity-samples {self.sensitivity_samples} is out of range",
-                                 "give 0 (no sensitivity) to 16 windows for the backward pass")
+                                 f"give 0 (no sensitivity) to {SENSITIVITY_SAMPLES} windows for the backward pass")
         if not 0 <= self.heldout_samples <= MAX_HELDOUT:
             raise StreamSVDError(f"--heldout-samples {self.heldout_samples} is out of range",
                                  f"give 0 (none) to {MAX_HELDOUT} held-out windows, e.g. 8")
