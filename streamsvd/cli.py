@@ -540,7 +540,7 @@ def cmd_profile(args) -> int:
     timing = profile.timing
     sens = (f"sensitivity from {meta['sensitivity_samples']} windows in {timing.get('sensitivity_seconds') or 0:.1f} s"
             if meta["sensitivity"] else "no sensitivity (every weight 1)")
-    windows = meta["identity"].get("profile_samples", meta["identity"]["calib_samples"])
+    windows = profile.statistics_samples
     print(f"profile: {args.profile_dir}\n  {len(meta['order'])} matrices, {meta['tokens']:,} calibration tokens "
           f"({windows} window{'s' if windows != 1 else ''}), "
           f"{timing.get('seconds', 0):.1f} s{' (made earlier: reused)' if profile.reused else ''}; {sens}\n"

@@ -982,7 +982,7 @@ class CompressionJob:
                 "profiling": "profile reused" if given else "profiled by this job",
                 "sensitivity_samples": meta.get("sensitivity_samples", 0),
                 # windows of its statistics pass (the spectra): the first ones of the calibration
-                "profile_samples": meta["identity"].get("profile_samples", meta["identity"]["calib_samples"]),
+                "profile_samples": self.profile.statistics_samples,
             },
             **self._perplexity_target(),
         }}

@@ -132,7 +132,7 @@ class ProfileConfig:
                    calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, seed=cfg.seed, act_dtype=cfg.act_dtype,
                    work_dir=work_dir, progress=cfg.progress, heldout_samples=cfg.heldout_rows, batch_size=cfg.batch_size,
                    device=cfg.device, max_gpu_mem=cfg.max_gpu_mem,
-                   profile_samples=DEFAULT_PROFILE_SAMPLES if cfg.profile_samples is None else cfg.profile_samples)
+                   profile_samples=cfg.own_profile_samples)
 
     @property
     def statistics_windows(self) -> int:
@@ -237,6 +237,13 @@ class Profile:
     @property
     def tokens(self) -> int:
         return self.meta["tokens"]
+
+    @property
+    def statistics_samples(self) -> int:
+        """Windows of its statistics pass (the spectra), the first ones of the calibration: all of them for a
+        profile whose identity has no `profile_samples` (made before --profile-samples, or over every window)."""
+        identity = self.meta["identity"]
+        return identity.get("profile_samples", identity["calib_samples"])
 
     def matrices(self, names: list[str] | None = None) -> list[Matrix]:
         """math/allocate's input, in the model's order (or `names`' order)."""
@@ -363,9 +370,8 @@ class Profiler:
         found = read_profile(self.cfg.profile_dir, self.identity)
         # Another number of held-out windows, or of the statistics pass's: the same calibration, other measurements;
         # made again.
-        ident = found.meta["identity"]
-        same = (ident.get("heldout_samples", 0) == self.cfg.heldout_samples
-                and ident.get("profile_samples", self.cfg.calib_samples) == self.cfg.statistics_windows)
+        same = (found.meta["identity"].get("heldout_samples", 0) == self.cfg.heldout_samples
+                and found.statistics_samples == self.cfg.statistics_windows)
         return found if same else None
 
     def run(self) -> Profile:

@@ -116,7 +116,7 @@ def test_a_job_from_before_profile_samples_resumes_with_its_profile_over_every_w
     """A job whose own profile took every calibration window (as every job did before --profile-samples: no key in
     its identity), killed after block 0, resumes from the command line without the flag: it keeps that profile and
     ends with the bytes of the uninterrupted job, instead of being refused as another job."""
-    from test_resume import _files
+    from test_resume import _files, _interrupt_after
 
     from streamsvd.job.profile import PROFILE_LOG
 
@@ -125,13 +125,7 @@ def test_a_job_from_before_profile_samples_resumes_with_its_profile_over_every_w
                          profile_samples=18, **kw)
 
     run_job(job(tmp_path / "straight"))
-
-    def stop(index):
-        if index == 0:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_job(job(tmp_path / "cut"), on_block_done=stop)
+    _interrupt_after(0, job(tmp_path / "cut"))
     assert "profile_samples" not in json.loads((tmp_path / "cut" / "streamsvd_state.json").read_text())["settings"]
     assert main(["run", str(tiny), str(tmp_path / "cut"), "--calib-samples", "18", "--seqlen", "16", "--no-progress"]) == 0
     assert "with the profile it was started with: --profile-samples 18" in capsys.readouterr().err
@@ -143,18 +137,12 @@ def test_a_job_from_before_profile_samples_resumes_with_its_profile_over_every_w
 
 
 def test_an_interrupted_job_that_profiles_for_itself_resumes_byte_identical(tiny, tmp_path):
-    from test_resume import _files  # every file but the state and the run log
+    from test_resume import _files, _interrupt_after  # _files: every file but the state and the run log
 
     from streamsvd.job.profile import PROFILE_LOG
 
     run_job(_job(tiny, tmp_path / "straight", alloc="global"))
-
-    def stop(index):
-        if index == 0:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_job(_job(tiny, tmp_path / "cut", alloc="global"), on_block_done=stop)
+    _interrupt_after(0, _job(tiny, tmp_path / "cut", alloc="global"))
     assert (tmp_path / "cut" / "profile" / "profile.json").is_file()
     resumed = []
     run_job(_job(tiny, tmp_path / "cut", alloc="global"), on_block_done=resumed.append)

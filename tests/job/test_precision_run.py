@@ -72,29 +72,18 @@ def test_plan_takes_the_flag(tiny, capsys):
 
 
 def test_an_interrupted_float32_job_resumes_byte_identical(tiny, tmp_path):
+    from test_resume import _files, _interrupt_after  # _files: every file but the state and the run log
+
     from streamsvd.job.pipeline import run_job
-    from streamsvd.io.output import RUN_LOG
-    from streamsvd.job.state import STATE_NAME
 
     def cfg(out):
         return JobConfig(model_dir=tiny, out_dir=out, calib_samples=4, seqlen=32, progress=False, plots=False,
                          alloc="uniform", precision="float32")
 
     run_job(cfg(tmp_path / "straight"))
-
-    def stop(index):
-        if index == 0:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_job(cfg(tmp_path / "resumed"), on_block_done=stop)
+    _interrupt_after(0, cfg(tmp_path / "resumed"))
     run_job(cfg(tmp_path / "resumed"))
-
-    def files(out):
-        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-                if p.is_file() and p.name not in (RUN_LOG, STATE_NAME)}
-
-    assert files(tmp_path / "resumed") == files(tmp_path / "straight")
+    assert _files(tmp_path / "resumed") == _files(tmp_path / "straight")
 
 
 def test_the_plan_counts_the_float32_copy_of_the_whitening():
