@@ -476,8 +476,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         stats_bytes += sum(8 * min(s.out_features, s.in_features) ** 2 for s in linears)
     widest_in = max((s.in_features for s in linears), default=hidden)
     widest_out = max((s.out_features for s in linears if s.route == "output"), default=0)
-    # math/gram.py: a chunk's float32 copy (16-bit inputs), an output Gram's chunk of outputs, and one column
-    # tile's float32 product, counted three times over for a float64 copy the in-place add may make of it
+    # math/gram.py: a chunk's float32 copy (16-bit inputs; an output Gram's squared inputs otherwise), an output
+    # Gram's chunk of outputs, and add_products' scratch: one column tile's float32 product and its float64 copy
     tile = min(PRODUCT_TILE_BYTES, 4 * widest_in * max(widest_in, widest_out))
     gram_chunk = 4 * GRAM_ROW_CHUNK * widest_in + 4 * GRAM_ROW_CHUNK * widest_out + 3 * tile
     if settings.compensate:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .factorize import LINE_CHUNK, Factors, Whitening, factorize, row_chunks, whitened
-from .gram import _ROW_CHUNK, GramAccumulator, add_products, product_dtype
+from .gram import _ROW_CHUNK, GramAccumulator, add_products, product_dtype, product_space
 
 
 class CrossGramAccumulator(GramAccumulator):
@@ -68,9 +68,12 @@ class ProjectedCrossAccumulator(GramAccumulator):
         dtype = product_dtype(a)
         self.product_eps = max(self.product_eps, torch.finfo(dtype).eps)
         w = self.weight.detach().to(device=b.device, dtype=dtype)  # where the compressed block's inputs are (run --device)
+        outputs = torch.empty(min(a.shape[0], _ROW_CHUNK), w.shape[0], dtype=dtype, device=b.device)
+        space = product_space(self.sum, False, dtype, b.device)  # one scratch per batch (gram.add_products)
         for start in range(0, a.shape[0], _ROW_CHUNK):
-            add_products(self.sum, a[start : start + _ROW_CHUNK].to(device=b.device, dtype=dtype) @ w.T,
-                         b[start : start + _ROW_CHUNK])
+            y = outputs[: min(_ROW_CHUNK, a.shape[0] - start)]
+            torch.matmul(a[start : start + _ROW_CHUNK].to(device=b.device, dtype=dtype), w.T, out=y)
+            add_products(self.sum, y, b[start : start + _ROW_CHUNK], space=space)
         self.tokens += a.shape[0]
 
     def times(self, weight: torch.Tensor) -> torch.Tensor:

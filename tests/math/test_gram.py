@@ -69,3 +69,50 @@ def test_float32_and_bfloat16_inputs_are_multiplied_in_float32_into_a_float64_su
         error = float((total - exact).abs().max() / exact.abs().max())
         assert error < 1e-6  # float32 products of 50-row chunks
     assert gram_module.product_dtype(x) == torch.float64 and gram_module.product_dtype(x.float()) == torch.float32
+
+
+def _per_tile_sum(total, a, b=None):
+    """What add_products adds, written out: a fresh product per chunk and tile, added into the float64 sum."""
+    symmetric = b is None
+    for start in range(0, a.shape[0], gram_module._ROW_CHUNK):
+        left = a[start : start + gram_module._ROW_CHUNK]
+        right = left if symmetric else b[start : start + gram_module._ROW_CHUNK]
+        for lo, hi in gram_module._tiles(total.shape[1], total.shape[0], symmetric):
+            rows = hi if symmetric else total.shape[0]
+            total[:rows, lo:hi] += left[:, :rows].T @ right[:, lo:hi]
+
+
+def test_products_made_in_one_scratch_give_the_fresh_products_sums_bit_for_bit(small_tiles):
+    """The scratch (product_space) changes where each product is made, not a bit of any sum, for every
+    accumulator that multiplies through it: input, cross, output and projected cross statistics."""
+    from streamsvd.math.compensate import ProjectedCrossAccumulator
+    from streamsvd.math.gram import OutputGramAccumulator
+
+    x, y = _x(seed=3).float(), _x(seed=4).float()
+    w = torch.randn(9, 23, generator=torch.Generator().manual_seed(5))
+
+    acc, expected = GramAccumulator(23), torch.zeros(23, 23, dtype=torch.float64)
+    for part in x.split(120):  # a batch at a time, as the hooks add them; the last chunk of each is short
+        acc.add_batch(part)
+        _per_tile_sum(expected, part)
+    assert torch.equal(acc.sum, expected)
+
+    cross, expected = CrossGramAccumulator(23), torch.zeros(23, 23, dtype=torch.float64)
+    cross.add_pair(x, y)
+    _per_tile_sum(expected, x, y)
+    assert torch.equal(cross.sum, expected)
+
+    out, expected = OutputGramAccumulator(w), torch.zeros(9, 9, dtype=torch.float64)
+    diag = torch.zeros(23, dtype=torch.float64)
+    out.add_batch(x)
+    for chunk in x.split(gram_module._ROW_CHUNK):
+        _per_tile_sum(expected, chunk @ w.T)
+        diag += torch.sum(chunk * chunk, 0, dtype=torch.float64)
+    assert torch.equal(out.sum, expected) and torch.equal(out.input_diag_sum, diag)
+
+    projected, expected = ProjectedCrossAccumulator(w), torch.zeros(9, 23, dtype=torch.float64)
+    projected.add_pair(x, y)
+    for start in range(0, x.shape[0], gram_module._ROW_CHUNK):
+        stop = start + gram_module._ROW_CHUNK
+        _per_tile_sum(expected, x[start:stop] @ w.T, y[start:stop])
+    assert torch.equal(projected.sum, expected)
