@@ -174,7 +174,7 @@ def _add_profile(sub) -> None:
                    help="windows of the backward pass for the sensitivity weights, the first N calibration windows, 0 "
                    "to 16 (default 8, as `run`'s own profile: measured as good as 16 on SmolLM2 and Gemma 3 for 40-94 s "
                    "less, docs/RESULTS.md; 0: none, "
-                   "every matrix weighs the same)")
+                   "every matrix weighs the same). A folder holding a profile of another count is profiled again")
     p.add_argument("--profile-samples", type=int, default=None, metavar="N", help=PROFILE_SAMPLES_HELP)
     p.add_argument("--heldout-samples", type=int, default=0, metavar="H",
                    help="also measure the original model's perplexity on H windows that share no token with the "

@@ -115,6 +115,10 @@ class ProfileConfig:
     batch_size: int | None = None  # windows per batch (default: the plan's); under torchrun as for `run`
     device: str = "cpu"  # where the spectra's eighs and SVDs run (job/device.py; run --device)
     max_gpu_mem: int | None = None
+    # a finished profile in the folder is reused whatever its sensitivity windows (a run's own profile: a job
+    # resumed keeps the one it started with, made before DEFAULT_SENSITIVITY changed or not); `streamsvd profile`
+    # makes the profile again for another --sensitivity-samples
+    any_sensitivity: bool = False
 
     def job_config(self):
         """The JobConfig whose checks and memory plan the profile shares (propagate original)."""
@@ -132,7 +136,7 @@ class ProfileConfig:
                    calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, seed=cfg.seed, act_dtype=cfg.act_dtype,
                    work_dir=work_dir, progress=cfg.progress, heldout_samples=cfg.heldout_rows, batch_size=cfg.batch_size,
                    device=cfg.device, max_gpu_mem=cfg.max_gpu_mem,
-                   profile_samples=cfg.own_profile_samples)
+                   profile_samples=cfg.own_profile_samples, any_sensitivity=True)
 
     @property
     def statistics_windows(self) -> int:
@@ -368,10 +372,11 @@ class Profiler:
         if not (Path(self.cfg.profile_dir) / PROFILE_JSON).exists():
             return None
         found = read_profile(self.cfg.profile_dir, self.identity)
-        # Another number of held-out windows, or of the statistics pass's: the same calibration, other measurements;
-        # made again.
+        # Another number of held-out windows, of the statistics pass's or of the sensitivity pass's: the same
+        # calibration, other measurements; made again.
         same = (found.meta["identity"].get("heldout_samples", 0) == self.cfg.heldout_samples
-                and found.statistics_samples == self.cfg.statistics_windows)
+                and found.statistics_samples == self.cfg.statistics_windows
+                and (self.cfg.any_sensitivity or found.meta.get("sensitivity_samples", 0) == self._keep()))
         return found if same else None
 
     def run(self) -> Profile:

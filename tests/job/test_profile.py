@@ -224,3 +224,16 @@ def test_profile_samples_below_the_sensitivity_windows_are_refused(tiny, tmp_pat
     err = capsys.readouterr().err
     assert "--profile-samples 0" in err and "fix: " in err and "Traceback" not in err
     assert not (tmp_path / "p").exists()
+
+
+def test_another_sensitivity_count_makes_the_profile_again_except_a_runs_own(tiny, tmp_path):
+    """`streamsvd profile` into a folder holding a profile of other --sensitivity-samples makes it again (the
+    weights come from other windows), and reuses it for the same count; a run's own profile (any_sensitivity, as
+    ProfileConfig.for_job makes it) keeps what the job started with."""
+    first = _profile(tiny, tmp_path / "prof")
+    fewer = _profile(tiny, tmp_path / "prof", sensitivity_samples=KEEP - 1)
+    assert not fewer.reused and fewer.meta["sensitivity_samples"] == KEEP - 1
+    assert fewer.meta["sensitivity"] != first.meta["sensitivity"]
+    assert _profile(tiny, tmp_path / "prof", sensitivity_samples=KEEP - 1).reused
+    kept = _profile(tiny, tmp_path / "prof", any_sensitivity=True)
+    assert kept.reused and kept.meta["sensitivity_samples"] == KEEP - 1
