@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .factorize import LINE_CHUNK, Factors, Whitening, factorize, row_chunks, whitened
-from .gram import _ROW_CHUNK, GramAccumulator, add_products, product_dtype, product_space
+from .gram import _ROW_CHUNK, GramAccumulator, add_products, product_dtype, product_space, projected_chunks
 
 
 class CrossGramAccumulator(GramAccumulator):
@@ -67,12 +67,9 @@ class ProjectedCrossAccumulator(GramAccumulator):
             raise ValueError(f"paired inputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
         dtype = product_dtype(a)
         self.product_eps = max(self.product_eps, torch.finfo(dtype).eps)
-        w = self.weight.detach().to(device=b.device, dtype=dtype)  # where the compressed block's inputs are (run --device)
-        outputs = torch.empty(min(a.shape[0], _ROW_CHUNK), w.shape[0], dtype=dtype, device=b.device)
         space = product_space(self.sum, False, dtype, b.device)  # one scratch per batch (gram.add_products)
-        for start in range(0, a.shape[0], _ROW_CHUNK):
-            y = outputs[: min(_ROW_CHUNK, a.shape[0] - start)]
-            torch.matmul(a[start : start + _ROW_CHUNK].to(device=b.device, dtype=dtype), w.T, out=y)
+        # W x where the compressed block's inputs are (run --device)
+        for start, _, y in projected_chunks(a, self.weight, b.device):
             add_products(self.sum, y, b[start : start + _ROW_CHUNK], space=space)
         self.tokens += a.shape[0]
 

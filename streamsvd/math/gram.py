@@ -92,6 +92,20 @@ def add_products(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = 
             total[:rows, lo:hi] += wide
 
 
+def projected_chunks(rows: torch.Tensor, weight: torch.Tensor, device: torch.device):
+    """Per _ROW_CHUNK rows of `rows` (2-D): (start, the chunk in the products' precision on `device`, chunk W^T),
+    every W^T product made in one buffer of the call (a fresh one per chunk was a fresh zeroed mapping, as in
+    add_products). Use each chunk's product before asking for the next."""
+    dtype = product_dtype(rows)
+    w = weight.detach().to(device=device, dtype=dtype)
+    outputs = torch.empty(min(rows.shape[0], _ROW_CHUNK), w.shape[0], dtype=dtype, device=device)
+    for start in range(0, rows.shape[0], _ROW_CHUNK):
+        chunk = rows[start : start + _ROW_CHUNK].to(device=device, dtype=dtype)
+        y = outputs[: chunk.shape[0]]
+        torch.matmul(chunk, w.T, out=y)
+        yield start, chunk, y
+
+
 def mirror(total: torch.Tensor) -> None:
     """Make an upper-accumulated sum (add_products with b None) symmetric, in place."""
     n = total.shape[0]
@@ -155,14 +169,10 @@ class OutputGramAccumulator(GramAccumulator):
         n = self.weight.shape[1]
         rows = x.detach().reshape(-1, n)
         dtype = product_dtype(rows)
-        w = self.weight.detach().to(device=rows.device, dtype=dtype)  # the products where the inputs are (run --device)
-        outputs = torch.empty(min(rows.shape[0], _ROW_CHUNK), w.shape[0], dtype=dtype, device=rows.device)
         space = product_space(self.sum, True, dtype, rows.device)  # one scratch per batch (see add_products)
-        squared = torch.empty(outputs.shape[0], n, dtype=dtype, device=rows.device)
-        for start in range(0, rows.shape[0], _ROW_CHUNK):
-            chunk = rows[start : start + _ROW_CHUNK].to(dtype)
-            y = outputs[: chunk.shape[0]]
-            torch.matmul(chunk, w.T, out=y)
+        squared = torch.empty(min(rows.shape[0], _ROW_CHUNK), n, dtype=dtype, device=rows.device)
+        # the products where the inputs are (run --device)
+        for _, chunk, y in projected_chunks(rows, self.weight, rows.device):
             add_products(self.sum, y, space=space)
             squares = squared[: chunk.shape[0]]
             torch.mul(chunk, chunk, out=squares)
