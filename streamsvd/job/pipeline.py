@@ -51,7 +51,7 @@ from ..model.embedding import materialize_base_mapped
 from .device import check_device_flags, hold_to_budget, peak_bytes, resolve_device
 from .memory import format_size
 from .peak import PeakSampler, high_water_bytes
-from .plan import COMPENSATE_MAX_IN, SVD_MODES, build_plan, plot_disk_bytes, refuse_if_too_small
+from .plan import COMPENSATE_MAX_IN, SVD_MODES, build_plan, keep_stage, plot_disk_bytes, refuse_if_too_small
 from ..io.output import SPECTRA_DIR, OutputWriter
 from ..io.plots import plots, read_spectra
 from ..math.allocate import ALLOCATORS, allocate, max_loss, max_ppl_increase, predicted_nll_increase, relative_loss
@@ -417,7 +417,8 @@ class CompressionJob:
         """No --profile: profile into OUT_DIR/profile first (reused if a killed run already finished it)."""
         cfg = self.cfg
         self._stage("profile")
-        self.profile = make_profile(ProfileConfig.for_job(cfg, Path(cfg.out_dir) / OWN_PROFILE, work_dir=self.work))
+        self.profile = make_profile(ProfileConfig.for_job(cfg, Path(cfg.out_dir) / OWN_PROFILE, work_dir=self.work),
+                                    tokenizer=self.tokenizer)
         if cfg.max_ppl_increase is not None:
             check_heldout(self.profile, cfg.heldout_rows)
         digest = self.profile.digest
@@ -431,6 +432,7 @@ class CompressionJob:
         if not self.profile.reused:  # the cost goes to this run's figures, not the (deterministic) report
             self.profile_figures = {"profile_" + k: v for k, v in self.profile.timing.items()}
         self.ranks = self._allocate()
+        profiled = self.plan  # its `profile` stage: the profile this run made (its peak belongs in this run's plan)
         # The plan again with the allocated ranks (a block may hold larger factors than uniform's); same batch,
         # unless it no longer fits and nothing was streamed with it yet: the batch came from the plan of uniform
         # ranks (the allocation was not known), so a fresh job takes the largest batch that fits these ranks.
@@ -444,6 +446,8 @@ class CompressionJob:
                 tqdm.write(f"streamsvd: batch {before} -> {self.batch_size}: the allocated ranks need more memory than "
                            "uniform ones at this --max-mem", file=sys.stderr)
         refuse_if_too_small(self.plan, resumed=True)
+        if not self.profile.reused:
+            keep_stage(self.plan, profiled, "profile")  # the run's planned peak against its measured one
 
     def _rank(self, full_name: str, m: int, n: int) -> int:
         return self.ranks[full_name] if self.ranks is not None else rank_for_ratio(m, n, self.cfg.ratio, self.cfg.factors)

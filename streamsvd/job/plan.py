@@ -954,6 +954,16 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dic
     return plan
 
 
+def keep_stage(plan: Plan, earlier: Plan, stage: str) -> None:
+    """Carry `earlier`'s `stage` (host memory) into `plan`: a job's replan after its own profile keeps the profile's
+    planned peak, so the run's figures set the planned peak beside the measured one of the same stages."""
+    if stage not in earlier.stage_bytes:
+        return
+    plan.stage_bytes = {stage: earlier.stage_bytes[stage], **plan.stage_bytes}
+    plan.components = {stage: earlier.components.get(stage, {}), **plan.components}
+    plan.peak_bytes = max(plan.peak_bytes, earlier.stage_bytes[stage])
+
+
 def plan_device(cfg):
     """The torch.device a plan of `cfg` measures: the job's own (`cfg.torch_device`, set by the job once it resolved
     --device), else --device's GPU where torch sees one; None for the CPU, or for a GPU not visible here (`streamsvd

@@ -299,7 +299,9 @@ def _say(message: str) -> None:
 
 
 class Profiler:
-    def __init__(self, cfg: ProfileConfig):
+    def __init__(self, cfg: ProfileConfig, tokenizer=None):
+        """`tokenizer`: the model's, already loaded (a job profiling for itself passes its own: a second copy of a
+        large vocabulary's tokenizer is hundreds of MiB, Gemma 3's 257 MiB, that the job's plan does not count)."""
         cfg.validate()
         self.cfg = cfg
         self.ckpt = Checkpoint(cfg.model_dir)
@@ -309,7 +311,7 @@ class Profiler:
         _check_places(cfg)
         self.identity = profile_identity(self.ckpt, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_samples,
                                          cfg.statistics_windows)
-        tokenizer = load_tokenizer(self.ckpt.dir)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.ckpt.dir)
         self.windows = sample_windows(tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
         self.heldout = heldout_windows(tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_samples)
         self.model = empty_model(self.config, COMPUTE_DTYPE)
@@ -763,5 +765,5 @@ def block_spectra(layer, stats, weighing: WeightedEnergies | None = None, spread
     return {name: solved[name] if solved is not None else solve(name) for name in names}
 
 
-def make_profile(cfg: ProfileConfig) -> Profile:
-    return Profiler(cfg).run()
+def make_profile(cfg: ProfileConfig, tokenizer=None) -> Profile:
+    return Profiler(cfg, tokenizer).run()

@@ -93,6 +93,17 @@ def test_run_without_a_profile_profiles_into_out_dir_and_resumes_with_it(tiny, t
         run_job(_job(tiny, out, alloc="v2"))  # another allocation into the same OUT_DIR is another job
 
 
+def test_a_job_profiling_for_itself_loads_one_tokenizer_and_plans_the_profiles_peak(tiny, tmp_path, monkeypatch):
+    # `streamsvd plan` counts the profile at the plan process's baseline, which holds one tokenizer: a second copy
+    # in the profile (Gemma 3's: 257 MiB) made `run` refuse the minimum that `plan` printed.
+    loaded = []
+    real = profile_module.load_tokenizer
+    monkeypatch.setattr(profile_module, "load_tokenizer", lambda d: loaded.append(d) or real(d))
+    report = run_job(_job(tiny, tmp_path / "out", alloc="global"))
+    assert report["allocation"]["profile"]["profiling"] == "profiled by this job" and loaded == []
+    assert "profile" in report["this_run"]["peak_rss_by_stage"]
+
+
 def test_the_own_profile_takes_profile_samples_windows_and_another_count_is_another_job(tiny, tmp_path):
     """18 calibration windows, the job's own profile over the first 16 (the default) or 17: its tokens and identity
     say so, and resuming the job with another count is refused naming the flag (the ranks would change)."""

@@ -14,7 +14,7 @@ import torch
 from streamsvd.cli import main
 from streamsvd.io.checkpoint import Checkpoint
 from streamsvd.job.pipeline import CompressionJob, JobConfig
-from streamsvd.job.plan import OPTIONAL_STAGES, STAGES, PlanInputs, make_plan
+from streamsvd.job.plan import OPTIONAL_STAGES, STAGES, PlanInputs, keep_stage, make_plan
 from tiny_models import make_tiny_checkpoint
 
 FAST = ["--calib-samples", "4", "--seqlen", "32"]
@@ -80,6 +80,21 @@ def test_batch_grows_with_the_budget_and_is_one_at_the_minimum(tiny):
     bigger = make_plan(ckpt, "model.layers", settings, budget=low.strict_min_bytes + (40 << 20), baseline=base)
     assert at_min.batch_size < bigger.batch_size < 64 and bigger.peak_bytes <= bigger.budget_bytes
     assert make_plan(ckpt, "model.layers", settings, budget=1 << 40, baseline=base).batch_size == 64
+
+
+def test_a_replan_after_the_own_profile_keeps_the_profiles_planned_peak(tiny):
+    # run's summary sets the planned peak beside the measured one; the profile's stage is the peak of a default job
+    ckpt = Checkpoint(tiny)
+    first = make_plan(ckpt, "model.layers", PlanInputs(plots=False), budget=1 << 40, baseline=0)
+    first.stage_bytes = {"profile": first.peak_bytes + 1000, **first.stage_bytes}
+    first.components = {"profile": {"the profile's own plan": first.peak_bytes + 1000}, **first.components}
+    again = make_plan(ckpt, "model.layers", PlanInputs(plots=False), budget=1 << 40, baseline=0)
+    keep_stage(again, first, "profile")
+    assert again.peak_bytes == first.peak_bytes + 1000 and again.stage_bytes["profile"] == again.peak_bytes
+    assert "profile" in again.components
+    plain = make_plan(ckpt, "model.layers", PlanInputs(plots=False), budget=1 << 40, baseline=0)
+    keep_stage(plain, again.__class__(**{**again.__dict__, "stage_bytes": {}}), "profile")  # no such stage: unchanged
+    assert "profile" not in plain.stage_bytes
 
 
 def test_cholesky_keeps_the_input_side(tiny):
