@@ -28,8 +28,9 @@ def _add_run(sub) -> None:
     p.add_argument("--max-mem", default=None, help="memory budget, e.g. 24G or 512M; sizes the batches (default: 75%% of available RAM); "
                    "under torchrun, per process")
     p.add_argument("--batch-size", type=int, default=None, metavar="B",
-                   help="windows per batch (default: the largest that fits --max-mem; under torchrun at most a process's "
-                   "share). A job on N processes writes the bytes a one-process job with the same batch size writes "
+                   help="windows per batch (default on the CPU: about 2,048 tokens' worth, ceil(2048 / --seqlen), or fewer if "
+                   "--max-mem needs; larger batches cost time there, not save it (docs/RESULTS.md); with --device cuda "
+                   "the largest that fits; under torchrun at most a process's share). A job on N processes writes the bytes a one-process job with the same batch size writes "
                    "(docs/DESIGN.md, \"Distributed runs\")")
     p.add_argument("--calib", action="append", default=[], metavar="FILE",
                    help="calibration text: plain text or .jsonl with a \"text\" field; repeat for several files "
@@ -110,7 +111,7 @@ def _add_run(sub) -> None:
 
 PROFILE_SAMPLES_HELP = (
     "windows of the statistics pass (every linear's spectrum), the first N calibration windows, at least those of "
-    "the sensitivity pass (8 by default) (default 16; more than --calib-samples: all of them). Each window costs one block forward "
+    "the sensitivity pass, 8 by default (default 16; more than --calib-samples: all of them). Each window costs one block forward "
     "per block in the profile; measured at 64 x 512 on SmolLM2 and Gemma 3: 16 gave the held-out perplexity of all 64 (within 1.1%% in "
     "the calibration's domain, +-6%% across) for 28-38%% less profiling time, 11-13%% of the job's (docs/RESULTS.md)")
 
@@ -187,7 +188,8 @@ def _add_profile(sub) -> None:
                    "head's gradient and the activation files stay on the host")
     p.add_argument("--max-gpu-mem", default=None, metavar="SIZE", help="as for run, with --device cuda")
     p.add_argument("--batch-size", type=int, default=None, metavar="B",
-                   help="windows per batch (default: the largest that fits --max-mem). Under torchrun (`torchrun "
+                   help="windows per batch (default: as for `run`, about 2,048 tokens' worth on the CPU, or fewer if --max-mem "
+                   "needs). Under torchrun (`torchrun "
                    "--nproc-per-node N -m streamsvd profile ...`) each process streams its share of the windows; the "
                    "profile is the one-process profile with the same batch size, byte for byte")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

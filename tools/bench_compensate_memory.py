@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import streamsvd  # noqa: E402,F401  (first: it sets torch's allocator up before torch allocates)
 import torch  # noqa: E402
 
-from streamsvd.job.peak import PeakSampler, return_freed_memory_to_the_os, rss_bytes  # noqa: E402
+from streamsvd.job.peak import PeakSampler, fix_heap_thresholds, rss_bytes  # noqa: E402
 from streamsvd.job.plan import LinearShape, input_route_workspace  # noqa: E402
 from streamsvd.math.compensate import (CrossGramAccumulator, compensated_whitening, factorize_compensated,  # noqa: E402
                                        output_error)
@@ -45,7 +45,7 @@ def measure(m: int, n: int, ratio: float, anchor: float, seed: int) -> dict:
     white, q, inv, lam = compensated_whitening(gram, anchor)
     rank = rank_for_ratio(m, n, ratio, "pivoted")
     e0 = 1.0
-    return_freed_memory_to_the_os()
+    fix_heap_thresholds()
     start = rss_bytes()
     sampler = PeakSampler("wc").start()
     t0 = time.perf_counter()

@@ -43,17 +43,37 @@ def high_water_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def return_freed_memory_to_the_os(threshold: int = 1 << 20) -> bool:
-    """Make glibc serve every allocation of `threshold` bytes or more by mmap, so a freed tensor leaves RSS.
+HEAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest mmap threshold on 64-bit (M_MMAP_THRESHOLD refuses more)
 
-    glibc raises its mmap threshold dynamically (up to 32 MiB) after large frees, after which freed
-    tensors below it stay in the heap and RSS no longer falls when they are released. Fixing the
-    threshold keeps RSS equal to what is live. Returns False where it cannot be set (not glibc).
+
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def fix_heap_thresholds(threshold: int = HEAP_THRESHOLD_BYTES) -> bool:
+    """Fix glibc's mmap and trim thresholds at `threshold` bytes, so its heap behaves the same all job long.
+
+    Allocations of `threshold` bytes or more are fresh mappings, returned to the OS when freed; smaller ones
+    (a forward batch's intermediates at the CPU's batch of 2,048 tokens, the statistics' chunks) are served
+    from the heap and reused, instead of the kernel zeroing new pages for each (docs/RESULTS.md, "Smaller
+    batches with the heap reused": sys time 177 s -> 37 s on SmolLM2's default job). Left dynamic, glibc
+    moves the mmap threshold up to 32 MiB and the trim threshold to 64 MiB after the first large frees;
+    fixed, what the heap keeps of freed memory is bounded by the trim threshold at its top and by
+    `trim_heap()` (called between stages) elsewhere. Returns False where it cannot be set (not glibc).
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = _libc()
         m_trim_threshold, m_mmap_threshold = -1, -3
         return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
+def trim_heap() -> bool:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim(0): every arena, not only its top), so RSS
+    is what is live. Cheap next to a stage (a walk of the free lists); False where there is no glibc."""
+    try:
+        return bool(_libc().malloc_trim(0))
     except (OSError, AttributeError):
         return False
 
@@ -62,8 +82,9 @@ class PeakSampler:
     """Samples RSS every INTERVAL_S seconds in a daemon thread; `peaks` maps stage -> peak bytes and
     `seconds` stage -> wall time spent in it."""
 
-    def __init__(self, first_stage: str = "embed", interval_s: float = INTERVAL_S):
+    def __init__(self, first_stage: str = "embed", interval_s: float = INTERVAL_S, trim: bool = True):
         self.interval_s = interval_s
+        self.trim = trim
         self.peaks: dict[str, int] = {}
         self.current = first_stage
         self.seconds: dict[str, float] = {}
@@ -95,6 +116,8 @@ class PeakSampler:
 
     def stage(self, name: str) -> None:
         self._sample()  # the end of the previous stage
+        if self.trim:
+            trim_heap()  # each stage starts from what is live (the plan's parts), not the last stage's freed heap
         with self._lock:
             self._charge_time()
             self.current = name

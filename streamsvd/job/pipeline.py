@@ -124,7 +124,8 @@ class JobConfig:
     quant: str | None = None  # int8 or int4: every factor stored quantised per group (math/quantize.py); None: full precision
     group_size: int | None = None  # columns per quantisation group (None: DEFAULT_GROUP_SIZE with --quant)
     quant_rounding: str | None = None  # rtn or gptq (None: DEFAULT_ROUNDING with --quant)
-    # windows per batch (None: the plan's largest that fits --max-mem; under torchrun at most a rank's share).
+    # windows per batch (None: the plan's, about 2,048 tokens on the CPU and the largest that fits on a GPU, within
+    # --max-mem; under torchrun at most a rank's share).
     # Not part of the job's identity: a resumed job keeps the batch size it started with.
     batch_size: int | None = None
 

@@ -23,7 +23,8 @@ resident at that stage's peak:
   turns each tensor into bytes before writing);
 - `plots`: at the end, the allocation and spectra pictures (matplotlib, every block's spectra).
 
-The batch size is the largest that keeps every stage within the budget; the smallest workable
+The batch size is the largest that keeps every stage within the budget, on the CPU at most about
+2,048 tokens (`cpu_batch`: larger batches only make the kernel zero more fresh pages); the smallest workable
 budget (`min_max_mem_bytes`) is the planned peak at batch 1 (plus a margin for the baseline's
 variation between processes), and the stage that sets it is named
 when a budget below it is refused. Factor sizes are counted through `stored_numel`, so another
@@ -53,6 +54,17 @@ ACT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 COMPUTE_BYTES = 4  # float32 blocks and activations in the forward
 GRAM_ROW_CHUNK = _ROW_CHUNK  # rows of a batch multiplied at a time by the Gram update
 PRODUCT_TILE_BYTES = _TILE_BYTES  # the float32 product of one column tile of a Gram
+# On the CPU a batch of about this many tokens, not the largest that fits: its intermediates (4-12 MB on
+# SmolLM2) come back from the heap (job/peak.py fix_heap_thresholds) instead of as fresh pages the kernel zeroes,
+# and with a seqlen that divides it every Gram's sum keeps the order of its 2,048-row chunks. Measured on the
+# default SmolLM2 job: 22% faster than batch 64, byte-identical output (docs/RESULTS.md, "Smaller batches with
+# the heap reused"). A GPU takes the largest batch that fits.
+CPU_BATCH_TOKENS = GRAM_ROW_CHUNK
+
+
+def cpu_batch(seqlen: int) -> int:
+    """The CPU's preferred windows per batch: ceil(CPU_BATCH_TOKENS / seqlen) (4 at 512 tokens, 1 from 2,048)."""
+    return max(1, -(-CPU_BATCH_TOKENS // seqlen))
 # Sequential calibration's partial passes over the block as compressed so far, in compressed-block forwards:
 # q/k/v's ends at its input, o's after attention, gate/up's replays the attention (o_proj on its saved input,
 # job/stages.py Replay), down's replays it and runs gate/up (about 0.05 + 0.25 + 0.05 + 0.5 of a block on
@@ -723,7 +735,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                     lo = mid
                 else:
                     hi = mid - 1
-            batch = lo
+            batch = lo if settings.device != "cpu" else min(lo, cpu_batch(L))
     stage_totals = totals(batch)
     gpu_stages = gpu_totals(batch)
     gpu_stage = max(gpu_stages, key=gpu_stages.get) if gpu_stages else None
@@ -921,9 +933,9 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dic
     """
     from ..model.architecture import SUPPORTED
     from .memory import default_budget
-    from .peak import return_freed_memory_to_the_os, rss_bytes
+    from .peak import fix_heap_thresholds, rss_bytes, trim_heap
 
-    return_freed_memory_to_the_os()
+    fix_heap_thresholds()
     machine_speed()
     device_name = getattr(cfg, "device", "cpu")
     gpu, device_speed, gpu_budget_bytes = plan_device(cfg), None, None
@@ -947,6 +959,7 @@ def build_plan(cfg, ckpt: Checkpoint, fixed_batch: int | None = None, ranks: dic
     other = sum(p.stat().st_size for p in sorted(ckpt.dir.iterdir()) if p.is_file() and not p.name.endswith(".safetensors")
                 and p.name not in ("model.safetensors.index.json",))
     layers_path = SUPPORTED[ckpt.config_dict.get("model_type")]
+    trim_heap()  # the baseline is what is live: the speed measurement's freed matrices stay in the heap otherwise
     plan = make_plan(ckpt, layers_path, settings, budget, rss_bytes(), fixed_batch=fixed_batch, other_file_bytes=other,
                      gpu_budget=gpu_budget_bytes, device_speed=device_speed)
     if ranks is None and getattr(cfg, "needs_profile", False) and getattr(cfg, "profile", None) is None:

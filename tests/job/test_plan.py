@@ -14,7 +14,8 @@ import torch
 from streamsvd.cli import main
 from streamsvd.io.checkpoint import Checkpoint
 from streamsvd.job.pipeline import CompressionJob, JobConfig
-from streamsvd.job.plan import OPTIONAL_STAGES, STAGES, PlanInputs, keep_stage, make_plan
+import streamsvd.job.plan as plan_module
+from streamsvd.job.plan import OPTIONAL_STAGES, STAGES, PlanInputs, cpu_batch, keep_stage, make_plan
 from tiny_models import make_tiny_checkpoint
 
 FAST = ["--calib-samples", "4", "--seqlen", "32"]
@@ -68,7 +69,8 @@ def test_plan_text_names_every_stage(capsys, tiny, text):
     assert "ESTIMATE" in out and "smallest workable --max-mem" in out
 
 
-def test_batch_grows_with_the_budget_and_is_one_at_the_minimum(tiny):
+def test_batch_grows_with_the_budget_and_is_one_at_the_minimum(tiny, monkeypatch):
+    monkeypatch.setattr(plan_module, "CPU_BATCH_TOKENS", 1 << 30)  # the CPU's cap out of the way: the largest that fits
     ckpt = Checkpoint(tiny)
     settings = PlanInputs(calib_samples=64, seqlen=128, plots=False)  # for this tiny model the pictures would set the minimum
     base = 400 << 20
@@ -80,6 +82,22 @@ def test_batch_grows_with_the_budget_and_is_one_at_the_minimum(tiny):
     bigger = make_plan(ckpt, "model.layers", settings, budget=low.strict_min_bytes + (40 << 20), baseline=base)
     assert at_min.batch_size < bigger.batch_size < 64 and bigger.peak_bytes <= bigger.budget_bytes
     assert make_plan(ckpt, "model.layers", settings, budget=1 << 40, baseline=base).batch_size == 64
+
+
+def test_the_cpu_takes_about_2048_tokens_a_batch_and_a_gpu_the_largest_that_fits(tiny):
+    ckpt = Checkpoint(tiny)
+    base = 400 << 20
+    for seqlen, want in ((128, 16), (512, 4), (768, 3), (2048, 1), (4096, 1)):
+        assert cpu_batch(seqlen) == want
+        settings = PlanInputs(calib_samples=64, seqlen=seqlen, plots=False)
+        assert make_plan(ckpt, "model.layers", settings, budget=1 << 40, baseline=base).batch_size == want, seqlen
+    settings = PlanInputs(calib_samples=64, seqlen=128, plots=False)
+    low = make_plan(ckpt, "model.layers", settings, budget=1, baseline=base)
+    tight = make_plan(ckpt, "model.layers", settings, budget=low.strict_min_bytes, baseline=base)
+    assert tight.batch_size < 16 and tight.peak_bytes <= tight.budget_bytes  # the budget still comes first
+    assert make_plan(ckpt, "model.layers", settings, budget=1 << 40, baseline=base, fixed_batch=40).batch_size == 40
+    gpu = PlanInputs(calib_samples=64, seqlen=128, plots=False, device="cuda")
+    assert make_plan(ckpt, "model.layers", gpu, budget=1 << 40, baseline=base, gpu_budget=1 << 40).batch_size == 64
 
 
 def test_a_replan_after_the_own_profile_keeps_the_profiles_planned_peak(tiny):
