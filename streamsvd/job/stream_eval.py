@@ -36,7 +36,7 @@ from ..model.capture import capture_layer_kwargs, first_layer_inputs, layer_args
 from ..model.loading import materialize_head, stored_layer
 from .evaluate import LOGIT_CHUNK, add_in_order, eval_windows, result, states_nll
 from .memory import default_budget, format_size
-from .peak import rss_bytes
+from .peak import fix_heap_thresholds, rss_bytes, trim_heap
 
 COMPUTE_DTYPE = torch.float32
 
@@ -131,7 +131,8 @@ def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None =
                          batch_size: int | None = None, device: str = "cpu", max_gpu_mem: int | None = None) -> dict:
     """`on_disk`: None decides by the budget (`hidden_on_disk`); True or False forces it. `windows`: score these
     token windows instead of `text`'s (e.g. a job's held-out windows, io/calibration.heldout_windows).
-    `batch_size`: windows per block forward (default: the most that fit the budget, and --max-gpu-mem's on a GPU).
+    `batch_size`: windows per block forward (default: on the CPU about 2,048 tokens' worth within the budget, on a
+    GPU the most that fit it and --max-gpu-mem).
     `device`: cpu, cuda or cuda:N (the blocks' forwards, and the head where it fits); `max_gpu_mem`: its budget."""
     import os
 
@@ -140,6 +141,7 @@ def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None =
     from .distributed import World
 
     check_device_flags(device, max_gpu_mem)
+    fix_heap_thresholds()  # as in a job (job/peak.py): a batch's intermediates reused from the heap
     gpu = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))  # refused here where torch sees no such GPU
     on_gpu = gpu.type != "cpu"
     gpu_bytes = gpu_budget(gpu, max_gpu_mem) if gpu.type == "cuda" else None
@@ -163,8 +165,16 @@ def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None =
     if batch_size is not None and batch_size < 1:
         raise StreamSVDError(f"--batch-size {batch_size} is out of range", "give 1 or more windows, or leave it out")
     # this process's windows: all of them, or under torchrun its share of whole batches (the batch the ranks agree on)
-    def fitting(count: int, held: int) -> int:  # the most windows per forward that fit the host's and the GPU's budgets
+    def fitting(count: int, held: int) -> int:
+        """The most windows per forward that fit the host's and the GPU's budgets; on the CPU at most about 2,048
+        tokens' worth (plan.cpu_batch: SmolLM2, 40 x 512 windows, 49.0 s at batch 4 against 65.4 s at 40, the same
+        perplexity to the last bit; docs/RESULTS.md)."""
+        from .plan import cpu_batch
+
+        trim_heap()  # the baseline eval_batch_size measures is what is live
         host = eval_batch_size(config, ckpt, model, seqlen, count, budget, held)
+        if not on_gpu:
+            return min(host, cpu_batch(seqlen))
         return host if gpu_bytes is None else min(host, gpu_eval_batch_size(config, ckpt, seqlen, count, gpu_bytes))
 
     lo, hi = 0, n_all

@@ -74,3 +74,15 @@ def test_eval_refuses_a_budget_too_small_for_one_block(tmp_path, capsys):
     assert main(["eval", str(model_dir), "--text", str(text), "--seqlen", "40", "--max-mem", "10M", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --max-mem") and "fix:" in err and "Traceback" not in err
+
+
+def test_on_the_cpu_eval_takes_about_2048_tokens_a_batch_with_the_figure_of_one_batch(tmp_path):
+    from streamsvd.job.plan import cpu_batch
+
+    model_dir = make_tiny_checkpoint("llama", tmp_path / "model")
+    seqlen = 256  # the tiny model's longest; cpu_batch: 8 windows of 256 tokens
+    got = streaming_perplexity(model_dir, TEXT, seqlen, max_windows=20, progress=False, max_mem=8 << 30)
+    assert got["windows"] == 20 and got["batch_size"] == cpu_batch(seqlen) == 8
+    whole = streaming_perplexity(model_dir, TEXT, seqlen, max_windows=20, progress=False, max_mem=8 << 30, batch_size=20)
+    assert whole["batch_size"] == 20
+    assert got["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-6)
