@@ -65,6 +65,8 @@ CPU_BATCH_TOKENS = GRAM_ROW_CHUNK
 def cpu_batch(seqlen: int) -> int:
     """The CPU's preferred windows per batch: ceil(CPU_BATCH_TOKENS / seqlen) (4 at 512 tokens, 1 from 2,048)."""
     return max(1, -(-CPU_BATCH_TOKENS // seqlen))
+
+
 # Sequential calibration's partial passes over the block as compressed so far, in compressed-block forwards:
 # q/k/v's ends at its input, o's after attention, gate/up's replays the attention (o_proj on its saved input,
 # job/stages.py Replay), down's replays it and runs gate/up (about 0.05 + 0.25 + 0.05 + 0.5 of a block on

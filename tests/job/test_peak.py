@@ -1,5 +1,6 @@
 """The measured peak is the job's own, whoever started it."""
 
+import json
 import subprocess
 import sys
 
@@ -47,7 +48,7 @@ def test_the_heap_reuses_a_batchs_intermediates_and_a_trim_gives_them_back():
     # Why the job fixes glibc's thresholds at 32 MiB (job/peak.py): a forward batch's intermediates come back from
     # the heap instead of as fresh pages the kernel zeroes; the trim between stages keeps RSS to what is live.
     out = subprocess.run([sys.executable, "-c", HEAP_SCRIPT], capture_output=True, text=True, check=True)
-    f = {k: v / (1 << 20) for k, v in __import__("json").loads(out.stdout).items()}
+    f = {k: v / (1 << 20) for k, v in json.loads(out.stdout).items()}
     assert f["holes"] > f["full"] - 20  # freed below the threshold: still resident
     assert f["reused"] < f["holes"] + 80  # and mostly reused (fresh pages would add 200 MiB)
     assert f["before_trim"] - f["trimmed"] > 150  # the trim returns the holes (200 MiB)

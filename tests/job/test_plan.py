@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -111,7 +112,7 @@ def test_a_replan_after_the_own_profile_keeps_the_profiles_planned_peak(tiny):
     assert again.peak_bytes == first.peak_bytes + 1000 and again.stage_bytes["profile"] == again.peak_bytes
     assert "profile" in again.components
     plain = make_plan(ckpt, "model.layers", PlanInputs(plots=False), budget=1 << 40, baseline=0)
-    keep_stage(plain, again.__class__(**{**again.__dict__, "stage_bytes": {}}), "profile")  # no such stage: unchanged
+    keep_stage(plain, dataclasses.replace(again, stage_bytes={}), "profile")  # no such stage: unchanged
     assert "profile" not in plain.stage_bytes
 
 
