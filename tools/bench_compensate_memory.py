@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import streamsvd  # noqa: E402,F401  (first: it sets torch's allocator up before torch allocates)
 import torch  # noqa: E402
 
-from streamsvd.job.peak import PeakSampler, fix_heap_thresholds, rss_bytes, trim_heap  # noqa: E402
+from streamsvd.job.peak import PeakSampler, fix_heap_thresholds, rss_bytes, stage_threshold, trim_heap  # noqa: E402
 from streamsvd.job.plan import LinearShape, input_route_workspace  # noqa: E402
 from streamsvd.math.compensate import (CrossGramAccumulator, compensated_whitening, factorize_compensated,  # noqa: E402
                                        output_error)
@@ -45,7 +45,7 @@ def measure(m: int, n: int, ratio: float, anchor: float, seed: int) -> dict:
     white, q, inv, lam = compensated_whitening(gram, anchor)
     rank = rank_for_ratio(m, n, ratio, "pivoted")
     e0 = 1.0
-    fix_heap_thresholds()
+    fix_heap_thresholds(stage_threshold("factorize"))  # the heap as in the job's factorize stage
     trim_heap()  # the start is what is live: x and the setup's other freed tensors (under 32 MiB) stay in the heap
     start = rss_bytes()
     sampler = PeakSampler("wc").start()

@@ -58,8 +58,9 @@ def test_the_heap_reuses_a_batchs_intermediates_and_a_trim_gives_them_back():
 def test_each_stage_starts_from_a_trimmed_heap(monkeypatch):
     import streamsvd.job.peak as peak
 
-    calls = []
+    calls, thresholds = [], []
     monkeypatch.setattr(peak, "trim_heap", lambda: calls.append(1) or True)
+    monkeypatch.setattr(peak, "fix_heap_thresholds", lambda t: thresholds.append(t) or True)
     sampler = peak.PeakSampler("embed", interval_s=10)
     sampler.start()
     sampler.stage("statistics")
@@ -68,8 +69,10 @@ def test_each_stage_starts_from_a_trimmed_heap(monkeypatch):
         pass
     sampler.stop()
     assert len(calls) == 4  # statistics, factorize, write, and back to factorize
+    # the factorisations, planned step by step, with every buffer of 1 MiB or more a mapping of its own
+    assert thresholds == [32 << 20, 1 << 20, 32 << 20, 1 << 20]
     untrimmed = peak.PeakSampler("embed", interval_s=10, trim=False)
     untrimmed.start()
     untrimmed.stage("statistics")
     untrimmed.stop()
-    assert len(calls) == 4
+    assert len(calls) == 4 and len(thresholds) == 4
