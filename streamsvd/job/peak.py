@@ -47,7 +47,8 @@ HEAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest mmap threshold on 64-bit (M_M
 # Stages whose plan counts step by step what is live (a factorisation's workspace, a quantisation's): there every
 # allocation of 1 MiB or more is a mapping of its own again, so RSS is what is live. With the 32 MiB heap, what a step
 # frees under 32 MiB stays resident beside its later large buffers: tests/tools/test_bench_compensate_memory.py
-# measured the 4096 x 1024 compensated step at 134 MiB against the plan's 126.
+# measured the 4096 x 1024 compensated step at 134 MiB against the plan's 126. glibc also serves a request of any size
+# from a free chunk of the heap before it maps one, so these stages start with the heap's holes plugged (plug_heap_holes).
 EXACT_STAGES = frozenset({"factorize", "quantize"})
 EXACT_THRESHOLD_BYTES = 1 << 20
 
@@ -90,13 +91,73 @@ def trim_heap() -> bool:
         return False
 
 
+# The largest hole plug_heap_holes tries first; it halves from there down to EXACT_THRESHOLD_BYTES.
+_PLUG_FIRST_BYTES = 1 << 30
+_IS_MMAPPED = 0x2  # glibc's chunk header: the size field's bit for a chunk that is a mapping of its own
+
+
+def _malloc_api():
+    libc = _libc()
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.restype, libc.free.argtypes = None, [ctypes.c_void_p]
+    libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
+    libc.gnu_get_libc_version  # noqa: B018  (glibc only: AttributeError elsewhere, where nothing is plugged)
+    return libc
+
+
+def plug_heap_holes(max_plugs: int = 4096) -> list[int]:
+    """Take the free chunks of EXACT_THRESHOLD_BYTES or more out of the main heap, untouched; `unplug_heap` them.
+
+    glibc serves a request from a free chunk of its heap before it maps fresh memory, whatever the mmap threshold:
+    after `trim_heap` the holes an earlier stage left (its freed buffers under the 32 MiB threshold) are no longer
+    resident, but a step's temporary served from one makes those pages resident again and they stay so once it is
+    freed, beside the step's next, larger buffers, where the plan does not count them (the 4096 x 1024 compensated
+    step: up to 129 MiB against the plan's 126, tests/tools/test_bench_compensate_memory.py). With the holes held
+    by plugs, every request of EXACT_THRESHOLD_BYTES or more is a mapping of its own, returned to the OS when freed.
+
+    A plug is malloc'd and never written: only its chunk headers' pages become resident (a few KiB each). Plugs are
+    taken largest first (1 GiB, halving), so a hole is a few plugs, not one per MiB. Only what lies inside the heap
+    as it is now is kept: a chunk that is a mapping of its own, or that grew the heap, is freed at once (untouched)
+    and the size halved, so this ends whatever the thresholds. Call it from the thread that allocates (the main
+    heap is the main thread's). Returns the plugs' addresses; none where the C library is not glibc.
+    """
+    try:
+        libc = _malloc_api()
+    except (OSError, AttributeError):
+        return []
+    end = libc.sbrk(0) or 0  # the heap's end: nothing at or past it is a hole
+    plugs, size = [], _PLUG_FIRST_BYTES
+    while size >= EXACT_THRESHOLD_BYTES and len(plugs) < max_plugs:
+        address = libc.malloc(size)
+        if not address:
+            size //= 2
+            continue
+        header = ctypes.c_size_t.from_address(address - ctypes.sizeof(ctypes.c_size_t)).value
+        if header & _IS_MMAPPED or address + size > end:
+            libc.free(address)  # no hole this large: a fresh mapping or the heap's new top, never written
+            size //= 2
+        else:
+            plugs.append(address)
+    return plugs
+
+
+def unplug_heap(plugs: list[int]) -> None:
+    """Give plug_heap_holes' chunks back to the heap (free, never resident: a later trim or reuse finds them so)."""
+    if plugs:
+        libc = _malloc_api()
+        for address in plugs:
+            libc.free(address)
+        plugs.clear()
+
+
 class PeakSampler:
     """Samples RSS every INTERVAL_S seconds in a daemon thread; `peaks` maps stage -> peak bytes and
     `seconds` stage -> wall time spent in it."""
 
     def __init__(self, first_stage: str = "embed", interval_s: float = INTERVAL_S, trim: bool = True):
         """`trim`: at each stage change, give the heap's free pages back and set its thresholds for the new stage
-        (`stage_threshold`), so that each stage starts from what is live, as the plan counts it."""
+        (`stage_threshold`), so that each stage starts from what is live, as the plan counts it; in EXACT_STAGES also
+        plug the heap's holes (`plug_heap_holes`), unplugged at the next stage change or `stop`."""
         self.interval_s = interval_s
         self.trim = trim
         self.peaks: dict[str, int] = {}
@@ -107,6 +168,7 @@ class PeakSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="streamsvd-rss", daemon=True)
         self._proc = psutil.Process()
+        self._plugs: list[int] = []  # plug_heap_holes' chunks while an EXACT_STAGES stage runs
 
     def _sample(self) -> None:
         rss = self._proc.memory_info().rss
@@ -131,8 +193,11 @@ class PeakSampler:
     def stage(self, name: str) -> None:
         self._sample()  # the end of the previous stage
         if self.trim:
+            unplug_heap(self._plugs)
             fix_heap_thresholds(stage_threshold(name))
             trim_heap()  # each stage starts from what is live (the plan's parts), not the last stage's freed heap
+            if name in EXACT_STAGES:
+                self._plugs = plug_heap_holes()  # and there its large buffers are mappings of their own (see there)
         with self._lock:
             self._charge_time()
             self.current = name
@@ -148,6 +213,7 @@ class PeakSampler:
             self.stage(previous)
 
     def stop(self) -> dict[str, int]:
+        unplug_heap(self._plugs)
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()

@@ -76,3 +76,59 @@ def test_each_stage_starts_from_a_trimmed_heap(monkeypatch):
     untrimmed.stage("statistics")
     untrimmed.stop()
     assert len(calls) == 4 and len(thresholds) == 4
+
+
+HOLE_SCRIPT = """
+import json, time, torch
+from streamsvd.job.peak import PeakSampler, fix_heap_thresholds, rss_bytes
+assert fix_heap_thresholds()
+kept = [torch.ones(1 << 20) for _ in range(40)]  # 4 MiB each, from the heap (an earlier stage's batch)
+del kept[::2]  # 80 MiB of holes between live tensors
+sampler = PeakSampler("forward", interval_s=0.01).start()
+sampler.stage("factorize")  # trimmed: the holes are no longer resident, but glibc still serves from them
+figures = {"start": rss_bytes()}
+temporaries = [torch.ones(1 << 20) for _ in range(10)]  # a step's 40 MiB of temporaries, served from the holes
+figures["held"] = rss_bytes()
+del temporaries
+time.sleep(0.2)
+figures["freed"] = rss_bytes()
+sampler.stop()
+print(json.dumps(figures))
+"""
+
+
+def test_a_factorisation_steps_freed_temporaries_leave_rss_even_when_served_from_the_heaps_holes():
+    # glibc serves a request from a free chunk of the heap before it maps fresh memory, whatever the mmap threshold,
+    # so in the factorize stage a temporary landing in a hole an earlier (32 MiB threshold) stage left stayed resident
+    # after it was freed, beside the step's next buffers: the 4096 x 1024 compensated step measured up to 129 MiB
+    # against the plan's 126 (tests/tools/test_bench_compensate_memory.py). The sampler trims in those stages.
+    out = subprocess.run([sys.executable, "-c", HOLE_SCRIPT], capture_output=True, text=True, check=True)
+    f = {k: v / (1 << 20) for k, v in json.loads(out.stdout).items()}
+    assert f["held"] - f["start"] > 30  # the temporaries were resident while held
+    assert f["freed"] < f["start"] + 8  # and are not once freed
+
+
+PLUG_SCRIPT = """
+import json, torch
+from streamsvd.job.peak import fix_heap_thresholds, plug_heap_holes, rss_bytes, trim_heap, unplug_heap
+figures = {"unfixed": len(plug_heap_holes())}  # glibc's own thresholds: ends, whatever it finds
+assert fix_heap_thresholds()
+kept = [torch.ones(1 << 20) for _ in range(40)]  # 4 MiB each, from the heap
+del kept[::2]  # 80 MiB of holes
+assert trim_heap()
+before = rss_bytes()
+plugs = plug_heap_holes()
+figures["plugs"] = len(plugs)
+figures["plug_rss"] = rss_bytes() - before
+unplug_heap(plugs)
+figures["unplugged"] = len(plugs)
+print(json.dumps(figures))
+"""
+
+
+def test_the_heaps_holes_are_plugged_without_making_them_resident():
+    out = subprocess.run([sys.executable, "-c", PLUG_SCRIPT], capture_output=True, text=True, check=True, timeout=60)
+    f = json.loads(out.stdout)
+    assert 20 <= f["plugs"] <= 200  # twenty 4 MiB holes (joined where adjacent), a few plugs each
+    assert f["plug_rss"] < 2 << 20  # only the chunk headers' pages
+    assert f["unplugged"] == 0  # unplug_heap empties the list it freed
