@@ -101,7 +101,7 @@ def test_a_factorisation_steps_freed_temporaries_leave_rss_even_when_served_from
     # glibc serves a request from a free chunk of the heap before it maps fresh memory, whatever the mmap threshold,
     # so in the factorize stage a temporary landing in a hole an earlier (32 MiB threshold) stage left stayed resident
     # after it was freed, beside the step's next buffers: the 4096 x 1024 compensated step measured up to 129 MiB
-    # against the plan's 126 (tests/tools/test_bench_compensate_memory.py). The sampler trims in those stages.
+    # against the plan's 126 (tests/tools/test_bench_compensate_memory.py). Those stages start with the holes plugged.
     out = subprocess.run([sys.executable, "-c", HOLE_SCRIPT], capture_output=True, text=True, check=True)
     f = {k: v / (1 << 20) for k, v in json.loads(out.stdout).items()}
     assert f["held"] - f["start"] > 30  # the temporaries were resident while held
