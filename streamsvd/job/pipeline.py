@@ -41,6 +41,7 @@ from ..model.capture import capture_layer_kwargs, first_layer_inputs, layer_args
 from ..io.checkpoint import Checkpoint
 from ..io.diskspace import check_free_space
 from ..errors import StreamSVDError
+from ..math.compensate import projects_cross
 from ..math.factorize import METHODS, PRECISIONS, rank_for_ratio, stored_numel
 from ..math.pivot import FACTOR_FORMS
 from ..math.quantize import DEFAULT_GROUP_SIZE, DEFAULT_ROUNDING, QUANT_BITS, ROUNDINGS, QuantSpec, stored_linear_bytes
@@ -908,8 +909,10 @@ class CompressionJob:
         """The stash of the original block's inputs to the later passes' input-side leaders (stages.OriginalInputs)."""
         linears = linear_modules(layer)
         later = [g for target in passes[1:] for g in target]
-        leaders = {g[0]: linears[g[0]].in_features for g in later if any(n not in output_side for n in g)}
-        return OriginalInputs(self.work, self.samples, self.cfg.seqlen, leaders)
+        stashed = [g for g in later if any(n not in output_side for n in g)]
+        outputs = {g[0] for g in stashed if projects_cross(linears[g[0]].out_features, linears[g[0]].in_features, len(g) == 1)}
+        leaders = {g[0]: linears[g[0]].out_features if g[0] in outputs else linears[g[0]].in_features for g in stashed}
+        return OriginalInputs(self.work, self.samples, self.cfg.seqlen, leaders, outputs)
 
     def _output_side(self, layer: nn.Module) -> set[str]:
         """The linears factored from their output Gram (job/plan.py factor_route). Compensation, the anchor and

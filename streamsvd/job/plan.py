@@ -42,6 +42,7 @@ import torch
 
 from ..errors import StreamSVDError
 from ..io.checkpoint import Checkpoint
+from ..math.compensate import projects_cross
 from ..math.factorize import LINE_CHUNK, rank_for_ratio
 from ..math.gram import _ROW_CHUNK, _TILE_BYTES, product_fraction
 from ..math.quantize import stored_linear_bytes
@@ -756,7 +757,9 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
     if settings.compensate and settings.calibrate == "sequential":
         stashed_groups = [m for m in groups.values() if any(s.route == "input" for s in m)]
         first = next((m for m in stashed_groups if any(s.name.rsplit(".", 1)[-1] in ("q_proj", "qkv_proj") for s in m)), None)
-        stashed = 4 * S * L * sum(m[0].in_features for m in stashed_groups if m is not first)  # float32
+        # float32; a leader alone in its group with out < in keeps its outputs, out wide (math/compensate.projects_cross)
+        stashed = 4 * S * L * sum(m[0].out_features if projects_cross(m[0].out_features, m[0].in_features, len(m) == 1)
+                                  else m[0].in_features for m in stashed_groups if m is not first)
     # group by group: the inputs of the attention's and the MLP's last linears, saved in their own pass for the
     # later passes and the propagate stage to replay those parts from, for one block (job/stages.py Replay)
     replayed = 0

@@ -28,7 +28,8 @@ from .. import faults
 from ..errors import StreamSVDError
 from ..io.activations import ActivationFile
 from ..io.checkpoint import TORCH_DTYPES, Checkpoint
-from ..math.compensate import compensated_whitening, cross_accumulator, factorize_compensated, output_error
+from ..math.compensate import (ProjectedCrossAccumulator, compensated_whitening, cross_accumulator, factorize_compensated,
+                               output_error)
 from ..math.factorize import factorize, factorize_output_side, rank_for_ratio, stored_numel, whiten
 from ..math.gram import GramAccumulator, OutputGramAccumulator, shrink_gram, shrunk_output_gram
 from ..math.quantize import QuantSpec, quantize_module_tensors
@@ -347,9 +348,25 @@ def collect_group_statistics(
             done(("capture", name))
         return fn
 
+    def capture_output(name):  # a projected cross statistic pairs the original linear's outputs (W x) instead
+        bias = modules[id(original)][name].bias
+
+        def fn(module, inputs, out):
+            y = without_bias(out, bias)
+            captured[name] = y.clone() if bias is None else y  # the block may change its own output in place later
+            done(("capture", name))
+        return fn
+
     def stash_input(name):
         def fn(module, inputs):
             stash.write(name, batch_start[0], inputs[0])
+        return fn
+
+    def stash_output(name):
+        bias = modules[id(original)][name].bias
+
+        def fn(module, inputs, out):
+            stash.write(name, batch_start[0], without_bias(out, bias))
         return fn
 
     def save_input(name):
@@ -363,9 +380,7 @@ def collect_group_statistics(
 
         def fn(module, inputs, out):
             with charged("accumulate"):
-                y = out.detach()
-                if bias is not None:
-                    y = y - bias.detach()
+                y = without_bias(out, bias)
                 # squares in the layer's precision, summed in float64 (no float64 copy of the outputs); one term
                 # per batch, added up in batch order (energy_means), so N processes add the same terms in the same order
                 energies.setdefault(name, []).append(float(torch.sum(y * y, dtype=torch.float64)))
@@ -381,7 +396,10 @@ def collect_group_statistics(
                 if name in stats.grams:
                     stats.grams[name].add_batch(x)
                     if name in stats.cross:
-                        stats.cross[name].add_pair(captured.pop(name), x)
+                        if name in projected:
+                            stats.cross[name].add_outputs(captured.pop(name), x)
+                        else:
+                            stats.cross[name].add_pair(captured.pop(name), x)
             done(("accumulate", name))
         return fn
 
@@ -407,11 +425,14 @@ def collect_group_statistics(
     stop = [(stop_before, "pre", stop_hook)] if stop_before is not None else []
     leaders = [n for n in wanted if stats.group_of[n] == n]
     captures = [n for n in leaders if n in stats.cross]
+    projected = {n for n in captures if isinstance(stats.cross[n], ProjectedCrossAccumulator)}
+    if stash is not None and any((n in projected) != (n in stash.outputs) for n in captures if n in stash.files):
+        raise RuntimeError("the stash of the original block and this pass disagree on which leaders pair outputs")
     accumulated = [n for n in wanted if n in stats.grams or n in stats.output_grams]
     if original is not None and stash is not None:  # the one original pass of the block: whole, stashing ahead
         whole_original, original_stop = True, []
         energy = list(modules[id(original)])  # every linear's: the later passes do not run the original
-        ahead = [(n, "pre", stash_input(n)) for n in stash.files]
+        ahead = [(n, "post", stash_output(n)) if n in stash.outputs else (n, "pre", stash_input(n)) for n in stash.files]
     else:
         whole_original = stop_before is None and on_original_output is not None  # its outputs are the next block's inputs
         original_stop, energy, ahead = stop, sorted(wanted), []
@@ -421,7 +442,7 @@ def collect_group_statistics(
         batch_start[0] = start
         if original is not None:
             out = run(original, read_original(start, end),
-                      [(n, "pre", capture(n)) for n in captures] + ahead + [(n, "post", output_energy(n)) for n in energy]
+                      [(n, "post", capture_output(n)) if n in projected else (n, "pre", capture(n)) for n in captures] + ahead + [(n, "post", output_energy(n)) for n in energy]
                       + original_stop,
                       [("capture", n) for n in captures] + [("energy", n) for n in energy], not whole_original)
             if out is not None and on_original_output is not None:
@@ -446,6 +467,12 @@ def collect_group_statistics(
     return stats
 
 
+def without_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A linear's output W x from what its forward gave (W x + b)."""
+    y = out.detach()
+    return y - bias.detach() if bias is not None else y
+
+
 def energy_means(terms: dict[str, list[float]], tokens: int) -> dict[str, float]:
     """name -> (sum of its per-batch output energies, added in batch order from 0.0) / tokens."""
     means = {}
@@ -468,10 +495,13 @@ class OriginalInputs:
 
     PREFIX = "original-inputs-"
 
-    def __init__(self, folder: Path, samples: int, seqlen: int, leaders: dict[str, int]):
+    def __init__(self, folder: Path, samples: int, seqlen: int, leaders: dict[str, int], outputs: set[str] = frozenset()):
         self.files = {name: ActivationFile(Path(folder) / f"{self.PREFIX}{i}.bin", (samples, seqlen, width), "float32",
                                            create=True)
                       for i, (name, width) in enumerate(leaders.items())}
+        # the leaders whose cross statistic is W C (math/compensate.projects_cross): their original outputs W x are
+        # kept instead of their inputs (out wide, not in wide; SmolLM2's down_proj 576 against 1536)
+        self.outputs = set(outputs)
 
     def write(self, name: str, start: int, x: torch.Tensor) -> None:
         self.files[name].write(start, x)

@@ -73,17 +73,37 @@ class ProjectedCrossAccumulator(GramAccumulator):
             add_products(self.sum, y, b[start : start + _ROW_CHUNK], space=space)
         self.tokens += a.shape[0]
 
+    def add_outputs(self, y: torch.Tensor, x_comp: torch.Tensor) -> None:
+        """The same sum from the original linear's outputs y = W x (bias excluded) instead of its inputs x: what a job
+        has anyway from the original block's forward, so the out x in product W x is not made again here, and the
+        original side a job keeps on disk for a later pass is out wide instead of in wide (job/stages.py)."""
+        out_f = self.sum.shape[0]
+        a = y.detach().reshape(-1, out_f)
+        b = x_comp.detach().reshape(-1, self.features)
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"paired outputs and inputs differ in tokens: {a.shape[0]} vs {b.shape[0]}")
+        dtype = product_dtype(a)
+        self.product_eps = max(self.product_eps, torch.finfo(dtype).eps)
+        add_products(self.sum, a.to(b.device), b)  # a chunk of rows at a time, as add_pair's
+        self.tokens += a.shape[0]
+
     def times(self, weight: torch.Tensor) -> torch.Tensor:
         if weight.shape != self.weight.shape:
             raise ValueError("a projected cross statistic holds W C for its own linear's W only")
         return self.gram.to(weight.device, torch.float64)
 
 
+def projects_cross(out_features: int, in_features: int, alone: bool) -> bool:
+    """Whether a group led by such a linear keeps W C (ProjectedCrossAccumulator, paired with the original linear's
+    outputs) rather than C (paired with its inputs): a linear alone in its group with out < in."""
+    return alone and out_features < in_features
+
+
 def cross_accumulator(weight: torch.Tensor, alone: bool):
     """The cross statistic of a group led by the linear of `weight`: W C directly where that linear is alone in its
     group and out < in (ProjectedCrossAccumulator), else C (CrossGramAccumulator)."""
     out_f, in_f = weight.shape
-    return ProjectedCrossAccumulator(weight) if alone and out_f < in_f else CrossGramAccumulator(in_f, weight.device)
+    return ProjectedCrossAccumulator(weight) if projects_cross(out_f, in_f, alone) else CrossGramAccumulator(in_f, weight.device)
 
 
 def ridge(gram: torch.Tensor, anchor: float) -> float:

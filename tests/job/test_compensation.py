@@ -239,11 +239,12 @@ def test_the_original_block_runs_once_per_block_and_its_stash_is_what_the_plan_c
 
     job = pipeline.CompressionJob(_cfg(model_dir, tmp_path / "out", **COMPENSATED))
     planned = job.plan.disk["original inputs"]
-    stashed, passes = [], []
+    stashed, passes, widths = [], [], []
     remove, collect = stages.OriginalInputs.remove, pipeline.collect_group_statistics
 
     def recording_remove(self):
         stashed.append(sum(f.path.stat().st_size for f in self.files.values()))
+        widths.append({name.rsplit(".", 1)[-1]: f.shape[-1] for name, f in self.files.items()})
         remove(self)
 
     def recording_collect(*args, **kwargs):
@@ -257,4 +258,7 @@ def test_the_original_block_runs_once_per_block_and_its_stash_is_what_the_plan_c
     assert len(passes) == 4 * n_layers  # q/k/v, o, gate/up, down
     assert sum(passes) == n_layers and all(passes[::4])  # the original block in each block's first pass only
     assert stashed == [planned] * n_layers
+    # o and gate/up pair their inputs (C); down_proj, alone with out < in, its outputs W x (W C), hidden wide
+    hidden, inter = job.config.hidden_size, job.config.intermediate_size
+    assert widths == [{"o_proj": hidden, "gate_proj": hidden, "down_proj": hidden}] * n_layers and inter > hidden
     assert not list((tmp_path / "out").rglob(stages.OriginalInputs.PREFIX + "*"))

@@ -168,6 +168,14 @@ def test_a_projected_cross_statistic_is_w_times_the_cross_gram_and_gives_the_sam
     e0 = float((x @ w.T).pow(2).sum()) / x.shape[0]
     new = a.out_factor @ a.in_factor
     assert output_error(w, new, e0, None, gram.gram, wc=wc) == pytest.approx(output_error(w, new, e0, cross.gram, gram.gram), rel=1e-4)
+    # from the original linear's outputs W x (what the job's original block gives) instead of its inputs: the same sum
+    from_outputs = ProjectedCrossAccumulator(w)
+    for part in range(0, x.shape[0], 70):
+        from_outputs.add_outputs((x[part : part + 70] @ w.T).to(dtype), x_comp[part : part + 70].to(dtype))
+    assert from_outputs.tokens == projected.tokens and from_outputs.product_eps == projected.product_eps
+    assert torch.allclose(from_outputs.times(w), wc, rtol=0, atol=tol * float(wc.abs().max()))
+    with pytest.raises(ValueError):
+        from_outputs.add_outputs(x[:3] @ w.T, x_comp[:2])
     with pytest.raises(ValueError):
         projected.times(w.T)  # W C of its own linear only
     # the job's choice: W C for a lone out < in linear, C where the input is shared or out >= in
