@@ -275,7 +275,9 @@ def _add_plan(sub) -> None:
 def _add_verify(sub) -> None:
     p = sub.add_parser("verify", help="check a streamsvd OUT_DIR against the checksums recorded as it was written",
                        description="Check every file the job recorded (size, safetensors header, sha256 of the "
-                       "contents). Reads the whole output once (about 1 GB/s per core). Exit 0 if intact, 2 if not.")
+                       "contents). Reads the whole output once (about 1 GB/s per core). Exit 0 if the job finished and every file "
+                       "is intact, 2 if a file is damaged or missing or the job is unfinished (its files are checked "
+                       "all the same).")
     p.add_argument("out_dir", metavar="OUT_DIR", help="a streamsvd output directory (finished or not)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
 
@@ -414,7 +416,8 @@ def cmd_run(args) -> int:
         if cfg.alloc != "global":
             print(f"streamsvd: resuming {args.out_dir} with the allocation it was started with: --alloc {cfg.alloc}",
                   file=sys.stderr)
-    if args.profile_samples is None and not args.profile and state is not None and (state.settings or {}).get("profile") == "own":
+    if (args.profile_samples is None and not args.profile and state is not None and (state.settings or {}).get("profile") == "own"
+            and cfg.needs_profile):  # a resume that asks for no profile (--alloc uniform) is another job: refused as one
         # --profile-samples left out, resuming a job that profiled for itself: its profile's windows (a job started
         # before the flag took all of them, recorded as no key), rather than refusing it as another job
         recorded = state.settings.get("profile_samples")
@@ -671,12 +674,18 @@ def cmd_verify(args) -> int:
     else:
         for item in result["damaged"]:
             print(f"damaged: {item['file']}: {item['problem']}")
-        print(f"{'ok' if result['ok'] else 'NOT ok'}: {result['files_checked']} files checked in {args.out_dir}"
+        print(f"{'ok' if result['files_ok'] else 'NOT ok'}: {result['files_checked']} files checked in {args.out_dir}"
               f"{'' if result['complete'] else ' (the job is unfinished)'}")
-    if not result["ok"]:
+    if not result["files_ok"]:
         raise StreamSVDError(
             f"{len(result['damaged'])} file(s) of {args.out_dir} are damaged or missing",
             "run the same `streamsvd run` command again: it redoes the damaged files",
+        )
+    if not result["complete"]:
+        raise StreamSVDError(
+            f"{args.out_dir} holds an unfinished job ({result['blocks_done']} blocks done): the files written so far "
+            "check out, but it is not a model yet",
+            "run the same `streamsvd run` command again: it resumes and finishes the job",
         )
     return 0
 

@@ -106,9 +106,23 @@ class OutputWriter:
             return False
         return _intact(path) if Path(path).suffix == ".safetensors" else Path(path).is_file()
 
-    def damaged_files(self) -> list[str]:
-        """The recorded files that fail the cheap check (sizes, headers), in name order."""
-        return [name for name in sorted(self.written) if not self.file_intact(self.dir / name)]
+    def damaged_files(self, deep: bool = False) -> list[str]:
+        """The recorded files that fail the cheap check (sizes, headers), in name order; `deep`: also those whose
+        contents are not what was written (sha256, as `streamsvd verify`)."""
+        from .checksums import file_sha256
+
+        def damaged(name: str) -> bool:
+            path = self.dir / name
+            if not self.file_intact(path):
+                return True
+            if not deep:
+                return False
+            try:
+                return file_sha256(path) != self.written[name]["sha256"]
+            except OSError:
+                return True
+
+        return [name for name in sorted(self.written) if damaged(name)]
 
     def other_files(self) -> list[Path]:
         """Files copied from MODEL_DIR unchanged at the end (tokenizer, generation config, ...)."""

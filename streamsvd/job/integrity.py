@@ -6,7 +6,7 @@
 - `remove_own_files` (`run --restart`): only streamsvd's own files, after saying which;
 - `inputs_trusted` / `activation_digest`: an activation file is trusted only when the state,
   written after the file was complete and fsynced, records its sha256 and the file still has it;
-- `reopen_if_damaged`: a finished OUT_DIR whose files fail the cheap check (sizes, headers) is
+- `reopen_if_damaged`: a finished OUT_DIR whose files fail verify's check (sizes, headers, sha256) is
   reopened at the first damaged piece instead of being reported complete;
 - `check_model_unchanged`: the checkpoint's tensors are hashed as the job reads them and recorded
   per block; on a resume, the finished blocks whose MODEL_DIR shards changed on disk (size, mtime
@@ -184,9 +184,12 @@ class JobIntegrity:
         state.weights = {k: v for k, v in state.weights.items() if k == "extra" or int(k) < block}
 
     def reopen_if_damaged(self) -> list[str]:
-        """A finished OUT_DIR: the cheap checks; if anything is damaged, reopen the job to redo it."""
+        """A finished OUT_DIR: every recorded file checked as `streamsvd verify` checks it (sizes, headers and the
+        sha256 of the contents: one read of the output, about 1 GB/s per core); if anything is damaged, reopen the
+        job to redo it. Verify's fix line for a damaged file is this rerun, so it must see what verify sees (a
+        changed byte inside a shard passed the cheap check, and the rerun said "already complete")."""
         job, state = self.job, self.job.state
-        damaged = job.out.damaged_files()
+        damaged = job.out.damaged_files(deep=True)
         if not damaged:
             return []
         _say(f"the finished output in {job.cfg.out_dir} is damaged ({', '.join(damaged)}); redoing what is needed")
@@ -224,6 +227,9 @@ class JobIntegrity:
         job, state = self.job, self.job.state
         now = self.model_file_stats()
         changed = {s for s, st in now.items() if state.model_files.get(s) != st}
+        # whether MODEL_DIR's files differ (size, mtime or inode) from the last run's: what the job's own profile,
+        # made from every block's weights before any block is finished, cannot be checked against (pipeline.py)
+        self.model_files_changed = bool(state.model_files) and bool(changed)
         if state.model_files and changed:
             for key in sorted(state.weights, key=lambda k: (k != "extra", int(k) if k.isdigit() else -1)):
                 names = job.out.extra_names() if key == "extra" else [

@@ -451,6 +451,25 @@ class CompressionJob:
         if not self.profile.reused:
             keep_stage(self.plan, profiled, "profile")  # the run's planned peak against its measured one
 
+    def _forget_unchecked(self) -> None:
+        """A resume whose MODEL_DIR files changed (size, mtime or inode) before any block was finished: the finished
+        blocks' digests are what tells a copy or a touch from other weights (integrity.check_model_unchanged), and
+        there are none yet, so what a killed run made from the whole model may be another model's: the profile
+        (every matrix's spectrum, which the ranks come from) and block 0's inputs (from the embeddings). Both are
+        made again rather than trusted."""
+        self.state.inputs_file = self.state.inputs_digest = None
+        own = Path(self.cfg.out_dir) / OWN_PROFILE
+        if self.cfg.needs_profile and self.profile is None and (own.exists() or self.state.profile_digest is not None):
+            if self.world.writes:
+                import shutil
+
+                shutil.rmtree(own, ignore_errors=True)
+                tqdm.write(f"streamsvd: the files of MODEL_DIR {self.ckpt.dir} changed since this job profiled them "
+                           "(size, time or inode) and no finished block can tell whether the weights did: profiling "
+                           "again", file=sys.stderr)
+            self.state.profile_digest = None
+            self.world.barrier()
+
     def _rank(self, full_name: str, m: int, n: int) -> int:
         return self.ranks[full_name] if self.ranks is not None else rank_for_ratio(m, n, self.cfg.ratio, self.cfg.factors)
 
@@ -600,6 +619,8 @@ class CompressionJob:
         self._stage("embed")
         self.state.batch_size = self.batch_size
         self.world.agree(integrity.check_model_unchanged)
+        if self.state.blocks_done == 0 and integrity.model_files_changed:
+            self._forget_unchecked()
         self.state.save(self.out.dir)
         self.out.prepare()
         self.work.mkdir(parents=True, exist_ok=True)

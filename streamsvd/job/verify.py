@@ -2,7 +2,7 @@
 
 The job records each file's size and sha256 in its state as it writes it (shards and spectra as
 blocks finish, the rest when it finishes, the index last). Verify reads them all back; `run` on a
-finished job does only the cheap part (sizes, headers) and redoes what fails.
+finished job makes the same check (job/integrity.reopen_if_damaged) and redoes what fails.
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ def verify(out_dir: Path, deep: bool = True) -> dict:
         "blocks_done": state.blocks_done,
         "files_checked": len(state.files),
         "damaged": damaged,
-        "ok": not damaged,
+        "files_ok": not damaged,
+        # a usable model: every recorded file as written, and the job finished (an unfinished one's files can all
+        # check out while most of the model is missing, so `verify OUT && deploy` must not pass it)
+        "ok": not damaged and state.complete,
     }
 
 

@@ -414,6 +414,36 @@ def test_verify_finds_a_flipped_byte_that_the_cheap_check_cannot(model, straight
     captured = capsys.readouterr()
     assert rc == 2 and "sha256 mismatch" in captured.out and shard.name in captured.out
     assert captured.err.count("error: ") == 1 and "streamsvd run" in captured.err
+    # and the fix it names works: the rerun sees what verify saw (it said "already complete" and left the damage)
+    assert cli(["run", model, out, *FAST]) == 0
+    captured = capsys.readouterr()
+    assert "already complete" not in captured.out and "damaged" in captured.err and shard.name in captured.err
+    assert files(out) == files(straight)
+    assert cli(["verify", out]) == 0
+
+
+def test_resuming_a_profiled_job_with_alloc_uniform_is_refused_as_another_job(interrupted_base, model, tmp_path, capsys):
+    """The job profiled for itself (--alloc global, the default); a resume with --alloc uniform is another job and is
+    refused as one, not with an error about a --profile-samples the user never gave (the resume's recorded one)."""
+    out = tmp_path / "out"
+    shutil.copytree(interrupted_base, out)
+    before = snapshot(out)
+    err = clean_error(capsys, cli(["run", model, out, *FAST, "--alloc", "uniform"]), "holds a different streamsvd job",
+                      "global")
+    assert "--profile-samples" not in err
+    assert snapshot(out) == before
+
+
+def test_verify_fails_an_unfinished_job_whose_files_check_out(interrupted_base, tmp_path, capsys):
+    """`streamsvd verify OUT && deploy` must not pass a killed job: its files are intact but most of the model is not
+    there (exit 2, one error naming the resume), and --json says ok false with files_ok true."""
+    out = tmp_path / "out"
+    shutil.copytree(interrupted_base, out)
+    err = clean_error(capsys, cli(["verify", out]), "unfinished job (2 blocks done)", "streamsvd run")
+    assert "damaged" not in err
+    assert cli(["verify", out, "--json"]) == 2
+    result = json.loads(capsys.readouterr().out)
+    assert result["files_ok"] and not result["complete"] and not result["ok"] and result["files_checked"] > 0
 
 
 def test_verify_refuses_a_directory_without_a_job(model, capsys):
@@ -469,6 +499,26 @@ def test_a_touched_but_unchanged_checkpoint_resumes(model, straight, tmp_path):
     run_job(cfg(m, out, model_dir=m))
     assert {k: v for k, v in files(out).items() if not k.startswith("streamsvd_report")} == \
         {k: v for k, v in files(straight).items() if not k.startswith("streamsvd_report")}
+
+
+def test_a_resume_on_other_weights_before_any_block_is_finished_profiles_again(model, tmp_path, capsys):
+    """Killed after its own profile, before block 0 was finished: no block digest can tell other weights of the same
+    shapes (a fine-tune) from a copy. The resume made the ranks from the old weights' profile (11 of 28 differed) and
+    its block 0 inputs from the old embeddings; now both are made again, and the output is other weights' own."""
+    other = make_tiny_checkpoint("llama", tmp_path / "other", seed=1, num_hidden_layers=4)
+    straight_other = tmp_path / "straight-other"
+    assert main(["run", str(other), str(straight_other), *FAST]) == 0
+    out = tmp_path / "out"
+    env = {**os.environ, "STREAMSVD_FAULT": "activation-batch:1"}
+    killed = subprocess.run(CLI + ["run", str(model), str(out), *FAST], env=env, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    state = json.loads((out / STATE_NAME).read_text())
+    assert state["blocks_done"] == 0 and state["profile_digest"] and (out / "profile").is_dir()
+    capsys.readouterr()
+    assert main(["run", str(other), str(out), *FAST]) == 0
+    assert "profiling again" in capsys.readouterr().err
+    same = lambda d: {k: v for k, v in files(d).items() if not k.startswith("streamsvd_report")}  # noqa: E731
+    assert same(out) == same(straight_other)
 
 
 def test_the_state_records_a_digest_of_every_finished_blocks_weights(model, interrupted_base, tmp_path):
