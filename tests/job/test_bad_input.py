@@ -408,10 +408,10 @@ def test_disk_space_estimate_matches_what_a_job_writes(pristine, out, long_text)
     job.run()
     written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and not p.name.startswith("streamsvd_"))
     assert 0.9 < written / needs[out] < 1.1
-    # two float32 activation files, each with both streams, one block's float32 original inputs to o, gate/up, down,
-    # and its saved inputs of o and down (stages.Replay)
+    # two float32 activation files, each with both streams, one block's float32 original inputs to o and gate/up and
+    # outputs of down (its cross statistic is W C, paired with W x), and its saved inputs of o and down (stages.Replay)
     c = job.config
-    stash = 4 * 32 * 4 * (c.num_attention_heads * c.head_dim + c.hidden_size + c.intermediate_size)
+    stash = 4 * 32 * 4 * (c.num_attention_heads * c.head_dim + c.hidden_size + c.hidden_size)
     replayed = 4 * 32 * 4 * (c.num_attention_heads * c.head_dim + c.intermediate_size)
     assert needs[job.work] == 2 * 2 * 4 * 32 * 64 * 4 + stash + replayed
 
