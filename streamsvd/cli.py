@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -361,8 +362,16 @@ def _add_export(sub) -> None:
                    help="onnx: skip the onnxruntime check against PyTorch (saves one model's worth of RAM and a few seconds)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's refusals as every other refusal: one `error:` line and one `fix:` line, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}\n  fix: see `{self.prog} --help` for what each flag takes "
+                     "(a negative number goes as --flag=-1)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamsvd", description="Streaming truncated-SVD compression of decoder LLMs "
+    parser = _Parser(prog="streamsvd", description="Streaming truncated-SVD compression of decoder LLMs "
                                      "under a memory budget.", epilog=EPILOG)
     from . import __version__
 
@@ -387,6 +396,9 @@ def cmd_run(args) -> int:
     if args.ratio is not None and args.max_ppl_increase is not None:
         raise StreamSVDError("--ratio and --max-ppl-increase both set the model's size",
                              "give one of them: --ratio for a size, --max-ppl-increase for a quality target")
+    if args.ratio is not None and args.max_loss is not None:  # the ratio was ignored (and recorded as if it held)
+        raise StreamSVDError("--ratio and --max-loss both set the model's size",
+                             "give one of them: --ratio for a size, --max-loss for a quality target")
     cfg = JobConfig(
         model_dir=Path(args.model_dir), out_dir=Path(args.out_dir), ratio=0.4 if args.ratio is None else args.ratio,
         max_mem=parse_size(args.max_mem) if args.max_mem else None, calib=args.calib,
@@ -647,6 +659,11 @@ def cmd_eval(args) -> int:
         if not world.writes:
             return 0
     result = {"model": args.model, "text": source, **result}
+    if not math.isfinite(result["perplexity"]):  # and `--json` would print NaN, which JSON does not have
+        raise StreamSVDError(f"the perplexity of {args.model} is not finite ({result['perplexity']}): its outputs "
+                             "overflow or are NaN on this text",
+                             "check the model's weights (`streamsvd verify OUT_DIR` for a streamsvd output); a checkpoint "
+                             "with non-finite weights or norms cannot be evaluated")
     if args.json:
         print(json.dumps(result))
     else:
@@ -735,7 +752,11 @@ COMMANDS = {"run": cmd_run, "profile": cmd_profile, "plan": cmd_plan, "eval": cm
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .job.distributed import World, launched_distributed
+    try:  # torch's import takes seconds: a Ctrl-C then is an interruption like any other, not a traceback
+        from .job.distributed import World, launched_distributed
+    except KeyboardInterrupt:
+        print("interrupted (before any work): run the command again", file=sys.stderr)
+        return 130
 
     args = build_parser().parse_args(argv)
     world = None

@@ -30,9 +30,18 @@ def default_text() -> str:
 def read_text_file(path: Path) -> str:
     """Plain text, or .jsonl with a "text" field per line."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise StreamSVDError(f"calibration file {path} does not exist", "check the --calib path")
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    if not path.is_file():
+        raise StreamSVDError(f"{path} is not a file (a directory or a device)", "give a plain-text or .jsonl file")
+    data = path.read_bytes()
+    raw = data.decode("utf-8", errors="replace")
+    # a few stray bytes are kept (replaced); a binary file would tokenize into garbage that calibrates (or scores)
+    # nothing the model will see, and must not pass for text
+    broken = raw.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    if b"\x00" in data or broken > max(16, len(raw) // 100):
+        why = "it holds NUL bytes" if b"\x00" in data else f"{broken} of its {len(raw)} characters are not UTF-8"
+        raise StreamSVDError(f"{path} is not text ({why})", "give a UTF-8 plain-text or .jsonl file")
     if path.suffix != ".jsonl":
         return raw
     texts = []

@@ -67,6 +67,8 @@ class Checkpoint:
         if not config_path.is_file():
             raise CheckpointError(
                 f"{self.dir} has no config.json",
+                f"run the same `streamsvd run` command again: it finishes or repairs {self.dir}"
+                if _streamsvd_output(self.dir) else
                 "point MODEL_DIR at a Hugging Face checkpoint directory (config.json + *.safetensors); "
                 "for a GGUF file run `streamsvd import-gguf FILE DIR` first",
             )
@@ -100,9 +102,11 @@ class Checkpoint:
                 raise CheckpointError(f"{index_path} is not a valid index ({e})", "re-download the index file") from e
             missing = sorted({s for s in weight_map.values() if not (self.dir / s).is_file()})
             if missing:
+                output = _streamsvd_output(self.dir)
                 raise CheckpointError(
                     f"{index_path.name} names shard(s) that are missing: {', '.join(missing)}",
-                    f"copy the missing shard files into {self.dir}",
+                    f"run the same `streamsvd run` command again: it redoes the missing shards of {self.dir}" if output
+                    else f"copy the missing shard files into {self.dir}",
                 )
             return dict(weight_map)
         single = self.dir / SINGLE_NAME
@@ -158,6 +162,7 @@ class Checkpoint:
                 from .checksums import tensor_sha256
 
                 self.read_digests[name] = tensor_sha256(tensor)
+            _refuse_non_finite(self.dir, name, tensor)
         return tensor
 
     def fingerprint(self) -> dict:
@@ -166,3 +171,19 @@ class Checkpoint:
             "config": self.config_dict,
             "shards": {s: (self.dir / s).stat().st_size for s in sorted(self.headers)},
         }
+
+
+def _refuse_non_finite(where: Path, name: str, tensor: torch.Tensor) -> None:
+    """A weight the job reads holding NaN or inf: refused by name, not a LinAlgError traceback halfway through the job.
+    Checked a chunk of a million values at a time (no tensor-sized temporary), as the digest reads every byte anyway."""
+    if not tensor.is_floating_point():
+        return
+    for chunk in tensor.detach().reshape(-1).split(1 << 20):
+        if not bool(torch.isfinite(chunk).all()):
+            raise CheckpointError(f"the checkpoint's {name} in {where} holds NaN or infinite values",
+                                  "the checkpoint is damaged or was saved wrongly: re-download or re-export it")
+
+
+def _streamsvd_output(folder: Path) -> bool:
+    """Whether `folder` is a streamsvd OUT_DIR (its job state is there): a missing shard is then the job's to redo."""
+    return (Path(folder) / "streamsvd_state.json").is_file()

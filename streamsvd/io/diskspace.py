@@ -70,7 +70,7 @@ def check_free_space(needs: dict[Path, int]) -> None:
             where = " and ".join(str(p) for p in paths)
             raise StreamSVDError(
                 f"not enough disk space: the job still has to write about {format_size(need)} to {where}, "
-                f"and that disk has {format_size(free)} free",
+                f"and that disk has {format_size(free)} free (it keeps {format_size(MARGIN_BYTES)} spare on top)",
                 "free space there, choose an OUT_DIR on a larger disk, put the activations elsewhere with "
                 "--work-dir, or halve them with --act-dtype bfloat16",
             )

@@ -29,6 +29,7 @@ from ..io.activations import DTYPES as ACT_DTYPES
 from ..io.activations import ActivationFile, activation_bytes
 from ..model.architecture import (
     decoder_layers,
+    check_weights_match,
     empty_model,
     layer_prefix,
     linear_modules,
@@ -215,13 +216,14 @@ class JobConfig:
         if self.max_loss is not None and not 0.0 <= self.max_loss < 1.0:
             raise StreamSVDError(f"--max-loss {self.max_loss} is out of range",
                                  "give the fraction of the weighted output energy that may be dropped, in [0, 1), e.g. 0.05")
-        if self.max_loss is not None and self.alloc == "v2":
-            raise StreamSVDError("--max-loss follows the global allocator's order, not v2's", "use --alloc global (or leave --alloc out)")
+        if self.max_loss is not None and self.alloc in ("v2", "uniform"):  # uniform was silently replaced by global
+            raise StreamSVDError(f"--max-loss follows the global allocator's order, not {self.alloc}'s",
+                                 "use --alloc global (or leave --alloc out)")
         if self.max_ppl_increase is not None and not (self.max_ppl_increase > 0 and self.max_ppl_increase <= 1e6):
             raise StreamSVDError(f"--max-ppl-increase {self.max_ppl_increase} is out of range",
                                  "give the largest held-out perplexity increase allowed as a fraction above 0, e.g. 0.25 for +25%")
-        if self.max_ppl_increase is not None and self.alloc == "v2":
-            raise StreamSVDError("--max-ppl-increase follows the global allocator's order, not v2's",
+        if self.max_ppl_increase is not None and self.alloc in ("v2", "uniform"):
+            raise StreamSVDError(f"--max-ppl-increase follows the global allocator's order, not {self.alloc}'s",
                                  "use --alloc global (or leave --alloc out)")
         if self.profile_samples is not None:
             if not self.needs_profile:
@@ -386,6 +388,7 @@ class CompressionJob:
         # they ride in rows [streams x S, streams x S + H) of the activation files, through the compressed blocks.
         self.all_heldout = heldout_windows(self.tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_rows)
         self.model = empty_model(self.config, COMPUTE_DTYPE)
+        check_weights_match(self.model, self.ckpt)
         self.batch_size = self._batch_size()
         if cfg.torch_device.type == "cuda":
             hold_to_budget(cfg.torch_device, self.plan.gpu_budget_bytes)

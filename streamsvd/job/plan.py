@@ -1027,7 +1027,7 @@ def _add_own_profile(plan: Plan, cfg, ckpt: Checkpoint, processes: int = 1) -> N
 def plan_job(cfg, processes: int = 1) -> Plan:
     """`streamsvd plan`: everything `run` checks and loads before its plan, then the plan (no OUT_DIR)."""
     from ..io.calibration import load_texts, load_tokenizer, sample_windows
-    from ..model.architecture import check_seqlen, empty_model, load_config
+    from ..model.architecture import check_seqlen, check_weights_match, empty_model, load_config
 
     cfg.validate()
     ckpt = Checkpoint(cfg.model_dir)
@@ -1037,6 +1037,7 @@ def plan_job(cfg, processes: int = 1) -> Plan:
     text, _ = load_texts(cfg.calib)
     windows = sample_windows(tokenizer, text, cfg.calib_samples, cfg.seqlen, cfg.seed)
     model = empty_model(config, torch.float32)
+    check_weights_match(model, ckpt)
     plan = build_plan(cfg, ckpt, processes=processes)
     if processes > 1:  # refuses, as `run` under torchrun would, a job with fewer batches than processes
         from .distributed import World

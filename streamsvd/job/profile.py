@@ -67,7 +67,7 @@ from ..io.fsutil import atomic_path, atomic_write_json
 from ..math.allocate import Matrix
 from ..math.factorize import TALL_MIN_RATIO, project, weight_gram, whiten, whitened
 from ..math.gram import GramAccumulator, OutputGramAccumulator
-from ..model.architecture import decoder_layers, empty_model, layer_prefix, linear_modules, load_config, check_seqlen, load_layer
+from ..model.architecture import check_weights_match, decoder_layers, empty_model, layer_prefix, linear_modules, load_config, check_seqlen, load_layer
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, layer_args_on, run_layer
 from ..model.embedding import materialize_base_mapped
 from ..timing import charged
@@ -315,6 +315,7 @@ class Profiler:
         self.windows = sample_windows(tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
         self.heldout = heldout_windows(tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_samples)
         self.model = empty_model(self.config, COMPUTE_DTYPE)
+        check_weights_match(self.model, self.ckpt)
         from .device import hold_to_budget, resolve_device
         from .distributed import World
         from .plan import refuse_if_too_small

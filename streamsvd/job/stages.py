@@ -17,6 +17,7 @@ compensating, paired token by token with the original block's inputs to the same
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -675,6 +676,12 @@ def factor_block(
         }
         if error is not None:
             block.records[full]["output_error"] = error
+        bad = {k: v for k, v in block.records[full].items() if isinstance(v, float) and not math.isfinite(v)}
+        if bad:  # the state would refuse these figures after the run said "done" (and its --restart would loop)
+            raise StreamSVDError(f"{full} gives non-finite figures on the calibration text "
+                                 f"({', '.join(f'{k} {v}' for k, v in bad.items())}): its outputs overflow float32",
+                                 "check the checkpoint's weights (a matrix scaled far out of range?); re-download or "
+                                 "re-export it")
         if f.precision != "float64":  # --precision float32, kept (math/factorize.float32_trusted); absent: float64
             block.records[full]["precision"] = f.precision
         if group in whitenings and not any(stats.group_of.get(other) == group for other in names[i + 1 :]):

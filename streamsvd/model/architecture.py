@@ -17,7 +17,7 @@ from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCa
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..io.checkpoint import Checkpoint
-from ..errors import UnsupportedArchitecture
+from ..errors import CheckpointError, StreamSVDError, UnsupportedArchitecture
 
 # model_type -> attribute path of the decoder-layer list inside the *ForCausalLM model.
 SUPPORTED = {
@@ -81,16 +81,54 @@ def check_supported(config_dict: dict) -> str:
     return model_type
 
 
+def _unbuildable(checkpoint: Checkpoint, exc: Exception) -> StreamSVDError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return StreamSVDError(f"the config.json in {checkpoint.dir} cannot be built by transformers "
+                          f"({type(exc).__name__}: {first[:300]})",
+                          "restore the checkpoint's own config.json (a value in it is of the wrong kind or unknown to "
+                          "this transformers)")
+
+
 def load_config(checkpoint: Checkpoint) -> PretrainedConfig:
     model_type = check_supported(checkpoint.config_dict)
-    if checkpoint.config_dict != checkpoint.raw_config_dict:
-        # A streamsvd output (config.json of model_type "streamsvd"): the base family's config class
-        # from the base form of the dict, as AutoConfig would build it from the original config.json.
-        config = CONFIG_MAPPING[model_type].from_dict(dict(checkpoint.config_dict))
-    else:
-        config = AutoConfig.from_pretrained(checkpoint.dir)
+    try:
+        if checkpoint.config_dict != checkpoint.raw_config_dict:
+            # A streamsvd output (config.json of model_type "streamsvd"): the base family's config class
+            # from the base form of the dict, as AutoConfig would build it from the original config.json.
+            config = CONFIG_MAPPING[model_type].from_dict(dict(checkpoint.config_dict))
+        else:
+            config = AutoConfig.from_pretrained(checkpoint.dir)
+    except StreamSVDError:
+        raise
+    except Exception as exc:  # transformers' own checks of the values: ValueError, KeyError, its validation errors
+        raise _unbuildable(checkpoint, exc) from exc
     config._attn_implementation = attention_implementation(config)
     return config
+
+
+def check_weights_match(model: nn.Module, checkpoint: Checkpoint) -> None:
+    """An original checkpoint's tensors against the model its config.json makes: every parameter there with its
+    shape, and no decoder layer beyond num_hidden_layers. A config.json that contradicts the weights (vocab_size,
+    hidden_size, heads) otherwise gave a traceback midway, after shards were written, or (fewer layers) a finished
+    output that silently lacked the checkpoint's last blocks."""
+    keys = set(checkpoint.keys())
+    for name, param in model.named_parameters():
+        if name not in keys:
+            if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
+                continue
+            raise CheckpointError(f"the checkpoint in {checkpoint.dir} has no tensor {name}, which its config.json "
+                                  "calls for", "restore the checkpoint's own config.json, or re-download the checkpoint")
+        if list(checkpoint.shape(name)) != list(param.shape):
+            raise CheckpointError(f"the checkpoint's {name} in {checkpoint.dir} has shape {list(checkpoint.shape(name))}, "
+                                  f"its config.json makes it {list(param.shape)}",
+                                  "restore the checkpoint's own config.json (it does not describe these weights)")
+    stem, n_layers = SUPPORTED[model.config.model_type] + ".", len(decoder_layers(model))
+    beyond = sorted({int(k[len(stem):].split(".", 1)[0]) for k in keys
+                     if k.startswith(stem) and k[len(stem):].split(".", 1)[0].isdigit()} - set(range(n_layers)))
+    if beyond:
+        raise CheckpointError(f"the checkpoint in {checkpoint.dir} has decoder layers up to {beyond[-1]}, its "
+                              f"config.json only {n_layers} (num_hidden_layers)",
+                              "restore the checkpoint's own config.json (the job would silently drop the other layers)")
 
 
 def attention_implementation(config: PretrainedConfig) -> str:
@@ -102,8 +140,14 @@ def attention_implementation(config: PretrainedConfig) -> str:
 
 def empty_model(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The *ForCausalLM with every parameter on the meta device and real buffers."""
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as exc:  # an unknown hidden_act or rope_type, ... surface only when the model is built
+        raise StreamSVDError(f"the model's config.json cannot be built by transformers ({type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''})",
+                             "restore the checkpoint's own config.json (a value in it is of the wrong kind or unknown "
+                             "to this transformers)") from exc
     return model.eval()
 
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import streamsvd
 from streamsvd.io.checkpoint import INDEX_NAME
@@ -289,6 +290,135 @@ def test_calib_jsonl_without_text_field(capsys, pristine, out, tmp_path):
 def test_calib_path_missing(capsys, pristine, out, tmp_path):
     rc = cli(["run", pristine, out, "--calib", tmp_path / "nope.txt", *FAST])
     assert_clean_error(capsys, rc, "nope.txt", "does not exist")
+    assert_not_complete(out)
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 200, b"\x00" * 20000, b"plain text " * 2000 + b"\x00"])
+def test_calib_that_is_not_text_is_refused(capsys, pristine, out, tmp_path, content):
+    """Random bytes or NUL bytes were read with replacement characters and calibrated on (and `eval --text` scored
+    them); a few stray non-UTF-8 bytes in real text are still read."""
+    calib = tmp_path / "data.bin"
+    calib.write_bytes(content)
+    rc = cli(["run", pristine, out, "--calib", calib, *FAST])
+    assert_clean_error(capsys, rc, "data.bin", "is not text", "UTF-8")
+    assert_not_complete(out)
+
+
+def test_calib_with_a_few_stray_bytes_is_text():
+    from streamsvd.io.calibration import read_text_file
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "text.txt"
+        path.write_bytes(b"The quick brown fox. " * 500 + b"\xff\xfe caf\xc3\xa9 \xef\xbf\xbd")
+        text = read_text_file(path)
+    assert text.startswith("The quick brown fox.") and "caf\u00e9" in text
+
+
+def test_calib_that_is_a_directory_is_not_called_missing(capsys, pristine, out, tmp_path):
+    rc = cli(["run", pristine, out, "--calib", tmp_path, *FAST])
+    assert_clean_error(capsys, rc, "is not a file")
+
+
+@pytest.mark.parametrize("inside", ["", "w"])
+def test_a_work_dir_that_is_out_dir_or_inside_it_is_refused_and_leaves_nothing(capsys, pristine, out, inside, long_text):
+    """It made its folder in OUT_DIR before OUT_DIR's own check refused the job, and that debris blocked the rerun."""
+    rc = cli(["run", pristine, out, *FAST, "--work-dir", out / inside if inside else out])
+    assert_clean_error(capsys, rc, "--work-dir", "inside it")
+    assert not out.exists() or not any(out.rglob("*"))
+    assert cli(["run", pristine, out, *FAST, "--calib", long_text, "--alloc", "uniform"]) == 0  # the rerun is not blocked
+
+
+def test_a_missing_shard_of_an_output_says_rerun_not_copy(capsys, pristine, tmp_path):
+    from streamsvd.errors import CheckpointError
+    from streamsvd.io.checkpoint import Checkpoint
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "streamsvd_state.json").write_text("{}")
+    with pytest.raises(CheckpointError) as info:  # an output's config.json is the job's too (not a GGUF to import)
+        Checkpoint(out)
+    assert "streamsvd run" in info.value.fix and "import-gguf" not in info.value.fix
+    shutil.copy(pristine / "config.json", out / "config.json")
+    (out / INDEX_NAME).write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(CheckpointError) as info:
+        Checkpoint(out)
+    assert "streamsvd run" in info.value.fix and "copy" not in info.value.fix
+    (out / "streamsvd_state.json").unlink()
+    with pytest.raises(CheckpointError) as info:
+        Checkpoint(out)
+    assert "copy the missing shard" in info.value.fix
+
+
+def test_ctrl_c_while_torch_is_imported_is_no_traceback():
+    """SIGINT in the first seconds (torch's import) printed a KeyboardInterrupt traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+    code = "import time, streamsvd.cli as c; import builtins; " \
+           "real = builtins.__import__\n" \
+           "def slow(name, *a, **k):\n" \
+           "    if name == 'torch': time.sleep(30)\n" \
+           "    return real(name, *a, **k)\n" \
+           "builtins.__import__ = slow\n" \
+           "import sys; sys.exit(c.main(['plan', 'x']))"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err, err
+
+
+def test_out_dir_inside_model_dir_is_refused(capsys, model):
+    rc = cli(["run", model, model / "out", *FAST])
+    assert_clean_error(capsys, rc, "inside MODEL_DIR")
+    assert not (model / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [["run", "M", "O", "--ratio", "abc"], ["run", "M", "O", "--calib-samples", "2.5"],
+                                  ["run", "M", "O", "--max-mem", "-1G"], ["export", "gguf", "O", "D"], ["nosuch"]])
+def test_argument_errors_are_one_error_and_one_fix_line(capsys, argv):
+    rc = cli(argv)
+    err = assert_clean_error(capsys, rc, "--help")
+    assert "usage:" not in err and len(err.strip().splitlines()) == 2
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"vocab_size": 200}, "has shape"),  # finished, verified, then load and eval failed with a traceback
+    ({"hidden_size": 32}, "has shape"),
+    ({"num_hidden_layers": 2}, "decoder layers up to 2"),  # finished with the last block silently dropped
+    ({"num_hidden_layers": 5}, "has no tensor model.layers.3."),
+    ({"hidden_act": "nonexistent"}, "cannot be built"),
+    ({"rms_norm_eps": "abc"}, "cannot be built"),
+    ({"rope_scaling": {"rope_type": "bogus"}}, "cannot be built"),
+])
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_a_config_that_contradicts_the_weights_is_refused_before_any_write(capsys, model, out, changes, needle, command):
+    edit_config(model, **changes)
+    rc = cli([command, model, *([out, *FAST] if command == "run" else FAST[:4])])
+    assert_clean_error(capsys, rc, needle, "config.json")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value, needle", [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"),
+                                           (1e30, "non-finite figures")])
+@pytest.mark.parametrize("alloc", ["uniform", "global"])
+def test_weights_out_of_range_are_refused_by_name(capsys, model, out, value, needle, alloc):
+    """NaN or inf in a weight gave a LinAlgError traceback after block 0's shard was written; a weight scaled by 1e30
+    ran to `done:` and left a state its own commands refused (output_error inf), with --restart looping."""
+    from safetensors.torch import load_file, save_file
+
+    name = "model.layers.1.self_attn.q_proj.weight"
+    shard = shard_of(model, name)
+    tensors = load_file(str(shard))
+    tensors[name] = tensors[name] * value if value == 1e30 else tensors[name].index_fill(0, torch.tensor([3]), value)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    rc = cli(["run", model, out, *FAST, "--alloc", alloc])
+    assert_clean_error(capsys, rc, needle, "q_proj")
     assert_not_complete(out)
 
 

@@ -161,7 +161,11 @@ def test_bad_values_end_with_one_error_and_a_fix(tiny, tmp_path, capsys):
                         (["--max-ppl-increase", "0.2", "--heldout-samples", "0"], "--heldout-samples 0"),
                         (["--heldout-samples", "4"], "without --max-ppl-increase"),
                         (["--max-ppl-increase", "0.2", "--ratio", "0.3"], "both set the model's size"),
-                        (["--max-ppl-increase", "0.2", "--alloc", "v2"], "not v2's")]:
+                        (["--max-ppl-increase", "0.2", "--alloc", "v2"], "not v2's"),
+                        (["--max-ppl-increase", "0.2", "--alloc", "uniform"], "not uniform's"),
+                        # both ran, --ratio and --alloc uniform silently ignored (and --ratio recorded as if it held)
+                        (["--max-loss", "0.1", "--ratio", "0.3"], "--ratio and --max-loss"),
+                        (["--max-loss", "0.1", "--alloc", "uniform"], "not uniform's")]:
         assert main(_cli(tiny, tmp_path / "out", *extra)) == 2
         err = capsys.readouterr().err
         assert "error: " in err and says in err and "fix: " in err and "Traceback" not in err
