@@ -38,7 +38,7 @@ def _add_run(sub) -> None:
                    "(default: Python's built-in reference documentation)")
     p.add_argument("--calib-samples", type=int, default=64, help="number of calibration windows (default 64)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed for choosing the calibration windows (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for choosing the calibration windows (default 0)")
     p.add_argument("--method", choices=["eig", "cholesky", "svd"], default="eig",
                    help="eig: SVD-LLM V2 loss-optimised truncation (default, never fails on singular statistics); "
                    "cholesky: SVD-LLM whitening; svd: plain SVD of the weights (baseline, ignores activations)")
@@ -157,7 +157,7 @@ def _add_calibration_flags(p) -> None:
     p.add_argument("--calib", action="append", default=[], metavar="FILE", help="as for run")
     p.add_argument("--calib-samples", type=int, default=64, help="as for run (default 64)")
     p.add_argument("--seqlen", type=int, default=512, help="as for run (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="as for run (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="as for run (default 0)")
 
 
 def _add_profile(sub) -> None:
@@ -362,6 +362,14 @@ def _add_export(sub) -> None:
                    help="onnx: skip the onnxruntime check against PyTorch (saves one model's worth of RAM and a few seconds)")
 
 
+def _seed(value: str) -> int:
+    """A seed torch's generator takes (a larger one was a ValueError traceback)."""
+    seed = int(value)
+    if abs(seed) >= 1 << 62:  # with room for the held-out windows' offset (io/calibration.py)
+        raise argparse.ArgumentTypeError(f"{value} is out of range (|seed| < 2^62)")
+    return seed
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's refusals as every other refusal: one `error:` line and one `fix:` line, exit status 2."""
 
@@ -399,6 +407,10 @@ def cmd_run(args) -> int:
     if args.ratio is not None and args.max_loss is not None:  # the ratio was ignored (and recorded as if it held)
         raise StreamSVDError("--ratio and --max-loss both set the model's size",
                              "give one of them: --ratio for a size, --max-loss for a quality target")
+    target = "--max-loss" if args.max_loss is not None else "--max-ppl-increase" if args.max_ppl_increase is not None else None
+    if target and args.alloc == "uniform":  # a quality target takes the global allocator's path: uniform was ignored
+        raise StreamSVDError(f"{target} follows the global allocator's order, not uniform's",
+                             "use --alloc global (or leave --alloc out)")
     cfg = JobConfig(
         model_dir=Path(args.model_dir), out_dir=Path(args.out_dir), ratio=0.4 if args.ratio is None else args.ratio,
         max_mem=parse_size(args.max_mem) if args.max_mem else None, calib=args.calib,

@@ -49,10 +49,13 @@ def read_text_file(path: Path) -> str:
         if not line.strip():
             continue
         try:
-            texts.append(str(json.loads(line)["text"]))
+            value = json.loads(line)["text"]
+            if not isinstance(value, str):  # {"text": 5} or null was read as the text "5" or "None"
+                raise TypeError(f"its text is {type(value).__name__}")
+            texts.append(value)
         except (ValueError, KeyError, TypeError) as e:
             raise StreamSVDError(
-                f"{path}:{lineno} is not a JSON object with a \"text\" field", 'write one {"text": ...} object per line'
+                f"{path}:{lineno} is not a JSON object with a \"text\" string", 'write one {"text": "..."} object per line'
             ) from e
     return "\n\n".join(texts)
 

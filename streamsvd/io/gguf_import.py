@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -71,7 +72,8 @@ def _write_checkpoint(gguf_path: Path, tmp: Path, dtype, max_shard_size) -> None
     try:
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-    except (ValueError, KeyError, OSError, RuntimeError) as e:
+    except (ValueError, KeyError, OSError, RuntimeError, struct.error, EOFError, IndexError) as e:
+        # struct.error / EOFError: a file cut short inside its metadata (the gguf reader unpacks past its end)
         raise StreamSVDError(
             f"transformers could not read {gguf_path} ({type(e).__name__}: {e})",
             "check that the file is complete and that its architecture is one transformers "

@@ -216,14 +216,13 @@ class JobConfig:
         if self.max_loss is not None and not 0.0 <= self.max_loss < 1.0:
             raise StreamSVDError(f"--max-loss {self.max_loss} is out of range",
                                  "give the fraction of the weighted output energy that may be dropped, in [0, 1), e.g. 0.05")
-        if self.max_loss is not None and self.alloc in ("v2", "uniform"):  # uniform was silently replaced by global
-            raise StreamSVDError(f"--max-loss follows the global allocator's order, not {self.alloc}'s",
-                                 "use --alloc global (or leave --alloc out)")
+        if self.max_loss is not None and self.alloc == "v2":
+            raise StreamSVDError("--max-loss follows the global allocator's order, not v2's", "use --alloc global (or leave --alloc out)")
         if self.max_ppl_increase is not None and not (self.max_ppl_increase > 0 and self.max_ppl_increase <= 1e6):
             raise StreamSVDError(f"--max-ppl-increase {self.max_ppl_increase} is out of range",
                                  "give the largest held-out perplexity increase allowed as a fraction above 0, e.g. 0.25 for +25%")
-        if self.max_ppl_increase is not None and self.alloc in ("v2", "uniform"):
-            raise StreamSVDError(f"--max-ppl-increase follows the global allocator's order, not {self.alloc}'s",
+        if self.max_ppl_increase is not None and self.alloc == "v2":
+            raise StreamSVDError("--max-ppl-increase follows the global allocator's order, not v2's",
                                  "use --alloc global (or leave --alloc out)")
         if self.profile_samples is not None:
             if not self.needs_profile:

@@ -15,6 +15,8 @@ import struct
 import types
 
 import numpy as np
+
+from ..errors import CheckpointError
 import torch
 from torch import nn
 
@@ -46,7 +48,9 @@ class RowReader:
         try:
             for i, row in enumerate(unique.tolist()):
                 if not 0 <= row < self.rows:
-                    raise IndexError(f"token id {row} is outside the embedding's {self.rows} rows")
+                    raise CheckpointError(f"the tokenizer gives token id {row}, outside the embedding's {self.rows} rows",
+                                          "the tokenizer and the weights are from different models: restore the "
+                                          "checkpoint's own tokenizer files")
                 out[i] = np.frombuffer(os.pread(fd, self.row_bytes, self.data_start + row * self.row_bytes), dtype=out.dtype)
         finally:
             os.close(fd)

@@ -93,6 +93,11 @@ def test_import_gguf_rejects_bad_inputs(tmp_path):
     with pytest.raises(StreamSVDError, match="not empty"):
         import_gguf(tmp_path / "fake.gguf", tmp_path / "full")
     assert (tmp_path / "full" / "config.json").read_text() == "{}"
+    # cut short inside its header: the gguf reader's struct.error was a traceback
+    (tmp_path / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    with pytest.raises(StreamSVDError, match="could not read"):
+        import_gguf(tmp_path / "cut.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cache_entries_appear_only_when_complete(tmp_path, monkeypatch):

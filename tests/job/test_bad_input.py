@@ -373,6 +373,35 @@ def test_ctrl_c_while_torch_is_imported_is_no_traceback():
     assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err, err
 
 
+@pytest.mark.parametrize("line", ['{"text": 5}', '{"text": null}', '{"text": ["a"]}'])
+def test_calib_jsonl_whose_text_is_not_a_string_is_refused(capsys, pristine, out, tmp_path, line):
+    calib = tmp_path / "data.jsonl"
+    calib.write_text(line + "\n")  # read as the text "5" / "None" before
+    assert_clean_error(capsys, cli(["run", pristine, out, "--calib", calib, *FAST]), "data.jsonl:1", '"text" string')
+
+
+def test_a_seed_out_of_range_is_refused(capsys, pristine, out):
+    assert_clean_error(capsys, cli(["run", pristine, out, *FAST, "--seed", "99999999999999999999999"]), "--seed",
+                       "out of range")
+
+
+def test_a_tokenizer_of_another_model_is_refused_by_name(capsys, model, out):
+    """A tokenizer whose ids reach beyond the embedding's rows (another model's): an IndexError traceback before."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from streamsvd.io.calibration import default_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([default_text()[:200_000]], trainers.BpeTrainer(
+        vocab_size=2000, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(model)
+    rc = cli(["run", model, out, *FAST, "--alloc", "uniform"])
+    assert_clean_error(capsys, rc, "tokenizer", "embedding's 384 rows")
+
+
 def test_out_dir_inside_model_dir_is_refused(capsys, model):
     rc = cli(["run", model, model / "out", *FAST])
     assert_clean_error(capsys, rc, "inside MODEL_DIR")

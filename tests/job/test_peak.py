@@ -130,5 +130,7 @@ def test_the_heaps_holes_are_plugged_without_making_them_resident():
     out = subprocess.run([sys.executable, "-c", PLUG_SCRIPT], capture_output=True, text=True, check=True, timeout=60)
     f = json.loads(out.stdout)
     assert 20 <= f["plugs"] <= 200  # twenty 4 MiB holes (joined where adjacent), a few plugs each
-    assert f["plug_rss"] < 2 << 20  # only the chunk headers' pages
+    # only the chunk headers' pages (a few hundred KiB; 2.2 MiB once in CI, a transparent huge page under a header
+    # perhaps): far below the 80 MiB the holes would make resident
+    assert f["plug_rss"] < 8 << 20
     assert f["unplugged"] == 0  # unplug_heap empties the list it freed
