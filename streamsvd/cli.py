@@ -148,7 +148,7 @@ def _add_quality_flags(p) -> None:
                    "measured at 0.4 on SmolLM2 and Gemma 3, 40 steps: on top of compensation -0.8%% to +6%% held-out "
                    "perplexity in domain and -0.7%% to +15%% across for 2-7x the compression time; on plain uniform "
                    "truncation 20-28%% lower in domain, still above the compensated default across domains, docs/RESULTS.md)")
-    p.add_argument("--refine-lr", type=float, default=d.refine_lr, help=f"Adam step size for --refine-steps (default {d.refine_lr})")
+    p.add_argument("--refine-lr", type=float, default=None, help=f"Adam step size for --refine-steps (default {d.refine_lr})")
 
 
 def _add_calibration_flags(p) -> None:
@@ -348,7 +348,7 @@ def _add_export(sub) -> None:
                    "same rank (r^2 more numbers per linear), which survive rounding far better. About 1/6 of the float32 "
                    "bytes for those weights and about twice the export time (328 vs 155 CPU-s on SmolLM2), at a cost in "
                    "accuracy: the check reports how far the logits move; measure perplexity before relying on it")
-    p.add_argument("--onnx-block-size", type=int, default=32, metavar="N",
+    p.add_argument("--onnx-block-size", type=int, default=None, metavar="N",
                    help="onnx: inputs per quantisation block with --onnx-int4 (16, 32, 64 or 128; default 32; larger "
                    "is smaller and less accurate)")
     p.add_argument("--onnx-pivoted", choices=["rows", "columns", "folded"], default="rows",
@@ -396,6 +396,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_budget_beyond_ram(max_mem: str | None) -> None:
+    """A --max-mem beyond this machine's RAM sizes batches for memory that is not there (a typo such as 240G for
+    24G ends in the OOM killer, or swap); `plan` still takes it, to plan for another machine."""
+    import psutil
+
+    from .job.memory import format_size, parse_size
+
+    if max_mem and parse_size(max_mem) > psutil.virtual_memory().total:
+        total = psutil.virtual_memory().total
+        raise StreamSVDError(f"--max-mem {max_mem} is more than this machine's {format_size(total)} of RAM",
+                             f"give at most {format_size(total)}, or leave --max-mem out (75% of the available RAM); "
+                             "`streamsvd plan` takes any budget, to plan for another machine")
+
+
 def cmd_run(args) -> int:
     from .job.memory import parse_size
     from .job.pipeline import JobConfig, run_job
@@ -407,6 +421,10 @@ def cmd_run(args) -> int:
     if args.ratio is not None and args.max_loss is not None:  # the ratio was ignored (and recorded as if it held)
         raise StreamSVDError("--ratio and --max-loss both set the model's size",
                              "give one of them: --ratio for a size, --max-loss for a quality target")
+    if args.refine_lr is not None and not args.refine_steps:  # the step size of no steps: silently nothing
+        raise StreamSVDError("--refine-lr sets the step size of --refine-steps, which is 0",
+                             "add --refine-steps N (e.g. 40), or drop --refine-lr")
+    _refuse_budget_beyond_ram(args.max_mem)
     target = "--max-loss" if args.max_loss is not None else "--max-ppl-increase" if args.max_ppl_increase is not None else None
     if target and args.alloc == "uniform":  # a quality target takes the global allocator's path: uniform was ignored
         raise StreamSVDError(f"{target} follows the global allocator's order, not uniform's",
@@ -422,7 +440,9 @@ def cmd_run(args) -> int:
     )
     cfg.factors = args.factors
     cfg.calibrate, cfg.compensate, cfg.anchor = args.calibrate, args.compensate, args.anchor
-    cfg.refine_steps, cfg.refine_lr = args.refine_steps, args.refine_lr
+    cfg.refine_steps = args.refine_steps
+    if args.refine_lr is not None:
+        cfg.refine_lr = args.refine_lr
     cfg.alloc, cfg.rank_multiple, cfg.alloc_floor = args.alloc, args.rank_multiple, args.alloc_floor
     cfg.plots = not args.no_plots
     cfg.shrink = args.shrink
@@ -451,6 +471,9 @@ def cmd_run(args) -> int:
         if min(cfg.profile_samples, cfg.calib_samples) != min(DEFAULT_PROFILE_SAMPLES, cfg.calib_samples):
             print(f"streamsvd: resuming {args.out_dir} with the profile it was started with: --profile-samples "
                   f"{cfg.profile_samples}", file=sys.stderr)
+    if cfg.alloc_floor and cfg.alloc not in (None, "global"):  # None: the default, global
+        raise StreamSVDError(f"--alloc-floor applies to --alloc global, not to --alloc {cfg.alloc}",
+                             "drop --alloc-floor, or use --alloc global")
     from .io.calibration import DEFAULT_WARNING
     from .job.distributed import World
 
@@ -550,6 +573,7 @@ def cmd_profile(args) -> int:
     from .job.memory import parse_size
     from .job.profile import ProfileConfig, make_profile
 
+    _refuse_budget_beyond_ram(args.max_mem)
     cfg = ProfileConfig(
         model_dir=Path(args.model_dir), profile_dir=Path(args.profile_dir),
         max_mem=parse_size(args.max_mem) if args.max_mem else None, calib=args.calib,
@@ -601,7 +625,7 @@ def cmd_plan(args) -> int:
         calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, method=args.method,
         propagate=args.propagate, act_dtype=args.act_dtype, svd=args.svd, factors=args.factors, progress=False,
         calibrate=args.calibrate, compensate=args.compensate, anchor=args.anchor, refine_steps=args.refine_steps,
-        refine_lr=args.refine_lr, quant=args.quant, group_size=args.group_size, quant_rounding=args.quant_rounding,
+        **({} if args.refine_lr is None else {"refine_lr": args.refine_lr}), quant=args.quant, group_size=args.group_size, quant_rounding=args.quant_rounding,
         plots=not args.no_plots, precision=args.precision, device=args.device,
         max_gpu_mem=parse_size(args.max_gpu_mem) if args.max_gpu_mem else None,
     )
@@ -609,15 +633,31 @@ def cmd_plan(args) -> int:
     if args.nproc < 1:
         raise StreamSVDError(f"--nproc {args.nproc} is not positive", "give the number of processes torchrun starts, 1 or more")
     plan = plan_job(cfg, processes=args.nproc)
+    refusals = _plan_refusals(plan, args.max_mem)
     if args.json:
-        print(json.dumps(plan.to_json()))
+        print(json.dumps({**plan.to_json(), "run_refuses": refusals}))
     else:
         print(plan.describe())
-        if plan.budget_bytes < plan.strict_min_bytes:
-            print("this budget is below the smallest workable one; `run` would refuse it")
-        if not plan.gpu_fits():
-            print("this --max-gpu-mem is below the GPU's planned peak; `run` would refuse it")
+        for reason in refusals:
+            print(f"{reason}; `run` would refuse it")
     return 0
+
+
+def _plan_refusals(plan, max_mem: str | None) -> list[str]:
+    """Why `run` with these settings would refuse on this machine (empty: it would start); `plan --json` carries
+    them as `run_refuses`, so a script need not compare the budgets itself."""
+    import psutil
+
+    from .job.memory import parse_size
+
+    reasons = []
+    if plan.budget_bytes < plan.strict_min_bytes:
+        reasons.append("this budget is below the smallest workable one")
+    if not plan.gpu_fits():
+        reasons.append("this --max-gpu-mem is below the GPU's planned peak")
+    if max_mem and parse_size(max_mem) > psutil.virtual_memory().total:
+        reasons.append("this --max-mem is more than this machine's RAM (fine for planning another machine)")
+    return reasons
 
 
 def cmd_eval(args) -> int:
@@ -633,6 +673,14 @@ def cmd_eval(args) -> int:
         raise StreamSVDError(f"--max-mem {args.max_mem} is not a positive size", "give a budget such as 8G")
     if args.work_dir and not Path(args.work_dir).is_dir():
         raise StreamSVDError(f"--work-dir {args.work_dir} is not a directory", "give an existing directory, or leave it out")
+    streamed_only = [flag for flag, given in (("--max-mem", args.max_mem), ("--work-dir", args.work_dir),
+                                              ("--batch-size", args.batch_size)) if given is not None]
+    if args.in_memory and streamed_only:  # the whole model is loaded: they would be silently ignored
+        raise StreamSVDError(f"{', '.join(streamed_only)} appl{'y' if len(streamed_only) > 1 else 'ies'} to the "
+                             "streamed evaluation, not to --in-memory",
+                             "drop --in-memory (the streamed evaluation keeps to --max-mem), or drop "
+                             f"{', '.join(streamed_only)}")
+    _refuse_budget_beyond_ram(args.max_mem)
     from .job.device import check_device_flags
 
     max_gpu_mem = parse_size(args.max_gpu_mem) if args.max_gpu_mem else None
@@ -732,7 +780,11 @@ def export_onnx(args) -> int:
     from .export.onnx import export_onnx as export
     from .job.memory import format_size
 
-    rec = export(Path(args.out_dir), Path(args.dir), int4=args.onnx_int4, block_size=args.onnx_block_size,
+    if args.onnx_block_size is not None and not args.onnx_int4:  # the block of 4-bit quantisation: no effect
+        raise StreamSVDError("--onnx-block-size sets the blocks of --onnx-int4's quantisation, which is off",
+                             "add --onnx-int4, or drop --onnx-block-size")
+    block_size = 32 if args.onnx_block_size is None else args.onnx_block_size
+    rec = export(Path(args.out_dir), Path(args.dir), int4=args.onnx_int4, block_size=block_size,
                  check=not args.no_check, pivoted=args.onnx_pivoted)
     quant = f", {rec['matmul_nbits']} of them 4-bit MatMulNBits" if rec["int4"] else ""
     print(f"wrote {Path(args.dir) / rec['file']}: {format_size(rec['bytes'])}, {rec['linears_as_matmul']} linears as "
@@ -753,7 +805,7 @@ EXPORTS = {"dense": export_dense, "onnx": export_onnx}
 
 
 def cmd_export(args) -> int:
-    if args.format != "onnx" and (args.onnx_int4 or args.onnx_block_size != 32 or args.no_check or args.onnx_pivoted != "rows"):
+    if args.format != "onnx" and (args.onnx_int4 or args.onnx_block_size is not None or args.no_check or args.onnx_pivoted != "rows"):
         raise StreamSVDError(f"--onnx-int4, --onnx-block-size, --onnx-pivoted and --no-check apply to `export onnx`, not `export {args.format}`",
                              "drop them, or export onnx")
     return EXPORTS[args.format](args)

@@ -183,8 +183,10 @@ def load_tokenizer(model_dir: Path):
 
     try:
         return AutoTokenizer.from_pretrained(model_dir, **_base_config_kwargs(model_dir))
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a damaged tokenizer.json fails as KeyError, TypeError, tokenizers' Exception
+        first = (str(e).strip().splitlines() or [""])[0][:300]
         raise StreamSVDError(
-            f"cannot load a tokenizer from {model_dir} ({str(e).splitlines()[0]})",
-            "copy the tokenizer files (tokenizer.json, tokenizer_config.json) into MODEL_DIR",
+            f"cannot load a tokenizer from {model_dir} ({type(e).__name__}: {first})",
+            "copy the model's own tokenizer files (tokenizer.json, tokenizer_config.json) into MODEL_DIR; "
+            "they are missing or damaged",
         ) from e

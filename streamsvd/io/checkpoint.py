@@ -52,6 +52,12 @@ def read_safetensors_header(path: Path) -> dict:
             f"{path} is truncated: it has {size} bytes but its header needs {8 + header_len + data_end}",
             "re-download or re-export that shard (an interrupted copy or download leaves this)",
         )
+    if 8 + header_len + data_end < size:  # safetensors itself refuses it at the first read ("not fully covered")
+        raise CheckpointError(
+            f"{path} has {size - 8 - header_len - data_end} bytes beyond the {8 + header_len + data_end} its header "
+            "describes",
+            "re-download or re-export that shard (something was appended to it, or it is another file's copy)",
+        )
     return header
 
 
@@ -186,4 +192,6 @@ def _refuse_non_finite(where: Path, name: str, tensor: torch.Tensor) -> None:
 
 def _streamsvd_output(folder: Path) -> bool:
     """Whether `folder` is a streamsvd OUT_DIR (its job state is there): a missing shard is then the job's to redo."""
-    return (Path(folder) / "streamsvd_state.json").is_file()
+    from ..job.state import STATE_NAME  # lazy: the job package imports this module
+
+    return (Path(folder) / STATE_NAME).is_file()

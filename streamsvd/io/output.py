@@ -106,24 +106,6 @@ class OutputWriter:
             return False
         return _intact(path) if Path(path).suffix == ".safetensors" else Path(path).is_file()
 
-    def damaged_files(self, deep: bool = False) -> list[str]:
-        """The recorded files that fail the cheap check (sizes, headers), in name order; `deep`: also those whose
-        contents are not what was written (sha256, as `streamsvd verify`)."""
-        from .checksums import file_sha256
-
-        def damaged(name: str) -> bool:
-            path = self.dir / name
-            if not self.file_intact(path):
-                return True
-            if not deep:
-                return False
-            try:
-                return file_sha256(path) != self.written[name]["sha256"]
-            except OSError:
-                return True
-
-        return [name for name in sorted(self.written) if damaged(name)]
-
     def other_files(self) -> list[Path]:
         """Files copied from MODEL_DIR unchanged at the end (tokenizer, generation config, ...)."""
         return [p for p in sorted(self.ckpt.dir.iterdir()) if p.is_file() and not _is_weight_file(p.name) and p.name != "config.json"]
@@ -210,7 +192,9 @@ def markdown_report(report: dict) -> str:
         "# streamsvd report",
         "",
         f"- model: `{report['model_dir']}`",
-        f"- method: {report['method']}, requested ratio {report['ratio_requested']:.3f}, so each m x n linear keeps "
+        f"- method: {report['method']}, "
+        + ("a quality target" if report["ratio_requested"] is None else f"requested ratio {report['ratio_requested']:.3f}")
+        + ", so each m x n linear keeps "
         + _rank_rule(report),
         f"- compressed linears: {report['linear_params_before']:,} -> {report['linear_params_after']:,} parameters "
         f"(ratio {report['ratio_linear']:.3f})",

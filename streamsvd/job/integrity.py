@@ -31,6 +31,7 @@ from ..model.architecture import layer_prefix
 from ..model.remote import MODELING_FILE, modeling_source
 from .lock import LOCK_NAME
 from .state import RESTART_FIX, STATE_NAME
+from .verify import check_files
 
 _LAYER_INDEX_KEY = "layers."
 
@@ -189,7 +190,7 @@ class JobIntegrity:
         job to redo it. Verify's fix line for a damaged file is this rerun, so it must see what verify sees (a
         changed byte inside a shard passed the cheap check, and the rerun said "already complete")."""
         job, state = self.job, self.job.state
-        damaged = job.out.damaged_files(deep=True)
+        damaged = [name for name, _ in check_files(job.out.dir, state.files, deep=True)]
         if not damaged:
             return []
         _say(f"the finished output in {job.cfg.out_dir} is damaged ({', '.join(damaged)}); redoing what is needed")

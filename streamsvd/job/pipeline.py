@@ -140,6 +140,11 @@ class JobConfig:
         return QuantSpec(self.quant, self.group_size or DEFAULT_GROUP_SIZE, rounding=rounding)
 
     @property
+    def targeted(self) -> bool:
+        """A quality target (--max-loss, --max-ppl-increase) sets the size: `ratio` is then an unused default."""
+        return self.max_loss is not None or self.max_ppl_increase is not None
+
+    @property
     def needs_profile(self) -> bool:
         """Anything but today's per-matrix ranks needs every matrix's spectrum before block 0."""
         self.resolve_defaults()
@@ -978,7 +983,7 @@ class CompressionJob:
         return {
             "version": __version__,
             "method": self.cfg.method,
-            "ratio": self.cfg.ratio,
+            "ratio": None if self.cfg.targeted else self.cfg.ratio,  # a quality target: no ratio was asked for
             "ranks": {name: m["rank"] for name, m in self.state.modules.items()},
             "calibration": {
                 "source": self.text_source,
@@ -998,7 +1003,7 @@ class CompressionJob:
             return {}
         meta = self.profile.meta
         given = self.cfg.profile is not None
-        targeted = self.cfg.max_loss is not None or self.cfg.max_ppl_increase is not None
+        targeted = self.cfg.targeted
         return {"allocation": {
             "alloc": "global" if targeted else self.cfg.alloc,
             "rank_multiple": self.cfg.rank_multiple,
@@ -1094,7 +1099,7 @@ class CompressionJob:
             "model_dir": str(self.cfg.model_dir),
             "method": self.cfg.method,
             "factors": self.cfg.factors,
-            "ratio_requested": self.cfg.ratio,
+            "ratio_requested": None if self.cfg.targeted else self.cfg.ratio,
             "linear_params_before": before,
             "linear_params_after": after,
             "ratio_linear": 1 - after / before,

@@ -1029,7 +1029,10 @@ def plan_job(cfg, processes: int = 1) -> Plan:
     from ..io.calibration import load_texts, load_tokenizer, sample_windows
     from ..model.architecture import check_seqlen, check_weights_match, empty_model, load_config
 
+    from .preflight import check_original
+
     cfg.validate()
+    check_original(cfg.model_dir, "plan the original checkpoint's job")
     ckpt = Checkpoint(cfg.model_dir)
     config = load_config(ckpt)
     check_seqlen(config, cfg.seqlen)

@@ -49,16 +49,21 @@ def streamsvd_section(model_dir: Path) -> bool:
     return isinstance(config, dict) and "streamsvd" in config
 
 
+def check_original(model_dir: Path, fix: str = "compress the original checkpoint (streamsvd does not compress its "
+                   "own low-rank factors again)") -> None:
+    """MODEL_DIR must be an original checkpoint, not a streamsvd OUT_DIR (finished or not); run, plan and profile."""
+    from .state import STATE_NAME
+
+    if streamsvd_section(model_dir) or (Path(model_dir) / STATE_NAME).exists():
+        raise StreamSVDError(f"MODEL_DIR {model_dir} is a streamsvd output, not an original checkpoint", fix)
+
+
 def check_paths(model_dir: Path, out_dir: Path, work_dir: Path | None, restart: bool = False) -> None:
     """Everything about the job's places that can refuse it; writes nothing."""
     from .state import STATE_NAME
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if streamsvd_section(model_dir) or (model_dir / STATE_NAME).exists():
-        raise StreamSVDError(
-            f"MODEL_DIR {model_dir} is a streamsvd output, not an original checkpoint",
-            "compress the original checkpoint (streamsvd does not compress its own low-rank factors again)",
-        )
+    check_original(model_dir)
     if out_dir.exists() and model_dir.resolve() == out_dir.resolve():
         raise StreamSVDError(f"OUT_DIR {out_dir} is MODEL_DIR", "choose a new, empty directory for OUT_DIR")
     if model_dir.resolve() in out_dir.resolve().parents:

@@ -284,11 +284,9 @@ def read_profile(path: Path, identity: dict | None = None) -> Profile:
 
 def _check_places(cfg: ProfileConfig) -> None:
     """Refusals before anything is written: MODEL_DIR an output, PROFILE_DIR not a folder we can write."""
-    from .preflight import check_can_create, streamsvd_section
+    from .preflight import check_can_create, check_original
 
-    if streamsvd_section(cfg.model_dir):
-        raise StreamSVDError(f"MODEL_DIR {cfg.model_dir} is a streamsvd output, not an original checkpoint",
-                             "profile the original checkpoint")
+    check_original(cfg.model_dir, "profile the original checkpoint")
     check_can_create(cfg.profile_dir, "PROFILE_DIR", "choose a PROFILE_DIR in a directory you can write to")
     if cfg.work_dir is not None:
         check_can_create(cfg.work_dir, "--work-dir", "give --work-dir a directory you can write to (or leave it out)")

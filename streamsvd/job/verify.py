@@ -25,12 +25,7 @@ def verify(out_dir: Path, deep: bool = True) -> dict:
             f"{out_dir} holds no streamsvd job state ({STATE_NAME})",
             "verify checks streamsvd outputs against what the job recorded; give the OUT_DIR of a streamsvd run",
         )
-    damaged = []
-    for name in sorted(state.files):
-        record, path = state.files[name], out_dir / name
-        problem = _check(path, record, deep)
-        if problem:
-            damaged.append({"file": name, "problem": problem})
+    damaged = [{"file": name, "problem": problem} for name, problem in check_files(out_dir, state.files, deep)]
     if state.complete and INDEX_NAME not in state.files:
         damaged.append({"file": INDEX_NAME, "problem": "not recorded by the job"})
     return {
@@ -44,6 +39,13 @@ def verify(out_dir: Path, deep: bool = True) -> dict:
         # check out while most of the model is missing, so `verify OUT && deploy` must not pass it)
         "ok": not damaged and state.complete,
     }
+
+
+def check_files(out_dir: Path, files: dict[str, dict], deep: bool = True) -> list[tuple[str, str]]:
+    """(name, problem) for each recorded file that is missing, of another size, with a bad safetensors header, or
+    (`deep`) whose sha256 differs from the recorded one; in name order. `run` on a finished job uses the same."""
+    problems = ((name, _check(Path(out_dir) / name, files[name], deep)) for name in sorted(files))
+    return [(name, problem) for name, problem in problems if problem]
 
 
 def _check(path: Path, record: dict, deep: bool) -> str | None:

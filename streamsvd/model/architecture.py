@@ -106,6 +106,9 @@ def load_config(checkpoint: Checkpoint) -> PretrainedConfig:
     return config
 
 
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}  # safetensors' names; F8 formats are scaled per tensor elsewhere
+
+
 def check_weights_match(model: nn.Module, checkpoint: Checkpoint) -> None:
     """An original checkpoint's tensors against the model its config.json makes: every parameter there with its
     shape, and no decoder layer beyond num_hidden_layers. A config.json that contradicts the weights (vocab_size,
@@ -122,6 +125,11 @@ def check_weights_match(model: nn.Module, checkpoint: Checkpoint) -> None:
             raise CheckpointError(f"the checkpoint's {name} in {checkpoint.dir} has shape {list(checkpoint.shape(name))}, "
                                   f"its config.json makes it {list(param.shape)}",
                                   "restore the checkpoint's own config.json (it does not describe these weights)")
+        if checkpoint.dtype_name(name) not in FLOAT_DTYPES:
+            raise CheckpointError(f"the checkpoint's {name} in {checkpoint.dir} is stored as "
+                                  f"{checkpoint.dtype_name(name)}, not as floating-point numbers",
+                                  "give a floating-point checkpoint (float32, float16 or bfloat16); a quantised one "
+                                  "(int weights, GPTQ/AWQ) must be dequantised first")
     stem, n_layers = SUPPORTED[model.config.model_type] + ".", len(decoder_layers(model))
     beyond = sorted({int(k[len(stem):].split(".", 1)[0]) for k in keys
                      if k.startswith(stem) and k[len(stem):].split(".", 1)[0].isdigit()} - set(range(n_layers)))

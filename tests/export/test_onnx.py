@@ -213,6 +213,10 @@ def test_a_non_empty_destination_is_refused(exported, tmp_path, capsys):
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.txt"]
     assert main(["export", "onnx", str(out), str(tmp_path / "y"), "--onnx-int4", "--onnx-block-size", "24"]) == 2
     assert "power of two" in capsys.readouterr().err
+    # without --onnx-int4 the block size did nothing, silently
+    assert main(["export", "onnx", str(out), str(tmp_path / "z"), "--onnx-block-size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "--onnx-block-size" in err and "--onnx-int4" in err and not (tmp_path / "z").exists()
 
 
 def test_a_float_graph_off_beyond_the_tolerance_is_removed(tmp_path):

@@ -339,7 +339,12 @@ def test_max_loss_target_gives_the_smallest_model_that_meets_it(tiny, profiled, 
         assert alloc["max_loss"] == target and alloc["alloc"] == "global"
         assert alloc["relative_loss"] <= target + 1e-9
         sizes.append(report["linear_params_after"])
-        assert "predicted relative loss" in (tmp_path / f"out-{target}" / "streamsvd_report.md").read_text()
+        md = (tmp_path / f"out-{target}" / "streamsvd_report.md").read_text()
+        assert "predicted relative loss" in md
+        # the size came from the target: no ratio was asked for (0.4, the unused default, was recorded)
+        assert report["ratio_requested"] is None and "a quality target" in md and "requested ratio" not in md
+        config = json.loads((tmp_path / f"out-{target}" / "config.json").read_text())
+        assert config["streamsvd"]["ratio"] is None
     assert sizes[0] < sizes[1]  # a looser target, a smaller model
     with pytest.raises(StreamSVDError, match="max-loss"):
         _job(tiny, tmp_path / "o", max_loss=1.5).validate()

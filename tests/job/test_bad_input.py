@@ -156,6 +156,32 @@ def test_shard_truncated(capsys, model, out):
     assert_not_complete(out)
 
 
+def test_shard_with_bytes_appended(capsys, model, out):
+    """Bytes beyond what the header describes: safetensors refuses the file at its first read, which came after
+    block 0's shard was written, as a SafetensorError traceback."""
+    shard = sorted(model.glob("*.safetensors"))[-1]
+    with open(shard, "ab") as f:
+        f.write(b"\0" * 64)
+    rc = cli(["run", model, out, *FAST])
+    assert_clean_error(capsys, rc, shard.name, "64 bytes beyond")
+    assert_not_complete(out)
+
+
+def test_an_integer_weight_is_refused_by_name(capsys, model, out):
+    """An int32 linear weight (a quantised checkpoint's, or a bad export) was cast and factored as if it were the
+    weights; refused by name before any write."""
+    from safetensors.torch import load_file, save_file
+
+    name = "model.layers.0.mlp.up_proj.weight"
+    shard = shard_of(model, name)
+    tensors = load_file(str(shard))
+    tensors[name] = (tensors[name] * 100).to(torch.int32)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    rc = cli(["run", model, out, *FAST])
+    assert_clean_error(capsys, rc, "up_proj", "I32", "floating-point")
+    assert_not_complete(out)
+
+
 @pytest.mark.parametrize("where", ["header_json", "header_length", "zeroed_header"])
 def test_shard_corrupt_header(capsys, model, out, where):
     shard = shard_of(model, LAYER_TENSOR)
@@ -229,6 +255,15 @@ def test_tokenizer_missing(capsys, model, out):
     assert_not_complete(out)
 
 
+@pytest.mark.parametrize("content", ["{}", "[1, 2]", '{"version": "1.0", "model": {"type": "Nonsense"}}'])
+def test_a_damaged_tokenizer_json_is_refused(capsys, model, out, content):
+    """tokenizer.json replaced by `{}` was a KeyError traceback from transformers."""
+    (model / "tokenizer.json").write_text(content)
+    rc = cli(["run", model, out, *FAST])
+    assert_clean_error(capsys, rc, "tokenizer", "damaged")
+    assert_not_complete(out)
+
+
 # ------------------------------------------------------------------------------------------ flags
 @pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.1"])
 def test_ratio_out_of_range(capsys, pristine, out, ratio):
@@ -260,6 +295,32 @@ def test_max_mem_zero_is_rejected(capsys, pristine, out, long_text):
     rc = cli(["run", pristine, out, "--max-mem", "0", "--calib", long_text, *FAST])
     assert_clean_error(capsys, rc, "--max-mem")
     assert_not_complete(out)
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--alloc", "uniform", "--alloc-floor", "0.5"], ["--alloc-floor", "--alloc uniform"]),
+    (["--alloc", "v2", "--alloc-floor", "0.5"], ["--alloc-floor", "--alloc v2"]),
+    (["--refine-lr", "1e-3"], ["--refine-lr", "--refine-steps"]),
+])
+def test_a_flag_that_would_do_nothing_is_refused(capsys, pristine, out, flags, needles):
+    """Each ran before, with the flag silently ignored."""
+    rc = cli(["run", pristine, out, *FAST, *flags])
+    assert_clean_error(capsys, rc, *needles)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["run", "eval", "profile"])
+def test_a_budget_beyond_this_machines_ram_is_refused(capsys, pristine, out, long_text, command):
+    """A typo such as 240G for 24G sized the batches for memory that is not there."""
+    import psutil
+
+    budget = str(2 * psutil.virtual_memory().total)
+    argv = {"run": ["run", pristine, out, *FAST], "profile": ["profile", pristine, out, "--calib", long_text,
+                                                              "--calib-samples", "4", "--seqlen", "32"],
+            "eval": ["eval", pristine, "--text", long_text, "--seqlen", "32"]}[command]
+    rc = cli([*argv, "--max-mem", budget])
+    assert_clean_error(capsys, rc, "--max-mem", "RAM")
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------------ calibration
@@ -520,6 +581,13 @@ def test_load_refuses_an_interrupted_job(capsys, pristine, out, long_text):
     rc = cli(["eval", out, "--text", long_text, "--seqlen", "16", "--no-progress"])
     assert_clean_error(capsys, rc, "unfinished")
     assert not (out / INDEX_NAME).exists()
+
+
+@pytest.mark.parametrize("flags", [["--max-mem", "2G"], ["--batch-size", "2"], ["--work-dir", "."]])
+def test_eval_in_memory_refuses_the_streamed_evaluations_flags(capsys, pristine, long_text, flags):
+    """The whole model is loaded with --in-memory: its --max-mem was silently ignored."""
+    rc = cli(["eval", pristine, "--text", long_text, "--seqlen", "32", "--in-memory", *flags])
+    assert_clean_error(capsys, rc, flags[0], "--in-memory")
 
 
 def test_eval_seqlen_too_long(capsys, pristine, long_text):

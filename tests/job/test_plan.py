@@ -130,6 +130,28 @@ def test_plan_disk_figure_matches_what_the_job_writes(tiny, text, tmp_path):
     assert 0.9 < written / job.plan.disk["output"] < 1.1
 
 
+def test_plan_json_says_when_run_would_refuse(capsys, tiny, text):
+    """`run_refuses`: empty where run would start, a reason where it would refuse (the text said so, the JSON not)."""
+    roomy = plan_json(capsys, tiny, "--calib", text, *FAST, "--max-mem", "4G")
+    assert roomy["run_refuses"] == []
+    low = plan_json(capsys, tiny, "--calib", text, *FAST, "--max-mem", str(roomy["strict_min_bytes"] - (8 << 20)))
+    assert [r for r in low["run_refuses"] if "below the smallest workable" in r]
+    import psutil
+
+    beyond = plan_json(capsys, tiny, "--calib", text, *FAST, "--max-mem", str(2 * psutil.virtual_memory().total))
+    assert beyond["budget_bytes"] == 2 * psutil.virtual_memory().total  # planned all the same: another machine's
+    assert [r for r in beyond["run_refuses"] if "more than this machine's RAM" in r]
+
+
+def test_plan_refuses_a_streamsvd_output_as_model_dir(capsys, tiny, text, tmp_path):
+    out = tmp_path / "out"
+    assert main(["run", str(tiny), str(out), "--calib", str(text), *FAST, "--no-progress", "--alloc", "uniform"]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(out), "--calib", str(text), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "is a streamsvd output" in err and "fix:" in err and "Traceback" not in err
+
+
 def test_budget_below_the_minimum_is_refused_before_anything_is_written(capsys, tiny, text, tmp_path):
     plan = plan_json(capsys, tiny, "--calib", text, *FAST)
     minimum = plan["min_max_mem_bytes"]
