@@ -11,8 +11,11 @@ __version__ = "0.1.0"
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
-def load(out_dir, dtype=None, device="cpu"):
-    """Load a streamsvd output (or a plain checkpoint) as a transformers model."""
+def load(out_dir, dtype=None, device="cpu", verify=True):
+    """Load a streamsvd output (or a plain checkpoint) as a transformers model.
+
+    `verify`: first check a streamsvd OUT_DIR's files against the sha256 its job recorded (`streamsvd verify`'s
+    check, one read of the output at about 1 GB/s per core); False checks their sizes and headers only."""
     from .model.loading import load as _load
 
-    return _load(out_dir, dtype=dtype, device=device)
+    return _load(out_dir, dtype=dtype, device=device, verify=verify)

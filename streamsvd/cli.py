@@ -299,6 +299,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--in-memory", action="store_true", help="load the whole model instead of streaming it (needs "
                    "RAM for all of it; same figure)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of a streamsvd OUT_DIR's files against what its job recorded (what `streamsvd "
+                   "verify` does: one read of the output, about 1 GB/s per core; sizes and headers are checked either way)")
     p.add_argument("--batch-size", type=int, default=None, metavar="B",
                    help="windows per block forward when streaming (default: about 2,048 tokens' worth on the CPU, which "
                    "measured fastest, or fewer if --max-mem needs; on a GPU the most that fit). Under "
@@ -341,6 +343,8 @@ def _add_export(sub) -> None:
     p.add_argument("format", metavar="FORMAT", choices=sorted(EXPORTS), help=f"one of: {', '.join(sorted(EXPORTS))}")
     p.add_argument("out_dir", metavar="OUT_DIR", help="a finished streamsvd output")
     p.add_argument("dir", metavar="DIR", help="new or empty directory for the export (onnx: an earlier ONNX export there is overwritten)")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of a streamsvd OUT_DIR's files against what its job recorded (what `streamsvd "
+                   "verify` does: one read of the output, about 1 GB/s per core; sizes and headers are checked either way)")
     p.add_argument("--onnx-int4", action="store_true",
                    help="onnx: quantise the decoder blocks' MatMuls (the factors, and any linear kept dense) to 4-bit "
                    "MatMulNBits with onnxruntime's own quantiser (round-to-nearest, asymmetric, per block of inputs); "
@@ -533,6 +537,8 @@ def _add_quantize(sub) -> None:
     )
     p.add_argument("out_dir", metavar="OUT_DIR", help="a finished streamsvd output (not quantised)")
     p.add_argument("new_dir", metavar="NEW_DIR", help="new or empty directory")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of a streamsvd OUT_DIR's files against what its job recorded (what `streamsvd "
+                   "verify` does: one read of the output, about 1 GB/s per core; sizes and headers are checked either way)")
     _add_quant_flags(p, quant_default="int8", rounding=False, quant_help=(
         "int8 (default; about 1/2 of the 16-bit factor bytes) or int4 (about 1/4; see the warning above), rounded to "
         "nearest per group in compressed-tensors' pack-quantized layout; a few seconds per shard"))
@@ -541,7 +547,8 @@ def _add_quantize(sub) -> None:
 def cmd_quantize(args) -> int:
     from .job.quantize_output import quantize_output
 
-    report = quantize_output(Path(args.out_dir), Path(args.new_dir), args.quant, args.group_size)
+    report = quantize_output(Path(args.out_dir), Path(args.new_dir), args.quant, args.group_size,
+                             verify=not args.no_verify)
     print(f"done: {args.new_dir}\n{_bytes_line(report)}", end="")
     if args.quant == "int4":
         print("warning: round-to-nearest int4 loses much more than `run --quant int4` (GPTQ with the calibration "
@@ -699,7 +706,7 @@ def cmd_eval(args) -> int:
         device = resolve_device(args.device)  # refused before the model is read where torch sees no such GPU
         if device.type == "cuda":
             hold_to_budget(device, gpu_budget(device, max_gpu_mem))
-        model = load(args.model).to(device)
+        model = load(args.model, verify=not args.no_verify).to(device)
         from .model.architecture import check_seqlen
 
         check_seqlen(model.config, args.seqlen)
@@ -715,7 +722,8 @@ def cmd_eval(args) -> int:
         world = World.current()
         result = streaming_perplexity(args.model, text, args.seqlen, args.max_windows, max_mem=max_mem,
                                       work_dir=args.work_dir, progress=not args.no_progress and world.writes,
-                                      batch_size=args.batch_size, device=args.device, max_gpu_mem=max_gpu_mem)
+                                      batch_size=args.batch_size, device=args.device, max_gpu_mem=max_gpu_mem,
+                                      verify=not args.no_verify)
         if not world.writes:
             return 0
     result = {"model": args.model, "text": source, **result}
@@ -770,7 +778,8 @@ def cmd_verify(args) -> int:
 def export_dense(args) -> int:
     from .export.dense import export_dense as export
 
-    result = export(Path(args.out_dir), Path(args.dir), log=lambda line: print(line, file=sys.stderr))
+    result = export(Path(args.out_dir), Path(args.dir), log=lambda line: print(line, file=sys.stderr),
+                    verify=not args.no_verify)
     print(f"wrote {result['dir']}: {result['modules_multiplied']} compressed linears multiplied back, "
           f"{result['dense_bytes']:,} bytes of weights (OUT_DIR: {result['factored_bytes']:,})")
     return 0
@@ -785,7 +794,7 @@ def export_onnx(args) -> int:
                              "add --onnx-int4, or drop --onnx-block-size")
     block_size = 32 if args.onnx_block_size is None else args.onnx_block_size
     rec = export(Path(args.out_dir), Path(args.dir), int4=args.onnx_int4, block_size=block_size,
-                 check=not args.no_check, pivoted=args.onnx_pivoted)
+                 check=not args.no_check, pivoted=args.onnx_pivoted, verify=not args.no_verify)
     quant = f", {rec['matmul_nbits']} of them 4-bit MatMulNBits" if rec["int4"] else ""
     print(f"wrote {Path(args.dir) / rec['file']}: {format_size(rec['bytes'])}, {rec['linears_as_matmul']} linears as "
           f"MatMuls{quant}, KV cache of {rec['cache']['layers']} layers, {rec['export_seconds']:.0f} s")

@@ -27,16 +27,17 @@ from ..model.remote import MODELING_FILE
 _FIX_OUTPUT = "give the OUT_DIR of a finished `streamsvd run` (a directory with config.json holding a \"streamsvd\" section)"
 
 
-def check_source(out_dir: Path) -> Checkpoint:
-    """A finished streamsvd output, or one error naming what it is instead."""
+def check_source(out_dir: Path, verify: bool = True) -> Checkpoint:
+    """A finished streamsvd output whose files are as its job wrote them (`verify`: their sha256 too), or one error
+    naming what it is instead."""
     from ..model.loading import check_finished, is_streamsvd_output
 
     if not out_dir.is_dir():
         raise StreamSVDError(f"{out_dir} is not a directory", _FIX_OUTPUT)
+    check_finished(out_dir, verify)  # first: an unfinished job has no config.json yet, and is not "not an output"
     if not is_streamsvd_output(out_dir):
         raise StreamSVDError(f"{out_dir} is not a streamsvd output (its config.json has no \"streamsvd\" section)",
                              _FIX_OUTPUT)
-    check_finished(out_dir)
     if not (out_dir / INDEX_NAME).is_file():
         raise StreamSVDError(f"{out_dir} is an unfinished streamsvd output (it has no {INDEX_NAME})",
                              "run the same `streamsvd run` command again to finish it")
@@ -82,10 +83,10 @@ def sizes(ckpt: Checkpoint, modules: dict[str, str]) -> tuple[int, int]:
     return factored, dense
 
 
-def export_dense(out_dir, dest, log=print) -> dict:
+def export_dense(out_dir, dest, log=print, verify: bool = True) -> dict:
     """Write the dense checkpoint of the finished output `out_dir` into the new or empty `dest`."""
     out_dir, dest = Path(out_dir), Path(dest)
-    ckpt = check_source(out_dir)
+    ckpt = check_source(out_dir, verify)
     check_destination(dest, out_dir)
     modules = factored_modules(ckpt)
     factored_bytes, dense_bytes = sizes(ckpt, modules)

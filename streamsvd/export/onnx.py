@@ -267,7 +267,7 @@ def _step_inputs(batch: int, seq: int, past: int, config, vocab: int, seed: int)
 
 
 def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: bool = True,
-                pivoted: str = "rows") -> dict:
+                pivoted: str = "rows", verify: bool = True) -> dict:
     """Export OUT_DIR (a streamsvd output, or any checkpoint streamsvd.load reads) to DEST; the record written.
 
     DEST receives model.onnx (+ model.onnx.data above 1 GiB of weights), config.json, the generation
@@ -295,7 +295,7 @@ def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: 
                              "exported as balanced plain factors", "drop --onnx-pivoted, or --onnx-int4")
     _check_dest(dest, out_dir)
     start = time.perf_counter()
-    model = load(out_dir, dtype=torch.float32)
+    model = load(out_dir, dtype=torch.float32, verify=verify)
     config = model.config
     layers, kv, head_dim = cache_shape(config)
     vocab = config.get_text_config().vocab_size

@@ -28,17 +28,17 @@ from .stages import linear_bytes
 _NOT_COPIED = {STATE_NAME, RUN_LOG, INDEX_NAME, "config.json", REPORT_JSON, REPORT_MD, WORK_DIR_NAME}
 
 
-def quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size: int | None) -> dict:
+def quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size: int | None, verify: bool = True) -> dict:
     """Write NEW_DIR and return its report (with the byte counts before and after)."""
     check_quant_flags(quant, group_size)
     if quant is None:
         raise StreamSVDError("streamsvd quantize needs --quant", "add --quant int8 or --quant int4")
     spec = QuantSpec(quant, group_size or DEFAULT_GROUP_SIZE)
     out_dir, new_dir = Path(out_dir), Path(new_dir)
+    check_finished(out_dir, verify)  # first: an unfinished job is named as one, a damaged output as one
     if not is_streamsvd_output(out_dir) or not (out_dir / INDEX_NAME).is_file():
         raise StreamSVDError(f"{out_dir} is not a finished streamsvd output (no streamsvd config section or no index)",
                              "give the OUT_DIR of a finished `streamsvd run`")
-    check_finished(out_dir)
     config = json.loads((out_dir / "config.json").read_text())
     section = config["streamsvd"]
     if section.get("quantization"):

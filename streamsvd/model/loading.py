@@ -19,10 +19,13 @@ from .remote.modeling_streamsvd import quant_readable, swap_compressed_linears, 
 from ..job.state import read_state
 
 
-def load(path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Module:
-    """Two-factor modules where streamsvd compressed, the original layers elsewhere; eval mode."""
+def load(path, dtype: torch.dtype | None = None, device: str = "cpu", verify: bool = True) -> nn.Module:
+    """Two-factor modules where streamsvd compressed, the original layers elsewhere; eval mode.
+
+    `verify`: a streamsvd OUT_DIR's files are first checked against the sha256 its job recorded, as `streamsvd
+    verify` does (one read of the output, about 1 GB/s per core; False checks sizes and headers only)."""
     path = Path(path)
-    state = check_finished(path)
+    state = check_finished(path, verify)
     output = state is not None or is_streamsvd_output(path)
     try:
         return _load(path, dtype, device)
@@ -78,20 +81,51 @@ def tensor_reader(ckpt: Checkpoint):
     section = ckpt.config_dict.get("streamsvd") or {}
     quant = section.get("quantization")
     if not quant:
-        return ckpt.get, set(ckpt.keys())
+        return _pivots_checked(ckpt.get, ckpt.dir), set(ckpt.keys())
     if not quant_readable(quant):
         raise StreamSVDError(f"{ckpt.dir} stores its factors quantised as {quant!r}, which this streamsvd cannot read",
                              "upgrade streamsvd to load this output")
-    return dequantizing_getter(ckpt.get, ckpt.keys(), quant["num_bits"], quant["group_size"]), logical_keys(ckpt.keys())
+    get = dequantizing_getter(ckpt.get, ckpt.keys(), quant["num_bits"], quant["group_size"])
+    return _pivots_checked(get, ckpt.dir), logical_keys(ckpt.keys())
 
 
-def check_finished(path: Path):
-    """Refuse an OUT_DIR whose job has not finished (its shards are not a model yet); its state, or None."""
+def _pivots_checked(get, where: Path):
+    """`get`, refusing a pivoted factor's pivots that are not a permutation of its inputs (a damaged shard read with
+    verify off: an index out of range was a RuntimeError from the first forward, a repeated one a wrong model)."""
+    def checked(name: str) -> torch.Tensor:
+        value = get(name)
+        if name.endswith(".pivots"):
+            order = value.to(torch.long).sort().values
+            if not torch.equal(order, torch.arange(order.numel())):
+                raise CheckpointError(f"{where}'s {name} is not a permutation of the layer's inputs",
+                                      "the output is damaged: run the same `streamsvd run` command again "
+                                      "(`streamsvd verify OUT_DIR` lists the damaged files)")
+        return value
+
+    return checked
+
+
+def check_finished(path: Path, verify: bool = True):
+    """Refuse an OUT_DIR whose job has not finished (its shards are not a model yet), or whose recorded files are
+    not as the job wrote them: sizes and headers, and with `verify` their sha256 (a changed byte inside a shard was a
+    silently wrong model for load, eval and export; only `streamsvd verify` and a rerun saw it). Its state, or None
+    (not a streamsvd OUT_DIR, or one whose state was not kept: nothing to check against)."""
+    from ..job.verify import check_files
+
+    path = Path(path)
     state = read_state(path) if path.is_dir() else None
     if state is not None and not state.complete:
         raise StreamSVDError(
             f"{path} is an unfinished streamsvd job ({state.blocks_done} blocks done)",
             "run the same `streamsvd run` command again to finish it",
+        )
+    problems = check_files(path, state.files, deep=verify) if state is not None else []
+    if problems:
+        (name, problem), more = problems[0], len(problems) - 1
+        raise CheckpointError(
+            f"{path} is a damaged streamsvd output: {name}: {problem}" + (f" (and {more} more files)" if more else ""),
+            "run the same `streamsvd run MODEL_DIR OUT_DIR ...` command again: it redoes the damaged files "
+            "(`streamsvd verify OUT_DIR` lists them)",
         )
     return state
 

@@ -422,6 +422,62 @@ def test_verify_finds_a_flipped_byte_that_the_cheap_check_cannot(model, straight
     assert cli(["verify", out]) == 0
 
 
+def test_load_eval_export_and_quantize_refuse_a_flipped_byte(straight, tmp_path, capsys):
+    """They used such an output silently (only verify and a rerun checked the contents): a silently wrong model.
+    --no-verify (verify=False) skips the sha256 and keeps the cheap check; an intact output passes both ways."""
+    import streamsvd
+
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 40)
+    out = tmp_path / "out"
+    shutil.copytree(straight, out)
+    shard = out / "model-00002-of-00005.safetensors"
+    flip_first_byte_of(shard, ".out_factor")  # a float's lowest mantissa bits: a slightly other model
+    commands = [["eval", out, "--text", text, "--seqlen", "16", "--max-windows", "2", "--no-progress"],
+                ["eval", out, "--text", text, "--seqlen", "16", "--max-windows", "2", "--no-progress", "--in-memory"],
+                ["export", "dense", out, tmp_path / "dense"],
+                ["quantize", out, tmp_path / "quant"]]
+    for argv in commands:
+        assert cli(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("error: ") == 1 and "sha256 mismatch" in err and shard.name in err and "streamsvd run" in err
+    assert not (tmp_path / "dense").exists() and not (tmp_path / "quant").exists()
+    with pytest.raises(StreamSVDError, match="damaged streamsvd output"):
+        streamsvd.load(out)
+    assert streamsvd.load(out, verify=False) is not None  # the caller's choice: sizes and headers only
+    assert cli([*commands[0], "--no-verify"]) == 0
+    capsys.readouterr()
+    assert streamsvd.load(straight) is not None and cli(commands[0][:1] + [straight] + commands[0][2:]) == 0
+    # pivots that are no permutation are refused even unverified (a RuntimeError from the forward, or a wrong model)
+    shutil.copy(straight / shard.name, shard)
+    flip_first_byte_of(shard, ".pivots", 0x40)
+    with pytest.raises(StreamSVDError, match="not a permutation"):
+        streamsvd.load(out, verify=False)
+    assert cli([*commands[0], "--no-verify"]) == 2 and "not a permutation" in capsys.readouterr().err
+
+
+def flip_first_byte_of(shard: Path, suffix: str, bit: int = 0x01) -> None:
+    """XOR `bit` into the first data byte of the shard's first tensor whose name ends with `suffix`."""
+    from streamsvd.io.checkpoint import read_safetensors_header
+
+    header = read_safetensors_header(shard)
+    name = min(k for k in header if k.endswith(suffix))
+    data = bytearray(shard.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little") + header[name]["data_offsets"][0]
+    data[start] ^= bit
+    shard.write_bytes(bytes(data))
+
+
+def test_export_of_an_unfinished_job_says_unfinished(interrupted_base, tmp_path, capsys):
+    """It said "not a streamsvd output" (config.json comes last), which sends the user the wrong way."""
+    out = tmp_path / "out"
+    shutil.copytree(interrupted_base, out)
+    for argv in (["export", "dense", out, tmp_path / "d"], ["quantize", out, tmp_path / "q"]):
+        assert cli(argv) == 2
+        err = capsys.readouterr().err
+        assert "unfinished" in err and "not a streamsvd output" not in err and "streamsvd run" in err
+
+
 def test_resuming_a_profiled_job_with_alloc_uniform_is_refused_as_another_job(interrupted_base, model, tmp_path, capsys):
     """The job profiled for itself (--alloc global, the default); a resume with --alloc uniform is another job and is
     refused as one, not with an error about a --profile-samples the user never gave (the resume's recorded one)."""
