@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -84,6 +85,9 @@ def tokenize(tokenizer, text: str) -> tuple[torch.Tensor, int | None]:
     return torch.tensor(ids, dtype=torch.long), (tokenizer.bos_token_id if adds_bos(tokenizer) else None)
 
 
+OVERLAP_WARN = 4  # windows that draw more than this many times the text's tokens get a warning (they overlap)
+
+
 def sample_windows(tokenizer, text: str, samples: int, seqlen: int, seed: int) -> torch.Tensor:
     """`samples` windows of `seqlen` tokens at random offsets (with replacement, as SVD-LLM/GPTQ do)."""
     if not text.strip():
@@ -95,6 +99,11 @@ def sample_windows(tokenizer, text: str, samples: int, seqlen: int, seed: int) -
             f"the calibration text has {tokens.numel()} tokens, fewer than one window of --seqlen {seqlen}",
             "give more calibration text or a smaller --seqlen",
         )
+    if samples * body > OVERLAP_WARN * tokens.numel():
+        print(f"warning: {samples} windows x {seqlen} tokens draw {samples * body:,} tokens from a calibration text of "
+              f"{tokens.numel():,}: each token is used about {samples * body / tokens.numel():.0f} times, which costs "
+              "time and adds little to the statistics; give more text (several --calib files), or fewer --calib-samples",
+              file=sys.stderr)
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - body + 1, (samples,), generator=gen)
     windows = torch.stack([tokens[s : s + body] for s in starts.tolist()])

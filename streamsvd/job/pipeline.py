@@ -487,6 +487,16 @@ class CompressionJob:
         --batch-size fixes it. Under torchrun every rank takes the smallest of the ranks' plans, at most a
         rank's share of the windows (job/distributed.py), so that every rank has batches to stream."""
         cfg, world = self.cfg, self.world
+        if self.state.batch_size and self.state.blocks_done == 0 and not cfg.batch_size and not world.all_true(
+                build_plan(cfg, self.ckpt, fixed_batch=self.state.batch_size, ranks=self.ranks,
+                           processes=world.size).fits()):
+            # A resume at a lower --max-mem before any block was finished: no output was made with the killed run's
+            # batch yet, so this budget's batch (and block 0's inputs again) rather than a refusal to keep it.
+            if world.writes:
+                tqdm.write(f"streamsvd: the interrupted job's batch of {self.state.batch_size} does not fit this --max-mem "
+                           "and no block was finished with it: planning the batch again", file=sys.stderr)
+            self.state.batch_size = None
+            self.state.inputs_file = self.state.inputs_digest = None
         fixed = self.state.batch_size or cfg.batch_size or None
         if self.state.batch_size and cfg.batch_size and cfg.batch_size != self.state.batch_size:
             raise StreamSVDError(f"--batch-size {cfg.batch_size} differs from the interrupted job's {self.state.batch_size}",
@@ -868,6 +878,7 @@ class CompressionJob:
         dst.sync()
         self._stage("write")
         digest = JobIntegrity(self).activation_digest(dst_name)
+        JobIntegrity(self).check_profile_matches(index)
         self.state.weights[str(index)] = JobIntegrity(self).digest_of_reads()
         self.out.write_block(index, block.tensors, block.spectra)
         self.state.modules.update(block.records)

@@ -242,6 +242,12 @@ class Profile:
     def tokens(self) -> int:
         return self.meta["tokens"]
 
+    def tensors_differing(self, digests: dict[str, str]) -> list[str]:
+        """Of `digests` (tensor name -> sha256 as the job read it), those whose contents differ from the weights
+        this profile measured; [] for a profile made before it recorded them."""
+        recorded = self.meta.get("tensor_sha256") or {}
+        return sorted(n for n, d in digests.items() if n in recorded and recorded[n] != d)
+
     @property
     def statistics_samples(self) -> int:
         """Windows of its statistics pass (the spectra), the first ones of the calibration: all of them for a
@@ -446,6 +452,10 @@ class Profiler:
             "sensitivity": sensitivity,
             "sensitivity_samples": min(self.cfg.sensitivity_samples, self.cfg.calib_samples) if sensitivity else 0,
             **({"heldout": heldout} if heldout else {}),
+            # sha256 of every decoder-layer tensor the spectra were measured on: a job refuses the profile for a
+            # block whose weights differ (the checkpoint fingerprint is config and shard sizes: a fine-tune of the
+            # same shapes passes it, and so did MODEL_DIR changed under a resumed job after its first block)
+            "tensor_sha256": dict(sorted(self.tensor_digests.items())),
         })
 
     # ------------------------------------------------------------ forward: spectra
@@ -485,6 +495,7 @@ class Profiler:
         for start, stop in self._batches(H, 0):
             src.write(S + start, first_layer_inputs(self.model, self.heldout[start:stop]))
         spectra, weighted, shapes = {}, {}, {}
+        self.tensor_digests = {}
         n_layers = len(decoder_layers(self.model))
         for index in tqdm(range(n_layers), desc="profile", unit="block", disable=not self.cfg.progress):
             dst = self._file(f"acts-{(index + 1) % 2}.bin")
@@ -508,7 +519,10 @@ class Profiler:
         block loads (one block at a time, on the host and on a GPU)."""
         S, H = self.hi, len(self.heldout)
         self.sampler.stage("statistics")
+        self.ckpt.read_digests = {}  # the block's tensors by content: a job checks its own reads against them
         layer = self._layer(index)
+        self.tensor_digests.update(self.ckpt.read_digests)
+        self.ckpt.read_digests = None
         prefix = layer_prefix(self.model, index)
         weighing = None
         if token_weights is not None:

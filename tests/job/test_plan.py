@@ -143,6 +143,18 @@ def test_plan_json_says_when_run_would_refuse(capsys, tiny, text):
     assert [r for r in beyond["run_refuses"] if "more than this machine's RAM" in r]
 
 
+def test_windows_that_draw_the_text_many_times_over_are_warned_about(capsys, tiny, tmp_path):
+    """A text far shorter than --calib-samples x --seqlen was taken silently (100000 windows of a 200 kB text ran
+    579 s): the windows overlap, each token used many times."""
+    short = tmp_path / "short.txt"
+    short.write_text("The quick brown fox jumps over the lazy dog. " * 5)  # 165 tokens of the tiny tokenizer
+    assert main(["plan", str(tiny), "--calib", str(short), "--calib-samples", "64", "--seqlen", "32"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "times" in err and "--calib-samples" in err
+    assert main(["plan", str(tiny), "--calib", str(short), "--calib-samples", "2", "--seqlen", "32"]) == 0
+    assert "warning:" not in capsys.readouterr().err
+
+
 def test_plan_refuses_a_streamsvd_output_as_model_dir(capsys, tiny, text, tmp_path):
     out = tmp_path / "out"
     assert main(["run", str(tiny), str(out), "--calib", str(text), *FAST, "--no-progress", "--alloc", "uniform"]) == 0

@@ -577,6 +577,34 @@ def test_a_resume_on_other_weights_before_any_block_is_finished_profiles_again(m
     assert same(out) == same(straight_other)
 
 
+def test_a_resume_after_a_later_blocks_weights_changed_is_refused_at_that_block(model, tmp_path, capsys):
+    """Killed after block 1 with its own profile; then block 3's weights changed (same shard sizes). The finished
+    blocks' digests could not see it, and the job finished with block 3's ranks from the old weights' spectra. Now the
+    block is refused against the profile's record of every tensor, before it is written; the blocks before it are kept."""
+    m = Path(shutil.copytree(model, tmp_path / "model"))
+    out = tmp_path / "out"
+    interrupt_after(1, cfg(m, out))
+    _rewrite_shard(m, "model.layers.3.self_attn.o_proj.weight", lambda t: t.mul_(1.01))
+    clean_error(capsys, cli(["run", m, out, *FAST]), "block 3", "differ from those this job profiled", "o_proj", "--restart")
+    state = json.loads((out / STATE_NAME).read_text())
+    assert state["blocks_done"] == 3 and not state["complete"] and not (out / INDEX_NAME).exists()
+
+
+def test_a_given_profile_of_other_weights_with_the_same_shapes_is_refused(model, tmp_path, capsys):
+    """A fine-tune of the same shapes has the same checkpoint fingerprint (config and shard sizes), so its profile was
+    taken: ranks from another model's spectra. Refused at block 0, naming the profile."""
+    other = make_tiny_checkpoint("llama", tmp_path / "other", seed=1, num_hidden_layers=4)
+    prof = tmp_path / "prof"
+    assert cli(["profile", other, prof, "--calib-samples", "4", "--seqlen", "32", "--no-progress"]) == 0
+    out = tmp_path / "out"
+    capsys.readouterr()
+    clean_error(capsys, cli(["run", model, out, *FAST, "--profile", prof]), "block 0", str(prof), "streamsvd profile")
+    assert not (out / INDEX_NAME).exists() and json.loads((out / STATE_NAME).read_text())["blocks_done"] == 0
+    same = tmp_path / "prof-same"  # the same weights' own profile is taken
+    assert cli(["profile", model, same, "--calib-samples", "4", "--seqlen", "32", "--no-progress"]) == 0
+    assert cli(["run", model, tmp_path / "out2", *FAST, "--profile", same]) == 0
+
+
 def test_the_state_records_a_digest_of_every_finished_blocks_weights(model, interrupted_base, tmp_path):
     out = tmp_path / "out"
     state = _interrupted(interrupted_base, out)

@@ -174,3 +174,50 @@ def test_a_state_without_recorded_settings_still_resumes_and_a_mismatch_names_th
     assert "--no-compensate --calibrate block --anchor 0" in e.value.fix
     run_job(cfg())  # the same job resumes
     assert json.loads(path.read_text())["settings"]["ratio"] == 0.4
+
+
+def test_a_resume_at_a_lower_budget_before_any_block_was_finished_plans_the_batch_again(model_dir, tmp_path, monkeypatch,
+                                                                                         capsys):
+    """No block was made with the killed run's batch, so a budget it does not fit gets its own batch (and the output of
+    an uninterrupted run at that batch); it was refused as "kept so the output does not change". After a finished
+    block the refusal stands (the batch's sums are in that block's bits)."""
+    import streamsvd.faults as faults
+    import streamsvd.job.pipeline as pipeline
+    from streamsvd.errors import StreamSVDError
+
+    run_job(_cfg(model_dir, tmp_path / "straight", alloc="uniform", batch_size=2))
+    hits = []
+
+    def kill_in_block_0(name):
+        hits.append(name)
+        if name == "activation-batch" and hits.count(name) == 2:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(faults, "point", kill_in_block_0)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(_cfg(model_dir, out, alloc="uniform"))
+    monkeypatch.undo()
+    state = json.loads((out / STATE_NAME).read_text())
+    assert state["blocks_done"] == 0 and state["batch_size"] == 8
+
+    real = pipeline.build_plan
+
+    def lower_budget(cfg, ckpt, fixed_batch=None, **kw):  # this budget's batch is 2, and 8 no longer fits it
+        plan = real(cfg, ckpt, fixed_batch=2 if fixed_batch is None else fixed_batch, **kw)
+        if fixed_batch == 8:
+            plan.peak_bytes = plan.budget_bytes + 1
+        return plan
+
+    monkeypatch.setattr(pipeline, "build_plan", lower_budget)
+    run_job(_cfg(model_dir, out, alloc="uniform"))
+    assert "planning the batch again" in capsys.readouterr().err
+    assert json.loads((out / STATE_NAME).read_text())["batch_size"] == 2
+    assert _files(out) == _files(tmp_path / "straight")
+
+    later = tmp_path / "later"  # killed after block 0: the batch is in its bits, so the refusal stands
+    monkeypatch.setattr(pipeline, "build_plan", real)
+    _interrupt_after(0, _cfg(model_dir, later, alloc="uniform"))
+    monkeypatch.setattr(pipeline, "build_plan", lower_budget)
+    with pytest.raises(StreamSVDError, match="too small for this interrupted job"):
+        run_job(_cfg(model_dir, later, alloc="uniform"))
