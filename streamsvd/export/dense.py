@@ -50,6 +50,8 @@ def check_destination(dest: Path, out_dir: Path) -> None:
                              "give a new or empty directory for the dense checkpoint")
     if dest.resolve() == out_dir.resolve():
         raise StreamSVDError(f"{dest} is the streamsvd output itself", "give a new or empty directory")
+    if out_dir.resolve() in dest.resolve().parents:  # the output then holds a model inside itself
+        raise StreamSVDError(f"{dest} is inside the streamsvd output {out_dir}", "give a directory outside it")
 
 
 def factored_modules(ckpt: Checkpoint) -> dict[str, str]:
@@ -88,6 +90,12 @@ def export_dense(out_dir, dest, log=print, verify: bool = True) -> dict:
     out_dir, dest = Path(out_dir), Path(dest)
     ckpt = check_source(out_dir, verify)
     check_destination(dest, out_dir)
+    quant = ckpt.config_dict["streamsvd"].get("quantization")
+    if quant:  # the factors are packed integers with scales: sizes() and the loop below read float factors (a KeyError)
+        raise StreamSVDError(f"{out_dir} stores its factors quantised ({quant.get('num_bits')} bits); export dense "
+                             "multiplies float factors back",
+                             "export the output from before `streamsvd quantize` (or a run without --quant), or use "
+                             "`streamsvd export onnx`, which reads quantised outputs")
     modules = factored_modules(ckpt)
     factored_bytes, dense_bytes = sizes(ckpt, modules)
     log(f"warning: a dense export gives the size back: {_gb(dense_bytes)} of weights instead of the "

@@ -397,6 +397,8 @@ def _quiet():
 def _check_dest(dest: Path, out_dir: Path) -> None:
     if dest.resolve() == out_dir.resolve():
         raise StreamSVDError(f"DIR {dest} is OUT_DIR itself", "give a new directory for the export")
+    if out_dir.resolve() in dest.resolve().parents:
+        raise StreamSVDError(f"DIR {dest} is inside OUT_DIR {out_dir}", "give a directory outside it")
     if dest.exists() and not dest.is_dir():
         raise StreamSVDError(f"{dest} is a file", "give a new directory for the export")
     if dest.is_dir() and any(dest.iterdir()) and not (dest / RECORD).exists():

@@ -46,7 +46,8 @@ def read_text_file(path: Path) -> str:
     if path.suffix != ".jsonl":
         return raw
     texts = []
-    for lineno, line in enumerate(raw.splitlines(), 1):
+    # a UTF-8 byte-order mark (Windows editors write one) is not part of the first line's JSON
+    for lineno, line in enumerate(raw.removeprefix("\ufeff").splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -70,7 +70,7 @@ def _write_checkpoint(gguf_path: Path, tmp: Path, dtype, max_shard_size) -> None
 
     src, name = str(gguf_path.parent), gguf_path.name
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=dtype, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
     except (ValueError, KeyError, OSError, RuntimeError, struct.error, EOFError, IndexError) as e:
         # struct.error / EOFError: a file cut short inside its metadata (the gguf reader unpacks past its end)
@@ -79,6 +79,13 @@ def _write_checkpoint(gguf_path: Path, tmp: Path, dtype, max_shard_size) -> None
             "check that the file is complete and that its architecture is one transformers "
             "supports for GGUF (llama, gemma3, qwen2, mistral, ...)",
         ) from e
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers initialised them at random, and save_pretrained saved them as if they were weights
+        raise StreamSVDError(
+            f"{gguf_path} lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:5])}"
+            + (" ..." if len(missing) > 5 else ""),
+            "the GGUF file is incomplete or was written by a converter that dropped tensors: convert the model again",
+        )
     # transformers refuses to save a model it still believes is quantised; the weights are already
     # plain dequantised tensors, so dropping the GGUF marker is all that is needed.
     with contextlib.suppress(AttributeError):

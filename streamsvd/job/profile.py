@@ -274,18 +274,67 @@ def read_profile(path: Path, identity: dict | None = None) -> Profile:
                     if (path / WEIGHTED_FILE).exists() else None)
     except FileNotFoundError:
         raise StreamSVDError(f"{path} is not a finished streamsvd profile (no {PROFILE_JSON} or {SPECTRA_FILE})", fix) from None
-    except (OSError, ValueError) as e:
-        raise StreamSVDError(f"the profile in {path} cannot be read ({e})", fix) from None
+    except Exception as e:  # noqa: BLE001 - a truncated safetensors file is safetensors' own SafetensorError
+        raise StreamSVDError(f"the profile in {path} cannot be read ({type(e).__name__}: {str(e)[:200]})", fix) from None
     if (not isinstance(meta, dict) or not {"identity", "shapes", "order", "tokens"} <= set(meta) or set(meta["order"]) != set(spectra)
             or (weighted is not None and set(weighted) != set(spectra))):
         raise StreamSVDError(f"the profile in {path} is damaged ({PROFILE_JSON} does not match {SPECTRA_FILE})", fix)
+    problem = _damage(path, meta, spectra, weighted)
+    if problem:
+        raise StreamSVDError(f"the profile in {path} is damaged: {problem}", fix)
     if identity is not None:
         differ = [k for k in MATCHED_KEYS if meta["identity"].get(k) != identity[k]]
         if differ:
-            what = ", ".join("the model" if k == "checkpoint" else "the calibration text" if k == "calib_digest" else k
-                             for k in differ)
-            raise StreamSVDError(f"the profile in {path} was made with another {what} than this run", fix)
+            what = ", ".join(_IDENTITY_WORDS.get(k, k) for k in differ)
+            raise StreamSVDError(f"the profile in {path} was made with other settings than this run: {what}", fix)
     return Profile(path, meta, spectra, weighted)
+
+
+def _refuse_overflow(spectra: dict, weighted: dict | None, sensitivity: dict | None) -> None:
+    """Measurements that are not finite come from a model that overflows float32 on the calibration text (a weight
+    scaled far out of range): refused by the first matrix's name before the profile is written (it was written, then
+    refused as damaged with a fix to make it again, which gave the same)."""
+    for name in spectra:
+        figures = [spectra[name], (weighted or {}).get(name), np.array([(sensitivity or {}).get(name, 0.0)])]
+        if not all(f is None or np.isfinite(f).all() for f in figures):
+            raise StreamSVDError(f"the profile's figures for {name} are non-finite figures (NaN or infinite): the model "
+                                 "overflows float32 on the calibration text",
+                                 "check MODEL_DIR's weights for values far out of range (a damaged or wrongly scaled "
+                                 "checkpoint); `streamsvd run --alloc uniform` names the linear whose outputs overflow")
+
+
+_IDENTITY_WORDS = {"checkpoint": "the model (config.json, shard sizes)", "calib_digest": "the calibration text",
+                   "calib_samples": "--calib-samples", "seqlen": "--seqlen", "seed": "--seed"}
+
+
+def _damage(path: Path, meta: dict, spectra: dict, weighted: dict | None) -> str | None:
+    """What makes a readable profile unusable (its files' recorded sha256, shapes, values); None if nothing. NaN or
+    negative figures drove ranks to 1 with 'predicted relative loss 0.0000', shapes at odds with the spectra were a
+    ValueError traceback from the allocator."""
+    recorded = meta.get("files_sha256") or {}  # profiles made before 2026-12-06 have none
+    for name, digest in sorted(recorded.items()):
+        if not (path / name).is_file() or hashlib.sha256((path / name).read_bytes()).hexdigest() != digest:
+            return f"{name} is not the file the profile wrote (sha256)"
+    shapes = meta["shapes"]
+    for name, values in spectra.items():
+        shape = shapes.get(name)
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
+            return f"{name} has no shape [out, in] in {PROFILE_JSON}"
+        if values.shape != (min(shape),):
+            return f"{name}'s spectrum has {values.size} values, its shape {shape} needs {min(shape)}"
+        for what, array in (("spectrum", values), ("weighted energies", (weighted or {}).get(name))):
+            # negative beyond round-off (eigh's: -3e-8 of the largest seen on a random tiny model)
+            if array is not None and not (np.isfinite(array).all() and (array >= -1e-6 * np.abs(array).max()).all()):
+                return f"{name}'s {what} hold NaN, infinite or negative values"
+    sensitivity = meta.get("sensitivity") or {}
+    if not isinstance(sensitivity, dict) or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+                                                    for v in sensitivity.values()):
+        return "its sensitivity weights are not finite non-negative numbers"
+    heldout = meta.get("heldout")
+    if heldout is not None and not (isinstance(heldout, dict) and isinstance(heldout.get("perplexity"), (int, float))
+                                    and math.isfinite(heldout["perplexity"]) and heldout["perplexity"] > 0):
+        return "its held-out perplexity is not a finite positive number"
+    return None
 
 
 def _check_places(cfg: ProfileConfig) -> None:
@@ -293,6 +342,10 @@ def _check_places(cfg: ProfileConfig) -> None:
     from .preflight import check_can_create, check_original
 
     check_original(cfg.model_dir, "profile the original checkpoint")
+    model_dir, profile_dir = Path(cfg.model_dir).resolve(), Path(cfg.profile_dir).resolve()
+    if profile_dir == model_dir or model_dir in profile_dir.parents:  # its files landed among the checkpoint's
+        raise StreamSVDError(f"PROFILE_DIR {cfg.profile_dir} is MODEL_DIR or inside it",
+                             "choose a directory outside the checkpoint's for PROFILE_DIR (the checkpoint stays as it came)")
     check_can_create(cfg.profile_dir, "PROFILE_DIR", "choose a PROFILE_DIR in a directory you can write to")
     if cfg.work_dir is not None:
         check_can_create(cfg.work_dir, "--work-dir", "give --work-dir a directory you can write to (or leave it out)")
@@ -418,6 +471,7 @@ class Profiler:
             spectra, weighted, shapes, heldout = self._forward(token_weights)
             if sensitivity is not None:
                 sensitivity = {name: sensitivity[name] for name in spectra}  # the model's order
+            _refuse_overflow(spectra, weighted, sensitivity)
         finally:
             self.sampler.stop()
             shutil.rmtree(self.work, ignore_errors=True)
@@ -442,6 +496,7 @@ class Profiler:
             (out / WEIGHTED_FILE).unlink(missing_ok=True)
         with atomic_path(out / SPECTRA_FILE) as tmp:
             save_file({k: torch.from_numpy(v) for k, v in spectra.items()}, str(tmp))
+        files = [SPECTRA_FILE] + ([WEIGHTED_FILE] if weighted else [])
         atomic_write_json(out / PROFILE_JSON, {
             "version": __version__,
             "identity": self.identity,
@@ -456,6 +511,8 @@ class Profiler:
             # block whose weights differ (the checkpoint fingerprint is config and shard sizes: a fine-tune of the
             # same shapes passes it, and so did MODEL_DIR changed under a resumed job after its first block)
             "tensor_sha256": dict(sorted(self.tensor_digests.items())),
+            # the measurements' files as written: a changed byte in them changed the ranks unseen
+            "files_sha256": {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in files},
         })
 
     # ------------------------------------------------------------ forward: spectra

@@ -46,6 +46,8 @@ def quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size:
                              "quantise the unquantised output it was made from")
     if new_dir.resolve() == out_dir.resolve() or (new_dir.exists() and (not new_dir.is_dir() or any(new_dir.iterdir()))):
         raise StreamSVDError(f"{new_dir} is not a new or empty directory", "give a new directory for the quantised output")
+    if out_dir.resolve() in new_dir.resolve().parents:  # the copy of OUT_DIR's folders copied NEW_DIR into itself
+        raise StreamSVDError(f"{new_dir} is inside the streamsvd output {out_dir}", "give a directory outside it")
     new_dir.mkdir(parents=True, exist_ok=True)
 
     index = json.loads((out_dir / INDEX_NAME).read_text())

@@ -129,10 +129,22 @@ def _differences(old: dict, new: dict) -> list[str]:
         elif key == "quant":
             out.append(f"it was {_quant_flags(a)}, now {_quant_flags(b)}")
         elif key == "refine":
-            out.append(f"it was --refine-steps {a[0]} --refine-lr {a[1]}, now --refine-steps {b[0]} --refine-lr {b[1]}")
+            out.append(f"it was {_refine_flags(a)}, now {_refine_flags(b)}")
         else:
-            out.append(f"it was {_FLAGS.get(key, key)} {a}, now {b}")
+            flag = _FLAGS.get(key, key)
+            out.append(f"it was {_with(flag, a)}, now {b if b is not None else 'without ' + flag}")
     return out
+
+
+def _with(flag: str, value) -> str:
+    """`--flag value`, or `without --flag` for a setting not given (None, which read as `--max-loss None`)."""
+    return f"without {flag}" if value is None else f"{flag} {value}"
+
+
+def _refine_flags(refine) -> str:
+    if not refine or not refine[0]:
+        return "without --refine-steps"
+    return f"--refine-steps {refine[0]} --refine-lr {refine[1]}"
 
 
 def _quant_flags(q: dict | None) -> str:

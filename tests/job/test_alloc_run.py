@@ -70,6 +70,12 @@ def test_a_profile_from_before_token_weighting_still_allocates_and_says_so(tiny,
     old = tmp_path / "old-profile"
     shutil.copytree(profiled, old)
     (old / profile_module.WEIGHTED_FILE).unlink()
+    with pytest.raises(StreamSVDError, match="not the file the profile wrote"):  # a profile of today missing it: damaged
+        profile_module.read_profile(old)
+    meta = json.loads((old / profile_module.PROFILE_JSON).read_text())
+    for key in ("files_sha256", "tensor_sha256"):  # what a profile of then did not record
+        del meta[key]
+    (old / profile_module.PROFILE_JSON).write_text(json.dumps(meta))
     prof = profile_module.read_profile(old)
     assert prof.weighted is None and all(a.weighted is None for a in prof.matrices())
     report = run_job(_job(tiny, tmp_path / "out", ratio=0.4, alloc="global", profile=old))
@@ -316,7 +322,7 @@ def test_bad_allocation_flags_end_with_one_error_and_a_fix(tiny, profiled, tmp_p
     for extra, says in [(["--rank-multiple", "0"], "--rank-multiple 0"),
                         (["--alloc", "global", "--alloc-floor", "1.5"], "--alloc-floor 1.5 is out of range"),
                         (["--alloc", "global", "--profile", str(tmp_path / "none")], "not a finished streamsvd profile"),
-                        (["--alloc", "global", "--profile", str(profiled), "--seed", "5"], "another seed"),
+                        (["--alloc", "global", "--profile", str(profiled), "--seed", "5"], "other settings than this run: --seed"),
                         (["--profile-samples", "5"], "--profile-samples 5 is out of range"),  # below the 6 sensitivity windows
                         (["--alloc", "uniform", "--profile-samples", "8"], "--profile-samples without a profile"),
                         (["--profile", str(profiled), "--profile-samples", "8"], "with --profile the run makes none"),

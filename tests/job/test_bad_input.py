@@ -434,6 +434,18 @@ def test_ctrl_c_while_torch_is_imported_is_no_traceback():
     assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err, err
 
 
+def test_a_jsonl_with_a_byte_order_mark_is_read():
+    """A UTF-8 BOM before the first line was refused as 'not a JSON object with a "text" string'."""
+    import tempfile
+
+    from streamsvd.io.calibration import read_text_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c.jsonl"
+        path.write_bytes("\ufeff".encode() + b'{"text": "one"}\n{"text": "two"}\n')
+        assert "one" in read_text_file(path) and "two" in read_text_file(path)
+
+
 @pytest.mark.parametrize("line", ['{"text": 5}', '{"text": null}', '{"text": ["a"]}'])
 def test_calib_jsonl_whose_text_is_not_a_string_is_refused(capsys, pristine, out, tmp_path, line):
     calib = tmp_path / "data.jsonl"
@@ -508,7 +520,13 @@ def test_weights_out_of_range_are_refused_by_name(capsys, model, out, value, nee
     tensors[name] = tensors[name] * value if value == 1e30 else tensors[name].index_fill(0, torch.tensor([3]), value)
     save_file(tensors, str(shard), metadata={"format": "pt"})
     rc = cli(["run", model, out, *FAST, "--alloc", alloc])
-    assert_clean_error(capsys, rc, needle, "q_proj")
+    if value == 1e30 and alloc == "global":
+        # the job's own profile meets the overflow first: every later figure and every sensitivity is non-finite, so
+        # no single linear is to blame there; its fix names --alloc uniform, which names the linear (the other case)
+        assert_clean_error(capsys, rc, needle, "overflows float32", "--alloc uniform")
+        assert not (out / "profile" / "profile.json").exists()  # not written, then refused as damaged
+    else:
+        assert_clean_error(capsys, rc, needle, "q_proj")
     assert_not_complete(out)
 
 

@@ -1,6 +1,7 @@
 """`streamsvd profile`: spectra as `run` computes them, sensitivity as dense autograd computes it, identity checked."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,12 +143,63 @@ def test_a_profile_of_other_settings_or_another_model_is_refused(tiny, tmp_path)
         read_profile(tmp_path / "prof", {**identity, "seed": 1})
     with pytest.raises(StreamSVDError, match="the model"):
         read_profile(tmp_path / "prof", {**identity, "checkpoint": {"config": {}, "shards": {}}})
-    with pytest.raises(StreamSVDError, match="another seed") as e:
+    with pytest.raises(StreamSVDError, match="other settings than this run: --seed") as e:
         _profile(tiny, tmp_path / "prof", seed=1, sensitivity_samples=0)  # into the same folder, other settings
     assert "streamsvd profile" in e.value.fix
     (tmp_path / "prof" / PROFILE_JSON).unlink()
     with pytest.raises(StreamSVDError, match="not a finished"):
         read_profile(tmp_path / "prof", identity)
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("nan", "not the file the profile wrote"),           # a changed byte in the measurements: their sha256
+    ("negative", "NaN, infinite or negative"),           # ... and figures that make no sense even when re-signed
+    ("truncated", "cannot be read"),                     # safetensors' own SafetensorError was a traceback
+    ("shape", "needs 1000"),                             # a ValueError traceback from the allocator
+    ("sensitivity", "sensitivity weights"),
+])
+def test_a_damaged_profile_is_refused(tiny, tmp_path, damage, says):
+    """NaN or negative energies drove a matrix's rank to 1 with 'predicted relative loss 0.0000'."""
+    import hashlib
+    import shutil
+
+    from safetensors.torch import save_file
+
+    profile = _profile(tiny, tmp_path / "prof")
+    identity = dict(profile.meta["identity"])
+    bad = Path(shutil.copytree(tmp_path / "prof", tmp_path / "bad"))
+    meta = json.loads((bad / PROFILE_JSON).read_text())
+    name = meta["order"][1]
+    if damage in ("nan", "negative"):
+        weighted = load_file(str(bad / "weighted.safetensors"))
+        weighted[name] = weighted[name].fill_(float("nan")) if damage == "nan" else -1e6 * weighted[name].abs() - 1
+        save_file(weighted, str(bad / "weighted.safetensors"))
+        if damage == "negative":  # as if the record had been written for these figures
+            meta["files_sha256"]["weighted.safetensors"] = hashlib.sha256((bad / "weighted.safetensors").read_bytes()).hexdigest()
+    elif damage == "truncated":
+        with open(bad / "spectra.safetensors", "r+b") as f:
+            f.truncate(1000)
+    elif damage == "shape":
+        meta["shapes"][name] = [1000, 1000]
+    else:
+        meta["sensitivity"][name] = float("nan")
+    (bad / PROFILE_JSON).write_text(json.dumps(meta))
+    with pytest.raises(StreamSVDError, match=says):
+        read_profile(bad, identity)
+    assert read_profile(tmp_path / "prof", identity).digest == profile.digest  # the intact one still reads
+
+
+def test_a_profile_dir_in_the_model_dir_is_refused(tiny, tmp_path, capsys):
+    """Its files landed among the checkpoint's shards."""
+    from streamsvd.cli import main
+
+    before = sorted(p.name for p in tiny.iterdir())
+    for where in (tiny, tiny / "prof"):
+        assert main(["profile", str(tiny), str(where), "--calib-samples", str(SAMPLES), "--seqlen", str(SEQLEN),
+                     "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "MODEL_DIR or inside it" in err and "fix:" in err
+    assert sorted(p.name for p in tiny.iterdir()) == before
 
 
 def test_the_same_profile_command_twice_reuses_it(tiny, tmp_path):

@@ -468,6 +468,28 @@ def flip_first_byte_of(shard: Path, suffix: str, bit: int = 0x01) -> None:
     shard.write_bytes(bytes(data))
 
 
+def test_outputs_are_not_written_inside_the_output_they_read(straight, tmp_path, capsys):
+    """quantize OUT OUT/sub copied OUT's folders into themselves (OUT/sub/sub/...); export dense OUT OUT/d was taken."""
+    out = tmp_path / "out"
+    shutil.copytree(straight, out)
+    before = snapshot(out)
+    for argv in (["quantize", out, out / "sub"], ["export", "dense", out, out / "d"]):
+        assert cli(argv) == 2
+        err = capsys.readouterr().err
+        assert "inside the streamsvd output" in err and "fix:" in err
+    assert snapshot(out) == before
+
+
+def test_export_dense_of_quantised_factors_is_refused(straight, tmp_path, capsys):
+    """It was a KeyError traceback (the packed factors have other names)."""
+    assert cli(["quantize", straight, tmp_path / "q"]) == 0
+    capsys.readouterr()
+    assert cli(["export", "dense", tmp_path / "q", tmp_path / "d"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "quantised" in err and "export onnx" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()
+
+
 def test_export_of_an_unfinished_job_says_unfinished(interrupted_base, tmp_path, capsys):
     """It said "not a streamsvd output" (config.json comes last), which sends the user the wrong way."""
     out = tmp_path / "out"

@@ -1,0 +1,101 @@
+"""import-gguf on GGUF files written here from a tiny llama (gguf's own GGUFWriter, float32 tensors, the q/k
+permutation llama.cpp's converter applies): the round trip, a missing tensor, a missing head."""
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from streamsvd.cli import main
+from tiny_models import make_tiny_checkpoint
+
+_BLOCK = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+          "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+_OUTSIDE = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight"}
+
+
+def _permute(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's convert_hf_to_gguf order of q/k rows (transformers' GGUF loader undoes it)."""
+    return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+def write_gguf(model_dir: Path, path: Path, drop: set[str] = frozenset()) -> None:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type(0)
+    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    for key, value in model.state_dict().items():
+        if key in _OUTSIDE:
+            name = _OUTSIDE[key]
+        else:
+            parts = key.split(".")
+            inner = ".".join(parts[3:-1])
+            name = f"blk.{parts[2]}.{_BLOCK[inner]}.weight"
+            if inner == "self_attn.q_proj":
+                value = _permute(value, c.num_attention_heads)
+            elif inner == "self_attn.k_proj":
+                value = _permute(value, c.num_key_value_heads)
+        if name not in drop:
+            w.add_tensor(name, value.numpy().astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("gguf") / "model")
+
+
+def _logits(model_dir: Path) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.arange(2, 34).unsqueeze(0)).logits
+
+
+def test_a_gguf_round_trip_gives_the_same_model(tiny, tmp_path):
+    write_gguf(tiny, tmp_path / "full.gguf")
+    assert main(["import-gguf", str(tmp_path / "full.gguf"), str(tmp_path / "out")]) == 0
+    assert torch.allclose(_logits(tmp_path / "out"), _logits(tiny), atol=1e-5)
+
+
+def test_a_gguf_that_lacks_a_tensor_is_refused_and_writes_nothing(tiny, tmp_path, capsys):
+    """transformers initialised the missing weight at random, save_pretrained saved it, and the import said
+    `wrote`: a silently wrong model (logits 17% off)."""
+    write_gguf(tiny, tmp_path / "drop.gguf", drop={"blk.1.ffn_down.weight"})
+    assert main(["import-gguf", str(tmp_path / "drop.gguf"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "model.layers.1.mlp.down_proj.weight" in err and "fix:" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_without_its_head_ties_it_to_the_embeddings(tiny, tmp_path):
+    """As llama.cpp reads such a file: not a missing tensor."""
+    write_gguf(tiny, tmp_path / "nohead.gguf", drop={"output.weight"})
+    assert main(["import-gguf", str(tmp_path / "nohead.gguf"), str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
