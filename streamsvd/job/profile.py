@@ -35,8 +35,10 @@ identity), the figure `run --max-ppl-increase` measures the compressed model aga
 The profile's folder holds `spectra.safetensors` (float64, by full module name) and `profile.json`
 (written last: a folder without it is not a profile; nothing in it depends on the machine's speed, so a
 job that profiles for itself still ends byte-identical after an interruption) with the identity (checkpoint fingerprint,
-calibration digest, samples, seqlen, seed), the token count, the shapes and the weights. A run
-with other calibration settings or another model refuses it. Profiling is not resumable: a killed
+calibration digest, samples, seqlen, seed), the token count, the shapes and the weights, the sha256 of its
+safetensors files (`files_sha256`) and of every decoder-layer tensor it read (`tensor_sha256`). A run
+with other calibration settings or another model refuses it; so does a run whose weights differ from the
+recorded ones (job/integrity.check_profile_matches), and any run when its files or figures are damaged. Profiling is not resumable: a killed
 profile is redone.
 """
 
