@@ -355,7 +355,7 @@ def _add_export(sub) -> None:
     p.add_argument("--onnx-block-size", type=int, default=None, metavar="N",
                    help="onnx: inputs per quantisation block with --onnx-int4 (16, 32, 64 or 128; default 32; larger "
                    "is smaller and less accurate)")
-    p.add_argument("--onnx-pivoted", choices=["rows", "columns", "folded"], default="rows",
+    p.add_argument("--onnx-pivoted", choices=["rows", "columns", "folded"], default=None,
                    help="onnx: how a pivoted factor pair enters the graph (float32 exports). rows (default): the "
                    "activations transposed so the pivots gather whole rows; the fastest for prompts, no extra bytes. "
                    "columns: gathers on the last axis as PyTorch does; two nodes fewer per linear, a few percent faster "
@@ -753,7 +753,12 @@ def cmd_import_gguf(args) -> int:
 def cmd_verify(args) -> int:
     from .job.verify import verify
 
-    result = verify(Path(args.out_dir))
+    try:
+        result = verify(Path(args.out_dir))
+    except StreamSVDError as e:  # not an output at all: --json still prints one object for scripts (ok false)
+        if args.json:
+            print(json.dumps({"out_dir": str(args.out_dir), "ok": False, "files_ok": False, "error": e.problem}))
+        raise
     if args.json:
         print(json.dumps(result))
     else:
@@ -794,7 +799,8 @@ def export_onnx(args) -> int:
                              "add --onnx-int4, or drop --onnx-block-size")
     block_size = 32 if args.onnx_block_size is None else args.onnx_block_size
     rec = export(Path(args.out_dir), Path(args.dir), int4=args.onnx_int4, block_size=block_size,
-                 check=not args.no_check, pivoted=args.onnx_pivoted, verify=not args.no_verify)
+                 check=not args.no_check, pivoted=args.onnx_pivoted or "rows",
+                 verify=not args.no_verify)
     quant = f", {rec['matmul_nbits']} of them 4-bit MatMulNBits" if rec["int4"] else ""
     print(f"wrote {Path(args.dir) / rec['file']}: {format_size(rec['bytes'])}, {rec['linears_as_matmul']} linears as "
           f"MatMuls{quant}, KV cache of {rec['cache']['layers']} layers, {rec['export_seconds']:.0f} s")
@@ -814,7 +820,7 @@ EXPORTS = {"dense": export_dense, "onnx": export_onnx}
 
 
 def cmd_export(args) -> int:
-    if args.format != "onnx" and (args.onnx_int4 or args.onnx_block_size is not None or args.no_check or args.onnx_pivoted != "rows"):
+    if args.format != "onnx" and (args.onnx_int4 or args.onnx_block_size is not None or args.no_check or args.onnx_pivoted is not None):
         raise StreamSVDError(f"--onnx-int4, --onnx-block-size, --onnx-pivoted and --no-check apply to `export onnx`, not `export {args.format}`",
                              "drop them, or export onnx")
     return EXPORTS[args.format](args)

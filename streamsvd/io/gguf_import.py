@@ -45,6 +45,8 @@ def import_gguf(gguf_path, out_dir, dtype=torch.float32, max_shard_size="2GB") -
 
 
 def _check_inputs(gguf_path: Path, out_dir: Path) -> None:
+    if gguf_path.is_dir():
+        raise StreamSVDError(f"{gguf_path} is a directory, not a GGUF file", "give the path of the .gguf file itself")
     if not gguf_path.is_file():
         raise StreamSVDError(f"GGUF file {gguf_path} does not exist", "check the path to the .gguf file")
     try:
@@ -57,7 +59,9 @@ def _check_inputs(gguf_path: Path, out_dir: Path) -> None:
             f"{gguf_path} is not a GGUF file (it does not start with the GGUF magic bytes)",
             "pass a .gguf model file; split downloads must be concatenated in order first",
         )
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise StreamSVDError(f"output directory {out_dir} is a file", "pick a new OUT_DIR (a directory the import makes)")
+    if out_dir.exists() and any(out_dir.iterdir()):
         raise StreamSVDError(
             f"output directory {out_dir} already exists and is not empty",
             "pick a new OUT_DIR or remove that one; an import never overwrites existing files",

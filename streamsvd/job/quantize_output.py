@@ -35,6 +35,8 @@ def quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size:
         raise StreamSVDError("streamsvd quantize needs --quant", "add --quant int8 or --quant int4")
     spec = QuantSpec(quant, group_size or DEFAULT_GROUP_SIZE)
     out_dir, new_dir = Path(out_dir), Path(new_dir)
+    if not out_dir.is_dir():
+        raise StreamSVDError(f"{out_dir} does not exist or is not a directory", "give the OUT_DIR of a finished `streamsvd run`")
     check_finished(out_dir, verify)  # first: an unfinished job is named as one, a damaged output as one
     if not is_streamsvd_output(out_dir) or not (out_dir / INDEX_NAME).is_file():
         raise StreamSVDError(f"{out_dir} is not a finished streamsvd output (no streamsvd config section or no index)",

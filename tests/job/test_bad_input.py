@@ -741,3 +741,18 @@ def test_console_script_exit_code_and_no_traceback(model, out, damage):
     assert proc.stderr.startswith("error: ") or "\nerror: " in proc.stderr, proc.stderr
     assert needle in proc.stderr and "  fix: " in proc.stderr
     assert_not_complete(out)
+
+
+def test_messages_that_named_the_wrong_problem(capsys, tmp_path, pristine):
+    """Each was refused, but for another reason than the real one."""
+    (tmp_path / "a.gguf").write_bytes(b"GGUF")
+    (tmp_path / "afile").write_text("")
+    for argv, says in ((["import-gguf", tmp_path, tmp_path / "o"], "is a directory"),      # said "does not exist"
+                       (["import-gguf", tmp_path / "a.gguf", tmp_path / "afile"], "is a file"),  # "not empty"
+                       (["quantize", tmp_path / "nope", tmp_path / "q"], "does not exist"),  # "not a finished output"
+                       (["export", "dense", pristine, tmp_path / "d", "--onnx-pivoted", "rows"], "--onnx-pivoted")):
+        assert_clean_error(capsys, cli(argv), says)
+    # verify --json on what is no output printed nothing on stdout: scripts get one object with ok false
+    rc = cli(["verify", tmp_path / "nope", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 2 and json.loads(captured.out)["ok"] is False and captured.err.count("error: ") == 1
