@@ -400,15 +400,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ram_if_exceeded(max_mem: str | None) -> int | None:
+    """This machine's RAM in bytes when --max-mem asks for more, else None."""
+    import psutil
+
+    from .job.memory import parse_size
+
+    total = psutil.virtual_memory().total
+    return total if max_mem and parse_size(max_mem) > total else None
+
+
 def _refuse_budget_beyond_ram(max_mem: str | None) -> None:
     """A --max-mem beyond this machine's RAM sizes batches for memory that is not there (a typo such as 240G for
     24G ends in the OOM killer, or swap); `plan` still takes it, to plan for another machine."""
-    import psutil
+    from .job.memory import format_size
 
-    from .job.memory import format_size, parse_size
-
-    if max_mem and parse_size(max_mem) > psutil.virtual_memory().total:
-        total = psutil.virtual_memory().total
+    total = _ram_if_exceeded(max_mem)
+    if total is not None:
         raise StreamSVDError(f"--max-mem {max_mem} is more than this machine's {format_size(total)} of RAM",
                              f"give at most {format_size(total)}, or leave --max-mem out (75% of the available RAM); "
                              "`streamsvd plan` takes any budget, to plan for another machine")
@@ -653,16 +661,12 @@ def cmd_plan(args) -> int:
 def _plan_refusals(plan, max_mem: str | None) -> list[str]:
     """Why `run` with these settings would refuse on this machine (empty: it would start); `plan --json` carries
     them as `run_refuses`, so a script need not compare the budgets itself."""
-    import psutil
-
-    from .job.memory import parse_size
-
     reasons = []
     if plan.budget_bytes < plan.strict_min_bytes:
         reasons.append("this budget is below the smallest workable one")
     if not plan.gpu_fits():
         reasons.append("this --max-gpu-mem is below the GPU's planned peak")
-    if max_mem and parse_size(max_mem) > psutil.virtual_memory().total:
+    if _ram_if_exceeded(max_mem) is not None:  # the same test as _refuse_budget_beyond_ram's
         reasons.append("this --max-mem is more than this machine's RAM (fine for planning another machine)")
     return reasons
 
