@@ -772,8 +772,7 @@ def cmd_verify(args) -> int:
               f"{'' if result['complete'] else ' (the job is unfinished)'}")
     if not result["files_ok"]:
         raise StreamSVDError(
-            f"{len(result['damaged'])} file(s) of {args.out_dir} are damaged or missing",
-            "run the same `streamsvd run` command again: it redoes the damaged files",
+            f"{len(result['damaged'])} file(s) of {args.out_dir} are damaged or missing", result["fix"],
         )
     if not result["complete"]:
         raise StreamSVDError(

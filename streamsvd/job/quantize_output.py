@@ -4,11 +4,14 @@ One shard in memory at a time. Each compressed linear's factor tensors go throug
 `quantize_module_tensors` as `run --quant` (round-to-nearest per group, so no calibration is
 needed); every other tensor and file is copied as it is. NEW_DIR gets the config with a
 `quantization` entry in its streamsvd section, a fresh index, and the report with the new byte
-counts; it has no job state (it was not made by a `run`), so `streamsvd verify` does not apply to it.
+counts. It gets a finished job state too (where OUT_DIR has one), recording every file's size and sha256 as a run's does, so
+`streamsvd verify`, load, eval and export check it; that state's identity is the source's with the
+quantisation and `made_by: quantize`, so `run` into NEW_DIR is refused as another job.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -17,12 +20,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import StreamSVDError
+from ..io.checksums import file_record
 from ..io.fsutil import atomic_path, atomic_write_bytes, atomic_write_json
 from ..io.output import INDEX_NAME, REPORT_JSON, REPORT_MD, RUN_LOG, markdown_report
 from ..math.quantize import DEFAULT_GROUP_SIZE, QuantSpec, quantize_module_tensors
 from ..model.loading import check_finished, is_streamsvd_output
 from .pipeline import WORK_DIR_NAME, check_quant_flags
-from .state import STATE_NAME
+from .state import STATE_NAME, JobState, fingerprint
 from .stages import linear_bytes
 
 _NOT_COPIED = {STATE_NAME, RUN_LOG, INDEX_NAME, "config.json", REPORT_JSON, REPORT_MD, WORK_DIR_NAME}
@@ -37,7 +41,7 @@ def quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size:
     out_dir, new_dir = Path(out_dir), Path(new_dir)
     if not out_dir.is_dir():
         raise StreamSVDError(f"{out_dir} does not exist or is not a directory", "give the OUT_DIR of a finished `streamsvd run`")
-    check_finished(out_dir, verify)  # first: an unfinished job is named as one, a damaged output as one
+    source_state = check_finished(out_dir, verify)  # first: an unfinished job is named as one, a damaged output as one
     if not is_streamsvd_output(out_dir) or not (out_dir / INDEX_NAME).is_file():
         raise StreamSVDError(f"{out_dir} is not a finished streamsvd output (no streamsvd config section or no index)",
                              "give the OUT_DIR of a finished `streamsvd run`")
@@ -95,8 +99,27 @@ def quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size:
         atomic_write_json(new_dir / REPORT_JSON, report)
         atomic_write_bytes(new_dir / REPORT_MD, markdown_report(report).encode())
     body = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    atomic_write_bytes(new_dir / INDEX_NAME, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())  # last
+    index_bytes = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
+    if source_state is not None:  # an output whose state was removed has nothing to check NEW_DIR's files against
+        _state(source_state, spec, new_dir, index_bytes, stored_bytes).save(new_dir)
+    atomic_write_bytes(new_dir / INDEX_NAME, index_bytes)  # last: a NEW_DIR without it is no model
     return report or {}
+
+
+def _state(source: JobState, spec: QuantSpec, new_dir: Path, index_bytes: bytes,
+           stored_bytes: dict[str, int]) -> JobState:
+    """NEW_DIR's finished state: every file in it recorded (the index from the bytes about to be written, so the
+    state can be saved before it), the source job's module records with the quantised byte counts, and its
+    identity with the quantisation and `made_by`."""
+    files = {str(p.relative_to(new_dir)): file_record(p) for p in sorted(new_dir.rglob("*"))
+             if p.is_file() and p.name != STATE_NAME}
+    files[INDEX_NAME] = {"size": len(index_bytes), "sha256": hashlib.sha256(index_bytes).hexdigest()}
+    settings = {**(source.settings or {}), "quant": spec.section(), "made_by": "quantize"}
+    modules = {name: {**record, **({"stored_bytes": stored_bytes[name]} if name in stored_bytes else {})}
+               for name, record in source.modules.items()}
+    return JobState(fingerprint=fingerprint({"source": source.fingerprint, "settings": settings}),
+                    blocks_done=source.blocks_done, extra_shard_done=True, complete=True, modules=modules, files=files,
+                    weights=dict(source.weights), model_files=dict(source.model_files), settings=settings)
 
 
 def _report(out_dir: Path, spec: QuantSpec, stored_bytes: dict[str, int]) -> dict | None:

@@ -111,7 +111,8 @@ _ABSENT = {"precision": "float64", "factors": "plain", "calibrate": "block", "co
            "alloc": "uniform", "rank_multiple": 1, "alloc_floor": 0.0, "shrink": 0.0, "max_loss": None, "profile": None, "quant": None,
            "processes": 1, "profile_samples": "all"}
 _WHAT = {"checkpoint": "another model or checkpoint files", "calib_digest": "another calibration text",
-         "version": "another streamsvd version", "profile": "another --profile"}
+         "version": "another streamsvd version", "profile": "another --profile",
+         "made_by": "it is the output of `streamsvd quantize`, which a run does not resume"}
 
 
 def _differences(old: dict, new: dict) -> list[str]:

@@ -38,7 +38,22 @@ def verify(out_dir: Path, deep: bool = True) -> dict:
         # a usable model: every recorded file as written, and the job finished (an unfinished one's files can all
         # check out while most of the model is missing, so `verify OUT && deploy` must not pass it)
         "ok": not damaged and state.complete,
+        "fix": damaged_fix(state),
     }
+
+
+def made_by_quantize(state) -> bool:
+    """Whether the output was written by `streamsvd quantize` (job/quantize_output.py), not by a run."""
+    return state is not None and (state.settings or {}).get("made_by") == "quantize"
+
+
+def damaged_fix(state) -> str:
+    """The fix line for damaged files: a run redoes them itself; a quantize output is made again from its source."""
+    if made_by_quantize(state):
+        return ("remove that directory and run the same `streamsvd quantize OUT_DIR NEW_DIR ...` command again "
+                "(`streamsvd verify` lists the damaged files)")
+    return ("run the same `streamsvd run MODEL_DIR OUT_DIR ...` command again: it redoes the damaged files "
+            "(`streamsvd verify OUT_DIR` lists them)")
 
 
 def check_files(out_dir: Path, files: dict[str, dict], deep: bool = True) -> list[tuple[str, str]]:

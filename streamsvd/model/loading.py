@@ -24,6 +24,8 @@ def load(path, dtype: torch.dtype | None = None, device: str = "cpu", verify: bo
 
     `verify`: a streamsvd OUT_DIR's files are first checked against the sha256 its job recorded, as `streamsvd
     verify` does (one read of the output, about 1 GB/s per core; False checks sizes and headers only)."""
+    from ..job.verify import damaged_fix
+
     path = Path(path)
     state = check_finished(path, verify)
     output = state is not None or is_streamsvd_output(path)
@@ -33,11 +35,7 @@ def load(path, dtype: torch.dtype | None = None, device: str = "cpu", verify: bo
         if not output:
             raise
         # An output is re-made by rerunning the job, not re-downloaded.
-        raise CheckpointError(
-            f"{path} is a damaged streamsvd output: {e.problem}",
-            "run the same `streamsvd run MODEL_DIR OUT_DIR ...` command again: it redoes the damaged files "
-            "(`streamsvd verify OUT_DIR` lists them)",
-        ) from e
+        raise CheckpointError(f"{path} is a damaged streamsvd output: {e.problem}", damaged_fix(state)) from e
 
 
 def _load(path: Path, dtype: torch.dtype | None, device: str) -> nn.Module:
@@ -110,7 +108,7 @@ def check_finished(path: Path, verify: bool = True):
     not as the job wrote them: sizes and headers, and with `verify` their sha256 (a changed byte inside a shard was a
     silently wrong model for load, eval and export; only `streamsvd verify` and a rerun saw it). Its state, or None
     (not a streamsvd OUT_DIR, or one whose state was not kept: nothing to check against)."""
-    from ..job.verify import check_files
+    from ..job.verify import check_files, damaged_fix
 
     path = Path(path)
     state = read_state(path) if path.is_dir() else None
@@ -124,8 +122,7 @@ def check_finished(path: Path, verify: bool = True):
         (name, problem), more = problems[0], len(problems) - 1
         raise CheckpointError(
             f"{path} is a damaged streamsvd output: {name}: {problem}" + (f" (and {more} more files)" if more else ""),
-            "run the same `streamsvd run MODEL_DIR OUT_DIR ...` command again: it redoes the damaged files "
-            "(`streamsvd verify OUT_DIR` lists them)",
+            damaged_fix(state),
         )
     return state
 

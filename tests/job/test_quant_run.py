@@ -8,6 +8,7 @@ from safetensors import safe_open
 
 import streamsvd
 from streamsvd.cli import main
+from streamsvd.io.checkpoint import read_safetensors_header
 from streamsvd.io.output import RUN_LOG
 from streamsvd.job.pipeline import CompressionJob, JobConfig, run_job
 from streamsvd.job.state import STATE_NAME
@@ -252,3 +253,31 @@ def test_the_remote_code_refuses_a_quantised_output_missing_a_tensor(outputs, tm
     save_file(tensors, shard)
     with pytest.raises(ValueError, match=r"lacks .*_scale.*rerun"):
         AutoModelForCausalLM.from_pretrained(broken, trust_remote_code=True)
+
+
+def test_a_streamsvd_quantize_output_records_its_files_so_a_changed_byte_is_refused(model_dir, outputs, tmp_path, capsys):
+    """quantize's NEW_DIR had no state: verify refused it, and load/eval used a flipped byte in a shard silently."""
+    root, _ = outputs
+    new = tmp_path / "new"
+    assert main(["quantize", str(root / "full"), str(new), "--quant", "int8", "--group-size", "32"]) == 0
+    assert main(["verify", str(new)]) == 0
+    assert "ok: " in capsys.readouterr().out
+    reference = _logits(streamsvd.load(new))
+    shard = new / "model-00001-of-00003.safetensors"  # the embeddings: the header and the size stay valid
+    data = bytearray(shard.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little") + read_safetensors_header(shard)["model.embed_tokens.weight"]["data_offsets"][0]
+    data[start + 3] ^= 0x40  # the first value's exponent
+    shard.write_bytes(bytes(data))
+    with pytest.raises(streamsvd.errors.CheckpointError, match="sha256") as refused:
+        streamsvd.load(new)
+    assert "streamsvd quantize" in refused.value.fix
+    assert main(["verify", str(new)]) == 2
+    err = capsys.readouterr().err
+    assert "damaged or missing" in err and "fix: remove that directory and run the same `streamsvd quantize" in err
+    # the cheap check (sizes and headers) still loads it: the flip was real, and changed the model
+    assert not torch.equal(_logits(streamsvd.load(new, verify=False)), reference)
+    # a run into NEW_DIR is another job, named as the quantize output it is
+    capsys.readouterr()
+    assert main(["run", str(model_dir), str(new), "--ratio", "0.4", "--calib-samples", "4", "--seqlen", "32",
+                 "--no-progress"]) == 2
+    assert "output of `streamsvd quantize`" in capsys.readouterr().err
