@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from ..errors import StreamSVDError
 from ..io.checkpoint import INDEX_NAME, SINGLE_NAME, TORCH_DTYPES, Checkpoint
-from ..io.fsutil import atomic_path, atomic_write_bytes, atomic_write_json
+from ..io.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, within
 from ..model.lowrank import FORMS, module_from_tensors
 from ..model.remote import MODELING_FILE
 
@@ -50,7 +50,7 @@ def check_destination(dest: Path, out_dir: Path) -> None:
                              "give a new or empty directory for the dense checkpoint")
     if dest.resolve() == out_dir.resolve():
         raise StreamSVDError(f"{dest} is the streamsvd output itself", "give a new or empty directory")
-    if out_dir.resolve() in dest.resolve().parents:  # the output then holds a model inside itself
+    if within(dest, out_dir):  # the output then holds a model inside itself
         raise StreamSVDError(f"{dest} is inside the streamsvd output {out_dir}", "give a directory outside it")
 
 

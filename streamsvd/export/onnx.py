@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..errors import StreamSVDError
+from ..io.fsutil import within
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -397,7 +398,7 @@ def _quiet():
 def _check_dest(dest: Path, out_dir: Path) -> None:
     if dest.resolve() == out_dir.resolve():
         raise StreamSVDError(f"DIR {dest} is OUT_DIR itself", "give a new directory for the export")
-    if out_dir.resolve() in dest.resolve().parents:
+    if within(dest, out_dir):
         raise StreamSVDError(f"DIR {dest} is inside OUT_DIR {out_dir}", "give a directory outside it")
     if dest.exists() and not dest.is_dir():
         raise StreamSVDError(f"{dest} is a file", "give a new directory for the export")

@@ -10,6 +10,12 @@ from pathlib import Path
 from .diskspace import disk_full_error, is_disk_full
 
 
+def within(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies inside it, after links and `..` are resolved (neither need exist)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

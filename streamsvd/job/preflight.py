@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from ..errors import StreamSVDError
+from ..io.fsutil import within
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -66,7 +67,7 @@ def check_paths(model_dir: Path, out_dir: Path, work_dir: Path | None, restart: 
     check_original(model_dir)
     if out_dir.exists() and model_dir.resolve() == out_dir.resolve():
         raise StreamSVDError(f"OUT_DIR {out_dir} is MODEL_DIR", "choose a new, empty directory for OUT_DIR")
-    if model_dir.resolve() in out_dir.resolve().parents:
+    if within(out_dir, model_dir):
         raise StreamSVDError(f"OUT_DIR {out_dir} is inside MODEL_DIR {model_dir}",
                              "choose a directory outside the checkpoint's for OUT_DIR (the checkpoint stays as it came)")
     if not restart and out_dir.is_dir() and not (out_dir / STATE_NAME).exists() and streamsvd_section(out_dir):
@@ -75,8 +76,7 @@ def check_paths(model_dir: Path, out_dir: Path, work_dir: Path | None, restart: 
             "add --restart to remove streamsvd's files there and compress again, or choose a new OUT_DIR",
         )
     check_can_create(out_dir, "OUT_DIR", "choose an OUT_DIR in a directory you can write to")
-    if work_dir is not None and (Path(work_dir).resolve() == out_dir.resolve()
-                                 or out_dir.resolve() in Path(work_dir).resolve().parents):
+    if work_dir is not None and within(work_dir, out_dir):
         # its folder was made there before OUT_DIR's check refused the job, and then blocked the corrected rerun
         raise StreamSVDError(f"--work-dir {work_dir} is OUT_DIR or inside it",
                              "leave --work-dir out (the activations then go to a folder inside OUT_DIR that the job "

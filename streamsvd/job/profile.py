@@ -65,7 +65,7 @@ from ..errors import StreamSVDError
 from ..io.activations import ActivationFile
 from ..io.calibration import heldout_windows, load_texts, load_tokenizer, sample_windows, text_digest
 from ..io.checkpoint import Checkpoint
-from ..io.fsutil import atomic_path, atomic_write_json
+from ..io.fsutil import atomic_path, atomic_write_json, within
 from ..math.allocate import Matrix
 from ..math.factorize import TALL_MIN_RATIO, project, weight_gram, whiten, whitened
 from ..math.gram import GramAccumulator, OutputGramAccumulator
@@ -344,8 +344,7 @@ def _check_places(cfg: ProfileConfig) -> None:
     from .preflight import check_can_create, check_original
 
     check_original(cfg.model_dir, "profile the original checkpoint")
-    model_dir, profile_dir = Path(cfg.model_dir).resolve(), Path(cfg.profile_dir).resolve()
-    if profile_dir == model_dir or model_dir in profile_dir.parents:  # its files landed among the checkpoint's
+    if within(cfg.profile_dir, cfg.model_dir):  # its files landed among the checkpoint's
         raise StreamSVDError(f"PROFILE_DIR {cfg.profile_dir} is MODEL_DIR or inside it",
                              "choose a directory outside the checkpoint's for PROFILE_DIR (the checkpoint stays as it came)")
     check_can_create(cfg.profile_dir, "PROFILE_DIR", "choose a PROFILE_DIR in a directory you can write to")
