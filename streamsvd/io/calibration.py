@@ -63,11 +63,13 @@ def read_text_file(path: Path) -> str:
 
 
 def load_texts(paths: list[str] | None) -> tuple[str, str]:
-    """(text, source description)."""
+    """(text, source description): the files' names, not the paths as typed, so config.json and the report are the
+    same whichever directory a job is started or resumed from (the path as typed made a resume from elsewhere write
+    another config.json), and no folder of the machine it ran on is shipped with the model."""
     if not paths:
         return default_text(), DEFAULT_SOURCE
     text = "\n\n".join(read_text_file(Path(p)) for p in paths)
-    return text, ", ".join(str(p) for p in paths)
+    return text, ", ".join(Path(p).name for p in paths)
 
 
 def text_digest(text: str) -> str:
