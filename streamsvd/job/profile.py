@@ -38,7 +38,8 @@ job that profiles for itself still ends byte-identical after an interruption) wi
 calibration digest, samples, seqlen, seed), the token count, the shapes and the weights, the sha256 of its
 safetensors files (`files_sha256`) and of every decoder-layer tensor it read (`tensor_sha256`). A run
 with other calibration settings or another model refuses it; so does a run whose weights differ from the
-recorded ones (job/integrity.check_profile_matches), and any run when its files or figures are damaged. Profiling is not resumable: a killed
+recorded ones (job/integrity.check_profile_matches), and any run when its files or figures are damaged (a
+sensitivity weight missing for a matrix included) or it was written by a newer streamsvd. Profiling is not resumable: a killed
 profile is redone.
 """
 
@@ -278,6 +279,11 @@ def read_profile(path: Path, identity: dict | None = None) -> Profile:
         raise StreamSVDError(f"{path} is not a finished streamsvd profile (no {PROFILE_JSON} or {SPECTRA_FILE})", fix) from None
     except Exception as e:  # noqa: BLE001 - a truncated safetensors file is safetensors' own SafetensorError
         raise StreamSVDError(f"the profile in {path} cannot be read ({type(e).__name__}: {str(e)[:200]})", fix) from None
+    if isinstance(meta, dict) and _newer_version(meta.get("version")):
+        raise StreamSVDError(f"the profile in {path} was written by streamsvd {meta['version']}, newer than this one "
+                             f"({__version__}), which cannot tell what that version's profile.json means",
+                             "read it with the streamsvd that made it, or make the profile again with this one: "
+                             "`streamsvd profile MODEL_DIR PROFILE_DIR` (and the run's calibration flags)")
     if (not isinstance(meta, dict) or not {"identity", "shapes", "order", "tokens"} <= set(meta) or set(meta["order"]) != set(spectra)
             or (weighted is not None and set(weighted) != set(spectra))):
         raise StreamSVDError(f"the profile in {path} is damaged ({PROFILE_JSON} does not match {SPECTRA_FILE})", fix)
@@ -290,6 +296,30 @@ def read_profile(path: Path, identity: dict | None = None) -> Profile:
             what = ", ".join(_IDENTITY_WORDS.get(k, k) for k in differ)
             raise StreamSVDError(f"the profile in {path} was made with other settings than this run: {what}", fix)
     return Profile(path, meta, spectra, weighted)
+
+
+def _version_key(version) -> tuple[int, ...] | None:
+    """"0.1.0" -> (0, 1, 0) (a suffix such as ".dev1" or "rc1" ignored), an int n -> (n,); None if neither."""
+    if isinstance(version, int) and not isinstance(version, bool):
+        return (version,)
+    if not isinstance(version, str):
+        return None
+    parts = []
+    for part in version.split("."):
+        digits = part[: len(part) - len(part.lstrip("0123456789"))]
+        if not digits:
+            break
+        parts.append(int(digits))
+        if digits != part:
+            break
+    return tuple(parts) or None
+
+
+def _newer_version(version) -> bool:
+    """Whether a profile.json's `version` is later than this streamsvd's (one that is no version at all is left to
+    _damage: damaged, not newer)."""
+    key = _version_key(version)
+    return key is not None and key > _version_key(__version__)
 
 
 def _refuse_overflow(spectra: dict, weighted: dict | None, sensitivity: dict | None) -> None:
@@ -328,9 +358,17 @@ def _damage(path: Path, meta: dict, spectra: dict, weighted: dict | None) -> str
             # negative beyond round-off (eigh's: -3e-8 of the largest seen on a random tiny model)
             if array is not None and not (np.isfinite(array).all() and (array >= -1e-6 * np.abs(array).max()).all()):
                 return f"{name}'s {what} hold NaN, infinite or negative values"
-    sensitivity = meta.get("sensitivity") or {}
-    if not isinstance(sensitivity, dict) or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
-                                                    for v in sensitivity.values()):
+    if "version" in meta and _version_key(meta["version"]) is None:
+        return f"its version {meta['version']!r} is not a streamsvd version"
+    sensitivity = meta.get("sensitivity")
+    # written as None (no sensitivity pass) or one weight per matrix, since the first profile; a partial or empty
+    # dict gave the missing matrices weight 1 unseen
+    if sensitivity is None:
+        if meta.get("sensitivity_samples"):
+            return f"it measured {meta['sensitivity_samples']} sensitivity windows but holds no sensitivity weights"
+    elif not isinstance(sensitivity, dict) or set(sensitivity) != set(spectra):
+        return "its sensitivity weights are not one per matrix of the spectra"
+    elif not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in sensitivity.values()):
         return "its sensitivity weights are not finite non-negative numbers"
     heldout = meta.get("heldout")
     if heldout is not None and not (isinstance(heldout, dict) and isinstance(heldout.get("perplexity"), (int, float))

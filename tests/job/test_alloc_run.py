@@ -318,7 +318,14 @@ def test_the_plan_counts_the_allocated_ranks(tiny, profiled):
 
 
 def test_bad_allocation_flags_end_with_one_error_and_a_fix(tiny, profiled, tmp_path, capsys):
+    import shutil
+
     base = ["run", str(tiny), str(tmp_path / "out"), "--calib-samples", str(SAMPLES), "--seqlen", str(SEQLEN), "--no-progress"]
+    edited = {}
+    for what, edit in (("newer", {"version": 99}), ("unweighted", {"sensitivity": {}})):  # both ran on, unseen
+        edited[what] = shutil.copytree(profiled, tmp_path / what)
+        meta = json.loads((edited[what] / profile_module.PROFILE_JSON).read_text())
+        (edited[what] / profile_module.PROFILE_JSON).write_text(json.dumps({**meta, **edit}))
     for extra, says in [(["--rank-multiple", "0"], "--rank-multiple 0"),
                         (["--alloc", "global", "--alloc-floor", "1.5"], "--alloc-floor 1.5 is out of range"),
                         (["--alloc", "global", "--profile", str(tmp_path / "none")], "not a finished streamsvd profile"),
@@ -327,7 +334,9 @@ def test_bad_allocation_flags_end_with_one_error_and_a_fix(tiny, profiled, tmp_p
                         (["--alloc", "uniform", "--profile-samples", "8"], "--profile-samples without a profile"),
                         (["--profile", str(profiled), "--profile-samples", "8"], "with --profile the run makes none"),
                         (["--alloc", "global", "--profile", str(profiled), "--ratio", "0.95", "--rank-multiple", "32"],
-                         "smallest ranks allowed")]:
+                         "smallest ranks allowed"),
+                        (["--alloc", "global", "--profile", str(edited["newer"])], "written by streamsvd 99, newer"),
+                        (["--alloc", "global", "--profile", str(edited["unweighted"])], "sensitivity weights are not one per")]:
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert "error: " in err and says in err and "fix: " in err and "Traceback" not in err

@@ -157,6 +157,10 @@ def test_a_profile_of_other_settings_or_another_model_is_refused(tiny, tmp_path)
     ("truncated", "cannot be read"),                     # safetensors' own SafetensorError was a traceback
     ("shape", "needs 1000"),                             # a ValueError traceback from the allocator
     ("sensitivity", "sensitivity weights"),
+    ("no sensitivity", "one per matrix"),                # {} gave every matrix weight 1 unseen, the run went on
+    ("sensitivity lost", "holds no sensitivity weights"),
+    ("version", "streamsvd 99, newer than this one"),    # a later streamsvd's profile was read as this one's
+    ("no version", "not a streamsvd version"),
 ])
 def test_a_damaged_profile_is_refused(tiny, tmp_path, damage, says):
     """NaN or negative energies drove a matrix's rank to 1 with 'predicted relative loss 0.0000'."""
@@ -181,8 +185,12 @@ def test_a_damaged_profile_is_refused(tiny, tmp_path, damage, says):
             f.truncate(1000)
     elif damage == "shape":
         meta["shapes"][name] = [1000, 1000]
-    else:
+    elif damage == "sensitivity":
         meta["sensitivity"][name] = float("nan")
+    elif damage in ("no sensitivity", "sensitivity lost"):
+        meta["sensitivity"] = {} if damage == "no sensitivity" else None
+    else:
+        meta["version"] = 99 if damage == "version" else "x"
     (bad / PROFILE_JSON).write_text(json.dumps(meta))
     with pytest.raises(StreamSVDError, match=says):
         read_profile(bad, identity)
