@@ -232,23 +232,39 @@ def perplexity_target_lines(alloc: dict) -> list[str]:
              f"statistics): original {alloc['original_ppl']:.3f}, target {alloc['target_ppl']:.3f} "
              f"(+{alloc['max_ppl_increase']:.0%}), predicted {alloc['predicted_ppl']:.3f}, measured {alloc['measured_ppl']:.3f}"]
     if not alloc["target_met"]:
+        lower = lower_target(alloc)
+        what = (f"run again with a lower --max-ppl-increase (e.g. {lower:.2g}) into a new OUT_DIR" if lower is not None else
+                f"no lower --max-ppl-increase is worth a run: the one this miss points to is below "
+                f"{smallest_target(alloc):.1g}, about the smallest increase the held-out perplexity resolves (float32); "
+                f"this output measured "
+                f"+{alloc['measured_ppl'] / alloc['original_ppl'] - 1:.2g}")
         lines.append(f"warning: the measured held-out perplexity {alloc['measured_ppl']:.3f} is above the target "
                      f"{alloc['target_ppl']:.3f} (the prediction, {alloc['predicted_ppl']:.3f}, was too optimistic): "
-                     f"run again with a lower --max-ppl-increase (e.g. {lower_target(alloc):.2g}) into a new OUT_DIR")
+                     + what)
     return lines
 
 
-def lower_target(alloc: dict) -> float:
+def smallest_target(alloc: dict) -> float:
+    """The smallest --max-ppl-increase a held-out measurement can tell from none: one float32 step of the mean NLL
+    (log of the original perplexity) the perplexities come from. A lower bound (a deep model's forward adds more
+    round-off: a 3-block tiny model at full rank measured 3e-7 where this gives 7e-7)."""
+    import math
+
+    return math.expm1(torch.finfo(torch.float32).eps * max(math.log(alloc["original_ppl"]), 1.0))
+
+
+def lower_target(alloc: dict) -> float | None:
     """A --max-ppl-increase to try after a miss: the target scaled by how far the prediction fell short
-    (predicted over measured NLL increase), so that the same error would land on the original target."""
+    (predicted over measured NLL increase), so that the same error would land on the original target. None when
+    that is below smallest_target: a target of 1e-9 missed at nearly full ranks pointed to 1e-14, a figure no
+    measurement resolves (and a run at it to 1e-23 next)."""
     import math
 
     f = alloc["max_ppl_increase"]
     predicted = math.log(alloc["predicted_ppl"] / alloc["original_ppl"])
     measured = math.log(alloc["measured_ppl"] / alloc["original_ppl"])
-    if predicted <= 0 or measured <= predicted:
-        return f / 2
-    return math.expm1(math.log1p(f) * predicted / measured)
+    lower = f / 2 if predicted <= 0 or measured <= predicted else math.expm1(math.log1p(f) * predicted / measured)
+    return lower if lower >= smallest_target(alloc) else None
 
 
 def _perplexity_lines(report: dict) -> list[str]:

@@ -186,6 +186,15 @@ def test_a_missed_target_prints_a_warning_with_what_to_do(tiny, profiled, tmp_pa
     assert any(line.startswith("warning:") for line in perplexity_target_lines(alloc))
     assert not any(line.startswith("warning:") for line in perplexity_target_lines({**alloc, "measured_ppl": 11.5,
                                                                                        "target_met": True}))
+    # --max-ppl-increase 1e-9 missed at nearly full ranks (this tiny model's figures): "e.g. 1.2e-14", and a run at
+    # that "e.g. 1.6e-23"; now no figure below what the float32 held-out perplexity resolves, and that floor said
+    tiny_miss = {**alloc, "max_ppl_increase": 1e-9, "original_ppl": 379.5776997792637, "predicted_ppl": 379.5777001363444,
+                 "measured_ppl": 379.60647550247256, "target_ppl": 379.5777001}
+    assert lower_target(tiny_miss) is None
+    warning = perplexity_target_lines(tiny_miss)[1]
+    assert "e.g." not in warning and "smallest increase the held-out perplexity resolves" in warning
+    assert "below 7e-07" in warning and "measured +7.6e-05" in warning
+    assert lower_target({**alloc, "max_ppl_increase": 4e-7, "measured_ppl": 10.1}) is None  # f / 2 below it too
 
 
 @pytest.fixture(scope="module")
