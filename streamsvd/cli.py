@@ -802,7 +802,7 @@ def export_onnx(args) -> int:
                              "add --onnx-int4, or drop --onnx-block-size")
     block_size = 32 if args.onnx_block_size is None else args.onnx_block_size
     rec = export(Path(args.out_dir), Path(args.dir), int4=args.onnx_int4, block_size=block_size,
-                 check=not args.no_check, pivoted=args.onnx_pivoted or "rows",
+                 check=not args.no_check, pivoted=args.onnx_pivoted,
                  verify=not args.no_verify)
     quant = f", {rec['matmul_nbits']} of them 4-bit MatMulNBits" if rec["int4"] else ""
     print(f"wrote {Path(args.dir) / rec['file']}: {format_size(rec['bytes'])}, {rec['linears_as_matmul']} linears as "

@@ -182,6 +182,14 @@ PIVOTED_FORMS = {
 }
 
 
+def _takes_pivoted_form(module: nn.Module) -> bool:
+    """Whether export_form puts `module` into the graph in a PIVOTED_FORMS form (`--onnx-pivoted`): a pivoted module
+    below full rank (one at full rank is the dense matrix it is; plain factors and dense linears have one form)."""
+    from ..model.lowrank import PivotedLinear
+
+    return isinstance(module, PivotedLinear) and module.rank < module.in_features
+
+
 def export_form(model: nn.Module, pivoted: str = "rows") -> int:
     """Swap every linear of the decoder blocks for its MatMul form, in place; how many were swapped.
 
@@ -194,10 +202,10 @@ def export_form(model: nn.Module, pivoted: str = "rows") -> int:
     swapped = 0
     for layer in decoder_layers(model):
         for name, module in list(layer.named_modules()):
-            if isinstance(module, PivotedLinear) and module.rank == module.in_features:
-                new = _DenseMatMul(_as_linear(module))
-            elif isinstance(module, PivotedLinear):
+            if _takes_pivoted_form(module):
                 new = PIVOTED_FORMS[pivoted](module)
+            elif isinstance(module, PivotedLinear):  # full rank: no in_rest columns
+                new = _DenseMatMul(_as_linear(module))
             elif isinstance(module, LowRankLinear):
                 new = _PlainMatMul.of(module)
             elif isinstance(module, nn.Linear):
@@ -268,15 +276,16 @@ def _step_inputs(batch: int, seq: int, past: int, config, vocab: int, seed: int)
 
 
 def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: bool = True,
-                pivoted: str = "rows", verify: bool = True) -> dict:
+                pivoted: str | None = None, verify: bool = True) -> dict:
     """Export OUT_DIR (a streamsvd output, or any checkpoint streamsvd.load reads) to DEST; the record written.
 
     DEST receives model.onnx (+ model.onnx.data above 1 GiB of weights), config.json, the generation
     config and tokenizer files, and streamsvd_onnx.json (inputs, outputs, options, the check's figures).
     With `check`, onnxruntime runs a prefill and one cached decode step on random tokens and the
     export is refused if a float32 graph's logits differ from PyTorch's beyond FLOAT_TOLERANCE.
-    `pivoted`: "rows" (default), "columns" or "folded" (PIVOTED_FORMS); with `int4`, pivoted modules are
-    always balanced plain factors.
+    `pivoted`: "rows" (None: the default), "columns" or "folded" (PIVOTED_FORMS); with `int4`, pivoted modules
+    are always balanced plain factors. Given (--onnx-pivoted) for `int4` or for a model with no pivoted module below
+    full rank (`run --factors plain`, a plain checkpoint), where it would change nothing, it is refused.
     """
     require_onnx()
     import onnx
@@ -289,14 +298,19 @@ def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: 
     if block_size < 16 or block_size & (block_size - 1):
         raise StreamSVDError(f"--onnx-block-size {block_size} is not a power of two >= 16",
                              "use 16, 32, 64 or 128 (what MatMulNBits takes)")
-    if pivoted not in PIVOTED_FORMS.keys() - {"balanced"}:
+    if pivoted is not None and pivoted not in PIVOTED_FORMS.keys() - {"balanced"}:
         raise StreamSVDError(f"--onnx-pivoted {pivoted!r} is not a form", "use rows (default), columns or folded")
-    if int4 and pivoted != "rows":
+    if int4 and pivoted is not None:
         raise StreamSVDError("--onnx-pivoted applies to float32 exports; with --onnx-int4 pivoted factors are always "
                              "exported as balanced plain factors", "drop --onnx-pivoted, or --onnx-int4")
     _check_dest(dest, out_dir)
     start = time.perf_counter()
     model = load(out_dir, dtype=torch.float32, verify=verify)
+    if pivoted is not None and not any(_takes_pivoted_form(m) for m in model.modules()):
+        raise StreamSVDError(f"--onnx-pivoted {pivoted} sets the form of pivoted factors, and {out_dir} has none below "
+                             "full rank (made with `run --factors plain`, or not compressed)",
+                             "drop --onnx-pivoted: plain factors go into the graph as two MatMuls")
+    pivoted = pivoted or "rows"
     config = model.config
     layers, kv, head_dim = cache_shape(config)
     vocab = config.get_text_config().vocab_size

@@ -175,6 +175,11 @@ def test_cli_exports_plain_factors_with_biases_and_external_data(tmp_path, capsy
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
     out = _compress(tmp_path, "qwen2", factors="plain")
+    # no pivoted factors for --onnx-pivoted to shape: it was ignored, silently
+    assert main(["export", "onnx", str(out), str(tmp_path / "columns"), "--onnx-pivoted", "columns"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --onnx-pivoted columns" in err and "--factors plain" in err and "fix: drop --onnx-pivoted" in err
+    assert "Traceback" not in err and not (tmp_path / "columns").exists()
     assert main(["export", "onnx", str(out), str(tmp_path / "onnx")]) == 0
     assert (tmp_path / "onnx" / "model.onnx.data").stat().st_size > 100_000
     inline = onnx.load(str(tmp_path / "onnx" / MODEL_FILE), load_external_data=False).graph.initializer
@@ -213,6 +218,9 @@ def test_a_non_empty_destination_is_refused(exported, tmp_path, capsys):
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.txt"]
     assert main(["export", "onnx", str(out), str(tmp_path / "y"), "--onnx-int4", "--onnx-block-size", "24"]) == 2
     assert "power of two" in capsys.readouterr().err
+    # --onnx-pivoted rows, the float32 default, did nothing with --onnx-int4, silently
+    assert main(["export", "onnx", str(out), str(tmp_path / "y"), "--onnx-int4", "--onnx-pivoted", "rows"]) == 2
+    assert "--onnx-pivoted applies to float32 exports" in capsys.readouterr().err and not (tmp_path / "y").exists()
     # without --onnx-int4 the block size did nothing, silently
     assert main(["export", "onnx", str(out), str(tmp_path / "z"), "--onnx-block-size", "64"]) == 2
     err = capsys.readouterr().err
