@@ -56,7 +56,8 @@ from .peak import PeakSampler, high_water_bytes
 from .plan import COMPENSATE_MAX_IN, SVD_MODES, build_plan, keep_stage, plot_disk_bytes, refuse_if_too_small
 from ..io.output import SPECTRA_DIR, OutputWriter
 from ..io.plots import plots, read_spectra
-from ..math.allocate import ALLOCATORS, allocate, max_loss, max_ppl_increase, predicted_nll_increase, relative_loss
+from ..math.allocate import (ALLOCATORS, Matrix, allocate, check_smallest_ranks, max_loss, max_ppl_increase,
+                             predicted_nll_increase, relative_loss)
 from .profile import MAX_HELDOUT, ProfileConfig, check_heldout, make_profile, profile_identity, read_profile
 from .evaluate import final_states_nll
 from .stages import (FactoredBlock, OriginalInputs, Replay, collect_group_statistics, refine_block, collect_statistics, factor_block, forward_groups, replayable_parts,
@@ -371,12 +372,15 @@ class CompressionJob:
         self.out = OutputWriter(cfg.out_dir, self.ckpt, self.config.num_hidden_layers)
         if not self.world.writes:
             self.out = ReadOnlyOutput(self.out)
+        self.model = empty_model(self.config, COMPUTE_DTYPE)
         self.profile, self.ranks = None, None
         if cfg.profile is not None:
             self.profile = read_profile(cfg.profile, self._profile_identity())
             if cfg.max_ppl_increase is not None:
                 check_heldout(self.profile, cfg.heldout_rows)
             self.ranks = self._allocate()
+        elif cfg.needs_profile and not cfg.targeted:  # the allocation's refusal that needs no profile, before profiling
+            check_smallest_ranks(cfg.alloc, self._shapes(), cfg.ratio, cfg.factors, cfg.rank_multiple)
         self.identity = job_identity(cfg, self.ckpt, self.text, self.profile.digest if self.profile else None)
         job_fp = fingerprint(self.identity)
         self.job_fp = job_fp
@@ -391,7 +395,6 @@ class CompressionJob:
         # --max-ppl-increase: windows that share no token with the calibration windows and enter no statistic;
         # they ride in rows [streams x S, streams x S + H) of the activation files, through the compressed blocks.
         self.all_heldout = heldout_windows(self.tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_rows)
-        self.model = empty_model(self.config, COMPUTE_DTYPE)
         check_weights_match(self.model, self.ckpt)
         self.batch_size = self._batch_size()
         if cfg.torch_device.type == "cuda":
@@ -411,6 +414,11 @@ class CompressionJob:
     # ---------------------------------------------------------------- allocation
     def _profile_identity(self) -> dict:
         return profile_identity(self.ckpt, self.text, self.cfg.calib_samples, self.cfg.seqlen, self.cfg.seed)
+
+    def _shapes(self) -> list[Matrix]:
+        """The matrices allocation ranks, shapes only (no spectrum): every decoder linear, as the profile lists them."""
+        return [Matrix(layer_prefix(self.model, i) + name, m.out_features, m.in_features)
+                for i, layer in enumerate(decoder_layers(self.model)) for name, m in linear_modules(layer).items()]
 
     def _allocate(self) -> dict[str, int]:
         """Every matrix's rank from the profile (math/allocate.py), all meeting one --ratio budget."""

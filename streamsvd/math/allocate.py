@@ -203,6 +203,16 @@ def _starting_ranks(mats: list[Matrix], budget: float, multiple: int, factors: s
     return ranks
 
 
+def check_smallest_ranks(method: str, mats: list[Matrix], ratio: float, factors: str = "pivoted", multiple: int = 1) -> None:
+    """Allocator `method`'s refusal of a --ratio budget below the smallest ranks it allows (_starting_ranks: rank 1,
+    or `multiple`, or full rank where that is smaller), which needs the matrices' shapes only (no spectrum): a job that
+    profiles for itself calls it before profiling, where the allocator (which calls _starting_ranks itself) came
+    after minutes of profiling. uniform at multiple 1 takes rank_for_ratio's ranks, which always fit."""
+    _check_multiple(multiple)
+    if not (method == "uniform" and multiple == 1):
+        _starting_ranks(mats, budget_numel(mats, ratio), multiple, factors)
+
+
 def uniform(mats: list[Matrix], ratio: float, factors: str = "pivoted", multiple: int = 1, tokens: float = 1.0) -> dict[str, int]:
     """Today's ranks: rank_for_ratio per matrix. With a multiple: rounded down, then the budget left is filled greedily."""
     _check_multiple(multiple)

@@ -345,6 +345,29 @@ def test_bad_allocation_flags_end_with_one_error_and_a_fix(tiny, profiled, tmp_p
         _job(tiny, tmp_path / "o", alloc="best").validate()
 
 
+def test_a_rank_multiple_the_budget_cannot_hold_is_refused_before_profiling(tiny, profiled, tmp_path, monkeypatch, capsys):
+    """The smallest ranks allowed above the --ratio budget were refused by the allocator, after the job's own profile
+    (minutes on a real model); now from the shapes alone, by the same rule, before anything is read or written."""
+    from streamsvd.job.pipeline import CompressionJob
+
+    _no_profiling(monkeypatch)
+    base = ["run", str(tiny), str(tmp_path / "out"), "--calib-samples", str(SAMPLES), "--seqlen", str(SEQLEN), "--no-progress"]
+    for extra, says in [(["--rank-multiple", "1000"], "(multiples of 1000) need 129024 parameters"),
+                        (["--alloc", "uniform", "--rank-multiple", "1000"], "(multiples of 1000)"),
+                        (["--alloc", "v2", "--rank-multiple", "1000"], "(multiples of 1000)"),
+                        (["--ratio", "0.999"], "(rank 1) need")]:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert "error: the smallest ranks allowed " + says in err and "fix: " in err and "Traceback" not in err
+        assert not (tmp_path / "out").exists()  # no profile, nothing written
+    # the matrices checked are the profile's, so the early refusal is the allocator's
+    prof = profile_module.read_profile(profiled)
+    shapes = {a.name: [a.m, a.n] for a in CompressionJob(_job(tiny, tmp_path / "o", alloc="global"))._shapes()}
+    assert shapes == prof.meta["shapes"]
+    with pytest.raises(StreamSVDError, match="multiples of 1000"):
+        allocate("global", prof.matrices(), 0.4, multiple=1000)
+
+
 def test_max_loss_target_gives_the_smallest_model_that_meets_it(tiny, profiled, tmp_path, monkeypatch):
     _no_profiling(monkeypatch)
     sizes = []
