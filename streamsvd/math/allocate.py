@@ -198,7 +198,8 @@ def _starting_ranks(mats: list[Matrix], budget: float, multiple: int, factors: s
         raise StreamSVDError(
             f"the smallest ranks allowed ({'rank 1' if multiple == 1 else f'multiples of {multiple}'}) need {need} parameters, "
             f"more than the budget of {int(budget)}",
-            "use a smaller --ratio or a smaller --rank-multiple",
+            "use a smaller --ratio or a smaller --rank-multiple" if multiple > 1 else
+            "use a smaller --ratio (the share of the linears' parameters removed): rank 1 everywhere is the least there is",
         )
     return ranks
 

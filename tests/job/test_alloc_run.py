@@ -359,6 +359,7 @@ def test_a_rank_multiple_the_budget_cannot_hold_is_refused_before_profiling(tiny
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert "error: the smallest ranks allowed " + says in err and "fix: " in err and "Traceback" not in err
+        assert ("--rank-multiple" in err.split("fix: ")[1]) == ("--rank-multiple" in extra)  # no multiple to lower at 1
         assert not (tmp_path / "out").exists()  # no profile, nothing written
     # the matrices checked are the profile's, so the early refusal is the allocator's
     prof = profile_module.read_profile(profiled)
