@@ -326,13 +326,25 @@ def _refuse_overflow(spectra: dict, weighted: dict | None, sensitivity: dict | N
     """Measurements that are not finite come from a model that overflows float32 on the calibration text (a weight
     scaled far out of range): refused by the first matrix's name before the profile is written (it was written, then
     refused as damaged with a fix to make it again, which gave the same)."""
+    bad = _bad_figure(spectra, weighted, {k: float(v) for k, v in (sensitivity or {}).items()})
+    if bad is not None:
+        raise StreamSVDError(f"the profile's figures for {bad[0]} are non-finite figures (NaN or infinite): the model "
+                             "overflows float32 on the calibration text",
+                             "check MODEL_DIR's weights for values far out of range (a damaged or wrongly scaled "
+                             "checkpoint); `streamsvd run --alloc uniform` names the linear whose outputs overflow")
+
+
+def _bad_figure(spectra: dict, weighted: dict | None, sensitivity: dict | None = None) -> tuple[str, str] | None:
+    """(matrix, which figures) of the first matrix whose spectrum, weighted energies or sensitivity weight is NaN,
+    infinite or negative beyond round-off (eigh's: -3e-8 of the largest seen on a random tiny model); None if none.
+    What the profile refuses to write (_refuse_overflow) and to read (_damage)."""
     for name in spectra:
-        figures = [spectra[name], (weighted or {}).get(name), np.array([(sensitivity or {}).get(name, 0.0)])]
-        if not all(f is None or np.isfinite(f).all() for f in figures):
-            raise StreamSVDError(f"the profile's figures for {name} are non-finite figures (NaN or infinite): the model "
-                                 "overflows float32 on the calibration text",
-                                 "check MODEL_DIR's weights for values far out of range (a damaged or wrongly scaled "
-                                 "checkpoint); `streamsvd run --alloc uniform` names the linear whose outputs overflow")
+        for what, array in (("spectrum", spectra[name]), ("weighted energies", (weighted or {}).get(name)),
+                            ("sensitivity weight", None if sensitivity is None or name not in sensitivity
+                             else np.array([sensitivity[name]]))):
+            if array is not None and not (np.isfinite(array).all() and (array >= -1e-6 * np.abs(array).max()).all()):
+                return name, what
+    return None
 
 
 _IDENTITY_WORDS = {"checkpoint": "the model (config.json, shard sizes)", "calib_digest": "the calibration text",
@@ -354,10 +366,9 @@ def _damage(path: Path, meta: dict, spectra: dict, weighted: dict | None) -> str
             return f"{name} has no shape [out, in] in {PROFILE_JSON}"
         if values.shape != (min(shape),):
             return f"{name}'s spectrum has {values.size} values, its shape {shape} needs {min(shape)}"
-        for what, array in (("spectrum", values), ("weighted energies", (weighted or {}).get(name))):
-            # negative beyond round-off (eigh's: -3e-8 of the largest seen on a random tiny model)
-            if array is not None and not (np.isfinite(array).all() and (array >= -1e-6 * np.abs(array).max()).all()):
-                return f"{name}'s {what} hold NaN, infinite or negative values"
+    bad = _bad_figure(spectra, weighted)
+    if bad is not None:
+        return f"{bad[0]}'s {bad[1]} hold NaN, infinite or negative values"
     if "version" in meta and _version_key(meta["version"]) is None:
         return f"its version {meta['version']!r} is not a streamsvd version"
     sensitivity = meta.get("sensitivity")
