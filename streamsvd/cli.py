@@ -710,7 +710,11 @@ def cmd_eval(args) -> int:
         device = resolve_device(args.device)  # refused before the model is read where torch sees no such GPU
         if device.type == "cuda":
             hold_to_budget(device, gpu_budget(device, max_gpu_mem))
-        model = load(args.model, verify=not args.no_verify).to(device)
+        import torch
+
+        # float32, as the streamed evaluation computes (stream_eval.COMPUTE_DTYPE): a bfloat16 checkpoint loaded in its
+        # own dtype scored another perplexity (1e-3 relative on a tiny model) than the streamed "same figure"
+        model = load(args.model, dtype=torch.float32, verify=not args.no_verify).to(device)
         from .model.architecture import check_seqlen
 
         check_seqlen(model.config, args.seqlen)
