@@ -718,13 +718,13 @@ def cmd_eval(args) -> int:
         from .model.architecture import check_seqlen
 
         check_seqlen(model.config, args.seqlen)
-        text, source = load_texts(args.text)
+        text, source = load_texts(args.text, "--text")
         result = perplexity(model, load_tokenizer(Path(args.model)), text, args.seqlen, args.max_windows,
                             progress=not args.no_progress, device=device)
     else:
         from .job.stream_eval import streaming_perplexity
 
-        text, source = load_texts(args.text)
+        text, source = load_texts(args.text, "--text")
         from .job.distributed import World
 
         world = World.current()

@@ -28,11 +28,12 @@ def default_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def read_text_file(path: Path) -> str:
-    """Plain text, or .jsonl with a "text" field per line."""
+def read_text_file(path: Path, flag: str = "--calib") -> str:
+    """Plain text, or .jsonl with a "text" field per line. `flag`: the option that named it (--calib, or eval's --text)."""
     path = Path(path)
     if not path.exists():
-        raise StreamSVDError(f"calibration file {path} does not exist", "check the --calib path")
+        what = "calibration" if flag == "--calib" else "evaluation"
+        raise StreamSVDError(f"{what} file {path} does not exist", f"check the {flag} path")
     if not path.is_file():
         raise StreamSVDError(f"{path} is not a file (a directory or a device)", "give a plain-text or .jsonl file")
     data = path.read_bytes()
@@ -62,13 +63,14 @@ def read_text_file(path: Path) -> str:
     return "\n\n".join(texts)
 
 
-def load_texts(paths: list[str] | None) -> tuple[str, str]:
+def load_texts(paths: list[str] | None, flag: str = "--calib") -> tuple[str, str]:
     """(text, source description): the files' names, not the paths as typed, so config.json and the report are the
     same whichever directory a job is started or resumed from (the path as typed made a resume from elsewhere write
-    another config.json), and no folder of the machine it ran on is shipped with the model."""
+    another config.json), and no folder of the machine it ran on is shipped with the model. `flag`: the option that
+    named the files, for the refusal of a missing one."""
     if not paths:
         return default_text(), DEFAULT_SOURCE
-    text = "\n\n".join(read_text_file(Path(p)) for p in paths)
+    text = "\n\n".join(read_text_file(Path(p), flag) for p in paths)
     return text, ", ".join(Path(p).name for p in paths)
 
 

@@ -354,6 +354,14 @@ def test_calib_path_missing(capsys, pristine, out, tmp_path):
     assert_not_complete(out)
 
 
+def test_eval_text_path_missing_names_text_not_calib(capsys, pristine, tmp_path):
+    """eval's missing --text was refused as "calibration file ... does not exist", fix "check the --calib path": a flag
+    eval does not have."""
+    rc = cli(["eval", pristine, "--text", tmp_path / "nope.txt", "--seqlen", "32", "--no-progress"])
+    err = assert_clean_error(capsys, rc, "nope.txt", "does not exist", "--text")
+    assert "--calib" not in err and "calibration" not in err
+
+
 @pytest.mark.parametrize("content", [bytes(range(256)) * 200, b"\x00" * 20000, b"plain text " * 2000 + b"\x00"])
 def test_calib_that_is_not_text_is_refused(capsys, pristine, out, tmp_path, content):
     """Random bytes or NUL bytes were read with replacement characters and calibrated on (and `eval --text` scored
