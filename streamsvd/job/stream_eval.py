@@ -181,6 +181,12 @@ def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None =
     lo, hi = 0, n_all
     if world.active:
         guess = world.agreed_batch(batch_size, lambda: fitting(-(-n_all // world.size), 0))
+        if -(-n_all // guess) < world.size:  # World.share's refusal names the calibration's flags, not eval's
+            raise StreamSVDError(
+                f"{n_all} evaluation window(s) of --seqlen {seqlen} in batches of {guess} make {-(-n_all // guess)} "
+                f"batch(es), fewer than the {world.size} processes",
+                f"give at least {world.size * guess} windows (a longer --text, a larger --max-windows or a smaller "
+                "--batch-size), or start fewer processes")
         lo, hi = world.share(n_all, guess)
         batch_size = guess
     windows = windows[lo:hi]

@@ -557,6 +557,17 @@ def test_streamsvd_eval_on_two_processes_gives_the_one_process_perplexity_exactl
     assert other.returncode != 0 and len(ours) == 2 and "`streamsvd verify` does not run under torchrun" in ours[0]
 
 
+def test_streamsvd_eval_with_fewer_batches_than_processes_is_refused_in_evals_own_flags(model, tmp_path):
+    """One window on two processes was refused as "1 calibration windows ... give at least 2 windows
+    (--calib-samples)": a flag eval does not have. The refusal names the evaluation's windows and flags."""
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    refused = _eval(model, text, "--max-windows", "1", two=True)
+    ours = _ours(refused.stderr)
+    assert refused.returncode != 0 and len(ours) == 2, refused.stderr
+    assert "evaluation window" in ours[0] and "--calib-samples" not in ours[1] and "--max-windows" in ours[1], ours
+
+
 def test_two_torchrun_agents_as_two_nodes_write_the_one_process_output(model, reference, tmp_path):
     """`--nnodes 2` with a c10d rendezvous: two launchers (as on two machines sharing OUT_DIR's filesystem, here one
     host), one process each, make one job of 2 ranks that writes the one-process bytes."""
