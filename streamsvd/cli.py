@@ -718,13 +718,13 @@ def cmd_eval(args) -> int:
         from .model.architecture import check_seqlen
 
         check_seqlen(model.config, args.seqlen)
-        text, source = load_texts(args.text, "--text")
+        text, _ = load_texts(args.text, "--text")
         result = perplexity(model, load_tokenizer(Path(args.model)), text, args.seqlen, args.max_windows,
                             progress=not args.no_progress, device=device)
     else:
         from .job.stream_eval import streaming_perplexity
 
-        text, source = load_texts(args.text, "--text")
+        text, _ = load_texts(args.text, "--text")
         from .job.distributed import World
 
         world = World.current()
@@ -734,6 +734,7 @@ def cmd_eval(args) -> int:
                                       verify=not args.no_verify)
         if not world.writes:
             return 0
+    source = ", ".join(args.text)  # as typed (load_texts gives the names, for what a job records)
     result = {"model": args.model, "text": source, **result}
     if not math.isfinite(result["perplexity"]):  # and `--json` would print NaN, which JSON does not have
         raise StreamSVDError(f"the perplexity of {args.model} is not finite ({result['perplexity']}): its outputs "
