@@ -24,6 +24,11 @@ def _add_run(sub) -> None:
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint: config.json, safetensors, tokenizer")
     p.add_argument("out_dir", metavar="OUT_DIR", help="new or empty directory, or the OUT_DIR of an interrupted job to resume")
+    _add_job_flags(p)
+
+
+def _add_job_flags(p) -> None:
+    """Every flag of `run` but its two folders: `plan` takes them all too, so a run command can be planned as typed."""
     p.add_argument("--ratio", type=float, default=None,
                    help="fraction of each compressed linear's parameters to remove, in (0, 1) (default 0.4)")
     p.add_argument("--max-mem", default=None, help="memory budget, e.g. 24G or 512M; sizes the batches (default: 75%% of available RAM); "
@@ -250,22 +255,13 @@ def _add_plan(sub) -> None:
         description="Print what `streamsvd run` with the same flags would use: the peak memory of each stage, the "
         "batch size, the factorisation route of each matrix type, the disk space and an estimated time. Reads "
         "only the checkpoint's headers, config and tokenizer and the calibration text, and times a few small "
-        "matrix products (about a second) for the estimate.",
+        "matrix products (about a second) for the estimate. Takes every flag of `run` (so a run command can be "
+        "planned as typed, OUT_DIR left out); --restart, --no-progress, --shrink and --work-dir change nothing in "
+        "a plan. With --alloc global (the default) and no --profile the plan includes the profile such a job runs "
+        "first, as its `profile` stage; --alloc uniform plans none, so its smallest --max-mem can be lower.",
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint: config.json, safetensors, tokenizer")
-    p.add_argument("--ratio", type=float, default=0.4, help="as for run (default 0.4)")
-    _add_calibration_flags(p)
-    p.add_argument("--method", choices=["eig", "cholesky", "svd"], default="eig", help="as for run (default eig)")
-    p.add_argument("--propagate", choices=["compressed", "original"], default="compressed", help="as for run")
-    p.add_argument("--act-dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="as for run")
-    p.add_argument("--factors", choices=["pivoted", "plain"], default="pivoted", help="as for run (default pivoted)")
-    _add_svd_flag(p)
-    _add_quality_flags(p)
-    _add_quant_flags(p)
-    p.add_argument("--no-plots", action="store_true", help="as for run: plan without the end's pictures")
-    p.add_argument("--alloc", choices=["uniform", "v2", "global"], default=None,
-                   help="as for run (default global: the plan includes the profile such a job runs first, as its "
-                   "`profile` stage; uniform plans no profile, so its smallest --max-mem can be lower)")
+    _add_job_flags(p)
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="plan one process of a `torchrun --nproc-per-node N -m streamsvd run` job: its share of the "
                    "windows, its memory under --max-mem (per process) and its work files (default 1)")
@@ -422,10 +418,10 @@ def _refuse_budget_beyond_ram(max_mem: str | None) -> None:
                              "`streamsvd plan` takes any budget, to plan for another machine")
 
 
-def cmd_run(args) -> int:
+def _job_config(args, out_dir: Path):
+    """The JobConfig of `run`'s flags (`plan` takes the same), with the refusals of settings that contradict."""
     from .job.memory import parse_size
-    from .job.pipeline import JobConfig, run_job
-    from .job.state import read_state
+    from .job.pipeline import JobConfig
 
     if args.ratio is not None and args.max_ppl_increase is not None:
         raise StreamSVDError("--ratio and --max-ppl-increase both set the model's size",
@@ -436,13 +432,12 @@ def cmd_run(args) -> int:
     if args.refine_lr is not None and not args.refine_steps:  # the step size of no steps: silently nothing
         raise StreamSVDError("--refine-lr sets the step size of --refine-steps, which is 0",
                              "add --refine-steps N (e.g. 40), or drop --refine-lr")
-    _refuse_budget_beyond_ram(args.max_mem)
     target = "--max-loss" if args.max_loss is not None else "--max-ppl-increase" if args.max_ppl_increase is not None else None
     if target and args.alloc == "uniform":  # a quality target takes the global allocator's path: uniform was ignored
         raise StreamSVDError(f"{target} follows the global allocator's order, not uniform's",
                              "use --alloc global (or leave --alloc out)")
     cfg = JobConfig(
-        model_dir=Path(args.model_dir), out_dir=Path(args.out_dir), ratio=0.4 if args.ratio is None else args.ratio,
+        model_dir=Path(args.model_dir), out_dir=out_dir, ratio=0.4 if args.ratio is None else args.ratio,
         max_mem=parse_size(args.max_mem) if args.max_mem else None, calib=args.calib,
         calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, method=args.method,
         propagate=args.propagate, act_dtype=args.act_dtype, progress=not args.no_progress,
@@ -464,6 +459,21 @@ def cmd_run(args) -> int:
     cfg.max_ppl_increase, cfg.heldout_samples = args.max_ppl_increase, args.heldout_samples
     cfg.quant, cfg.group_size, cfg.quant_rounding = args.quant, args.group_size, args.quant_rounding
     cfg.batch_size = args.batch_size
+    return cfg
+
+
+def _check_alloc_floor(cfg) -> None:
+    if cfg.alloc_floor and cfg.alloc not in (None, "global"):  # None: the default, global
+        raise StreamSVDError(f"--alloc-floor applies to --alloc global, not to --alloc {cfg.alloc}",
+                             "drop --alloc-floor, or use --alloc global")
+
+
+def cmd_run(args) -> int:
+    from .job.pipeline import run_job
+    from .job.state import read_state
+
+    _refuse_budget_beyond_ram(args.max_mem)
+    cfg = _job_config(args, Path(args.out_dir))
     state = read_state(cfg.out_dir, strict=False) if cfg.out_dir.is_dir() and not args.restart else None
     if cfg.alloc is None and state is not None and state.settings:
         # --alloc left out, resuming: the job's own allocation (a job started before `global` became the default
@@ -483,9 +493,7 @@ def cmd_run(args) -> int:
         if min(cfg.profile_samples, cfg.calib_samples) != min(DEFAULT_PROFILE_SAMPLES, cfg.calib_samples):
             print(f"streamsvd: resuming {args.out_dir} with the profile it was started with: --profile-samples "
                   f"{cfg.profile_samples}", file=sys.stderr)
-    if cfg.alloc_floor and cfg.alloc not in (None, "global"):  # None: the default, global
-        raise StreamSVDError(f"--alloc-floor applies to --alloc global, not to --alloc {cfg.alloc}",
-                             "drop --alloc-floor, or use --alloc global")
+    _check_alloc_floor(cfg)
     from .io.calibration import DEFAULT_WARNING
     from .job.distributed import World
 
@@ -630,21 +638,11 @@ def _run_figures(run: dict) -> str:
 
 
 def cmd_plan(args) -> int:
-    from .job.memory import parse_size
-    from .job.pipeline import JobConfig
     from .job.plan import plan_job
 
-    cfg = JobConfig(
-        model_dir=Path(args.model_dir), out_dir=Path("."), ratio=args.ratio,
-        max_mem=parse_size(args.max_mem) if args.max_mem else None, calib=args.calib,
-        calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed, method=args.method,
-        propagate=args.propagate, act_dtype=args.act_dtype, svd=args.svd, factors=args.factors, progress=False,
-        calibrate=args.calibrate, compensate=args.compensate, anchor=args.anchor, refine_steps=args.refine_steps,
-        **({} if args.refine_lr is None else {"refine_lr": args.refine_lr}), quant=args.quant, group_size=args.group_size, quant_rounding=args.quant_rounding,
-        plots=not args.no_plots, precision=args.precision, device=args.device,
-        max_gpu_mem=parse_size(args.max_gpu_mem) if args.max_gpu_mem else None,
-    )
-    cfg.alloc = args.alloc
+    cfg = _job_config(args, Path("."))
+    cfg.progress = False
+    _check_alloc_floor(cfg)
     if args.nproc < 1:
         raise StreamSVDError(f"--nproc {args.nproc} is not positive", "give the number of processes torchrun starts, 1 or more")
     plan = plan_job(cfg, processes=args.nproc)

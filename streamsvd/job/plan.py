@@ -1041,7 +1041,7 @@ def plan_job(cfg, processes: int = 1) -> Plan:
     windows = sample_windows(tokenizer, text, cfg.calib_samples, cfg.seqlen, cfg.seed)
     model = empty_model(config, torch.float32)
     check_weights_match(model, ckpt)
-    plan = build_plan(cfg, ckpt, processes=processes)
+    plan = build_plan(cfg, ckpt, fixed_batch=getattr(cfg, "batch_size", None), processes=processes)
     if processes > 1:  # refuses, as `run` under torchrun would, a job with fewer batches than processes
         from .distributed import World
 

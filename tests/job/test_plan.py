@@ -397,3 +397,35 @@ def test_the_refusal_names_a_lighter_job_where_a_factorisation_sets_the_minimum(
         hints[stage] = err.value.fix
     assert "--no-compensate" in hints["factorize"] and "--seqlen" not in hints["factorize"]
     assert "--seqlen" in hints["statistics"]
+
+
+def _flags(command: str) -> set[str]:
+    from streamsvd.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    return {o for a in sub._actions for o in a.option_strings}
+
+
+def test_plan_takes_every_flag_of_run_and_plans_those_that_change_a_plan(capsys, tiny, text, tmp_path):
+    """Issue 6 item 1: 'same arguments as run'. plan lacked --batch-size, --profile, --max-ppl-increase and nine
+    more, so a run command could not be planned as typed (an argparse error), and those that change the plan were
+    not planned."""
+    assert _flags("run") <= _flags("plan") and _flags("plan") - _flags("run") == {"--nproc", "--json"}
+    base = ["--calib", text, *FAST, "--max-mem", "4G"]
+    assert plan_json(capsys, tiny, *base, "--batch-size", 2)["batch_size"] == 2
+    held = plan_json(capsys, tiny, *base, "--max-ppl-increase", 0.5, "--heldout-samples", 3)
+    assert "heldout" in held["stage_bytes"] and held["disk_bytes"] > plan_json(capsys, tiny, *base)["disk_bytes"]
+    assert main(["profile", str(tiny), str(tmp_path / "prof"), "--calib", str(text), *FAST, "--no-progress"]) == 0
+    capsys.readouterr()
+    own = plan_json(capsys, tiny, *base)
+    given = plan_json(capsys, tiny, *base, "--profile", tmp_path / "prof")
+    assert "profile" in own["stage_bytes"] and "profile" not in given["stage_bytes"]
+    # a run command as typed: the flags that change nothing in a plan are taken
+    same = plan_json(capsys, tiny, *base, "--restart", "--no-progress", "--shrink", 0.1, "--work-dir", tmp_path / "w")
+    assert same["batch_size"] == own["batch_size"] and same["disk_bytes"] == own["disk_bytes"]
+    # and what run refuses as contradictory, plan refuses the same way
+    assert main(["plan", str(tiny), *map(str, base), "--ratio", "0.3", "--max-loss", "0.1"]) == 2
+    assert main(["plan", str(tiny), *map(str, base), "--alloc", "uniform", "--alloc-floor", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "both set the model's size" in err and "--alloc-floor applies to --alloc global" in err
+    assert err.count("fix:") == 2
