@@ -1041,6 +1041,12 @@ def plan_job(cfg, processes: int = 1) -> Plan:
     windows = sample_windows(tokenizer, text, cfg.calib_samples, cfg.seqlen, cfg.seed)
     model = empty_model(config, torch.float32)
     check_weights_match(model, ckpt)
+    if getattr(cfg, "profile", None) is not None:  # refused as `run` refuses it: missing, damaged, other settings
+        from .profile import check_heldout, profile_identity, read_profile
+
+        profile = read_profile(cfg.profile, profile_identity(ckpt, text, cfg.calib_samples, cfg.seqlen, cfg.seed))
+        if cfg.max_ppl_increase is not None:
+            check_heldout(profile, cfg.heldout_rows)
     plan = build_plan(cfg, ckpt, fixed_batch=getattr(cfg, "batch_size", None), processes=processes)
     if processes > 1:  # refuses, as `run` under torchrun would, a job with fewer batches than processes
         from .distributed import World

@@ -420,6 +420,11 @@ def test_plan_takes_every_flag_of_run_and_plans_those_that_change_a_plan(capsys,
     own = plan_json(capsys, tiny, *base)
     given = plan_json(capsys, tiny, *base, "--profile", tmp_path / "prof")
     assert "profile" in own["stage_bytes"] and "profile" not in given["stage_bytes"]
+    # a profile run would refuse, plan refuses: none there, or made from other calibration settings
+    assert main(["plan", str(tiny), *map(str, base), "--profile", str(tmp_path / "none")]) == 2
+    assert main(["plan", str(tiny), *map(str, base), "--seed", "1", "--profile", str(tmp_path / "prof")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a finished streamsvd profile" in err and "made with other settings than this run: --seed" in err
     # a run command as typed: the flags that change nothing in a plan are taken
     same = plan_json(capsys, tiny, *base, "--restart", "--no-progress", "--shrink", 0.1, "--work-dir", tmp_path / "w")
     assert same["batch_size"] == own["batch_size"] and same["disk_bytes"] == own["disk_bytes"]
