@@ -6,7 +6,9 @@ plain config.json (no "streamsvd" section, no auto_map), one safetensors shard p
 the other files (tokenizer, generation config) copied. Each compressed linear becomes `NAME.weight`,
 the product of its stored factors computed in float64 by the layer class itself
 (`dense_weight()`, model/remote/modeling_streamsvd.py) and rounded once to the stored dtype. This
-gives the size back: the export is as large as the original model's decoder linears.
+gives the size back: the export is as large as the original model's decoder linears. Quantised factors (`run
+--quant`, `streamsvd quantize`) are dequantised first, as streamsvd.load reads them, and the weight takes their
+scales' dtype: the dense model computes what the quantised one does.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from safetensors.torch import save_file
 from ..errors import StreamSVDError
 from ..io.checkpoint import INDEX_NAME, SINGLE_NAME, TORCH_DTYPES, Checkpoint
 from ..io.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, within
+from ..model.loading import tensor_reader
 from ..model.lowrank import FORMS, module_from_tensors
+from ..model.quantized import QUANT_PARTS, quantized_bases
 from ..model.remote import MODELING_FILE
 
 _FIX_OUTPUT = "give the OUT_DIR of a finished `streamsvd run` (a directory with config.json holding a \"streamsvd\" section)"
@@ -72,16 +76,32 @@ def _factor_keys(name: str, form: str) -> list[str]:
     return [name + suffix for suffix in FORMS[form]]
 
 
+def _logical_shape(ckpt: Checkpoint, key: str) -> list[int]:
+    """A factor's shape: as stored, or a quantised factor's recorded `_shape` (model/quantized.py)."""
+    return list(ckpt.shape(key)) if key in ckpt else ckpt.get(key + "_shape").tolist()
+
+
+def _logical_itemsize(ckpt: Checkpoint, key: str) -> int:
+    """Bytes per value of a factor's dense product: its own dtype's, or a quantised factor's scales' (its values')."""
+    stored = key if key in ckpt else key + "_scale"
+    return ckpt.nbytes(stored) // ckpt.numel(stored)
+
+
+def _stored_keys(ckpt: Checkpoint, key: str) -> list[str]:
+    """The tensors a logical factor is stored as: itself, or its quantised parts."""
+    return [key] if key in ckpt else [key + part for part in QUANT_PARTS if key + part in ckpt]
+
+
 def sizes(ckpt: Checkpoint, modules: dict[str, str]) -> tuple[int, int]:
     """(factored bytes, dense bytes) of all tensors: OUT_DIR as stored, and what the export writes."""
     factored = sum(ckpt.nbytes(k) for k in ckpt.keys())
     dense = factored
     for name, form in modules.items():
-        dense -= sum(ckpt.nbytes(k) for k in _factor_keys(name, form))
+        dense -= sum(ckpt.nbytes(k) for key in _factor_keys(name, form) for k in _stored_keys(ckpt, key))
         out_factor = name + ".out_factor"
-        m = ckpt.shape(out_factor)[0]
-        n = ckpt.shape(name + ".in_factor")[1] if form == "plain" else ckpt.numel(name + ".pivots")
-        dense += m * n * (ckpt.nbytes(out_factor) // ckpt.numel(out_factor))
+        m = _logical_shape(ckpt, out_factor)[0]
+        n = _logical_shape(ckpt, name + ".in_factor")[1] if form == "plain" else ckpt.numel(name + ".pivots")
+        dense += m * n * _logical_itemsize(ckpt, out_factor)
     return factored, dense
 
 
@@ -90,30 +110,26 @@ def export_dense(out_dir, dest, log=print, verify: bool = True) -> dict:
     out_dir, dest = Path(out_dir), Path(dest)
     ckpt = check_source(out_dir, verify)
     check_destination(dest, out_dir)
-    quant = ckpt.config_dict["streamsvd"].get("quantization")
-    if quant:  # the factors are packed integers with scales: sizes() and the loop below read float factors (a KeyError)
-        raise StreamSVDError(f"{out_dir} stores its factors quantised ({quant.get('num_bits')} bits); export dense "
-                             "multiplies float factors back",
-                             "export the output from before `streamsvd quantize` (or a run without --quant), or use "
-                             "`streamsvd export onnx`, which reads quantised outputs")
+    get, keys = tensor_reader(ckpt)  # quantised factors dequantised; pivots checked to be permutations
     modules = factored_modules(ckpt)
     factored_bytes, dense_bytes = sizes(ckpt, modules)
     log(f"warning: a dense export gives the size back: {_gb(dense_bytes)} of weights instead of the "
         f"{_gb(factored_bytes)} {out_dir} stores ({dense_bytes / factored_bytes:.2f}x); keep OUT_DIR for "
         "streamsvd.load or transformers with trust_remote_code=True")
     dest.mkdir(parents=True, exist_ok=True)
-    keys = set(ckpt.keys())
     owner = {key: name for name, form in modules.items() for key in _factor_keys(name, form)}
+    bases = quantized_bases(ckpt.keys())
+    logical = {k: next((b for b in bases if k.startswith(b) and k[len(b):] in QUANT_PARTS), k) for k in ckpt.keys()}
     weight_map, total = {}, 0
     for shard in sorted(set(ckpt.weight_map.values())):
         tensors = {}
-        for key in sorted(k for k, s in ckpt.weight_map.items() if s == shard):
+        for key in sorted({logical[k] for k, s in ckpt.weight_map.items() if s == shard}):
             name = owner.get(key)
             if name is None:
-                tensors[key] = ckpt.get(key)
+                tensors[key] = get(key)
             elif key == name + ".out_factor":  # one dense weight per module, in its out_factor's shard
-                dtype = TORCH_DTYPES[ckpt.dtype_name(key)]
-                module = module_from_tensors(ckpt.get, keys, name, torch.float64)
+                dtype = TORCH_DTYPES[ckpt.dtype_name(key if key in ckpt else key + "_scale")]
+                module = module_from_tensors(get, keys, name, torch.float64)
                 with torch.no_grad():
                     tensors[name + ".weight"] = module.dense_weight().to(dtype)
         with atomic_path(dest / shard) as tmp:

@@ -96,3 +96,24 @@ def test_bad_input_is_one_error_and_one_fix(tiny_outputs, tmp_path, capsys):
             (unfinished / path.name).write_bytes(path.read_bytes())
     _assert_refused(capsys, main(["export", "dense", str(unfinished), str(tmp_path / "c")]), "unfinished")
     assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantised_factors_are_dequantised_into_the_dense_weights(tiny_outputs, tmp_path, quant, capsys):
+    """export dense of a quantised output was refused (before that, a KeyError): its weights are now the products of
+    the dequantised factors, so plain transformers computes what streamsvd.load of the quantised output does."""
+    _, out = tiny_outputs["llama"]
+    quantised, dest = tmp_path / "q", tmp_path / "dense"
+    assert main(["quantize", str(out), str(quantised), "--quant", quant, "--group-size", "32"]) == 0
+    assert main(["export", "dense", str(quantised), str(dest)]) == 0
+    capsys.readouterr()
+    model, info = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    want = _logits(streamsvd.load(quantised))
+    torch.testing.assert_close(_logits(model), want, rtol=1e-4, atol=1e-5)
+    assert (_logits(model) - _logits(streamsvd.load(out))).abs().max() > 1e-4  # the rounding is in it, not undone
+    index = json.loads((dest / INDEX_NAME).read_text())
+    assert not any(k.endswith(("_packed", "_scale", "_zero_point", "_shape")) for k in index["weight_map"])
+    plain = tmp_path / "plain"
+    assert main(["export", "dense", str(out), str(plain)]) == 0
+    assert index["metadata"] == json.loads((plain / INDEX_NAME).read_text())["metadata"]  # the same dense size

@@ -480,16 +480,6 @@ def test_outputs_are_not_written_inside_the_output_they_read(straight, tmp_path,
     assert snapshot(out) == before
 
 
-def test_export_dense_of_quantised_factors_is_refused(straight, tmp_path, capsys):
-    """It was a KeyError traceback (the packed factors have other names)."""
-    assert cli(["quantize", straight, tmp_path / "q"]) == 0
-    capsys.readouterr()
-    assert cli(["export", "dense", tmp_path / "q", tmp_path / "d"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("error: ") == 1 and "quantised" in err and "export onnx" in err and "Traceback" not in err
-    assert not (tmp_path / "d").exists()
-
-
 def test_export_of_an_unfinished_job_says_unfinished(interrupted_base, tmp_path, capsys):
     """It said "not a streamsvd output" (config.json comes last), which sends the user the wrong way."""
     out = tmp_path / "out"
