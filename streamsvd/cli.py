@@ -646,7 +646,7 @@ def cmd_plan(args) -> int:
     if args.nproc < 1:
         raise StreamSVDError(f"--nproc {args.nproc} is not positive", "give the number of processes torchrun starts, 1 or more")
     plan = plan_job(cfg, processes=args.nproc)
-    refusals = _plan_refusals(plan, args.max_mem)
+    refusals = _plan_refusals(plan, args.max_mem, args.batch_size)
     if args.json:
         print(json.dumps({**plan.to_json(), "run_refuses": refusals}))
     else:
@@ -656,12 +656,14 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _plan_refusals(plan, max_mem: str | None) -> list[str]:
+def _plan_refusals(plan, max_mem: str | None, batch_size: int | None = None) -> list[str]:
     """Why `run` with these settings would refuse on this machine (empty: it would start); `plan --json` carries
     them as `run_refuses`, so a script need not compare the budgets itself."""
     reasons = []
     if plan.budget_bytes < plan.strict_min_bytes:
         reasons.append("this budget is below the smallest workable one")
+    elif batch_size and plan.peak_bytes > plan.budget_bytes:  # job/pipeline.py _batch_size's refusal of a fixed batch
+        reasons.append("this --batch-size needs more than --max-mem")
     if not plan.gpu_fits():
         reasons.append("this --max-gpu-mem is below the GPU's planned peak")
     if _ram_if_exceeded(max_mem) is not None:  # the same test as _refuse_budget_beyond_ram's

@@ -855,7 +855,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                      "every process holds the block, and while the ranks add up their statistics two more copies of "
                      "the largest one")
     if fixed_batch is not None:
-        notes.append(f"batch {fixed_batch} is the interrupted job's (kept on resume so the output does not change)")
+        notes.append(f"batch {fixed_batch} is fixed (--batch-size, or an interrupted job's, kept on resume so the output "
+                     "does not change), not chosen for --max-mem")
     if gpu_parts and device_speed is None:
         notes.append("no GPU visible here: the factorisations' time is estimated at this CPU's speed")
     return Plan(

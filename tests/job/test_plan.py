@@ -434,3 +434,23 @@ def test_plan_takes_every_flag_of_run_and_plans_those_that_change_a_plan(capsys,
     err = capsys.readouterr().err
     assert "both set the model's size" in err and "--alloc-floor applies to --alloc global" in err
     assert err.count("fix:") == 2
+
+
+
+def test_plan_says_run_would_refuse_a_batch_size_above_the_budget(capsys, tiny, text):
+    """`plan --batch-size B --max-mem M` with B's peak above M listed nothing in `run_refuses` (run refuses it:
+    '--batch-size B needs ..., more than --max-mem'), and its note called B 'the interrupted job's'."""
+    from streamsvd.cli import _plan_refusals
+
+    ckpt, settings = Checkpoint(tiny), PlanInputs(calib_samples=64, seqlen=256, plots=False)
+    one = make_plan(ckpt, "model.layers", settings, budget=1 << 40, baseline=0, fixed_batch=1)
+    at_64 = make_plan(ckpt, "model.layers", settings, budget=1 << 40, baseline=0, fixed_batch=64)
+    budget = (one.peak_bytes + at_64.peak_bytes) // 2  # batch 1 fits, batch 64 does not
+    tight = make_plan(ckpt, "model.layers", settings, budget=budget, baseline=0, fixed_batch=64)
+    assert tight.strict_min_bytes <= budget < tight.peak_bytes
+    assert [r for r in _plan_refusals(tight, None, 64) if "--batch-size" in r]
+    fits = make_plan(ckpt, "model.layers", settings, budget=budget, baseline=0, fixed_batch=1)
+    assert _plan_refusals(fits, None, 1) == []
+    assert main(["plan", str(tiny), "--calib", str(text), *FAST, "--batch-size", "2", "--max-mem", "4G"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 2 is fixed (--batch-size" in out and "interrupted job's (kept" not in out.split("fixed")[0]
