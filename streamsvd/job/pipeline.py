@@ -356,6 +356,25 @@ def check_quant_flags(quant: str | None, group_size: int | None, rounding: str |
                              f"give the number of input columns sharing one scale, e.g. {DEFAULT_GROUP_SIZE}")
 
 
+def model_matrices(model) -> list[Matrix]:
+    """The matrices allocation ranks, shapes only (no spectrum): every decoder linear of `model` (a meta model is
+    enough), as the profile lists them."""
+    return [Matrix(layer_prefix(model, i) + name, m.out_features, m.in_features)
+            for i, layer in enumerate(decoder_layers(model)) for name, m in linear_modules(layer).items()]
+
+
+def allocate_ranks(cfg: JobConfig, profile) -> dict[str, int]:
+    """Every matrix's rank from `profile` (math/allocate.py) for the job `cfg`: what `run` allocates, and `plan`
+    plans, with a given --profile."""
+    if cfg.max_ppl_increase is not None:
+        return max_ppl_increase(profile.matrices(), cfg.max_ppl_increase, cfg.seqlen, cfg.factors,
+                                multiple=cfg.rank_multiple, max_relative_loss=cfg.max_loss)
+    if cfg.max_loss is not None:
+        return max_loss(profile.matrices(), cfg.max_loss, cfg.factors, multiple=cfg.rank_multiple)
+    return allocate(cfg.alloc, profile.matrices(), cfg.ratio, cfg.factors,
+                    multiple=cfg.rank_multiple, tokens=profile.tokens, floor=cfg.alloc_floor)
+
+
 class CompressionJob:
     def __init__(self, cfg: JobConfig):
         cfg.validate()
@@ -417,18 +436,11 @@ class CompressionJob:
 
     def _shapes(self) -> list[Matrix]:
         """The matrices allocation ranks, shapes only (no spectrum): every decoder linear, as the profile lists them."""
-        return [Matrix(layer_prefix(self.model, i) + name, m.out_features, m.in_features)
-                for i, layer in enumerate(decoder_layers(self.model)) for name, m in linear_modules(layer).items()]
+        return model_matrices(self.model)
 
     def _allocate(self) -> dict[str, int]:
         """Every matrix's rank from the profile (math/allocate.py), all meeting one --ratio budget."""
-        if self.cfg.max_ppl_increase is not None:
-            return max_ppl_increase(self.profile.matrices(), self.cfg.max_ppl_increase, self.cfg.seqlen, self.cfg.factors,
-                                    multiple=self.cfg.rank_multiple, max_relative_loss=self.cfg.max_loss)
-        if self.cfg.max_loss is not None:
-            return max_loss(self.profile.matrices(), self.cfg.max_loss, self.cfg.factors, multiple=self.cfg.rank_multiple)
-        return allocate(self.cfg.alloc, self.profile.matrices(), self.cfg.ratio, self.cfg.factors,
-                        multiple=self.cfg.rank_multiple, tokens=self.profile.tokens, floor=self.cfg.alloc_floor)
+        return allocate_ranks(self.cfg, self.profile)
 
     def _own_profile(self) -> None:
         """No --profile: profile into OUT_DIR/profile first (reused if a killed run already finished it)."""

@@ -1042,13 +1042,21 @@ def plan_job(cfg, processes: int = 1) -> Plan:
     windows = sample_windows(tokenizer, text, cfg.calib_samples, cfg.seqlen, cfg.seed)
     model = empty_model(config, torch.float32)
     check_weights_match(model, ckpt)
+    ranks = None
     if getattr(cfg, "profile", None) is not None:  # refused as `run` refuses it: missing, damaged, other settings
+        from .pipeline import allocate_ranks
         from .profile import check_heldout, profile_identity, read_profile
 
         profile = read_profile(cfg.profile, profile_identity(ckpt, text, cfg.calib_samples, cfg.seqlen, cfg.seed))
         if cfg.max_ppl_increase is not None:
             check_heldout(profile, cfg.heldout_rows)
-    plan = build_plan(cfg, ckpt, fixed_batch=getattr(cfg, "batch_size", None), processes=processes)
+        ranks = allocate_ranks(cfg, profile)  # run's ranks (and its refusals of a budget they cannot meet)
+    elif cfg.needs_profile and not cfg.targeted:  # run's refusal before it profiles (job/pipeline.CompressionJob)
+        from ..math.allocate import check_smallest_ranks
+        from .pipeline import model_matrices
+
+        check_smallest_ranks(cfg.alloc, model_matrices(model), cfg.ratio, cfg.factors, cfg.rank_multiple)
+    plan = build_plan(cfg, ckpt, fixed_batch=getattr(cfg, "batch_size", None), ranks=ranks, processes=processes)
     if processes > 1:  # refuses, as `run` under torchrun would, a job with fewer batches than processes
         from .distributed import World
 

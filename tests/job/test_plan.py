@@ -454,3 +454,23 @@ def test_plan_says_run_would_refuse_a_batch_size_above_the_budget(capsys, tiny, 
     assert main(["plan", str(tiny), "--calib", str(text), *FAST, "--batch-size", "2", "--max-mem", "4G"]) == 0
     out = capsys.readouterr().out
     assert "batch 2 is fixed (--batch-size" in out and "interrupted job's (kept" not in out.split("fixed")[0]
+
+
+def test_plan_refuses_the_ranks_run_refuses_and_plans_a_given_profiles_ranks(capsys, tiny, text, tmp_path):
+    """plan --rank-multiple 1000 (smallest ranks above the --ratio budget) planned a job, with an empty run_refuses,
+    that run refuses before it profiles; with --profile it planned --ratio's uniform ranks, not the profile's
+    allocation that run takes (and refuses where the budget cannot hold it)."""
+    base = ["--calib", str(text), *FAST, "--max-mem", "4G"]
+    for extra in ([], ["--alloc", "uniform"]):
+        assert main(["plan", str(tiny), *base, "--rank-multiple", "1000", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and "multiples of 1000" in err and "fix:" in err
+    assert main(["profile", str(tiny), str(tmp_path / "prof"), *base[:-2], "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(tiny), *base, "--profile", str(tmp_path / "prof"), "--rank-multiple", "1000"]) == 2
+    assert "multiples of 1000" in capsys.readouterr().err
+    # the disk the plan counts is that of the profile's ranks, as the run's own plan counts it
+    given = plan_json(capsys, tiny, *base, "--profile", tmp_path / "prof", "--ratio", "0.6")
+    cfg = JobConfig(model_dir=tiny, out_dir=tmp_path / "out", calib=[str(text)], calib_samples=4, seqlen=32,
+                    progress=False, ratio=0.6, profile=tmp_path / "prof")
+    assert given["disk"]["output"] == CompressionJob(cfg).plan.disk["output"]
