@@ -363,9 +363,13 @@ def model_matrices(model) -> list[Matrix]:
             for i, layer in enumerate(decoder_layers(model)) for name, m in linear_modules(layer).items()]
 
 
-def allocate_ranks(cfg: JobConfig, profile) -> dict[str, int]:
-    """Every matrix's rank from `profile` (math/allocate.py) for the job `cfg`: what `run` allocates, and `plan`
-    plans, with a given --profile."""
+def allocate_ranks(cfg: JobConfig, profile, matrices: list[Matrix]) -> dict[str, int]:
+    """Every matrix's rank from `profile` (math/allocate.py) for the job `cfg` on the model of `matrices`
+    (model_matrices): what `run` allocates, and `plan` plans, with a given --profile. A profile whose shapes are
+    not the model's is refused first."""
+    from .profile import check_profile_shapes
+
+    check_profile_shapes(profile, matrices)
     if cfg.max_ppl_increase is not None:
         return max_ppl_increase(profile.matrices(), cfg.max_ppl_increase, cfg.seqlen, cfg.factors,
                                 multiple=cfg.rank_multiple, max_relative_loss=cfg.max_loss)
@@ -440,7 +444,7 @@ class CompressionJob:
 
     def _allocate(self) -> dict[str, int]:
         """Every matrix's rank from the profile (math/allocate.py), all meeting one --ratio budget."""
-        return allocate_ranks(self.cfg, self.profile)
+        return allocate_ranks(self.cfg, self.profile, self._shapes())
 
     def _own_profile(self) -> None:
         """No --profile: profile into OUT_DIR/profile first (reused if a killed run already finished it)."""

@@ -1044,13 +1044,13 @@ def plan_job(cfg, processes: int = 1) -> Plan:
     check_weights_match(model, ckpt)
     ranks = None
     if getattr(cfg, "profile", None) is not None:  # refused as `run` refuses it: missing, damaged, other settings
-        from .pipeline import allocate_ranks
+        from .pipeline import allocate_ranks, model_matrices
         from .profile import check_heldout, profile_identity, read_profile
 
         profile = read_profile(cfg.profile, profile_identity(ckpt, text, cfg.calib_samples, cfg.seqlen, cfg.seed))
         if cfg.max_ppl_increase is not None:
             check_heldout(profile, cfg.heldout_rows)
-        ranks = allocate_ranks(cfg, profile)  # run's ranks (and its refusals of a budget they cannot meet)
+        ranks = allocate_ranks(cfg, profile, model_matrices(model))  # run's ranks (and its refusals of a budget they cannot meet)
     elif cfg.needs_profile and not cfg.targeted:  # run's refusal before it profiles (job/pipeline.CompressionJob)
         from ..math.allocate import check_smallest_ranks
         from .pipeline import model_matrices

@@ -355,6 +355,9 @@ def _damage(path: Path, meta: dict, spectra: dict, weighted: dict | None) -> str
     """What makes a readable profile unusable (its files' recorded sha256, shapes, values); None if nothing. NaN or
     negative figures drove ranks to 1 with 'predicted relative loss 0.0000', shapes at odds with the spectra were a
     ValueError traceback from the allocator."""
+    problem = _malformed(meta)
+    if problem:
+        return problem
     recorded = meta.get("files_sha256") or {}  # profiles made before 2026-12-06 have none
     for name, digest in sorted(recorded.items()):
         if not (path / name).is_file() or hashlib.sha256((path / name).read_bytes()).hexdigest() != digest:
@@ -386,6 +389,56 @@ def _damage(path: Path, meta: dict, spectra: dict, weighted: dict | None) -> str
                                     and math.isfinite(heldout["perplexity"]) and heldout["perplexity"] > 0):
         return "its held-out perplexity is not a finite positive number"
     return None
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _malformed(meta: dict) -> str | None:
+    """What in profile.json is not of the form the profile writes (a hand edit, another program's file): an identity,
+    shapes or records that are not mappings were an AttributeError traceback, a token count of 0 or text a
+    ZeroDivisionError or TypeError one, a negative or NaN count or a matrix listed twice silently other ranks, and a
+    files_sha256 name outside the folder was read wherever it pointed. None if nothing."""
+    identity = meta["identity"]
+    if not isinstance(identity, dict):
+        return "its identity is not a mapping"
+    for key in ("shapes", "tensor_sha256", "files_sha256"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            return f"its {key} is not a mapping"
+    for name, digest in (meta.get("files_sha256") or {}).items():
+        if name not in (SPECTRA_FILE, WEIGHTED_FILE) or not isinstance(digest, str):
+            return f"its files_sha256 names {name!r}, not one of the profile's own files with its sha256"
+    order = meta["order"]
+    if not isinstance(order, list) or len(order) != len(set(order)):
+        return "its order lists a matrix more than once"
+    windows = identity.get("profile_samples", identity.get("calib_samples"))
+    if not (_positive_int(meta["tokens"]) and _positive_int(windows) and _positive_int(identity.get("seqlen"))
+            and meta["tokens"] == windows * identity["seqlen"]):
+        return (f"its token count {meta['tokens']!r} is not its statistics windows ({windows!r}) x its seqlen "
+                f"({identity.get('seqlen')!r})")
+    heldout = meta.get("heldout")
+    if isinstance(heldout, dict) and not _positive_int(heldout.get("samples")):
+        return "its held-out record has no positive window count (samples)"
+    return None
+
+
+def check_profile_shapes(profile: "Profile", matrices: list[Matrix]) -> None:
+    """Refuse a profile whose matrices' shapes are not the model's (the identity matched, so only an edit of
+    profile.json makes them differ): an [out, in] edited to [64, 6400] kept its spectrum's length and gave ranks for a
+    budget of another model (--ratio 0.4 came out 0.011)."""
+    shapes = profile.meta["shapes"]
+    for mat in matrices:
+        if shapes.get(mat.name) != [mat.m, mat.n]:
+            raise StreamSVDError(f"the profile in {profile.dir} is damaged: {mat.name} has shape {shapes.get(mat.name)} in "
+                                 f"{PROFILE_JSON}, [{mat.m}, {mat.n}] in the model",
+                                 "make one with `streamsvd profile MODEL_DIR PROFILE_DIR` and the same --calib, "
+                                 "--calib-samples, --seqlen and --seed as the run")
+    if set(shapes) != {mat.name for mat in matrices}:
+        extra = sorted(set(shapes) - {mat.name for mat in matrices})
+        raise StreamSVDError(f"the profile in {profile.dir} is damaged: it lists {extra[0]}, which the model lacks",
+                             "make one with `streamsvd profile MODEL_DIR PROFILE_DIR` and the same --calib, "
+                             "--calib-samples, --seqlen and --seed as the run")
 
 
 def _check_places(cfg: ProfileConfig) -> None:

@@ -161,6 +161,17 @@ def test_a_profile_of_other_settings_or_another_model_is_refused(tiny, tmp_path)
     ("sensitivity lost", "holds no sensitivity weights"),
     ("version", "streamsvd 99, newer than this one"),    # a later streamsvd's profile was read as this one's
     ("no version", "not a streamsvd version"),
+    # hand edits of profile.json's form: tracebacks (AttributeError, ZeroDivisionError, TypeError, KeyError), other
+    # ranks silently (a negative count, a matrix listed twice), or a file read wherever a name pointed
+    ("files outside", "files_sha256 names '../x'"),
+    ("files list", "files_sha256 is not a mapping"),
+    ("shapes list", "shapes is not a mapping"),
+    ("identity list", "identity is not a mapping"),
+    ("order twice", "lists a matrix more than once"),
+    ("tokens zero", "token count 0 is not"),
+    ("tokens negative", "token count -5 is not"),
+    ("tokens text", "token count 'many' is not"),
+    ("heldout samples", "no positive window count"),
 ])
 def test_a_damaged_profile_is_refused(tiny, tmp_path, damage, says):
     """NaN or negative energies drove a matrix's rank to 1 with 'predicted relative loss 0.0000'."""
@@ -189,12 +200,41 @@ def test_a_damaged_profile_is_refused(tiny, tmp_path, damage, says):
         meta["sensitivity"][name] = float("nan")
     elif damage in ("no sensitivity", "sensitivity lost"):
         meta["sensitivity"] = {} if damage == "no sensitivity" else None
+    elif damage == "files outside":
+        meta["files_sha256"]["../x"] = "0" * 64
+    elif damage in ("files list", "shapes list", "identity list"):
+        meta[damage.split()[0].replace("files", "files_sha256")] = ["x"]
+    elif damage == "order twice":
+        meta["order"].append(name)
+    elif damage.startswith("tokens"):
+        meta["tokens"] = {"tokens zero": 0, "tokens negative": -5, "tokens text": "many"}[damage]
+    elif damage == "heldout samples":
+        meta["heldout"] = {"perplexity": 5.0}
     else:
         meta["version"] = 99 if damage == "version" else "x"
     (bad / PROFILE_JSON).write_text(json.dumps(meta))
     with pytest.raises(StreamSVDError, match=says):
         read_profile(bad, identity)
     assert read_profile(tmp_path / "prof", identity).digest == profile.digest  # the intact one still reads
+
+
+def test_a_profile_whose_shapes_are_not_the_models_is_refused_by_run_and_plan(tiny, tmp_path, capsys):
+    """A shape edited in profile.json with the same smaller side ([64, 64] -> [64, 6400]) kept its spectrum's length
+    and was allocated as that matrix: --ratio 0.4 came out 0.011, no word said."""
+    from streamsvd.cli import main
+
+    _profile(tiny, tmp_path / "prof")
+    meta = json.loads((tmp_path / "prof" / PROFILE_JSON).read_text())
+    name = meta["order"][0]
+    m, n = meta["shapes"][name]
+    meta["shapes"][name] = [m, 100 * n] if m <= n else [100 * m, n]
+    (tmp_path / "prof" / PROFILE_JSON).write_text(json.dumps(meta))
+    flags = ["--calib-samples", str(SAMPLES), "--seqlen", str(SEQLEN), "--no-progress", "--profile", str(tmp_path / "prof")]
+    for argv in (["run", str(tiny), str(tmp_path / "out")], ["plan", str(tiny)]):
+        assert main([*argv, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and f"{name} has shape" in err and "in the model" in err and "fix:" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_profile_dir_in_the_model_dir_is_refused(tiny, tmp_path, capsys):
