@@ -782,8 +782,7 @@ def cmd_verify(args) -> int:
     if not result["complete"]:
         raise StreamSVDError(
             f"{args.out_dir} holds an unfinished job ({result['blocks_done']} blocks done): the files written so far "
-            "check out, but it is not a model yet",
-            "run the same `streamsvd run` command again: it resumes and finishes the job",
+            "check out, but it is not a model yet", result["fix"],
         )
     return 0
 

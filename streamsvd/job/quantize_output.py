@@ -4,7 +4,8 @@ One shard in memory at a time. Each compressed linear's factor tensors go throug
 `quantize_module_tensors` as `run --quant` (round-to-nearest per group, so no calibration is
 needed); every other tensor and file is copied as it is. NEW_DIR gets the config with a
 `quantization` entry in its streamsvd section, a fresh index, and the report with the new byte
-counts. It gets a finished job state too (where OUT_DIR has one), recording every file's size and sha256 as a run's does, so
+counts. It gets a job state too (where OUT_DIR has one): unfinished from the start, so a NEW_DIR a kill left is
+named as such (and a quantize into it starts it over), then finished, recording every file's size and sha256 as a run's does, so
 `streamsvd verify`, load, eval and export check it; that state's identity is the source's with the
 quantisation and `made_by: quantize`, so `run` into NEW_DIR is refused as another job.
 """
@@ -26,7 +27,7 @@ from ..io.output import INDEX_NAME, REPORT_JSON, REPORT_MD, RUN_LOG, markdown_re
 from ..math.quantize import DEFAULT_GROUP_SIZE, QuantSpec, quantize_module_tensors
 from ..model.loading import check_finished, is_streamsvd_output
 from .pipeline import WORK_DIR_NAME, check_quant_flags
-from .state import STATE_NAME, JobState, fingerprint
+from .state import STATE_NAME, JobState, fingerprint, read_state
 from .stages import linear_bytes
 
 _NOT_COPIED = {STATE_NAME, RUN_LOG, INDEX_NAME, "config.json", REPORT_JSON, REPORT_MD, WORK_DIR_NAME}
@@ -50,11 +51,19 @@ def quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size:
     if section.get("quantization"):
         raise StreamSVDError(f"{out_dir} is already quantised ({section['quantization']['num_bits']} bits)",
                              "quantise the unquantised output it was made from")
-    if new_dir.resolve() == out_dir.resolve() or (new_dir.exists() and (not new_dir.is_dir() or any(new_dir.iterdir()))):
+    stopped = stopped_quantize(new_dir)  # what a killed quantize left there: made again from the start
+    if new_dir.resolve() == out_dir.resolve() or (new_dir.exists() and not stopped
+                                                  and (not new_dir.is_dir() or any(new_dir.iterdir()))):
         raise StreamSVDError(f"{new_dir} is not a new or empty directory", "give a new directory for the quantised output")
     if within(new_dir, out_dir):  # the copy of OUT_DIR's folders copied NEW_DIR into itself
         raise StreamSVDError(f"{new_dir} is inside the streamsvd output {out_dir}", "give a directory outside it")
+    if stopped:
+        for child in sorted(new_dir.iterdir()):
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     new_dir.mkdir(parents=True, exist_ok=True)
+    if source_state is not None:  # first: a NEW_DIR a kill leaves is named as an unfinished quantize, not as no output
+        fp, settings = _identity(source_state, spec)
+        JobState(fingerprint=fp, settings=settings).save(new_dir)
 
     index = json.loads((out_dir / INDEX_NAME).read_text())
     modules = list(section.get("ranks", {}))
@@ -106,20 +115,34 @@ def quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size:
     return report or {}
 
 
+def stopped_quantize(new_dir: Path) -> bool:
+    """Whether `new_dir` holds what a `streamsvd quantize` that did not finish left (its unfinished state)."""
+    from .verify import made_by_quantize
+
+    state = read_state(new_dir, strict=False) if Path(new_dir).is_dir() else None
+    return state is not None and not state.complete and made_by_quantize(state)
+
+
+def _identity(source: JobState, spec: QuantSpec) -> tuple[str, dict]:
+    """NEW_DIR's job identity: the source job's settings with the quantisation and `made_by`, and its fingerprint."""
+    settings = {**(source.settings or {}), "quant": spec.section(), "made_by": "quantize"}
+    return fingerprint({"source": source.fingerprint, "settings": settings}), settings
+
+
 def _state(source: JobState, spec: QuantSpec, new_dir: Path, index_bytes: bytes,
            stored_bytes: dict[str, int]) -> JobState:
     """NEW_DIR's finished state: every file in it recorded (the index from the bytes about to be written, so the
     state can be saved before it), the source job's module records with the quantised byte counts, and its
-    identity with the quantisation and `made_by`."""
+    identity (_identity)."""
     files = {str(p.relative_to(new_dir)): file_record(p) for p in sorted(new_dir.rglob("*"))
              if p.is_file() and p.name != STATE_NAME}
     files[INDEX_NAME] = {"size": len(index_bytes), "sha256": hashlib.sha256(index_bytes).hexdigest()}
-    settings = {**(source.settings or {}), "quant": spec.section(), "made_by": "quantize"}
+    fp, settings = _identity(source, spec)
     modules = {name: {**record, **({"stored_bytes": stored_bytes[name]} if name in stored_bytes else {})}
                for name, record in source.modules.items()}
-    return JobState(fingerprint=fingerprint({"source": source.fingerprint, "settings": settings}),
-                    blocks_done=source.blocks_done, extra_shard_done=True, complete=True, modules=modules, files=files,
-                    weights=dict(source.weights), model_files=dict(source.model_files), settings=settings)
+    return JobState(fingerprint=fp, blocks_done=source.blocks_done, extra_shard_done=True, complete=True,
+                    modules=modules, files=files, weights=dict(source.weights), model_files=dict(source.model_files),
+                    settings=settings)
 
 
 def _report(out_dir: Path, spec: QuantSpec, stored_bytes: dict[str, int]) -> dict | None:

@@ -38,7 +38,7 @@ def verify(out_dir: Path, deep: bool = True) -> dict:
         # a usable model: every recorded file as written, and the job finished (an unfinished one's files can all
         # check out while most of the model is missing, so `verify OUT && deploy` must not pass it)
         "ok": not damaged and state.complete,
-        "fix": damaged_fix(state),
+        "fix": damaged_fix(state) if damaged else None if state.complete else unfinished_fix(state),
     }
 
 
@@ -54,6 +54,13 @@ def damaged_fix(state) -> str:
                 "(`streamsvd verify` lists the damaged files)")
     return ("run the same `streamsvd run MODEL_DIR OUT_DIR ...` command again: it redoes the damaged files "
             "(`streamsvd verify OUT_DIR` lists them)")
+
+
+def unfinished_fix(state) -> str:
+    """The fix line for an unfinished output: a run resumes; a stopped quantize is made again (it starts over)."""
+    if made_by_quantize(state):
+        return "run the same `streamsvd quantize OUT_DIR NEW_DIR ...` command again: it starts this directory over"
+    return "run the same `streamsvd run` command again: it resumes and finishes the job"
 
 
 def check_files(out_dir: Path, files: dict[str, dict], deep: bool = True) -> list[tuple[str, str]]:

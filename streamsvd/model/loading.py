@@ -108,15 +108,13 @@ def check_finished(path: Path, verify: bool = True):
     not as the job wrote them: sizes and headers, and with `verify` their sha256 (a changed byte inside a shard was a
     silently wrong model for load, eval and export; only `streamsvd verify` and a rerun saw it). Its state, or None
     (not a streamsvd OUT_DIR, or one whose state was not kept: nothing to check against)."""
-    from ..job.verify import check_files, damaged_fix
+    from ..job.verify import check_files, damaged_fix, made_by_quantize, unfinished_fix
 
     path = Path(path)
     state = read_state(path) if path.is_dir() else None
     if state is not None and not state.complete:
-        raise StreamSVDError(
-            f"{path} is an unfinished streamsvd job ({state.blocks_done} blocks done)",
-            "run the same `streamsvd run` command again to finish it",
-        )
+        what = "`streamsvd quantize` that was stopped" if made_by_quantize(state) else f"job ({state.blocks_done} blocks done)"
+        raise StreamSVDError(f"{path} is an unfinished streamsvd {what}", unfinished_fix(state))
     problems = check_files(path, state.files, deep=verify) if state is not None else []
     if problems:
         (name, problem), more = problems[0], len(problems) - 1

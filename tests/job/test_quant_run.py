@@ -281,3 +281,39 @@ def test_a_streamsvd_quantize_output_records_its_files_so_a_changed_byte_is_refu
     assert main(["run", str(model_dir), str(new), "--ratio", "0.4", "--calib-samples", "4", "--seqlen", "32",
                  "--no-progress"]) == 2
     assert "output of `streamsvd quantize`" in capsys.readouterr().err
+
+
+def test_a_stopped_quantize_is_named_as_one_and_a_quantize_into_it_starts_over(outputs, tmp_path, monkeypatch, capsys):
+    """A killed quantize left shards and nothing else: verify said 'no streamsvd job state', load 'no config.json ...
+    import-gguf', and a rerun 'not a new or empty directory'. Its state now says unfinished from the start."""
+    import streamsvd.job.quantize_output as quantize_output
+
+    root, _ = outputs
+    new = tmp_path / "new"
+    real, calls = quantize_output.save_file, []
+
+    def killed_after_one_shard(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt  # the process stops here, as a kill would
+        calls.append(1)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(quantize_output, "save_file", killed_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_output.quantize_output(root / "full", new, "int8", 32)
+    monkeypatch.undo()
+    assert list(new.glob("*.safetensors")) and not (new / "model.safetensors.index.json").exists()
+    for argv in (["verify", str(new)], ["eval", str(new), "--text", str(root / "full" / "config.json"), "--seqlen", "8"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "unfinished" in err and "fix: run the same `streamsvd quantize" in err and "import-gguf" not in err, err
+    with pytest.raises(streamsvd.errors.StreamSVDError, match="quantize` that was stopped"):
+        streamsvd.load(new)
+    # the same quantize into it starts it over, and gives what an uninterrupted one gives
+    assert main(["quantize", str(root / "full"), str(new), "--quant", "int8", "--group-size", "32"]) == 0
+    assert main(["quantize", str(root / "full"), str(tmp_path / "straight"), "--quant", "int8", "--group-size", "32"]) == 0
+    assert _files(new) == _files(tmp_path / "straight") and main(["verify", str(new)]) == 0
+    # a finished one, or a folder of someone else's, is still refused
+    capsys.readouterr()
+    assert main(["quantize", str(root / "full"), str(new), "--quant", "int8"]) == 2
+    assert "not a new or empty directory" in capsys.readouterr().err
