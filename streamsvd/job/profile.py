@@ -36,7 +36,8 @@ The profile's folder holds `spectra.safetensors` (float64, by full module name) 
 (written last: a folder without it is not a profile; nothing in it depends on the machine's speed, so a
 job that profiles for itself still ends byte-identical after an interruption) with the identity (checkpoint fingerprint,
 calibration digest, samples, seqlen, seed), the token count, the shapes and the weights, the sha256 of its
-safetensors files (`files_sha256`) and of every decoder-layer tensor it read (`tensor_sha256`). A run
+safetensors files (`files_sha256`) and of every decoder-layer tensor it read (`tensor_sha256`), and its own
+content's (`meta_sha256`: a hand edit of profile.json is refused). A run
 with other calibration settings or another model refuses it; so does a run whose weights differ from the
 recorded ones (job/integrity.check_profile_matches), and any run when its files or figures are damaged (a
 sensitivity weight missing for a matrix included) or it was written by a newer streamsvd. Profiling is not resumable: a killed
@@ -298,6 +299,13 @@ def read_profile(path: Path, identity: dict | None = None) -> Profile:
     return Profile(path, meta, spectra, weighted)
 
 
+def _meta_digest(meta: dict) -> str:
+    """sha256 of profile.json's content but this digest itself: a hand edit (an original perplexity, a token count)
+    changed what runs read, unseen."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _version_key(version) -> tuple[int, ...] | None:
     """"0.1.0" -> (0, 1, 0) (a suffix such as ".dev1" or "rc1" ignored), an int n -> (n,); None if neither."""
     if isinstance(version, int) and not isinstance(version, bool):
@@ -388,6 +396,9 @@ def _damage(path: Path, meta: dict, spectra: dict, weighted: dict | None) -> str
     if heldout is not None and not (isinstance(heldout, dict) and isinstance(heldout.get("perplexity"), (int, float))
                                     and math.isfinite(heldout["perplexity"]) and heldout["perplexity"] > 0):
         return "its held-out perplexity is not a finite positive number"
+    # last, so that the checks above name what is wrong; this one catches any other hand edit (an original perplexity)
+    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_digest(meta):  # profiles before 2026-12-06 have none
+        return f"{PROFILE_JSON} is not as the profile wrote it (edited since: its meta_sha256 differs)"
     return None
 
 
@@ -600,7 +611,7 @@ class Profiler:
         with atomic_path(out / SPECTRA_FILE) as tmp:
             save_file({k: torch.from_numpy(v) for k, v in spectra.items()}, str(tmp))
         files = [SPECTRA_FILE] + ([WEIGHTED_FILE] if weighted else [])
-        atomic_write_json(out / PROFILE_JSON, {
+        meta = {
             "version": __version__,
             "identity": self.identity,
             "calibration_source": self.text_source,
@@ -616,7 +627,8 @@ class Profiler:
             "tensor_sha256": dict(sorted(self.tensor_digests.items())),
             # the measurements' files as written: a changed byte in them changed the ranks unseen
             "files_sha256": {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in files},
-        })
+        }
+        atomic_write_json(out / PROFILE_JSON, {**meta, "meta_sha256": _meta_digest(meta)})
 
     # ------------------------------------------------------------ forward: spectra
     def _batches(self, n: int | None = None, lo: int = 0):

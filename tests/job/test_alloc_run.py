@@ -73,7 +73,7 @@ def test_a_profile_from_before_token_weighting_still_allocates_and_says_so(tiny,
     with pytest.raises(StreamSVDError, match="not the file the profile wrote"):  # a profile of today missing it: damaged
         profile_module.read_profile(old)
     meta = json.loads((old / profile_module.PROFILE_JSON).read_text())
-    for key in ("files_sha256", "tensor_sha256"):  # what a profile of then did not record
+    for key in ("files_sha256", "tensor_sha256", "meta_sha256"):  # what a profile of then did not record
         del meta[key]
     (old / profile_module.PROFILE_JSON).write_text(json.dumps(meta))
     prof = profile_module.read_profile(old)
@@ -226,6 +226,7 @@ def test_a_profile_changed_between_a_kill_and_the_resume_is_refused(tiny, tmp_pa
     assert state["profile_digest"] == profile_module.read_profile(out / "profile").digest
     name = meta["order"][0]
     meta["sensitivity"][name] *= 2
+    del meta["meta_sha256"]  # another readable profile (one without that digest, as made before 2026-12-06)
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(StreamSVDError) as refused:
         run_job(_job(tiny, out, alloc="global"))

@@ -172,6 +172,9 @@ def test_a_profile_of_other_settings_or_another_model_is_refused(tiny, tmp_path)
     ("tokens negative", "token count -5 is not"),
     ("tokens text", "token count 'many' is not"),
     ("heldout samples", "no positive window count"),
+    # any other edit of profile.json: the original's held-out perplexity (the --max-ppl-increase target's base) was
+    # read as written
+    ("heldout perplexity", "edited since: its meta_sha256 differs"),
 ])
 def test_a_damaged_profile_is_refused(tiny, tmp_path, damage, says):
     """NaN or negative energies drove a matrix's rank to 1 with 'predicted relative loss 0.0000'."""
@@ -210,6 +213,8 @@ def test_a_damaged_profile_is_refused(tiny, tmp_path, damage, says):
         meta["tokens"] = {"tokens zero": 0, "tokens negative": -5, "tokens text": "many"}[damage]
     elif damage == "heldout samples":
         meta["heldout"] = {"perplexity": 5.0}
+    elif damage == "heldout perplexity":
+        meta["heldout"] = {"perplexity": 5.0, "samples": 2}
     else:
         meta["version"] = 99 if damage == "version" else "x"
     (bad / PROFILE_JSON).write_text(json.dumps(meta))
@@ -228,6 +233,10 @@ def test_a_profile_whose_shapes_are_not_the_models_is_refused_by_run_and_plan(ti
     name = meta["order"][0]
     m, n = meta["shapes"][name]
     meta["shapes"][name] = [m, 100 * n] if m <= n else [100 * m, n]
+    (tmp_path / "prof" / PROFILE_JSON).write_text(json.dumps(meta))
+    with pytest.raises(StreamSVDError, match="edited since"):  # the profile's own digest sees the edit
+        read_profile(tmp_path / "prof")
+    del meta["meta_sha256"]  # a profile made before that digest: the shapes against the model's still refuse it
     (tmp_path / "prof" / PROFILE_JSON).write_text(json.dumps(meta))
     flags = ["--calib-samples", str(SAMPLES), "--seqlen", str(SEQLEN), "--no-progress", "--profile", str(tmp_path / "prof")]
     for argv in (["run", str(tiny), str(tmp_path / "out")], ["plan", str(tiny)]):
