@@ -478,6 +478,8 @@ class CompressionJob:
             if self.world.writes:
                 tqdm.write(f"streamsvd: batch {before} -> {self.batch_size}: the allocated ranks need more memory than "
                            "uniform ones at this --max-mem", file=sys.stderr)
+        if self.state.blocks_done == 0:  # a fresh job's --batch-size, not an interrupted job's kept batch
+            self._refuse_batch_size(" with the ranks allocated from the profile")
         refuse_if_too_small(self.plan, resumed=True)
         if not self.profile.reused:
             keep_stage(self.plan, profiled, "profile")  # the run's planned peak against its measured one
@@ -528,10 +530,16 @@ class CompressionJob:
         fixed = world.agreed_batch(fixed, lambda: build_plan(cfg, self.ckpt, ranks=self.ranks, processes=world.size).batch_size)
         self.plan = build_plan(cfg, self.ckpt, fixed_batch=fixed, ranks=self.ranks, processes=world.size)
         refuse_if_too_small(self.plan, resumed=bool(self.state.batch_size))
-        if cfg.batch_size and not self.state.batch_size and self.plan.peak_bytes > self.plan.budget_bytes:
-            raise StreamSVDError(f"--batch-size {cfg.batch_size} needs {format_size(self.plan.peak_bytes)}, more than --max-mem "
-                                 f"{format_size(self.plan.budget_bytes)}", "give a smaller --batch-size, or leave it out")
+        if not self.state.batch_size:
+            self._refuse_batch_size()
         return self.plan.batch_size
+
+    def _refuse_batch_size(self, why: str = "") -> None:
+        """A --batch-size whose plan exceeds --max-mem (a fresh job's own choice, not a resumed job's kept batch)."""
+        if self.cfg.batch_size and self.plan.peak_bytes > self.plan.budget_bytes:
+            raise StreamSVDError(f"--batch-size {self.cfg.batch_size} needs {format_size(self.plan.peak_bytes)}{why}, more "
+                                 f"than --max-mem {format_size(self.plan.budget_bytes)}",
+                                 "give a smaller --batch-size, or leave it out")
 
     @property
     def share(self) -> tuple[int, int]:

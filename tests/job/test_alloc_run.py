@@ -208,6 +208,27 @@ def test_a_fresh_job_whose_allocated_ranks_need_a_smaller_batch_takes_it(tiny, t
     assert shards(out) and shards(out) == shards(tmp_path / "one")
 
 
+def test_a_batch_size_the_allocated_ranks_cannot_hold_is_refused_as_the_flags_not_as_a_resume(tiny, tmp_path,
+                                                                                             monkeypatch):
+    """A fresh job's --batch-size that fits uniform ranks but not the ranks its own profile allocated was refused as
+    'too small for this interrupted job ... kept so the output does not change'; it is --batch-size's refusal."""
+    import streamsvd.job.pipeline as pipeline
+
+    real = pipeline.build_plan
+
+    def tight(cfg, ckpt, fixed_batch=None, ranks=None, **kw):
+        plan = real(cfg, ckpt, fixed_batch=fixed_batch, ranks=ranks, **kw)
+        if ranks is not None and plan.batch_size > 1:
+            plan.peak_bytes = plan.budget_bytes + 1
+        return plan
+
+    monkeypatch.setattr(pipeline, "build_plan", tight)
+    with pytest.raises(StreamSVDError) as refused:
+        run_job(_job(tiny, tmp_path / "out", alloc="global", batch_size=2))
+    assert refused.value.problem.startswith("--batch-size 2 needs") and "ranks allocated from the profile" in refused.value.problem
+    assert "interrupted" not in refused.value.problem and "smaller --batch-size" in refused.value.fix
+
+
 def test_a_profile_changed_between_a_kill_and_the_resume_is_refused(tiny, tmp_path):
     """The job records its own profile's digest once the profile is made; a resume that finds another profile in
     OUT_DIR/profile (here one sensitivity weight doubled, still a readable profile) refuses it rather than
