@@ -94,15 +94,9 @@ def compare(label: str, w: torch.Tensor, x: torch.Tensor, ratio: float) -> dict:
 def smollm2_inputs(blocks: list[int], samples: int, seqlen: int):
     """(model, {(block, linear name): float32 inputs, tokens x features}) of SmolLM2-135M's q_proj, gate_proj and
     down_proj in `blocks` (one input per input group), from `samples` x `seqlen` windows of assets.CALIB_PLAYS."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from bench_svd import smollm2_windows  # tools/ is on sys.path beside this script
 
-    from streamsvd import assets
-    from streamsvd.io.calibration import load_texts, sample_windows
-
-    model_dir = assets.smollm2_checkpoint()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    text, _ = load_texts([str(assets.shakespeare_text(assets.CALIB_PLAYS))])
-    windows = sample_windows(AutoTokenizer.from_pretrained(model_dir), text, samples, seqlen, 0)
+    model, windows = smollm2_windows(samples, seqlen)
     inputs, hooks = {}, []
     for b in blocks:
         for name in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"):

@@ -80,9 +80,8 @@ def compare(label: str, w: torch.Tensor, white, ratio: float, oversamples: int, 
     }), flush=True)
 
 
-def smollm2_grams(blocks: list[int], samples: int, seqlen: int):
-    """(model, {(block, linear name): mean input Gram, float64}) of SmolLM2-135M's linears in `blocks`, from
-    `samples` x `seqlen` calibration windows of assets.CALIB_PLAYS (one forward pre-hook per linear)."""
+def smollm2_windows(samples: int, seqlen: int):
+    """(SmolLM2-135M in float32, `samples` x `seqlen` calibration windows of assets.CALIB_PLAYS, seed 0)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from streamsvd import assets
@@ -91,7 +90,13 @@ def smollm2_grams(blocks: list[int], samples: int, seqlen: int):
     model_dir = assets.smollm2_checkpoint()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     text, _ = load_texts([str(assets.shakespeare_text(assets.CALIB_PLAYS))])
-    windows = sample_windows(AutoTokenizer.from_pretrained(model_dir), text, samples, seqlen, 0)
+    return model, sample_windows(AutoTokenizer.from_pretrained(model_dir), text, samples, seqlen, 0)
+
+
+def smollm2_grams(blocks: list[int], samples: int, seqlen: int):
+    """(model, {(block, linear name): mean input Gram, float64}) of SmolLM2-135M's linears in `blocks`, from
+    `samples` x `seqlen` calibration windows of assets.CALIB_PLAYS (one forward pre-hook per linear)."""
+    model, windows = smollm2_windows(samples, seqlen)
     grams, hooks = {}, []
     for b in blocks:
         for name, mod in model.model.layers[b].named_modules():
