@@ -766,7 +766,8 @@ def cmd_verify(args) -> int:
         result = verify(Path(args.out_dir))
     except StreamSVDError as e:  # not an output at all: --json still prints one object for scripts (ok false)
         if args.json:
-            print(json.dumps({"out_dir": str(args.out_dir), "ok": False, "files_ok": False, "error": e.problem}))
+            print(json.dumps({"out_dir": str(args.out_dir), "complete": False, "blocks_done": 0, "files_checked": 0,
+                              "damaged": [], "files_ok": False, "ok": False, "fix": e.fix, "error": e.problem}))
         raise
     if args.json:
         print(json.dumps(result))

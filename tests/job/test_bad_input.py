@@ -764,3 +764,6 @@ def test_messages_that_named_the_wrong_problem(capsys, tmp_path, pristine):
     rc = cli(["verify", tmp_path / "nope", "--json"])
     captured = capsys.readouterr()
     assert rc == 2 and json.loads(captured.out)["ok"] is False and captured.err.count("error: ") == 1
+    # with the keys of every other verify object, so a script reads them the same way (they were missing)
+    ok = json.loads(captured.out)
+    assert {"complete", "blocks_done", "files_checked", "damaged", "files_ok", "fix"} <= set(ok) and ok["fix"]
