@@ -119,7 +119,7 @@ def export_dense(out_dir, dest, log=print, verify: bool = True) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     owner = {key: name for name, form in modules.items() for key in _factor_keys(name, form)}
     bases = quantized_bases(ckpt.keys())
-    logical = {k: next((b for b in bases if k.startswith(b) and k[len(b):] in QUANT_PARTS), k) for k in ckpt.keys()}
+    logical = {k: _logical_key(k, bases) for k in ckpt.keys()}
     weight_map, total = {}, 0
     for shard in sorted(set(ckpt.weight_map.values())):
         tensors = {}
@@ -152,6 +152,14 @@ def export_dense(out_dir, dest, log=print, verify: bool = True) -> dict:
     atomic_write_bytes(dest / INDEX_NAME, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
     return {"out_dir": str(out_dir), "dir": str(dest), "modules_multiplied": len(modules),
             "factored_bytes": factored_bytes, "dense_bytes": dense_bytes, "copied": copied}
+
+
+def _logical_key(key: str, bases: set[str]) -> str:
+    """The name a model sees for the stored `key`: a packed tensor's part gives its base's name."""
+    for part in QUANT_PARTS:
+        if key.endswith(part) and key[: -len(part)] in bases:
+            return key[: -len(part)]
+    return key
 
 
 def _streamsvd_file(name: str) -> bool:
