@@ -99,9 +99,10 @@ def sample_windows(tokenizer, text: str, samples: int, seqlen: int, seed: int) -
         raise StreamSVDError("the calibration text is empty", "pass a --calib file that contains text")
     tokens, bos = tokenize(tokenizer, text)
     body = seqlen - (1 if bos is not None else 0)
-    if tokens.numel() < body + 1:
+    if tokens.numel() < body:
         raise StreamSVDError(
-            f"the calibration text has {tokens.numel()} tokens, fewer than one window of --seqlen {seqlen}",
+            f"the calibration text has {tokens.numel()} tokens, fewer than one window of --seqlen {seqlen} needs"
+            + (f" ({body} besides the BOS token every window starts with)" if bos is not None else ""),
             "give more calibration text or a smaller --seqlen",
         )
     if samples * body > OVERLAP_WARN * tokens.numel():
@@ -142,7 +143,7 @@ def heldout_windows(tokenizer, text: str, calib_samples: int, seqlen: int, seed:
 def heldout_starts(n: int, calib_samples: int, body: int, seed: int, count: int) -> tuple[list[int], list[int]]:
     """(the calibration windows' starts, as sample_windows draws them; the held-out windows' starts) in a text of
     `n` tokens, windows of `body` tokens (BOS not counted)."""
-    if n < body + 1:
+    if n < body:
         raise StreamSVDError(
             f"the calibration text has {n} tokens, fewer than one window of {body} tokens",
             "give more calibration text or a smaller --seqlen",

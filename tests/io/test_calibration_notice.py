@@ -45,3 +45,28 @@ def test_the_source_is_the_same_whichever_directory_the_job_runs_from(tmp_path, 
     monkeypatch.chdir(tmp_path / "data")
     assert load_texts(["a.txt", str(tmp_path / "data" / "b.txt")]) == relative
     assert relative[1] == "a.txt, b.txt"
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_a_text_of_exactly_one_window_is_taken_and_one_token_less_is_refused(add_bos):
+    """A window is --seqlen tokens, the first of them BOS where the tokenizer adds one: a text of exactly the tokens a
+    window draws is enough (it was refused, one token short by the count); one fewer is refused, counted right."""
+    from streamsvd.errors import StreamSVDError
+    from streamsvd.io.calibration import sample_windows, tokenize
+    from tiny_models import tiny_tokenizer
+
+    tok = tiny_tokenizer(add_bos=add_bos)
+    words = " ".join(f"w{i}" for i in range(200))
+    tokens, bos = tokenize(tok, words)
+    assert (bos is not None) == add_bos
+    body = 24 - (1 if add_bos else 0)
+    text = tok.decode(tokens[:body].tolist())
+    assert tokenize(tok, text)[0].numel() == body
+    windows = sample_windows(tok, text, samples=3, seqlen=24, seed=0)
+    assert windows.shape == (3, 24)
+    assert windows[:, -body:].tolist() == [tokens[:body].tolist()] * 3
+    if add_bos:
+        assert (windows[:, 0] == tok.bos_token_id).all()
+    short = tok.decode(tokens[: body - 1].tolist())
+    with pytest.raises(StreamSVDError, match=f"has {body - 1} tokens, fewer than one window of --seqlen 24"):
+        sample_windows(tok, short, samples=1, seqlen=24, seed=0)
