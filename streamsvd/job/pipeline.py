@@ -403,7 +403,7 @@ class CompressionJob:
                 check_heldout(self.profile, cfg.heldout_rows)
             self.ranks = self._allocate()
         elif cfg.needs_profile and not cfg.targeted:  # the allocation's refusal that needs no profile, before profiling
-            check_smallest_ranks(cfg.alloc, self._shapes(), cfg.ratio, cfg.factors, cfg.rank_multiple)
+            check_smallest_ranks(cfg.alloc, model_matrices(self.model), cfg.ratio, cfg.factors, cfg.rank_multiple)
         self.identity = job_identity(cfg, self.ckpt, self.text, self.profile.digest if self.profile else None)
         job_fp = fingerprint(self.identity)
         self.job_fp = job_fp
@@ -438,13 +438,9 @@ class CompressionJob:
     def _profile_identity(self) -> dict:
         return profile_identity(self.ckpt, self.text, self.cfg.calib_samples, self.cfg.seqlen, self.cfg.seed)
 
-    def _shapes(self) -> list[Matrix]:
-        """The matrices allocation ranks, shapes only (no spectrum): every decoder linear, as the profile lists them."""
-        return model_matrices(self.model)
-
     def _allocate(self) -> dict[str, int]:
         """Every matrix's rank from the profile (math/allocate.py), all meeting one --ratio budget."""
-        return allocate_ranks(self.cfg, self.profile, self._shapes())
+        return allocate_ranks(self.cfg, self.profile, model_matrices(self.model))
 
     def _own_profile(self) -> None:
         """No --profile: profile into OUT_DIR/profile first (reused if a killed run already finished it)."""

@@ -370,7 +370,7 @@ def test_bad_allocation_flags_end_with_one_error_and_a_fix(tiny, profiled, tmp_p
 def test_a_rank_multiple_the_budget_cannot_hold_is_refused_before_profiling(tiny, profiled, tmp_path, monkeypatch, capsys):
     """The smallest ranks allowed above the --ratio budget were refused by the allocator, after the job's own profile
     (minutes on a real model); now from the shapes alone, by the same rule, before anything is read or written."""
-    from streamsvd.job.pipeline import CompressionJob
+    from streamsvd.job.pipeline import CompressionJob, model_matrices
 
     _no_profiling(monkeypatch)
     base = ["run", str(tiny), str(tmp_path / "out"), "--calib-samples", str(SAMPLES), "--seqlen", str(SEQLEN), "--no-progress"]
@@ -385,7 +385,7 @@ def test_a_rank_multiple_the_budget_cannot_hold_is_refused_before_profiling(tiny
         assert not (tmp_path / "out").exists()  # no profile, nothing written
     # the matrices checked are the profile's, so the early refusal is the allocator's
     prof = profile_module.read_profile(profiled)
-    shapes = {a.name: [a.m, a.n] for a in CompressionJob(_job(tiny, tmp_path / "o", alloc="global"))._shapes()}
+    shapes = {a.name: [a.m, a.n] for a in model_matrices(CompressionJob(_job(tiny, tmp_path / "o", alloc="global")).model)}
     assert shapes == prof.meta["shapes"]
     with pytest.raises(StreamSVDError, match="multiples of 1000"):
         allocate("global", prof.matrices(), 0.4, multiple=1000)
