@@ -1004,9 +1004,12 @@ def plan_device(cfg):
 def _add_own_profile(plan: Plan, cfg, ckpt: Checkpoint, processes: int = 1) -> None:
     """A job that profiles for itself (`--alloc global`, the default, without --profile) first runs `streamsvd profile`
     under the same budget: its plan's peak is this plan's `profile` stage, and its minimum counts toward the job's."""
-    from .profile import ProfileConfig
+    from .profile import ProfileConfig, saved_bytes
 
-    prof = ProfileConfig.for_job(cfg, Path(cfg.out_dir)).plan(ckpt, processes=processes)
+    pcfg = ProfileConfig.for_job(cfg, Path(cfg.out_dir))
+    prof = pcfg.plan(ckpt, processes=processes)
+    plan.disk["profile"] = saved_bytes(ckpt, min(pcfg.sensitivity_samples, pcfg.calib_samples) > 0)  # kept in OUT_DIR
+    plan.disk_bytes += plan.disk["profile"]
     plan.stage_bytes = {"profile": prof.peak_bytes, **plan.stage_bytes}
     plan.components = {"profile": {f"the profile's own plan (batch {prof.batch_size}, set by its {prof.min_stage} stage)":
                                    prof.peak_bytes}, **plan.components}

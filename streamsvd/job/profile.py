@@ -170,6 +170,19 @@ class ProfileConfig:
             raise StreamSVDError(f"--batch-size {self.batch_size} is out of range", "give 1 or more windows, or leave it out")
 
 
+SAVED_BYTES_PER_TENSOR = 512  # profile.json per decoder tensor (its name, shape, sensitivity, sha256: about 240)
+
+
+def saved_bytes(ckpt: Checkpoint, weighted: bool) -> int:
+    """What a profile keeps in its folder: the spectra (float64, the smaller side of every decoder linear), the
+    weighted energies as many again when it has a sensitivity pass, and an allowance for profile.json and the
+    safetensors headers."""
+    linears = [k for k in ckpt.keys() if k.endswith(".weight") and len(ckpt.shape(k)) == 2 and ".layers." in k]
+    spectra = sum(8 * min(ckpt.shape(k)) for k in linears)
+    tensors = sum(1 for k in ckpt.keys() if ".layers." in k)
+    return spectra * (2 if weighted else 1) + SAVED_BYTES_PER_TENSOR * tensors + 4096
+
+
 def check_profile_samples(profile_samples: int, sensitivity_windows: int) -> None:
     """--profile-samples: at least the sensitivity pass's windows (the weighted energies are taken over them in the
     statistics pass), at most a bound that keeps a typo from meaning a week."""
@@ -537,9 +550,7 @@ class Profiler:
         window = (cfg.seqlen, config.hidden_size)
         work = 2 * activation_bytes((self.hi - self.lo + len(self.heldout), *window), cfg.act_dtype)
         work += (config.num_hidden_layers + 1) * activation_bytes((keep, *window), "float32") if keep else 0
-        spectra = sum(8 * min(self.ckpt.shape(k)) for k in self.ckpt.keys()
-                      if k.endswith(".weight") and len(self.ckpt.shape(k)) == 2 and ".layers." in k)
-        return {Path(cfg.profile_dir): spectra, self.work: work}
+        return {Path(cfg.profile_dir): saved_bytes(self.ckpt, self._keep() > 0), self.work: work}
 
     def existing(self) -> Profile | None:
         """A finished profile of the same settings already in the folder (the same command run twice)."""

@@ -474,3 +474,17 @@ def test_plan_refuses_the_ranks_run_refuses_and_plans_a_given_profiles_ranks(cap
     cfg = JobConfig(model_dir=tiny, out_dir=tmp_path / "out", calib=[str(text)], calib_samples=4, seqlen=32,
                     progress=False, ratio=0.6, profile=tmp_path / "prof")
     assert given["disk"]["output"] == CompressionJob(cfg).plan.disk["output"]
+
+
+def test_plan_counts_the_profile_a_job_keeps_in_out_dir(capsys, tiny, text, tmp_path):
+    """A job that profiles for itself keeps OUT_DIR/profile (spectra, weighted energies, profile.json); the plan's
+    disk figure left it out. Now `disk["profile"]`, at least what is written and not far above it."""
+    base = ["--calib", text, *FAST, "--max-mem", "4G"]
+    own = plan_json(capsys, tiny, *base)
+    uniform = plan_json(capsys, tiny, *base, "--alloc", "uniform")
+    assert "profile" not in uniform["disk"]
+    assert own["disk_bytes"] == sum(own["disk"].values())
+    out = tmp_path / "out"
+    assert main(["run", str(tiny), str(out), *map(str, base), "--no-progress", "--no-plots"]) == 0
+    kept = sum(p.stat().st_size for p in (out / "profile").rglob("*") if p.is_file())
+    assert kept <= own["disk"]["profile"] < 3 * kept
