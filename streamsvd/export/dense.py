@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from ..errors import StreamSVDError
 from ..io.checkpoint import INDEX_NAME, SINGLE_NAME, TORCH_DTYPES, Checkpoint
-from ..io.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, within
+from ..io.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, file_in_the_way, within
 from ..model.loading import tensor_reader
 from ..model.lowrank import FORMS, module_from_tensors
 from ..model.quantized import QUANT_PARTS, quantized_bases
@@ -52,6 +52,9 @@ def check_destination(dest: Path, out_dir: Path) -> None:
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise StreamSVDError(f"{dest} exists and is not an empty directory",
                              "give a new or empty directory for the dense checkpoint")
+    blocker = file_in_the_way(dest)
+    if blocker is not None:
+        raise StreamSVDError(f"{dest} cannot be made: {blocker} is a file", "give a new or empty directory for the dense checkpoint")
     if dest.resolve() == out_dir.resolve():
         raise StreamSVDError(f"{dest} is the streamsvd output itself", "give a new or empty directory")
     if within(dest, out_dir):  # the output then holds a model inside itself

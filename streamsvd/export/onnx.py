@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..errors import StreamSVDError
-from ..io.fsutil import within
+from ..io.fsutil import file_in_the_way, within
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -416,6 +416,9 @@ def _check_dest(dest: Path, out_dir: Path) -> None:
         raise StreamSVDError(f"DIR {dest} is inside OUT_DIR {out_dir}", "give a directory outside it")
     if dest.exists() and not dest.is_dir():
         raise StreamSVDError(f"{dest} is a file", "give a new directory for the export")
+    blocker = file_in_the_way(dest)
+    if blocker is not None:
+        raise StreamSVDError(f"{dest} cannot be made: {blocker} is a file", "give a new directory for the export")
     if dest.is_dir() and any(dest.iterdir()) and not (dest / RECORD).exists():
         raise StreamSVDError(f"{dest} is not empty and holds no earlier ONNX export",
                              "give a new or empty directory (an earlier `export onnx` directory is overwritten)")

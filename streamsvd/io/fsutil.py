@@ -16,6 +16,16 @@ def within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The file (not a directory) at or above the directory `path` that keeps it from being made, if any: mkdir
+    there was an OSError traceback after the checks had passed."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -19,6 +19,7 @@ import torch
 
 from .checkpoint import INDEX_NAME, SINGLE_NAME
 from ..errors import StreamSVDError
+from .fsutil import file_in_the_way
 
 
 def import_gguf(gguf_path, out_dir, dtype=torch.float32, max_shard_size="2GB") -> Path:
@@ -61,6 +62,10 @@ def _check_inputs(gguf_path: Path, out_dir: Path) -> None:
         )
     if out_dir.exists() and not out_dir.is_dir():
         raise StreamSVDError(f"output directory {out_dir} is a file", "pick a new OUT_DIR (a directory the import makes)")
+    blocker = file_in_the_way(out_dir)
+    if blocker is not None:
+        raise StreamSVDError(f"output directory {out_dir} cannot be made: {blocker} is a file",
+                             "pick a new OUT_DIR (a directory the import makes)")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise StreamSVDError(
             f"output directory {out_dir} already exists and is not empty",

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from ..errors import StreamSVDError
 from ..io.checksums import file_record
-from ..io.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, within
+from ..io.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, file_in_the_way, within
 from ..io.output import INDEX_NAME, REPORT_JSON, REPORT_MD, RUN_LOG, markdown_report
 from ..math.quantize import DEFAULT_GROUP_SIZE, QuantSpec, quantize_module_tensors
 from ..model.loading import check_finished, is_streamsvd_output
@@ -55,6 +55,9 @@ def quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size:
     if new_dir.resolve() == out_dir.resolve() or (new_dir.exists() and not stopped
                                                   and (not new_dir.is_dir() or any(new_dir.iterdir()))):
         raise StreamSVDError(f"{new_dir} is not a new or empty directory", "give a new directory for the quantised output")
+    blocker = file_in_the_way(new_dir)
+    if blocker is not None:
+        raise StreamSVDError(f"{new_dir} cannot be made: {blocker} is a file", "give a new directory for the quantised output")
     if within(new_dir, out_dir):  # the copy of OUT_DIR's folders copied NEW_DIR into itself
         raise StreamSVDError(f"{new_dir} is inside the streamsvd output {out_dir}", "give a directory outside it")
     if stopped:

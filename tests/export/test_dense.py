@@ -117,3 +117,14 @@ def test_quantised_factors_are_dequantised_into_the_dense_weights(tiny_outputs, 
     plain = tmp_path / "plain"
     assert main(["export", "dense", str(out), str(plain)]) == 0
     assert index["metadata"] == json.loads((plain / INDEX_NAME).read_text())["metadata"]  # the same dense size
+
+
+def test_a_destination_under_a_file_is_one_error_and_one_fix(tiny_outputs, tmp_path, capsys):
+    """DIR (or NEW_DIR) below a file passed the checks, and mkdir then stopped with a NotADirectoryError traceback."""
+    _, out = tiny_outputs["llama"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _assert_refused(capsys, main(["export", "dense", str(out), str(afile / "dense")]), "cannot be made", str(afile))
+    _assert_refused(capsys, main(["quantize", str(out), str(afile / "q" / "deeper"), "--quant", "int8"]),
+                    "cannot be made", str(afile))
+    assert afile.read_text() == "x"

@@ -227,6 +227,15 @@ def test_a_non_empty_destination_is_refused(exported, tmp_path, capsys):
     assert "--onnx-block-size" in err and "--onnx-int4" in err and not (tmp_path / "z").exists()
 
 
+def test_a_destination_under_a_file_is_refused_before_the_export(exported, tmp_path, capsys):
+    """It passed the checks and, after the whole export, mkdir stopped with a NotADirectoryError traceback."""
+    out, _, _ = exported
+    (tmp_path / "afile").write_text("x")
+    assert main(["export", "onnx", str(out), str(tmp_path / "afile" / "onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "cannot be made" in err and "  fix: " in err and "Traceback" not in err
+
+
 def test_a_float_graph_off_beyond_the_tolerance_is_removed(tmp_path):
     for name in (MODEL_FILE, "model.onnx.data"):
         (tmp_path / name).write_bytes(b"graph")

@@ -99,3 +99,13 @@ def test_a_gguf_without_its_head_ties_it_to_the_embeddings(tiny, tmp_path):
     write_gguf(tiny, tmp_path / "nohead.gguf", drop={"output.weight"})
     assert main(["import-gguf", str(tmp_path / "nohead.gguf"), str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_an_out_dir_under_a_file_is_one_error(tiny, tmp_path, capsys):
+    """mkdir of its parent was a FileExistsError traceback."""
+    write_gguf(tiny, tmp_path / "full.gguf")
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    assert main(["import-gguf", str(tmp_path / "full.gguf"), str(tmp_path / "afile" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "cannot be made" in err and "fix:" in err and "Traceback" not in err
