@@ -431,9 +431,11 @@ def _copy_side_files(out_dir: Path, dest: Path) -> None:
 
     names = {"generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
              "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja"}
-    for src in sorted(out_dir.iterdir()):
-        if src.is_file() and src.name in names:
-            shutil.copyfile(src, dest / src.name)
+    for name in sorted(names):
+        if (out_dir / name).is_file():
+            shutil.copyfile(out_dir / name, dest / name)
+        else:  # an earlier export's, of another model: its chat template or tokenizer would be read with this model
+            (dest / name).unlink(missing_ok=True)
     # The base family's config (an OUT_DIR's says model_type "streamsvd" and points at remote code the
     # export does not carry; the graph itself holds the factors).
     config = dict(Checkpoint(out_dir).config_dict)

@@ -236,6 +236,21 @@ def test_a_destination_under_a_file_is_refused_before_the_export(exported, tmp_p
     assert err.startswith("error: ") and "cannot be made" in err and "  fix: " in err and "Traceback" not in err
 
 
+def test_a_second_export_leaves_none_of_the_first_models_side_files(exported, tmp_path):
+    """Exporting into an earlier export's DIR overwrote the files the new model has and kept the others: a model
+    without a chat template got the earlier model's chat_template.jinja (and generation config, tokenizer files)."""
+    out, dest, _ = exported
+    again = tmp_path / "again"
+    again.mkdir()
+    for path in dest.iterdir():
+        (again / path.name).write_bytes(path.read_bytes())
+    (again / "chat_template.jinja").write_text("{{ 'the other model' }}")
+    (again / "tokenizer.model").write_bytes(b"the other model's")
+    export_onnx(out, again, check=False)
+    assert not (again / "chat_template.jinja").exists() and not (again / "tokenizer.model").exists()
+    assert (again / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+
+
 def test_a_float_graph_off_beyond_the_tolerance_is_removed(tmp_path):
     for name in (MODEL_FILE, "model.onnx.data"):
         (tmp_path / name).write_bytes(b"graph")
