@@ -26,15 +26,18 @@ def import_gguf(gguf_path, out_dir, dtype=torch.float32, max_shard_size="2GB") -
     """Dequantise `gguf_path` into an HF checkpoint at `out_dir` (which must not hold anything)."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     _check_inputs(gguf_path, out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.importing-{os.getpid()}"
+    # Resolved: an empty target given as a link to a directory (rmdir refused it) or as "." (the build directory
+    # went inside it, and the rename failed as if something else had written there).
+    target = out_dir.resolve()
+    tmp = target.parent / f".{target.name}.importing-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _write_checkpoint(gguf_path, tmp, dtype, max_shard_size)
         _check_tensor_names(tmp)
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # an empty target is allowed; rename cannot replace it portably
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # an empty target is allowed; rename cannot replace it portably
         try:
-            os.rename(tmp, out_dir)
+            os.rename(tmp, target)
         except OSError as e:
             raise StreamSVDError(
                 f"could not move the imported checkpoint into {out_dir} ({e})",

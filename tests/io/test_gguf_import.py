@@ -109,3 +109,17 @@ def test_an_out_dir_under_a_file_is_one_error(tiny, tmp_path, capsys):
     assert main(["import-gguf", str(tmp_path / "full.gguf"), str(tmp_path / "afile" / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "cannot be made" in err and "fix:" in err and "Traceback" not in err
+
+
+def test_an_empty_out_dir_given_as_a_link_or_as_the_current_directory_is_filled(tiny, tmp_path, monkeypatch):
+    """A link to an empty directory: rmdir raised NotADirectoryError (a traceback, after the whole import); ".": the
+    build directory was made inside it and the rename failed as if something else had written there."""
+    write_gguf(tiny, tmp_path / "full.gguf")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert main(["import-gguf", str(tmp_path / "full.gguf"), str(tmp_path / "link")]) == 0
+    assert torch.allclose(_logits(tmp_path / "real"), _logits(tiny), atol=1e-5)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["import-gguf", str(tmp_path / "full.gguf"), "."]) == 0
+    assert torch.allclose(_logits(tmp_path / "here"), _logits(tiny), atol=1e-5)
