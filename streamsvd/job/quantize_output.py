@@ -26,11 +26,12 @@ from ..io.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, file
 from ..io.output import INDEX_NAME, REPORT_JSON, REPORT_MD, RUN_LOG, markdown_report
 from ..math.quantize import DEFAULT_GROUP_SIZE, QuantSpec, quantize_module_tensors
 from ..model.loading import check_finished, is_streamsvd_output
+from ..model.remote import MODELING_FILE, modeling_source
 from .pipeline import WORK_DIR_NAME, check_quant_flags
 from .state import STATE_NAME, JobState, fingerprint, read_state
 from .stages import linear_bytes
 
-_NOT_COPIED = {STATE_NAME, RUN_LOG, INDEX_NAME, "config.json", REPORT_JSON, REPORT_MD, WORK_DIR_NAME}
+_NOT_COPIED = {STATE_NAME, RUN_LOG, INDEX_NAME, "config.json", REPORT_JSON, REPORT_MD, WORK_DIR_NAME, MODELING_FILE}
 
 
 def quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size: int | None, verify: bool = True) -> dict:
@@ -104,6 +105,9 @@ def quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size:
         elif src.is_file():
             shutil.copyfile(src, new_dir / src.name)
 
+    # This version's remote code, not OUT_DIR's: an output made before the remote code read quantised factors
+    # (2026-11-25 to 12-03) gave NEW_DIR a reader that refuses NEW_DIR's own shards.
+    atomic_write_bytes(new_dir / MODELING_FILE, modeling_source())
     section["quantization"] = spec.section()
     atomic_write_json(new_dir / "config.json", config)
     report = _report(out_dir, spec, stored_bytes)

@@ -208,3 +208,17 @@ def test_an_output_with_the_old_config_form_still_loads_and_evaluates(outputs, t
     assert isinstance(model.model.layers[0].self_attn.q_proj, LowRankLinear)
     assert main(["eval", str(old), "--text", str(text), "--seqlen", "32", "--json", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] == want_ppl
+
+
+def test_quantize_gives_new_dir_this_versions_remote_code(outputs, tmp_path):
+    """quantize copied OUT_DIR's modeling_streamsvd.py: an output made while the remote code refused quantised
+    factors (2026-11-25 to 12-03) gave NEW_DIR a reader that refused NEW_DIR itself with trust_remote_code=True."""
+    out = outputs["llama"]
+    old = tmp_path / "old"
+    old.mkdir()
+    for path in out.iterdir():
+        if path.is_file() and path.name != STATE_NAME:  # an earlier version's output: its state would record the old code
+            (old / path.name).write_bytes(path.read_bytes())
+    (old / MODELING_FILE).write_text("# an earlier version's remote code, which cannot read quantised factors\n")
+    assert main(["quantize", str(old), str(tmp_path / "q"), "--quant", "int8"]) == 0
+    assert (tmp_path / "q" / MODELING_FILE).read_bytes() == modeling_source()
