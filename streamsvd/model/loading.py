@@ -69,6 +69,10 @@ def _load(path: Path, dtype: torch.dtype | None, device: str) -> nn.Module:
     missing = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
     if missing:
         raise StreamSVDError(f"{path} lacks tensors: {', '.join(missing[:5])}", "the output is incomplete; re-run streamsvd")
+    if (path / "generation_config.json").is_file():  # as from_pretrained reads it: eos ids, sampling defaults for generate()
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
     model.to(device)
     return model.eval()
 

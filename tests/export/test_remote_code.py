@@ -222,3 +222,18 @@ def test_quantize_gives_new_dir_this_versions_remote_code(outputs, tmp_path):
     (old / MODELING_FILE).write_text("# an earlier version's remote code, which cannot read quantised factors\n")
     assert main(["quantize", str(old), str(tmp_path / "q"), "--quant", "int8"]) == 0
     assert (tmp_path / "q" / MODELING_FILE).read_bytes() == modeling_source()
+
+
+def test_load_reads_the_generation_config_as_from_pretrained_does(outputs, tmp_path):
+    """streamsvd.load built the generation config from config.json alone: an instruct model's generation_config.json
+    (its end-of-turn eos ids, sampling defaults) was ignored, so generate() ran past the end of the turn."""
+    out = outputs["llama"]
+    copy = tmp_path / "out"
+    copy.mkdir()
+    for path in out.iterdir():
+        if path.is_file() and path.name != STATE_NAME:  # the state records generation_config.json's bytes
+            (copy / path.name).write_bytes(path.read_bytes())
+    generation = json.loads((copy / "generation_config.json").read_text())
+    (copy / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [1, 7], "max_new_tokens": 5}))
+    config = streamsvd.load(copy).generation_config
+    assert config.eos_token_id == [1, 7] and config.max_new_tokens == 5
