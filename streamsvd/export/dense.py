@@ -54,7 +54,7 @@ def check_destination(dest: Path, out_dir: Path) -> None:
                              "give a new or empty directory for the dense checkpoint")
     blocker = file_in_the_way(dest)
     if blocker is not None:
-        raise StreamSVDError(f"{dest} cannot be made: {blocker} is a file", "give a new or empty directory for the dense checkpoint")
+        raise StreamSVDError(f"{dest} cannot be made: {blocker} is not a directory", "give a new or empty directory for the dense checkpoint")
     if dest.resolve() == out_dir.resolve():
         raise StreamSVDError(f"{dest} is the streamsvd output itself", "give a new or empty directory")
     if within(dest, out_dir):  # the output then holds a model inside itself

@@ -418,7 +418,7 @@ def _check_dest(dest: Path, out_dir: Path) -> None:
         raise StreamSVDError(f"{dest} is a file", "give a new directory for the export")
     blocker = file_in_the_way(dest)
     if blocker is not None:
-        raise StreamSVDError(f"{dest} cannot be made: {blocker} is a file", "give a new directory for the export")
+        raise StreamSVDError(f"{dest} cannot be made: {blocker} is not a directory", "give a new directory for the export")
     if dest.is_dir() and any(dest.iterdir()) and not (dest / RECORD).exists():
         raise StreamSVDError(f"{dest} is not empty and holds no earlier ONNX export",
                              "give a new or empty directory (an earlier `export onnx` directory is overwritten)")

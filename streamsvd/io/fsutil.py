@@ -17,12 +17,14 @@ def within(path: Path, folder: Path) -> bool:
 
 
 def file_in_the_way(path: Path) -> Path | None:
-    """The file (not a directory) at or above the directory `path` that keeps it from being made, if any: mkdir
-    there was an OSError traceback after the checks had passed."""
+    """The file or dangling link (not a directory) at or above the directory `path` that keeps it from being made,
+    if any: mkdir there was an OSError traceback after the checks had passed."""
     path = Path(path)
     for p in (path, *path.parents):
         if p.exists():
             return None if p.is_dir() else p
+        if p.is_symlink():
+            return p
     return None
 
 

@@ -65,9 +65,9 @@ def _check_inputs(gguf_path: Path, out_dir: Path) -> None:
         )
     if out_dir.exists() and not out_dir.is_dir():
         raise StreamSVDError(f"output directory {out_dir} is a file", "pick a new OUT_DIR (a directory the import makes)")
-    blocker = file_in_the_way(out_dir)
+    blocker = file_in_the_way(out_dir.resolve())  # a dangling link: the import makes its target
     if blocker is not None:
-        raise StreamSVDError(f"output directory {out_dir} cannot be made: {blocker} is a file",
+        raise StreamSVDError(f"output directory {out_dir} cannot be made: {blocker} is not a directory",
                              "pick a new OUT_DIR (a directory the import makes)")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise StreamSVDError(

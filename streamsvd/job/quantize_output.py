@@ -58,7 +58,7 @@ def quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size:
         raise StreamSVDError(f"{new_dir} is not a new or empty directory", "give a new directory for the quantised output")
     blocker = file_in_the_way(new_dir)
     if blocker is not None:
-        raise StreamSVDError(f"{new_dir} cannot be made: {blocker} is a file", "give a new directory for the quantised output")
+        raise StreamSVDError(f"{new_dir} cannot be made: {blocker} is not a directory", "give a new directory for the quantised output")
     if within(new_dir, out_dir):  # the copy of OUT_DIR's folders copied NEW_DIR into itself
         raise StreamSVDError(f"{new_dir} is inside the streamsvd output {out_dir}", "give a directory outside it")
     if stopped:

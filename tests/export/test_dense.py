@@ -128,3 +128,5 @@ def test_a_destination_under_a_file_is_one_error_and_one_fix(tiny_outputs, tmp_p
     _assert_refused(capsys, main(["quantize", str(out), str(afile / "q" / "deeper"), "--quant", "int8"]),
                     "cannot be made", str(afile))
     assert afile.read_text() == "x"
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")  # mkdir: FileExistsError
+    _assert_refused(capsys, main(["export", "dense", str(out), str(tmp_path / "dangling")]), "cannot be made")
