@@ -256,7 +256,11 @@ class _Decoder(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
-        cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])), config=self.model.config)
+        # No config: every layer a full one. With it, a sliding-window layer's cache is built from the past it is fed
+        # (window - 1 tokens) and counts only those as seen, so once the window had filled its mask took the first
+        # columns of attention_mask instead of the last: a left-padded row's decode steps were wrong (Gemma 2/3). The
+        # sliding window is then applied by the mask alone, and such a layer's present keeps every token.
+        cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, **{self.cache_kw: cache})
         present = []

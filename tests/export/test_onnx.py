@@ -251,6 +251,29 @@ def test_a_second_export_leaves_none_of_the_first_models_side_files(exported, tm
     assert (again / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
 
 
+def test_a_left_padded_decode_step_past_the_sliding_window_matches_pytorch(tmp_path):
+    """Gemma's sliding-window layers: the cache built from a past of window - 1 tokens counted only those as seen, and
+    the layer's mask then took the first columns of attention_mask, not the last: once the window had filled, a
+    left-padded row's decode step was wrong (logits off by 0.5 of 0.6) while unpadded rows and the check were right."""
+    model_dir = make_tiny_checkpoint("gemma3_text", tmp_path / "model", num_hidden_layers=2,
+                                     layer_types=["sliding_attention", "full_attention"])
+    out = tmp_path / "out"
+    run_job(JobConfig(alloc="uniform", model_dir=model_dir, out_dir=out, ratio=0.4, calib_samples=4, seqlen=32, progress=False))
+    export_onnx(out, tmp_path / "onnx", check=False)
+    model, session = streamsvd.load(out), OnnxDecoder(tmp_path / "onnx")
+    ids = _ids(2, 12, seed=7)  # 12 tokens past a window of 8
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :5] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    nxt, mask2, pos2 = torch.tensor([[3], [4]]), torch.ones(2, 13, dtype=torch.long), pos[:, -1:] + 1
+    mask2[0, :5] = 0
+    with torch.no_grad():
+        want = model(torch.cat([ids, nxt], 1), attention_mask=mask2, position_ids=torch.cat([pos, pos2], 1)).logits
+    _, present = session.step(ids.numpy(), mask.numpy(), pos.numpy(), session.empty_cache(2))
+    logits, _ = session.step(nxt.numpy(), mask2.numpy(), pos2.numpy(), present)
+    np.testing.assert_allclose(logits, want[:, -1:].numpy(), rtol=0, atol=ATOL)
+
+
 def test_a_float_graph_off_beyond_the_tolerance_is_removed(tmp_path):
     for name in (MODEL_FILE, "model.onnx.data"):
         (tmp_path / name).write_bytes(b"graph")
