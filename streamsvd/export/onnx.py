@@ -52,6 +52,9 @@ EXTERNAL_DATA_BYTES = 1 << 30
 # the largest logit. Measured: ~1e-6 on tiny models, 2.8e-5 on SmolLM2-135M (30 layers; the decode step
 # on a random cache); a graph that computes something else is off by O(1) (docs/RESULTS.md, "ONNX check").
 FLOAT_TOLERANCE = 1e-3
+# Copied beside model.onnx where OUT_DIR has them (with the base family's config.json).
+SIDE_FILES = {"generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+              "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja"}
 # Weight names the int4 quantiser takes: the transposed factors of the decoder blocks' linears.
 QUANT_SUFFIXES = (".in_factor_t", ".out_factor_t", ".weight_t")
 
@@ -386,8 +389,10 @@ def refuse_if_off(dest: Path, record: dict) -> None:
     diff = record["check"]["max_rel_diff"]
     if record["int4"] or diff <= FLOAT_TOLERANCE:
         return
-    for path in (dest / MODEL_FILE, dest / DATA_FILE):
-        path.unlink(missing_ok=True)
+    # Every file the export wrote: the side files left alone made DIR "not empty and holds no earlier ONNX export",
+    # so the same command was refused after the fix it names.
+    for name in (MODEL_FILE, DATA_FILE, "config.json", *sorted(SIDE_FILES)):
+        (dest / name).unlink(missing_ok=True)
     raise StreamSVDError(
         f"onnxruntime's logits differ from PyTorch's by {diff:.2e} of the largest logit (more than "
         f"{FLOAT_TOLERANCE:g}); the export was removed",
@@ -433,9 +438,7 @@ def _copy_side_files(out_dir: Path, dest: Path) -> None:
     from ..io.checkpoint import Checkpoint
     from ..io.fsutil import atomic_write_json
 
-    names = {"generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-             "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja"}
-    for name in sorted(names):
+    for name in sorted(SIDE_FILES):
         if (out_dir / name).is_file():
             shutil.copyfile(out_dir / name, dest / name)
         else:  # an earlier export's, of another model: its chat template or tokenizer would be read with this model

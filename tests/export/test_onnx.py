@@ -280,6 +280,11 @@ def test_a_float_graph_off_beyond_the_tolerance_is_removed(tmp_path):
     refuse_if_off(tmp_path, {"int4": True, "check": {"max_rel_diff": 0.5}})  # int4: reported, kept
     refuse_if_off(tmp_path, {"int4": False, "check": {"max_rel_diff": 3e-5}})  # SmolLM2's figure: kept
     assert (tmp_path / MODEL_FILE).exists()
+    for name in ("config.json", "tokenizer.json", "notes.txt"):
+        (tmp_path / name).write_text("{}")
     with pytest.raises(StreamSVDError, match="differ from PyTorch's by 2.00e-02"):
         refuse_if_off(tmp_path, {"int4": False, "check": {"max_rel_diff": 0.02}})
     assert not (tmp_path / MODEL_FILE).exists() and not (tmp_path / "model.onnx.data").exists()
+    # the export's side files went too (left, they made the same command's DIR "not empty and holds no earlier ONNX
+    # export"); a file of the user's stays
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
