@@ -402,7 +402,7 @@ class CompressionJob:
             if cfg.max_ppl_increase is not None:
                 check_heldout(self.profile, cfg.heldout_rows)
             self.ranks = self._allocate()
-        elif cfg.needs_profile and not cfg.targeted:  # the allocation's refusal that needs no profile, before profiling
+        elif not cfg.targeted:  # the allocation's refusal that needs no profile, before profiling (or any write)
             check_smallest_ranks(cfg.alloc, model_matrices(self.model), cfg.ratio, cfg.factors, cfg.rank_multiple)
         self.identity = job_identity(cfg, self.ckpt, self.text, self.profile.digest if self.profile else None)
         job_fp = fingerprint(self.identity)

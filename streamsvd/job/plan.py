@@ -1054,7 +1054,7 @@ def plan_job(cfg, processes: int = 1) -> Plan:
         if cfg.max_ppl_increase is not None:
             check_heldout(profile, cfg.heldout_rows)
         ranks = allocate_ranks(cfg, profile, model_matrices(model))  # run's ranks (and its refusals of a budget they cannot meet)
-    elif cfg.needs_profile and not cfg.targeted:  # run's refusal before it profiles (job/pipeline.CompressionJob)
+    elif not cfg.targeted:  # run's refusal before it profiles or writes (job/pipeline.CompressionJob)
         from ..math.allocate import check_smallest_ranks
         from .pipeline import model_matrices
 

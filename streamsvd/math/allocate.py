@@ -208,10 +208,18 @@ def check_smallest_ranks(method: str, mats: list[Matrix], ratio: float, factors:
     """Allocator `method`'s refusal of a --ratio budget below the smallest ranks it allows (_starting_ranks: rank 1,
     or `multiple`, or full rank where that is smaller), which needs the matrices' shapes only (no spectrum): a job that
     profiles for itself calls it before profiling, where the allocator (which calls _starting_ranks itself) came
-    after minutes of profiling. uniform at multiple 1 takes rank_for_ratio's ranks, which always fit."""
+    after minutes of profiling. uniform at multiple 1 takes rank_for_ratio's ranks, which keep rank 1 at the least: near
+    --ratio 1 they need more than the budget (a finished job reported a smaller ratio than asked, where global refused)."""
     _check_multiple(multiple)
     if not (method == "uniform" and multiple == 1):
         _starting_ranks(mats, budget_numel(mats, ratio), multiple, factors)
+        return
+    need, budget = total_numel(mats, uniform(mats, ratio, factors), factors), budget_numel(mats, ratio)
+    if need > budget * (1 + 1e-9):  # float rounding of the per-matrix budgets against their sum
+        raise StreamSVDError(
+            f"--alloc uniform's ranks (rank 1 at the least) need {need} parameters, more than the budget of {int(budget)}",
+            "use a smaller --ratio (the share of the linears' parameters removed): rank 1 is the least a linear keeps",
+        )
 
 
 def uniform(mats: list[Matrix], ratio: float, factors: str = "pivoted", multiple: int = 1, tokens: float = 1.0) -> dict[str, int]:

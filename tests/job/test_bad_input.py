@@ -272,6 +272,16 @@ def test_ratio_out_of_range(capsys, pristine, out, ratio):
     assert_not_complete(out)
 
 
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_a_ratio_uniform_ranks_cannot_meet_is_refused_as_global_refuses_it(capsys, pristine, out, command):
+    """rank 1 at the least: --ratio 0.999 --alloc uniform finished at ratio 0.974 (reported, never refused)."""
+    rc = cli([command, pristine, *([out] if command == "run" else []), "--ratio", "0.999", "--alloc", "uniform", *FAST])
+    assert_clean_error(capsys, rc, "uniform", "budget", "--ratio")
+    assert_not_complete(out)
+    rc = cli(["run", pristine, out, "--ratio", "0.95", "--alloc", "uniform", *FAST])  # one that fits still runs
+    assert rc == 0 and json.loads((out / "streamsvd_report.json").read_text())["ratio_linear"] >= 0.95
+
+
 def test_seqlen_longer_than_model(capsys, pristine, out):
     rc = cli(["run", pristine, out, "--calib-samples", "4", "--seqlen", "300", "--no-progress"])
     assert_clean_error(capsys, rc, "--seqlen 300", "256")
