@@ -137,6 +137,15 @@ def check_weights_match(model: nn.Module, checkpoint: Checkpoint) -> None:
         raise CheckpointError(f"the checkpoint in {checkpoint.dir} has decoder layers up to {beyond[-1]}, its "
                               f"config.json only {n_layers} (num_hidden_layers)",
                               "restore the checkpoint's own config.json (the job would silently drop the other layers)")
+    # The output keeps every other tensor, and streamsvd.load (and the output's remote code) refuse one the model does
+    # not have: an older transformers' model.layers.N.self_attn.rotary_emb.inv_freq gave a "done" job nothing could load.
+    known = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
+    unknown = sorted(keys - known)
+    if unknown:
+        raise CheckpointError(f"the checkpoint in {checkpoint.dir} holds tensor {unknown[0]}, which the model its "
+                              f"config.json makes does not have" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""),
+                              "save the checkpoint again without it (transformers' AutoModelForCausalLM.from_pretrained("
+                              "MODEL_DIR).save_pretrained(NEW_DIR) drops it), and compress NEW_DIR")
 
 
 def attention_implementation(config: PretrainedConfig) -> str:

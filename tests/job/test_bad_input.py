@@ -524,6 +524,25 @@ def test_a_config_that_contradicts_the_weights_is_refused_before_any_write(capsy
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_a_tensor_the_model_does_not_have_is_refused_before_any_write(capsys, model, out, command):
+    """An older transformers' per-layer rotary_emb.inv_freq was copied into the output: `done`, then streamsvd.load
+    (and the output's remote code) refused the output for holding a tensor the model does not have."""
+    from safetensors.torch import load_file, save_file
+
+    name = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    shard = shard_of(model, "model.layers.0.self_attn.q_proj.weight")
+    tensors = load_file(str(shard))
+    tensors[name] = torch.ones(8)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    idx = index(model)
+    idx["weight_map"][name] = shard.name
+    (model / INDEX_NAME).write_text(json.dumps(idx))
+    rc = cli([command, model, *([out, *FAST] if command == "run" else FAST[:4])])
+    assert_clean_error(capsys, rc, name, "does not have")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("value, needle", [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"),
                                            (1e30, "non-finite figures")])
 @pytest.mark.parametrize("alloc", ["uniform", "global"])
