@@ -64,7 +64,9 @@ def _load(path: Path, dtype: torch.dtype | None, device: str) -> nn.Module:
         # Integer tensors (the pivots of pivoted factors) keep their integer type.
         value = value.to(torch.long) if not value.is_floating_point() else value.to(dtype)
         set_module_tensor_to_device(model, key, device, value=value)
-    if ties_embeddings(config):
+    # A head stored beside a tied config's embedding stays its own, as transformers keeps it (its config is wrong) and
+    # as the job computed with it (materialize_head); tying it here gave another model than the output's remote code.
+    if ties_embeddings(config) and model.get_output_embeddings().weight.device.type == "meta":
         model.tie_weights()
     missing = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
     if missing:

@@ -53,3 +53,26 @@ def test_stream_copy_records_the_digests_that_reading_the_tensors_gives(tmp_path
     for name in names:
         ckpt.get(name)
     assert sorted(copied) == sorted(names) and copied == ckpt.read_digests
+
+
+def test_a_head_stored_beside_a_tied_config_is_loaded_as_transformers_and_the_output_load_it(tmp_path):
+    """tie_word_embeddings true, yet lm_head.weight stored (and not the embedding): transformers keeps the stored head
+    (the config is wrong), the job computed with it and the output's remote code loads it; streamsvd.load tied it to
+    the embedding, another model for the same OUT_DIR."""
+    import json
+
+    import streamsvd
+    from streamsvd.cli import main
+
+    path = make_tiny_checkpoint("llama", tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+    ids = torch.tensor([[5, 0, 383, 5, 17, 2, 9]])
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(ids).logits
+        assert torch.allclose(streamsvd.load(path, dtype=torch.float32)(ids).logits, want, atol=1e-5)
+        out = tmp_path / "out"
+        assert main(["run", str(path), str(out), "--calib-samples", "4", "--seqlen", "32", "--no-progress",
+                     "--no-plots", "--alloc", "uniform", "--ratio", "0.2"]) == 0
+        remote = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True)(ids).logits
+        assert torch.allclose(streamsvd.load(out, dtype=torch.float32)(ids).logits, remote, atol=1e-5)
