@@ -100,8 +100,10 @@ class Checkpoint:
                 )
 
     def _read_weight_map(self) -> dict[str, str]:
-        index_path = self.dir / INDEX_NAME
-        if index_path.is_file():
+        index_path, single = self.dir / INDEX_NAME, self.dir / SINGLE_NAME
+        # transformers loads model.safetensors where a folder also has an index (a stale one, or other shards): the
+        # job compressed the index's weights, not the model MODEL_DIR loads as
+        if index_path.is_file() and not single.is_file():
             try:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
             except (ValueError, KeyError) as e:
@@ -115,7 +117,6 @@ class Checkpoint:
                     else f"copy the missing shard files into {self.dir}",
                 )
             return dict(weight_map)
-        single = self.dir / SINGLE_NAME
         if single.is_file():
             header = read_safetensors_header(single)
             return {k: SINGLE_NAME for k in header if k != "__metadata__"}

@@ -229,6 +229,26 @@ def test_shards_without_index(capsys, model, out):
     assert_not_complete(out)
 
 
+@pytest.mark.parametrize("shards", [True, False])
+def test_a_single_file_beside_an_index_is_the_model_as_transformers_loads_it(capsys, model, out, tmp_path, shards):
+    """transformers loads model.safetensors where the folder also has an index (and maybe its shards); the job read
+    the index's weights (another model, compressed without a word), or refused the folder for the index's missing
+    shards."""
+    from transformers import AutoModelForCausalLM
+
+    other = make_tiny_checkpoint("llama", tmp_path / "other", seed=1, max_shard_size="100MB")
+    shutil.copy(other / "model.safetensors", model / "model.safetensors")
+    if not shards:
+        for shard in set(index(model)["weight_map"].values()):
+            (model / shard).unlink()
+    want = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).state_dict()
+    assert torch.equal(want[LAYER_TENSOR], AutoModelForCausalLM.from_pretrained(other).state_dict()[LAYER_TENSOR])
+    from streamsvd.io.checkpoint import Checkpoint
+
+    assert torch.equal(Checkpoint(model).get(LAYER_TENSOR), want[LAYER_TENSOR])
+    assert cli(["run", model, out, "--alloc", "uniform", *FAST]) == 0, capsys.readouterr().err
+
+
 def test_no_safetensors_at_all(capsys, model, out):
     for p in list(model.glob("*.safetensors")) + [model / INDEX_NAME]:
         p.unlink()
