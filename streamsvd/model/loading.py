@@ -56,10 +56,13 @@ def _load(path: Path, dtype: torch.dtype | None, device: str) -> nn.Module:
         # stay the nn.Linear the model already has.
         swap_compressed_linears(model, {"ranks": ranks, "forms": forms}, dtype=dtype, device="meta")
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    computed = expected.keys() - model.state_dict().keys()  # non-persistent buffers (rotary inv_freq): from the config
     get, keys = tensor_reader(ckpt)
     for key in sorted(keys):
         if key not in expected:
             raise StreamSVDError(f"{path} holds tensor {key}, which the model does not have", "re-run streamsvd into a new OUT_DIR")
+        if key in computed:  # a stored copy (an older transformers saved inv_freq) is ignored, as transformers ignores it
+            continue
         value = get(key)
         # Integer tensors (the pivots of pivoted factors) keep their integer type.
         value = value.to(torch.long) if not value.is_floating_point() else value.to(dtype)

@@ -76,3 +76,27 @@ def test_a_head_stored_beside_a_tied_config_is_loaded_as_transformers_and_the_ou
                      "--no-plots", "--alloc", "uniform", "--ratio", "0.2"]) == 0
         remote = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True)(ids).logits
         assert torch.allclose(streamsvd.load(out, dtype=torch.float32)(ids).logits, remote, atol=1e-5)
+
+
+def test_a_stored_rotary_inv_freq_is_ignored_as_transformers_ignores_it(tmp_path):
+    """model.rotary_emb.inv_freq is a buffer computed from config.json (not saved); an older checkpoint's stored copy
+    (here damaged, in real ones rounded to 16 bits) was loaded by streamsvd.load over it, while transformers, the job
+    and the output's remote code keep the computed one."""
+    from safetensors.torch import save_file
+
+    import streamsvd
+    from streamsvd.cli import main
+
+    path = make_tiny_checkpoint("llama", tmp_path / "m", max_shard_size="100MB")
+    tensors = load_file(str(path / "model.safetensors"))
+    save_file(dict(tensors, **{"model.rotary_emb.inv_freq": torch.ones(8)}), str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    ids = torch.tensor([[5, 0, 383, 5, 17, 2, 9, 44, 12]])
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(ids).logits
+        assert torch.allclose(streamsvd.load(path, dtype=torch.float32)(ids).logits, want, atol=1e-6)
+        out = tmp_path / "out"
+        assert main(["run", str(path), str(out), "--calib-samples", "4", "--seqlen", "32", "--no-progress",
+                     "--no-plots", "--alloc", "uniform", "--ratio", "0.2"]) == 0
+        remote = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True)(ids).logits
+        assert torch.allclose(streamsvd.load(out, dtype=torch.float32)(ids).logits, remote, atol=1e-5)
