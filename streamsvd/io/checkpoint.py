@@ -61,6 +61,9 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
+COMPUTED_BUFFERS = ("rotary_emb.inv_freq",)  # name endings of stored buffers that are ignored (Checkpoint.ignored)
+
+
 class Checkpoint:
     """A checkpoint directory: config, tensor-to-shard map, memory-mapped reads on demand."""
 
@@ -91,6 +94,13 @@ class Checkpoint:
         self.raw_config_dict = self.config_dict
         self.config_dict = base_config_dict(self.config_dict)
         self.weight_map = self._read_weight_map()
+        # Stored copies of buffers every transformers version computes from config.json (a rotary embedding's
+        # inv_freq, saved by versions before they were non-persistent, per layer or once): transformers ignores them
+        # when it loads the checkpoint, and so does every reader here (the job copied a per-layer one into its output,
+        # which nothing could then load, and streamsvd.load put a stored one over the computed frequencies).
+        self.ignored = sorted(k for k in self.weight_map if k.endswith(COMPUTED_BUFFERS))
+        for name in self.ignored:
+            del self.weight_map[name]
         self.headers = {shard: read_safetensors_header(self.dir / shard) for shard in sorted(set(self.weight_map.values()))}
         for name, shard in self.weight_map.items():
             if name not in self.headers[shard]:

@@ -138,14 +138,17 @@ def check_weights_match(model: nn.Module, checkpoint: Checkpoint) -> None:
                               f"config.json only {n_layers} (num_hidden_layers)",
                               "restore the checkpoint's own config.json (the job would silently drop the other layers)")
     # The output keeps every other tensor, and streamsvd.load (and the output's remote code) refuse one the model does
-    # not have: an older transformers' model.layers.N.self_attn.rotary_emb.inv_freq gave a "done" job nothing could load.
+    # not have: a "done" job nothing could load. transformers would ignore it, which for a bias the config says the
+    # layers lack (attention_bias false) is another model than the checkpoint's. (Stored rotary inv_freq buffers are
+    # dropped by the reader, io/checkpoint.COMPUTED_BUFFERS.)
     known = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
     unknown = sorted(keys - known)
     if unknown:
         raise CheckpointError(f"the checkpoint in {checkpoint.dir} holds tensor {unknown[0]}, which the model its "
                               f"config.json makes does not have" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""),
-                              "save the checkpoint again without it (transformers' AutoModelForCausalLM.from_pretrained("
-                              "MODEL_DIR).save_pretrained(NEW_DIR) drops it), and compress NEW_DIR")
+                              "check that config.json is the checkpoint's own (its model_type and settings such as "
+                              "attention_bias or mlp_bias make the tensors the model has); if that tensor is truly unused, "
+                              "remove it from the shard and the index")
 
 
 def attention_implementation(config: PretrainedConfig) -> str:

@@ -544,23 +544,41 @@ def test_a_config_that_contradicts_the_weights_is_refused_before_any_write(capsy
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command", ["run", "plan"])
-def test_a_tensor_the_model_does_not_have_is_refused_before_any_write(capsys, model, out, command):
-    """An older transformers' per-layer rotary_emb.inv_freq was copied into the output: `done`, then streamsvd.load
-    (and the output's remote code) refused the output for holding a tensor the model does not have."""
+def _add_tensor(model, name: str, value) -> None:
     from safetensors.torch import load_file, save_file
 
-    name = "model.layers.0.self_attn.rotary_emb.inv_freq"
     shard = shard_of(model, "model.layers.0.self_attn.q_proj.weight")
     tensors = load_file(str(shard))
-    tensors[name] = torch.ones(8)
+    tensors[name] = value
     save_file(tensors, str(shard), metadata={"format": "pt"})
     idx = index(model)
     idx["weight_map"][name] = shard.name
     (model / INDEX_NAME).write_text(json.dumps(idx))
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_a_tensor_the_model_does_not_have_is_refused_before_any_write(capsys, model, out, command):
+    """A tensor the model its config.json makes does not have was copied into the output: `done`, then
+    streamsvd.load (and the output's remote code) refused the output. A q_proj bias beside attention_bias false is
+    another model than the checkpoint's (transformers would ignore the bias)."""
+    name = "model.layers.0.self_attn.q_proj.bias"
+    _add_tensor(model, name, torch.ones(64))
     rc = cli([command, model, *([out, *FAST] if command == "run" else FAST[:4])])
-    assert_clean_error(capsys, rc, name, "does not have")
+    assert_clean_error(capsys, rc, name, "does not have", "attention_bias")
     assert not out.exists()
+
+
+def test_a_stored_per_layer_rotary_inv_freq_is_ignored_as_transformers_ignores_it(model, out):
+    """An older transformers saved every layer's rotary_emb.inv_freq (a buffer computed from config.json): the job
+    copied it into the output, and nothing could load that output. It is ignored on reading, as transformers ignores
+    it, so the output is the model without it and loads."""
+    from streamsvd.io.checkpoint import Checkpoint
+
+    name = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    _add_tensor(model, name, torch.ones(8))
+    assert cli(["run", model, out, *FAST]) == 0
+    assert name not in Checkpoint(out).keys() and name not in json.loads((out / INDEX_NAME).read_text())["weight_map"]
+    assert torch.isfinite(streamsvd.load(out)(torch.tensor([[1, 2, 3]])).logits).all()
 
 
 @pytest.mark.parametrize("value, needle", [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"),
