@@ -71,11 +71,15 @@ def test_a_head_stored_beside_a_tied_config_is_loaded_as_transformers_and_the_ou
     with torch.no_grad():
         want = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(ids).logits
         assert torch.allclose(streamsvd.load(path, dtype=torch.float32)(ids).logits, want, atol=1e-5)
-        out = tmp_path / "out"
-        assert main(["run", str(path), str(out), "--calib-samples", "4", "--seqlen", "32", "--no-progress",
-                     "--no-plots", "--alloc", "uniform", "--ratio", "0.2"]) == 0
-        remote = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True)(ids).logits
-        assert torch.allclose(streamsvd.load(out, dtype=torch.float32)(ids).logits, remote, atol=1e-5)
+        # plain and quantised factors: the quantised path of the remote code loaded the stored head into the tied
+        # tensor, over the embedding (logits off by about 1)
+        for name, extra in (("out", []), ("quant", ["--quant", "int8"])):
+            out = tmp_path / name
+            assert main(["run", str(path), str(out), "--calib-samples", "4", "--seqlen", "32", "--no-progress",
+                         "--no-plots", "--alloc", "uniform", "--ratio", "0.2", *extra]) == 0
+            remote = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True)
+            assert remote.get_output_embeddings().weight is not remote.get_input_embeddings().weight
+            assert torch.allclose(streamsvd.load(out, dtype=torch.float32)(ids).logits, remote(ids).logits, atol=1e-5)
 
 
 def test_a_stored_rotary_inv_freq_is_ignored_as_transformers_ignores_it(tmp_path):
@@ -100,3 +104,20 @@ def test_a_stored_rotary_inv_freq_is_ignored_as_transformers_ignores_it(tmp_path
                      "--no-plots", "--alloc", "uniform", "--ratio", "0.2"]) == 0
         remote = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True)(ids).logits
         assert torch.allclose(streamsvd.load(out, dtype=torch.float32)(ids).logits, remote, atol=1e-5)
+
+
+def test_a_tied_quantised_output_loads_tied_through_the_remote_code(tmp_path):
+    """A tied model (no head stored), factors quantised: the remote code's own loader ties the head to the embedding
+    (a head missing is not a damaged output) and gives streamsvd.load's logits."""
+    import streamsvd
+    from streamsvd.cli import main
+
+    path = make_tiny_checkpoint("qwen2", tmp_path / "m")
+    out = tmp_path / "out"
+    assert main(["run", str(path), str(out), "--calib-samples", "4", "--seqlen", "32", "--no-progress", "--no-plots",
+                 "--alloc", "uniform", "--ratio", "0.2", "--quant", "int8"]) == 0
+    ids = torch.tensor([[5, 0, 383, 5, 17, 2, 9]])
+    with torch.no_grad():
+        remote = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True)
+        assert remote.get_output_embeddings().weight is remote.get_input_embeddings().weight
+        assert torch.allclose(streamsvd.load(out, dtype=torch.float32)(ids).logits, remote(ids).logits, atol=1e-5)

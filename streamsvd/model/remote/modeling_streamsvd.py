@@ -355,11 +355,18 @@ def load_quantized(model_class: type, path, config: PreTrainedConfig, section: d
                              "rerun the `streamsvd run` command that made it") from None
         state[key] = value.to(dtype) if value.is_floating_point() else value.to(torch.long)
     model = model_class._from_config(config, dtype=dtype)  # as AutoModelForCausalLM.from_config builds it for streamsvd.load
+    head = model.get_output_embeddings()
+    head_key = next((n + ".weight" for n, mod in model.named_modules() if mod is head), None)
+    # A head stored beside a config that ties it: transformers keeps the stored head (it warns that the config is
+    # wrong), so it gets its own tensor here; loaded into the tied one, it overwrote the input embedding too.
+    tie = ties_embeddings(config) and head_key not in state
+    if ties_embeddings(config) and not tie:
+        head.weight = nn.Parameter(torch.empty_like(head.weight))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set()
-    if ties_embeddings(config):
+    if tie:
         model.tie_weights()
-        tied = {n + ".weight" for n, mod in model.named_modules() if mod is model.get_output_embeddings()}
+        tied = {head_key}
     missing = sorted(set(missing) - tied)
     if missing or unexpected:
         raise mismatch(path, section, {"missing_keys": missing, "unexpected_keys": sorted(unexpected)})
