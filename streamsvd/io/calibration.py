@@ -70,8 +70,12 @@ def load_texts(paths: list[str] | None, flag: str = "--calib") -> tuple[str, str
     named the files, for the refusal of a missing one."""
     if not paths:
         return default_text(), DEFAULT_SOURCE
-    text = "\n\n".join(read_text_file(Path(p), flag) for p in paths)
-    return text, ", ".join(Path(p).name for p in paths)
+    texts = [read_text_file(Path(p), flag) for p in paths]
+    for path, text in zip(paths, texts):
+        if len(paths) > 1 and not text.strip():  # one alone is refused as empty text where the windows are cut
+            raise StreamSVDError(f"{path} holds no text (one of the {len(paths)} {flag} files)",
+                                 f"give it text, or leave it out of the {flag} files")
+    return "\n\n".join(texts), ", ".join(Path(p).name for p in paths)
 
 
 def text_digest(text: str) -> str:

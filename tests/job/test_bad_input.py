@@ -362,6 +362,18 @@ def test_calib_file_empty(capsys, pristine, out, tmp_path):
     assert_not_complete(out)
 
 
+def test_an_empty_file_among_several_calib_files_is_refused(capsys, pristine, out, tmp_path):
+    """One empty --calib file alone is refused; among several it was taken silently, and named as a calibration
+    source in the report and config.json (a wrong path or an unfinished download, not what the user meant)."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"word{i}" for i in range(2000)))
+    rc = cli(["run", pristine, out, "--calib", calib, "--calib", empty, *FAST])
+    assert_clean_error(capsys, rc, str(empty), "holds no text", "--calib")
+    assert not out.exists()
+
+
 def test_calib_shorter_than_one_window(capsys, pristine, out, tmp_path):
     calib = tmp_path / "short.txt"
     calib.write_text("hello world")
