@@ -333,7 +333,8 @@ def _add_export(sub) -> None:
                        "onnx: model.onnx (+ model.onnx.data above 1 GiB of weights) for onnxruntime, with the KV cache as "
                        "inputs (past_key_values.N.key/value) and outputs (present.N.key/value), each factor pair as two "
                        "MatMuls (pivoted: Transpose, Gather, MatMul, Add, MatMul), float32; config.json and the tokenizer files beside "
-                       "it. The export is checked: onnxruntime runs a prefill and a cached decode step, and a float32 "
+                       "it. The export is checked: onnxruntime runs a prefill, a cached decode step and a left-padded batch's decode step past "
+                       "the sliding window, and a float32 "
                        "graph whose logits differ from PyTorch's by over 1e-3 of the largest logit is refused. Needs `pip install 'streamsvd[onnx]'`. "
                        "Costs about 6x the float32 model's bytes in RAM and 2.5 CPU-minutes for SmolLM2-135M (2.2 GB peak).")
     p.add_argument("format", metavar="FORMAT", choices=sorted(EXPORTS), help=f"one of: {', '.join(sorted(EXPORTS))}")
@@ -815,7 +816,9 @@ def export_onnx(args) -> int:
     check = rec.get("check")
     if check:
         print(f"  onnxruntime vs PyTorch: max |logit difference| {check['prefill_max_abs_diff']:.2e} (prefill), "
-              f"{check['decode_max_abs_diff']:.2e} (cached decode step), largest logit {check['max_abs_logit']:.2f}; "
+              f"{check['decode_max_abs_diff']:.2e} (cached decode step), "
+              f"{check.get('padded_decode_max_abs_diff', float('nan')):.2e} (left-padded decode step), "
+              f"largest logit {check['max_abs_logit']:.2f}; "
               f"same argmax at {check['argmax_agreement']:.0%} of positions (random tokens)")
         if rec["int4"]:
             print("  4-bit weights move the logits by design: score perplexity on your own text before relying on "

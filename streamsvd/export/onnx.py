@@ -282,14 +282,30 @@ def _step_inputs(batch: int, seq: int, past: int, config, vocab: int, seed: int)
     return ids, mask, pos, cache
 
 
+def _padded_inputs(config, vocab: int, seed: int) -> dict:
+    """A left-padded batch of 2 as generate() feeds it: a prefill past the sliding window (where the model has
+    sliding layers; their cache was once wrong only there, for a padded row), then one decode step on its cache;
+    "whole": the same tokens in one pass without a cache, the reference."""
+    text = config.get_text_config()
+    sliding = "sliding_attention" in (getattr(text, "layer_types", None) or [])
+    length = (text.sliding_window if sliding and getattr(text, "sliding_window", None) else 8) + 4
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (2, length + 1), generator=g)
+    mask = torch.ones(2, length + 1, dtype=torch.long)
+    mask[0, :3] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"prefill": (ids[:, :-1], mask[:, :-1], pos[:, :-1]), "step": (ids[:, -1:], mask, pos[:, -1:]),
+            "whole": (ids, mask, pos)}
+
+
 def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: bool = True,
                 pivoted: str | None = None, verify: bool = True) -> dict:
     """Export OUT_DIR (a streamsvd output, or any checkpoint streamsvd.load reads) to DEST; the record written.
 
     DEST receives model.onnx (+ model.onnx.data above 1 GiB of weights), config.json, the generation
     config and tokenizer files, and streamsvd_onnx.json (inputs, outputs, options, the check's figures).
-    With `check`, onnxruntime runs a prefill and one cached decode step on random tokens and the
-    export is refused if a float32 graph's logits differ from PyTorch's beyond FLOAT_TOLERANCE.
+    With `check`, onnxruntime runs a prefill, one cached decode step and a left-padded batch's decode step on
+    random tokens (`_check`), and the export is refused if a float32 graph's logits differ from PyTorch's beyond FLOAT_TOLERANCE.
     `pivoted`: "rows" (None: the default), "columns" or "folded" (PIVOTED_FORMS); with `int4`, pivoted modules
     are always balanced plain factors. Given (--onnx-pivoted) for `int4` or for a model with no pivoted module below
     full rank (`run --factors plain`, a plain checkpoint), where it would change nothing, it is refused.
@@ -324,8 +340,11 @@ def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: 
     # Reference logits from the model as streamsvd loads it, before the MatMul forms are swapped in.
     checks = [_step_inputs(1, 7, 0, config, vocab, seed=1), _step_inputs(2, 1, 6, config, vocab, seed=2)]
     decoder = _Decoder(model).eval()
+    padded = _padded_inputs(config, vocab, seed=3)
     with torch.no_grad():
         expected = [decoder(ids, mask, pos, *cache)[0].numpy() for ids, mask, pos, cache in checks]
+        ids, mask, pos = padded["whole"]
+        expected.append(model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1:].numpy())
     swapped = export_form(model, "balanced" if int4 else pivoted)
     names_in, names_out = io_names(layers)
     dyn = torch.export.Dim.DYNAMIC
@@ -378,7 +397,7 @@ def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: 
         "export_seconds": round(time.perf_counter() - start, 2),
     }
     if check:
-        record["check"] = _check(dest / MODEL_FILE, checks, expected)
+        record["check"] = _check(dest / MODEL_FILE, checks, expected, padded)
         refuse_if_off(dest, record)
     (dest / RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return record
@@ -471,19 +490,24 @@ def quantize_int4(proto, block_size: int = 32):
     return out, sum(1 for n in out.graph.node if n.op_type == "MatMulNBits")
 
 
-def _check(path: Path, checks, expected) -> dict:
-    """onnxruntime against PyTorch: a 7-token prefill (empty cache) and a batch-2 decode step on a 6-token cache."""
+def _check(path: Path, checks, expected, padded: dict) -> dict:
+    """onnxruntime against PyTorch: a 7-token prefill (empty cache), a batch-2 decode step on a 6-token cache, and a
+    left-padded batch's decode step on the cache its own prefill made (`_padded_inputs`) against one uncached pass."""
     import numpy as np
 
     session = OnnxDecoder(path)
+    got = [session.step(ids.numpy(), mask.numpy(), pos.numpy(), [c.numpy() for c in cache])[0]
+           for ids, mask, pos, cache in checks]
+    _, present = session.step(*(t.numpy() for t in padded["prefill"]), session.empty_cache(2))
+    got.append(session.step(*(t.numpy() for t in padded["step"]), present)[0])
     diffs, agree, scale = [], [], 0.0
-    for (ids, mask, pos, cache), want in zip(checks, expected):
-        got = session.step(ids.numpy(), mask.numpy(), pos.numpy(), [c.numpy() for c in cache])[0]
-        diffs.append(float(np.abs(got - want).max()))
-        agree.append(float((got.argmax(-1) == want.argmax(-1)).mean()))
+    for have, want in zip(got, expected):
+        diffs.append(float(np.abs(have - want).max()))  # NaN where either is: refused below as off
+        agree.append(float((have.argmax(-1) == want.argmax(-1)).mean()))
         scale = max(scale, float(np.abs(want).max()))
-    return {"prefill_max_abs_diff": diffs[0], "decode_max_abs_diff": diffs[1], "max_abs_logit": scale,
-            "max_rel_diff": max(diffs) / max(scale, 1e-12), "argmax_agreement": min(agree)}
+    off = max(diffs) if all(np.isfinite(diffs)) else float("inf")
+    return {"prefill_max_abs_diff": diffs[0], "decode_max_abs_diff": diffs[1], "padded_decode_max_abs_diff": diffs[2],
+            "max_abs_logit": scale, "max_rel_diff": off / max(scale, 1e-12), "argmax_agreement": min(agree)}
 
 
 class OnnxDecoder:

@@ -274,6 +274,30 @@ def test_a_left_padded_decode_step_past_the_sliding_window_matches_pytorch(tmp_p
     np.testing.assert_allclose(logits, want[:, -1:].numpy(), rtol=0, atol=ATOL)
 
 
+def test_the_exports_own_check_catches_a_wrong_padded_decode_past_the_sliding_window(tmp_path, monkeypatch):
+    """The check ran only unpadded batches, so the sliding-window cache bug above passed it. It now also runs a
+    left-padded prefill past the window and a decode step on its cache, against one uncached pass: with that bug put
+    back (the traced cache built from the config) the export is refused; without it, the padded row agrees."""
+    import transformers
+
+    model_dir = make_tiny_checkpoint("gemma3_text", tmp_path / "model", num_hidden_layers=2,
+                                     layer_types=["sliding_attention", "full_attention"])
+    out = tmp_path / "out"
+    run_job(JobConfig(alloc="uniform", model_dir=model_dir, out_dir=out, ratio=0.4, calib_samples=4, seqlen=32, progress=False))
+    record = export_onnx(out, tmp_path / "good")
+    assert record["check"]["padded_decode_max_abs_diff"] < ATOL
+    config = streamsvd.load(out).config
+
+    class BuiltFromTheConfig(transformers.DynamicCache):  # the cache as the export built it before
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(transformers, "DynamicCache", BuiltFromTheConfig)
+    with pytest.raises(StreamSVDError, match="differ from PyTorch's"):
+        export_onnx(out, tmp_path / "bad")
+    assert not (tmp_path / "bad" / MODEL_FILE).exists()
+
+
 def test_a_float_graph_off_beyond_the_tolerance_is_removed(tmp_path):
     for name in (MODEL_FILE, "model.onnx.data"):
         (tmp_path / name).write_bytes(b"graph")
