@@ -44,6 +44,9 @@ from ..io.fsutil import file_in_the_way, within
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 RECORD = "streamsvd_onnx.json"
+# An export under way (made before an earlier export's files are removed, removed after RECORD is written): a killed
+# export leaves it, so the same command takes the DIR again (it was refused: not empty, no earlier export).
+PARTIAL = ".streamsvd_onnx_partial"
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
 INSTALL_FIX = "pip install 'streamsvd[onnx]' (onnx, onnxruntime and onnxscript, about 37 MB of wheels)"
 # Initializers above this many bytes go to model.onnx.data (protobuf caps one file at 2 GiB).
@@ -369,6 +372,7 @@ def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: 
         with _quiet():
             proto, quantised = quantize_int4(proto, block_size)
     dest.mkdir(parents=True, exist_ok=True)
+    (dest / PARTIAL).touch()
     for stale in (dest / MODEL_FILE, dest / DATA_FILE, dest / RECORD):
         stale.unlink(missing_ok=True)
     for node in proto.graph.node:  # the exporter's per-node stack traces and class paths: ~8 MB on SmolLM2
@@ -400,6 +404,7 @@ def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: 
         record["check"] = _check(dest / MODEL_FILE, checks, expected, padded)
         refuse_if_off(dest, record)
     (dest / RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    (dest / PARTIAL).unlink(missing_ok=True)
     return record
 
 
@@ -410,7 +415,7 @@ def refuse_if_off(dest: Path, record: dict) -> None:
         return
     # Every file the export wrote: the side files left alone made DIR "not empty and holds no earlier ONNX export",
     # so the same command was refused after the fix it names.
-    for name in (MODEL_FILE, DATA_FILE, "config.json", *sorted(SIDE_FILES)):
+    for name in (MODEL_FILE, DATA_FILE, "config.json", *sorted(SIDE_FILES), PARTIAL):
         (dest / name).unlink(missing_ok=True)
     raise StreamSVDError(
         f"onnxruntime's logits differ from PyTorch's by {diff:.2e} of the largest logit (more than "
@@ -447,7 +452,7 @@ def _check_dest(dest: Path, out_dir: Path) -> None:
     blocker = file_in_the_way(dest)
     if blocker is not None:
         raise StreamSVDError(f"{dest} cannot be made: {blocker} is not a directory", "give a new directory for the export")
-    if dest.is_dir() and any(dest.iterdir()) and not (dest / RECORD).exists():
+    if dest.is_dir() and any(dest.iterdir()) and not (dest / RECORD).exists() and not (dest / PARTIAL).exists():
         raise StreamSVDError(f"{dest} is not empty and holds no earlier ONNX export",
                              "give a new or empty directory (an earlier `export onnx` directory is overwritten)")
 

@@ -251,6 +251,30 @@ def test_a_second_export_leaves_none_of_the_first_models_side_files(exported, tm
     assert (again / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
 
 
+def test_an_export_killed_over_an_earlier_one_is_taken_again_by_the_same_command(exported, tmp_path, monkeypatch):
+    """The earlier export's record went first, then the new graph was saved: a kill in between left a DIR the same
+    command refused ('not empty and holds no earlier ONNX export'). The DIR of an export under way is taken again."""
+    import streamsvd.export.onnx as onnx_module
+
+    out, dest, _ = exported
+    again = tmp_path / "again"
+    again.mkdir()
+    for path in dest.iterdir():
+        (again / path.name).write_bytes(path.read_bytes())
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(onnx, "save_model", killed)
+        with pytest.raises(KeyboardInterrupt):
+            export_onnx(out, again, check=False)
+    assert not (again / RECORD).exists()
+    record = export_onnx(out, again, check=False)
+    assert json.loads((again / RECORD).read_text()) == record and not (again / onnx_module.PARTIAL).exists()
+    assert OnnxDecoder(again).session is not None
+
+
 def test_a_left_padded_decode_step_past_the_sliding_window_matches_pytorch(tmp_path):
     """Gemma's sliding-window layers: the cache built from a past of window - 1 tokens counted only those as seen, and
     the layer's mask then took the first columns of attention_mask, not the last: once the window had filled, a
