@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from ..errors import StreamSVDError
 from ..io.checkpoint import INDEX_NAME, SINGLE_NAME, TORCH_DTYPES, Checkpoint
 from ..io.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, file_in_the_way, within
+from ..io.plots import ALLOCATION_PNG, SPECTRA_PNG
 from ..model.loading import tensor_reader
 from ..model.lowrank import FORMS, module_from_tensors
 from ..model.quantized import QUANT_PARTS, quantized_bases
@@ -167,7 +168,8 @@ def _logical_key(key: str, bases: set[str]) -> str:
 
 def _streamsvd_file(name: str) -> bool:
     """OUT_DIR files that are not part of an ordinary checkpoint (or are rewritten by the export)."""
-    return (name.endswith(".safetensors") or name in (INDEX_NAME, SINGLE_NAME, "config.json", MODELING_FILE)
+    return (name.endswith(".safetensors") or name in (INDEX_NAME, SINGLE_NAME, "config.json", MODELING_FILE,
+                                                      ALLOCATION_PNG, SPECTRA_PNG)
             or name.startswith("streamsvd_") or name.startswith("."))
 
 

@@ -471,6 +471,9 @@ def _copy_side_files(out_dir: Path, dest: Path) -> None:
     # export does not carry; the graph itself holds the factors).
     config = dict(Checkpoint(out_dir).config_dict)
     config.pop("streamsvd", None)
+    for key in ("dtype", "torch_dtype"):  # the graph computes in float32 whatever the source's weights were stored in
+        if key in config:
+            config[key] = "float32"
     atomic_write_json(dest / "config.json", config)
 
 

@@ -51,6 +51,7 @@ def test_dense_export_loads_with_plain_transformers_and_matches_streamsvd_load(t
     assert set(index["weight_map"]) == {k for k in source if not (tied and k == "lm_head.weight")}
     assert index["metadata"]["total_size"] == sum(source[k].numel() * 4 for k in index["weight_map"])
     assert not (dest / MODELING_FILE).exists() and not list(dest.glob("streamsvd_*"))
+    assert list(out.glob("*.png")) and not list(dest.glob("*.png"))  # the job's plots are not the checkpoint's
     assert (dest / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
 
 

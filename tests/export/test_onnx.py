@@ -251,6 +251,19 @@ def test_a_second_export_leaves_none_of_the_first_models_side_files(exported, tm
     assert (again / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
 
 
+def test_the_exports_config_says_float32_whatever_the_source_stored(tmp_path):
+    """The graph computes in float32; its config.json said the source's dtype (bfloat16), which tools that size
+    buffers or pick kernels from config.json read."""
+    from streamsvd.export.onnx import _copy_side_files
+
+    model_dir = make_tiny_checkpoint("llama", tmp_path / "model", dtype=torch.bfloat16)
+    assert json.loads((model_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    (tmp_path / "dest").mkdir()
+    _copy_side_files(model_dir, tmp_path / "dest")
+    config = json.loads((tmp_path / "dest" / "config.json").read_text())
+    assert config["dtype"] == "float32" and config.get("torch_dtype", "float32") == "float32"
+
+
 def test_an_export_killed_over_an_earlier_one_is_taken_again_by_the_same_command(exported, tmp_path, monkeypatch):
     """The earlier export's record went first, then the new graph was saved: a kill in between left a DIR the same
     command refused ('not empty and holds no earlier ONNX export'). The DIR of an export under way is taken again."""
