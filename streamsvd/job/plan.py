@@ -25,7 +25,7 @@ resident at that stage's peak:
 
 The batch size is the largest that keeps every stage within the budget, on the CPU at most about
 2,048 tokens (`cpu_batch`: larger batches only make the kernel zero more fresh pages); the smallest workable
-budget (`min_max_mem_bytes`) is the planned peak at batch 1 (plus a margin for the baseline's
+budget (`min_max_mem_bytes`) is the planned peak at batch 1, or at a fixed batch (plus a margin for the baseline's
 variation between processes), and the stage that sets it is named
 when a budget below it is refused. Factor sizes are counted through `stored_numel`, so another
 stored form (pivoted factors) changes one function.
@@ -859,9 +859,12 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                      "does not change), not chosen for --max-mem")
     if gpu_parts and device_speed is None:
         notes.append("no GPU visible here: the factorisations' time is estimated at this CPU's speed")
+    # A fixed batch (--batch-size, an interrupted job's) is refused where its peak exceeds the budget (job/pipeline.py
+    # _refuse_batch_size), so the smallest budget that works is that batch's peak, not batch 1's
+    smallest = max(stage_totals.values()) if fixed_batch is not None else strict_min
     return Plan(
         budget_bytes=budget, batch_size=batch, peak_bytes=max(stage_totals.values()),
-        min_max_mem_bytes=strict_min + BASELINE_MARGIN_BYTES, strict_min_bytes=strict_min,
+        min_max_mem_bytes=smallest + BASELINE_MARGIN_BYTES, strict_min_bytes=strict_min,
         min_stage=min_stage, min_component=min_component, stage_bytes=stage_totals,
         components=stage_parts(batch), routes=routes,
         tiles={"batch_size": batch, "gram_row_chunk": GRAM_ROW_CHUNK, "gram_product_tile_bytes": PRODUCT_TILE_BYTES},
@@ -1024,8 +1027,9 @@ def _add_own_profile(plan: Plan, cfg, ckpt: Checkpoint, processes: int = 1) -> N
         if prof.gpu_min_bytes > (plan.gpu_min_bytes or 0):
             plan.gpu_min_bytes = prof.gpu_min_bytes
     if prof.strict_min_bytes > plan.strict_min_bytes:
-        plan.strict_min_bytes, plan.min_max_mem_bytes = prof.strict_min_bytes, prof.min_max_mem_bytes
+        plan.strict_min_bytes = prof.strict_min_bytes
         plan.min_stage, plan.min_component = "profile", f"its {prof.min_stage} stage: {prof.min_component}"
+    plan.min_max_mem_bytes = max(plan.min_max_mem_bytes, prof.min_max_mem_bytes)  # a fixed batch's may be the larger
 
 
 def plan_job(cfg, processes: int = 1) -> Plan:

@@ -456,6 +456,19 @@ def test_plan_says_run_would_refuse_a_batch_size_above_the_budget(capsys, tiny, 
     assert "batch 2 is fixed (--batch-size" in out and "interrupted job's (kept" not in out.split("fixed")[0]
 
 
+def test_the_smallest_budget_of_a_fixed_batch_is_that_batchs_peak(tiny):
+    """`plan --batch-size B --json` printed batch 1's minimum as min_max_mem_bytes, and `run` refused it ('--batch-size
+    B needs ..., more than --max-mem'; measured: SmolLM2's first 2 blocks, --batch-size 16, 784 MiB printed, 1046 needed)."""
+    from streamsvd.cli import _plan_refusals
+
+    ckpt, settings = Checkpoint(tiny), PlanInputs(calib_samples=64, seqlen=256, plots=False)
+    one = make_plan(ckpt, "model.layers", settings, budget=1 << 40, baseline=0)
+    at_64 = make_plan(ckpt, "model.layers", settings, budget=1 << 40, baseline=0, fixed_batch=64)
+    assert one.min_max_mem_bytes < at_64.min_max_mem_bytes == at_64.peak_bytes + plan_module.BASELINE_MARGIN_BYTES
+    at_min = make_plan(ckpt, "model.layers", settings, budget=at_64.min_max_mem_bytes, baseline=0, fixed_batch=64)
+    assert at_min.fits() and _plan_refusals(at_min, None, 64) == []
+
+
 def test_plan_refuses_the_ranks_run_refuses_and_plans_a_given_profiles_ranks(capsys, tiny, text, tmp_path):
     """plan --rank-multiple 1000 (smallest ranks above the --ratio budget) planned a job, with an empty run_refuses,
     that run refuses before it profiles; with --profile it planned --ratio's uniform ranks, not the profile's
