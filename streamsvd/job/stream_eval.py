@@ -19,6 +19,8 @@ beside the block (with job/device.py's allowance for workspaces), and torch's al
 
 from __future__ import annotations
 
+import math
+
 import shutil
 import tempfile
 import time
@@ -73,9 +75,13 @@ def eval_batch_size(config, ckpt: Checkpoint, model, seqlen: int, windows: int, 
     block, per_window, logits = eval_sizes(config, ckpt, seqlen)
     fixed = rss_bytes() + 2 * block + logits + held  # the block, and its copy while it is built
     if budget - fixed < per_window:
-        need = fixed + per_window
+        from .plan import BASELINE_MARGIN_BYTES
+
+        # the figure to give: rounded up, with the plan's margin for the baseline, which another process measures anew
+        # (the bare need, printed in GiB, was refused when given: 682.4 MiB said, 682.6 MiB needed the next time)
+        give = math.ceil((fixed + per_window + BASELINE_MARGIN_BYTES) / (1 << 20))
         raise StreamSVDError(f"--max-mem {format_size(budget)} is too small to evaluate: one window needs about "
-                             f"{format_size(need)}", f"give --max-mem at least {format_size(need)}, or lower --seqlen")
+                             f"{format_size(fixed + per_window)}", f"give --max-mem {give}M or more, or lower --seqlen")
     return max(1, min(windows, (budget - fixed) // per_window))
 
 

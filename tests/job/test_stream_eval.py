@@ -76,6 +76,28 @@ def test_eval_refuses_a_budget_too_small_for_one_block(tmp_path, capsys):
     assert err.startswith("error: --max-mem") and "fix:" in err and "Traceback" not in err
 
 
+def test_the_budget_an_eval_refusal_names_is_taken(tmp_path, capsys):
+    """The fix line named the bare need, rounded in GiB or to 0.1 MiB, and another process measures its baseline
+    anew: the figure given was refused (682.4 MiB said, 682.6 MiB needed). It names whole MiB with the plan's margin."""
+    import re
+
+    from streamsvd.job.peak import rss_bytes
+
+    model_dir = make_tiny_checkpoint("llama", tmp_path / "model")
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    flags = ["eval", str(model_dir), "--text", str(text), "--seqlen", "40", "--no-progress"]
+    main(flags + ["--max-mem", "20M"])  # warm: imports and the first read (refused or not)
+    capsys.readouterr()
+    tight = f"{(rss_bytes() >> 20) + 2}M"  # above what is resident, below a block and a window
+    assert main(flags + ["--max-mem", tight]) == 2
+    err = capsys.readouterr().err
+    assert "too small to evaluate" in err, err
+    give = re.search(r"give --max-mem (\d+)M or more", err)
+    assert give, err
+    assert main(flags + ["--max-mem", f"{give[1]}M"]) == 0
+
+
 def test_on_the_cpu_eval_takes_about_2048_tokens_a_batch_with_the_figure_of_one_batch(tmp_path):
     from streamsvd.job.plan import cpu_batch
 
