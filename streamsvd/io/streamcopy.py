@@ -34,6 +34,24 @@ def _digest_start(ckpt: Checkpoint, name: str):
     return hashlib.sha256(f"{TORCH_DTYPES[ckpt.dtype_name(name)]}:{tuple(ckpt.shape(name))}:".encode())
 
 
+def stored_sha256(ckpt: Checkpoint, name: str) -> str:
+    """io/checksums.tensor_sha256 of a stored tensor, read from its file with one small buffer (never all in memory):
+    what copy_tensors records for it."""
+    shard = ckpt.dir / ckpt.weight_map[name]
+    begin, end = ckpt.headers[ckpt.weight_map[name]][name]["data_offsets"]
+    digest = hashlib.sha256(f"{TORCH_DTYPES[ckpt.dtype_name(name)]}:{tuple(ckpt.shape(name))}:".encode())
+    with open(shard, "rb") as f:
+        f.seek(_data_start(shard) + begin)
+        left = end - begin
+        while left > 0:
+            chunk = f.read(min(BUFFER_BYTES, left))
+            if not chunk:
+                raise OSError(f"{shard} ended early")
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
 def copy_tensors(ckpt: Checkpoint, names: list[str], dst: Path, metadata: dict | None = None) -> None:
     """Write `names` (stored dtype and bytes unchanged) as one safetensors file at `dst`.
 

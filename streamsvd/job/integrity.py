@@ -215,11 +215,11 @@ class JobIntegrity:
         digests, ckpt.read_digests = ckpt.read_digests or {}, None
         return group_digest(digests)
 
-    def check_profile_matches(self, index: int) -> None:
-        """Refuse block `index` (before it is written) where the weights it was read from differ from those the
-        profile measured: the ranks would come from another model's spectra (a given --profile of a fine-tune with
-        the same shapes, or MODEL_DIR changed under a resumed job after its first block, past the digests of the
-        finished blocks)."""
+    def check_profile_matches(self, index: int | None) -> None:
+        """Refuse block `index` (before it is written; None: the embeddings and head, before the state records them)
+        where the weights it was read from differ from those the profile measured: the ranks would come from another
+        model's spectra (a given --profile of a fine-tune with the same shapes, or MODEL_DIR changed under a resumed
+        job after its first block, past the digests of the finished blocks)."""
         job = self.job
         if job.profile is None or job.ckpt.read_digests is None:
             return
@@ -227,8 +227,9 @@ class JobIntegrity:
         if not differ:
             return
         own = job.cfg.profile is None
+        what = "the embeddings and head" if index is None else f"block {index}'s weights"
         raise ModelChanged(
-            f"block {index}'s weights in MODEL_DIR {job.ckpt.dir} differ from those "
+            f"{what} in MODEL_DIR {job.ckpt.dir} differ from those "
             + (f"this job profiled ({differ[0]}" if own else f"the profile in {job.cfg.profile} was made from ({differ[0]}")
             + (f" and {len(differ) - 1} more)" if len(differ) > 1 else ")"),
             ("MODEL_DIR changed since this job started: restore the original checkpoint and rerun, or "

@@ -684,6 +684,7 @@ class CompressionJob:
             self._stage("extra shard")
             self.ckpt.read_digests = {}
             self.out.write_extra_shard()
+            integrity.check_profile_matches(None)
             self.state.weights["extra"] = integrity.digest_of_reads()
             self.state.extra_shard_done = True
             self.state.save(self.out.dir)

@@ -635,11 +635,21 @@ class Profiler:
             # sha256 of every decoder-layer tensor the spectra were measured on: a job refuses the profile for a
             # block whose weights differ (the checkpoint fingerprint is config and shard sizes: a fine-tune of the
             # same shapes passes it, and so did MODEL_DIR changed under a resumed job after its first block)
-            "tensor_sha256": dict(sorted(self.tensor_digests.items())),
+            # and of the tensors outside them (embeddings, final norm, head): the inputs of block 0 and the sensitivity
+            # pass's head, which a profile of a model differing only there measured otherwise
+            "tensor_sha256": dict(sorted({**self.tensor_digests, **self._outside_digests()}.items())),
             # the measurements' files as written: a changed byte in them changed the ranks unseen
             "files_sha256": {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in files},
         }
         atomic_write_json(out / PROFILE_JSON, {**meta, "meta_sha256": _meta_digest(meta)})
+
+    def _outside_digests(self) -> dict[str, str]:
+        """sha256 of every tensor outside the decoder layers, as a job's copy of them records it (streamed)."""
+        from ..io.streamcopy import stored_sha256
+        from ..model.architecture import SUPPORTED
+
+        layers = SUPPORTED[self.config.model_type] + "."
+        return {n: stored_sha256(self.ckpt, n) for n in self.ckpt.keys() if not n.startswith(layers)}
 
     # ------------------------------------------------------------ forward: spectra
     def _batches(self, n: int | None = None, lo: int = 0):

@@ -604,17 +604,34 @@ def test_a_resume_after_a_later_blocks_weights_changed_is_refused_at_that_block(
 
 def test_a_given_profile_of_other_weights_with_the_same_shapes_is_refused(model, tmp_path, capsys):
     """A fine-tune of the same shapes has the same checkpoint fingerprint (config and shard sizes), so its profile was
-    taken: ranks from another model's spectra. Refused at block 0, naming the profile."""
+    taken: ranks from another model's spectra. Refused at the embeddings (before block 0), naming the profile."""
     other = make_tiny_checkpoint("llama", tmp_path / "other", seed=1, num_hidden_layers=4)
     prof = tmp_path / "prof"
     assert cli(["profile", other, prof, "--calib-samples", "4", "--seqlen", "32", "--no-progress"]) == 0
     out = tmp_path / "out"
     capsys.readouterr()
-    clean_error(capsys, cli(["run", model, out, *FAST, "--profile", prof]), "block 0", str(prof), "streamsvd profile")
+    clean_error(capsys, cli(["run", model, out, *FAST, "--profile", prof]), "the embeddings and head", str(prof),
+                "streamsvd profile")
     assert not (out / INDEX_NAME).exists() and json.loads((out / STATE_NAME).read_text())["blocks_done"] == 0
     same = tmp_path / "prof-same"  # the same weights' own profile is taken
     assert cli(["profile", model, same, "--calib-samples", "4", "--seqlen", "32", "--no-progress"]) == 0
     assert cli(["run", model, tmp_path / "out2", *FAST, "--profile", same]) == 0
+
+
+@pytest.mark.parametrize("tensor", ["model.embed_tokens.weight", "lm_head.weight"])
+def test_a_given_profile_of_a_model_differing_only_outside_the_blocks_is_refused(model, tmp_path, capsys, tensor):
+    """The embeddings (block 0's inputs) and the final norm and head (the sensitivity pass's) are measured by a
+    profile too, but only the decoder blocks' digests were checked: the profile of a model differing only there (same
+    shapes, same shard sizes) was taken, "profile reused", ranks from another model's measurements."""
+    other = Path(shutil.copytree(model, tmp_path / "other"))
+    _rewrite_shard(other, tensor, lambda t: t.mul_(2))
+    prof = tmp_path / "prof"
+    assert cli(["profile", other, prof, "--calib-samples", "4", "--seqlen", "32", "--no-progress"]) == 0
+    out = tmp_path / "out"
+    capsys.readouterr()
+    clean_error(capsys, cli(["run", model, out, *FAST, "--profile", prof]), "the embeddings and head", tensor, str(prof),
+                "streamsvd profile")
+    assert not (out / INDEX_NAME).exists() and json.loads((out / STATE_NAME).read_text())["blocks_done"] == 0
 
 
 def test_the_state_records_a_digest_of_every_finished_blocks_weights(model, interrupted_base, tmp_path):
