@@ -396,6 +396,8 @@ class CompressionJob:
         if not self.world.writes:
             self.out = ReadOnlyOutput(self.out)
         self.model = empty_model(self.config, COMPUTE_DTYPE)
+        # Everything that can reject the input runs before anything is written to OUT_DIR.
+        self.windows = sample_windows(self.tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
         self.profile, self.ranks = None, None
         if cfg.profile is not None:
             self.profile = read_profile(cfg.profile, self._profile_identity())
@@ -413,8 +415,6 @@ class CompressionJob:
         self.work = self.world.work_folder(self.work)  # under torchrun, each rank's activation files are its own
         if cfg.restart:
             JobIntegrity(self).check_restart_target()
-        # Everything that can reject the input runs before anything is written to OUT_DIR.
-        self.windows = sample_windows(self.tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
         # --max-ppl-increase: windows that share no token with the calibration windows and enter no statistic;
         # they ride in rows [streams x S, streams x S + H) of the activation files, through the compressed blocks.
         self.all_heldout = heldout_windows(self.tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_rows)
@@ -436,7 +436,8 @@ class CompressionJob:
 
     # ---------------------------------------------------------------- allocation
     def _profile_identity(self) -> dict:
-        return profile_identity(self.ckpt, self.text, self.cfg.calib_samples, self.cfg.seqlen, self.cfg.seed)
+        return profile_identity(self.ckpt, self.text, self.cfg.calib_samples, self.cfg.seqlen, self.cfg.seed,
+                                windows=self.windows)
 
     def _allocate(self) -> dict[str, int]:
         """Every matrix's rank from the profile (math/allocate.py), all meeting one --ratio budget."""

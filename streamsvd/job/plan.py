@@ -1054,7 +1054,8 @@ def plan_job(cfg, processes: int = 1) -> Plan:
         from .pipeline import allocate_ranks, model_matrices
         from .profile import check_heldout, profile_identity, read_profile
 
-        profile = read_profile(cfg.profile, profile_identity(ckpt, text, cfg.calib_samples, cfg.seqlen, cfg.seed))
+        profile = read_profile(cfg.profile, profile_identity(ckpt, text, cfg.calib_samples, cfg.seqlen, cfg.seed,
+                                                             windows=windows))
         if cfg.max_ppl_increase is not None:
             check_heldout(profile, cfg.heldout_rows)
         ranks = allocate_ranks(cfg, profile, model_matrices(model))  # run's ranks (and its refusals of a budget they cannot meet)

@@ -197,13 +197,16 @@ MAX_PROFILE_SAMPLES = 1 << 20
 
 
 def profile_identity(ckpt: Checkpoint, text: str, calib_samples: int, seqlen: int, seed: int, heldout_samples: int = 0,
-                     statistics_windows: int | None = None) -> dict:
+                     statistics_windows: int | None = None, windows: torch.Tensor | None = None) -> dict:
     """What a profile's measurements depend on; a run must match every MATCHED_KEYS key to use it (and
     `heldout_samples`, present only when > 0 so profiles from before keep their identity, for --max-ppl-increase;
     `profile_samples`, the statistics pass's windows, present only when fewer than the calibration's: profiles
-    from before took every window)."""
+    from before took every window; `windows_digest`, the calibration windows' token ids, matched where both have it:
+    the same text cut by another tokenizer gave other windows, and its profile was reused)."""
     identity = {"checkpoint": ckpt.fingerprint(), "calib_digest": text_digest(text), "calib_samples": calib_samples,
                 "seqlen": seqlen, "seed": seed}
+    if windows is not None:
+        identity["windows_digest"] = hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
     if heldout_samples:
         identity["heldout_samples"] = heldout_samples
     if statistics_windows is not None and statistics_windows < calib_samples:
@@ -306,6 +309,8 @@ def read_profile(path: Path, identity: dict | None = None) -> Profile:
         raise StreamSVDError(f"the profile in {path} is damaged: {problem}", fix)
     if identity is not None:
         differ = [k for k in MATCHED_KEYS if meta["identity"].get(k) != identity[k]]
+        differ += [k for k in ("windows_digest",)  # profiles made before it have none
+                   if k in meta["identity"] and k in identity and meta["identity"][k] != identity[k]]
         if differ:
             what = ", ".join(_IDENTITY_WORDS.get(k, k) for k in differ)
             raise StreamSVDError(f"the profile in {path} was made with other settings than this run: {what}", fix)
@@ -369,7 +374,8 @@ def _bad_figure(spectra: dict, weighted: dict | None, sensitivity: dict | None =
 
 
 _IDENTITY_WORDS = {"checkpoint": "the model (config.json, shard sizes)", "calib_digest": "the calibration text",
-                   "calib_samples": "--calib-samples", "seqlen": "--seqlen", "seed": "--seed"}
+                   "calib_samples": "--calib-samples", "seqlen": "--seqlen", "seed": "--seed",
+                   "windows_digest": "the calibration windows' tokens (another tokenizer)"}
 
 
 def _damage(path: Path, meta: dict, spectra: dict, weighted: dict | None) -> str | None:
@@ -493,10 +499,10 @@ class Profiler:
         check_seqlen(self.config, cfg.seqlen)
         self.text, self.text_source = load_texts(cfg.calib)
         _check_places(cfg)
-        self.identity = profile_identity(self.ckpt, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_samples,
-                                         cfg.statistics_windows)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.ckpt.dir)
         self.windows = sample_windows(tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
+        self.identity = profile_identity(self.ckpt, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_samples,
+                                         cfg.statistics_windows, self.windows)
         self.heldout = heldout_windows(tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.heldout_samples)
         self.model = empty_model(self.config, COMPUTE_DTYPE)
         check_weights_match(self.model, self.ckpt)

@@ -346,3 +346,33 @@ def test_another_sensitivity_count_makes_the_profile_again_except_a_runs_own(tin
     assert _profile(tiny, tmp_path / "prof", sensitivity_samples=KEEP - 1).reused
     kept = _profile(tiny, tmp_path / "prof", any_sensitivity=True)
     assert kept.reused and kept.meta["sensitivity_samples"] == KEEP - 1
+
+
+def test_a_profile_of_the_same_text_cut_by_another_tokenizer_is_refused(tmp_path, capsys):
+    """The identity named the text, not its tokens: a MODEL_DIR whose tokenizer was swapped (same config and shards)
+    had its profile of other windows reused (12 of 21 ranks differ). The windows' digest is matched where both have
+    it; a profile made before it (none in its identity) is read as before."""
+    import shutil
+
+    from streamsvd.cli import main
+    from streamsvd.job.profile import _meta_digest
+    from tiny_models import tiny_tokenizer
+
+    model_dir = make_tiny_checkpoint("llama", tmp_path / "model")
+    other = Path(shutil.copytree(model_dir, tmp_path / "other"))
+    tiny_tokenizer(add_bos=True).save_pretrained(other)  # the same text, windows that start with BOS
+    flags = ["--calib-samples", "4", "--seqlen", "32", "--max-mem", "4G"]
+    assert main(["profile", str(other), str(tmp_path / "prof"), *flags[:4], "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(model_dir), *flags, "--profile", str(tmp_path / "prof")]) == 2
+    err = capsys.readouterr().err
+    assert "made with other settings than this run: the calibration windows' tokens" in err and "fix:" in err
+    assert main(["plan", str(other), *flags, "--profile", str(tmp_path / "prof")]) == 0
+    # a profile from before the digest: read as it was
+    path = tmp_path / "prof" / PROFILE_JSON
+    meta = json.loads(path.read_text())
+    meta.pop("meta_sha256")
+    del meta["identity"]["windows_digest"]
+    path.write_text(json.dumps({**meta, "meta_sha256": _meta_digest(meta)}))
+    capsys.readouterr()
+    assert main(["plan", str(model_dir), *flags, "--profile", str(tmp_path / "prof")]) == 0
