@@ -205,14 +205,32 @@ def markdown_report(report: dict) -> str:
         f"- calibration: {report['calibration']['samples']} x {report['calibration']['seqlen']} tokens of "
         f"{report['calibration']['source']} (seed {report['calibration']['seed']})",
         *[f"\n![{Path(name).stem}]({name})" for name in report.get("plots", [])],
-        "",
-        "| module | out x in | rank | truncation loss (RMS per token) |",
-        "|---|---|---|---|",
+        *_module_table(report["modules"]),
     ]
-    for name, m in report["modules"].items():
-        rank = f"{m['rank']} ({m['form']})" if "form" in m else f"{m['rank']}"
-        lines.append(f"| {name} | {m['out_features']} x {m['in_features']} | {rank} | {m['truncation_loss']:.4g} |")
     return "\n".join(lines) + "\n"
+
+
+def _module_table(modules: dict) -> list[str]:
+    """Per linear: its rank and truncation loss, and with compensation its output error. A compensated linear's
+    truncation loss is what truncation adds to the best full-rank fit's objective, the anchor term included
+    (docs/DESIGN.md), so it is not the output error; both are shown, named for what they are."""
+    compensated = any("output_error" in m for m in modules.values())
+    if not compensated:
+        lines = ["", "| module | out x in | rank | truncation loss (RMS per token) |", "|---|---|---|---|"]
+    else:
+        lines = ["",
+                 "Compensated: the truncation loss is what the rank adds to the objective of the best full-rank fit "
+                 "(output error and anchor term together); the output error is against the original model's outputs, "
+                 "both RMS per token on the calibration windows.",
+                 "", "| module | out x in | rank | truncation loss (objective) | output error vs the original |",
+                 "|---|---|---|---|---|"]
+    for name, m in modules.items():
+        rank = f"{m['rank']} ({m['form']})" if "form" in m else f"{m['rank']}"
+        row = f"| {name} | {m['out_features']} x {m['in_features']} | {rank} | {m['truncation_loss']:.4g} |"
+        if compensated:
+            row += f" {m['output_error']:.4g} |" if "output_error" in m else " - |"
+        lines.append(row)
+    return lines
 
 
 def _bytes_lines(report: dict) -> list[str]:

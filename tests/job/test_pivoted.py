@@ -64,6 +64,18 @@ def test_default_job_writes_pivoted_factors_at_the_rank_the_ratio_affords(model_
     markdown = (tmp_path / "pivoted" / "streamsvd_report.md").read_text()
     assert "r (m + n - r) <= (1 - 0.4) m n" in markdown and f"| {record['rank']} (pivoted) |" in markdown
     assert "floor(m n (1 - 0.4) / (m + n))" in (tmp_path / "plain" / "streamsvd_report.md").read_text()
+    # Compensated (the default): the truncation loss is the objective's, anchor term included, so the output error is
+    # its own column, not read off the truncation loss.
+    assert "output_error" in record and record["output_error"] != record["truncation_loss"]
+    row = f"| {name} | 64 x 160 | {record['rank']} (pivoted) | {record['truncation_loss']:.4g} | {record['output_error']:.4g} |"
+    assert row in markdown and "| truncation loss (objective) | output error vs the original |" in markdown
+
+
+def test_uncompensated_report_has_no_output_error_column(model_dir, tmp_path):
+    report = run_job(_cfg(model_dir, tmp_path / "out", compensate=False))
+    markdown = (tmp_path / "out" / "streamsvd_report.md").read_text()
+    assert not any("output_error" in m for m in report["modules"].values())
+    assert "| module | out x in | rank | truncation loss (RMS per token) |" in markdown and "output error" not in markdown
 
 
 def test_resume_with_the_other_factor_form_is_refused(model_dir, tmp_path, capsys):
