@@ -122,6 +122,19 @@ def sample_windows(tokenizer, text: str, samples: int, seqlen: int, seed: int) -
     return windows
 
 
+def warn_thin_statistics(samples: int, seqlen: int, widest: tuple[str, int]) -> None:
+    """A warning when the calibration windows hold fewer tokens than the widest linear's input: its input Gram then
+    has rank at most that many, so every direction beyond is fit to nothing (the eig route solves it, but the kept
+    directions past that rank are the weights' own, not the activations'). `widest`: (linear type, in_features)."""
+    tokens = samples * seqlen
+    name, width = widest
+    if tokens < width:
+        print(f"warning: {samples} windows x {seqlen} tokens = {tokens:,} calibration tokens, fewer than {name}'s "
+              f"{width:,} inputs: its statistics have rank at most {tokens:,}, so the directions beyond are not "
+              f"calibrated; give at least {width:,} tokens (--calib-samples x --seqlen), better several times that",
+              file=sys.stderr)
+
+
 HELDOUT_SEED_OFFSET = 0x5EED_0FF  # the held-out windows' generator: another stream than the calibration windows'
 
 

@@ -37,7 +37,8 @@ from ..model.architecture import (
     load_layer,
     check_seqlen,
 )
-from ..io.calibration import heldout_windows, load_texts, load_tokenizer, sample_windows, text_digest
+from ..io.calibration import (heldout_windows, load_texts, load_tokenizer, sample_windows, text_digest,
+                              warn_thin_statistics)
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, layer_args_on, run_layer
 from ..io.checkpoint import Checkpoint
 from ..io.diskspace import check_free_space
@@ -398,6 +399,8 @@ class CompressionJob:
         self.model = empty_model(self.config, COMPUTE_DTYPE)
         # Everything that can reject the input runs before anything is written to OUT_DIR.
         self.windows = sample_windows(self.tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
+        widest = max(model_matrices(self.model), key=lambda m: m.n)
+        warn_thin_statistics(cfg.calib_samples, cfg.seqlen, (widest.name.rsplit(".", 1)[-1], widest.n))
         self.profile, self.ranks = None, None
         if cfg.profile is not None:
             self.profile = read_profile(cfg.profile, self._profile_identity())

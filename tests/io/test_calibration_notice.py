@@ -70,3 +70,16 @@ def test_a_text_of_exactly_one_window_is_taken_and_one_token_less_is_refused(add
     short = tok.decode(tokens[: body - 1].tolist())
     with pytest.raises(StreamSVDError, match=f"has {body - 1} tokens, fewer than one window of --seqlen 24"):
         sample_windows(tok, short, samples=1, seqlen=24, seed=0)
+
+
+def test_fewer_calibration_tokens_than_the_widest_input_is_warned(tiny, tmp_path, capsys):
+    """3 x 24 = 72 tokens for down_proj's 160 inputs: its Gram has rank 72 at most, which ran without a word."""
+    text = tmp_path / "plays.txt"
+    text.write_text("To be, or not to be, that is the question. " * 200)
+    assert main(["run", str(tiny), str(tmp_path / "thin"), "--calib", str(text), *FAST]) == 0
+    err = capsys.readouterr().err
+    assert ("warning: 3 windows x 24 tokens = 72 calibration tokens, fewer than down_proj's 160 inputs: its statistics "
+            "have rank at most 72") in err
+    assert main(["run", str(tiny), str(tmp_path / "enough"), "--calib", str(text), "--calib-samples", "7", "--seqlen", "24",
+                 "--no-progress"]) == 0
+    assert "calibration tokens, fewer than" not in capsys.readouterr().err  # 168 tokens
