@@ -329,7 +329,8 @@ def _add_export(sub) -> None:
                        "an ordinary checkpoint of the base family (plain config.json, safetensors shards written one "
                        "block at a time, tokenizer files copied) for tools that take only dense weights (vLLM, "
                        "llama.cpp's converters). Costs the size back: DIR is as large as the uncompressed model's "
-                       "weights (the command prints both sizes), and one pass over OUT_DIR. "
+                       "weights (the command prints both sizes), and one pass over OUT_DIR. A stopped dense export is finished by the "
+                       "same command (the shards it wrote are kept). "
                        "onnx: model.onnx (+ model.onnx.data above 1 GiB of weights) for onnxruntime, with the KV cache as "
                        "inputs (past_key_values.N.key/value) and outputs (present.N.key/value), each factor pair as two "
                        "MatMuls (pivoted: Transpose, Gather, MatMul, Add, MatMul), float32; config.json and the tokenizer files beside "
@@ -339,7 +340,8 @@ def _add_export(sub) -> None:
                        "Costs about 6x the float32 model's bytes in RAM and 2.5 CPU-minutes for SmolLM2-135M (2.2 GB peak).")
     p.add_argument("format", metavar="FORMAT", choices=sorted(EXPORTS), help=f"one of: {', '.join(sorted(EXPORTS))}")
     p.add_argument("out_dir", metavar="OUT_DIR", help="a finished streamsvd output")
-    p.add_argument("dir", metavar="DIR", help="new or empty directory for the export (onnx: an earlier ONNX export there is overwritten)")
+    p.add_argument("dir", metavar="DIR", help="new or empty directory for the export (onnx: an earlier ONNX export there is overwritten; dense: a "
+                   "stopped export of the same OUT_DIR there is finished)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of a streamsvd OUT_DIR's files against what its job recorded (what `streamsvd "
                    "verify` does: one read of the output, about 1 GB/s per core; sizes and headers are checked either way)")
     p.add_argument("--onnx-int4", action="store_true",
@@ -795,7 +797,8 @@ def export_dense(args) -> int:
     result = export(Path(args.out_dir), Path(args.dir), log=lambda line: print(line, file=sys.stderr),
                     verify=not args.no_verify)
     print(f"wrote {result['dir']}: {result['modules_multiplied']} compressed linears multiplied back, "
-          f"{result['dense_bytes']:,} bytes of weights (OUT_DIR: {result['factored_bytes']:,})")
+          f"{result['dense_bytes']:,} bytes of weights (OUT_DIR: {result['factored_bytes']:,})"
+          + (f"; {result['shards_kept']} shards kept from the stopped export" if result["shards_kept"] else ""))
     return 0
 
 

@@ -3,7 +3,10 @@
 For tools that take only dense weights (vLLM, llama.cpp's converters): DIR gets the base family's
 plain config.json (no "streamsvd" section, no auto_map), one safetensors shard per OUT_DIR shard
 (each written as it is computed, so at most one block's tensors are in memory), the index last, and
-the other files (tokenizer, generation config) copied. Each compressed linear becomes `NAME.weight`,
+the other files (tokenizer, generation config) copied. A stopped export is finished by the same command: DIR holds
+a marker naming its source (`.streamsvd_dense_partial`: OUT_DIR's config, index and recorded file digests) until the
+index is written, and the shards already there, each written whole (atomic rename), are kept where their tensor
+table is the one this export writes. Each compressed linear becomes `NAME.weight`,
 the product of its stored factors computed in float64 by the layer class itself
 (`dense_weight()`, model/remote/modeling_streamsvd.py) and rounded once to the stored dtype. This
 gives the size back: the export is as large as the original model's decoder linears. Quantised factors (`run
@@ -13,6 +16,7 @@ scales' dtype: the dense model computes what the quantised one does.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import StreamSVDError
-from ..io.checkpoint import INDEX_NAME, SINGLE_NAME, TORCH_DTYPES, Checkpoint
+from ..io.checkpoint import INDEX_NAME, SINGLE_NAME, TORCH_DTYPES, Checkpoint, read_safetensors_header
 from ..io.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, file_in_the_way, within
 from ..io.plots import ALLOCATION_PNG, SPECTRA_PNG
 from ..model.loading import tensor_reader
@@ -29,6 +33,7 @@ from ..model.lowrank import FORMS, module_from_tensors
 from ..model.quantized import QUANT_PARTS, quantized_bases
 from ..model.remote import MODELING_FILE
 
+PARTIAL = ".streamsvd_dense_partial"  # in DIR while an export is under way: {"source", "identity"}
 _FIX_OUTPUT = "give the OUT_DIR of a finished `streamsvd run` (a directory with config.json holding a \"streamsvd\" section)"
 
 
@@ -49,7 +54,41 @@ def check_source(out_dir: Path, verify: bool = True) -> Checkpoint:
     return Checkpoint(out_dir)
 
 
-def check_destination(dest: Path, out_dir: Path) -> None:
+def source_identity(out_dir: Path) -> str:
+    """What a stopped export must have been made from to be finished in place: OUT_DIR's config.json and index, and
+    the digests its state records for every file (without a state, each shard's size)."""
+    from ..job.state import read_state
+
+    h = hashlib.sha256()
+    for name in ("config.json", INDEX_NAME):
+        h.update((out_dir / name).read_bytes())
+    state = read_state(out_dir)
+    if state is not None:
+        h.update(json.dumps(state.files, sort_keys=True).encode())
+    else:
+        h.update(json.dumps({p.name: p.stat().st_size for p in sorted(out_dir.glob("*.safetensors"))}).encode())
+    return h.hexdigest()
+
+
+def _partial(dest: Path) -> dict | None:
+    try:
+        marker = json.loads((dest / PARTIAL).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else {}
+
+
+def check_destination(dest: Path, out_dir: Path, identity: str | None = None) -> bool:
+    """Refuse a DIR the export cannot write; True where DIR holds a stopped export of this same output (`identity`,
+    source_identity) to finish."""
+    outside = dest.resolve() != out_dir.resolve() and not within(dest, out_dir)
+    if outside and dest.is_dir() and (dest / PARTIAL).exists():
+        marker = _partial(dest)
+        if marker is not None and marker.get("identity") == identity:
+            return True
+        raise StreamSVDError(f"{dest} holds a stopped dense export of another output "
+                             f"({marker.get('source', 'unknown') if marker else 'its marker is unreadable'})",
+                             f"remove {dest} and export again, or give a new directory")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise StreamSVDError(f"{dest} exists and is not an empty directory",
                              "give a new or empty directory for the dense checkpoint")
@@ -60,6 +99,7 @@ def check_destination(dest: Path, out_dir: Path) -> None:
         raise StreamSVDError(f"{dest} is the streamsvd output itself", "give a new or empty directory")
     if within(dest, out_dir):  # the output then holds a model inside itself
         raise StreamSVDError(f"{dest} is inside the streamsvd output {out_dir}", "give a directory outside it")
+    return False
 
 
 def factored_modules(ckpt: Checkpoint) -> dict[str, str]:
@@ -113,7 +153,8 @@ def export_dense(out_dir, dest, log=print, verify: bool = True) -> dict:
     """Write the dense checkpoint of the finished output `out_dir` into the new or empty `dest`."""
     out_dir, dest = Path(out_dir), Path(dest)
     ckpt = check_source(out_dir, verify)
-    check_destination(dest, out_dir)
+    identity = source_identity(out_dir)
+    resuming = check_destination(dest, out_dir, identity)
     get, keys = tensor_reader(ckpt)  # quantised factors dequantised; pivots checked to be permutations
     modules = factored_modules(ckpt)
     factored_bytes, dense_bytes = sizes(ckpt, modules)
@@ -121,13 +162,23 @@ def export_dense(out_dir, dest, log=print, verify: bool = True) -> dict:
         f"{_gb(factored_bytes)} {out_dir} stores ({dense_bytes / factored_bytes:.2f}x); keep OUT_DIR for "
         "streamsvd.load or transformers with trust_remote_code=True")
     dest.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        atomic_write_json(dest / PARTIAL, {"source": str(out_dir.resolve()), "identity": identity})
     owner = {key: name for name, form in modules.items() for key in _factor_keys(name, form)}
     bases = quantized_bases(ckpt.keys())
     logical = {k: _logical_key(k, bases) for k in ckpt.keys()}
-    weight_map, total = {}, 0
+    weight_map, total, kept = {}, 0, 0
     for shard in sorted(set(ckpt.weight_map.values())):
+        names = sorted({logical[k] for k, s in ckpt.weight_map.items() if s == shard})
+        done = _finished_shard(dest / shard, _written_names(names, owner)) if resuming else None
+        if done is not None:  # written whole by the stopped export of this same output
+            for key, nbytes in done.items():
+                weight_map[key] = shard
+                total += nbytes
+            kept += 1
+            continue
         tensors = {}
-        for key in sorted({logical[k] for k, s in ckpt.weight_map.items() if s == shard}):
+        for key in names:
             name = owner.get(key)
             if name is None:
                 tensors[key] = get(key)
@@ -154,8 +205,37 @@ def export_dense(out_dir, dest, log=print, verify: bool = True) -> dict:
             copied.append(path.name)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     atomic_write_bytes(dest / INDEX_NAME, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+    (dest / PARTIAL).unlink(missing_ok=True)
     return {"out_dir": str(out_dir), "dir": str(dest), "modules_multiplied": len(modules),
-            "factored_bytes": factored_bytes, "dense_bytes": dense_bytes, "copied": copied}
+            "factored_bytes": factored_bytes, "dense_bytes": dense_bytes, "copied": copied, "shards_kept": kept}
+
+
+def _written_names(names: list[str], owner: dict[str, str]) -> set[str]:
+    """The tensor names a shard of the export holds, from its source shard's logical names: each compressed linear's
+    factors become one NAME.weight (in its out_factor's shard)."""
+    out = set()
+    for key in names:
+        name = owner.get(key)
+        if name is None:
+            out.add(key)
+        elif key == name + ".out_factor":
+            out.add(name + ".weight")
+    return out
+
+
+def _finished_shard(path: Path, names: set[str]) -> dict[str, int] | None:
+    """Tensor name -> bytes of a shard a stopped export wrote, where it is whole and holds exactly `names`; else None
+    (then it is written again)."""
+    if not path.is_file():
+        return None
+    try:
+        header = read_safetensors_header(path)
+    except StreamSVDError:
+        return None
+    table = {k: v for k, v in header.items() if k != "__metadata__"}
+    if set(table) != names:
+        return None
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in table.items()}
 
 
 def _logical_key(key: str, bases: set[str]) -> str:

@@ -131,3 +131,48 @@ def test_a_destination_under_a_file_is_one_error_and_one_fix(tiny_outputs, tmp_p
     assert afile.read_text() == "x"
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")  # mkdir: FileExistsError
     _assert_refused(capsys, main(["export", "dense", str(out), str(tmp_path / "dangling")]), "cannot be made")
+
+
+def test_a_stopped_export_is_finished_by_the_same_command(tiny_outputs, tmp_path, capsys, monkeypatch):
+    """A killed export left shards without an index, and the same command refused DIR as not empty: a 70B export
+    (140 GB) had to start over. Now the shards it wrote whole are kept and the rest written."""
+    import streamsvd.export.dense as dense
+
+    _, out = tiny_outputs["llama"]
+    whole = tmp_path / "whole"
+    assert main(["export", "dense", str(out), str(whole)]) == 0
+    dest = tmp_path / "dense"
+    real_save, saved = dense.save_file, []
+
+    def stop_after_two(tensors, path, metadata=None):
+        if len(saved) == 2:
+            raise KeyboardInterrupt  # the export killed while writing its third shard
+        real_save(tensors, path, metadata=metadata)
+        saved.append(path)
+
+    monkeypatch.setattr(dense, "save_file", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        dense.export_dense(out, dest, log=lambda line: None)
+    monkeypatch.setattr(dense, "save_file", real_save)
+    assert (dest / dense.PARTIAL).exists() and not (dest / INDEX_NAME).exists()
+    first = sorted(dest.glob("model-*.safetensors"))
+    assert len(first) == 2
+    stamps = {p.name: p.stat().st_mtime_ns for p in first}
+    # A half-written shard a kill can leave under the final name (a copy from elsewhere): not kept.
+    broken = sorted(whole.glob("model-*.safetensors"))[-1]
+    (dest / broken.name).write_bytes(broken.read_bytes()[:200])
+    capsys.readouterr()
+    assert main(["export", "dense", str(out), str(dest)]) == 0
+    assert "2 shards kept from the stopped export" in capsys.readouterr().out
+    assert not (dest / dense.PARTIAL).exists()
+    assert {p.name: p.stat().st_mtime_ns for p in first} == stamps  # kept, not written again
+    for path in whole.iterdir():
+        assert (dest / path.name).read_bytes() == path.read_bytes(), path.name
+    assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in whole.iterdir())
+    # A stopped export of another output is not finished from this one.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / dense.PARTIAL).write_text('{"source": "/elsewhere", "identity": "0"}')
+    (other / "model-00001-of-00009.safetensors").write_bytes(b"x")
+    _assert_refused(capsys, main(["export", "dense", str(out), str(other)]), "stopped dense export of another output",
+                    "/elsewhere")
