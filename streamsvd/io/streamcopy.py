@@ -27,28 +27,38 @@ def _data_start(path: Path) -> int:
     return 8 + header_len
 
 
-def _digest_start(ckpt: Checkpoint, name: str):
-    """A sha256 primed exactly as io/checksums.tensor_sha256 primes it, or None when nothing is recorded."""
-    if ckpt.read_digests is None:
-        return None
+def _primed_digest(ckpt: Checkpoint, name: str):
+    """A sha256 primed exactly as io/checksums.tensor_sha256 primes it."""
     return hashlib.sha256(f"{TORCH_DTYPES[ckpt.dtype_name(name)]}:{tuple(ckpt.shape(name))}:".encode())
+
+
+def _stored_chunks(ckpt: Checkpoint, name: str, data_start: int | None = None):
+    """The stored bytes of tensor `name`, BUFFER_BYTES at a time from its shard (never all in memory); the pages read
+    are dropped from the page cache at the end (not needed again). `data_start`: the shard's, where known."""
+    shard = ckpt.dir / ckpt.weight_map[name]
+    begin, end = ckpt.headers[ckpt.weight_map[name]][name]["data_offsets"]
+    start = (_data_start(shard) if data_start is None else data_start) + begin
+    fd = os.open(shard, os.O_RDONLY)
+    try:
+        pos, left = start, end - begin
+        while left > 0:
+            chunk = os.pread(fd, min(BUFFER_BYTES, left), pos)
+            if not chunk:
+                raise OSError(f"{shard} ended early")
+            yield chunk
+            pos += len(chunk)
+            left -= len(chunk)
+        os.posix_fadvise(fd, start, end - begin, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def stored_sha256(ckpt: Checkpoint, name: str) -> str:
     """io/checksums.tensor_sha256 of a stored tensor, read from its file with one small buffer (never all in memory):
     what copy_tensors records for it."""
-    shard = ckpt.dir / ckpt.weight_map[name]
-    begin, end = ckpt.headers[ckpt.weight_map[name]][name]["data_offsets"]
-    digest = hashlib.sha256(f"{TORCH_DTYPES[ckpt.dtype_name(name)]}:{tuple(ckpt.shape(name))}:".encode())
-    with open(shard, "rb") as f:
-        f.seek(_data_start(shard) + begin)
-        left = end - begin
-        while left > 0:
-            chunk = f.read(min(BUFFER_BYTES, left))
-            if not chunk:
-                raise OSError(f"{shard} ended early")
-            digest.update(chunk)
-            left -= len(chunk)
+    digest = _primed_digest(ckpt, name)
+    for chunk in _stored_chunks(ckpt, name):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -74,24 +84,11 @@ def copy_tensors(ckpt: Checkpoint, names: list[str], dst: Path, metadata: dict |
             shard = ckpt.dir / ckpt.weight_map[name]
             if shard not in starts:
                 starts[shard] = _data_start(shard)
-            begin, end = ckpt.headers[ckpt.weight_map[name]][name]["data_offsets"]
-            digest = _digest_start(ckpt, name)
-            fd = os.open(shard, os.O_RDONLY)
-            try:
-                pos = starts[shard] + begin
-                left = end - begin
-                while left > 0:
-                    chunk = os.pread(fd, min(BUFFER_BYTES, left), pos)
-                    if not chunk:
-                        raise OSError(f"{shard} ended early")
-                    out.write(chunk)
-                    if digest is not None:
-                        digest.update(chunk)
-                    pos += len(chunk)
-                    left -= len(chunk)
-                # The copied pages are not needed again: let the page cache drop them.
-                os.posix_fadvise(fd, starts[shard] + begin, end - begin, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-            if digest is not None:  # the job records what it read (identity by content), as Checkpoint.get does
+            # the job records what it read (identity by content), as Checkpoint.get does
+            digest = _primed_digest(ckpt, name) if ckpt.read_digests is not None else None
+            for chunk in _stored_chunks(ckpt, name, starts[shard]):
+                out.write(chunk)
+                if digest is not None:
+                    digest.update(chunk)
+            if digest is not None:
                 ckpt.read_digests[name] = digest.hexdigest()
