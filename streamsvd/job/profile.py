@@ -309,8 +309,9 @@ def read_profile(path: Path, identity: dict | None = None) -> Profile:
         raise StreamSVDError(f"the profile in {path} is damaged: {problem}", fix)
     if identity is not None:
         differ = [k for k in MATCHED_KEYS if meta["identity"].get(k) != identity[k]]
-        differ += [k for k in ("windows_digest",)  # profiles made before it have none
-                   if k in meta["identity"] and k in identity and meta["identity"][k] != identity[k]]
+        made, want = meta["identity"].get("windows_digest"), identity.get("windows_digest")
+        if made is not None and want is not None and made != want:  # profiles made before it have none
+            differ.append("windows_digest")
         if differ:
             what = ", ".join(_IDENTITY_WORDS.get(k, k) for k in differ)
             raise StreamSVDError(f"the profile in {path} was made with other settings than this run: {what}", fix)
