@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from ..errors import StreamSVDError
 from ..io.checkpoint import INDEX_NAME, SINGLE_NAME, TORCH_DTYPES, Checkpoint, read_safetensors_header
-from ..io.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, file_in_the_way, within
+from ..io.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, file_in_the_way, remove_stale_temporaries, within
 from ..io.plots import ALLOCATION_PNG, SPECTRA_PNG
 from ..model.loading import tensor_reader
 from ..model.lowrank import FORMS, module_from_tensors
@@ -164,6 +164,9 @@ def export_dense(out_dir, dest, log=print, verify: bool = True) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     if not resuming:
         atomic_write_json(dest / PARTIAL, {"source": str(out_dir.resolve()), "identity": identity})
+    else:  # the temporaries the stopped export was writing (never renamed into place) are not left in DIR
+        copies = [p.name for p in out_dir.iterdir() if p.is_file() and not _streamsvd_file(p.name)]
+        remove_stale_temporaries(dest, [*set(ckpt.weight_map.values()), "config.json", *copies, INDEX_NAME, PARTIAL])
     owner = {key: name for name, form in modules.items() for key in _factor_keys(name, form)}
     bases = quantized_bases(ckpt.keys())
     logical = {k: _logical_key(k, bases) for k in ckpt.keys()}

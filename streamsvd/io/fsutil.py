@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 from pathlib import Path
@@ -55,6 +56,19 @@ def atomic_path(path: Path):
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: Path, names) -> list[Path]:
+    """Remove the temporary files a killed process left for `names` in `folder` (atomic_path's `.NAME.tmp-PID`, never
+    renamed into place), other than this process's own; the removed paths. Only those names' temporaries: nothing
+    else in `folder` is touched."""
+    removed = []
+    for name in names:
+        for stale in Path(folder).glob(f".{glob.escape(name)}.tmp-*"):
+            if stale.name != f".{name}.tmp-{os.getpid()}" and stale.is_file():
+                _remove_quietly(stale)
+                removed.append(stale)
+    return removed
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -123,11 +123,14 @@ def quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size:
 
 
 def stopped_quantize(new_dir: Path) -> bool:
-    """Whether `new_dir` holds what a `streamsvd quantize` that did not finish left (its unfinished state)."""
+    """Whether `new_dir` holds what a `streamsvd quantize` that did not finish left: its unfinished state, or its
+    finished state without the index (written after the state, last: a kill between the two)."""
     from .verify import made_by_quantize
 
     state = read_state(new_dir, strict=False) if Path(new_dir).is_dir() else None
-    return state is not None and not state.complete and made_by_quantize(state)
+    if state is None or not made_by_quantize(state):
+        return False
+    return not state.complete or not (Path(new_dir) / INDEX_NAME).exists()
 
 
 def _identity(source: JobState, spec: QuantSpec) -> tuple[str, dict]:

@@ -169,6 +169,21 @@ def test_a_stopped_export_is_finished_by_the_same_command(tiny_outputs, tmp_path
     for path in whole.iterdir():
         assert (dest / path.name).read_bytes() == path.read_bytes(), path.name
     assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in whole.iterdir())
+    # A SIGKILL while a shard was written leaves its temporary (`.NAME.tmp-PID`, never renamed into place): the same
+    # command finished the export and kept that partial shard in DIR for good.
+    stopped = tmp_path / "stopped"
+    monkeypatch.setattr(dense, "save_file", stop_after_two)
+    saved.clear()
+    with pytest.raises(KeyboardInterrupt):
+        dense.export_dense(out, stopped, log=lambda line: None)
+    monkeypatch.setattr(dense, "save_file", real_save)
+    stale = [stopped / f".{broken.name}.tmp-4194999", stopped / ".config.json.tmp-4194999"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    assert main(["export", "dense", str(out), str(stopped)]) == 0
+    assert not any(path.exists() for path in stale)
+    assert sorted(p.name for p in stopped.iterdir()) == sorted(p.name for p in whole.iterdir())
+    capsys.readouterr()
     # A stopped export of another output is not finished from this one.
     other = tmp_path / "other"
     other.mkdir()

@@ -376,3 +376,20 @@ def test_a_profile_of_the_same_text_cut_by_another_tokenizer_is_refused(tmp_path
     path.write_text(json.dumps({**meta, "meta_sha256": _meta_digest(meta)}))
     capsys.readouterr()
     assert main(["plan", str(model_dir), *flags, "--profile", str(tmp_path / "prof")]) == 0
+
+
+def test_a_killed_profiles_temporaries_are_gone_once_it_is_made_again(tiny, tmp_path):
+    """A SIGKILL while the profile wrote its spectra left `.spectra.safetensors.tmp-PID` (never renamed into place);
+    profiling again (the same command, or a run's own profile on resume) made the profile and kept that partial
+    file beside it for good, also in a finished run's OUT_DIR/profile."""
+    straight = tmp_path / "straight"
+    _profile(tiny, straight, sensitivity_samples=0)
+    prof = tmp_path / "prof"
+    prof.mkdir()
+    stale = [prof / ".spectra.safetensors.tmp-4194999", prof / ".profile_log.json.tmp-4194999"]
+    for path in stale:  # what the kill left: no profile.json, so the profile is made again
+        path.write_bytes(b"partial")
+    (prof / "unrelated.tmp-1").write_bytes(b"someone else's")  # not a temporary of the profile's files: kept
+    _profile(tiny, prof, sensitivity_samples=0)
+    assert not any(path.exists() for path in stale)
+    assert sorted(p.name for p in prof.iterdir()) == sorted([*(p.name for p in straight.iterdir()), "unrelated.tmp-1"])

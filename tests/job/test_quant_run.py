@@ -317,3 +317,34 @@ def test_a_stopped_quantize_is_named_as_one_and_a_quantize_into_it_starts_over(o
     capsys.readouterr()
     assert main(["quantize", str(root / "full"), str(new), "--quant", "int8"]) == 2
     assert "not a new or empty directory" in capsys.readouterr().err
+
+
+def test_a_quantize_killed_between_its_finished_state_and_its_index_is_made_again_by_the_same_command(outputs, tmp_path, capsys):
+    """The state says complete before the index is written (last); a SIGKILL between the two left NEW_DIR without an
+    index, and the same quantize refused it as 'not a new or empty directory' (verify: 'damaged ... remove it')."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root, _ = outputs
+    new = tmp_path / "new"
+    script = ("import os, signal, sys\n"
+              "import streamsvd.job.quantize_output as q\n"
+              "real = q.atomic_write_bytes\n"
+              "def killed_before_the_index(path, data):\n"
+              "    if str(path).endswith('model.safetensors.index.json'):\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    real(path, data)\n"
+              "q.atomic_write_bytes = killed_before_the_index\n"
+              "from streamsvd.cli import main\n"
+              "main(['quantize', sys.argv[1], sys.argv[2], '--quant', 'int8', '--group-size', '32'])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script, str(root / "full"), str(new)], env=env)
+    assert done.returncode == -signal.SIGKILL
+    assert (new / STATE_NAME).exists() and not (new / "model.safetensors.index.json").exists()
+    assert main(["verify", str(new)]) == 2
+    capsys.readouterr()
+    assert main(["quantize", str(root / "full"), str(new), "--quant", "int8", "--group-size", "32"]) == 0
+    assert main(["quantize", str(root / "full"), str(tmp_path / "straight"), "--quant", "int8", "--group-size", "32"]) == 0
+    assert _files(new) == _files(tmp_path / "straight") and main(["verify", str(new)]) == 0
