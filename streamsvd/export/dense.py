@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 
 from ..errors import StreamSVDError
 from ..io.checkpoint import INDEX_NAME, SINGLE_NAME, TORCH_DTYPES, Checkpoint, read_safetensors_header
-from ..io.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, file_in_the_way, remove_stale_temporaries, within
+from ..io.fsutil import (atomic_path, atomic_write_bytes, atomic_write_json, file_in_the_way, holds_only_temporaries_of,
+                         remove_stale_temporaries, within)
 from ..io.plots import ALLOCATION_PNG, SPECTRA_PNG
 from ..model.loading import tensor_reader
 from ..model.lowrank import FORMS, module_from_tensors
@@ -89,6 +90,8 @@ def check_destination(dest: Path, out_dir: Path, identity: str | None = None) ->
         raise StreamSVDError(f"{dest} holds a stopped dense export of another output "
                              f"({marker.get('source', 'unknown') if marker else 'its marker is unreadable'})",
                              f"remove {dest} and export again, or give a new directory")
+    if outside and holds_only_temporaries_of(dest, [PARTIAL]):  # a kill during the marker's own write
+        remove_stale_temporaries(dest, [PARTIAL])
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise StreamSVDError(f"{dest} exists and is not an empty directory",
                              "give a new or empty directory for the dense checkpoint")

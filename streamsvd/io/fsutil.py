@@ -71,6 +71,14 @@ def remove_stale_temporaries(folder: Path, names) -> list[Path]:
     return removed
 
 
+def holds_only_temporaries_of(folder: Path, names) -> bool:
+    """Whether the non-empty directory `folder` holds nothing but temporaries of `names` (`.NAME.tmp-PID`): what a
+    process killed during its first write into a new directory leaves, which is as good as empty."""
+    entries = list(Path(folder).iterdir()) if Path(folder).is_dir() else []
+    prefixes = tuple(f".{name}.tmp-" for name in names)
+    return bool(entries) and all(e.name.startswith(prefixes) and e.is_file() and not e.is_symlink() for e in entries)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(data)

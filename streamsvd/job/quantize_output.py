@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 
 from ..errors import StreamSVDError
 from ..io.checksums import file_record
-from ..io.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, file_in_the_way, within
+from ..io.fsutil import (atomic_path, atomic_write_bytes, atomic_write_json, file_in_the_way, holds_only_temporaries_of,
+                         within)
 from ..io.output import INDEX_NAME, REPORT_JSON, REPORT_MD, RUN_LOG, markdown_report
 from ..math.quantize import DEFAULT_GROUP_SIZE, QuantSpec, quantize_module_tensors
 from ..model.loading import check_finished, is_streamsvd_output
@@ -52,7 +53,8 @@ def quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size:
     if section.get("quantization"):
         raise StreamSVDError(f"{out_dir} is already quantised ({section['quantization']['num_bits']} bits)",
                              "quantise the unquantised output it was made from")
-    stopped = stopped_quantize(new_dir)  # what a killed quantize left there: made again from the start
+    # what a killed quantize left there (also only its first state write's temporary): made again from the start
+    stopped = stopped_quantize(new_dir) or holds_only_temporaries_of(new_dir, [STATE_NAME])
     if new_dir.resolve() == out_dir.resolve() or (new_dir.exists() and not stopped
                                                   and (not new_dir.is_dir() or any(new_dir.iterdir()))):
         raise StreamSVDError(f"{new_dir} is not a new or empty directory", "give a new directory for the quantised output")

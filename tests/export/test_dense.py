@@ -184,6 +184,13 @@ def test_a_stopped_export_is_finished_by_the_same_command(tiny_outputs, tmp_path
     assert not any(path.exists() for path in stale)
     assert sorted(p.name for p in stopped.iterdir()) == sorted(p.name for p in whole.iterdir())
     capsys.readouterr()
+    # A kill during the marker's own first write leaves only its temporary: DIR is as good as empty.
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / f".{dense.PARTIAL}.tmp-4194999").write_text("{")
+    assert main(["export", "dense", str(out), str(first)]) == 0
+    assert sorted(p.name for p in first.iterdir()) == sorted(p.name for p in whole.iterdir())
+    capsys.readouterr()
     # A stopped export of another output is not finished from this one.
     other = tmp_path / "other"
     other.mkdir()

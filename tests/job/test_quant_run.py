@@ -348,3 +348,20 @@ def test_a_quantize_killed_between_its_finished_state_and_its_index_is_made_agai
     assert main(["quantize", str(root / "full"), str(new), "--quant", "int8", "--group-size", "32"]) == 0
     assert main(["quantize", str(root / "full"), str(tmp_path / "straight"), "--quant", "int8", "--group-size", "32"]) == 0
     assert _files(new) == _files(tmp_path / "straight") and main(["verify", str(new)]) == 0
+
+
+def test_a_quantize_killed_during_its_first_write_is_made_again(outputs, tmp_path, capsys):
+    """A kill during the state's first write leaves NEW_DIR holding only that write's temporary: as good as empty, not
+    'not a new or empty directory'."""
+    root, _ = outputs
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / f".{STATE_NAME}.tmp-4194999").write_text("{")
+    assert main(["quantize", str(root / "full"), str(new), "--quant", "int8", "--group-size", "32"]) == 0
+    assert not (new / f".{STATE_NAME}.tmp-4194999").exists() and main(["verify", str(new)]) == 0
+    capsys.readouterr()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / ".notes.tmp-1").write_text("a user's file")  # another name's temporary is not ours to remove
+    assert main(["quantize", str(root / "full"), str(mine), "--quant", "int8"]) == 2
+    assert "not a new or empty directory" in capsys.readouterr().err and (mine / ".notes.tmp-1").exists()
