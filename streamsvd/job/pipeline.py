@@ -399,8 +399,6 @@ class CompressionJob:
         self.model = empty_model(self.config, COMPUTE_DTYPE)
         # Everything that can reject the input runs before anything is written to OUT_DIR.
         self.windows = sample_windows(self.tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
-        widest = max(model_matrices(self.model), key=lambda m: m.n)
-        warn_thin_statistics(cfg.calib_samples, cfg.seqlen, (widest.name.rsplit(".", 1)[-1], widest.n))
         self.profile, self.ranks = None, None
         if cfg.profile is not None:
             self.profile = read_profile(cfg.profile, self._profile_identity())
@@ -665,6 +663,9 @@ class CompressionJob:
             self.sampler.stop()
 
     def _run(self, started: float, integrity: JobIntegrity, repaired: list, on_block_done) -> dict:
+        if self.world.writes:  # once the input is accepted (a refusal is its error and fix lines alone), before the work
+            widest = max(model_matrices(self.model), key=lambda m: m.n)
+            warn_thin_statistics(self.cfg.calib_samples, self.cfg.seqlen, (widest.name.rsplit(".", 1)[-1], widest.n))
         self._stage("embed")
         self.state.batch_size = self.batch_size
         self.world.agree(integrity.check_model_unchanged)
