@@ -6,6 +6,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 from pathlib import Path
 
 from .diskspace import disk_full_error, is_disk_full
@@ -58,11 +59,34 @@ def atomic_path(path: Path):
         raise
 
 
+# safetensors' save_file (0.6 on) writes the bytes to a file of its own beside the path it is given, `.tmp` and six
+# letters or digits (Rust's tempfile), and renames that onto the path; a process killed inside save_file leaves it,
+# the whole size of the shard, in the folder for good: as much a temporary of streamsvd's as `.NAME.tmp-PID`.
+_SERIALIZER_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+
+
+def is_serializer_temporary(path: Path) -> bool:
+    """Whether `path` is a file safetensors' save_file left when killed (`.tmpXXXXXX`)."""
+    path = Path(path)
+    return bool(_SERIALIZER_TEMPORARY.fullmatch(path.name)) and path.is_file() and not path.is_symlink()
+
+
+def remove_serializer_temporaries(folder: Path) -> list[Path]:
+    """Remove the `.tmpXXXXXX` files a save_file killed in `folder` left (is_serializer_temporary); the removed paths."""
+    removed = []
+    if Path(folder).is_dir():
+        for p in sorted(Path(folder).glob(".tmp*")):
+            if is_serializer_temporary(p):
+                _remove_quietly(p)
+                removed.append(p)
+    return removed
+
+
 def remove_stale_temporaries(folder: Path, names) -> list[Path]:
     """Remove the temporary files a killed process left for `names` in `folder` (atomic_path's `.NAME.tmp-PID`, never
-    renamed into place), other than this process's own; the removed paths. Only those names' temporaries: nothing
-    else in `folder` is touched."""
-    removed = []
+    renamed into place), other than this process's own, and safetensors' `.tmpXXXXXX` (remove_serializer_temporaries);
+    the removed paths. Only those temporaries: nothing else in `folder` is touched."""
+    removed = remove_serializer_temporaries(folder)
     for name in names:
         for stale in Path(folder).glob(f".{glob.escape(name)}.tmp-*"):
             if stale.name != f".{name}.tmp-{os.getpid()}" and stale.is_file():

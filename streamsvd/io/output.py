@@ -21,7 +21,7 @@ from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, read_safetensors_he
 from ..errors import CheckpointError
 from ..model.remote import MODELING_FILE, modeling_source
 from ..model.remote.modeling_streamsvd import remote_config_dict
-from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json
+from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json, remove_serializer_temporaries
 from .streamcopy import copy_tensors
 
 REPORT_JSON = "streamsvd_report.json"
@@ -54,6 +54,8 @@ class OutputWriter:
         (self.dir / SPECTRA_DIR).mkdir(exist_ok=True)
         for stale in list(self.dir.glob(".*.tmp-*")) + list((self.dir / SPECTRA_DIR).glob(".*.tmp-*")):
             stale.unlink()  # left by a killed process; never renamed into place
+        for folder in (self.dir, self.dir / SPECTRA_DIR):
+            remove_serializer_temporaries(folder)  # safetensors' own, left by a process killed inside save_file
 
     def _save(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
         with atomic_path(path) as tmp:

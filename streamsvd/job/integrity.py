@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import StreamSVDError
 from ..io.checkpoint import INDEX_NAME
 from ..io.checksums import file_sha256, group_digest, tensor_sha256
-from ..io.fsutil import fsync_dir
+from ..io.fsutil import fsync_dir, is_serializer_temporary, remove_serializer_temporaries
 from ..io.output import REPORT_JSON, REPORT_MD, RUN_LOG, SPECTRA_DIR
 from ..io.plots import ALLOCATION_PNG, SPECTRA_PNG
 from ..model.architecture import layer_prefix
@@ -83,13 +83,15 @@ class JobIntegrity:
                 name in (STATE_NAME, INDEX_NAME, REPORT_JSON, REPORT_MD, RUN_LOG, ALLOCATION_PNG, SPECTRA_PNG)
                 or (name.startswith("model-") and "-of-" in name and name.endswith(".safetensors"))
                 or (name.startswith(".") and ".tmp-" in name)
+                or is_serializer_temporary(p)
                 or (name == "config.json" and _has_streamsvd_section(p))
                 or (name == MODELING_FILE and p.read_bytes() == modeling_source())
                 or (name in copies and _same_bytes(p, copies[name]))
             ):
                 found.append(p)
             elif p.is_dir() and name == SPECTRA_DIR:
-                found += [q for q in sorted(p.iterdir()) if q.is_file() and (q.name.startswith("block-") or ".tmp-" in q.name)]
+                found += [q for q in sorted(p.iterdir()) if q.is_file() and (q.name.startswith("block-") or ".tmp-" in q.name
+                                                                                 or is_serializer_temporary(q))]
                 found.append(p)
             elif p.is_dir() and name == ".streamsvd-work":
                 found.append(p)
@@ -170,6 +172,8 @@ class JobIntegrity:
             shutil.rmtree(job.work.parent, ignore_errors=True)  # the job's folder that holds the ranks' folders
         for stale in list(out.glob(".*.tmp-*")) + list((out / SPECTRA_DIR).glob(".*.tmp-*")):
             stale.unlink(missing_ok=True)
+        for folder in (out, out / SPECTRA_DIR):
+            remove_serializer_temporaries(folder)
 
     # ---------------------------------------------------------------- repair
     def forget_extra(self) -> None:
