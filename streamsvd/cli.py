@@ -844,6 +844,39 @@ COMMANDS = {"run": cmd_run, "profile": cmd_profile, "plan": cmd_plan, "eval": cm
             "verify": cmd_verify, "export": cmd_export, "quantize": cmd_quantize}
 
 
+class _Terminated(list):
+    """The SIGTERM that stopped the command, if one did (truthy then), and the handler it replaced."""
+    previous = None
+
+
+def _stop_on_sigterm(distributed: bool) -> _Terminated:
+    """SIGTERM (`kill`, a scheduler's stop) ends the command as Ctrl-C does: the writes under way are undone, the lock
+    released, and one line says the finished blocks are kept (exit 143). Python's default was to die at once without a
+    word. One process only, from the main thread: under torchrun the launcher's SIGTERM keeps its meaning."""
+    import signal
+    import threading
+
+    terminated = _Terminated()
+    if distributed or threading.current_thread() is not threading.main_thread():
+        return terminated
+
+    def stop(signum, frame):
+        terminated.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+        raise KeyboardInterrupt
+
+    terminated.previous = signal.signal(signal.SIGTERM, stop)
+    return terminated
+
+
+def _restore_sigterm(terminated: _Terminated) -> None:
+    """The handler main() replaced, back (main is also called in-process, by tests and scripts)."""
+    if terminated.previous is not None:
+        import signal
+
+        signal.signal(signal.SIGTERM, terminated.previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:  # torch's import takes seconds: a Ctrl-C then is an interruption like any other, not a traceback
         from .job.distributed import World, launched_distributed
@@ -853,6 +886,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     world = None
+    terminated = _stop_on_sigterm(launched_distributed())
     try:
         try:
             if launched_distributed():  # torchrun's environment: join the job's process group (job/distributed.py)
@@ -892,9 +926,11 @@ def main(argv: list[str] | None = None) -> int:
         if world is not None:
             world.ending = True
         if not launched_distributed() or os.environ.get("RANK", "0") == "0":
-            print("interrupted: finished blocks are kept; run the same command again to resume", file=sys.stderr)
-        return 130
+            what = "stopped (SIGTERM)" if terminated else "interrupted"
+            print(f"{what}: finished blocks are kept; run the same command again to resume", file=sys.stderr)
+        return 143 if terminated else 130
     finally:
+        _restore_sigterm(terminated)
         if world is not None:
             world.ending = True
             world.stop()

@@ -9,6 +9,7 @@ takes a sample at once, so a short stage is not missed entirely.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ctypes
 import ctypes.util
 import threading
@@ -58,8 +59,14 @@ def stage_threshold(stage: str) -> int:
     return EXACT_THRESHOLD_BYTES if stage in EXACT_STAGES else HEAP_THRESHOLD_BYTES
 
 
+@functools.lru_cache(maxsize=1)
 def _libc():
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    """glibc, opened once: by its soname first (find_library starts `ldconfig -p` as a child process, which a kill at
+    that moment left running), by find_library where that name is not there."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
 
 
 def fix_heap_thresholds(threshold: int = HEAP_THRESHOLD_BYTES) -> bool:

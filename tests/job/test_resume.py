@@ -221,3 +221,36 @@ def test_a_resume_at_a_lower_budget_before_any_block_was_finished_plans_the_batc
     monkeypatch.setattr(pipeline, "build_plan", lower_budget)
     with pytest.raises(StreamSVDError, match="too small for this interrupted job"):
         run_job(_cfg(model_dir, later, alloc="uniform"))
+
+
+def test_sigterm_stops_the_job_as_ctrl_c_does_and_the_rerun_ends_byte_identical(model_dir, tmp_path):
+    """SIGTERM (`kill`, a scheduler's stop) took Python's default action: the job died without a word, its lock and
+    temporaries left to the next run. It now ends as Ctrl-C does: one line, exit 143, the finished blocks kept; a
+    second SIGTERM still ends it at once."""
+    run_job(_cfg(model_dir, tmp_path / "straight"))
+    out = tmp_path / "terminated"
+    script = ("import os, signal, sys\n"
+              "import streamsvd.job.pipeline as p\n"
+              "real = p.CompressionJob._compress_block\n"
+              "def block(self, index):\n"
+              "    if index == 2:\n"
+              "        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    return real(self, index)\n"
+              "p.CompressionJob._compress_block = block\n"
+              "from streamsvd.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    args = ["run", str(model_dir), str(out), "--ratio", "0.4", "--calib-samples", "8", "--seqlen", "40", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == ("stopped (SIGTERM): finished blocks are kept; run the same command "
+                                                    "again to resume")
+    assert "Traceback" not in done.stderr
+    state = json.loads((out / STATE_NAME).read_text())
+    assert state["blocks_done"] == 2 and not state["complete"]
+    from streamsvd.cli import main
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(args) == 0
+    assert _files(out) == _files(tmp_path / "straight")
+    assert signal.getsignal(signal.SIGTERM) is before  # main() in process gave the handler back
