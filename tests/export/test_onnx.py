@@ -283,9 +283,13 @@ def test_an_export_killed_over_an_earlier_one_is_taken_again_by_the_same_command
         with pytest.raises(KeyboardInterrupt):
             export_onnx(out, again, check=False)
     assert not (again / RECORD).exists()
+    # a SIGKILL inside config.json's atomic write left its temporary, which the rerun kept beside the finished export
+    stale = again / ".config.json.tmp-4194999"
+    stale.write_text("{")
     record = export_onnx(out, again, check=False)
     assert json.loads((again / RECORD).read_text()) == record and not (again / onnx_module.PARTIAL).exists()
     assert OnnxDecoder(again).session is not None
+    assert not stale.exists() and not [p.name for p in again.iterdir() if ".tmp" in p.name]
 
 
 def test_a_left_padded_decode_step_past_the_sliding_window_matches_pytorch(tmp_path):

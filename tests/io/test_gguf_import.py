@@ -2,6 +2,7 @@
 permutation llama.cpp's converter applies): the round trip, a missing tensor, a missing head."""
 
 import json
+import os
 from pathlib import Path
 
 import gguf
@@ -81,6 +82,25 @@ def _logits(model_dir: Path) -> torch.Tensor:
 def test_a_gguf_round_trip_gives_the_same_model(tiny, tmp_path):
     write_gguf(tiny, tmp_path / "full.gguf")
     assert main(["import-gguf", str(tmp_path / "full.gguf"), str(tmp_path / "out")]) == 0
+    assert torch.allclose(_logits(tmp_path / "out"), _logits(tiny), atol=1e-5)
+
+
+def test_the_build_folder_of_a_killed_import_is_removed_by_the_next(tiny, tmp_path):
+    """A kill before the final rename left `.OUT.importing-PID` (the whole dequantised checkpoint; 140 GB at 70B) and
+    the rerun, which cleared only its own PID's folder, finished beside it. A folder whose process runs is kept."""
+    import subprocess
+    import sys
+
+    write_gguf(tiny, tmp_path / "full.gguf")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a PID no process has now
+    stale = tmp_path / f".out.importing-{dead.pid}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    alive = tmp_path / f".out.importing-{os.getppid()}"  # a running process's: another import under way
+    alive.mkdir()
+    assert main(["import-gguf", str(tmp_path / "full.gguf"), str(tmp_path / "out")]) == 0
+    assert not stale.exists() and alive.is_dir()
     assert torch.allclose(_logits(tmp_path / "out"), _logits(tiny), atol=1e-5)
 
 
