@@ -30,6 +30,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import StreamSVDError
-from ..io.fsutil import file_in_the_way, remove_stale_temporaries, within
+from ..io.fsutil import atomic_write_bytes, file_in_the_way, fsync_dir, remove_stale_temporaries, within
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -47,6 +48,10 @@ RECORD = "streamsvd_onnx.json"
 # An export under way (made before an earlier export's files are removed, removed after RECORD is written): a killed
 # export leaves it, so the same command takes the DIR again (it was refused: not empty, no earlier export).
 PARTIAL = ".streamsvd_onnx_partial"
+# The graph is saved under this name, checked there, and renamed to MODEL_FILE last: a kill before the check ended left
+# a model.onnx onnxruntime opens beside config.json and the tokenizer, never checked (onnx.save_model is not atomic,
+# so a larger one could be cut short), marked unfinished only by hidden PARTIAL. The external data keeps its name.
+STAGED_FILE = f".{MODEL_FILE}.partial"
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
 INSTALL_FIX = "pip install 'streamsvd[onnx]' (onnx, onnxruntime and onnxscript, about 37 MB of wheels)"
 # Initializers above this many bytes go to model.onnx.data (protobuf caps one file at 2 GiB).
@@ -375,18 +380,17 @@ def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: 
     (dest / PARTIAL).touch()
     # what a killed export was writing and never renamed into place (`.NAME.tmp-PID`): not left beside this one
     remove_stale_temporaries(dest, [MODEL_FILE, DATA_FILE, RECORD, "config.json", *sorted(SIDE_FILES)])
-    for stale in (dest / MODEL_FILE, dest / DATA_FILE, dest / RECORD):
+    for stale in (dest / MODEL_FILE, dest / DATA_FILE, dest / RECORD, dest / STAGED_FILE):
         stale.unlink(missing_ok=True)
     for node in proto.graph.node:  # the exporter's per-node stack traces and class paths: ~8 MB on SmolLM2
         del node.metadata_props[:]
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
     external = weight_bytes > EXTERNAL_DATA_BYTES
-    onnx.save_model(proto, str(dest / MODEL_FILE), save_as_external_data=external, all_tensors_to_one_file=True,
+    staged = dest / STAGED_FILE
+    onnx.save_model(proto, str(staged), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
     del proto
     if external:  # onnx writes the data file owner-only; give it the mode model.onnx has
-        import os
-
         umask = os.umask(0)
         os.umask(umask)
         (dest / DATA_FILE).chmod(0o666 & ~umask)
@@ -397,17 +401,27 @@ def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: 
         "dtype": "float32", "int4": int4, "block_size": block_size if int4 else None,
         "linears_as_matmul": swapped, "matmul_nbits": quantised,
         "pivoted_as": "balanced" if int4 else pivoted,
-        "bytes": sum(p.stat().st_size for p in (dest / MODEL_FILE, dest / DATA_FILE) if p.exists()),
+        "bytes": sum(p.stat().st_size for p in (staged, dest / DATA_FILE) if p.exists()),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__},
         "export_seconds": round(time.perf_counter() - start, 2),
     }
     if check:
-        record["check"] = _check(dest / MODEL_FILE, checks, expected, padded)
+        record["check"] = _check(staged, checks, expected, padded)
         refuse_if_off(dest, record)
-    (dest / RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    _fsync_file(staged)
+    if external:
+        _fsync_file(dest / DATA_FILE)
+    os.replace(staged, dest / MODEL_FILE)  # checked (or --no-check given): only now under the name users open
+    fsync_dir(dest)
+    atomic_write_bytes(dest / RECORD, (json.dumps(record, indent=1) + "\n").encode())
     (dest / PARTIAL).unlink(missing_ok=True)
     return record
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def refuse_if_off(dest: Path, record: dict) -> None:
@@ -417,7 +431,7 @@ def refuse_if_off(dest: Path, record: dict) -> None:
         return
     # Every file the export wrote: the side files left alone made DIR "not empty and holds no earlier ONNX export",
     # so the same command was refused after the fix it names.
-    for name in (MODEL_FILE, DATA_FILE, "config.json", *sorted(SIDE_FILES), PARTIAL):
+    for name in (STAGED_FILE, MODEL_FILE, DATA_FILE, "config.json", *sorted(SIDE_FILES), PARTIAL):
         (dest / name).unlink(missing_ok=True)
     raise StreamSVDError(
         f"onnxruntime's logits differ from PyTorch's by {diff:.2e} of the largest logit (more than "

@@ -292,6 +292,31 @@ def test_an_export_killed_over_an_earlier_one_is_taken_again_by_the_same_command
     assert not stale.exists() and not [p.name for p in again.iterdir() if ".tmp" in p.name]
 
 
+def test_an_export_killed_before_its_check_ended_leaves_no_model_onnx(exported, tmp_path, monkeypatch):
+    """model.onnx was written under its own name before onnxruntime checked it: a kill during the check left a
+    model.onnx onnxruntime opens beside config.json and the tokenizer, never checked, marked unfinished only by a
+    hidden file. The graph is now checked under a hidden name and renamed last; the rerun finishes and tidies it."""
+    import streamsvd.export.onnx as onnx_module
+
+    out, _, _ = exported
+    dest = tmp_path / "killed"
+
+    def killed(path, *args, **kwargs):
+        assert path.name == onnx_module.STAGED_FILE and path.is_file()  # what the check opens: the staged graph
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(onnx_module, "_check", killed)
+        with pytest.raises(KeyboardInterrupt):
+            export_onnx(out, dest)
+    assert not (dest / MODEL_FILE).exists() and not (dest / RECORD).exists()
+    assert (dest / onnx_module.STAGED_FILE).exists() and (dest / onnx_module.PARTIAL).exists()
+    record = export_onnx(out, dest)
+    names = sorted(p.name for p in dest.iterdir())
+    assert MODEL_FILE in names and RECORD in names and not [n for n in names if n.startswith(".")]
+    assert record["check"]["max_rel_diff"] < 1e-4 and OnnxDecoder(dest).session is not None
+
+
 def test_a_left_padded_decode_step_past_the_sliding_window_matches_pytorch(tmp_path):
     """Gemma's sliding-window layers: the cache built from a past of window - 1 tokens counted only those as seen, and
     the layer's mask then took the first columns of attention_mask, not the last: once the window had filled, a
