@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from ..errors import StreamSVDError
 from ..io.checkpoint import INDEX_NAME, SINGLE_NAME, TORCH_DTYPES, Checkpoint, read_safetensors_header
 from ..io.fsutil import (atomic_path, atomic_write_bytes, atomic_write_json, file_in_the_way, holds_only_temporaries_of,
-                         remove_stale_temporaries, within)
+                         remove_temporaries, within)
 from ..io.plots import ALLOCATION_PNG, SPECTRA_PNG
 from ..model.loading import tensor_reader
 from ..model.lowrank import FORMS, module_from_tensors
@@ -91,7 +91,7 @@ def check_destination(dest: Path, out_dir: Path, identity: str | None = None) ->
                              f"({marker.get('source', 'unknown') if marker else 'its marker is unreadable'})",
                              f"remove {dest} and export again, or give a new directory")
     if outside and holds_only_temporaries_of(dest, [PARTIAL]):  # a kill during the marker's own write
-        remove_stale_temporaries(dest, [PARTIAL])
+        remove_temporaries(dest, [PARTIAL])
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise StreamSVDError(f"{dest} exists and is not an empty directory",
                              "give a new or empty directory for the dense checkpoint")
@@ -169,7 +169,7 @@ def export_dense(out_dir, dest, log=print, verify: bool = True) -> dict:
         atomic_write_json(dest / PARTIAL, {"source": str(out_dir.resolve()), "identity": identity})
     else:  # the temporaries the stopped export was writing (never renamed into place) are not left in DIR
         copies = [p.name for p in out_dir.iterdir() if p.is_file() and not _streamsvd_file(p.name)]
-        remove_stale_temporaries(dest, [*set(ckpt.weight_map.values()), "config.json", *copies, INDEX_NAME, PARTIAL])
+        remove_temporaries(dest, [*set(ckpt.weight_map.values()), "config.json", *copies, INDEX_NAME, PARTIAL])
     owner = {key: name for name, form in modules.items() for key in _factor_keys(name, form)}
     bases = quantized_bases(ckpt.keys())
     logical = {k: _logical_key(k, bases) for k in ckpt.keys()}

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import StreamSVDError
-from ..io.fsutil import atomic_write_bytes, file_in_the_way, fsync_dir, remove_stale_temporaries, within
+from ..io.fsutil import atomic_write_bytes, file_in_the_way, fsync_dir, remove_temporaries, within
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -379,7 +379,7 @@ def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: 
     dest.mkdir(parents=True, exist_ok=True)
     (dest / PARTIAL).touch()
     # what a killed export was writing and never renamed into place (`.NAME.tmp-PID`): not left beside this one
-    remove_stale_temporaries(dest, [MODEL_FILE, DATA_FILE, RECORD, "config.json", *sorted(SIDE_FILES)])
+    remove_temporaries(dest, [MODEL_FILE, DATA_FILE, RECORD, "config.json", *sorted(SIDE_FILES)])
     for stale in (dest / MODEL_FILE, dest / DATA_FILE, dest / RECORD, dest / STAGED_FILE):
         stale.unlink(missing_ok=True)
     for node in proto.graph.node:  # the exporter's per-node stack traces and class paths: ~8 MB on SmolLM2

@@ -71,27 +71,23 @@ def is_serializer_temporary(path: Path) -> bool:
     return bool(_SERIALIZER_TEMPORARY.fullmatch(path.name)) and path.is_file() and not path.is_symlink()
 
 
-def remove_serializer_temporaries(folder: Path) -> list[Path]:
-    """Remove the `.tmpXXXXXX` files a save_file killed in `folder` left (is_serializer_temporary); the removed paths."""
+def remove_temporaries(folder: Path, names=None) -> list[Path]:
+    """Remove the temporaries killed processes left in `folder`, never renamed into place; the removed paths.
+
+    atomic_path's `.NAME.tmp-PID` for each of `names` (None: for every name), and safetensors' `.tmpXXXXXX`
+    (is_serializer_temporary). Regular files only; nothing else in `folder` is touched. Every caller runs where no
+    write of its own is under way, so a temporary of this process's PID goes too (a reused PID's leftover).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in sorted(folder.glob(".tmp*")) if is_serializer_temporary(p)]
+    patterns = [".*.tmp-*"] if names is None else [f".{glob.escape(name)}.tmp-*" for name in names]
+    found += [p for pattern in patterns for p in sorted(folder.glob(pattern)) if p.is_file() and not p.is_symlink()]
     removed = []
-    if Path(folder).is_dir():
-        for p in sorted(Path(folder).glob(".tmp*")):
-            if is_serializer_temporary(p):
-                _remove_quietly(p)
-                removed.append(p)
-    return removed
-
-
-def remove_stale_temporaries(folder: Path, names) -> list[Path]:
-    """Remove the temporary files a killed process left for `names` in `folder` (atomic_path's `.NAME.tmp-PID`, never
-    renamed into place), other than this process's own, and safetensors' `.tmpXXXXXX` (remove_serializer_temporaries);
-    the removed paths. Only those temporaries: nothing else in `folder` is touched."""
-    removed = remove_serializer_temporaries(folder)
-    for name in names:
-        for stale in Path(folder).glob(f".{glob.escape(name)}.tmp-*"):
-            if stale.name != f".{name}.tmp-{os.getpid()}" and stale.is_file():
-                _remove_quietly(stale)
-                removed.append(stale)
+    for p in dict.fromkeys(found):
+        _remove_quietly(p)
+        removed.append(p)
     return removed
 
 

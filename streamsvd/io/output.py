@@ -21,7 +21,7 @@ from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, read_safetensors_he
 from ..errors import CheckpointError
 from ..model.remote import MODELING_FILE, modeling_source
 from ..model.remote.modeling_streamsvd import remote_config_dict
-from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json, remove_serializer_temporaries
+from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json, remove_temporaries
 from .streamcopy import copy_tensors
 
 REPORT_JSON = "streamsvd_report.json"
@@ -52,10 +52,8 @@ class OutputWriter:
     def prepare(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / SPECTRA_DIR).mkdir(exist_ok=True)
-        for stale in list(self.dir.glob(".*.tmp-*")) + list((self.dir / SPECTRA_DIR).glob(".*.tmp-*")):
-            stale.unlink()  # left by a killed process; never renamed into place
         for folder in (self.dir, self.dir / SPECTRA_DIR):
-            remove_serializer_temporaries(folder)  # safetensors' own, left by a process killed inside save_file
+            remove_temporaries(folder)  # left by a killed process (ours and safetensors'); never renamed into place
 
     def _save(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
         with atomic_path(path) as tmp:

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import StreamSVDError
 from ..io.checkpoint import INDEX_NAME
 from ..io.checksums import file_sha256, group_digest, tensor_sha256
-from ..io.fsutil import fsync_dir, is_serializer_temporary, remove_serializer_temporaries
+from ..io.fsutil import fsync_dir, is_serializer_temporary, remove_temporaries
 from ..io.output import REPORT_JSON, REPORT_MD, RUN_LOG, SPECTRA_DIR
 from ..io.plots import ALLOCATION_PNG, SPECTRA_PNG
 from ..model.architecture import layer_prefix
@@ -170,10 +170,8 @@ class JobIntegrity:
         shutil.rmtree(out / ".streamsvd-work", ignore_errors=True)
         if job.world.active and job.cfg.work_dir is not None:
             shutil.rmtree(job.work.parent, ignore_errors=True)  # the job's folder that holds the ranks' folders
-        for stale in list(out.glob(".*.tmp-*")) + list((out / SPECTRA_DIR).glob(".*.tmp-*")):
-            stale.unlink(missing_ok=True)
         for folder in (out, out / SPECTRA_DIR):
-            remove_serializer_temporaries(folder)
+            remove_temporaries(folder)
 
     # ---------------------------------------------------------------- repair
     def forget_extra(self) -> None:

@@ -67,7 +67,7 @@ from ..errors import StreamSVDError
 from ..io.activations import ActivationFile
 from ..io.calibration import heldout_windows, load_texts, load_tokenizer, sample_windows, text_digest
 from ..io.checkpoint import Checkpoint
-from ..io.fsutil import atomic_path, atomic_write_json, remove_stale_temporaries, within
+from ..io.fsutil import atomic_path, atomic_write_json, remove_temporaries, within
 from ..math.allocate import Matrix
 from ..math.factorize import TALL_MIN_RATIO, project, weight_gram, whiten, whitened
 from ..math.gram import GramAccumulator, OutputGramAccumulator
@@ -616,7 +616,7 @@ class Profiler:
 
     def _write(self, out: Path, spectra, weighted, shapes, sensitivity, heldout, started: float, sens_seconds: float) -> None:
         # a profile killed while writing left its temporaries (never renamed into place): gone, not kept beside the profile
-        remove_stale_temporaries(out, (PROFILE_LOG, WEIGHTED_FILE, SPECTRA_FILE, PROFILE_JSON))
+        remove_temporaries(out, (PROFILE_LOG, WEIGHTED_FILE, SPECTRA_FILE, PROFILE_JSON))
         atomic_write_json(out / PROFILE_LOG, {"seconds": round(time.time() - started, 2),
                                               "sensitivity_seconds": round(sens_seconds, 2) if sensitivity else None,
                                               # rank 0's peak RSS per stage against its plan (job/plan.py)

@@ -5,13 +5,14 @@ Reproduced by SIGKILL of `streamsvd run` while `.tmpXXXXXX` was in OUT_DIR: the 
 and kept the stray file beside them."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from streamsvd.cli import main
-from streamsvd.io.fsutil import remove_stale_temporaries
+from streamsvd.io.fsutil import remove_temporaries
 from streamsvd.io.output import RUN_LOG
 from streamsvd.job.pipeline import JobConfig, run_job
 from streamsvd.job.state import STATE_NAME
@@ -62,10 +63,18 @@ def test_restart_removes_them_too(model, straight, tmp_path):
     assert files(out) == files(straight)
 
 
-def test_remove_stale_temporaries_takes_the_serializers_and_nothing_else(tmp_path):
-    names = [".tmpQ3xZ9a", ".spectra.safetensors.tmp-123", ".tmpnotes.txt", ".tmp12345", "tmpQ3xZ9a", "keep.json"]
+def test_remove_temporaries_takes_the_serializers_and_nothing_else(tmp_path):
+    names = [".tmpQ3xZ9a", ".spectra.safetensors.tmp-123", ".index.json.tmp-9", ".tmpnotes.txt", ".tmp12345",
+             "tmpQ3xZ9a", "keep.json", "a.tmp-1"]
     for name in names:
         (tmp_path / name).write_bytes(b"x")
-    removed = remove_stale_temporaries(tmp_path, ["spectra.safetensors"])
+    (tmp_path / ".folder.tmp-5").mkdir()
+    removed = remove_temporaries(tmp_path, ["spectra.safetensors"])
     assert sorted(p.name for p in removed) == [".spectra.safetensors.tmp-123", ".tmpQ3xZ9a"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".tmpnotes.txt", ".tmp12345", "tmpQ3xZ9a", "keep.json"])
+    # without names: every `.NAME.tmp-PID` file, this process's own PID too (a reused PID's leftover); no folder
+    (tmp_path / f".x.tmp-{os.getpid()}").write_bytes(b"x")
+    removed = remove_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == [".index.json.tmp-9", f".x.tmp-{os.getpid()}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".tmpnotes.txt", ".tmp12345", "tmpQ3xZ9a", "keep.json",
+                                                                 "a.tmp-1", ".folder.tmp-5"])
+    assert remove_temporaries(tmp_path / "missing") == []
