@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 from .diskspace import disk_full_error, is_disk_full
@@ -88,6 +89,26 @@ def remove_temporaries(folder: Path, names=None) -> list[Path]:
     for p in dict.fromkeys(found):
         _remove_quietly(p)
         removed.append(p)
+    return removed
+
+
+def remove_folders_of_dead_processes(parent: Path, prefix: str) -> list[Path]:
+    """Remove the folders `parent/PREFIX<PID>` whose process is gone: a process's scratch or build folder, named by its
+    PID, that a kill left and nothing else removes. A folder whose process still runs (or is not ours to signal) is
+    left alone; so is anything not a plain folder. The removed paths."""
+    removed = []
+    for folder in sorted(Path(parent).glob(f"{glob.escape(prefix)}*")):
+        pid = folder.name[len(prefix):]
+        if not pid.isdigit() or not folder.is_dir() or folder.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive: another process works there
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        except (PermissionError, OverflowError):
+            continue
     return removed
 
 

@@ -9,7 +9,6 @@ import never leaves a directory that looks like a finished checkpoint.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import shutil
@@ -20,23 +19,7 @@ import torch
 
 from .checkpoint import INDEX_NAME, SINGLE_NAME
 from ..errors import StreamSVDError
-from .fsutil import file_in_the_way
-
-
-def _remove_dead_imports(target: Path) -> None:
-    """The build folders (`.OUT.importing-PID`) of imports into `target` that were killed: a whole dequantised
-    checkpoint each, which nothing else removes. A folder whose process still runs is another import's, left alone."""
-    for stale in target.parent.glob(f".{glob.escape(target.name)}.importing-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not stale.is_dir() or stale.is_symlink():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # alive (or not ours to signal): another import is building there
-        except ProcessLookupError:
-            shutil.rmtree(stale, ignore_errors=True)
-        except (PermissionError, OverflowError):
-            continue
+from .fsutil import file_in_the_way, remove_folders_of_dead_processes
 
 
 def import_gguf(gguf_path, out_dir, dtype=torch.float32, max_shard_size="2GB") -> Path:
@@ -48,7 +31,9 @@ def import_gguf(gguf_path, out_dir, dtype=torch.float32, max_shard_size="2GB") -
     target = out_dir.resolve()
     tmp = target.parent / f".{target.name}.importing-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    _remove_dead_imports(target)
+    # the build folders (`.OUT.importing-PID`) of killed imports into the same target: a whole dequantised checkpoint
+    # each, which nothing else removes; a live import's is left alone
+    remove_folders_of_dead_processes(target.parent, f".{target.name}.importing-")
     try:
         _write_checkpoint(gguf_path, tmp, dtype, max_shard_size)
         _check_tensor_names(tmp)

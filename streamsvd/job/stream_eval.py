@@ -33,6 +33,7 @@ from ..errors import StreamSVDError
 from ..io.activations import ActivationFile, activation_bytes
 from ..io.calibration import load_tokenizer
 from ..io.checkpoint import Checkpoint
+from ..io.fsutil import remove_folders_of_dead_processes
 from ..model.architecture import decoder_layers, empty_model, load_config, check_seqlen, materialize_base
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, layer_args_on, run_layer
 from ..model.loading import materialize_head, stored_layer
@@ -206,7 +207,7 @@ def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None =
         hold_to_budget(gpu, gpu_bytes)
     head_here = on_gpu and head_fits_gpu(config, seqlen, gpu_bytes)
 
-    scratch = Path(tempfile.mkdtemp(prefix="streamsvd-eval-", dir=work_dir)) if on_disk else None
+    scratch = _scratch(work_dir) if on_disk else None
     try:
         def store(i):
             return ActivationFile(scratch / f"hidden-{i}.bin", shape, "float32", create=True) if on_disk else _InMemory(shape)
@@ -233,6 +234,22 @@ def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None =
     if on_gpu:
         out.update(head_on_device=head_here, gpu_peak_bytes=peak_bytes(gpu), max_gpu_mem_bytes=gpu_bytes)
     return out
+
+
+def _scratch(work_dir: Path | None) -> Path:
+    """A new folder for the hidden states, `streamsvd-eval-HOST-PID` in `work_dir` (default: the system's temporary
+    folder). A killed eval left its folder, two files of windows x seqlen x hidden float32 (GBs at 7B), for good: those
+    of this host's evals whose process is gone are removed first."""
+    import os
+    import socket
+
+    parent = Path(work_dir) if work_dir is not None else Path(tempfile.gettempdir())
+    prefix = f"streamsvd-eval-{socket.gethostname()}-"
+    remove_folders_of_dead_processes(parent, prefix)
+    scratch = parent / f"{prefix}{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)  # a reused PID's leftover
+    scratch.mkdir(parents=True)
+    return scratch
 
 
 def _scores(model, src, windows: torch.Tensor, device) -> list[tuple[float, int]]:

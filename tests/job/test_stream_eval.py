@@ -1,6 +1,7 @@
 """Streaming evaluation (one block at a time) gives the in-memory figure, for every family."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from streamsvd.job.pipeline import JobConfig, run_job
 from streamsvd.io.checkpoint import Checkpoint
 from streamsvd.model.architecture import empty_model, load_config
 from streamsvd.model.loading import stored_layer
+from streamsvd.job import stream_eval
 from streamsvd.job.stream_eval import hidden_on_disk, streaming_perplexity
 from tiny_models import CONFIGS, make_tiny_checkpoint
 
@@ -46,6 +48,41 @@ def test_hidden_states_on_disk_give_the_same_figure(tmp_path):
     assert not in_ram["hidden_on_disk"] and on_disk["hidden_on_disk"]
     assert on_disk["perplexity"] == pytest.approx(in_ram["perplexity"], rel=1e-5)
     assert list(work.iterdir()) == []  # scratch removed
+
+
+def test_the_scratch_folder_of_a_killed_eval_is_removed_by_the_next(tmp_path, monkeypatch):
+    """A killed eval left its hidden states (`streamsvd-eval-XXXX`: two files of windows x seqlen x hidden float32,
+    GBs at 7B) in the temporary folder for good. They are named by host and PID now; the next eval removes this host's
+    whose process is gone, and leaves a running one's, another host's and anything else alone."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    model_dir = make_tiny_checkpoint("llama", tmp_path / "model")
+    work = tmp_path / "work"
+    work.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a PID no process has now
+    host = socket.gethostname()
+    stale = work / f"streamsvd-eval-{host}-{dead.pid}"
+    stale.mkdir()
+    (stale / "hidden-0.bin").write_bytes(b"x" * 1000)
+    kept = [work / f"streamsvd-eval-{host}-{os.getppid()}", work / f"streamsvd-eval-otherhost-{dead.pid}",
+            work / "streamsvd-eval-abc123"]
+    for folder in kept:
+        folder.mkdir()
+    seen = []
+    real = stream_eval.ActivationFile
+
+    def spy(path, *args, **kwargs):
+        seen.append(Path(path).parent.name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(stream_eval, "ActivationFile", spy)
+    got = streaming_perplexity(model_dir, TEXT, 48, max_windows=3, work_dir=work, progress=False, on_disk=True)
+    assert got["hidden_on_disk"] and set(seen) == {f"streamsvd-eval-{host}-{os.getpid()}"}
+    assert sorted(work.iterdir()) == sorted(kept)
 
 
 def test_hidden_states_go_to_disk_when_they_would_take_over_a_quarter_of_the_budget():
