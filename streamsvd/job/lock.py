@@ -1,4 +1,4 @@
-"""One job per OUT_DIR and per work directory: an OS-level lock held for the life of the process.
+"""One job per OUT_DIR, per work directory and per PROFILE_DIR: an OS-level lock held for the life of the process.
 
 `fcntl.flock` on a lock file: the kernel drops the lock when the process dies, however it dies
 (SIGKILL included), so a killed job never leaves a stale lock behind. The file records who holds
@@ -66,8 +66,7 @@ class DirLock:
                 os.close(fd)
                 raise JobLocked(
                     f"{self.what} {self.dir} is in use by another streamsvd job: {_describe(read_owner(self.path))}",
-                    "wait for that job to finish (or stop it), or choose another "
-                    + ("OUT_DIR" if self.what == "OUT_DIR" else "--work-dir"),
+                    f"wait for that job to finish (or stop it), or choose another {self.what}",
                 ) from None
             # The holder before us may have removed the file after we opened it: then our lock is on
             # an unlinked inode that nobody else can see; take it again on the file now at the path.

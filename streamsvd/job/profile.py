@@ -536,7 +536,9 @@ class Profiler:
         self.heldout = self.heldout[held[0]:held[1]]
         keep = self._keep()
         self.sens_lo, self.sens_hi = keep * world.rank // world.size, keep * (world.rank + 1) // world.size
-        self.work_base = Path(cfg.profile_dir) / WORK_NAME if cfg.work_dir is None else Path(cfg.work_dir) / "streamsvd-profile"
+        # in --work-dir, named by the profile's folder: two profiles given one --work-dir wrote the same activation files
+        self.work_base = (Path(cfg.profile_dir) / WORK_NAME if cfg.work_dir is None else
+                          Path(cfg.work_dir) / f"streamsvd-profile-{_path_tag(cfg.profile_dir)}")
         self.work = world.work_folder(self.work_base)
 
     def _layer(self, index: int):
@@ -572,6 +574,17 @@ class Profiler:
         return found if same else None
 
     def run(self) -> Profile:
+        """Under the lock of PROFILE_DIR (rank 0's): two profiles into one folder shared its activation files, and the
+        first to finish removed them under the other (a traceback), or mixed two settings' statistics."""
+        from .lock import JobLocks
+
+        self.locks = JobLocks()
+        try:
+            return self._run_locked()
+        finally:
+            self.locks.release()
+
+    def _run_locked(self) -> Profile:
         world = self.world
         seen = []  # rank 0's look (the one process's): read once; the other ranks read it after rank 0 said so
 
@@ -591,6 +604,8 @@ class Profiler:
         started = time.time()
         out = Path(self.cfg.profile_dir)
         out.mkdir(parents=True, exist_ok=True)
+        if world.writes:
+            self.locks.take(out, "PROFILE_DIR")
         self.work.mkdir(parents=True, exist_ok=True)
         # the process's RSS per planned stage, for profile_log.json (a job that profiles has its own sampler too)
         self.sampler = PeakSampler(first_stage="embed").start()
@@ -978,6 +993,13 @@ def block_spectra(layer, stats, weighing: WeightedEnergies | None = None, spread
     names = list(linears)
     solved = spread(names, solve) if spread is not None else None
     return {name: solved[name] if solved is not None else solve(name) for name in names}
+
+
+def _path_tag(path: Path) -> str:
+    """12 hex digits naming a folder by its resolved path."""
+    import hashlib
+
+    return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]
 
 
 def make_profile(cfg: ProfileConfig, tokenizer=None) -> Profile:

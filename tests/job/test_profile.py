@@ -393,3 +393,39 @@ def test_a_killed_profiles_temporaries_are_gone_once_it_is_made_again(tiny, tmp_
     _profile(tiny, prof, sensitivity_samples=0)
     assert not any(path.exists() for path in stale)
     assert sorted(p.name for p in prof.iterdir()) == sorted([*(p.name for p in straight.iterdir()), "unrelated.tmp-1"])
+
+
+def test_a_second_profile_into_the_same_folder_is_refused_while_the_first_runs(tiny, tmp_path, capsys):
+    """Two profiles into one PROFILE_DIR shared its activation files: the first to finish removed them under the other
+    (a FileNotFoundError traceback, seen on SmolLM2), or two settings' statistics were mixed. PROFILE_DIR is locked."""
+    from streamsvd.cli import main
+    from streamsvd.job.lock import DirLock
+
+    prof = tmp_path / "prof"
+    prof.mkdir()
+    held = DirLock(prof, "PROFILE_DIR").acquire()  # another profile under way (the lock is per open file)
+    try:
+        base = ["profile", str(tiny), str(prof), "--calib-samples", str(SAMPLES), "--seqlen", str(SEQLEN), "--no-progress"]
+        assert main(base) == 2
+        err = capsys.readouterr().err
+        assert f"PROFILE_DIR {prof} is in use by another streamsvd job" in err and "choose another PROFILE_DIR" in err
+        assert "Traceback" not in err and not (prof / PROFILE_JSON).exists()
+    finally:
+        held.release()
+    assert main(base) == 0 and (prof / PROFILE_JSON).exists() and not (prof / ".streamsvd.lock").exists()
+
+
+def test_two_profiles_given_one_work_dir_use_their_own_folders(tiny, tmp_path):
+    """--work-dir DIR put every profile's activation files in DIR/streamsvd-profile: two profiles at once with one
+    --work-dir wrote the same files. The folder is named by the profile's folder now."""
+    from streamsvd.job.profile import Profiler
+
+    work = tmp_path / "work"
+    work.mkdir()
+    one, two = (Profiler(ProfileConfig(tiny, tmp_path / name, calib_samples=SAMPLES, seqlen=SEQLEN, sensitivity_samples=KEEP,
+                                       progress=False, work_dir=work)) for name in ("a", "b"))
+    assert one.work_base.parent == two.work_base.parent == work and one.work_base != two.work_base
+    assert one.work_base == Profiler(ProfileConfig(tiny, tmp_path / "a", calib_samples=SAMPLES, seqlen=SEQLEN,
+                                                   progress=False, work_dir=work)).work_base
+    one.run()
+    assert list(work.iterdir()) == []
