@@ -29,6 +29,7 @@ from ..io.checkpoint import INDEX_NAME, SINGLE_NAME, TORCH_DTYPES, Checkpoint, r
 from ..io.fsutil import (atomic_path, atomic_write_bytes, atomic_write_json, file_in_the_way, holds_only_temporaries_of,
                          remove_temporaries, within)
 from ..io.plots import ALLOCATION_PNG, SPECTRA_PNG
+from ..job.lock import entries_besides_lock
 from ..model.loading import tensor_reader
 from ..model.lowrank import FORMS, module_from_tensors
 from ..model.quantized import QUANT_PARTS, quantized_bases
@@ -92,7 +93,7 @@ def check_destination(dest: Path, out_dir: Path, identity: str | None = None) ->
                              f"remove {dest} and export again, or give a new directory")
     if outside and holds_only_temporaries_of(dest, [PARTIAL]):  # a kill during the marker's own write
         remove_temporaries(dest, [PARTIAL])
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+    if dest.exists() and (not dest.is_dir() or entries_besides_lock(dest)):
         raise StreamSVDError(f"{dest} exists and is not an empty directory",
                              "give a new or empty directory for the dense checkpoint")
     blocker = file_in_the_way(dest)
@@ -153,8 +154,14 @@ def sizes(ckpt: Checkpoint, modules: dict[str, str]) -> tuple[int, int]:
 
 
 def export_dense(out_dir, dest, log=print, verify: bool = True) -> dict:
-    """Write the dense checkpoint of the finished output `out_dir` into the new or empty `dest`."""
-    out_dir, dest = Path(out_dir), Path(dest)
+    """Write the dense checkpoint of the finished output `out_dir` into the new or empty `dest` (locked meanwhile)."""
+    from ..job.lock import destination_lock
+
+    with destination_lock(Path(dest), "DIR"):
+        return _export_dense(Path(out_dir), Path(dest), log, verify)
+
+
+def _export_dense(out_dir: Path, dest: Path, log, verify: bool) -> dict:
     ckpt = check_source(out_dir, verify)
     identity = source_identity(out_dir)
     resuming = check_destination(dest, out_dir, identity)

@@ -317,7 +317,16 @@ def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: 
     `pivoted`: "rows" (None: the default), "columns" or "folded" (PIVOTED_FORMS); with `int4`, pivoted modules
     are always balanced plain factors. Given (--onnx-pivoted) for `int4` or for a model with no pivoted module below
     full rank (`run --factors plain`, a plain checkpoint), where it would change nothing, it is refused.
+    DEST is locked from its check to the record (job/lock.destination_lock).
     """
+    from ..job.lock import destination_lock
+
+    require_onnx()
+    with destination_lock(Path(dest), "DIR"):
+        return _export_onnx(out_dir, dest, int4, block_size, check, pivoted, verify)
+
+
+def _export_onnx(out_dir, dest, int4: bool, block_size: int, check: bool, pivoted: str | None, verify: bool) -> dict:
     require_onnx()
     import onnx
     import onnxruntime
@@ -459,6 +468,8 @@ def _quiet():
 
 
 def _check_dest(dest: Path, out_dir: Path) -> None:
+    from ..job.lock import entries_besides_lock
+
     if dest.resolve() == out_dir.resolve():
         raise StreamSVDError(f"DIR {dest} is OUT_DIR itself", "give a new directory for the export")
     if within(dest, out_dir):
@@ -468,7 +479,7 @@ def _check_dest(dest: Path, out_dir: Path) -> None:
     blocker = file_in_the_way(dest)
     if blocker is not None:
         raise StreamSVDError(f"{dest} cannot be made: {blocker} is not a directory", "give a new directory for the export")
-    if dest.is_dir() and any(dest.iterdir()) and not (dest / RECORD).exists() and not (dest / PARTIAL).exists():
+    if dest.is_dir() and entries_besides_lock(dest) and not (dest / RECORD).exists() and not (dest / PARTIAL).exists():
         raise StreamSVDError(f"{dest} is not empty and holds no earlier ONNX export",
                              "give a new or empty directory (an earlier `export onnx` directory is overwritten)")
 

@@ -114,8 +114,11 @@ def remove_folders_of_dead_processes(parent: Path, prefix: str) -> list[Path]:
 
 def holds_only_temporaries_of(folder: Path, names) -> bool:
     """Whether the non-empty directory `folder` holds nothing but temporaries of `names` (`.NAME.tmp-PID`): what a
-    process killed during its first write into a new directory leaves, which is as good as empty."""
-    entries = list(Path(folder).iterdir()) if Path(folder).is_dir() else []
+    process killed during its first write into a new directory leaves, which is as good as empty. The lock file
+    (job/lock.py: held by this command, or left by a killed one) does not count."""
+    from ..job.lock import entries_besides_lock
+
+    entries = entries_besides_lock(folder)
     prefixes = tuple(f".{name}.tmp-" for name in names)
     return bool(entries) and all(e.name.startswith(prefixes) and e.is_file() and not e.is_symlink() for e in entries)
 

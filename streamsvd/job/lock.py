@@ -9,6 +9,7 @@ killed process is just a file: the next job takes the lock on it and overwrites 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -113,3 +114,48 @@ class JobLocks:
         for lock in reversed(self.locks):
             lock.release()
         self.locks.clear()
+
+
+def entries_besides_lock(folder: Path) -> list[Path]:
+    """What `folder` holds other than the lock file (a held one, or one a killed process left)."""
+    return [p for p in sorted(Path(folder).iterdir()) if p.name != LOCK_NAME] if Path(folder).is_dir() else []
+
+
+@contextlib.contextmanager
+def destination_lock(dest: Path, what: str):
+    """One writer per destination folder (quantize's NEW_DIR, an export's DIR), held while the command checks and
+    writes it: two at once took each other's partial files for a stopped run's, removed them, or mixed them.
+
+    The folder is made to hold the lock; folders made for it and left empty (a refusal) are removed at the end.
+    Where it cannot be made (a file in the way, no permission) nothing is locked and the command's own checks speak.
+    """
+    from ..io.fsutil import file_in_the_way
+
+    dest = Path(dest)
+    lock = None
+    made = [p for p in (dest, *dest.parents) if not p.exists() and not p.is_symlink()]
+    if file_in_the_way(dest) is None and not (dest.exists() and not dest.is_dir()):
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            made = []
+        else:
+            try:
+                lock = DirLock(dest, what).acquire()
+            except BaseException:
+                _remove_empty(made)
+                raise
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+        _remove_empty(made)
+
+
+def _remove_empty(made: list[Path]) -> None:
+    for folder in made:  # deepest first; the first that holds something keeps its parents
+        try:
+            folder.rmdir()
+        except OSError:
+            break

@@ -30,13 +30,21 @@ from ..model.loading import check_finished, is_streamsvd_output
 from ..model.remote import MODELING_FILE, modeling_source
 from .pipeline import WORK_DIR_NAME, check_quant_flags
 from .state import STATE_NAME, JobState, fingerprint, read_state
+from .lock import LOCK_NAME, entries_besides_lock
 from .stages import linear_bytes
 
 _NOT_COPIED = {STATE_NAME, RUN_LOG, INDEX_NAME, "config.json", REPORT_JSON, REPORT_MD, WORK_DIR_NAME, MODELING_FILE}
 
 
 def quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size: int | None, verify: bool = True) -> dict:
-    """Write NEW_DIR and return its report (with the byte counts before and after)."""
+    """Write NEW_DIR and return its report (with the byte counts before and after), NEW_DIR locked meanwhile."""
+    from .lock import destination_lock
+
+    with destination_lock(Path(new_dir), "NEW_DIR"):
+        return _quantize_output(out_dir, new_dir, quant, group_size, verify)
+
+
+def _quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size: int | None, verify: bool) -> dict:
     check_quant_flags(quant, group_size)
     if quant is None:
         raise StreamSVDError("streamsvd quantize needs --quant", "add --quant int8 or --quant int4")
@@ -56,7 +64,7 @@ def quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size:
     # what a killed quantize left there (also only its first state write's temporary): made again from the start
     stopped = stopped_quantize(new_dir) or holds_only_temporaries_of(new_dir, [STATE_NAME])
     if new_dir.resolve() == out_dir.resolve() or (new_dir.exists() and not stopped
-                                                  and (not new_dir.is_dir() or any(new_dir.iterdir()))):
+                                                  and (not new_dir.is_dir() or entries_besides_lock(new_dir))):
         raise StreamSVDError(f"{new_dir} is not a new or empty directory", "give a new directory for the quantised output")
     blocker = file_in_the_way(new_dir)
     if blocker is not None:
@@ -64,7 +72,7 @@ def quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size:
     if within(new_dir, out_dir):  # the copy of OUT_DIR's folders copied NEW_DIR into itself
         raise StreamSVDError(f"{new_dir} is inside the streamsvd output {out_dir}", "give a directory outside it")
     if stopped:
-        for child in sorted(new_dir.iterdir()):
+        for child in entries_besides_lock(new_dir):
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     new_dir.mkdir(parents=True, exist_ok=True)
     if source_state is not None:  # first: a NEW_DIR a kill leaves is named as an unfinished quantize, not as no output
@@ -147,7 +155,7 @@ def _state(source: JobState, spec: QuantSpec, new_dir: Path, index_bytes: bytes,
     state can be saved before it), the source job's module records with the quantised byte counts, and its
     identity (_identity)."""
     files = {str(p.relative_to(new_dir)): file_record(p) for p in sorted(new_dir.rglob("*"))
-             if p.is_file() and p.name != STATE_NAME}
+             if p.is_file() and p.name not in (STATE_NAME, LOCK_NAME)}
     files[INDEX_NAME] = {"size": len(index_bytes), "sha256": hashlib.sha256(index_bytes).hexdigest()}
     fp, settings = _identity(source, spec)
     modules = {name: {**record, **({"stored_bytes": stored_bytes[name]} if name in stored_bytes else {})}
