@@ -142,6 +142,8 @@ def destination_lock(dest: Path, what: str):
         else:
             try:
                 lock = DirLock(dest, what).acquire()
+            except OSError:  # a folder we may not write: the command's own write says so, as before
+                lock = None
             except BaseException:
                 _remove_empty(made)
                 raise
