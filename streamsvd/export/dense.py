@@ -155,9 +155,9 @@ def sizes(ckpt: Checkpoint, modules: dict[str, str]) -> tuple[int, int]:
 
 def export_dense(out_dir, dest, log=print, verify: bool = True) -> dict:
     """Write the dense checkpoint of the finished output `out_dir` into the new or empty `dest` (locked meanwhile)."""
-    from ..job.lock import destination_lock
+    from ..job.lock import destination_lock, reading_output
 
-    with destination_lock(Path(dest), "DIR"):
+    with destination_lock(Path(dest), "DIR"), reading_output(Path(out_dir)):
         return _export_dense(Path(out_dir), Path(dest), log, verify)
 
 

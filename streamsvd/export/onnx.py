@@ -319,10 +319,10 @@ def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: 
     full rank (`run --factors plain`, a plain checkpoint), where it would change nothing, it is refused.
     DEST is locked from its check to the record (job/lock.destination_lock).
     """
-    from ..job.lock import destination_lock
+    from ..job.lock import destination_lock, reading_output
 
     require_onnx()
-    with destination_lock(Path(dest), "DIR"):
+    with destination_lock(Path(dest), "DIR"), reading_output(Path(out_dir)):
         return _export_onnx(out_dir, dest, int4, block_size, check, pivoted, verify)
 
 

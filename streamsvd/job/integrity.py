@@ -55,6 +55,7 @@ class JobIntegrity:
         out.mkdir(parents=True, exist_ok=True)
         if job.world.writes:  # under torchrun rank 0 holds OUT_DIR for the job; each rank its own work folder
             job.locks.take(out, "OUT_DIR")
+            job.locks.take_folder(out, "OUT_DIR")  # no quantize, export, eval or load reads it meanwhile
         if job.cfg.work_dir is not None:
             job.work.mkdir(parents=True, exist_ok=True)
             job.locks.take(job.work, "--work-dir")

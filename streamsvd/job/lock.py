@@ -99,21 +99,75 @@ class DirLock:
         return self.fd is not None
 
 
+def _flock_folder(folder: Path, mode: int) -> int | None:
+    """An open descriptor of `folder` itself holding flock `mode` (non-blocking); None where the folder cannot be
+    opened or locked (not a folder, a file system without flock): nothing is held then. BlockingIOError: held."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 class JobLocks:
-    """The locks of one job (OUT_DIR first, then its work directory), released together."""
+    """The locks of one job (OUT_DIR first, then its work directory), released together.
+
+    OUT_DIR's own folder is also flocked exclusively (`take_folder`): the commands that read a finished output
+    (quantize, export, eval, verify, streamsvd.load) hold it shared while they read (`reading_output`), so a `run`
+    that would rewrite it (--restart, another job's resume) and a reader never overlap. They did: an export or
+    quantize during `run --restart` wrote a silent mix of the two jobs' shards, and eval gave a mixed model's figure.
+    """
 
     def __init__(self):
         self.locks: list[DirLock] = []
+        self.folders: list[int] = []
 
     def take(self, directory: Path, what: str) -> None:
         if any(lock.dir == Path(directory) for lock in self.locks):
             return
         self.locks.append(DirLock(directory, what).acquire())
 
+    def take_folder(self, directory: Path, what: str) -> None:
+        try:
+            fd = _flock_folder(Path(directory), fcntl.LOCK_EX)
+        except BlockingIOError:
+            raise JobLocked(f"{what} {directory} is being read by another streamsvd command (quantize, export, eval, "
+                            "verify or streamsvd.load)", "wait for it to finish (or stop it), then run this again") from None
+        if fd is not None:
+            self.folders.append(fd)
+
     def release(self) -> None:
+        for fd in reversed(self.folders):
+            os.close(fd)
+        self.folders.clear()
         for lock in reversed(self.locks):
             lock.release()
         self.locks.clear()
+
+
+@contextlib.contextmanager
+def reading_output(folder: Path):
+    """Held while a command reads the output `folder`: a shared flock on the folder, which the `run` writing it holds
+    exclusively (JobLocks.take_folder). Refused at once while a run writes there; a run started meanwhile is refused."""
+    folder = Path(folder)
+    try:
+        fd = _flock_folder(folder, fcntl.LOCK_SH) if folder.is_dir() else None
+    except BlockingIOError:
+        raise JobLocked(f"{folder} is being written by a streamsvd job: {_describe(read_owner(folder / LOCK_NAME))}",
+                        "wait for that job to finish (or stop it), then run this again") from None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def entries_besides_lock(folder: Path) -> list[Path]:

@@ -38,9 +38,9 @@ _NOT_COPIED = {STATE_NAME, RUN_LOG, INDEX_NAME, "config.json", REPORT_JSON, REPO
 
 def quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size: int | None, verify: bool = True) -> dict:
     """Write NEW_DIR and return its report (with the byte counts before and after), NEW_DIR locked meanwhile."""
-    from .lock import destination_lock
+    from .lock import destination_lock, reading_output
 
-    with destination_lock(Path(new_dir), "NEW_DIR"):
+    with destination_lock(Path(new_dir), "NEW_DIR"), reading_output(Path(out_dir)):
         return _quantize_output(out_dir, new_dir, quant, group_size, verify)
 
 

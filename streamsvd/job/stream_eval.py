@@ -131,8 +131,17 @@ class _InMemory:
         return self.data[start:stop]
 
 
+def streaming_perplexity(path, *args, **kwargs) -> dict:
+    """_streaming_perplexity, with no `run` rewriting `path` meanwhile (job/lock.reading_output): a restart under an
+    eval gave a mixed model's figure."""
+    from .lock import reading_output
+
+    with reading_output(Path(path)):
+        return _streaming_perplexity(path, *args, **kwargs)
+
+
 @torch.no_grad()
-def streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None = None, max_mem: int | None = None,
+def _streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None = None, max_mem: int | None = None,
                          work_dir: Path | None = None, progress: bool = True,
                          on_disk: bool | None = None, windows: torch.Tensor | None = None,
                          batch_size: int | None = None, device: str = "cpu", max_gpu_mem: int | None = None,

@@ -16,7 +16,15 @@ from .state import STATE_NAME, read_state
 
 
 def verify(out_dir: Path, deep: bool = True) -> dict:
-    out_dir = Path(out_dir)
+    """OUT_DIR's files against what its job recorded (held against a `run` rewriting it meanwhile, which made every
+    file it had not yet rewritten look damaged)."""
+    from .lock import reading_output
+
+    with reading_output(Path(out_dir)):
+        return _verify(Path(out_dir), deep)
+
+
+def _verify(out_dir: Path, deep: bool) -> dict:
     if not out_dir.is_dir():
         raise StreamSVDError(f"{out_dir} is not a directory", "give the OUT_DIR of a streamsvd run")
     state = read_state(out_dir)

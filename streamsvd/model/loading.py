@@ -24,18 +24,20 @@ def load(path, dtype: torch.dtype | None = None, device: str = "cpu", verify: bo
 
     `verify`: a streamsvd OUT_DIR's files are first checked against the sha256 its job recorded, as `streamsvd
     verify` does (one read of the output, about 1 GB/s per core; False checks sizes and headers only)."""
+    from ..job.lock import reading_output
     from ..job.verify import damaged_fix
 
     path = Path(path)
-    state = check_finished(path, verify)
-    output = state is not None or is_streamsvd_output(path)
-    try:
-        return _load(path, dtype, device)
-    except CheckpointError as e:
-        if not output:
-            raise
-        # An output is re-made by rerunning the job, not re-downloaded.
-        raise CheckpointError(f"{path} is a damaged streamsvd output: {e.problem}", damaged_fix(state)) from e
+    with reading_output(path):  # no `run` rewrites it while it is checked and read
+        state = check_finished(path, verify)
+        output = state is not None or is_streamsvd_output(path)
+        try:
+            return _load(path, dtype, device)
+        except CheckpointError as e:
+            if not output:
+                raise
+            # An output is re-made by rerunning the job, not re-downloaded.
+            raise CheckpointError(f"{path} is a damaged streamsvd output: {e.problem}", damaged_fix(state)) from e
 
 
 def _load(path: Path, dtype: torch.dtype | None, device: str) -> nn.Module:

@@ -2,12 +2,18 @@
 
 Two at once into one folder took each other's partial files: a second quantize saw the first's unfinished state as a
 stopped quantize and removed the folder's files under it; a second dense export finished the first's shards as its own.
+And no reader of an output (quantize, export, eval, verify, streamsvd.load) overlaps a `run` rewriting it: an export or
+quantize during `run --restart` wrote a silent mix of both jobs' shards, eval gave a mixed model's figure.
 """
+
+import shutil
 
 import pytest
 
 import streamsvd
 from streamsvd.cli import main
+from streamsvd.errors import StreamSVDError
+from streamsvd.io.calibration import default_text
 from streamsvd.job.lock import LOCK_NAME, DirLock
 from streamsvd.job.pipeline import JobConfig, run_job
 from tiny_models import make_tiny_checkpoint
@@ -72,3 +78,53 @@ def test_a_refused_command_leaves_no_folder_made_for_its_lock(out, tmp_path, cap
     assert "error:" in capsys.readouterr().err and not (tmp_path / "a").exists()
     assert main(["export", "dense", str(out), str(out / "inside")]) == 2
     assert "is inside the streamsvd output" in capsys.readouterr().err and not (out / "inside").exists()
+
+
+READERS = {
+    "quantize": ["quantize", "{out}", "{dest}", "--quant", "int8"],
+    "dense": ["export", "dense", "{out}", "{dest}"],
+    "onnx": ["export", "onnx", "{out}", "{dest}", "--no-check"],
+    "eval": ["eval", "{out}", "--text", "{text}", "--seqlen", "32", "--max-windows", "2"],
+    "eval-in-memory": ["eval", "{out}", "--text", "{text}", "--seqlen", "32", "--max-windows", "2", "--in-memory"],
+    "verify": ["verify", "{out}"],
+}
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_a_reader_of_an_output_a_run_is_writing_is_refused(reader, out, tmp_path, capsys):
+    from streamsvd.job.lock import JobLocks
+
+    if reader == "onnx":
+        pytest.importorskip("onnxruntime", reason="the onnx extra is part of the test extra: pip install -e '.[test]'")
+    writing = JobLocks()
+    writing.take(out, "OUT_DIR")
+    writing.take_folder(out, "OUT_DIR")  # what `run` holds while it writes OUT_DIR
+    try:
+        (tmp_path / "text.txt").write_text(default_text()[:20_000])
+        args = [a.format(out=out, dest=tmp_path / "dest", text=tmp_path / "text.txt") for a in READERS[reader]]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{out} is being written by a streamsvd job: process" in err and "wait for that job to finish" in err
+        assert "Traceback" not in err and not (tmp_path / "dest").exists()
+        with pytest.raises(StreamSVDError, match="being written by a streamsvd job"):
+            streamsvd.load(out)
+    finally:
+        writing.release()
+    assert main(args) == 0, capsys.readouterr().err  # once the run has ended
+
+
+def test_a_run_into_an_output_being_read_is_refused(out, tmp_path, capsys):
+    from streamsvd.job.lock import reading_output
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    model = out.parent / "model"
+    args = ["run", str(model), str(copy), "--ratio", "0.4", "--calib-samples", "4", "--seqlen", "32", "--alloc", "uniform",
+            "--no-progress", "--restart"]
+    before = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
+    with reading_output(copy), reading_output(copy):  # two readers at once are fine
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "is being read by another streamsvd command" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before  # nothing was touched
+    assert main(args) == 0
