@@ -291,7 +291,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-mem", default=None, help="memory budget, e.g. 8G; the windows' hidden states go to disk when "
                    "they would take over a quarter of it (default: 75%% of available RAM)")
     p.add_argument("--work-dir", default=None, metavar="DIR", help="where on-disk hidden states go when they do "
-                   "(two files of windows x seqlen x hidden float32, in a folder streamsvd-eval-HOST-PID removed at the end, or by "
+                   "(two files of windows x seqlen x hidden float32, in a folder streamsvd-eval-XXXX removed at the end, or by "
                    "the next eval if this one is killed; default: the system's temporary folder)")
     p.add_argument("--in-memory", action="store_true", help="load the whole model instead of streaming it (needs "
                    "RAM for all of it; same figure)")

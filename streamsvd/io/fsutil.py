@@ -92,23 +92,53 @@ def remove_temporaries(folder: Path, names=None) -> list[Path]:
     return removed
 
 
-def remove_folders_of_dead_processes(parent: Path, prefix: str) -> list[Path]:
-    """Remove the folders `parent/PREFIX<PID>` whose process is gone: a process's scratch or build folder, named by its
-    PID, that a kill left and nothing else removes. A folder whose process still runs (or is not ours to signal) is
-    left alone; so is anything not a plain folder. The removed paths."""
+def new_held_folder(parent: Path, prefix: str) -> tuple[Path, int | None]:
+    """A new folder `parent/PREFIX<random>` for a process's scratch or build files, and an open descriptor of it that
+    holds its flock: while that is open (the process lives), remove_abandoned_folders leaves the folder alone.
+
+    Made and locked under another name, then renamed, so no other process's sweep sees it unlocked. The descriptor is
+    None where the file system has no flock (the folder is then never swept). Close it when done (os.close).
+    """
+    import fcntl
+    import tempfile
+
+    staging = f".new-{prefix}"
+    made = Path(tempfile.mkdtemp(prefix=staging, dir=parent))
+    fd = os.open(made, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        fd = None
+    folder = Path(parent) / f"{prefix}{made.name[len(staging):]}"
+    os.rename(made, folder)
+    return folder, fd
+
+
+def remove_abandoned_folders(parent: Path, prefix: str) -> list[Path]:
+    """Remove the folders `parent/PREFIX*` (made by new_held_folder) whose process is gone: a kill left them and
+    nothing else removes them. Liveness is the folder's flock, which the kernel drops with its process: a PID said
+    nothing across PID namespaces (containers with one hostname and one temporary folder) or hosts (NFS), and a live
+    eval's or import's files were removed under it. Anything not a plain folder, or not lockable, is left alone."""
+    import fcntl
+
     removed = []
     for folder in sorted(Path(parent).glob(f"{glob.escape(prefix)}*")):
-        pid = folder.name[len(prefix):]
-        if not pid.isdigit() or not folder.is_dir() or folder.is_symlink():
+        if not folder.is_dir() or folder.is_symlink():
             continue
         try:
-            os.kill(int(pid), 0)
-            continue  # alive: another process works there
-        except ProcessLookupError:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its process works there (or no flock here: never swept)
+            continue
+        else:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
-        except (PermissionError, OverflowError):
-            continue
+        finally:
+            os.close(fd)
     return removed
 
 

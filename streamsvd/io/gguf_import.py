@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import INDEX_NAME, SINGLE_NAME
 from ..errors import StreamSVDError
-from .fsutil import file_in_the_way, remove_folders_of_dead_processes
+from .fsutil import file_in_the_way, new_held_folder, remove_abandoned_folders
 
 
 def import_gguf(gguf_path, out_dir, dtype=torch.float32, max_shard_size="2GB") -> Path:
@@ -29,11 +29,10 @@ def import_gguf(gguf_path, out_dir, dtype=torch.float32, max_shard_size="2GB") -
     # Resolved: an empty target given as a link to a directory (rmdir refused it) or as "." (the build directory
     # went inside it, and the rename failed as if something else had written there).
     target = out_dir.resolve()
-    tmp = target.parent / f".{target.name}.importing-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    # the build folders (`.OUT.importing-PID`) of killed imports into the same target: a whole dequantised checkpoint
-    # each, which nothing else removes; a live import's is left alone
-    remove_folders_of_dead_processes(target.parent, f".{target.name}.importing-")
+    # the build folders (`.OUT.importing-XXXX`) of killed imports into the same target: a whole dequantised checkpoint
+    # each, which nothing else removes; a live import's (its flock held) is left alone
+    remove_abandoned_folders(target.parent, f".{target.name}.importing-")
+    tmp, held = new_held_folder(target.parent, f".{target.name}.importing-")
     try:
         _write_checkpoint(gguf_path, tmp, dtype, max_shard_size)
         _check_tensor_names(tmp)
@@ -48,6 +47,8 @@ def import_gguf(gguf_path, out_dir, dtype=torch.float32, max_shard_size="2GB") -
             ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if held is not None:
+            os.close(held)
     return out_dir
 
 
@@ -106,7 +107,7 @@ def _write_checkpoint(gguf_path: Path, tmp: Path, dtype, max_shard_size) -> None
     with contextlib.suppress(AttributeError):
         del model.config.quantization_config
     model.hf_quantizer = None
-    tmp.mkdir(parents=True)
+    tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(tmp)
     for f in tmp.iterdir():  # safetensors shards come out 0600; a shared cache needs them readable

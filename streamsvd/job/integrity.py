@@ -29,7 +29,7 @@ from ..io.output import REPORT_JSON, REPORT_MD, RUN_LOG, SPECTRA_DIR
 from ..io.plots import ALLOCATION_PNG, SPECTRA_PNG
 from ..model.architecture import layer_prefix
 from ..model.remote import MODELING_FILE, modeling_source
-from .lock import LOCK_NAME
+from .lock import LOCK_NAME, JobLocked
 from .state import RESTART_FIX, STATE_NAME
 from .verify import check_files
 
@@ -52,13 +52,21 @@ class JobIntegrity:
     def lock(self) -> None:
         job = self.job
         out = Path(job.cfg.out_dir)
+        made = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
-        if job.world.writes:  # under torchrun rank 0 holds OUT_DIR for the job; each rank its own work folder
-            job.locks.take(out, "OUT_DIR")
-            job.locks.take_folder(out, "OUT_DIR")  # no quantize, export, eval or load reads it meanwhile
-        if job.cfg.work_dir is not None:
-            job.work.mkdir(parents=True, exist_ok=True)
-            job.locks.take(job.work, "--work-dir")
+        try:
+            if job.world.writes:  # under torchrun rank 0 holds OUT_DIR for the job; each rank its own work folder
+                job.locks.take(out, "OUT_DIR")
+                job.locks.take_folder(out, "OUT_DIR")  # no quantize, export, eval or load reads it meanwhile
+            if job.cfg.work_dir is not None:
+                job.work.mkdir(parents=True, exist_ok=True)
+                job.locks.take(job.work, "--work-dir")
+        except JobLocked:
+            job.locks.release()
+            if made:  # refused before anything was written: the new OUT_DIR is not left behind, empty
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
 
     def reread_state(self) -> bool:
         """Read the state again under the lock (another job may have moved it on); True if it changed."""

@@ -33,7 +33,7 @@ from ..errors import StreamSVDError
 from ..io.activations import ActivationFile, activation_bytes
 from ..io.calibration import load_tokenizer
 from ..io.checkpoint import Checkpoint
-from ..io.fsutil import remove_folders_of_dead_processes
+from ..io.fsutil import new_held_folder, remove_abandoned_folders
 from ..model.architecture import decoder_layers, empty_model, load_config, check_seqlen, materialize_base
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, layer_args_on, run_layer
 from ..model.loading import materialize_head, stored_layer
@@ -216,7 +216,7 @@ def _streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None 
         hold_to_budget(gpu, gpu_bytes)
     head_here = on_gpu and head_fits_gpu(config, seqlen, gpu_bytes)
 
-    scratch = _scratch(work_dir) if on_disk else None
+    scratch, held = _scratch(work_dir) if on_disk else (None, None)
     try:
         def store(i):
             return ActivationFile(scratch / f"hidden-{i}.bin", shape, "float32", create=True) if on_disk else _InMemory(shape)
@@ -237,6 +237,8 @@ def _streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None 
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+        if held is not None:
+            os.close(held)
     total, count = add_in_order(world.gather(scored, "eval"))  # rank order is window order: one process's sum
     out = result(total, count, n_all, seqlen, time.time() - started)
     out.update(batch_size=batch, hidden_on_disk=on_disk, device=str(gpu))
@@ -245,20 +247,13 @@ def _streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None 
     return out
 
 
-def _scratch(work_dir: Path | None) -> Path:
-    """A new folder for the hidden states, `streamsvd-eval-HOST-PID` in `work_dir` (default: the system's temporary
-    folder). A killed eval left its folder, two files of windows x seqlen x hidden float32 (GBs at 7B), for good: those
-    of this host's evals whose process is gone are removed first."""
-    import os
-    import socket
-
+def _scratch(work_dir: Path | None) -> tuple[Path, int | None]:
+    """A new folder for the hidden states, `streamsvd-eval-XXXX` in `work_dir` (default: the system's temporary
+    folder), held by its flock while this eval runs (io/fsutil.new_held_folder). A killed eval left its folder, two
+    files of windows x seqlen x hidden float32 (GBs at 7B), for good: those no live eval holds are removed first."""
     parent = Path(work_dir) if work_dir is not None else Path(tempfile.gettempdir())
-    prefix = f"streamsvd-eval-{socket.gethostname()}-"
-    remove_folders_of_dead_processes(parent, prefix)
-    scratch = parent / f"{prefix}{os.getpid()}"
-    shutil.rmtree(scratch, ignore_errors=True)  # a reused PID's leftover
-    scratch.mkdir(parents=True)
-    return scratch
+    remove_abandoned_folders(parent, "streamsvd-eval-")
+    return new_held_folder(parent, "streamsvd-eval-")
 
 
 def _scores(model, src, windows: torch.Tensor, device) -> list[tuple[float, int]]:

@@ -86,22 +86,23 @@ def test_a_gguf_round_trip_gives_the_same_model(tiny, tmp_path):
 
 
 def test_the_build_folder_of_a_killed_import_is_removed_by_the_next(tiny, tmp_path):
-    """A kill before the final rename left `.OUT.importing-PID` (the whole dequantised checkpoint; 140 GB at 70B) and
-    the rerun, which cleared only its own PID's folder, finished beside it. A folder whose process runs is kept."""
-    import subprocess
-    import sys
+    """A kill before the final rename left `.OUT.importing-XXXX` (the whole dequantised checkpoint; 140 GB at 70B) and
+    the rerun finished beside it. A folder a live import holds (its flock; a PID said nothing across PID namespaces,
+    where a probe saw one import remove another's live build folder) is kept."""
+    from streamsvd.io.fsutil import new_held_folder
 
     write_gguf(tiny, tmp_path / "full.gguf")
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()  # a PID no process has now
-    stale = tmp_path / f".out.importing-{dead.pid}"
+    stale = tmp_path / ".out.importing-12345"  # a killed import's: nobody holds it
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"x" * 1000)
-    alive = tmp_path / f".out.importing-{os.getppid()}"  # a running process's: another import under way
-    alive.mkdir()
-    assert main(["import-gguf", str(tmp_path / "full.gguf"), str(tmp_path / "out")]) == 0
-    assert not stale.exists() and alive.is_dir()
+    alive, held = new_held_folder(tmp_path, ".out.importing-")  # another import under way
+    try:
+        assert main(["import-gguf", str(tmp_path / "full.gguf"), str(tmp_path / "out")]) == 0
+        assert not stale.exists() and alive.is_dir()
+    finally:
+        os.close(held)
     assert torch.allclose(_logits(tmp_path / "out"), _logits(tiny), atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [alive.name]
 
 
 def test_a_gguf_that_lacks_a_tensor_is_refused_and_writes_nothing(tiny, tmp_path, capsys):

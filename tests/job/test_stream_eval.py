@@ -52,37 +52,51 @@ def test_hidden_states_on_disk_give_the_same_figure(tmp_path):
 
 def test_the_scratch_folder_of_a_killed_eval_is_removed_by_the_next(tmp_path, monkeypatch):
     """A killed eval left its hidden states (`streamsvd-eval-XXXX`: two files of windows x seqlen x hidden float32,
-    GBs at 7B) in the temporary folder for good. They are named by host and PID now; the next eval removes this host's
-    whose process is gone, and leaves a running one's, another host's and anything else alone."""
+    GBs at 7B) in the temporary folder for good. The next eval removes those no live eval holds (the folder's flock,
+    dropped by the kernel with its process; a PID said nothing across PID namespaces, where a probe saw one eval remove
+    another's live files), and leaves a running one's and anything else alone."""
     import os
-    import socket
     import subprocess
     import sys
+
+    from streamsvd.io.fsutil import new_held_folder
 
     model_dir = make_tiny_checkpoint("llama", tmp_path / "model")
     work = tmp_path / "work"
     work.mkdir()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()  # a PID no process has now
-    host = socket.gethostname()
-    stale = work / f"streamsvd-eval-{host}-{dead.pid}"
+    stale = work / "streamsvd-eval-k1ll3d"  # what a killed eval left: nobody holds it
     stale.mkdir()
     (stale / "hidden-0.bin").write_bytes(b"x" * 1000)
-    kept = [work / f"streamsvd-eval-{host}-{os.getppid()}", work / f"streamsvd-eval-otherhost-{dead.pid}",
-            work / "streamsvd-eval-abc123"]
-    for folder in kept:
-        folder.mkdir()
-    seen = []
-    real = stream_eval.ActivationFile
+    # a live eval in another process (its own PID namespace would do the same): it holds its folder's flock
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                              "from streamsvd.io.fsutil import new_held_folder; "
+                              f"print(new_held_folder(Path({str(work)!r}), 'streamsvd-eval-')[0], flush=True); "
+                              "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        live = Path(child.stdout.readline().strip())
+        kept = [live, work / "other-folder"]
+        kept[1].mkdir()
+        seen = []
+        real = stream_eval.ActivationFile
 
-    def spy(path, *args, **kwargs):
-        seen.append(Path(path).parent.name)
-        return real(path, *args, **kwargs)
+        def spy(path, *args, **kwargs):
+            seen.append(Path(path).parent)
+            return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(stream_eval, "ActivationFile", spy)
-    got = streaming_perplexity(model_dir, TEXT, 48, max_windows=3, work_dir=work, progress=False, on_disk=True)
-    assert got["hidden_on_disk"] and set(seen) == {f"streamsvd-eval-{host}-{os.getpid()}"}
-    assert sorted(work.iterdir()) == sorted(kept)
+        monkeypatch.setattr(stream_eval, "ActivationFile", spy)
+        got = streaming_perplexity(model_dir, TEXT, 48, max_windows=3, work_dir=work, progress=False, on_disk=True)
+        assert got["hidden_on_disk"] and len(set(seen)) == 1
+        own = seen[0]
+        assert own.parent == work and own.name.startswith("streamsvd-eval-") and own not in kept
+        assert sorted(work.iterdir()) == sorted(kept)  # the stale folder and this eval's own are gone
+    finally:
+        child.kill()
+        child.wait()
+    # a folder made by new_held_folder here, then let go (its process ended): swept by the next eval
+    folder, fd = new_held_folder(work, "streamsvd-eval-")
+    os.close(fd)
+    streaming_perplexity(model_dir, TEXT, 48, max_windows=3, work_dir=work, progress=False, on_disk=True)
+    assert not folder.exists() and not live.exists()
 
 
 def test_hidden_states_go_to_disk_when_they_would_take_over_a_quarter_of_the_budget():
