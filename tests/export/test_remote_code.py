@@ -8,6 +8,7 @@ sides run single-threaded.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ import torch
 import streamsvd
 from streamsvd.cli import main
 from streamsvd.io.checkpoint import Checkpoint
+from streamsvd.job.lock import JobLocks
 from streamsvd.job.state import STATE_NAME
 from streamsvd.model.architecture import check_supported
 from streamsvd.model.lowrank import LowRankLinear, PivotedLinear
@@ -35,7 +37,7 @@ CHILD = textwrap.dedent('''
     import torch
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    cases, damaged = json.loads(sys.argv[1]), sys.argv[2]
+    cases, damaged, locked = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
     result = {"cases": {}}
     try:
         import streamsvd  # noqa: F401
@@ -66,6 +68,11 @@ CHILD = textwrap.dedent('''
         result["damaged"] = "loaded"
     except Exception as e:
         result["damaged"] = f"{type(e).__name__}: {e}"
+    try:
+        AutoModelForCausalLM.from_pretrained(locked, trust_remote_code=True)
+        result["locked"] = "loaded"
+    except Exception as e:
+        result["locked"] = f"{type(e).__name__}: {e}"
     result["modules"] = sorted(m for m in sys.modules if m.split(".")[0] == "streamsvd")
     print("RESULT " + json.dumps(result))
 ''')
@@ -121,10 +128,18 @@ def child(outputs, tmp_path_factory):
     config = json.loads((damaged / "config.json").read_text())
     config[SECTION]["forms"]["model.layers.1.mlp.up_proj"] = "plain"
     (damaged / "config.json").write_text(json.dumps(config))
+    # A copy a `streamsvd run` is writing (it holds the folder's flock exclusively while the child loads).
+    locked = root / "locked"
+    shutil.copytree(outputs["llama"], locked)
+    writing = JobLocks()
+    writing.take_folder(locked, "OUT_DIR")
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(root / "hf_modules"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases), str(damaged)], capture_output=True,
-                          text=True, env=env, cwd=root, timeout=300, stdin=subprocess.DEVNULL)
+    try:
+        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases), str(damaged), str(locked)],
+                              capture_output=True, text=True, env=env, cwd=root, timeout=300, stdin=subprocess.DEVNULL)
+    finally:
+        writing.release()
     line = next((l for l in proc.stdout.splitlines() if "RESULT " in l), None)  # after transformers' prompt text
     assert line is not None, proc.stdout + proc.stderr
     return json.loads(line.split("RESULT ", 1)[1]), refs
@@ -167,6 +182,12 @@ def test_remote_code_refuses_a_config_that_does_not_match_the_shards(child):
     result, _ = child
     assert result["damaged"].startswith("ValueError") and "does not match its streamsvd config" in result["damaged"]
     assert "up_proj" in result["damaged"]
+
+
+def test_remote_code_refuses_an_output_a_run_is_writing(child):
+    """As streamsvd.load does (job/lock.reading_output): a load during `run --restart` mixed two jobs' shards."""
+    result, _ = child
+    assert result["locked"].startswith("RuntimeError") and "is being written by a streamsvd run" in result["locked"]
 
 
 def test_out_dir_ships_the_layer_classes_streamsvd_uses(outputs):

@@ -19,6 +19,8 @@ message asking for `trust_remote_code=True`.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -284,6 +286,36 @@ class StreamSVDConfig(PreTrainedConfig):
         return config
 
 
+@contextlib.contextmanager
+def held_for_reading(path):
+    """A shared flock on the local folder `path` while it is read, as streamsvd's own readers hold it: a `streamsvd
+    run` rewriting the folder holds it exclusively, so a load during `run --restart` is refused instead of mixing
+    two jobs' shards. Nothing is held for a hub id, off POSIX, or where the file system has no flock."""
+    import os
+
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    fd = None
+    if fcntl is not None and isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(f"{path} is being written by a streamsvd run; wait for it to finish, then load it") from None
+        except OSError:
+            if fd is not None:
+                os.close(fd)
+            fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 class StreamSVDForCausalLM(PreTrainedModel):
     """Loads a streamsvd output as the base family's own *ForCausalLM, compressed linears swapped.
 
@@ -295,6 +327,11 @@ class StreamSVDForCausalLM(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        with held_for_reading(pretrained_model_name_or_path):
+            return cls._from_pretrained_held(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+
+    @classmethod
+    def _from_pretrained_held(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
         if not isinstance(config, StreamSVDConfig):
             config = StreamSVDConfig.from_pretrained(pretrained_model_name_or_path)
         base = config.base_config()
