@@ -142,10 +142,10 @@ def streaming_perplexity(path, *args, **kwargs) -> dict:
 
 @torch.no_grad()
 def _streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None = None, max_mem: int | None = None,
-                         work_dir: Path | None = None, progress: bool = True,
-                         on_disk: bool | None = None, windows: torch.Tensor | None = None,
-                         batch_size: int | None = None, device: str = "cpu", max_gpu_mem: int | None = None,
-                         verify: bool = True) -> dict:
+                          work_dir: Path | None = None, progress: bool = True,
+                          on_disk: bool | None = None, windows: torch.Tensor | None = None,
+                          batch_size: int | None = None, device: str = "cpu", max_gpu_mem: int | None = None,
+                          verify: bool = True) -> dict:
     """`on_disk`: None decides by the budget (`hidden_on_disk`); True or False forces it. `windows`: score these
     token windows instead of `text`'s (e.g. a job's held-out windows, io/calibration.heldout_windows).
     `batch_size`: windows per block forward (default: on the CPU about 2,048 tokens' worth within the budget, on a
