@@ -92,18 +92,25 @@ def remove_temporaries(folder: Path, names=None) -> list[Path]:
     return removed
 
 
-def new_held_folder(parent: Path, prefix: str) -> tuple[Path, int | None]:
-    """A new folder `parent/PREFIX<random>` for a process's scratch or build files, and an open descriptor of it that
-    holds its flock: while that is open (the process lives), remove_abandoned_folders leaves the folder alone.
+# In every folder new_held_folder makes: only a folder holding it is ever swept (a user's own `streamsvd-eval-notes`
+# folder was removed with its contents). A build folder renamed into place drops it first (drop_held_marker).
+HELD_MARKER = ".streamsvd-held"
 
-    Made and locked under another name, then renamed, so no other process's sweep sees it unlocked. The descriptor is
-    None where the file system has no flock (the folder is then never swept). Close it when done (os.close).
+
+def new_held_folder(parent: Path, prefix: str) -> tuple[Path, int | None]:
+    """A new folder `parent/PREFIX<random>` for a process's scratch or build files, marked as streamsvd's
+    (HELD_MARKER), and an open descriptor of it that holds its flock: while that is open (the process lives),
+    remove_abandoned_folders leaves the folder alone.
+
+    Made, marked and locked under another name, then renamed, so no other process's sweep sees it unlocked. The
+    descriptor is None where the file system has no flock (the folder is then never swept). Close it when done.
     """
     import fcntl
     import tempfile
 
     staging = f".new-{prefix}"
     made = Path(tempfile.mkdtemp(prefix=staging, dir=parent))
+    (made / HELD_MARKER).write_bytes(b"")
     fd = os.open(made, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -115,8 +122,15 @@ def new_held_folder(parent: Path, prefix: str) -> tuple[Path, int | None]:
     return folder, fd
 
 
+def drop_held_marker(folder: Path) -> None:
+    """Remove HELD_MARKER from a held folder about to become something else (a build folder renamed into place)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(Path(folder) / HELD_MARKER)
+
+
 def remove_abandoned_folders(parent: Path, prefix: str) -> list[Path]:
-    """Remove the folders `parent/PREFIX*` (made by new_held_folder) whose process is gone: a kill left them and
+    """Remove the folders `parent/PREFIX*` made by new_held_folder (holding HELD_MARKER; any other is left alone,
+    whatever its name) whose process is gone: a kill left them and
     nothing else removes them. Liveness is the folder's flock, which the kernel drops with its process: a PID said
     nothing across PID namespaces (containers with one hostname and one temporary folder) or hosts (NFS), and a live
     eval's or import's files were removed under it. Anything not a plain folder, or not lockable, is left alone."""
@@ -124,7 +138,7 @@ def remove_abandoned_folders(parent: Path, prefix: str) -> list[Path]:
 
     removed = []
     for folder in sorted(Path(parent).glob(f"{glob.escape(prefix)}*")):
-        if not folder.is_dir() or folder.is_symlink():
+        if not folder.is_dir() or folder.is_symlink() or not (folder / HELD_MARKER).is_file():
             continue
         try:
             fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)

@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import INDEX_NAME, SINGLE_NAME
 from ..errors import StreamSVDError
-from .fsutil import file_in_the_way, new_held_folder, remove_abandoned_folders
+from .fsutil import drop_held_marker, file_in_the_way, new_held_folder, remove_abandoned_folders
 
 
 def import_gguf(gguf_path, out_dir, dtype=torch.float32, max_shard_size="2GB") -> Path:
@@ -38,6 +38,7 @@ def import_gguf(gguf_path, out_dir, dtype=torch.float32, max_shard_size="2GB") -
         _check_tensor_names(tmp)
         if target.is_dir() and not any(target.iterdir()):
             target.rmdir()  # an empty target is allowed; rename cannot replace it portably
+        drop_held_marker(tmp)  # still held by its flock: no sweep takes it meanwhile
         try:
             os.rename(tmp, target)
         except OSError as e:

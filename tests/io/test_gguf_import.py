@@ -89,12 +89,15 @@ def test_the_build_folder_of_a_killed_import_is_removed_by_the_next(tiny, tmp_pa
     """A kill before the final rename left `.OUT.importing-XXXX` (the whole dequantised checkpoint; 140 GB at 70B) and
     the rerun finished beside it. A folder a live import holds (its flock; a PID said nothing across PID namespaces,
     where a probe saw one import remove another's live build folder) is kept."""
-    from streamsvd.io.fsutil import new_held_folder
+    from streamsvd.io.fsutil import HELD_MARKER, new_held_folder
 
     write_gguf(tiny, tmp_path / "full.gguf")
-    stale = tmp_path / ".out.importing-12345"  # a killed import's: nobody holds it
+    stale = tmp_path / ".out.importing-12345"  # a killed import's: marked as streamsvd's, nobody holds it
     stale.mkdir()
+    (stale / HELD_MARKER).write_bytes(b"")
     (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    unmarked = tmp_path / ".out.importing-notes"  # not made by an import: never removed
+    unmarked.mkdir()
     alive, held = new_held_folder(tmp_path, ".out.importing-")  # another import under way
     try:
         assert main(["import-gguf", str(tmp_path / "full.gguf"), str(tmp_path / "out")]) == 0
@@ -102,7 +105,8 @@ def test_the_build_folder_of_a_killed_import_is_removed_by_the_next(tiny, tmp_pa
     finally:
         os.close(held)
     assert torch.allclose(_logits(tmp_path / "out"), _logits(tiny), atol=1e-5)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [alive.name]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted([alive.name, unmarked.name])
+    assert not (tmp_path / "out" / HELD_MARKER).exists()  # the build folder's mark is not part of the checkpoint
 
 
 def test_a_gguf_that_lacks_a_tensor_is_refused_and_writes_nothing(tiny, tmp_path, capsys):

@@ -59,14 +59,18 @@ def test_the_scratch_folder_of_a_killed_eval_is_removed_by_the_next(tmp_path, mo
     import subprocess
     import sys
 
-    from streamsvd.io.fsutil import new_held_folder
+    from streamsvd.io.fsutil import HELD_MARKER, new_held_folder
 
     model_dir = make_tiny_checkpoint("llama", tmp_path / "model")
     work = tmp_path / "work"
     work.mkdir()
-    stale = work / "streamsvd-eval-k1ll3d"  # what a killed eval left: nobody holds it
+    stale = work / "streamsvd-eval-k1ll3d"  # what a killed eval left: marked as streamsvd's, nobody holds it
     stale.mkdir()
+    (stale / HELD_MARKER).write_bytes(b"")
     (stale / "hidden-0.bin").write_bytes(b"x" * 1000)
+    mine = work / "streamsvd-eval-mynotes"  # a user's own folder of that name (a probe saw it removed, contents too)
+    mine.mkdir()
+    (mine / "a.txt").write_text("important")
     # a live eval in another process (its own PID namespace would do the same): it holds its folder's flock
     child = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
                               "from streamsvd.io.fsutil import new_held_folder; "
@@ -74,7 +78,7 @@ def test_the_scratch_folder_of_a_killed_eval_is_removed_by_the_next(tmp_path, mo
                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         live = Path(child.stdout.readline().strip())
-        kept = [live, work / "other-folder"]
+        kept = [live, work / "other-folder", mine]
         kept[1].mkdir()
         seen = []
         real = stream_eval.ActivationFile
@@ -96,7 +100,7 @@ def test_the_scratch_folder_of_a_killed_eval_is_removed_by_the_next(tmp_path, mo
     folder, fd = new_held_folder(work, "streamsvd-eval-")
     os.close(fd)
     streaming_perplexity(model_dir, TEXT, 48, max_windows=3, work_dir=work, progress=False, on_disk=True)
-    assert not folder.exists() and not live.exists()
+    assert not folder.exists() and not live.exists() and (mine / "a.txt").read_text() == "important"
 
 
 def test_hidden_states_go_to_disk_when_they_would_take_over_a_quarter_of_the_budget():
