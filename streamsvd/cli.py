@@ -900,6 +900,10 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:  # a full disk outside the writers that already report it (e.g. copying the tokenizer)
             from .io.diskspace import disk_full_error, is_disk_full
 
+            if isinstance(e, PermissionError):  # EPERM too (an immutable folder), which the writers' checks do not catch
+                raise StreamSVDError(f"permission denied on {e.filename or 'a path this command needs'} ({e.strerror})",
+                                     "check that path's owner and mode (and the immutable flag: lsattr), or give "
+                                     "another directory") from e
             if not is_disk_full(e):
                 raise
             raise disk_full_error(e.filename or "OUT_DIR") from e

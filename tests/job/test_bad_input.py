@@ -846,3 +846,18 @@ def test_messages_that_named_the_wrong_problem(capsys, tmp_path, pristine):
     # with the keys of every other verify object, so a script reads them the same way (they were missing)
     ok = json.loads(captured.out)
     assert {"complete", "blocks_done", "files_checked", "damaged", "files_ok", "fix"} <= set(ok) and ok["fix"]
+
+
+def test_a_permission_error_anywhere_is_one_error_and_a_fix(monkeypatch, tmp_path, capsys):
+    """An immutable parent folder (`chattr +i`) gives EPERM, which the writers' own permission checks (EACCES) did not
+    catch: quantize, both exports and eval's scratch folder ended in a PermissionError traceback."""
+    from streamsvd.job import quantize_output
+
+    def denied(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted", str(tmp_path / "ro" / "new"))
+
+    monkeypatch.setattr(quantize_output, "_quantize_output", denied)
+    assert main(["quantize", str(tmp_path / "out"), str(tmp_path / "new"), "--quant", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: permission denied on {tmp_path / 'ro' / 'new'} (Operation not permitted)" in err
+    assert "fix: " in err and "Traceback" not in err
