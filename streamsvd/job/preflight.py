@@ -30,7 +30,8 @@ def check_can_create(path: Path, what: str, flag_fix: str) -> None:
         raise StreamSVDError(f"{what} {path} is a file, not a directory", flag_fix)
     base = _nearest_existing(path)
     if not base.is_dir():
-        raise StreamSVDError(f"{what} {path} cannot be created: {base} is a file, not a directory", flag_fix)
+        kind = "a link to nothing" if base.is_symlink() and not base.exists() else "a file, not a directory"
+        raise StreamSVDError(f"{what} {path} cannot be created: {base} is {kind}", flag_fix)
     try:
         read_only = bool(os.statvfs(base).f_flag & os.ST_RDONLY)
     except OSError:

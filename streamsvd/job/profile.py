@@ -481,6 +481,12 @@ def _check_places(cfg: ProfileConfig) -> None:
         raise StreamSVDError(f"PROFILE_DIR {cfg.profile_dir} is MODEL_DIR or inside it",
                              "choose a directory outside the checkpoint's for PROFILE_DIR (the checkpoint stays as it came)")
     check_can_create(cfg.profile_dir, "PROFILE_DIR", "choose a PROFILE_DIR in a directory you can write to")
+    from .preflight import streamsvd_section
+    from .state import STATE_NAME
+
+    if (Path(cfg.profile_dir) / STATE_NAME).exists() or streamsvd_section(cfg.profile_dir):  # its files went among the output's
+        raise StreamSVDError(f"PROFILE_DIR {cfg.profile_dir} is a streamsvd output",
+                             "give the profile a folder of its own (a job's own profile is OUT_DIR/profile)")
     if cfg.work_dir is not None:
         check_can_create(cfg.work_dir, "--work-dir", "give --work-dir a directory you can write to (or leave it out)")
 
@@ -997,8 +1003,6 @@ def block_spectra(layer, stats, weighing: WeightedEnergies | None = None, spread
 
 def _path_tag(path: Path) -> str:
     """12 hex digits naming a folder by its resolved path."""
-    import hashlib
-
     return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]
 
 

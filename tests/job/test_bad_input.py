@@ -861,3 +861,25 @@ def test_a_permission_error_anywhere_is_one_error_and_a_fix(monkeypatch, tmp_pat
     err = capsys.readouterr().err
     assert f"error: permission denied on {tmp_path / 'ro' / 'new'} (Operation not permitted)" in err
     assert "fix: " in err and "Traceback" not in err
+
+
+def test_a_dangling_link_given_as_a_folder_is_named_as_one(tmp_path, capsys):
+    """`profile MODEL LINK` with LINK pointing nowhere said LINK 'is a file, not a directory'."""
+    model = make_tiny_checkpoint("llama", tmp_path / "model", num_hidden_layers=2)
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    assert main(["profile", str(model), str(tmp_path / "link"), "--calib-samples", "4", "--seqlen", "32",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot be created: {tmp_path / 'link'} is a link to nothing" in err and "Traceback" not in err
+
+
+def test_a_profile_into_a_streamsvd_output_is_refused(tmp_path, capsys):
+    """`profile MODEL OUT_DIR` wrote profile.json and the spectra among a finished output's files."""
+    model = make_tiny_checkpoint("llama", tmp_path / "model", num_hidden_layers=2)
+    out = tmp_path / "out"
+    run_job(JobConfig(model_dir=model, out_dir=out, ratio=0.4, calib_samples=4, seqlen=32, alloc="uniform", progress=False))
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["profile", str(model), str(out), "--calib-samples", "4", "--seqlen", "32", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"PROFILE_DIR {out} is a streamsvd output" in err and "fix: " in err
+    assert sorted(p.name for p in out.iterdir()) == before
