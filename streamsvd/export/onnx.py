@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import StreamSVDError
-from ..io.fsutil import atomic_write_bytes, file_in_the_way, fsync_dir, remove_temporaries, within
+from ..io.fsutil import atomic_write_bytes, file_in_the_way, fsync_dir, fsync_file, remove_temporaries, within
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -327,7 +327,6 @@ def export_onnx(out_dir, dest, int4: bool = False, block_size: int = 32, check: 
 
 
 def _export_onnx(out_dir, dest, int4: bool, block_size: int, check: bool, pivoted: str | None, verify: bool) -> dict:
-    require_onnx()
     import onnx
     import onnxruntime
     import transformers
@@ -418,19 +417,14 @@ def _export_onnx(out_dir, dest, int4: bool, block_size: int, check: bool, pivote
     if check:
         record["check"] = _check(staged, checks, expected, padded)
         refuse_if_off(dest, record)
-    _fsync_file(staged)
+    fsync_file(staged)
     if external:
-        _fsync_file(dest / DATA_FILE)
+        fsync_file(dest / DATA_FILE)
     os.replace(staged, dest / MODEL_FILE)  # checked (or --no-check given): only now under the name users open
     fsync_dir(dest)
     atomic_write_bytes(dest / RECORD, (json.dumps(record, indent=1) + "\n").encode())
     (dest / PARTIAL).unlink(missing_ok=True)
     return record
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def refuse_if_off(dest: Path, record: dict) -> None:

@@ -39,6 +39,33 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a written file's bytes to disk (before it is renamed into place)."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def flock_folder(folder: Path, shared: bool = False) -> int | None:
+    """An open descriptor of `folder` itself holding its flock (exclusive, or `shared`), taken without blocking;
+    None where the folder cannot be opened or locked (not a folder, a file system without flock): nothing is held
+    then. BlockingIOError: another process holds it. Close the descriptor to release it."""
+    import fcntl
+
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path):
     """Yield a temporary path beside `path`; on success fsync it and rename it into place."""
@@ -46,8 +73,7 @@ def atomic_path(path: Path):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except Exception as e:
@@ -105,18 +131,12 @@ def new_held_folder(parent: Path, prefix: str) -> tuple[Path, int | None]:
     Made, marked and locked under another name, then renamed, so no other process's sweep sees it unlocked. The
     descriptor is None where the file system has no flock (the folder is then never swept). Close it when done.
     """
-    import fcntl
     import tempfile
 
     staging = f".new-{prefix}"
     made = Path(tempfile.mkdtemp(prefix=staging, dir=parent))
     (made / HELD_MARKER).write_bytes(b"")
-    fd = os.open(made, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        fd = None
+    fd = flock_folder(made)  # a new folder no one else knows of: never BlockingIOError
     folder = Path(parent) / f"{prefix}{made.name[len(staging):]}"
     os.rename(made, folder)
     return folder, fd
@@ -134,21 +154,17 @@ def remove_abandoned_folders(parent: Path, prefix: str) -> list[Path]:
     nothing else removes them. Liveness is the folder's flock, which the kernel drops with its process: a PID said
     nothing across PID namespaces (containers with one hostname and one temporary folder) or hosts (NFS), and a live
     eval's or import's files were removed under it. Anything not a plain folder, or not lockable, is left alone."""
-    import fcntl
-
     removed = []
     for folder in sorted(Path(parent).glob(f"{glob.escape(prefix)}*")):
         if not folder.is_dir() or folder.is_symlink() or not (folder / HELD_MARKER).is_file():
             continue
         try:
-            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
+            fd = flock_folder(folder)
+        except BlockingIOError:  # held: its process works there
+            continue
+        if fd is None:  # not lockable here: never swept
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: its process works there (or no flock here: never swept)
-            continue
-        else:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
         finally:

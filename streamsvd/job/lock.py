@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from ..errors import StreamSVDError
+from ..io.fsutil import flock_folder
 
 LOCK_NAME = ".streamsvd.lock"
 
@@ -99,24 +100,6 @@ class DirLock:
         return self.fd is not None
 
 
-def _flock_folder(folder: Path, mode: int) -> int | None:
-    """An open descriptor of `folder` itself holding flock `mode` (non-blocking); None where the folder cannot be
-    opened or locked (not a folder, a file system without flock): nothing is held then. BlockingIOError: held."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
 class JobLocks:
     """The locks of one job (OUT_DIR first, then its work directory), released together.
 
@@ -137,7 +120,7 @@ class JobLocks:
 
     def take_folder(self, directory: Path, what: str) -> None:
         try:
-            fd = _flock_folder(Path(directory), fcntl.LOCK_EX)
+            fd = flock_folder(Path(directory))
         except BlockingIOError:
             raise JobLocked(f"{what} {directory} is being read by another streamsvd command (quantize, export, eval, "
                             "verify or streamsvd.load)", "wait for it to finish (or stop it), then run this again") from None
@@ -159,7 +142,7 @@ def reading_output(folder: Path):
     exclusively (JobLocks.take_folder). Refused at once while a run writes there; a run started meanwhile is refused."""
     folder = Path(folder)
     try:
-        fd = _flock_folder(folder, fcntl.LOCK_SH) if folder.is_dir() else None
+        fd = flock_folder(folder, shared=True) if folder.is_dir() else None
     except BlockingIOError:
         raise JobLocked(f"{folder} is being written by a streamsvd job: {_describe(read_owner(folder / LOCK_NAME))}",
                         "wait for that job to finish (or stop it), then run this again") from None
