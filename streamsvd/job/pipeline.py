@@ -53,7 +53,7 @@ from ..model.remote import modeling_source
 from ..model.embedding import materialize_base_mapped
 from .device import check_device_flags, hold_to_budget, peak_bytes, resolve_device
 from .memory import format_size
-from .peak import PeakSampler, high_water_bytes
+from .peak import JobHighWater, PeakSampler
 from .plan import COMPENSATE_MAX_IN, SVD_MODES, build_plan, keep_stage, plot_disk_bytes, refuse_if_too_small
 from ..io.output import SPECTRA_DIR, OutputWriter
 from ..io.plots import plots, read_spectra
@@ -654,6 +654,7 @@ class CompressionJob:
             if not repaired:
                 integrity.remove_scratch()
                 return {**self.out.read_report(), "this_run": self.out.last_run()}
+        self.high_water = JobHighWater()
         self.sampler = PeakSampler().start()
         self.work_before = timing.snapshot()
         self.refinements: dict[str, dict] = {}  # block -> refine_block's figures, this run's blocks
@@ -1117,7 +1118,7 @@ class CompressionJob:
     def _memory_figures(self) -> dict:
         """Measured peak RSS (the kernel's high-water mark, and the sampler's peak per stage) against the budget."""
         self.sampler.stage("write")
-        peak = max(high_water_bytes(), self.sampler.peak)
+        peak = self.high_water.peak(self.sampler.peak)
         return {
             "peak_rss_bytes": peak,
             "peak_rss_by_stage": dict(sorted(self.sampler.peaks.items())),

@@ -1,12 +1,18 @@
 """The measured peak is the job's own, whoever started it."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from streamsvd.job.peak import high_water_bytes
+from tiny_models import make_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_child_of_a_large_process_reports_its_own_peak():
@@ -134,3 +140,33 @@ def test_the_heaps_holes_are_plugged_without_making_them_resident():
     # perhaps): far below the 80 MiB the holes would make resident
     assert f["plug_rss"] < 8 << 20
     assert f["unplugged"] == 0  # unplug_heap empties the list it freed
+
+
+EARLIER_PEAK_SCRIPT = """
+import sys, torch
+import streamsvd.job.peak as peak
+from streamsvd.cli import main
+if sys.argv[1] == "no-reset":
+    peak.reset_high_water = lambda: False  # a kernel without /proc/self/clear_refs
+ballast = torch.ones(1536 << 20, dtype=torch.uint8)  # 1.5 GiB, touched: what the process held before the job
+del ballast
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("mode", ["reset", "no-reset"])
+def test_a_job_started_in_a_process_that_held_more_before_reports_its_own_peak(tmp_path, mode):
+    # The quickstart dequantises the GGUF in its own process before `run`: the job reported that earlier 1.2 GiB
+    # (the kernel's high-water mark) as its peak, against stages that each peaked under 0.9 GiB.
+    model = make_tiny_checkpoint("llama", tmp_path / "model")
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", EARLIER_PEAK_SCRIPT, mode, "run", str(model), str(out), "--calib",
+                           str(text), "--calib-samples", "4", "--seqlen", "32", "--no-progress", "--no-plots",
+                           "--alloc", "uniform", "--max-mem", "4G"], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads((out / "streamsvd_runs.jsonl").read_text().splitlines()[-1])
+    assert run["peak_rss_bytes"] < 1 << 30, run  # the ballast alone was 1.5 GiB
+    assert run["peak_rss_bytes"] >= max(run["peak_rss_by_stage"].values())
