@@ -120,7 +120,8 @@ class World:
                     raise StreamSVDError(f"rank {rank} of {size} could not join the job's torch.distributed process group "
                                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
                                          "start the job with torchrun (it sets MASTER_ADDR, MASTER_PORT, RANK and "
-                                         "WORLD_SIZE), e.g. torchrun --nproc-per-node 2 -m streamsvd run ...") from None
+                                         "WORLD_SIZE), e.g. torchrun --nproc-per-node 2 -m streamsvd run ...; if it was, "
+                                         "its launcher or another node is gone: start the same command again") from None
             world._peers = world._gather((socket.gethostname(), os.getpid()), "start")
             signal.signal(signal.SIGTERM, world._terminated)
         from ..math.gram import keep_diag_terms

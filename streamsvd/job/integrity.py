@@ -44,6 +44,17 @@ def _say(message: str) -> None:
     print(f"streamsvd: {message}", file=sys.stderr, flush=True)
 
 
+def _empty_keeping_locks(folder: Path) -> None:
+    """Remove what `folder` holds but lock files, at any depth (a folder left empty goes, `folder` stays)."""
+    for q in folder.iterdir():
+        if q.is_dir() and not q.is_symlink():
+            _empty_keeping_locks(q)
+            with contextlib.suppress(OSError):
+                q.rmdir()
+        elif q.name != LOCK_NAME:
+            q.unlink(missing_ok=True)
+
+
 class JobIntegrity:
     def __init__(self, job):
         self.job = job
@@ -52,20 +63,18 @@ class JobIntegrity:
     def lock(self) -> None:
         job = self.job
         out = Path(job.cfg.out_dir)
-        made = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
+        # Folders made here and still empty when the locks go (a refusal here, or on another rank under torchrun)
+        # are removed with them: a refused run leaves no new empty OUT_DIR or work folder behind.
         try:
             if job.world.writes:  # under torchrun rank 0 holds OUT_DIR for the job; each rank its own work folder
-                job.locks.take(out, "OUT_DIR")
+                job.locks.take(out, "OUT_DIR", make=True)
                 job.locks.take_folder(out, "OUT_DIR")  # no quantize, export, eval or load reads it meanwhile
-            if job.cfg.work_dir is not None:
-                job.work.mkdir(parents=True, exist_ok=True)
-                job.locks.take(job.work, "--work-dir")
+            if job.cfg.work_dir is not None or job.world.active:
+                # Under torchrun also in OUT_DIR: a rank of an earlier launch whose rank 0 was killed (the launcher
+                # gone, another node) went on, and removed the new launch's activation files under it by their path.
+                job.locks.take(job.work, "--work-dir" if job.cfg.work_dir is not None else "OUT_DIR", make=True)
         except JobLocked:
             job.locks.release()
-            if made:  # refused before anything was written: the new OUT_DIR is not left behind, empty
-                with contextlib.suppress(OSError):
-                    out.rmdir()
             raise
 
     def reread_state(self) -> bool:
@@ -132,10 +141,8 @@ class JobIntegrity:
         if files:
             _say("--restart removes " + ", ".join(str(p) for p in files))
         for p in files:
-            if p.is_dir() and p == job.work:
-                for q in p.iterdir():  # keep the lock file we hold
-                    if q.name != LOCK_NAME:
-                        shutil.rmtree(q) if q.is_dir() else q.unlink()
+            if p.is_dir() and (p == job.work or p.name == ".streamsvd-work"):
+                _empty_keeping_locks(p)  # the ranks' work folders' lock files, held by this job's processes
             elif p.is_dir():
                 if p.name == SPECTRA_DIR:
                     with contextlib.suppress(OSError):

@@ -112,9 +112,15 @@ class JobLocks:
     def __init__(self):
         self.locks: list[DirLock] = []
         self.folders: list[int] = []
+        self.made: list[Path] = []  # folders `take` made: removed on release where they are still empty
 
-    def take(self, directory: Path, what: str) -> None:
-        if any(lock.dir == Path(directory) for lock in self.locks):
+    def take(self, directory: Path, what: str, make: bool = False) -> None:
+        """Lock `directory` (DirLock); `make`: make it first (and its missing parents), and remove what this made
+        if it is empty when the locks are released: a job refused, here or on another rank, leaves no empty folder."""
+        directory = Path(directory)
+        if make:
+            self.made = _make_folders(directory) + self.made
+        if any(lock.dir == directory for lock in self.locks):
             return
         self.locks.append(DirLock(directory, what).acquire())
 
@@ -134,6 +140,24 @@ class JobLocks:
         for lock in reversed(self.locks):
             lock.release()
         self.locks.clear()
+        for folder in self.made:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        self.made.clear()
+
+
+def _make_folders(directory: Path) -> list[Path]:
+    """Make `directory` and its missing parents; the folders this call made (another process may make some of them
+    at the same moment: those are its), deepest first."""
+    missing = [p for p in (directory, *directory.parents) if not p.exists()]
+    made = []
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            continue
+        made.append(folder)
+    return made[::-1]
 
 
 @contextlib.contextmanager

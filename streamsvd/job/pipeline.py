@@ -764,8 +764,9 @@ class CompressionJob:
             return  # every block is done: finishing needs no activations (the held-out windows' final states aside)
         elif state.inputs_file is not None and integrity.inputs_trusted():
             return
-        elif state.blocks_done:
-            tqdm.write(f"streamsvd: the activation files in {self.work} are gone or cannot be trusted; rebuilding them "
+        elif state.blocks_done and self.world.writes:  # said once: under torchrun every process rebuilds its own
+            where = f"the processes' folders in {self.work.parent}" if self.world.active else str(self.work)
+            tqdm.write(f"streamsvd: the activation files in {where} are gone or cannot be trusted; rebuilding them "
                        f"from the {state.blocks_done} finished block(s)", file=sys.stderr)
         # The record goes before any activation file is overwritten: a kill during the rebuild then
         # leaves no file that the next resume trusts.

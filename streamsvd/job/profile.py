@@ -609,9 +609,7 @@ class Profiler:
         world.agree(lambda: check_free_space(self.disk_needs()))
         started = time.time()
         out = Path(self.cfg.profile_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        if world.writes:
-            self.locks.take(out, "PROFILE_DIR")
+        world.agree(lambda: self._take_locks(out))  # refused on any rank: every rank stops before it touches a file
         self.work.mkdir(parents=True, exist_ok=True)
         # the process's RSS per planned stage, for profile_log.json (a job that profiles has its own sampler too)
         self.sampler = PeakSampler(first_stage="embed").start()
@@ -634,6 +632,15 @@ class Profiler:
         if world.active and world.writes:
             shutil.rmtree(self.work_base, ignore_errors=True)  # the ranks' work folders' parent
         return read_profile(out, self.identity)
+
+    def _take_locks(self, out: Path) -> None:
+        """PROFILE_DIR's lock (rank 0's), and under torchrun each rank's own work folder's: a second torchrun profile
+        into the same folder went on past rank 0's refusal on its other ranks, and removed the running profile's
+        activation files on its way out (the same rank's folder)."""
+        if self.world.writes:
+            self.locks.take(out, "PROFILE_DIR", make=True)
+        if self.world.active:
+            self.locks.take(self.work, "PROFILE_DIR" if self.cfg.work_dir is None else "--work-dir", make=True)
 
     def _write(self, out: Path, spectra, weighted, shapes, sensitivity, heldout, started: float, sens_seconds: float) -> None:
         # a profile killed while writing left its temporaries (never renamed into place): gone, not kept beside the profile

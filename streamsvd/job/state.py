@@ -131,10 +131,16 @@ def _differences(old: dict, new: dict) -> list[str]:
             out.append(f"it was {_quant_flags(a)}, now {_quant_flags(b)}")
         elif key == "refine":
             out.append(f"it was {_refine_flags(a)}, now {_refine_flags(b)}")
+        elif key == "processes":
+            out.append(f"it was {_processes(a)}, now {_processes(b)}")
         else:
             flag = _FLAGS.get(key, key)
             out.append(f"it was {_with(flag, a)}, now {b if b is not None else 'without ' + flag}")
     return out
+
+
+def _processes(n) -> str:
+    return "one process (no torchrun)" if n == 1 else f"torchrun --nproc-per-node {n}"
 
 
 def _with(flag: str, value) -> str:

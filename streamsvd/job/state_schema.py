@@ -157,4 +157,10 @@ def is_own_debris(path: Path) -> bool:
         return Path(path).is_file()
     if name in ("spectra", ".streamsvd-work") and Path(path).is_dir():
         return all(is_own_debris(p) or p.name.startswith("acts-") for p in Path(path).iterdir())
+    if _RANK_FOLDER.fullmatch(name) and Path(path).parent.name == ".streamsvd-work" and Path(path).is_dir():
+        # a torchrun rank's work folder (distributed.work_folder): its lock can be taken before rank 0 saves the state
+        return all(is_own_debris(p) or p.name.startswith("acts-") for p in Path(path).iterdir())
     return False
+
+
+_RANK_FOLDER = re.compile(r"rank-\d+-of-\d+")

@@ -319,7 +319,7 @@ def test_one_job_per_out_dir_whether_distributed_or_not(model, tmp_path):
             assert (out / ".streamsvd-work" / f"rank-{r}-of-2" / "acts-0.bin").stat().st_size == 4 * 2 * 32 * hidden * 4
         # a plain job is another job (one process): refused by the state before it even tries the lock
         plain = _one(model, out)
-        assert plain.returncode == 2 and "it was torchrun --nproc-per-node 2, now 1" in plain.stderr, plain.stderr
+        assert plain.returncode == 2 and "it was torchrun --nproc-per-node 2, now one process (no torchrun)" in plain.stderr, plain.stderr
         assert not (out / "model.safetensors.index.json").exists()
         second = _two(model, out)
         ours = _ours(second.stderr)
@@ -634,3 +634,87 @@ def test_a_two_process_profile_over_fewer_windows_than_the_calibration_is_the_on
     assert meta["identity"]["profile_samples"] == 4 and meta["tokens"] == 4 * 32
     for name in ("profile.json", "spectra.safetensors", "weighted.safetensors"):
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_rank_of_an_earlier_launch_still_running_refuses_the_relaunch(model, reference, tmp_path):
+    # An earlier launch's rank 0 and launcher were killed, its rank 1 went on (a long factorisation, another node):
+    # the relaunch was not refused (only rank 0 held a lock in OUT_DIR), and that rank 1 removed the relaunch's
+    # activation files by their path on its way out (a FileNotFoundError traceback, or worse, files mixed).
+    from streamsvd.job.lock import DirLock
+
+    out = tmp_path / "out"
+    killed = _two(model, out, env={"STREAMSVD_FAULT": "state-saved:3"})
+    assert killed.returncode != 0
+    rank1 = out / ".streamsvd-work" / "rank-1-of-2"
+    rank1.mkdir(parents=True, exist_ok=True)
+    (rank1 / "replay-inputs-0.bin").write_bytes(b"the earlier rank's")
+    alive = DirLock(rank1, "OUT_DIR").acquire()  # that rank, still running
+    try:
+        before = {k: v for k, v in _tree(out).items() if not k.endswith(LOCK_NAME)}
+        again = _two(model, out)
+        ours = _ours(again.stderr)
+        assert again.returncode != 0 and len(ours) == 2, again.stderr
+        assert "in use by another streamsvd job" in ours[0] and "rank-1-of-2" in ours[0], again.stderr
+        assert {k: v for k, v in _tree(out).items() if not k.endswith(LOCK_NAME)} == before  # nothing touched
+    finally:
+        alive.release()
+    (rank1 / "replay-inputs-0.bin").unlink()
+    done = _two(model, out)
+    assert done.returncode == 0, done.stderr
+    assert _files(out) == reference("default", [])
+
+
+def test_a_torchrun_run_refused_leaves_no_folder_in_work_dir(model, tmp_path):
+    from streamsvd.job.lock import DirLock
+
+    out, work = tmp_path / "out", tmp_path / "scratch"
+    out.mkdir()
+    work.mkdir()
+    other = DirLock(out, "OUT_DIR").acquire()  # another job holds OUT_DIR: rank 0 is refused
+    try:
+        refused = _two(model, out, "--work-dir", str(work))
+    finally:
+        other.release()
+    ours = _ours(refused.stderr)
+    assert refused.returncode != 0 and len(ours) == 2 and "in use by another streamsvd job" in ours[0], refused.stderr
+    assert list(work.iterdir()) == []  # rank 1 had made (and left) WORK/streamsvd-<job>/rank-1-of-2
+    assert list(out.iterdir()) == []
+
+
+def test_a_second_torchrun_profile_into_a_busy_folder_stops_on_every_rank_and_touches_nothing(model, tmp_path):
+    # Only rank 0 took PROFILE_DIR's lock, outside the agreement: the second profile's rank 1 went on, failed when
+    # rank 0 left, and removed the running profile's rank-1 activation files (the same folder name) on its way out.
+    from streamsvd.job.lock import DirLock
+
+    profile = tmp_path / "profile"
+    running = profile / ".profile-work" / "rank-1-of-2"
+    running.mkdir(parents=True)
+    (running / "inputs-3.bin").write_bytes(b"the running profile's")
+    held = DirLock(profile, "PROFILE_DIR").acquire()  # the running profile's rank 0
+    try:
+        second = _profile(model, profile, two=True)
+    finally:
+        held.release()
+    ours = _ours(second.stderr)
+    assert second.returncode != 0 and len(ours) == 2 and "is in use by another streamsvd job" in ours[0], second.stderr
+    assert "was lost" not in second.stderr
+    assert (running / "inputs-3.bin").read_bytes() == b"the running profile's"
+
+
+def test_a_torchrun_ranks_work_folder_left_before_the_first_state_is_the_jobs_own_debris(tmp_path):
+    # Killed before rank 0 saved the first state: rank 1's folder (its lock file, an activation file) was taken for
+    # someone else's files, and the plain rerun was refused ("holds no streamsvd job").
+    from streamsvd.job.state_schema import is_own_debris
+
+    work = tmp_path / "out" / ".streamsvd-work"
+    (work / "rank-1-of-2").mkdir(parents=True)
+    (work / "rank-1-of-2" / LOCK_NAME).write_bytes(b"")
+    (work / "rank-1-of-2" / "acts-0.bin").write_bytes(b"")
+    assert is_own_debris(work)
+    (work / "rank-1-of-2" / "notes.txt").write_text("mine")
+    assert not is_own_debris(work)
+    assert not is_own_debris(tmp_path / "out")
