@@ -878,6 +878,25 @@ def _restore_sigterm(terminated: _Terminated) -> None:
         signal.signal(signal.SIGTERM, terminated.previous)
 
 
+# What a full disk's fix says, per command (`run`'s is diskspace.RUN_FIX); and the folder a command writes, named
+# where the failed write did not say which file it was (safetensors' writer, a copied tree).
+_DISK_FULL_FIXES = {
+    "profile": "free space on that disk (or give --work-dir on another disk for the activation files) and run the same "
+               "command again",
+    "eval": "free space on that disk (or give --work-dir on another disk, or a larger --max-mem so that the hidden "
+            "states stay in memory) and run the same command again",
+}
+_WRITES_INTO = {"run": "out_dir", "profile": "profile_dir", "quantize": "new_dir", "export": "dir", "import-gguf": "out_dir"}
+
+
+def _disk_full(args, path) -> StreamSVDError:
+    from .io.diskspace import RUN_FIX, DiskFull
+
+    where = path or getattr(args, _WRITES_INTO.get(args.command, ""), None) or "this command's output"
+    fix = RUN_FIX if args.command == "run" else _DISK_FULL_FIXES.get(args.command, "free space on that disk and run the same command again")
+    return DiskFull(where, fix)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:  # torch's import takes seconds: a Ctrl-C then is an interruption like any other, not a traceback
         from .job.distributed import World, launched_distributed
@@ -898,7 +917,7 @@ def main(argv: list[str] | None = None) -> int:
                 world = World.start()
             return COMMANDS[args.command](args)
         except OSError as e:  # a full disk outside the writers that already report it (e.g. copying the tokenizer)
-            from .io.diskspace import disk_full_error, is_disk_full
+            from .io.diskspace import is_disk_full
 
             if isinstance(e, PermissionError):  # EPERM too (an immutable folder), which the writers' checks do not catch
                 raise StreamSVDError(f"permission denied on {e.filename or 'a path this command needs'} ({e.strerror})",
@@ -906,8 +925,15 @@ def main(argv: list[str] | None = None) -> int:
                                      "another directory") from e
             if not is_disk_full(e):
                 raise
-            raise disk_full_error(e.filename or "OUT_DIR") from e
+            # a failed copy (shutil.copyfile, os.replace) names its source first and the file it wrote second
+            raise _disk_full(args, e.filename2 or e.filename) from e
         except Exception as e:  # torch.OutOfMemoryError (a GPU's allocator held to --max-gpu-mem) outside a factorisation
+            from .io.diskspace import DiskFull, is_disk_full
+
+            if isinstance(e, DiskFull):  # a writer's own report: the fix worded for this command
+                raise _disk_full(args, e.path) from e
+            if not isinstance(e, StreamSVDError) and is_disk_full(e):  # safetensors' SafetensorError is no OSError
+                raise _disk_full(args, None) from e
             if type(e).__name__ != "OutOfMemoryError":
                 raise
             first = str(e).splitlines()[0] if str(e) else "torch.OutOfMemoryError"

@@ -30,12 +30,20 @@ def is_disk_full(exc: BaseException) -> bool:
     return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
 
 
+RUN_FIX = ("free space on that disk (or give --work-dir on another disk for the activations) and run the same command "
+           "again: finished blocks are kept and the job resumes")
+
+
+class DiskFull(StreamSVDError):
+    """The disk filled while `path` was written. The fix is `run`'s; the CLI words it for its command (cli.main)."""
+
+    def __init__(self, path, fix: str = RUN_FIX):
+        super().__init__(f"the disk is full while writing {path}", fix)
+        self.path = path
+
+
 def disk_full_error(path: Path) -> StreamSVDError:
-    return StreamSVDError(
-        f"the disk is full while writing {path}",
-        "free space on that disk (or give --work-dir on another disk for the activations) and run the same "
-        "command again: finished blocks are kept and the job resumes",
-    )
+    return DiskFull(path)
 
 
 def existing_ancestor(path: Path) -> Path:

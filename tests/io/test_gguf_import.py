@@ -148,3 +148,25 @@ def test_an_empty_out_dir_given_as_a_link_or_as_the_current_directory_is_filled(
     monkeypatch.chdir(tmp_path / "here")
     assert main(["import-gguf", str(tmp_path / "full.gguf"), "."]) == 0
     assert torch.allclose(_logits(tmp_path / "here"), _logits(tiny), atol=1e-5)
+
+
+def test_a_full_disk_in_safetensors_writer_is_one_error_naming_the_output(tiny, tmp_path, capsys, monkeypatch):
+    """safetensors' writer raises its own SafetensorError on ENOSPC, no OSError: it was a traceback (a real 500K
+    tmpfs, found by a probe)."""
+    import transformers
+    from safetensors import SafetensorError
+
+    def full(self, *args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    write_gguf(tiny, tmp_path / "full.gguf")
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main(["import-gguf", str(tmp_path / "full.gguf"), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "Traceback" not in err, err
+    assert f"the disk is full while writing {out}" in err
+    fix = err.split("fix: ", 1)[1]
+    assert "run the same command again" in fix and "--work-dir" not in fix and "blocks" not in fix
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -1,6 +1,7 @@
 """`run --quant` and `streamsvd quantize`: quantised factors written, planned, resumed, loaded, refused."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -366,3 +367,25 @@ def test_a_quantize_killed_during_its_first_write_is_made_again(outputs, tmp_pat
     (mine / ".notes.tmp-1").write_text("a user's file")  # another name's temporary is not ours to remove
     assert main(["quantize", str(root / "full"), str(mine), "--quant", "int8"]) == 2
     assert "not a new or empty directory" in capsys.readouterr().err and (mine / ".notes.tmp-1").exists()
+
+
+def test_a_full_disk_while_quantize_copies_a_file_names_the_new_file_and_a_fix_for_quantize(outputs, tmp_path, capsys,
+                                                                                             monkeypatch):
+    """A failed copy's OSError names its source first (shutil's sendfile copy): the error sent the user to free space
+    on OUT_DIR's disk, and its fix spoke of --work-dir and resumed blocks, which quantize has not."""
+    import errno
+    import shutil
+
+    def full(src, dst, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    root, _ = outputs
+    new = tmp_path / "q"
+    capsys.readouterr()
+    assert main(["quantize", str(root / "full"), str(new), "--quant", "int8", "--group-size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "Traceback" not in err, err
+    assert f"the disk is full while writing {new}{os.sep}" in err and str(root / "full") not in err.split("fix:")[0]
+    fix = err.split("fix: ", 1)[1]
+    assert "run the same command again" in fix and "--work-dir" not in fix and "blocks" not in fix
