@@ -154,15 +154,14 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-@pytest.mark.parametrize("mode", ["reset", "no-reset"])
-def test_a_job_started_in_a_process_that_held_more_before_reports_its_own_peak(tmp_path, mode):
+def test_a_job_started_in_a_process_that_held_more_before_reports_its_own_peak(tmp_path):
     # The quickstart dequantises the GGUF in its own process before `run`: the job reported that earlier 1.2 GiB
     # (the kernel's high-water mark) as its peak, against stages that each peaked under 0.9 GiB.
     model = make_tiny_checkpoint("llama", tmp_path / "model")
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 400)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-c", EARLIER_PEAK_SCRIPT, mode, "run", str(model), str(out), "--calib",
+    proc = subprocess.run([sys.executable, "-c", EARLIER_PEAK_SCRIPT, "reset", "run", str(model), str(out), "--calib",
                            str(text), "--calib-samples", "4", "--seqlen", "32", "--no-progress", "--no-plots",
                            "--alloc", "uniform", "--max-mem", "4G"], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -170,3 +169,14 @@ def test_a_job_started_in_a_process_that_held_more_before_reports_its_own_peak(t
     run = json.loads((out / "streamsvd_runs.jsonl").read_text().splitlines()[-1])
     assert run["peak_rss_bytes"] < 1 << 30, run  # the ballast alone was 1.5 GiB
     assert run["peak_rss_bytes"] >= max(run["peak_rss_by_stage"].values())
+
+
+def test_where_the_mark_cannot_be_reset_a_mark_that_did_not_rise_is_not_the_jobs(monkeypatch):
+    import streamsvd.job.peak as peak
+
+    marks = iter([2 << 30, 2 << 30, 3 << 30])  # at the start, then at two ends
+    monkeypatch.setattr(peak, "reset_high_water", lambda: False)
+    monkeypatch.setattr(peak, "high_water_bytes", lambda: next(marks))
+    high = peak.JobHighWater()
+    assert high.peak(500 << 20) == 500 << 20  # the earlier 2 GiB is not the job's: the sampler's peak
+    assert high.peak(500 << 20) == 3 << 30  # it rose during the job: the kernel's figure
