@@ -101,3 +101,18 @@ def first_layer(model_dir: Path, tokens: int = 16):
     args, kwargs = capture_layer_kwargs(model, windows)[0]
     layer = load_layer(model, 0, ckpt, torch.float32)
     return layer, first_layer_inputs(model, windows), lambda l, h: run_layer(l, h, args, kwargs)
+
+
+def record_edits(out: Path, *names: str) -> None:
+    """Record in OUT_DIR's state the files `names` as they are now (or forget them where they are gone): what a job
+    of the version a test imitates would have recorded, so its readers' checks still run against the state."""
+    from streamsvd.io.checksums import file_record
+    from streamsvd.job.state import read_state
+
+    state = read_state(out)
+    for name in names:
+        if (out / name).is_file():
+            state.files[name] = file_record(out / name)
+        else:
+            state.files.pop(name, None)
+    state.save(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from ..errors import CheckpointError, StreamSVDError
 from .lowrank import FORMS, module_from_tensors, replace_module
 from .quantized import dequantizing_getter, logical_keys
 from .remote.modeling_streamsvd import quant_readable, swap_compressed_linears, ties_embeddings
-from ..job.state import read_state
+from ..job.state import STATE_NAME, read_state
 
 
 def load(path, dtype: torch.dtype | None = None, device: str = "cpu", verify: bool = True) -> nn.Module:
@@ -98,17 +99,29 @@ def tensor_reader(ckpt: Checkpoint):
     return _pivots_checked(get, ckpt.dir), logical_keys(ckpt.keys())
 
 
+_FLOATING = (".weight", ".bias", ".out_factor", ".in_factor", ".in_rest")
+
+
 def _pivots_checked(get, where: Path):
     """`get`, refusing a pivoted factor's pivots that are not a permutation of its inputs (a damaged shard read with
-    verify off: an index out of range was a RuntimeError from the first forward, a repeated one a wrong model)."""
+    verify off: an index out of range was a RuntimeError from the first forward, a repeated one a wrong model), and
+    a tensor of the wrong kind: integer weights or factors, floating-point pivots (a header's dtype edited at the same
+    size was cast into the model's floats: another model, silently)."""
+    fix = "the output is damaged: run the same `streamsvd run` command again (`streamsvd verify OUT_DIR` lists the damaged files)"
+
     def checked(name: str) -> torch.Tensor:
-        value = get(name)
+        try:
+            value = get(name)
+        except ValueError as e:  # packed words that do not fit the config's bit width or shape (dequantize)
+            raise CheckpointError(f"{where}'s {name} cannot be read: {e}", fix) from None
         if name.endswith(".pivots"):
+            if value.is_floating_point() or value.is_complex():
+                raise CheckpointError(f"{where}'s {name} is stored as {value.dtype}, not as integers", fix)
             order = value.to(torch.long).sort().values
             if not torch.equal(order, torch.arange(order.numel())):
-                raise CheckpointError(f"{where}'s {name} is not a permutation of the layer's inputs",
-                                      "the output is damaged: run the same `streamsvd run` command again "
-                                      "(`streamsvd verify OUT_DIR` lists the damaged files)")
+                raise CheckpointError(f"{where}'s {name} is not a permutation of the layer's inputs", fix)
+        elif name.endswith(_FLOATING) and not value.is_floating_point():
+            raise CheckpointError(f"{where}'s {name} is stored as {value.dtype}, not as floating-point numbers", fix)
         return value
 
     return checked
@@ -122,7 +135,19 @@ def check_finished(path: Path, verify: bool = True):
     from ..job.verify import check_files, damaged_fix, made_by_quantize, unfinished_fix
 
     path = Path(path)
-    state = read_state(path) if path.is_dir() else None
+    try:
+        state = read_state(path) if path.is_dir() else None
+    except StreamSVDError as e:  # its fix is run's (--restart), which a quantize output's maker does not have
+        raise StreamSVDError(e.problem, "the output is damaged: run the `streamsvd run` command that made it again with "
+                             "--restart (a `streamsvd quantize` output: remove that directory and quantize again)") from e
+    if state is None and is_streamsvd_output(path):
+        # Its files cannot be checked against anything: a changed byte would load as another model, silently.
+        if verify:
+            raise StreamSVDError(f"{path} is a streamsvd output without its {STATE_NAME}, which records the files its "
+                                 "job wrote, so they cannot be checked",
+                                 f"copy {STATE_NAME} from the folder the job wrote (or rerun the job); --no-verify / "
+                                 "verify=False reads it unchecked")
+        print(f"warning: {path} has no {STATE_NAME}: its files are read unchecked", file=sys.stderr)
     if state is not None and not state.complete:
         what = "`streamsvd quantize` that was stopped" if made_by_quantize(state) else f"job ({state.blocks_done} blocks done)"
         raise StreamSVDError(f"{path} is an unfinished streamsvd {what}", unfinished_fix(state))

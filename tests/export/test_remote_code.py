@@ -26,6 +26,8 @@ from streamsvd.model.lowrank import LowRankLinear, PivotedLinear
 from streamsvd.model.remote import MODELING_FILE, modeling_source
 from streamsvd.model.remote.modeling_streamsvd import SECTION, base_config_dict
 
+from tiny_models import record_edits
+
 
 CHILD = textwrap.dedent('''
     import importlib.abc, json, sys
@@ -37,7 +39,7 @@ CHILD = textwrap.dedent('''
     import torch
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    cases, damaged, locked = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+    cases, refused = json.loads(sys.argv[1]), json.loads(sys.argv[2])
     result = {"cases": {}}
     try:
         import streamsvd  # noqa: F401
@@ -63,16 +65,12 @@ CHILD = textwrap.dedent('''
             "layer": type(model.model.layers[0].self_attn.o_proj).__name__,
             "encoded": tokenizer("To be, or not to be").input_ids,
         }
-    try:
-        AutoModelForCausalLM.from_pretrained(damaged, trust_remote_code=True)
-        result["damaged"] = "loaded"
-    except Exception as e:
-        result["damaged"] = f"{type(e).__name__}: {e}"
-    try:
-        AutoModelForCausalLM.from_pretrained(locked, trust_remote_code=True)
-        result["locked"] = "loaded"
-    except Exception as e:
-        result["locked"] = f"{type(e).__name__}: {e}"
+    for name, (out, kwargs) in refused.items():
+        try:
+            AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, **kwargs)
+            result[name] = "loaded"
+        except Exception as e:
+            result[name] = f"{type(e).__name__}: {e}"
     result["modules"] = sorted(m for m in sys.modules if m.split(".")[0] == "streamsvd")
     print("RESULT " + json.dumps(result))
 ''')
@@ -119,15 +117,13 @@ def child(outputs, tmp_path_factory):
         torch.save({"ids": _ids(), "logits": logits}, root / f"llama-{quant}.pt")
         cases.append({"out": str(packed), "ref": str(root / f"llama-{quant}.pt")})
         refs[str(packed)] = tokens.tolist()
-    # A copy whose config claims a plain form where the shards hold pivoted factors.
-    damaged = root / "damaged"
-    damaged.mkdir()
-    for path in outputs["llama"].iterdir():
-        if path.is_file():
-            (damaged / path.name).write_bytes(path.read_bytes())
+    # A copy whose config claims a plain form where the shards hold pivoted factors (the state records that config).
+    damaged = _copy(outputs["llama"], root / "damaged")
     config = json.loads((damaged / "config.json").read_text())
     config[SECTION]["forms"]["model.layers.1.mlp.up_proj"] = "plain"
     (damaged / "config.json").write_text(json.dumps(config))
+    record_edits(damaged, "config.json")
+    refused = {"damaged": (str(damaged), {}), **_damaged_copies(outputs["llama"], root / "llama-int8", root)}
     # A copy a `streamsvd run` is writing (it holds the folder's flock exclusively while the child loads).
     locked = root / "locked"
     shutil.copytree(outputs["llama"], locked)
@@ -136,13 +132,65 @@ def child(outputs, tmp_path_factory):
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(root / "hf_modules"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     try:
-        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases), str(damaged), str(locked)],
+        refused["locked"] = (str(locked), {})
+        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases), json.dumps(refused)],
                               capture_output=True, text=True, env=env, cwd=root, timeout=300, stdin=subprocess.DEVNULL)
     finally:
         writing.release()
     line = next((l for l in proc.stdout.splitlines() if "RESULT " in l), None)  # after transformers' prompt text
     assert line is not None, proc.stdout + proc.stderr
     return json.loads(line.split("RESULT ", 1)[1]), refs
+
+
+def _copy(out, dest):
+    shutil.copytree(out, dest)
+    return dest
+
+
+def _tensor_span(shard, suffix):
+    """(name, dtype, start, end) in the file of the first tensor whose name ends with `suffix`."""
+    raw = shard.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    name = next(k for k in sorted(header) if k.endswith(suffix))
+    lo, hi = header[name]["data_offsets"]
+    return name, header[name]["dtype"], 8 + size + lo, 8 + size + hi
+
+
+def _patch(path, start, data):
+    raw = bytearray(path.read_bytes())
+    raw[start:start + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+def _damaged_copies(out, quantized, root):
+    """name -> (folder, from_pretrained kwargs): outputs the remote code loaded as other models before 2026-12-07."""
+    shard = next(p.name for p in sorted(out.glob("model-*.safetensors")) if "pivots" in p.read_text(errors="ignore"))
+    cases = {}
+    flipped = _copy(out, root / "flipped")  # one byte of a factor, same size: another model
+    _, _, start, end = _tensor_span(flipped / shard, ".out_factor")
+    _patch(flipped / shard, (start + end) // 2, bytes([flipped.joinpath(shard).read_bytes()[(start + end) // 2] ^ 0x40]))
+    cases["flipped"] = (str(flipped), {})
+    unfinished = _copy(out, root / "unfinished")
+    state = json.loads((unfinished / STATE_NAME).read_text())
+    (unfinished / STATE_NAME).write_text(json.dumps({**state, "complete": False}))
+    cases["unfinished"] = (str(unfinished), {})
+    stateless = _copy(out, root / "stateless")
+    (stateless / STATE_NAME).unlink()
+    cases["stateless"] = (str(stateless), {})
+    cases["stateless unchecked"] = (str(stateless), {"streamsvd_verify": False})
+    repeated = _copy(out, root / "repeated")  # a pivot written twice: checked whatever the sha256 check
+    _, dtype, start, _ = _tensor_span(repeated / shard, ".pivots")
+    width = {"I32": 4, "I64": 8}[dtype]
+    _patch(repeated / shard, start + width, repeated.joinpath(shard).read_bytes()[start:start + width])
+    cases["repeated pivot"] = (str(repeated), {"streamsvd_verify": False})
+    bits = _copy(quantized, root / "bits")  # int8 words read as int4: other numbers
+    config = json.loads((bits / "config.json").read_text())
+    config[SECTION]["quantization"]["num_bits"] = 4
+    (bits / "config.json").write_text(json.dumps(config))
+    record_edits(bits, "config.json")
+    cases["bits"] = (str(bits), {})
+    return cases
 
 
 def test_the_child_cannot_import_streamsvd(child):
@@ -213,16 +261,13 @@ def test_an_output_with_the_old_config_form_still_loads_and_evaluates(outputs, t
     text.write_text("To be, or not to be, that is the question. " * 40)
     assert main(["eval", str(out), "--text", str(text), "--seqlen", "32", "--json", "--no-progress"]) == 0
     want_ppl = json.loads(capsys.readouterr().out)["perplexity"]
-    old = tmp_path / "old"
-    old.mkdir()
-    for path in out.iterdir():
-        # not the state: it records this output's files (config.json, the remote code), which the old form differs from
-        if path.is_file() and path.name not in (MODELING_FILE, STATE_NAME):
-            (old / path.name).write_bytes(path.read_bytes())
+    old = _copy(out, tmp_path / "old")
+    (old / MODELING_FILE).unlink()
     config = base_config_dict(json.loads((out / "config.json").read_text()))  # what earlier versions wrote
     for key in ("base_model_type", "base_architectures"):
         del config[SECTION][key]
     (old / "config.json").write_text(json.dumps(config))
+    record_edits(old, "config.json", MODELING_FILE)  # as that version's job recorded its own files
     assert config["model_type"] == "qwen2" and "auto_map" not in config
     got_logits, _, model = _reference(old)
     assert torch.equal(got_logits, want_logits)
@@ -235,12 +280,9 @@ def test_quantize_gives_new_dir_this_versions_remote_code(outputs, tmp_path):
     """quantize copied OUT_DIR's modeling_streamsvd.py: an output made while the remote code refused quantised
     factors (2026-11-25 to 12-03) gave NEW_DIR a reader that refused NEW_DIR itself with trust_remote_code=True."""
     out = outputs["llama"]
-    old = tmp_path / "old"
-    old.mkdir()
-    for path in out.iterdir():
-        if path.is_file() and path.name != STATE_NAME:  # an earlier version's output: its state would record the old code
-            (old / path.name).write_bytes(path.read_bytes())
+    old = _copy(out, tmp_path / "old")
     (old / MODELING_FILE).write_text("# an earlier version's remote code, which cannot read quantised factors\n")
+    record_edits(old, MODELING_FILE)  # an earlier version's output: its state records the old code
     assert main(["quantize", str(old), str(tmp_path / "q"), "--quant", "int8"]) == 0
     assert (tmp_path / "q" / MODELING_FILE).read_bytes() == modeling_source()
 
@@ -249,12 +291,29 @@ def test_load_reads_the_generation_config_as_from_pretrained_does(outputs, tmp_p
     """streamsvd.load built the generation config from config.json alone: an instruct model's generation_config.json
     (its end-of-turn eos ids, sampling defaults) was ignored, so generate() ran past the end of the turn."""
     out = outputs["llama"]
-    copy = tmp_path / "out"
-    copy.mkdir()
-    for path in out.iterdir():
-        if path.is_file() and path.name != STATE_NAME:  # the state records generation_config.json's bytes
-            (copy / path.name).write_bytes(path.read_bytes())
+    copy = _copy(out, tmp_path / "out")
     generation = json.loads((copy / "generation_config.json").read_text())
     (copy / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [1, 7], "max_new_tokens": 5}))
+    record_edits(copy, "generation_config.json")
     config = streamsvd.load(copy).generation_config
     assert config.eos_token_id == [1, 7] and config.max_new_tokens == 5
+
+
+def test_remote_code_refuses_what_streamsvd_load_refuses(child):
+    """The remote code checked tensor names only: a changed byte in a shard, a stopped job's state, a missing state,
+    a repeated pivot or an edited bit width loaded as a model with other logits (a probe, 2026-12-07)."""
+    result, _ = child
+    assert result["flipped"].startswith("ValueError") and "is a damaged streamsvd output: model-" in result["flipped"]
+    assert "contents differ" in result["flipped"] and "streamsvd run" in result["flipped"]
+    assert result["unfinished"].startswith("ValueError") and "unfinished streamsvd output" in result["unfinished"]
+    assert result["stateless"].startswith("ValueError") and f"lacks {STATE_NAME}" in result["stateless"]
+    assert "streamsvd_verify=False" in result["stateless"]
+    assert result["stateless unchecked"] == "loaded"  # asked for: nothing to check against
+    assert result["repeated pivot"].startswith("ValueError") and "is not a permutation" in result["repeated pivot"]
+    assert result["bits"].startswith("ValueError") and "do not hold" in result["bits"]
+
+
+def test_the_remote_codes_state_file_is_streamsvds():
+    from streamsvd.model.remote.modeling_streamsvd import STATE_FILE
+
+    assert STATE_FILE == STATE_NAME

@@ -16,7 +16,7 @@ from streamsvd.job.state import STATE_NAME
 from streamsvd.io.output import RUN_LOG
 from streamsvd.math.factorize import rank_for_ratio
 from streamsvd.model.lowrank import LowRankLinear, PivotedLinear
-from tiny_models import make_tiny_checkpoint
+from tiny_models import make_tiny_checkpoint, record_edits
 
 VOLATILE = {RUN_LOG, STATE_NAME, "profile_log.json"}  # the profile's wall times vary too
 
@@ -123,8 +123,7 @@ def test_an_output_written_before_pivoted_factors_still_loads(model_dir, tmp_pat
     config = json.loads(config_path.read_text())
     del config["streamsvd"]["factors"], config["streamsvd"]["forms"]  # what older versions wrote
     config_path.write_text(json.dumps(config))
-    # its state records this version's config.json (an older version's records its own): load would call it damaged
-    (out / STATE_NAME).unlink()
+    record_edits(out, "config.json")  # an older version's state records its own config.json
     old = streamsvd.load(out)
     assert isinstance(old.model.layers[0].self_attn.q_proj, LowRankLinear)
     torch.testing.assert_close(_logits(old), want)

@@ -14,7 +14,7 @@ from streamsvd.io.output import RUN_LOG
 from streamsvd.job.pipeline import CompressionJob, JobConfig, run_job
 from streamsvd.job.state import STATE_NAME
 from streamsvd.model.lowrank import PivotedLinear
-from tiny_models import make_tiny_checkpoint
+from tiny_models import make_tiny_checkpoint, record_edits
 
 VOLATILE = {RUN_LOG, STATE_NAME, "profile_log.json"}  # the profile's wall times vary too
 
@@ -253,6 +253,9 @@ def test_the_remote_code_refuses_a_quantised_output_missing_a_tensor(outputs, tm
     tensors = load_file(shard)
     del tensors[key]
     save_file(tensors, shard)
+    with pytest.raises(ValueError, match=r"is a damaged streamsvd output: model-.*size"):  # the state's record first
+        AutoModelForCausalLM.from_pretrained(broken, trust_remote_code=True)
+    record_edits(broken, shard.name)  # a state that agrees: the reader's own check
     with pytest.raises(ValueError, match=r"lacks .*_scale.*rerun"):
         AutoModelForCausalLM.from_pretrained(broken, trust_remote_code=True)
 

@@ -23,7 +23,7 @@ from streamsvd.io.output import RUN_LOG
 from streamsvd.job.lock import LOCK_NAME
 from streamsvd.job.pipeline import JobConfig, run_job
 from streamsvd.job.state import STATE_NAME, JobState
-from tiny_models import make_tiny_checkpoint
+from tiny_models import make_tiny_checkpoint, record_edits
 
 FAST = ["--calib-samples", "4", "--seqlen", "32", "--no-progress"]
 VOLATILE = {RUN_LOG, STATE_NAME, "profile_log.json"}  # the profile's wall times vary too
@@ -454,6 +454,54 @@ def test_load_eval_export_and_quantize_refuse_a_flipped_byte(straight, tmp_path,
     with pytest.raises(StreamSVDError, match="not a permutation"):
         streamsvd.load(out, verify=False)
     assert cli([*commands[0], "--no-verify"]) == 2 and "not a permutation" in capsys.readouterr().err
+
+
+def test_readers_refuse_an_output_without_its_state_and_wrong_kinds_of_tensor_unverified(straight, tmp_path, capsys):
+    """Without its state an output was read unchecked (a flipped byte: another model, silently); with verify off a
+    factor's header relabelled F32 -> I32 at the same size was cast into the model's floats, and a quantised output's
+    bit width edited 8 -> 4 unpacked into other numbers (a probe, 2026-12-07)."""
+    import streamsvd
+    from streamsvd.io.checkpoint import read_safetensors_header
+
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 40)
+    stateless = tmp_path / "stateless"
+    shutil.copytree(straight, stateless)
+    (stateless / STATE_NAME).unlink()
+    flip_first_byte_of(stateless / "model-00002-of-00005.safetensors", ".out_factor")
+    evaluate = ["eval", stateless, "--text", text, "--seqlen", "16", "--max-windows", "2", "--no-progress"]
+    for argv in (evaluate, [*evaluate, "--in-memory"], ["quantize", stateless, tmp_path / "q"]):
+        assert cli(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("error: ") == 1 and f"without its {STATE_NAME}" in err and "--no-verify" in err
+    with pytest.raises(StreamSVDError, match=f"without its {STATE_NAME}"):
+        streamsvd.load(stateless)
+    assert streamsvd.load(stateless, verify=False) is not None  # the caller's choice, said
+    assert "read unchecked" in capsys.readouterr().err
+
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(straight, relabelled)
+    shard = relabelled / "model-00002-of-00005.safetensors"
+    raw = shard.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + size].decode()
+    name = min(k for k in read_safetensors_header(shard) if k.endswith(".out_factor"))
+    at = header.index(f'"{name}"')
+    header = header[:at] + header[at:].replace('"F32"', '"I32"', 1)
+    shard.write_bytes(raw[:8] + header.encode() + raw[8 + size:])
+    with pytest.raises(StreamSVDError, match="not as floating-point numbers"):
+        streamsvd.load(relabelled, verify=False)
+    assert cli([*evaluate[:1], relabelled, *evaluate[2:], "--no-verify"]) == 2
+    assert "not as floating-point numbers" in capsys.readouterr().err
+
+    packed = tmp_path / "packed"
+    assert cli(["quantize", straight, packed, "--quant", "int8", "--group-size", "16"]) == 0
+    config = json.loads((packed / "config.json").read_text())
+    config["streamsvd"]["quantization"]["num_bits"] = 4
+    (packed / "config.json").write_text(json.dumps(config))
+    record_edits(packed, "config.json")  # as if edited at the same size: the sha256 is what catches it verified
+    with pytest.raises(StreamSVDError, match="do not hold"):
+        streamsvd.load(packed, verify=False)
 
 
 def flip_first_byte_of(shard: Path, suffix: str, bit: int = 0x01) -> None:

@@ -49,6 +49,10 @@ def unpack_int32(packed: torch.Tensor, bits: int, length: int, dim: int = 1) -> 
     if dim == 0:
         value = value.t()
     per_word = 32 // bits
+    if value.dim() != 2 or value.shape[1] != -(-length // per_word):
+        # another bit width than the packing's (an edited config) would otherwise unpack into other numbers
+        raise ValueError(f"packed words of shape {tuple(packed.shape)} do not hold {length} values of {bits} bits "
+                         f"along dimension {dim}")
     shifts = torch.arange(per_word, dtype=torch.int64) * bits
     fields = (value.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     out = (fields.reshape(value.shape[0], -1)[:, :length] - (1 << (bits - 1))).to(torch.int8)
@@ -59,6 +63,8 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, shape, bits: int, grou
                zero_point: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The rows x cols tensor a packed one stands for, in `dtype` (default: the scale's)."""
     rows, cols = (int(s) for s in shape)
+    if packed.shape[0] != rows:
+        raise ValueError(f"packed words of shape {tuple(packed.shape)} do not hold {rows} rows")
     q = unpack_int32(packed, bits, cols).to(torch.float32)
     if scale.shape != (rows, -(-cols // group_size)):
         raise ValueError(f"a scale of shape {tuple(scale.shape)} does not fit {rows} x {cols} in groups of {group_size}")
@@ -286,6 +292,67 @@ class StreamSVDConfig(PreTrainedConfig):
         return config
 
 
+STATE_FILE = "streamsvd_state.json"  # streamsvd's job/state.STATE_NAME
+_RERUN = "rerun the `streamsvd run` (or `streamsvd quantize`) command that made it"
+
+
+def check_output(path, verify: bool = True) -> None:
+    """Refuse a local OUT_DIR whose streamsvd job did not finish, or whose files are not as the job wrote them,
+    as streamsvd.load does (streamsvd/model/loading.check_finished): every file its state records, by size, and with
+    `verify` by sha256 (one read of the output). Without this a changed byte in a shard, an edited config or a
+    stopped job's state loaded as a model with other logits. A hub id is not checked (the state is not fetched)."""
+    import hashlib
+    import json
+    import os
+
+    if not (isinstance(path, (str, os.PathLike)) and os.path.isdir(path)):
+        return
+    try:
+        with open(os.path.join(path, STATE_FILE)) as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        if verify:
+            raise ValueError(f"{path} lacks {STATE_FILE}, which records the files its streamsvd job wrote, so they cannot "
+                             "be checked; copy it from the folder the job wrote, or pass streamsvd_verify=False to load "
+                             "without checks") from None
+        return
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}'s {STATE_FILE} cannot be read ({e}); the output is damaged, {_RERUN}") from None
+    files = state.get("files") if isinstance(state, dict) else None
+    if not isinstance(files, dict):
+        raise ValueError(f"{path}'s {STATE_FILE} records no files; the output is damaged, {_RERUN}")
+    if state.get("complete") is not True:
+        raise ValueError(f"{path} is an unfinished streamsvd output (its job was stopped); run the same streamsvd "
+                         "command again to finish it")
+    for name in sorted(files):
+        record, where = files[name], os.path.join(path, name)
+        try:
+            problem = None if os.path.getsize(where) == record["size"] else f"size {os.path.getsize(where)}, recorded {record['size']}"
+            if problem is None and verify:
+                digest = hashlib.sha256()
+                with open(where, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(chunk)
+                problem = None if digest.hexdigest() == record["sha256"] else "contents differ from what was written"
+        except FileNotFoundError:
+            problem = "missing"
+        except (OSError, KeyError, TypeError) as e:
+            problem = f"cannot be checked ({e})"
+        if problem:
+            raise ValueError(f"{path} is a damaged streamsvd output: {name}: {problem}; {_RERUN} (`streamsvd verify` "
+                             "lists the damaged files)")
+
+
+def check_pivots(model: nn.Module, path) -> None:
+    """Refuse pivots that are not a permutation of their layer's inputs (a wrong model, or an index error later)."""
+    for name, module in model.named_modules():
+        if isinstance(module, PivotedLinear) and module.pivots.device.type != "meta":
+            order = module.pivots.to(torch.long).sort().values.cpu()
+            if not torch.equal(order, torch.arange(order.numel())):
+                raise ValueError(f"{path}'s {name}.pivots is not a permutation of the layer's inputs; the output is "
+                                 f"damaged, {_RERUN}")
+
+
 @contextlib.contextmanager
 def held_for_reading(path):
     """A shared flock on the local folder `path` while it is read, as streamsvd's own readers hold it: a `streamsvd
@@ -331,7 +398,14 @@ class StreamSVDForCausalLM(PreTrainedModel):
             return cls._from_pretrained_held(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
 
     @classmethod
-    def _from_pretrained_held(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+    def _from_pretrained_held(cls, pretrained_model_name_or_path, *model_args, config=None, streamsvd_verify=True, **kwargs):
+        check_output(pretrained_model_name_or_path, streamsvd_verify)
+        model, info = cls._load_checked(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        check_pivots(model, pretrained_model_name_or_path)
+        return (model, info) if info is not None else model
+
+    @classmethod
+    def _load_checked(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
         if not isinstance(config, StreamSVDConfig):
             config = StreamSVDConfig.from_pretrained(pretrained_model_name_or_path)
         base = config.base_config()
@@ -344,14 +418,14 @@ class StreamSVDForCausalLM(PreTrainedModel):
             # read here, dequantised, and loaded into the same model streamsvd.load builds.
             model = load_quantized(model_class, pretrained_model_name_or_path, base, section, quant, **kwargs)
             info = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
-            return (model, info) if want_info else model
+            return model, (info if want_info else None)
         kwargs.pop("trust_remote_code", None)
         model, info = model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=base,
                                                   output_loading_info=True, **kwargs)
         bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if bad:
             raise mismatch(pretrained_model_name_or_path, section, bad)
-        return (model, info) if want_info else model
+        return model, (info if want_info else None)
 
 
 def load_quantized(model_class: type, path, config: PreTrainedConfig, section: dict, quant: dict, dtype=None,
