@@ -677,6 +677,7 @@ def _plan_refusals(plan, max_mem: str | None, batch_size: int | None = None) -> 
 
 def cmd_eval(args) -> int:
     from .io.calibration import load_texts, load_tokenizer
+    from .io.fsutil import within
     from .job.memory import parse_size
 
     if args.seqlen < 2:
@@ -688,6 +689,10 @@ def cmd_eval(args) -> int:
         raise StreamSVDError(f"--max-mem {args.max_mem} is not a positive size", "give a budget such as 8G")
     if args.work_dir and not Path(args.work_dir).is_dir():
         raise StreamSVDError(f"--work-dir {args.work_dir} is not a directory", "give an existing directory, or leave it out")
+    if args.work_dir and Path(args.model).is_dir() and within(args.work_dir, args.model):
+        # a killed eval's hidden states were left there: `verify` passed them, `quantize` copied them into NEW_DIR
+        raise StreamSVDError(f"--work-dir {args.work_dir} is the model being evaluated or inside it",
+                             "give a directory outside it, or leave --work-dir out (the system's temporary folder)")
     streamed_only = [flag for flag, given in (("--max-mem", args.max_mem), ("--work-dir", args.work_dir),
                                               ("--batch-size", args.batch_size)) if given is not None]
     if args.in_memory and streamed_only:  # the whole model is loaded: they would be silently ignored
@@ -897,9 +902,20 @@ def _disk_full(args, path) -> StreamSVDError:
     return DiskFull(where, fix)
 
 
+# What an interruption leaves, per command: only run (and export dense, shard by shard) keeps finished work.
+_INTERRUPTED = {"run": "finished blocks are kept; run the same command again to resume",
+                "export": "run the same command again (`export dense` keeps its finished shards)",
+                "eval": "nothing of the evaluation is kept; run the same command again to start it over",
+                "profile": "a profile is not resumable; run the same command again to make it from the start",
+                "quantize": "run the same command again: it starts NEW_DIR over",
+                "import-gguf": "run the same command again: it starts the conversion over",
+                "verify": "nothing was checked to the end; run the same command again",
+                "plan": "nothing was written; run the same command again"}
+
+
 def main(argv: list[str] | None = None) -> int:
     try:  # torch's import takes seconds: a Ctrl-C then is an interruption like any other, not a traceback
-        from .job.distributed import World, launched_distributed
+        from .job.distributed import RERUN_FIXES, World, launched_distributed
     except KeyboardInterrupt:
         print("interrupted (before any work): run the command again", file=sys.stderr)
         return 130
@@ -915,6 +931,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "`streamsvd profile` and `streamsvd eval` do",
                                          f"run `streamsvd {args.command}` as one process, without torchrun")
                 world = World.start()
+                world.rerun_fix = RERUN_FIXES.get(args.command, world.rerun_fix)
             return COMMANDS[args.command](args)
         except OSError as e:  # a full disk outside the writers that already report it (e.g. copying the tokenizer)
             from .io.diskspace import is_disk_full
@@ -958,7 +975,7 @@ def main(argv: list[str] | None = None) -> int:
             world.ending = True
         if not launched_distributed() or os.environ.get("RANK", "0") == "0":
             what = "stopped (SIGTERM)" if terminated else "interrupted"
-            print(f"{what}: finished blocks are kept; run the same command again to resume", file=sys.stderr)
+            print(f"{what}: {_INTERRUPTED.get(args.command, _INTERRUPTED['run'])}", file=sys.stderr)
         return 143 if terminated else 130
     finally:
         _restore_sigterm(terminated)

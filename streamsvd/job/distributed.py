@@ -55,6 +55,11 @@ def collective_timeout_s() -> float:
     return min(max(value, 1.0), COLLECTIVE_TIMEOUT_S)
 
 
+RESUME_FIX = "run the same command again to resume from the finished blocks"
+RERUN_FIXES = {"eval": "run the same command again (an evaluation starts over: nothing of it is kept)",
+               "profile": "run the same command again (a profile is made again from the start)"}
+
+
 class RankLost(StreamSVDError):
     """A collective failed: a rank died or stopped answering."""
 
@@ -83,6 +88,7 @@ class World:
         self._peers: list[tuple[str, int]] = []
         self.block: int | None = None  # what the job was doing, for the lost-rank message: the block,
         self.stage = "start"  # and the stage (the plan's stage names, set by CompressionJob._stage)
+        self.rerun_fix = RESUME_FIX  # what a rerun does, for that message (an eval or a profile starts over)
         self.ending = False  # an error was decided: a SIGTERM from torchrun now only hurries the exit along
         self._dealt = 0  # linears dealt so far (`spread`): the next call starts at the next rank
         self._gathers = 0  # gathers so far: every rank must be at the same one (`_gather` checks)
@@ -179,8 +185,7 @@ class World:
             what = (f"a rank of {self.size} (not one on this host) stopped answering, within the {collective_timeout_s():.0f} s "
                     f"collective timeout ({type(exc).__name__}: {detail})")
         where = self.stage if self.block is None else f"block {self.block} ({self.stage})"
-        err = RankLost(f"{what} during {where}; the job stopped",
-                       "run the same command again to resume from the finished blocks")
+        err = RankLost(f"{what} during {where}; the job stopped", self.rerun_fix)
         printer = min((r for r in range(self.size) if r not in lost), default=0)
         err.quiet = printer != self.rank
         self.ending = True

@@ -225,7 +225,9 @@ def _streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None 
         for start in range(0, n, batch):
             src.write(start, first_layer_inputs(model, windows[start : start + batch]))
         layers = decoder_layers(model)
+        world.stage = "evaluation"  # for a lost rank's message
         for index in tqdm(range(len(layers)), desc="eval blocks", unit="block", disable=not progress):
+            world.block = index
             layer = stored_layer(model, index, ckpt, COMPUTE_DTYPE).to(gpu)
             args, kwargs = layer_args_on(layer_args[index], gpu)
             dst = store((index + 1) % 2)
@@ -239,6 +241,7 @@ def _streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None 
             shutil.rmtree(scratch, ignore_errors=True)
         if held is not None:
             os.close(held)
+    world.block = None
     total, count = add_in_order(world.gather(scored, "eval"))  # rank order is window order: one process's sum
     out = result(total, count, n_all, seqlen, time.time() - started)
     out.update(batch_size=batch, hidden_on_disk=on_disk, device=str(gpu))

@@ -178,3 +178,37 @@ def test_eval_in_memory_of_a_bfloat16_checkpoint_gives_the_streamed_figure(tmp_p
     assert main(["eval", str(model_dir), *flags, "--in-memory"]) == 0
     loaded = json.loads(capsys.readouterr().out)
     assert loaded["perplexity"] == pytest.approx(streamed["perplexity"], rel=1e-5)
+
+
+def test_eval_refuses_a_work_dir_inside_the_model_it_reads(tmp_path, capsys):
+    """A killed eval's hidden states stayed there: `verify` passed the folder and `quantize` copied them into NEW_DIR
+    as files of the output (a probe, 2026-12-07)."""
+    model = make_tiny_checkpoint("llama", tmp_path / "m")
+    text = tmp_path / "t.txt"
+    text.write_text(default_text())
+    for work in (model, model / "scratch"):
+        work.mkdir(exist_ok=True)
+        assert main(["eval", str(model), "--text", str(text), "--seqlen", "16", "--work-dir", str(work), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error: ") == 1 and "is the model being evaluated or inside it" in err and "fix: " in err
+    assert main(["eval", str(model), "--text", str(text), "--seqlen", "16", "--work-dir", str(tmp_path), "--no-progress"]) == 0
+
+
+def test_an_interrupted_eval_says_nothing_is_kept_and_a_lost_rank_that_it_starts_over(tmp_path, capsys, monkeypatch):
+    """Both said "finished blocks are kept ... resume", and the rank's message "during start" (a probe, 2026-12-07)."""
+    import streamsvd.cli as cli
+    from streamsvd.job.distributed import RERUN_FIXES, World
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", interrupted)
+    assert main(["eval", str(tmp_path), "--text", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "nothing of the evaluation is kept" in err and "resume" not in err
+    world = World(rank=0, size=2)
+    world.rerun_fix, world.stage, world.block = RERUN_FIXES["eval"], "evaluation", 3
+    monkeypatch.setattr(world, "_lost_after", lambda: [1])
+    lost = world._failed(RuntimeError("connection reset"))
+    assert "rank 1 of 2 was lost" in lost.problem and "during block 3 (evaluation)" in lost.problem
+    assert "starts over" in lost.fix and "resume" not in lost.fix
