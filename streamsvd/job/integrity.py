@@ -29,7 +29,7 @@ from ..io.output import REPORT_JSON, REPORT_MD, RUN_LOG, SPECTRA_DIR
 from ..io.plots import ALLOCATION_PNG, SPECTRA_PNG
 from ..model.architecture import layer_prefix
 from ..model.remote import MODELING_FILE, modeling_source
-from .lock import LOCK_NAME, JobLocked
+from .lock import LOCK_NAME, JobLocked, entries_besides_lock
 from .state import RESTART_FIX, STATE_NAME
 from .verify import check_files
 
@@ -46,12 +46,12 @@ def _say(message: str) -> None:
 
 def _empty_keeping_locks(folder: Path) -> None:
     """Remove what `folder` holds but lock files, at any depth (a folder left empty goes, `folder` stays)."""
-    for q in folder.iterdir():
+    for q in entries_besides_lock(folder):
         if q.is_dir() and not q.is_symlink():
             _empty_keeping_locks(q)
             with contextlib.suppress(OSError):
                 q.rmdir()
-        elif q.name != LOCK_NAME:
+        else:
             q.unlink(missing_ok=True)
 
 
