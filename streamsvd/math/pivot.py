@@ -92,17 +92,20 @@ def _maxvol_pivots(b: torch.Tensor, tol: float = 0.05, max_iters: int | None = N
     pos = torch.empty(n, dtype=torch.long)  # pos[col] = index of col in perm
     pos[perm] = torch.arange(n)
     max_iters = max_iters if max_iters is not None else 4 * r + 100
+    c = c.contiguous()  # LAPACK's solve returns it column-major
+    scratch = torch.empty_like(c)  # |C|, reused: each iteration is two passes over C and no allocation
     for _ in range(max_iters):
-        flat = int(torch.argmax(c.abs()))
+        # max over a flat view: a third of argmax's time on the CPU (r x n float64), the same entry
+        flat = int(torch.abs(c, out=scratch).view(-1).max(0).indices)
         i, j = divmod(flat, n)
         pivot = float(c[i, j])
         if abs(pivot) <= 1.0 + tol:
             break
-        # Column j enters at row i; the column that was pivot i leaves. Rank-1 update of C.
-        row = c[i].clone() / pivot
+        # Column j enters at row i; the column that was pivot i leaves. Rank-1 update of C, in place (BLAS ger).
+        row = c[i] / pivot
         col = c[:, j].clone()
         col[i] -= 1.0
-        c -= col[:, None] * row[None, :]
+        c.addr_(col, row, alpha=-1.0)
         leaving = int(perm[i])
         a, z = i, int(pos[j])
         perm[a], perm[z] = j, leaving
