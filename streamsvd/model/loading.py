@@ -16,7 +16,7 @@ from ..io.checkpoint import Checkpoint
 from ..errors import CheckpointError, StreamSVDError
 from .lowrank import FORMS, module_from_tensors, replace_module
 from .quantized import dequantizing_getter, logical_keys
-from .remote.modeling_streamsvd import quant_readable, swap_compressed_linears, ties_embeddings
+from .remote.modeling_streamsvd import MODEL_TYPE, quant_readable, swap_compressed_linears, ties_embeddings
 from ..job.state import STATE_NAME, read_state
 
 
@@ -140,8 +140,10 @@ def check_finished(path: Path, verify: bool = True):
     except StreamSVDError as e:  # its fix is run's (--restart), which a quantize output's maker does not have
         raise StreamSVDError(e.problem, "the output is damaged: run the `streamsvd run` command that made it again with "
                              "--restart (a `streamsvd quantize` output: remove that directory and quantize again)") from e
-    if state is None and is_streamsvd_output(path):
-        # Its files cannot be checked against anything: a changed byte would load as another model, silently.
+    if state is None and _written_by_streamsvd(path):
+        # Its files cannot be checked against anything: a changed byte would load as another model, silently. (A
+        # folder that save_pretrained wrote from a loaded output, its factors fine-tuned, say, has the base family's
+        # model_type and never had a state: it is read as it is.)
         if verify:
             raise StreamSVDError(f"{path} is a streamsvd output without its {STATE_NAME}, which records the files its "
                                  "job wrote, so they cannot be checked",
@@ -164,6 +166,15 @@ def check_finished(path: Path, verify: bool = True):
 def _saved_dtype(config_dict: dict) -> torch.dtype:
     name = config_dict.get("dtype") or config_dict.get("torch_dtype") or "float32"
     return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
+
+
+def _written_by_streamsvd(path: Path) -> bool:
+    """Whether `path`'s config.json is the one streamsvd's job or quantize writes (model_type "streamsvd"), which
+    always has a state beside it."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def is_streamsvd_output(path: Path) -> bool:

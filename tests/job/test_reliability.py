@@ -478,6 +478,9 @@ def test_readers_refuse_an_output_without_its_state_and_wrong_kinds_of_tensor_un
         streamsvd.load(stateless)
     assert streamsvd.load(stateless, verify=False) is not None  # the caller's choice, said
     assert "read unchecked" in capsys.readouterr().err
+    saved = tmp_path / "saved"  # save_pretrained of a loaded output (its factors fine-tuned, say): never had a state
+    streamsvd.load(straight).save_pretrained(saved)
+    assert streamsvd.load(saved) is not None and "unchecked" not in capsys.readouterr().err
 
     relabelled = tmp_path / "relabelled"
     shutil.copytree(straight, relabelled)
