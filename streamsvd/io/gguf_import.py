@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -82,20 +83,65 @@ def _check_inputs(gguf_path: Path, out_dir: Path) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
 
+_READ_FIX = ("check that the file is complete and that its architecture is one transformers supports for GGUF (llama, "
+             "gemma3, qwen2, mistral, ...)")
+
+
+def check_layout(gguf_path: Path) -> list[str]:
+    """Refuse a GGUF whose tensors do not tile its data section: each at an aligned offset, none overlapping, no gap
+    of an alignment or more, the last ending within an alignment of the file's end. GGUF has no checksums, and
+    transformers' reader trusts the header: a tensor count one short moved the data start 64 bytes early and every
+    tensor was imported shifted by 16 floats; an offset off by one, or two tensors at one offset, gave other weights.
+    Returns the tensors' names."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(gguf_path))
+        align, start = int(reader.alignment), int(reader.data_offset)
+        spans = sorted((int(t.data_offset) - start, int(t.n_bytes), str(t.name)) for t in reader.tensors)
+    except (ValueError, KeyError, OSError, RuntimeError, struct.error, EOFError, IndexError, TypeError) as e:
+        raise StreamSVDError(f"{gguf_path} cannot be read as GGUF ({type(e).__name__}: {e})", _READ_FIX) from e
+    size = gguf_path.stat().st_size
+    end, last = 0, None
+    for offset, nbytes, name in spans:
+        if offset % align:
+            problem = f"tensor {name} starts at data offset {offset}, not a multiple of the alignment {align}"
+        elif offset < end:
+            problem = f"tensor {name} overlaps {last}"
+        elif offset - end >= align:
+            problem = f"{offset - end} bytes before tensor {name} belong to no tensor"
+        else:
+            end, last = offset + nbytes, name
+            continue
+        raise StreamSVDError(f"{gguf_path} is damaged: {problem}", "get or convert the GGUF file again")
+    if start + end > size or size - (start + end) >= align:
+        where = "past the file's end" if start + end > size else f"{size - start - end} bytes before the file's end"
+        raise StreamSVDError(f"{gguf_path} is damaged: its {len(spans)} tensors end {where} (its header and its data "
+                             "do not agree)", "get or convert the GGUF file again")
+    return [name for _, _, name in spans]
+
+
 def _write_checkpoint(gguf_path: Path, tmp: Path, dtype, max_shard_size) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    names = check_layout(gguf_path)
     src, name = str(gguf_path.parent), gguf_path.name
     try:
         model, info = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=dtype, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-    except (ValueError, KeyError, OSError, RuntimeError, struct.error, EOFError, IndexError) as e:
-        # struct.error / EOFError: a file cut short inside its metadata (the gguf reader unpacks past its end)
-        raise StreamSVDError(
-            f"transformers could not read {gguf_path} ({type(e).__name__}: {e})",
-            "check that the file is complete and that its architecture is one transformers "
-            "supports for GGUF (llama, gemma3, qwen2, mistral, ...)",
-        ) from e
+    except Exception as e:  # noqa: BLE001 -- whatever the reader or the config's validators raise on a bad header
+        # struct.error / EOFError: a file cut short inside its metadata (the gguf reader unpacks past its end);
+        # huggingface_hub's StrictDataclassClassValidationError: e.g. a head count that does not divide the width
+        if isinstance(e, (KeyboardInterrupt, MemoryError)):
+            raise
+        detail = (str(e).strip().splitlines() or [""])[-1][:300]
+        raise StreamSVDError(f"transformers could not read {gguf_path} ({type(e).__name__}: {detail})", _READ_FIX) from e
+    # A block count below the blocks the file holds: transformers dropped the others without a word.
+    blocks = {int(m.group(1)) for n in names if (m := re.match(r"blk\.(\d+)\.", n))}
+    layers = model.config.get_text_config().num_hidden_layers
+    if blocks and max(blocks) >= layers:
+        raise StreamSVDError(f"{gguf_path} holds tensors of {max(blocks) + 1} blocks, but its metadata says {layers}",
+                             "the GGUF file's metadata and tensors disagree: get or convert it again")
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers initialised them at random, and save_pretrained saved them as if they were weights
         raise StreamSVDError(

@@ -170,3 +170,50 @@ def test_a_full_disk_in_safetensors_writer_is_one_error_naming_the_output(tiny, 
     fix = err.split("fix: ", 1)[1]
     assert "run the same command again" in fix and "--work-dir" not in fix and "blocks" not in fix
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _damaged(src: Path, dest: Path, how: str) -> Path:
+    """`src` with one header field changed (a probe's cases, 2026-12-07)."""
+    import struct
+
+    raw, reader = src.read_bytes(), gguf.GGUFReader(str(src))
+    data = bytearray(raw)
+
+    def offset_field(name):  # a tensor info: name length, name, n_dims, dims, type, offset
+        at = next(t for t in reader.tensors if t.name == name).field.offset
+        at += 8 + struct.unpack_from("<Q", raw, at)[0]
+        return at + 8 + 8 * struct.unpack_from("<I", raw, at)[0]
+
+    def value_at(key):  # a u32 value: key length, key, type, value
+        return reader.fields[key].offset + 8 + len(key) + 4
+
+    if how == "tensor count one short":
+        struct.pack_into("<Q", data, 8, len(reader.tensors) - 1)
+    elif how == "offset off by one":
+        at = offset_field("blk.0.attn_q.weight")
+        struct.pack_into("<Q", data, at, struct.unpack_from("<Q", raw, at)[0] + 1)
+    elif how == "two tensors at one offset":
+        struct.pack_into("<Q", data, offset_field("blk.0.attn_q.weight"),
+                         struct.unpack_from("<Q", raw, offset_field("blk.0.attn_k.weight"))[0])
+    elif how == "block count one short":
+        struct.pack_into("<I", data, value_at("llama.block_count"), 1)
+    elif how == "head count not dividing the width":
+        struct.pack_into("<I", data, value_at("llama.attention.head_count"), 5)
+    dest.write_bytes(bytes(data))
+    return dest
+
+
+@pytest.mark.parametrize("how, says", [
+    ("tensor count one short", "header and its data do not agree"),  # every tensor read 64 bytes early: imported
+    ("offset off by one", "not a multiple of the alignment"),  # imported with q_proj shifted
+    ("two tensors at one offset", "belong to no tensor"),  # q_proj imported as k_proj's bytes
+    ("block count one short", "holds tensors of 3 blocks, but its metadata says 1"),  # imported with one block
+    ("head count not dividing the width", "not a multiple of the number of attention heads"),  # a traceback
+])
+def test_a_gguf_whose_header_and_tensors_disagree_is_refused(tiny, tmp_path, capsys, how, says):
+    write_gguf(tiny, tmp_path / "full.gguf")
+    damaged = _damaged(tmp_path / "full.gguf", tmp_path / "damaged.gguf", how)
+    assert main(["import-gguf", str(damaged), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and says in err and "fix:" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
