@@ -6,7 +6,7 @@ plain config.json (no "streamsvd" section, no auto_map), one safetensors shard p
 the other files (tokenizer, generation config) copied. A stopped export is finished by the same command: DIR holds
 a marker naming its source (`.streamsvd_dense_partial`: OUT_DIR's config, index and recorded file digests) until the
 index is written, and the shards already there, each written whole (atomic rename), are kept where their tensor
-table is the one this export writes. Each compressed linear becomes `NAME.weight`,
+table is the one this export writes and their sha256 is the one the marker recorded as each was written. Each compressed linear becomes `NAME.weight`,
 the product of its stored factors computed in float64 by the layer class itself
 (`dense_weight()`, model/remote/modeling_streamsvd.py) and rounded once to the stored dtype. This
 gives the size back: the export is as large as the original model's decoder linears. Quantised factors (`run
@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from ..errors import StreamSVDError
 from ..io.checkpoint import INDEX_NAME, SINGLE_NAME, TORCH_DTYPES, Checkpoint, read_safetensors_header
+from ..io.checksums import file_sha256
 from ..io.fsutil import (atomic_path, atomic_write_bytes, atomic_write_json, file_in_the_way, holds_only_temporaries_of,
                          remove_temporaries, within)
 from ..io.plots import ALLOCATION_PNG, SPECTRA_PNG
@@ -35,7 +36,7 @@ from ..model.lowrank import FORMS, module_from_tensors
 from ..model.quantized import QUANT_PARTS, quantized_bases
 from ..model.remote import MODELING_FILE
 
-PARTIAL = ".streamsvd_dense_partial"  # in DIR while an export is under way: {"source", "identity"}
+PARTIAL = ".streamsvd_dense_partial"  # in DIR while an export is under way: {"source", "identity", "shards": sha256s}
 _FIX_OUTPUT = "give the OUT_DIR of a finished `streamsvd run` (a directory with config.json holding a \"streamsvd\" section)"
 
 
@@ -172,8 +173,12 @@ def _export_dense(out_dir: Path, dest: Path, log, verify: bool) -> dict:
         f"{_gb(factored_bytes)} {out_dir} stores ({dense_bytes / factored_bytes:.2f}x); keep OUT_DIR for "
         "streamsvd.load or transformers with trust_remote_code=True")
     dest.mkdir(parents=True, exist_ok=True)
+    # The marker records each shard's sha256 once it is written whole: a stopped export's shard is kept only if its
+    # bytes are still those (its header alone let a changed byte in its data through: a silently other model).
+    recorded = dict((_partial(dest) or {}).get("shards") or {}) if resuming else {}
+    marker = {"source": str(out_dir.resolve()), "identity": identity, "shards": recorded}
     if not resuming:
-        atomic_write_json(dest / PARTIAL, {"source": str(out_dir.resolve()), "identity": identity})
+        atomic_write_json(dest / PARTIAL, marker)
     else:  # the temporaries the stopped export was writing (never renamed into place) are not left in DIR
         copies = [p.name for p in out_dir.iterdir() if p.is_file() and not _streamsvd_file(p.name)]
         remove_temporaries(dest, [*set(ckpt.weight_map.values()), "config.json", *copies, INDEX_NAME, PARTIAL])
@@ -183,7 +188,7 @@ def _export_dense(out_dir: Path, dest: Path, log, verify: bool) -> dict:
     weight_map, total, kept = {}, 0, 0
     for shard in sorted(set(ckpt.weight_map.values())):
         names = sorted({logical[k] for k, s in ckpt.weight_map.items() if s == shard})
-        done = _finished_shard(dest / shard, _written_names(names, owner)) if resuming else None
+        done = _finished_shard(dest / shard, _written_names(names, owner), recorded.get(shard)) if resuming else None
         if done is not None:  # written whole by the stopped export of this same output
             for key, nbytes in done.items():
                 weight_map[key] = shard
@@ -203,6 +208,9 @@ def _export_dense(out_dir: Path, dest: Path, log, verify: bool) -> dict:
         with atomic_path(dest / shard) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
             tmp.chmod(0o644)
+            digest = file_sha256(tmp)
+        recorded[shard] = digest
+        atomic_write_json(dest / PARTIAL, marker)
         for key, value in tensors.items():
             weight_map[key] = shard
             total += value.numel() * value.element_size()
@@ -236,10 +244,10 @@ def _written_names(names: list[str], owner: dict[str, str]) -> set[str]:
     return out
 
 
-def _finished_shard(path: Path, names: set[str]) -> dict[str, int] | None:
-    """Tensor name -> bytes of a shard a stopped export wrote, where it is whole and holds exactly `names`; else None
-    (then it is written again)."""
-    if not path.is_file():
+def _finished_shard(path: Path, names: set[str], sha256: str | None) -> dict[str, int] | None:
+    """Tensor name -> bytes of a shard a stopped export wrote, where it is whole, holds exactly `names` and has the
+    sha256 the marker recorded for it; else None (then it is written again)."""
+    if not path.is_file() or sha256 is None:
         return None
     try:
         header = read_safetensors_header(path)
@@ -247,6 +255,11 @@ def _finished_shard(path: Path, names: set[str]) -> dict[str, int] | None:
         return None
     table = {k: v for k, v in header.items() if k != "__metadata__"}
     if set(table) != names:
+        return None
+    try:
+        if file_sha256(path) != sha256:
+            return None
+    except OSError:
         return None
     return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in table.items()}
 

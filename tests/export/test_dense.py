@@ -161,11 +161,16 @@ def test_a_stopped_export_is_finished_by_the_same_command(tiny_outputs, tmp_path
     # A half-written shard a kill can leave under the final name (a copy from elsewhere): not kept.
     broken = sorted(whole.glob("model-*.safetensors"))[-1]
     (dest / broken.name).write_bytes(broken.read_bytes()[:200])
+    # A byte changed in a kept shard's data (its header intact) was kept, and the export said it was done.
+    changed = bytearray(first[1].read_bytes())
+    changed[-1] ^= 0x01
+    first[1].write_bytes(bytes(changed))
+    stamps.pop(first[1].name)
     capsys.readouterr()
     assert main(["export", "dense", str(out), str(dest)]) == 0
-    assert "2 shards kept from the stopped export" in capsys.readouterr().out
+    assert "1 shards kept from the stopped export" in capsys.readouterr().out
     assert not (dest / dense.PARTIAL).exists()
-    assert {p.name: p.stat().st_mtime_ns for p in first} == stamps  # kept, not written again
+    assert {p.name: p.stat().st_mtime_ns for p in first[:1]} == stamps  # kept, not written again
     for path in whole.iterdir():
         assert (dest / path.name).read_bytes() == path.read_bytes(), path.name
     assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in whole.iterdir())
