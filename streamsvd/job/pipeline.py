@@ -679,6 +679,13 @@ class CompressionJob:
             self._own_profile()
         elif self.profile is not None:
             tqdm.write(f"streamsvd: profile reused: {self.cfg.profile} (no profiling)", file=sys.stderr)
+            if not self.profile.meta.get("meta_sha256") or not self.profile.meta.get("tensor_sha256"):
+                # made before 2026-12-06, or its digests removed: a hand edit or another model's profile of the same
+                # shapes cannot be told from it (a probe gave another model's profile so, and it was used)
+                print(f"warning: the profile in {self.cfg.profile} records no checksums of its content or of the weights "
+                      "it measured, so an edit or another model's profile cannot be told from it\n"
+                      "  fix: make the profile again with `streamsvd profile` (and the run's calibration flags)",
+                      file=sys.stderr)
             if self.profile.meta.get("sensitivity") and self.profile.weighted is None:
                 print(f"warning: the profile in {self.cfg.profile} predates token-weighted sensitivity, so the ranks come "
                       "from one weight per matrix (on Gemma 3 that was worse than uniform at ratio 0.6, docs/RESULTS.md)\n"

@@ -301,8 +301,9 @@ def read_profile(path: Path, identity: dict | None = None) -> Profile:
                              f"({__version__}), which cannot tell what that version's profile.json means",
                              "read it with the streamsvd that made it, or make the profile again with this one: "
                              "`streamsvd profile MODEL_DIR PROFILE_DIR` (and the run's calibration flags)")
-    if (not isinstance(meta, dict) or not {"identity", "shapes", "order", "tokens"} <= set(meta) or set(meta["order"]) != set(spectra)
-            or (weighted is not None and set(weighted) != set(spectra))):
+    if (not isinstance(meta, dict) or not {"identity", "shapes", "order", "tokens"} <= set(meta)
+            or not isinstance(meta["order"], list) or not all(isinstance(n, str) for n in meta["order"])
+            or set(meta["order"]) != set(spectra) or (weighted is not None and set(weighted) != set(spectra))):
         raise StreamSVDError(f"the profile in {path} is damaged ({PROFILE_JSON} does not match {SPECTRA_FILE})", fix)
     problem = _damage(path, meta, spectra, weighted)
     if problem:

@@ -168,6 +168,8 @@ def test_a_profile_of_other_settings_or_another_model_is_refused(tiny, tmp_path)
     ("shapes list", "shapes is not a mapping"),
     ("identity list", "identity is not a mapping"),
     ("order twice", "lists a matrix more than once"),
+    ("order number", "does not match"),                  # a TypeError traceback (a probe, 2026-12-07)
+    ("order nested", "does not match"),
     ("tokens zero", "token count 0 is not"),
     ("tokens negative", "token count -5 is not"),
     ("tokens text", "token count 'many' is not"),
@@ -209,6 +211,8 @@ def test_a_damaged_profile_is_refused(tiny, tmp_path, damage, says):
         meta[damage.split()[0].replace("files", "files_sha256")] = ["x"]
     elif damage == "order twice":
         meta["order"].append(name)
+    elif damage in ("order number", "order nested"):
+        meta["order"] = 5 if damage == "order number" else [[1]]
     elif damage.startswith("tokens"):
         meta["tokens"] = {"tokens zero": 0, "tokens negative": -5, "tokens text": "many"}[damage]
     elif damage == "heldout samples":
