@@ -67,7 +67,7 @@ from ..errors import StreamSVDError
 from ..io.activations import ActivationFile
 from ..io.calibration import heldout_windows, load_texts, load_tokenizer, sample_windows, text_digest
 from ..io.checkpoint import Checkpoint
-from ..io.fsutil import atomic_path, atomic_write_json, remove_temporaries, within
+from ..io.fsutil import atomic_path, atomic_write_json, fsync_dir, remove_temporaries, within
 from ..math.allocate import Matrix
 from ..math.factorize import TALL_MIN_RATIO, project, weight_gram, whiten, whitened
 from ..math.gram import GramAccumulator, OutputGramAccumulator
@@ -377,7 +377,7 @@ def _bad_figure(spectra: dict, weighted: dict | None, sensitivity: dict | None =
 
 _IDENTITY_WORDS = {"checkpoint": "the model (config.json, shard sizes)", "calib_digest": "the calibration text",
                    "calib_samples": "--calib-samples", "seqlen": "--seqlen", "seed": "--seed",
-                   "windows_digest": "the calibration windows' tokens (another tokenizer)"}
+                   "windows_digest": "the calibration windows' tokens (other windows, or another tokenizer)"}
 
 
 def _damage(path: Path, meta: dict, spectra: dict, weighted: dict | None) -> str | None:
@@ -572,7 +572,11 @@ class Profiler:
         """A finished profile of the same settings already in the folder (the same command run twice)."""
         if not (Path(self.cfg.profile_dir) / PROFILE_JSON).exists():
             return None
-        found = read_profile(self.cfg.profile_dir, self.identity)
+        try:
+            found = read_profile(self.cfg.profile_dir, self.identity)
+        except StreamSVDError as e:  # read_profile's fix is to make a profile: this command, which it refused
+            raise StreamSVDError(e.problem, f"give another PROFILE_DIR for these settings, or remove "
+                                 f"{self.cfg.profile_dir} and run the same command again") from e
         # Another number of held-out windows, of the statistics pass's or of the sensitivity pass's: the same
         # calibration, other measurements; made again.
         same = (found.meta["identity"].get("heldout_samples", 0) == self.cfg.heldout_samples
@@ -646,6 +650,13 @@ class Profiler:
     def _write(self, out: Path, spectra, weighted, shapes, sensitivity, heldout, started: float, sens_seconds: float) -> None:
         # a profile killed while writing left its temporaries (never renamed into place): gone, not kept beside the profile
         remove_temporaries(out, (PROFILE_LOG, WEIGHTED_FILE, SPECTRA_FILE, PROFILE_JSON))
+        # An earlier profile made again (other held-out or sensitivity windows): its profile.json goes first, so a kill
+        # while the data files are replaced leaves an unfinished folder that the same command makes again. Left in
+        # place, it named the new files as not its own, and every rerun was refused with "make one with streamsvd
+        # profile", the command that was refused (a probe, 2026-12-07).
+        if (out / PROFILE_JSON).exists():
+            (out / PROFILE_JSON).unlink()
+            fsync_dir(out)
         atomic_write_json(out / PROFILE_LOG, {"seconds": round(time.time() - started, 2),
                                               "sensitivity_seconds": round(sens_seconds, 2) if sensitivity else None,
                                               # rank 0's peak RSS per stage against its plan (job/plan.py)

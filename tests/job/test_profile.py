@@ -433,3 +433,41 @@ def test_two_profiles_given_one_work_dir_use_their_own_folders(tiny, tmp_path):
                                                    progress=False, work_dir=work)).work_base
     one.run()
     assert list(work.iterdir()) == []
+
+
+def test_a_profile_killed_while_made_again_over_an_earlier_one_is_made_by_the_same_command(tiny, tmp_path, monkeypatch):
+    """Killed after weighted.safetensors was replaced but before the new profile.json: the old profile.json named the
+    new file as not its own, and every rerun of the same command was refused with a fix naming that command."""
+    import streamsvd.job.profile as profile_module
+
+    _profile(tiny, tmp_path / "prof")
+    real_save, saved = profile_module.save_file, []
+
+    def stop_after_one(tensors, path, *args, **kwargs):
+        if saved:
+            raise KeyboardInterrupt  # killed while writing the second file
+        real_save(tensors, path, *args, **kwargs)
+        saved.append(path)
+
+    monkeypatch.setattr(profile_module, "save_file", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        _profile(tiny, tmp_path / "prof", sensitivity_samples=KEEP - 1)  # other measurements: made again
+    monkeypatch.setattr(profile_module, "save_file", real_save)
+    assert saved and not (tmp_path / "prof" / PROFILE_JSON).exists()  # unfinished, not a damaged finished one
+    again = _profile(tiny, tmp_path / "prof", sensitivity_samples=KEEP - 1)
+    assert again.meta["sensitivity_samples"] == KEEP - 1
+    assert read_profile(tmp_path / "prof").digest == again.digest
+
+
+def test_profile_into_a_folder_holding_another_settings_profile_says_to_give_another_folder(tmp_path, capsys):
+    """Its fix was "make one with `streamsvd profile`": the very command it refused (a probe, 2026-12-07)."""
+    from streamsvd.cli import main
+
+    model_dir = make_tiny_checkpoint("llama", tmp_path / "model")
+    flags = ["--calib-samples", "4", "--seqlen", "32", "--no-progress"]
+    assert main(["profile", str(model_dir), str(tmp_path / "prof"), *flags]) == 0
+    capsys.readouterr()
+    assert main(["profile", str(model_dir), str(tmp_path / "prof"), *flags, "--seed", "7"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "other settings than this run: --seed" in err
+    assert "give another PROFILE_DIR" in err and "make one with" not in err
