@@ -100,7 +100,7 @@ def check_layout(gguf_path: Path) -> list[str]:
         align, start = int(reader.alignment), int(reader.data_offset)
         spans = sorted((int(t.data_offset) - start, int(t.n_bytes), str(t.name)) for t in reader.tensors)
     except (ValueError, KeyError, OSError, RuntimeError, struct.error, EOFError, IndexError, TypeError) as e:
-        raise StreamSVDError(f"{gguf_path} cannot be read as GGUF ({type(e).__name__}: {e})", _READ_FIX) from e
+        raise StreamSVDError(f"could not read {gguf_path} as GGUF ({type(e).__name__}: {e})", _READ_FIX) from e
     size = gguf_path.stat().st_size
     end, last = 0, None
     for offset, nbytes, name in spans:

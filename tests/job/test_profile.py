@@ -145,7 +145,7 @@ def test_a_profile_of_other_settings_or_another_model_is_refused(tiny, tmp_path)
         read_profile(tmp_path / "prof", {**identity, "checkpoint": {"config": {}, "shards": {}}})
     with pytest.raises(StreamSVDError, match="other settings than this run: --seed") as e:
         _profile(tiny, tmp_path / "prof", seed=1, sensitivity_samples=0)  # into the same folder, other settings
-    assert "streamsvd profile" in e.value.fix
+    assert "give another PROFILE_DIR" in e.value.fix  # not "make one with streamsvd profile": this command
     (tmp_path / "prof" / PROFILE_JSON).unlink()
     with pytest.raises(StreamSVDError, match="not a finished"):
         read_profile(tmp_path / "prof", identity)
