@@ -16,7 +16,7 @@ from ..io.checkpoint import Checkpoint
 from ..errors import CheckpointError, StreamSVDError
 from .lowrank import FORMS, module_from_tensors, replace_module
 from .quantized import dequantizing_getter, logical_keys
-from .remote.modeling_streamsvd import MODEL_TYPE, quant_readable, swap_compressed_linears, ties_embeddings
+from .remote.modeling_streamsvd import MODEL_TYPE, is_permutation, quant_readable, swap_compressed_linears, ties_embeddings
 from ..job.state import STATE_NAME, read_state
 
 
@@ -117,8 +117,7 @@ def _pivots_checked(get, where: Path):
         if name.endswith(".pivots"):
             if value.is_floating_point() or value.is_complex():
                 raise CheckpointError(f"{where}'s {name} is stored as {value.dtype}, not as integers", fix)
-            order = value.to(torch.long).sort().values
-            if not torch.equal(order, torch.arange(order.numel())):
+            if not is_permutation(value):
                 raise CheckpointError(f"{where}'s {name} is not a permutation of the layer's inputs", fix)
         elif name.endswith(_FLOATING) and not value.is_floating_point():
             raise CheckpointError(f"{where}'s {name} is stored as {value.dtype}, not as floating-point numbers", fix)

@@ -343,12 +343,17 @@ def check_output(path, verify: bool = True) -> None:
                              "lists the damaged files)")
 
 
+def is_permutation(pivots: torch.Tensor) -> bool:
+    """Whether `pivots` holds each of 0 .. n-1 once (streamsvd.load's reader checks its tensors with it too)."""
+    order = pivots.to(torch.long).sort().values.cpu()
+    return torch.equal(order, torch.arange(order.numel()))
+
+
 def check_pivots(model: nn.Module, path) -> None:
     """Refuse pivots that are not a permutation of their layer's inputs (a wrong model, or an index error later)."""
     for name, module in model.named_modules():
         if isinstance(module, PivotedLinear) and module.pivots.device.type != "meta":
-            order = module.pivots.to(torch.long).sort().values.cpu()
-            if not torch.equal(order, torch.arange(order.numel())):
+            if not is_permutation(module.pivots):
                 raise ValueError(f"{path}'s {name}.pivots is not a permutation of the layer's inputs; the output is "
                                  f"damaged, {_RERUN}")
 
