@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import StreamSVDError
+from .errors import RERUN, StreamSVDError
 
 EPILOG = "Run `streamsvd COMMAND --help` for each command's flags."
 
@@ -902,20 +902,9 @@ def _disk_full(args, path) -> StreamSVDError:
     return DiskFull(where, fix)
 
 
-# What an interruption leaves, per command: only run (and export dense, shard by shard) keeps finished work.
-_INTERRUPTED = {"run": "finished blocks are kept; run the same command again to resume",
-                "export": "run the same command again (`export dense` keeps its finished shards)",
-                "eval": "nothing of the evaluation is kept; run the same command again to start it over",
-                "profile": "a profile is not resumable; run the same command again to make it from the start",
-                "quantize": "run the same command again: it starts NEW_DIR over",
-                "import-gguf": "run the same command again: it starts the conversion over",
-                "verify": "nothing was checked to the end; run the same command again",
-                "plan": "nothing was written; run the same command again"}
-
-
 def main(argv: list[str] | None = None) -> int:
     try:  # torch's import takes seconds: a Ctrl-C then is an interruption like any other, not a traceback
-        from .job.distributed import RERUN_FIXES, World, launched_distributed
+        from .job.distributed import World, launched_distributed
     except KeyboardInterrupt:
         print("interrupted (before any work): run the command again", file=sys.stderr)
         return 130
@@ -931,7 +920,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "`streamsvd profile` and `streamsvd eval` do",
                                          f"run `streamsvd {args.command}` as one process, without torchrun")
                 world = World.start()
-                world.rerun_fix = RERUN_FIXES.get(args.command, world.rerun_fix)
+                world.rerun_fix = RERUN.get(args.command, world.rerun_fix)
             return COMMANDS[args.command](args)
         except OSError as e:  # a full disk outside the writers that already report it (e.g. copying the tokenizer)
             from .io.diskspace import is_disk_full
@@ -975,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
             world.ending = True
         if not launched_distributed() or os.environ.get("RANK", "0") == "0":
             what = "stopped (SIGTERM)" if terminated else "interrupted"
-            print(f"{what}: {_INTERRUPTED.get(args.command, _INTERRUPTED['run'])}", file=sys.stderr)
+            print(f"{what}: {RERUN.get(args.command, RERUN['run'])}", file=sys.stderr)
         return 143 if terminated else 130
     finally:
         _restore_sigterm(terminated)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import StreamSVDError
+from ..errors import RERUN, StreamSVDError
 from ..timing import charged
 
 # The longest any rank waits in one collective before the job ends with an error naming the ranks it
@@ -55,9 +55,6 @@ def collective_timeout_s() -> float:
     return min(max(value, 1.0), COLLECTIVE_TIMEOUT_S)
 
 
-RESUME_FIX = "run the same command again to resume from the finished blocks"
-RERUN_FIXES = {"eval": "run the same command again (an evaluation starts over: nothing of it is kept)",
-               "profile": "run the same command again (a profile is made again from the start)"}
 
 
 class RankLost(StreamSVDError):
@@ -88,7 +85,7 @@ class World:
         self._peers: list[tuple[str, int]] = []
         self.block: int | None = None  # what the job was doing, for the lost-rank message: the block,
         self.stage = "start"  # and the stage (the plan's stage names, set by CompressionJob._stage)
-        self.rerun_fix = RESUME_FIX  # what a rerun does, for that message (an eval or a profile starts over)
+        self.rerun_fix = RERUN["run"]  # what a rerun does, for that message (errors.RERUN: an eval starts over)
         self.ending = False  # an error was decided: a SIGTERM from torchrun now only hurries the exit along
         self._dealt = 0  # linears dealt so far (`spread`): the next call starts at the next rank
         self._gathers = 0  # gathers so far: every rank must be at the same one (`_gather` checks)

@@ -167,20 +167,23 @@ def _saved_dtype(config_dict: dict) -> torch.dtype:
     return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
 
 
+def _config_json(path: Path) -> dict:
+    """`path`'s config.json as a dict ({} where there is none, or it is not a JSON object)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def _written_by_streamsvd(path: Path) -> bool:
     """Whether `path`'s config.json is the one streamsvd's job or quantize writes (model_type "streamsvd"), which
     always has a state beside it."""
-    try:
-        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == MODEL_TYPE
-    except (OSError, ValueError, AttributeError):
-        return False
+    return _config_json(path).get("model_type") == MODEL_TYPE
 
 
 def is_streamsvd_output(path: Path) -> bool:
-    try:
-        return "streamsvd" in json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
+    return "streamsvd" in _config_json(path)
 
 
 def stored_layer(model: nn.Module, index: int, ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:

@@ -197,7 +197,8 @@ def test_eval_refuses_a_work_dir_inside_the_model_it_reads(tmp_path, capsys):
 def test_an_interrupted_eval_says_nothing_is_kept_and_a_lost_rank_that_it_starts_over(tmp_path, capsys, monkeypatch):
     """Both said "finished blocks are kept ... resume", and the rank's message "during start" (a probe, 2026-12-07)."""
     import streamsvd.cli as cli
-    from streamsvd.job.distributed import RERUN_FIXES, World
+    from streamsvd.errors import RERUN
+    from streamsvd.job.distributed import World
 
     def interrupted(args):
         raise KeyboardInterrupt
@@ -207,8 +208,8 @@ def test_an_interrupted_eval_says_nothing_is_kept_and_a_lost_rank_that_it_starts
     err = capsys.readouterr().err
     assert "nothing of the evaluation is kept" in err and "resume" not in err
     world = World(rank=0, size=2)
-    world.rerun_fix, world.stage, world.block = RERUN_FIXES["eval"], "evaluation", 3
+    world.rerun_fix, world.stage, world.block = RERUN["eval"], "evaluation", 3
     monkeypatch.setattr(world, "_lost_after", lambda: [1])
     lost = world._failed(RuntimeError("connection reset"))
     assert "rank 1 of 2 was lost" in lost.problem and "during block 3 (evaluation)" in lost.problem
-    assert "starts over" in lost.fix and "resume" not in lost.fix
+    assert "start it over" in lost.fix and "resume" not in lost.fix
