@@ -66,6 +66,31 @@ def flock_folder(folder: Path, shared: bool = False) -> int | None:
     return fd
 
 
+def flock_holders(path: Path) -> list[int]:
+    """The processes holding a flock on `path` on this machine (Linux's /proc/locks; [] where it cannot tell)."""
+    try:
+        st = os.stat(path)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = []
+    for line in lines:  # "3: FLOCK  ADVISORY  READ 20878 fe:00:2171827 0 EOF"; a waiter's line has "->"
+        fields = line.split()
+        if len(fields) >= 6 and "->" not in fields and fields[1] == "FLOCK" and fields[5] == key and fields[4].isdigit():
+            pids.append(int(fields[4]))
+    return sorted(set(pids))
+
+
+def describe_process(pid: int) -> str:
+    """'process PID (its command line)', the command where /proc shows it."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        command = ""
+    return f"process {pid} ({command})" if command else f"process {pid}"
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path):
     """Yield a temporary path beside `path`; on success fsync it and rename it into place."""

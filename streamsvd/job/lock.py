@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ..errors import StreamSVDError
-from ..io.fsutil import flock_folder
+from ..io.fsutil import describe_process, flock_folder, flock_holders
 
 LOCK_NAME = ".streamsvd.lock"
 
@@ -128,8 +128,10 @@ class JobLocks:
         try:
             fd = flock_folder(Path(directory))
         except BlockingIOError:
+            readers = ", ".join(describe_process(pid) for pid in flock_holders(Path(directory)))
             raise JobLocked(f"{what} {directory} is being read by another streamsvd command (quantize, export, eval, "
-                            "verify or streamsvd.load)", "wait for it to finish (or stop it), then run this again") from None
+                            "verify or streamsvd.load)" + (f": {readers}" if readers else ""),
+                            "wait for it to finish (or stop it), then run this again") from None
         if fd is not None:
             self.folders.append(fd)
 

@@ -6,7 +6,9 @@ And no reader of an output (quantize, export, eval, verify, streamsvd.load) over
 quantize during `run --restart` wrote a silent mix of both jobs' shards, eval gave a mixed model's figure.
 """
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -126,5 +128,7 @@ def test_a_run_into_an_output_being_read_is_refused(out, tmp_path, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert "is being read by another streamsvd command" in err and "Traceback" not in err
+        if Path("/proc/locks").exists():  # the reader is named (it was not): here this very process
+            assert f"process {os.getpid()} (" in err, err
     assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before  # nothing was touched
     assert main(args) == 0
