@@ -804,7 +804,8 @@ def export_dense(args) -> int:
                     verify=not args.no_verify)
     print(f"wrote {result['dir']}: {result['modules_multiplied']} compressed linears multiplied back, "
           f"{result['dense_bytes']:,} bytes of weights (OUT_DIR: {result['factored_bytes']:,})"
-          + (f"; {result['shards_kept']} shards kept from the stopped export" if result["shards_kept"] else ""))
+          + (f"; {result['shards_kept']} shard{'s' if result['shards_kept'] > 1 else ''} kept from the stopped export"
+             if result["shards_kept"] else ""))
     return 0
 
 

@@ -168,7 +168,7 @@ def test_a_stopped_export_is_finished_by_the_same_command(tiny_outputs, tmp_path
     stamps.pop(first[1].name)
     capsys.readouterr()
     assert main(["export", "dense", str(out), str(dest)]) == 0
-    assert "1 shards kept from the stopped export" in capsys.readouterr().out
+    assert "1 shard kept from the stopped export" in capsys.readouterr().out
     assert not (dest / dense.PARTIAL).exists()
     assert {p.name: p.stat().st_mtime_ns for p in first[:1]} == stamps  # kept, not written again
     for path in whole.iterdir():
