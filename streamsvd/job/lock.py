@@ -179,6 +179,27 @@ def reading_output(folder: Path):
             os.close(fd)
 
 
+def refuse_while_made(folder: Path, what: str) -> None:
+    """Refuse to read `folder` (a PROFILE_DIR) while the command making it holds its lock: read meanwhile, a profile
+    half rewritten was refused as damaged, with the fix to make it again (the command already running)."""
+    import fcntl
+
+    path = Path(folder) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file: nobody is making it
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise JobLocked(f"{what} {folder} is being made by another streamsvd command: {_describe(read_owner(path))}",
+                        "wait for it to finish, then run this again") from None
+    except OSError:  # a file system without flock: nothing to tell
+        pass
+    finally:
+        os.close(fd)
+
+
 def entries_besides_lock(folder: Path) -> list[Path]:
     """What `folder` holds other than the lock file (a held one, or one a killed process left)."""
     return [p for p in sorted(Path(folder).iterdir()) if p.name != LOCK_NAME] if Path(folder).is_dir() else []

@@ -66,7 +66,7 @@ from .stages import (FactoredBlock, OriginalInputs, Replay, collect_group_statis
 from .state import JobState, fingerprint
 from .integrity import JobIntegrity
 from .distributed import ReadOnlyOutput, World
-from .lock import JobLocks
+from .lock import JobLocks, refuse_while_made
 from .preflight import check_paths
 
 COMPUTE_DTYPE = torch.float32
@@ -401,6 +401,7 @@ class CompressionJob:
         self.windows = sample_windows(self.tokenizer, self.text, cfg.calib_samples, cfg.seqlen, cfg.seed)
         self.profile, self.ranks = None, None
         if cfg.profile is not None:
+            refuse_while_made(cfg.profile, "--profile")
             self.profile = read_profile(cfg.profile, self._profile_identity())
             if cfg.max_ppl_increase is not None:
                 check_heldout(self.profile, cfg.heldout_rows)

@@ -1052,8 +1052,10 @@ def plan_job(cfg, processes: int = 1) -> Plan:
     ranks = None
     if getattr(cfg, "profile", None) is not None:  # refused as `run` refuses it: missing, damaged, other settings
         from .pipeline import allocate_ranks, model_matrices
+        from .lock import refuse_while_made
         from .profile import check_heldout, profile_identity, read_profile
 
+        refuse_while_made(cfg.profile, "--profile")
         profile = read_profile(cfg.profile, profile_identity(ckpt, text, cfg.calib_samples, cfg.seqlen, cfg.seed,
                                                              windows=windows))
         if cfg.max_ppl_increase is not None:

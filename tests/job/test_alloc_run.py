@@ -423,3 +423,22 @@ def test_allocated_ranks_with_compensation_and_refinement(tiny, profiled, tmp_pa
                           compensate=True, anchor=0.1, refine_steps=3))
     assert {n: m["rank"] for n, m in report["modules"].items()} == allocate("global", prof.matrices(), 0.4, tokens=prof.tokens)
     assert streamsvd.load(tmp_path / "out") is not None
+
+
+def test_a_run_or_plan_reading_a_profile_being_made_is_refused_naming_the_maker(tiny, profiled, tmp_path, capsys):
+    """`run --profile P` took no lock: a profile made again in P meanwhile was read half written and refused as damaged,
+    with the fix to make it again (a probe, 2026-12-07). The maker's lock is now checked first."""
+    from streamsvd.job.lock import DirLock
+
+    making = DirLock(profiled, "PROFILE_DIR").acquire()  # what `streamsvd profile` holds while it writes P
+    try:
+        for command in (["run", str(tiny), str(tmp_path / "out")], ["plan", str(tiny)]):
+            assert main([*command, "--profile", str(profiled), "--calib-samples", str(SAMPLES), "--seqlen", str(SEQLEN),
+                         "--no-progress"]) == 2
+            err = capsys.readouterr().err
+            assert f"--profile {profiled} is being made by another streamsvd command: process" in err, err
+            assert "Traceback" not in err and not (tmp_path / "out").exists()
+    finally:
+        making.release()
+    assert main(["run", str(tiny), str(tmp_path / "out"), "--profile", str(profiled), "--calib-samples", str(SAMPLES),
+                 "--seqlen", str(SEQLEN), "--no-progress", "--no-plots"]) == 0
