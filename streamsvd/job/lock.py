@@ -182,8 +182,6 @@ def reading_output(folder: Path):
 def refuse_while_made(folder: Path, what: str) -> None:
     """Refuse to read `folder` (a PROFILE_DIR) while the command making it holds its lock: read meanwhile, a profile
     half rewritten was refused as damaged, with the fix to make it again (the command already running)."""
-    import fcntl
-
     path = Path(folder) / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -211,8 +209,11 @@ def destination_lock(dest: Path, what: str):
     writes it: two at once took each other's partial files for a stopped run's, removed them, or mixed them.
 
     The folder is made to hold the lock; folders made for it and left empty (a refusal) are removed at the end.
-    Where it cannot be made (a file in the way, no permission) nothing is locked and the command's own checks speak.
+    Where a file is in the way nothing is locked and the command's own checks speak; a folder that cannot be made
+    (a parent that cannot hold one: /proc, a read-only file system) is refused here, before any work (it was a
+    traceback, after the whole trace and export for `export onnx`).
     """
+    from ..io.diskspace import is_disk_full
     from ..io.fsutil import file_in_the_way
 
     dest = Path(dest)
@@ -221,8 +222,11 @@ def destination_lock(dest: Path, what: str):
     if file_in_the_way(dest) is None and not (dest.exists() and not dest.is_dir()):
         try:
             dest.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            made = []
+        except OSError as e:
+            if is_disk_full(e) or isinstance(e, PermissionError):  # worded by the command line's own handlers
+                raise
+            raise StreamSVDError(f"{what} {dest} cannot be made ({e.strerror or e})",
+                                 f"give a {what} on a file system this process can write") from e
         else:
             try:
                 lock = DirLock(dest, what).acquire()

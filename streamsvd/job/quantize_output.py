@@ -71,6 +71,8 @@ def _quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size
         raise StreamSVDError(f"{new_dir} cannot be made: {blocker} is not a directory", "give a new directory for the quantised output")
     if within(new_dir, out_dir):  # the copy of OUT_DIR's folders copied NEW_DIR into itself
         raise StreamSVDError(f"{new_dir} is inside the streamsvd output {out_dir}", "give a directory outside it")
+    if within(out_dir, new_dir):  # a stopped quantize's NEW_DIR is emptied below: with OUT_DIR in it (a probe, 12-07)
+        raise StreamSVDError(f"the streamsvd output {out_dir} is inside NEW_DIR {new_dir}", "give a NEW_DIR outside it")
     if stopped:
         for child in entries_besides_lock(new_dir):
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()

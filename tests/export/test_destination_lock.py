@@ -74,6 +74,23 @@ def test_a_lock_file_a_killed_command_left_is_taken_and_gone_at_the_end(command,
         streamsvd.load(dest)  # its files checked against the sha256 its state recorded
 
 
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_destination_that_cannot_be_made_is_one_error_before_any_work(command, out, capsys, monkeypatch):
+    """Under /proc (or on a read-only file system) NEW_DIR / DIR could not be made: a FileNotFoundError traceback, for
+    `export onnx` after the whole export (a probe, 2026-12-07)."""
+    import torch
+
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc (a folder no file or folder can be made in)")
+    if command == "onnx":
+        pytest.importorskip("onnxruntime", reason="the onnx extra is part of the test extra: pip install -e '.[test]'")
+        monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: pytest.fail("exported before refusing DIR"))
+    args, what = _args(command, out, "/proc/streamsvd-nope/x")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {what} /proc/streamsvd-nope/x cannot be made" in err and "fix:" in err and "Traceback" not in err, err
+
+
 def test_a_refused_command_leaves_no_folder_made_for_its_lock(out, tmp_path, capsys):
     dest = tmp_path / "a" / "b"
     assert main(["quantize", str(tmp_path / "missing"), str(dest), "--quant", "int8"]) == 2

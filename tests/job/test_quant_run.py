@@ -324,6 +324,36 @@ def test_a_stopped_quantize_is_named_as_one_and_a_quantize_into_it_starts_over(o
     assert "not a new or empty directory" in capsys.readouterr().err
 
 
+def test_a_stopped_quantize_holding_the_output_to_quantize_is_refused_and_the_output_kept(outputs, tmp_path, monkeypatch,
+                                                                                          capsys):
+    """A stopped quantize's NEW_DIR is emptied by the quantize that starts it over: an OUT_DIR inside it was removed
+    with the rest (then a traceback; a probe, 2026-12-07)."""
+    import shutil
+
+    import streamsvd.job.quantize_output as quantize_output
+
+    root, _ = outputs
+    new = tmp_path / "new"
+    real, calls = quantize_output.save_file, []
+
+    def killed_after_one_shard(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(quantize_output, "save_file", killed_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_output.quantize_output(root / "full", new, "int8", 32)
+    monkeypatch.undo()
+    shutil.copytree(root / "full", new / "mine")
+    before = _files(new / "mine")
+    assert main(["quantize", str(new / "mine"), str(new), "--quant", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert f"the streamsvd output {new / 'mine'} is inside NEW_DIR {new}" in err and "Traceback" not in err, err
+    assert _files(new / "mine") == before and main(["verify", str(new / "mine")]) == 0
+
+
 def test_a_quantize_killed_between_its_finished_state_and_its_index_is_made_again_by_the_same_command(outputs, tmp_path, capsys):
     """The state says complete before the index is written (last); a SIGKILL between the two left NEW_DIR without an
     index, and the same quantize refused it as 'not a new or empty directory' (verify: 'damaged ... remove it')."""
