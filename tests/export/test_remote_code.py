@@ -7,6 +7,7 @@ remote code builds the same modules (the same classes, model/remote/modeling_str
 sides run single-threaded.
 """
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ import streamsvd
 from streamsvd.cli import main
 from streamsvd.io.checkpoint import Checkpoint
 from streamsvd.job.lock import JobLocks
-from streamsvd.job.state import STATE_NAME
+from streamsvd.job.state import STATE_NAME, read_state
 from streamsvd.model.architecture import check_supported
 from streamsvd.model.lowrank import LowRankLinear, PivotedLinear
 from streamsvd.model.remote import MODELING_FILE, modeling_source
@@ -171,10 +172,20 @@ def _damaged_copies(out, quantized, root):
     _, _, start, end = _tensor_span(flipped / shard, ".out_factor")
     _patch(flipped / shard, (start + end) // 2, bytes([flipped.joinpath(shard).read_bytes()[(start + end) // 2] ^ 0x40]))
     cases["flipped"] = (str(flipped), {})
-    unfinished = _copy(out, root / "unfinished")
-    state = json.loads((unfinished / STATE_NAME).read_text())
-    (unfinished / STATE_NAME).write_text(json.dumps({**state, "complete": False}))
+    unfinished = _copy(out, root / "unfinished")  # a stopped job's state (its own digest right)
+    state = read_state(unfinished)
+    state.complete = False
+    state.save(unfinished)
     cases["unfinished"] = (str(unfinished), {})
+    edited = _copy(flipped, root / "edited")  # the flipped byte's sha256 put in by hand: the state's own digest differs
+    record = json.loads((edited / STATE_NAME).read_text())
+    record["files"][shard]["sha256"] = hashlib.sha256((edited / shard).read_bytes()).hexdigest()
+    (edited / STATE_NAME).write_text(json.dumps(record))
+    cases["edited state"] = (str(edited), {})
+    completed = _copy(unfinished, root / "completed")  # `complete` set by hand on a stopped job's state
+    record = json.loads((completed / STATE_NAME).read_text())
+    (completed / STATE_NAME).write_text(json.dumps({**record, "complete": True}))
+    cases["completed by hand"] = (str(completed), {})
     stateless = _copy(out, root / "stateless")
     (stateless / STATE_NAME).unlink()
     cases["stateless"] = (str(stateless), {})
@@ -306,6 +317,8 @@ def test_remote_code_refuses_what_streamsvd_load_refuses(child):
     assert result["flipped"].startswith("ValueError") and "is a damaged streamsvd output: model-" in result["flipped"]
     assert "contents differ" in result["flipped"] and "streamsvd run" in result["flipped"]
     assert result["unfinished"].startswith("ValueError") and "unfinished streamsvd output" in result["unfinished"]
+    for case in ("edited state", "completed by hand"):  # both loaded (a probe, 2026-12-07)
+        assert result[case].startswith("ValueError") and "does not match its own digest" in result[case], result[case]
     assert result["stateless"].startswith("ValueError") and f"lacks {STATE_NAME}" in result["stateless"]
     assert "streamsvd_verify=False" in result["stateless"]
     assert result["stateless unchecked"] == "loaded"  # asked for: nothing to check against
@@ -314,6 +327,7 @@ def test_remote_code_refuses_what_streamsvd_load_refuses(child):
 
 
 def test_the_remote_codes_state_file_is_streamsvds():
-    from streamsvd.model.remote.modeling_streamsvd import STATE_FILE
+    from streamsvd.job.state import OPTIONAL_FIELDS
+    from streamsvd.model.remote.modeling_streamsvd import STATE_FILE, STATE_OPTIONAL
 
-    assert STATE_FILE == STATE_NAME
+    assert STATE_FILE == STATE_NAME and set(STATE_OPTIONAL) == OPTIONAL_FIELDS

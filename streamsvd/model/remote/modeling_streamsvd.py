@@ -293,6 +293,7 @@ class StreamSVDConfig(PreTrainedConfig):
 
 
 STATE_FILE = "streamsvd_state.json"  # streamsvd's job/state.STATE_NAME
+STATE_OPTIONAL = ("profile_digest", "settings")  # job/state.OPTIONAL_FIELDS: left out of the digest while null
 _RERUN = "rerun the `streamsvd run` (or `streamsvd quantize`) command that made it"
 
 
@@ -318,7 +319,15 @@ def check_output(path, verify: bool = True) -> None:
         return
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}'s {STATE_FILE} cannot be read ({e}); the output is damaged, {_RERUN}") from None
-    files = state.get("files") if isinstance(state, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}'s {STATE_FILE} is not a JSON object; the output is damaged, {_RERUN}")
+    # its own digest, as streamsvd's reader checks it (job/state.JobState.content_digest): a state edited by hand
+    # (a shard's sha256 put in for changed bytes, `complete` set) loaded as the model it described (a probe, 12-07)
+    content = {k: v for k, v in state.items() if k != "digest" and not (k in STATE_OPTIONAL and v is None)}
+    if hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest() != state.get("digest"):
+        raise ValueError(f"{path}'s {STATE_FILE} does not match its own digest (it was edited by hand, or damaged), so "
+                         f"its records cannot be trusted; {_RERUN}")
+    files = state.get("files")
     if not isinstance(files, dict):
         raise ValueError(f"{path}'s {STATE_FILE} records no files; the output is damaged, {_RERUN}")
     if state.get("complete") is not True:
