@@ -776,7 +776,8 @@ def cmd_verify(args) -> int:
     except StreamSVDError as e:  # not an output at all: --json still prints one object for scripts (ok false)
         if args.json:
             print(json.dumps({"out_dir": str(args.out_dir), "complete": False, "blocks_done": 0, "files_checked": 0,
-                              "damaged": [], "files_ok": False, "ok": False, "fix": e.fix, "error": e.problem}))
+                              "damaged": [], "files_ok": False, "ok": False, "fix": e.fix, "error": e.problem, "note": None,
+                              "made_by": None}))
         raise
     if args.json:
         print(json.dumps(result))
@@ -785,15 +786,17 @@ def cmd_verify(args) -> int:
             print(f"damaged: {item['file']}: {item['problem']}")
         print(f"{'ok' if result['files_ok'] else 'NOT ok'}: {result['files_checked']} files checked in {args.out_dir}"
               f"{'' if result['complete'] else ' (the job is unfinished)'}")
+        if result["note"]:
+            print(f"note: {result['note']}")
     if not result["files_ok"]:
         raise StreamSVDError(
             f"{len(result['damaged'])} file(s) of {args.out_dir} are damaged or missing", result["fix"],
         )
     if not result["complete"]:
-        raise StreamSVDError(
-            f"{args.out_dir} holds an unfinished job ({result['blocks_done']} blocks done): the files written so far "
-            "check out, but it is not a model yet", result["fix"],
-        )
+        what = ("an unfinished `streamsvd quantize` (it was stopped)" if result["made_by"] == "quantize"
+                else f"an unfinished job ({result['blocks_done']} blocks done)")
+        raise StreamSVDError(f"{args.out_dir} holds {what}: the files written so far check out, but it is not a model yet",
+                             result["fix"])
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from safetensors import safe_open
@@ -26,12 +27,13 @@ from ..io.fsutil import (atomic_path, atomic_write_bytes, atomic_write_json, fil
                          within)
 from ..io.output import INDEX_NAME, REPORT_JSON, REPORT_MD, RUN_LOG, markdown_report
 from ..math.quantize import DEFAULT_GROUP_SIZE, QuantSpec, quantize_module_tensors
-from ..model.loading import check_finished, is_streamsvd_output
+from ..model.loading import _pivots_checked, check_finished, is_streamsvd_output
 from ..model.remote import MODELING_FILE, modeling_source
 from .pipeline import WORK_DIR_NAME, check_quant_flags
 from .state import STATE_NAME, JobState, fingerprint, read_state
 from .lock import LOCK_NAME, entries_besides_lock
 from .stages import linear_bytes
+from .verify import SOURCE_UNCHECKED
 
 _NOT_COPIED = {STATE_NAME, RUN_LOG, INDEX_NAME, "config.json", REPORT_JSON, REPORT_MD, WORK_DIR_NAME, MODELING_FILE}
 
@@ -77,8 +79,11 @@ def _quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size
         for child in entries_besides_lock(new_dir):
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     new_dir.mkdir(parents=True, exist_ok=True)
+    if not verify:
+        print(f"warning: {out_dir}'s files are read without their sha256 check (--no-verify): {new_dir} is only as sound "
+              f"as they are, and its state says so (`streamsvd verify {out_dir}` checks them)", file=sys.stderr)
     if source_state is not None:  # first: a NEW_DIR a kill leaves is named as an unfinished quantize, not as no output
-        fp, settings = _identity(source_state, spec)
+        fp, settings = _identity(source_state, spec, verify)
         JobState(fingerprint=fp, settings=settings).save(new_dir)
 
     index = json.loads((out_dir / INDEX_NAME).read_text())
@@ -88,7 +93,10 @@ def _quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size
     weight_map, total = {}, 0
     for shard in shards:
         with safe_open(str(out_dir / shard), framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # pivots that are a permutation, tensors of the right kind: what streamsvd.load checks (with --no-verify a
+            # changed pivot was quantised into a NEW_DIR that verify passed and load refused, remade the same by a rerun)
+            get = _pivots_checked(f.get_tensor, out_dir)
+            tensors = {k: get(k) for k in f.keys()}
         for full in modules:
             own = {k: v for k, v in tensors.items() if k.startswith(full + ".")}
             if not own:
@@ -129,7 +137,7 @@ def _quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size
     body = {"metadata": {"total_size": total}, "weight_map": weight_map}
     index_bytes = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
     if source_state is not None:  # an output whose state was removed has nothing to check NEW_DIR's files against
-        _state(source_state, spec, new_dir, index_bytes, stored_bytes).save(new_dir)
+        _state(source_state, spec, new_dir, index_bytes, stored_bytes, verify).save(new_dir)
     atomic_write_bytes(new_dir / INDEX_NAME, index_bytes)  # last: a NEW_DIR without it is no model
     return report or {}
 
@@ -145,21 +153,23 @@ def stopped_quantize(new_dir: Path) -> bool:
     return not state.complete or not (Path(new_dir) / INDEX_NAME).exists()
 
 
-def _identity(source: JobState, spec: QuantSpec) -> tuple[str, dict]:
-    """NEW_DIR's job identity: the source job's settings with the quantisation and `made_by`, and its fingerprint."""
-    settings = {**(source.settings or {}), "quant": spec.section(), "made_by": "quantize"}
+def _identity(source: JobState, spec: QuantSpec, verified: bool = True) -> tuple[str, dict]:
+    """NEW_DIR's job identity: the source job's settings with the quantisation and `made_by` (and `source_unchecked`
+    after --no-verify: verify and load say so), and its fingerprint."""
+    settings = {**(source.settings or {}), "quant": spec.section(), "made_by": "quantize",
+                **({} if verified else {SOURCE_UNCHECKED: True})}
     return fingerprint({"source": source.fingerprint, "settings": settings}), settings
 
 
 def _state(source: JobState, spec: QuantSpec, new_dir: Path, index_bytes: bytes,
-           stored_bytes: dict[str, int]) -> JobState:
+           stored_bytes: dict[str, int], verified: bool = True) -> JobState:
     """NEW_DIR's finished state: every file in it recorded (the index from the bytes about to be written, so the
     state can be saved before it), the source job's module records with the quantised byte counts, and its
     identity (_identity)."""
     files = {str(p.relative_to(new_dir)): file_record(p) for p in sorted(new_dir.rglob("*"))
              if p.is_file() and p.name not in (STATE_NAME, LOCK_NAME)}
     files[INDEX_NAME] = {"size": len(index_bytes), "sha256": hashlib.sha256(index_bytes).hexdigest()}
-    fp, settings = _identity(source, spec)
+    fp, settings = _identity(source, spec, verified)
     modules = {name: {**record, **({"stored_bytes": stored_bytes[name]} if name in stored_bytes else {})}
                for name, record in source.modules.items()}
     return JobState(fingerprint=fp, blocks_done=source.blocks_done, extra_shard_done=True, complete=True,

@@ -15,6 +15,19 @@ from ..io.checksums import file_sha256
 from .state import STATE_NAME, read_state
 
 
+# In a quantize output's settings: its source was read with --no-verify (its files as found, a changed byte included).
+SOURCE_UNCHECKED = "source_unchecked"
+
+
+def source_unchecked_note(path: Path, state) -> str | None:
+    """What verify and load say of an output `streamsvd quantize --no-verify` made: its files check out, but they were
+    made from files nobody checked."""
+    if state is None or not (state.settings or {}).get(SOURCE_UNCHECKED):
+        return None
+    return (f"{path} was quantised from an output read without its sha256 check (quantize --no-verify): its files are "
+            "as quantize wrote them, which is only as sound as that output was")
+
+
 def verify(out_dir: Path, deep: bool = True) -> dict:
     """OUT_DIR's files against what its job recorded (held against a `run` rewriting it meanwhile, which made every
     file it had not yet rewritten look damaged)."""
@@ -47,6 +60,8 @@ def _verify(out_dir: Path, deep: bool) -> dict:
         # check out while most of the model is missing, so `verify OUT && deploy` must not pass it)
         "ok": not damaged and state.complete,
         "fix": damaged_fix(state) if damaged else None if state.complete else unfinished_fix(state),
+        "note": source_unchecked_note(out_dir, state),
+        "made_by": "quantize" if made_by_quantize(state) else "run",
     }
 
 

@@ -131,7 +131,7 @@ def check_finished(path: Path, verify: bool = True):
     not as the job wrote them: sizes and headers, and with `verify` their sha256 (a changed byte inside a shard was a
     silently wrong model for load, eval and export; only `streamsvd verify` and a rerun saw it). Its state, or None
     (not a streamsvd OUT_DIR, or one whose state was not kept: nothing to check against)."""
-    from ..job.verify import check_files, damaged_fix, made_by_quantize, unfinished_fix
+    from ..job.verify import check_files, damaged_fix, made_by_quantize, source_unchecked_note, unfinished_fix
 
     path = Path(path)
     try:
@@ -144,10 +144,16 @@ def check_finished(path: Path, verify: bool = True):
         # folder that save_pretrained wrote from a loaded output, its factors fine-tuned, say, has the base family's
         # model_type and never had a state: it is read as it is.)
         if verify:
+            # a quantize of an output read with --no-verify and without its state never had one to copy
+            section = _config_json(path).get("streamsvd")
+            quantised = isinstance(section, dict) and bool(section.get("quantization"))
             raise StreamSVDError(f"{path} is a streamsvd output without its {STATE_NAME}, which records the files its "
                                  "job wrote, so they cannot be checked",
-                                 f"copy {STATE_NAME} from the folder the job wrote (or rerun the job); --no-verify / "
-                                 "verify=False reads it unchecked")
+                                 ("read it with --no-verify / verify=False, as it was quantised (`streamsvd quantize "
+                                  "--no-verify` of an output without its state writes none), or quantize an output that "
+                                  "has its state" if quantised else
+                                  f"copy {STATE_NAME} from the folder the job wrote (or rerun the job); --no-verify / "
+                                  "verify=False reads it unchecked"))
         print(f"warning: {path} has no {STATE_NAME}: its files are read unchecked", file=sys.stderr)
     if state is not None and not state.complete:
         what = "`streamsvd quantize` that was stopped" if made_by_quantize(state) else f"job ({state.blocks_done} blocks done)"
@@ -159,6 +165,9 @@ def check_finished(path: Path, verify: bool = True):
             f"{path} is a damaged streamsvd output: {name}: {problem}" + (f" (and {more} more files)" if more else ""),
             damaged_fix(state),
         )
+    note = source_unchecked_note(path, state)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     return state
 
 

@@ -288,6 +288,56 @@ def test_a_streamsvd_quantize_output_records_its_files_so_a_changed_byte_is_refu
     assert "output of `streamsvd quantize`" in capsys.readouterr().err
 
 
+def _edit_tensor(out, key, edit):
+    """Change the stored bytes of tensor `key` in OUT_DIR's shards in place (`edit(bytearray data, start, end)`)."""
+    for shard in sorted(out.glob("*.safetensors")):
+        header = read_safetensors_header(shard)
+        if key in header:
+            data = bytearray(shard.read_bytes())
+            begin, end = header[key]["data_offsets"]
+            base = 8 + int.from_bytes(data[:8], "little")
+            edit(data, base + begin, base + end)
+            shard.write_bytes(bytes(data))
+            return header[key]["dtype"]
+    raise AssertionError(f"no tensor {key}")
+
+
+def test_quantize_no_verify_refuses_damaged_pivots_and_marks_what_it_made_from_unchecked_files(outputs, tmp_path, capsys):
+    """With --no-verify a changed byte in the source was quantised into a NEW_DIR that `verify` passed and load read
+    with default checks (other logits), and changed pivots into one that load refused and a rerun made the same (a
+    probe, 2026-12-07). Pivots are checked as load checks them; NEW_DIR's state says its source went unchecked."""
+    import shutil
+
+    root, _ = outputs
+    pivots = next(k for k in read_safetensors_header(next((root / "full").glob("*-00002-*.safetensors"))) if k.endswith(".pivots"))
+    damaged = tmp_path / "pivots"
+    shutil.copytree(root / "full", damaged)
+    dtype = _edit_tensor(damaged, pivots, lambda d, a, e: d.__setitem__(slice(a, a + (e - a) // 2), d[a + (e - a) // 2:e]))
+    assert dtype in ("I32", "I64", "I16")
+    assert main(["quantize", str(damaged), str(tmp_path / "q1"), "--quant", "int8", "--no-verify"]) == 2
+    err = capsys.readouterr().err
+    assert f"{pivots} is not a permutation" in err and "Traceback" not in err, err
+    assert not (tmp_path / "q1" / "model.safetensors.index.json").exists()
+
+    changed = tmp_path / "changed"
+    shutil.copytree(root / "full", changed)
+    _edit_tensor(changed, "model.embed_tokens.weight", lambda d, a, e: d.__setitem__(a + 3, d[a + 3] ^ 0x40))
+    assert main(["quantize", str(changed), str(tmp_path / "q2"), "--quant", "int8", "--no-verify"]) == 0
+    assert "read without their sha256 check (--no-verify)" in capsys.readouterr().err
+    assert main(["verify", str(tmp_path / "q2")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ok: ") and "\nnote: " in out and "quantize --no-verify" in out, out
+    assert main(["verify", str(tmp_path / "q2"), "--json"]) == 0
+    assert "quantize --no-verify" in json.loads(capsys.readouterr().out)["note"]
+    streamsvd.load(tmp_path / "q2")
+    assert "warning: " in capsys.readouterr().err
+    # a checked quantize says nothing of the kind
+    assert main(["quantize", str(root / "full"), str(tmp_path / "q3"), "--quant", "int8"]) == 0
+    assert "--no-verify" not in capsys.readouterr().err
+    assert main(["verify", str(tmp_path / "q3"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["note"] is None
+
+
 def test_a_stopped_quantize_is_named_as_one_and_a_quantize_into_it_starts_over(outputs, tmp_path, monkeypatch, capsys):
     """A killed quantize left shards and nothing else: verify said 'no streamsvd job state', load 'no config.json ...
     import-gguf', and a rerun 'not a new or empty directory'. Its state now says unfinished from the start."""
@@ -312,6 +362,7 @@ def test_a_stopped_quantize_is_named_as_one_and_a_quantize_into_it_starts_over(o
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "unfinished" in err and "fix: run the same `streamsvd quantize" in err and "import-gguf" not in err, err
+        assert "blocks done" not in err  # a quantize has no blocks (verify said "unfinished job (0 blocks done)")
     with pytest.raises(streamsvd.errors.StreamSVDError, match="quantize` that was stopped"):
         streamsvd.load(new)
     # the same quantize into it starts it over, and gives what an uninterrupted one gives
