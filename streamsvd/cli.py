@@ -657,6 +657,12 @@ def cmd_plan(args) -> int:
         print(plan.describe())
         for reason in refusals:
             print(f"{reason}; `run` would refuse it")
+    # A budget below the smallest workable one is refused as `run` refuses it (one error and its fix, exit status 2),
+    # after the plan that shows why; a --max-mem beyond this machine's RAM is planned for another machine (status 0).
+    from .job.plan import refuse_if_too_small
+
+    sys.stdout.flush()
+    refuse_if_too_small(plan)
     return 0
 
 

@@ -159,9 +159,10 @@ def test_plan_for_a_gpu_this_machine_may_not_have(tiny, capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["device"] == "cuda" and plan["gpu_peak_bytes"] > 0 and plan["gpu_budget_bytes"] == 4 << 30
     assert plan["components"]["factorize"]["workspace"] == 0 and plan["gpu_components"]["factorize"]["workspace"] > 0
-    assert main([*flags, "--max-gpu-mem", "1K"]) == 0
-    out = capsys.readouterr().out
+    assert main([*flags, "--max-gpu-mem", "1K"]) == 2  # the plan, then run's refusal of that budget
+    out, err = capsys.readouterr()
     assert "gpu (cuda" in out and "--max-gpu-mem` below" not in out and "`run` would refuse it" in out
+    assert err.startswith("error: --max-gpu-mem ") and "is too small" in err and "Traceback" not in err
     if not torch.cuda.is_available():  # nothing to measure: the budget is unknown, and the plan says so
         assert main([*flags, "--json"]) == 0
         plan = json.loads(capsys.readouterr().out)

@@ -35,8 +35,8 @@ def text(tmp_path_factory):
     return path
 
 
-def plan_json(capsys, model, *flags) -> dict:
-    assert main(["plan", str(model), *map(str, flags), "--json"]) == 0
+def plan_json(capsys, model, *flags, status=0) -> dict:
+    assert main(["plan", str(model), *map(str, flags), "--json"]) == status
     return json.loads(capsys.readouterr().out)
 
 
@@ -134,8 +134,15 @@ def test_plan_json_says_when_run_would_refuse(capsys, tiny, text):
     """`run_refuses`: empty where run would start, a reason where it would refuse (the text said so, the JSON not)."""
     roomy = plan_json(capsys, tiny, "--calib", text, *FAST, "--max-mem", "4G")
     assert roomy["run_refuses"] == []
-    low = plan_json(capsys, tiny, "--calib", text, *FAST, "--max-mem", str(roomy["strict_min_bytes"] - (8 << 20)))
+    assert main(["plan", str(tiny), "--calib", str(text), *FAST, "--max-mem", str(roomy["strict_min_bytes"] - (8 << 20)),
+                 "--json"]) == 2  # refused as run refuses it (it exited 0), the plan still printed for scripts
+    out, err = capsys.readouterr()
+    low = json.loads(out)
     assert [r for r in low["run_refuses"] if "below the smallest workable" in r]
+    assert err.startswith("error: --max-mem ") and "is too small: this job needs at least" in err and "\n  fix: give --max-mem" in err
+    assert main(["plan", str(tiny), "--calib", str(text), *FAST, "--max-mem", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert "disk:" in out and "`run` would refuse it" in out and err.count("error:") == 1 and "Traceback" not in err
     import psutil
 
     beyond = plan_json(capsys, tiny, "--calib", text, *FAST, "--max-mem", str(2 * psutil.virtual_memory().total))
