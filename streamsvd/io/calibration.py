@@ -114,12 +114,29 @@ def sample_windows(tokenizer, text: str, samples: int, seqlen: int, seed: int) -
               f"{tokens.numel():,}: each token is used about {samples * body / tokens.numel():.0f} times, which costs "
               "time and adds little to the statistics; give more text (several --calib files), or fewer --calib-samples",
               file=sys.stderr)
+    refuse_windows_beyond_ram(samples, seqlen)
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - body + 1, (samples,), generator=gen)
-    windows = torch.stack([tokens[s : s + body] for s in starts.tolist()])
+    # one gather from a view of every window start (a Python list of a view per window cost hundreds of bytes each:
+    # 100,000,000 windows were a process killed for memory, not a refusal; a probe, 2026-12-07). The same windows.
+    windows = tokens.contiguous().unfold(0, body, 1)[starts]
     if bos is not None:
         windows = torch.cat([torch.full((samples, 1), bos, dtype=torch.long), windows], dim=1)
     return windows
+
+
+def refuse_windows_beyond_ram(samples: int, seqlen: int) -> None:
+    """Refuse windows whose token ids alone (8 bytes each, made twice on the way) exceed this machine's RAM, before
+    they are made: the process was killed for memory, with no error line."""
+    import psutil
+
+    need, total = 2 * 8 * samples * seqlen, psutil.virtual_memory().total
+    if need > total:
+        from ..job.memory import format_size
+
+        raise StreamSVDError(f"{samples:,} windows x {seqlen} tokens need {format_size(need)} for their token ids alone, "
+                             f"more than this machine's {format_size(total)} of RAM",
+                             "use fewer --calib-samples or a shorter --seqlen (64 x 512 is the tested default)")
 
 
 def warn_thin_statistics(samples: int, seqlen: int, widest: tuple[str, int]) -> None:

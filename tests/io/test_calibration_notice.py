@@ -83,3 +83,31 @@ def test_fewer_calibration_tokens_than_the_widest_input_is_warned(tiny, tmp_path
     assert main(["run", str(tiny), str(tmp_path / "enough"), "--calib", str(text), "--calib-samples", "7", "--seqlen", "24",
                  "--no-progress"]) == 0
     assert "calibration tokens, fewer than" not in capsys.readouterr().err  # 168 tokens
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_windows_are_one_gather_of_the_tokens_the_same_as_one_slice_each(add_bos):
+    """The windows were a Python list of one slice per window, stacked (hundreds of bytes per window on the way);
+    they are one gather now: the same ids, windows of BOS + body where the tokenizer has a BOS."""
+    import torch
+
+    from streamsvd.io.calibration import default_text, sample_windows, tokenize
+    from tiny_models import tiny_tokenizer
+
+    tokenizer, text = tiny_tokenizer(add_bos=add_bos), default_text()[:50_000]
+    windows = sample_windows(tokenizer, text, 37, 24, seed=5)
+    tokens, bos = tokenize(tokenizer, text)
+    assert (bos is not None) == add_bos
+    body = 24 - (bos is not None)
+    starts = torch.randint(0, tokens.numel() - body + 1, (37,), generator=torch.Generator().manual_seed(5))
+    expected = torch.stack([tokens[s:s + body] for s in starts.tolist()])
+    if bos is not None:
+        expected = torch.cat([torch.full((37, 1), bos, dtype=torch.long), expected], dim=1)
+    assert torch.equal(windows, expected) and windows.shape == (37, 24) and windows.dtype == torch.long
+
+
+def test_windows_beyond_this_machines_ram_are_refused_before_they_are_made(tiny, capsys):
+    """`plan --calib-samples 100000000 --seqlen 16` was killed for memory on a 23 GiB machine, with no error line."""
+    assert main(["plan", str(tiny), "--calib-samples", str(10 ** 10), "--seqlen", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "windows x 16 tokens need" in err and "more than this machine's" in err and "fix: use fewer --calib-samples" in err
