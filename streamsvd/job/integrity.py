@@ -253,8 +253,29 @@ class JobIntegrity:
             ("MODEL_DIR changed since this job started: restore the original checkpoint and rerun, or "
              + RESTART_FIX.replace("run the same", "run the") + " from the new weights") if own else
             f"make the profile from this MODEL_DIR (`streamsvd profile {job.ckpt.dir} NEW_PROFILE_DIR`), or leave "
-            "--profile out (the job profiles for itself)",
+            "--profile out (the job profiles for itself)" + ("" if index is None else
+            f"; either way add --restart (or give a new OUT_DIR): {job.cfg.out_dir} holds blocks made with that "
+            "profile's ranks"),
         )
+
+    def check_given_profile(self) -> None:
+        """A given --profile against MODEL_DIR's embeddings and head, streamed from the checkpoint (one small buffer)
+        before anything is written: another model of the same shapes was refused only after OUT_DIR held its state,
+        work files and first shard, and the fix's commands then met "holds a different streamsvd job" (a probe,
+        2026-12-07). The blocks are checked as each is read (check_profile_matches): a fine-tune that kept the
+        embeddings is refused at its first changed block."""
+        from ..io.streamcopy import stored_sha256
+
+        job = self.job
+        recorded = job.profile.meta.get("tensor_sha256") or {}
+        names = [n for n in job.out.extra_names() if n in recorded]
+        if not names:
+            return
+        job.ckpt.read_digests = {n: stored_sha256(job.ckpt, n) for n in names}
+        try:
+            self.check_profile_matches(None)
+        finally:
+            job.ckpt.read_digests = None
 
     def model_file_stats(self) -> dict:
         ckpt = self.job.ckpt

@@ -403,6 +403,7 @@ class CompressionJob:
         if cfg.profile is not None:
             refuse_while_made(cfg.profile, "--profile")
             self.profile = read_profile(cfg.profile, self._profile_identity())
+            JobIntegrity(self).check_given_profile()  # another model's profile: refused before anything is written
             if cfg.max_ppl_increase is not None:
                 check_heldout(self.profile, cfg.heldout_rows)
             self.ranks = self._allocate()

@@ -663,7 +663,8 @@ def test_a_given_profile_of_other_weights_with_the_same_shapes_is_refused(model,
     capsys.readouterr()
     clean_error(capsys, cli(["run", model, out, *FAST, "--profile", prof]), "the embeddings and head", str(prof),
                 "streamsvd profile")
-    assert not (out / INDEX_NAME).exists() and json.loads((out / STATE_NAME).read_text())["blocks_done"] == 0
+    assert not out.exists()  # before anything is written (it held a state, work files and a shard: a probe, 12-07)
+    assert cli(["plan", model, *FAST, "--profile", prof]) == 0  # plan reads no weights: it cannot tell
     same = tmp_path / "prof-same"  # the same weights' own profile is taken
     assert cli(["profile", model, same, "--calib-samples", "4", "--seqlen", "32", "--no-progress"]) == 0
     assert cli(["run", model, tmp_path / "out2", *FAST, "--profile", same]) == 0
@@ -682,7 +683,24 @@ def test_a_given_profile_of_a_model_differing_only_outside_the_blocks_is_refused
     capsys.readouterr()
     clean_error(capsys, cli(["run", model, out, *FAST, "--profile", prof]), "the embeddings and head", tensor, str(prof),
                 "streamsvd profile")
-    assert not (out / INDEX_NAME).exists() and json.loads((out / STATE_NAME).read_text())["blocks_done"] == 0
+    assert not out.exists()
+
+
+def test_a_given_profile_of_a_model_differing_in_a_later_block_is_refused_with_restart_in_the_fix(model, tmp_path, capsys):
+    """Same embeddings, block 2 changed (a fine-tune that froze the rest): the job wrote blocks 0 and 1 before it saw
+    it, and the fix's commands then met 'holds a different streamsvd job' in that OUT_DIR. The fix says --restart."""
+    other = Path(shutil.copytree(model, tmp_path / "other"))
+    _rewrite_shard(other, "model.layers.2.mlp.down_proj.weight", lambda t: t.mul_(3))
+    prof = tmp_path / "prof"
+    assert cli(["profile", other, prof, "--calib-samples", "4", "--seqlen", "32", "--no-progress"]) == 0
+    out = tmp_path / "out"
+    capsys.readouterr()
+    clean_error(capsys, cli(["run", model, out, *FAST, "--profile", prof]), "block 2's weights", str(prof),
+                "streamsvd profile", "add --restart")
+    assert json.loads((out / STATE_NAME).read_text())["blocks_done"] == 2
+    own = tmp_path / "own"
+    assert cli(["profile", model, own, "--calib-samples", "4", "--seqlen", "32", "--no-progress"]) == 0
+    assert cli(["run", model, out, *FAST, "--profile", own, "--restart"]) == 0  # what the fix says
 
 
 def test_the_state_records_a_digest_of_every_finished_blocks_weights(model, interrupted_base, tmp_path):
