@@ -203,6 +203,9 @@ class JobConfig:
             raise StreamSVDError(f"--batch-size {self.batch_size} is not positive", "give 1 or more windows, or leave it out")
         if self.calib_samples < 1:
             raise StreamSVDError(f"--calib-samples {self.calib_samples} is not positive", "use at least 1 sample")
+        if self.batch_size is not None and self.batch_size > self.calib_samples:  # planned as given: 14.7 TiB for 4
+            raise StreamSVDError(f"--batch-size {self.batch_size} is more than the {self.calib_samples} calibration "
+                                 "windows", f"give at most {self.calib_samples} (one batch of every window), or leave it out")
         if self.seqlen < 2:
             raise StreamSVDError(f"--seqlen {self.seqlen} is too short", "use at least 2 tokens per window")
         if self.svd not in SVD_MODES:

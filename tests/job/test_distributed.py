@@ -433,6 +433,11 @@ def test_batch_size_is_checked(model, tmp_path, capsys):
     args = ["run", str(model), str(tmp_path / "out"), "--calib-samples", "8", "--seqlen", "32", "--no-progress", "--no-plots"]
     assert main(args + ["--batch-size", "0"]) == 2
     assert "error: --batch-size 0 is not positive" in capsys.readouterr().err
+    for command in (args, ["plan", *args[1:2], *args[3:]]):  # planned as given: 14.7 TiB for 4 windows (a probe, 12-07)
+        assert main(command + ["--batch-size", "9"]) == 2
+        err = capsys.readouterr().err
+        assert "error: --batch-size 9 is more than the 8 calibration windows" in err and "give at most 8" in err, err
+    assert not (tmp_path / "out").exists()
     assert main(args + ["--batch-size", "3"]) == 0
     assert json.loads((tmp_path / "out" / RUN_LOG).read_text().splitlines()[-1])["batch_size"] == 3
     capsys.readouterr()
