@@ -258,9 +258,24 @@ class JobConfig:
         if (self.compensate or self.anchor > 0) and self.method != "eig":
             raise StreamSVDError(f"--compensate and --anchor need --method eig, not {self.method}",
                                  "drop --method (eig is the default) or turn compensation off with --no-compensate --anchor 0")
+        # flags the method never reads (the output was byte-identical without them; a probe, 2026-12-07)
+        unread = [flag for flag, given in ((f"--shrink {self.shrink}", self.method == "svd" and self.shrink > 0),
+                                           (f"--svd {self.svd}", self.method == "svd" and self.svd != "auto"),
+                                           (f"--precision {self.precision}", self.method != "eig" and self.precision != "float64"))
+                  if given]
+        if unread:
+            raise StreamSVDError(f"{', '.join(unread)} with --method {self.method} does nothing (" +
+                                 ("plain SVD reads no activation statistics" if self.method == "svd" else
+                                  "--precision sets eig's exact routes") + ")",
+                                 f"drop {', '.join(f.split()[0] for f in unread)}, or use --method eig")
         if (self.compensate or self.calibrate == "sequential") and self.propagate != "compressed":
-            raise StreamSVDError("--compensate and --calibrate sequential need the compressed model's activations",
-                                 "drop --propagate original, or add --no-compensate --calibrate block")
+            # name only what is on (it named --compensate beside --no-compensate; a probe, 2026-12-07)
+            on = [f for f, given in (("--compensate", self.compensate), ("--calibrate sequential", self.calibrate == "sequential"))
+                  if given]
+            off = [f for f, given in (("--no-compensate", self.compensate), ("--calibrate block", self.calibrate == "sequential"))
+                   if given]
+            raise StreamSVDError(f"{' and '.join(on)} need{'s' if len(on) == 1 else ''} the compressed model's activations",
+                                 f"drop --propagate original, or add {' '.join(off)}")
         if self.refine_steps < 0 or self.refine_steps > 1_000_000:
             raise StreamSVDError(f"--refine-steps {self.refine_steps} is out of range", "give 0 (off) or a number of steps such as 200")
         if not (self.refine_lr > 0 and self.refine_lr < 1):

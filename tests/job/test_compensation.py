@@ -138,6 +138,14 @@ def test_the_settings_are_part_of_the_identity_and_old_jobs_keep_theirs(model_di
     (["--anchor", "-1"], "--anchor -1.0 is out of range"),
     (["--compensate", "--method", "cholesky"], "need --method eig"),
     (["--compensate", "--propagate", "original"], "need the compressed model's activations"),
+    (["--no-compensate", "--calibrate", "sequential", "--propagate", "original"],
+     "error: --calibrate sequential needs the compressed model's activations"),
+    (["--no-compensate", "--calibrate", "sequential", "--propagate", "original"],
+     "fix: drop --propagate original, or add --calibrate block\n"),
+    (["--no-compensate", "--anchor", "0", "--method", "svd", "--shrink", "0.3", "--svd", "exact"],
+     "--shrink 0.3, --svd exact with --method svd does nothing"),
+    (["--no-compensate", "--anchor", "0", "--method", "cholesky", "--precision", "float32"],
+     "--precision float32 with --method cholesky does nothing"),
     (["--calibrate", "sideways"], "invalid choice"),
 ])
 def test_bad_settings_are_one_error_line(model_dir, tmp_path, capsys, flags, message):
