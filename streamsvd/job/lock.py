@@ -179,23 +179,32 @@ def reading_output(folder: Path):
             os.close(fd)
 
 
-def refuse_while_made(folder: Path, what: str) -> None:
-    """Refuse to read `folder` (a PROFILE_DIR) while the command making it holds its lock: read meanwhile, a profile
-    half rewritten was refused as damaged, with the fix to make it again (the command already running)."""
+def holder_of(folder: Path) -> str | None:
+    """Who holds `folder`'s lock file now (another process's description), without taking or making it; None where
+    nobody does (or this file system cannot tell)."""
     path = Path(folder) / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:  # no lock file: nobody is making it
-        return
+    except OSError:  # no lock file: nobody holds it
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise JobLocked(f"{what} {folder} is being made by another streamsvd command: {_describe(read_owner(path))}",
-                        "wait for it to finish, then run this again") from None
+        return _describe(read_owner(path))
     except OSError:  # a file system without flock: nothing to tell
-        pass
+        return None
     finally:
         os.close(fd)
+    return None
+
+
+def refuse_while_made(folder: Path, what: str) -> None:
+    """Refuse to read `folder` (a PROFILE_DIR) while the command making it holds its lock: read meanwhile, a profile
+    half rewritten was refused as damaged, with the fix to make it again (the command already running)."""
+    holder = holder_of(folder)
+    if holder is not None:
+        raise JobLocked(f"{what} {folder} is being made by another streamsvd command: {holder}",
+                        "wait for it to finish, then run this again")
 
 
 def entries_besides_lock(folder: Path) -> list[Path]:

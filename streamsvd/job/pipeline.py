@@ -42,7 +42,7 @@ from ..io.calibration import (heldout_windows, load_texts, load_tokenizer, sampl
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, layer_args_on, run_layer
 from ..io.checkpoint import Checkpoint
 from ..io.diskspace import check_free_space
-from ..errors import StreamSVDError
+from ..errors import JobMismatch, StreamSVDError
 from ..math.compensate import projects_cross
 from ..math.factorize import METHODS, PRECISIONS, rank_for_ratio, stored_numel
 from ..math.pivot import FACTOR_FORMS
@@ -66,7 +66,7 @@ from .stages import (FactoredBlock, OriginalInputs, Replay, collect_group_statis
 from .state import JobState, fingerprint
 from .integrity import JobIntegrity
 from .distributed import ReadOnlyOutput, World
-from .lock import JobLocks, refuse_while_made
+from .lock import JobLocked, JobLocks, holder_of, refuse_while_made
 from .preflight import check_paths
 
 COMPUTE_DTYPE = torch.float32
@@ -430,7 +430,14 @@ class CompressionJob:
         self.identity = job_identity(cfg, self.ckpt, self.text, self.profile.digest if self.profile else None)
         job_fp = fingerprint(self.identity)
         self.job_fp = job_fp
-        self.state = self._open_state()
+        try:
+            self.state = self._open_state()
+        except JobMismatch:  # a job running there: its lock is the answer, not "add --restart" (a probe, 2026-12-07)
+            holder = holder_of(cfg.out_dir)
+            if holder is not None:
+                raise JobLocked(f"OUT_DIR {cfg.out_dir} is in use by another streamsvd job: {holder}",
+                                "wait for that job to finish (or stop it), or choose another OUT_DIR") from None
+            raise
         # Under --work-dir, a folder of this job's own, so finishing never removes the user's files.
         self.work = Path(cfg.out_dir) / WORK_DIR_NAME if cfg.work_dir is None else Path(cfg.work_dir) / f"streamsvd-{job_fp[:12]}"
         self.work = self.world.work_folder(self.work)  # under torchrun, each rank's activation files are its own

@@ -154,6 +154,24 @@ def test_the_lock_is_released_when_the_job_ends(model, tmp_path):
     lock.release()
 
 
+def test_a_run_with_other_settings_into_a_running_jobs_out_dir_is_refused_by_its_lock_not_as_another_job(model, tmp_path,
+                                                                                                      capsys):
+    """The settings were compared before the lock: "holds a different streamsvd job ... add --restart", whose rerun
+    only then met the lock of the job still running (a probe, 2026-12-07)."""
+    from streamsvd.job.lock import DirLock
+
+    out = tmp_path / "out"
+    interrupt_after(0, cfg(model, out))
+    running = DirLock(out, "OUT_DIR").acquire()  # that job, running again
+    try:
+        clean_error(capsys, cli(["run", model, out, *FAST, "--alloc", "uniform", "--ratio", "0.5"]),
+                    f"OUT_DIR {out} is in use by another streamsvd job: process {os.getpid()}", "wait for that job")
+    finally:
+        running.release()
+    clean_error(capsys, cli(["run", model, out, *FAST, "--alloc", "uniform", "--ratio", "0.5"]),
+                "holds a different streamsvd job", "--restart")  # nobody runs there: the settings speak
+
+
 # ------------------------------------------------------------------------------------------ 2. validated state
 @pytest.fixture(scope="module")
 def interrupted_base(model, tmp_path_factory):
