@@ -82,5 +82,9 @@ def check_paths(model_dir: Path, out_dir: Path, work_dir: Path | None, restart: 
         raise StreamSVDError(f"--work-dir {work_dir} is OUT_DIR or inside it",
                              "leave --work-dir out (the activations then go to a folder inside OUT_DIR that the job "
                              "removes), or give a directory outside OUT_DIR")
+    if work_dir is not None and within(work_dir, model_dir):
+        # a killed job's activation files stay there, in the checkpoint (eval refused it already; a probe, 2026-12-07)
+        raise StreamSVDError(f"--work-dir {work_dir} is MODEL_DIR or inside it",
+                             "give a directory outside the checkpoint's (it stays as it came), or leave --work-dir out")
     if work_dir is not None:
         check_can_create(work_dir, "--work-dir", "give --work-dir a directory you can write to (or leave it out)")

@@ -488,6 +488,9 @@ def _check_places(cfg: ProfileConfig) -> None:
     if (Path(cfg.profile_dir) / STATE_NAME).exists() or streamsvd_section(cfg.profile_dir):  # its files went among the output's
         raise StreamSVDError(f"PROFILE_DIR {cfg.profile_dir} is a streamsvd output",
                              "give the profile a folder of its own (a job's own profile is OUT_DIR/profile)")
+    if cfg.work_dir is not None and within(cfg.work_dir, cfg.model_dir):  # a killed profile's files stayed there
+        raise StreamSVDError(f"--work-dir {cfg.work_dir} is MODEL_DIR or inside it",
+                             "give a directory outside the checkpoint's (it stays as it came), or leave --work-dir out")
     if cfg.work_dir is not None:
         check_can_create(cfg.work_dir, "--work-dir", "give --work-dir a directory you can write to (or leave it out)")
 

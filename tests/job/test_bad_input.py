@@ -441,6 +441,15 @@ def test_a_work_dir_that_is_out_dir_or_inside_it_is_refused_and_leaves_nothing(c
     assert cli(["run", pristine, out, *FAST, "--calib", long_text, "--alloc", "uniform"]) == 0  # the rerun is not blocked
 
 
+@pytest.mark.parametrize("command", ["run", "profile"])
+def test_a_work_dir_inside_model_dir_is_refused_and_the_checkpoint_left_as_it_came(capsys, pristine, out, command):
+    """eval refused it; run and profile took it, and a killed job left its activation files in the checkpoint."""
+    before = sorted(p.name for p in pristine.iterdir())
+    rc = cli([command, pristine, out, *FAST, "--work-dir", pristine / "w"])
+    assert_clean_error(capsys, rc, f"--work-dir {pristine / 'w'} is MODEL_DIR or inside it")
+    assert sorted(p.name for p in pristine.iterdir()) == before and not out.exists()
+
+
 def test_a_missing_shard_of_an_output_says_rerun_not_copy(capsys, pristine, tmp_path):
     from streamsvd.errors import CheckpointError
     from streamsvd.io.checkpoint import Checkpoint
