@@ -338,13 +338,10 @@ def test_quantize_no_verify_refuses_damaged_pivots_and_marks_what_it_made_from_u
     assert json.loads(capsys.readouterr().out)["note"] is None
 
 
-def test_a_stopped_quantize_is_named_as_one_and_a_quantize_into_it_starts_over(outputs, tmp_path, monkeypatch, capsys):
-    """A killed quantize left shards and nothing else: verify said 'no streamsvd job state', load 'no config.json ...
-    import-gguf', and a rerun 'not a new or empty directory'. Its state now says unfinished from the start."""
+def _stopped_quantize(source, new, monkeypatch):
+    """A quantize of `source` into `new` stopped after its first shard (as a kill there would leave it)."""
     import streamsvd.job.quantize_output as quantize_output
 
-    root, _ = outputs
-    new = tmp_path / "new"
     real, calls = quantize_output.save_file, []
 
     def killed_after_one_shard(*args, **kwargs):
@@ -355,8 +352,16 @@ def test_a_stopped_quantize_is_named_as_one_and_a_quantize_into_it_starts_over(o
 
     monkeypatch.setattr(quantize_output, "save_file", killed_after_one_shard)
     with pytest.raises(KeyboardInterrupt):
-        quantize_output.quantize_output(root / "full", new, "int8", 32)
+        quantize_output.quantize_output(source, new, "int8", 32)
     monkeypatch.undo()
+
+
+def test_a_stopped_quantize_is_named_as_one_and_a_quantize_into_it_starts_over(outputs, tmp_path, monkeypatch, capsys):
+    """A killed quantize left shards and nothing else: verify said 'no streamsvd job state', load 'no config.json ...
+    import-gguf', and a rerun 'not a new or empty directory'. Its state now says unfinished from the start."""
+    root, _ = outputs
+    new = tmp_path / "new"
+    _stopped_quantize(root / "full", new, monkeypatch)
     assert list(new.glob("*.safetensors")) and not (new / "model.safetensors.index.json").exists()
     for argv in (["verify", str(new)], ["eval", str(new), "--text", str(root / "full" / "config.json"), "--seqlen", "8"]):
         assert main(argv) == 2
@@ -381,22 +386,9 @@ def test_a_stopped_quantize_holding_the_output_to_quantize_is_refused_and_the_ou
     with the rest (then a traceback; a probe, 2026-12-07)."""
     import shutil
 
-    import streamsvd.job.quantize_output as quantize_output
-
     root, _ = outputs
     new = tmp_path / "new"
-    real, calls = quantize_output.save_file, []
-
-    def killed_after_one_shard(*args, **kwargs):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(1)
-        real(*args, **kwargs)
-
-    monkeypatch.setattr(quantize_output, "save_file", killed_after_one_shard)
-    with pytest.raises(KeyboardInterrupt):
-        quantize_output.quantize_output(root / "full", new, "int8", 32)
-    monkeypatch.undo()
+    _stopped_quantize(root / "full", new, monkeypatch)
     shutil.copytree(root / "full", new / "mine")
     before = _files(new / "mine")
     assert main(["quantize", str(new / "mine"), str(new), "--quant", "int8"]) == 2
