@@ -55,8 +55,6 @@ def collective_timeout_s() -> float:
     return min(max(value, 1.0), COLLECTIVE_TIMEOUT_S)
 
 
-
-
 class RankLost(StreamSVDError):
     """A collective failed: a rank died or stopped answering."""
 
