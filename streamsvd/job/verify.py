@@ -46,7 +46,8 @@ def _verify(out_dir: Path, deep: bool) -> dict:
             f"{out_dir} holds no streamsvd job state ({STATE_NAME})",
             "verify checks streamsvd outputs against what the job recorded; give the OUT_DIR of a streamsvd run",
         )
-    damaged = [{"file": name, "problem": problem} for name, problem in check_files(out_dir, state.files, deep)]
+    damaged = [{"file": name, "problem": problem}
+               for name, problem in check_files(out_dir, state.files, deep) + stray_weights(out_dir, state.files)]
     if state.complete and INDEX_NAME not in state.files:
         damaged.append({"file": INDEX_NAME, "problem": "not recorded by the job"})
     return {
@@ -59,7 +60,8 @@ def _verify(out_dir: Path, deep: bool) -> dict:
         # a usable model: every recorded file as written, and the job finished (an unfinished one's files can all
         # check out while most of the model is missing, so `verify OUT && deploy` must not pass it)
         "ok": not damaged and state.complete,
-        "fix": damaged_fix(state) if damaged else None if state.complete else unfinished_fix(state),
+        "fix": (problems_fix(out_dir, state, [(d["file"], d["problem"]) for d in damaged]) if damaged else
+                None if state.complete else unfinished_fix(state)),
         "note": source_unchecked_note(out_dir, state),
         "made_by": "quantize" if made_by_quantize(state) else "run",
     }
@@ -84,6 +86,27 @@ def unfinished_fix(state) -> str:
     if made_by_quantize(state):
         return "run the same `streamsvd quantize OUT_DIR NEW_DIR ...` command again: it starts this directory over"
     return "run the same `streamsvd run` command again: it resumes and finishes the job"
+
+
+def stray_weights(out_dir: Path, files: dict[str, dict]) -> list[tuple[str, str]]:
+    """(name, problem) for a model.safetensors the job did not write: transformers and the checkpoint reader load it in
+    place of the index's shards, so a stray copy of the original weights was evaluated as the output (its perplexity
+    exactly the original's) while `verify` said ok (a probe, 2026-12-07)."""
+    from ..io.checkpoint import SINGLE_NAME
+
+    if SINGLE_NAME in files or not (Path(out_dir) / SINGLE_NAME).exists():
+        return []
+    return [(SINGLE_NAME, "not written by the job, and read in place of its shards by transformers and streamsvd: "
+                          "remove it")]
+
+
+def problems_fix(out_dir: Path, state, problems: list[tuple[str, str]]) -> str:
+    """The fix line for `problems`: removing a stray model.safetensors (a rerun leaves it there), else damaged_fix."""
+    from ..io.checkpoint import SINGLE_NAME
+
+    if [name for name, _ in problems] == [SINGLE_NAME] and SINGLE_NAME not in state.files:
+        return f"remove {Path(out_dir) / SINGLE_NAME}: a streamsvd output is its index and shards, never one model.safetensors"
+    return damaged_fix(state)
 
 
 def check_files(out_dir: Path, files: dict[str, dict], deep: bool = True) -> list[tuple[str, str]]:

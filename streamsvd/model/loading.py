@@ -131,7 +131,8 @@ def check_finished(path: Path, verify: bool = True):
     not as the job wrote them: sizes and headers, and with `verify` their sha256 (a changed byte inside a shard was a
     silently wrong model for load, eval and export; only `streamsvd verify` and a rerun saw it). Its state, or None
     (not a streamsvd OUT_DIR, or one whose state was not kept: nothing to check against)."""
-    from ..job.verify import check_files, damaged_fix, made_by_quantize, source_unchecked_note, unfinished_fix
+    from ..job.verify import (check_files, damaged_fix, made_by_quantize, problems_fix, source_unchecked_note,
+                              stray_weights, unfinished_fix)
 
     path = Path(path)
     try:
@@ -158,12 +159,12 @@ def check_finished(path: Path, verify: bool = True):
     if state is not None and not state.complete:
         what = "`streamsvd quantize` that was stopped" if made_by_quantize(state) else f"job ({state.blocks_done} blocks done)"
         raise StreamSVDError(f"{path} is an unfinished streamsvd {what}", unfinished_fix(state))
-    problems = check_files(path, state.files, deep=verify) if state is not None else []
+    problems = check_files(path, state.files, deep=verify) + stray_weights(path, state.files) if state is not None else []
     if problems:
         (name, problem), more = problems[0], len(problems) - 1
         raise CheckpointError(
             f"{path} is a damaged streamsvd output: {name}: {problem}" + (f" (and {more} more files)" if more else ""),
-            damaged_fix(state),
+            problems_fix(path, state, problems),
         )
     note = source_unchecked_note(path, state)
     if note:

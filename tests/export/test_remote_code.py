@@ -186,6 +186,9 @@ def _damaged_copies(out, quantized, root):
     record = json.loads((completed / STATE_NAME).read_text())
     (completed / STATE_NAME).write_text(json.dumps({**record, "complete": True}))
     cases["completed by hand"] = (str(completed), {})
+    stray = _copy(out, root / "stray")  # a model.safetensors the job did not write: transformers reads it first
+    shutil.copyfile(stray / shard, stray / "model.safetensors")
+    cases["stray model.safetensors"] = (str(stray), {})
     stateless = _copy(out, root / "stateless")
     (stateless / STATE_NAME).unlink()
     cases["stateless"] = (str(stateless), {})
@@ -317,6 +320,7 @@ def test_remote_code_refuses_what_streamsvd_load_refuses(child):
     assert result["flipped"].startswith("ValueError") and "is a damaged streamsvd output: model-" in result["flipped"]
     assert "contents differ" in result["flipped"] and "streamsvd run" in result["flipped"]
     assert result["unfinished"].startswith("ValueError") and "unfinished streamsvd output" in result["unfinished"]
+    assert result["stray model.safetensors"].startswith("ValueError") and "did not write" in result["stray model.safetensors"]
     for case in ("edited state", "completed by hand"):  # both loaded (a probe, 2026-12-07)
         assert result[case].startswith("ValueError") and "does not match its own digest" in result[case], result[case]
     assert result["stateless"].startswith("ValueError") and f"lacks {STATE_NAME}" in result["stateless"]

@@ -726,3 +726,35 @@ def test_the_state_records_a_digest_of_every_finished_blocks_weights(model, inte
     state = _interrupted(interrupted_base, out)
     assert sorted(state["weights"]) == ["0", "1", "extra"]
     assert set(state["model_files"]) == {p.name for p in model.glob("*.safetensors")}
+
+
+@pytest.mark.parametrize("stray", ["original weights", "junk"])
+def test_a_model_safetensors_the_job_did_not_write_is_refused_by_every_reader(model, straight, tmp_path, capsys, stray):
+    """The checkpoint reader (like transformers) reads model.safetensors in place of the index: a copy of the original
+    weights beside an output was evaluated as the output (exactly the original's perplexity) and `verify` said ok;
+    a junk one was a traceback (a probe, 2026-12-07)."""
+    import torch
+
+    out = Path(shutil.copytree(straight, tmp_path / "out"))
+    if stray == "junk":
+        save_file({"junk": torch.zeros(3)}, str(out / "model.safetensors"))
+    else:
+        weights = {}
+        for shard in sorted(model.glob("*.safetensors")):
+            weights.update(load_file(str(shard)))
+        save_file(weights, str(out / "model.safetensors"))
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 200)
+    assert cli(["verify", out]) == 2
+    said = capsys.readouterr()
+    assert "damaged: model.safetensors: not written by the job" in said.out, said.out
+    assert f"fix: remove {out / 'model.safetensors'}" in said.err and "Traceback" not in said.err
+    for argv in (["eval", out, "--text", text, "--seqlen", "32", "--max-windows", "4"],
+                 ["eval", out, "--text", text, "--seqlen", "32", "--max-windows", "4", "--no-verify"],
+                 ["export", "dense", out, tmp_path / "dense"]):
+        err = clean_error(capsys, cli(argv), "model.safetensors", "not written by the job")
+        assert f"fix: remove {out / 'model.safetensors'}" in err, err
+    with pytest.raises(StreamSVDError, match="not written by the job"):
+        streamsvd.load(out)
+    (out / "model.safetensors").unlink()
+    assert cli(["verify", out]) == 0  # what the fix says was all

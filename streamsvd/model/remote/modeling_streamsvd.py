@@ -330,6 +330,10 @@ def check_output(path, verify: bool = True) -> None:
     files = state.get("files")
     if not isinstance(files, dict):
         raise ValueError(f"{path}'s {STATE_FILE} records no files; the output is damaged, {_RERUN}")
+    if os.path.exists(os.path.join(path, "model.safetensors")) and "model.safetensors" not in files:
+        # transformers reads it in place of the index's shards: a stray copy of the original weights loaded as the output
+        raise ValueError(f"{path} holds a model.safetensors its streamsvd job did not write, which transformers would load "
+                         "in place of the output's shards; remove it")
     if state.get("complete") is not True:
         raise ValueError(f"{path} is an unfinished streamsvd output (its job was stopped); run the same streamsvd "
                          "command again to finish it")
