@@ -71,7 +71,8 @@ class Checkpoint:
         self.dir = Path(model_dir)
         self.read_digests: dict[str, str] | None = None  # name -> sha256 of each tensor read, while not None
         if not self.dir.is_dir():
-            raise CheckpointError(f"model directory {self.dir} does not exist", "check the MODEL_DIR path")
+            raise CheckpointError(f"model directory {self.dir} " + ("is a file, not a directory" if self.dir.exists()
+                                                                   else "does not exist"), "check the MODEL_DIR path")
         config_path = self.dir / "config.json"
         if not config_path.is_file():
             raise CheckpointError(

@@ -211,7 +211,7 @@ def _streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None 
     states = activation_bytes(shape, "float32")
     if on_disk is None:
         on_disk = hidden_on_disk(states, budget)
-    batch = batch_size or fitting(n, 0 if on_disk else 2 * states)
+    batch = min(batch_size or fitting(n, 0 if on_disk else 2 * states), max(n, 1))  # reported as used: not 100000 for 8
     if gpu_bytes is not None:
         hold_to_budget(gpu, gpu_bytes)
     head_here = on_gpu and head_fits_gpu(config, seqlen, gpu_bytes)

@@ -892,3 +892,10 @@ def test_a_profile_into_a_streamsvd_output_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"PROFILE_DIR {out} is a streamsvd output" in err and "fix: " in err
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_model_dir_that_is_a_file_is_called_a_file(capsys, pristine, tmp_path):
+    """eval and run said "model directory X does not exist" of a file that exists (a probe, 2026-12-07)."""
+    for argv in (["eval", pristine / "config.json", "--text", pristine / "config.json"],
+                 ["run", pristine / "config.json", tmp_path / "out", *FAST]):
+        assert_clean_error(capsys, cli(argv), "config.json is a file, not a directory")

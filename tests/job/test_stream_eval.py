@@ -162,6 +162,9 @@ def test_on_the_cpu_eval_takes_about_2048_tokens_a_batch_with_the_figure_of_one_
     assert got["windows"] == 20 and got["batch_size"] == cpu_batch(seqlen) == 8
     whole = streaming_perplexity(model_dir, TEXT, seqlen, max_windows=20, progress=False, max_mem=8 << 30, batch_size=20)
     assert whole["batch_size"] == 20
+    beyond = streaming_perplexity(model_dir, TEXT, seqlen, max_windows=20, progress=False, max_mem=8 << 30,
+                                  batch_size=100_000)  # reported as given (100000) for 20 windows: a probe, 2026-12-07
+    assert beyond["batch_size"] == 20 and beyond["perplexity"] == whole["perplexity"]
     assert got["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-6)
 
 
