@@ -258,7 +258,9 @@ def _add_plan(sub) -> None:
         "matrix products (about a second) for the estimate. Takes every flag of `run` (so a run command can be "
         "planned as typed, OUT_DIR left out); --restart, --no-progress, --shrink and --work-dir change nothing in "
         "a plan. With --alloc global (the default) and no --profile the plan includes the profile such a job runs "
-        "first, as its `profile` stage; --alloc uniform plans none, so its smallest --max-mem can be lower.",
+        "first, as its `profile` stage; --alloc uniform plans none, so its smallest --max-mem can be lower. A "
+        "--max-mem below the smallest workable budget is refused after the plan is printed, as `run` refuses it "
+        "(exit status 2); one beyond this machine's RAM is planned (for another machine) with status 0.",
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint: config.json, safetensors, tokenizer")
     _add_job_flags(p)

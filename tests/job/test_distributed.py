@@ -317,15 +317,19 @@ def test_one_job_per_out_dir_whether_distributed_or_not(model, tmp_path):
         hidden = json.loads((model / "config.json").read_text())["hidden_size"]
         for r in (0, 1):
             assert (out / ".streamsvd-work" / f"rank-{r}-of-2" / "acts-0.bin").stat().st_size == 4 * 2 * 32 * hidden * 4
-        # a plain job is another job (one process): refused by the state before it even tries the lock
+        # a plain job is another job (one process), but that job is running: its lock answers (the settings' mismatch
+        # answered first, with a fix to add --restart, which the lock then refused)
         plain = _one(model, out)
-        assert plain.returncode == 2 and "it was torchrun --nproc-per-node 2, now one process (no torchrun)" in plain.stderr, plain.stderr
+        assert plain.returncode == 2 and f"OUT_DIR {out} is in use by another streamsvd job" in plain.stderr, plain.stderr
+        assert "--restart" not in plain.stderr
         assert not (out / "model.safetensors.index.json").exists()
         second = _two(model, out)
         ours = _ours(second.stderr)
         assert second.returncode != 0 and len(ours) == 2 and "in use by another streamsvd job" in ours[0], second.stderr
     finally:
         _kill_all(proc)
+    plain = _one(model, out)  # nobody runs there now: the state says whose job it is
+    assert plain.returncode == 2 and "it was torchrun --nproc-per-node 2, now one process (no torchrun)" in plain.stderr, plain.stderr
 
 
 REDUCE_SCRIPT = '''
