@@ -27,7 +27,7 @@ from ..io.fsutil import (atomic_path, atomic_write_bytes, atomic_write_json, fil
                          within)
 from ..io.output import INDEX_NAME, REPORT_JSON, REPORT_MD, RUN_LOG, markdown_report
 from ..math.quantize import DEFAULT_GROUP_SIZE, QuantSpec, quantize_module_tensors
-from ..model.loading import _pivots_checked, check_finished, is_streamsvd_output
+from ..model.loading import pivots_checked, check_finished, is_streamsvd_output
 from ..model.remote import MODELING_FILE, modeling_source
 from .pipeline import WORK_DIR_NAME, check_quant_flags
 from .state import STATE_NAME, JobState, fingerprint, read_state
@@ -95,7 +95,7 @@ def _quantize_output(out_dir: Path, new_dir: Path, quant: str | None, group_size
         with safe_open(str(out_dir / shard), framework="pt", device="cpu") as f:
             # pivots that are a permutation, tensors of the right kind: what streamsvd.load checks (with --no-verify a
             # changed pivot was quantised into a NEW_DIR that verify passed and load refused, remade the same by a rerun)
-            get = _pivots_checked(f.get_tensor, out_dir)
+            get = pivots_checked(f.get_tensor, out_dir)
             tensors = {k: get(k) for k in f.keys()}
         for full in modules:
             own = {k: v for k, v in tensors.items() if k.startswith(full + ".")}

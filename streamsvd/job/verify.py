@@ -47,7 +47,7 @@ def _verify(out_dir: Path, deep: bool) -> dict:
             "verify checks streamsvd outputs against what the job recorded; give the OUT_DIR of a streamsvd run",
         )
     damaged = [{"file": name, "problem": problem}
-               for name, problem in check_files(out_dir, state.files, deep) + stray_weights(out_dir, state.files)]
+               for name, problem in output_problems(out_dir, state.files, deep)]
     if state.complete and INDEX_NAME not in state.files:
         damaged.append({"file": INDEX_NAME, "problem": "not recorded by the job"})
     return {
@@ -98,6 +98,13 @@ def stray_weights(out_dir: Path, files: dict[str, dict]) -> list[tuple[str, str]
         return []
     return [(SINGLE_NAME, "not written by the job, and read in place of its shards by transformers and streamsvd: "
                           "remove it")]
+
+
+def output_problems(out_dir: Path, files: dict[str, dict], deep: bool = True) -> list[tuple[str, str]]:
+    """What a reader of a finished output checks (verify, load, eval, export, quantize): the recorded files
+    (check_files), and no model.safetensors read in their place (stray_weights). A run's repair uses check_files
+    alone: it redoes recorded files, and a stray file is not one of them."""
+    return check_files(out_dir, files, deep) + stray_weights(out_dir, files)
 
 
 def problems_fix(out_dir: Path, state, problems: list[tuple[str, str]]) -> str:

@@ -91,18 +91,18 @@ def tensor_reader(ckpt: Checkpoint):
     section = ckpt.config_dict.get("streamsvd") or {}
     quant = section.get("quantization")
     if not quant:
-        return _pivots_checked(ckpt.get, ckpt.dir), set(ckpt.keys())
+        return pivots_checked(ckpt.get, ckpt.dir), set(ckpt.keys())
     if not quant_readable(quant):
         raise StreamSVDError(f"{ckpt.dir} stores its factors quantised as {quant!r}, which this streamsvd cannot read",
                              "upgrade streamsvd to load this output")
     get = dequantizing_getter(ckpt.get, ckpt.keys(), quant["num_bits"], quant["group_size"])
-    return _pivots_checked(get, ckpt.dir), logical_keys(ckpt.keys())
+    return pivots_checked(get, ckpt.dir), logical_keys(ckpt.keys())
 
 
 _FLOATING = (".weight", ".bias", ".out_factor", ".in_factor", ".in_rest")
 
 
-def _pivots_checked(get, where: Path):
+def pivots_checked(get, where: Path):
     """`get`, refusing a pivoted factor's pivots that are not a permutation of its inputs (a damaged shard read with
     verify off: an index out of range was a RuntimeError from the first forward, a repeated one a wrong model), and
     a tensor of the wrong kind: integer weights or factors, floating-point pivots (a header's dtype edited at the same
@@ -131,8 +131,7 @@ def check_finished(path: Path, verify: bool = True):
     not as the job wrote them: sizes and headers, and with `verify` their sha256 (a changed byte inside a shard was a
     silently wrong model for load, eval and export; only `streamsvd verify` and a rerun saw it). Its state, or None
     (not a streamsvd OUT_DIR, or one whose state was not kept: nothing to check against)."""
-    from ..job.verify import (check_files, damaged_fix, made_by_quantize, problems_fix, source_unchecked_note,
-                              stray_weights, unfinished_fix)
+    from ..job.verify import made_by_quantize, output_problems, problems_fix, source_unchecked_note, unfinished_fix
 
     path = Path(path)
     try:
@@ -140,13 +139,14 @@ def check_finished(path: Path, verify: bool = True):
     except StreamSVDError as e:  # its fix is run's (--restart), which a quantize output's maker does not have
         raise StreamSVDError(e.problem, "the output is damaged: run the `streamsvd run` command that made it again with "
                              "--restart (a `streamsvd quantize` output: remove that directory and quantize again)") from e
-    if state is None and _written_by_streamsvd(path):
+    config = _config_json(path) if state is None else {}
+    if config.get("model_type") == MODEL_TYPE:  # written by streamsvd's job or quantize, which always leave a state
         # Its files cannot be checked against anything: a changed byte would load as another model, silently. (A
         # folder that save_pretrained wrote from a loaded output, its factors fine-tuned, say, has the base family's
         # model_type and never had a state: it is read as it is.)
         if verify:
             # a quantize of an output read with --no-verify and without its state never had one to copy
-            section = _config_json(path).get("streamsvd")
+            section = config.get("streamsvd")
             quantised = isinstance(section, dict) and bool(section.get("quantization"))
             raise StreamSVDError(f"{path} is a streamsvd output without its {STATE_NAME}, which records the files its "
                                  "job wrote, so they cannot be checked",
@@ -159,7 +159,7 @@ def check_finished(path: Path, verify: bool = True):
     if state is not None and not state.complete:
         what = "`streamsvd quantize` that was stopped" if made_by_quantize(state) else f"job ({state.blocks_done} blocks done)"
         raise StreamSVDError(f"{path} is an unfinished streamsvd {what}", unfinished_fix(state))
-    problems = check_files(path, state.files, deep=verify) + stray_weights(path, state.files) if state is not None else []
+    problems = output_problems(path, state.files, deep=verify) if state is not None else []
     if problems:
         (name, problem), more = problems[0], len(problems) - 1
         raise CheckpointError(
@@ -184,12 +184,6 @@ def _config_json(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}
-
-
-def _written_by_streamsvd(path: Path) -> bool:
-    """Whether `path`'s config.json is the one streamsvd's job or quantize writes (model_type "streamsvd"), which
-    always has a state beside it."""
-    return _config_json(path).get("model_type") == MODEL_TYPE
 
 
 def is_streamsvd_output(path: Path) -> bool:
