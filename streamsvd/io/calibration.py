@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -88,10 +89,42 @@ def adds_bos(tokenizer) -> bool:
     return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
 
 
+# The last texts' token ids, so the several readers of one calibration text in a process (a job's windows, its
+# held-out windows, its own profile's; every job of a test session) tokenize it once. Keyed by the fast tokenizer's
+# whole serialised state (vocabulary, merges, normaliser, pre-tokeniser: `to_str`, taken at every call, so a
+# tokenizer changed in place misses) and the text's sha256; kept as int32, handed out as a fresh int64 tensor.
+# Bounded: TOKEN_CACHE_ENTRIES texts of at most TOKEN_CACHE_MAX tokens (32 MB), made before a job's plan measures
+# its baseline, so a job's own entry is in its measured baseline (job/plan.py).
+TOKEN_CACHE_ENTRIES, TOKEN_CACHE_MAX = 2, 8_000_000
+_token_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+
+def _tokenizer_key(tokenizer) -> tuple | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a slow (Python) tokenizer has none: never cached
+    if backend is None:
+        return None
+    try:
+        state = backend.to_str()
+    except Exception:  # noqa: BLE001 - a backend that cannot serialise itself is tokenized every time
+        return None
+    return (type(tokenizer).__qualname__, bool(getattr(tokenizer, "split_special_tokens", False)),
+            hashlib.sha256(state.encode()).hexdigest())
+
+
 def tokenize(tokenizer, text: str) -> tuple[torch.Tensor, int | None]:
     """All tokens of `text` without special tokens, and the BOS id to start each window with (or None)."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long), (tokenizer.bos_token_id if adds_bos(tokenizer) else None)
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    tok_key = _tokenizer_key(tokenizer)
+    key = None if tok_key is None else (tok_key, hashlib.sha256(text.encode()).hexdigest())
+    if key is not None and key in _token_cache:
+        _token_cache.move_to_end(key)
+        return _token_cache[key].to(torch.long), bos
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"], dtype=torch.long)
+    if key is not None and ids.numel() <= TOKEN_CACHE_MAX and (ids.numel() == 0 or int(ids.max()) < 2**31):
+        _token_cache[key] = ids.to(torch.int32)
+        while len(_token_cache) > TOKEN_CACHE_ENTRIES:
+            _token_cache.popitem(last=False)
+    return ids, bos
 
 
 OVERLAP_WARN = 4  # windows that draw more than this many times the text's tokens get a warning (they overlap)
