@@ -809,7 +809,10 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
             stats_t += 2 * tokens * n * n * product_fraction(n) / f32  # float32 products, upper triangle (math/gram.py)
             if settings.compensate:
                 stats_t += 2 * tokens * n * n / f32  # the cross statistics
-            fact_t += fspeed["eigh_s_per_n3"] * n**3
+            if settings.anchor > 0 and settings.method == "eig":  # H = G' + lam I by Cholesky (math/compensate.py)
+                fact_t += n**3 / 3 / d64 + sum(2 * s.out_features * n * n for s in members if s.route == "input") / d64
+            else:
+                fact_t += fspeed["eigh_s_per_n3"] * n**3
         for s in members:
             m, n, k = s.out_features, s.in_features, s.rank
             if s.route == "output":

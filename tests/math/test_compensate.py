@@ -195,10 +195,47 @@ def test_w_star_made_a_row_chunk_at_a_time_is_the_whole_products(dtype, monkeypa
     white, q, inv, lam = compensated_whitening(gram, 0.1)
     weight = w.to(dtype)
     w64 = weight.to(torch.float64)
-    whole = (((w64 @ cross + lam * w64) @ q) * inv) @ q.T
+    assert inv is None  # anchored: H's Cholesky factor (test below)
+    h = gram + lam * torch.eye(gram.shape[0], dtype=torch.float64)
+    whole = (w64 @ cross + lam * w64) @ torch.linalg.inv(h)
     for chunk in (5, 23, 512):  # chunks that split the rows unevenly, exactly, and not at all
         monkeypatch.setattr(compensate, "LINE_CHUNK", chunk)
         monkeypatch.setattr(fz, "LINE_CHUNK", chunk)
         for got in (compensated_target(weight, cross, q, inv, lam), compensated_target(weight, None, q, inv, lam, wc=w64 @ cross)):
             assert got.dtype == torch.float64 and got.shape == w.shape
             assert torch.allclose(got, whole, rtol=0, atol=1e-12 * float(whole.abs().max()))
+
+
+@pytest.mark.parametrize("deficient", [False, True])
+def test_the_cholesky_route_of_an_anchored_job_gives_the_eigendecompositions_factors_and_error(deficient, monkeypatch):
+    """Anchored (lam > 0): H = G' + lam I is factored by Cholesky, not eigh (about 10x less work), and the target,
+    the factors and the reported error are the eigendecomposition's to round-off, dead input channels included."""
+    from streamsvd.math import compensate
+
+    x, x_comp, w = _problem(seed=4, n=40, m=30, deficient=deficient)
+    gram, cross, e0 = _stats(x, x_comp, w)
+    white, q, inv, lam = compensated_whitening(gram, 0.1)
+    assert inv is None and torch.equal(white.s, q) and torch.allclose(q @ q.T, gram + lam * torch.eye(40, dtype=torch.float64))
+    monkeypatch.setattr(compensate, "_cholesky_exact", lambda *a: None)
+    white_e, q_e, inv_e, lam_e = compensated_whitening(gram, 0.1)
+    assert inv_e is not None and lam_e == lam
+    target, target_e = compensated_target(w, cross, q, inv, lam), compensated_target(w, cross, q_e, inv_e, lam)
+    assert torch.allclose(target, target_e, rtol=0, atol=1e-10 * float(target_e.abs().max()))
+    for rank in (5, 17):
+        f = factorize_compensated(w, white, q, inv, lam, cross, rank)
+        f_e = factorize_compensated(w, white_e, q_e, inv_e, lam, cross, rank)
+        new, new_e = f.out_factor @ f.in_factor, f_e.out_factor @ f_e.in_factor
+        assert torch.allclose(new, new_e, rtol=0, atol=1e-9 * float(new_e.abs().max()))
+        assert torch.allclose(f.spectrum, f_e.spectrum, rtol=1e-9, atol=1e-12 * float(f_e.spectrum[0]))
+        err = output_error(w, (f.out_factor, f.in_factor), e0, cross, gram)
+        assert err == pytest.approx(output_error(w, (f_e.out_factor, f_e.in_factor), e0, cross, gram), rel=1e-8)
+
+
+def test_anchor_zero_or_too_small_for_the_cutoff_keeps_the_pseudo_inverse():
+    """Without an anchor H may be singular, and an anchor below the pseudo-inverse's cutoff could leave directions
+    the eigendecomposition drops: both keep eigh (its pseudo-inverse), never a Cholesky factor."""
+    x, x_comp, w = _problem(seed=5, n=20, m=10, deficient=True)
+    gram, _, _ = _stats(x, x_comp, w)
+    assert compensated_whitening(gram, 0.0)[2] is not None
+    assert compensated_whitening(gram, 1e-9, product_eps=torch.finfo(torch.float32).eps)[2] is not None
+    assert compensated_whitening(gram, 0.1, product_eps=torch.finfo(torch.float32).eps)[2] is None
