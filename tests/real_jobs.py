@@ -14,7 +14,7 @@ def compress(model_dir, out, calib, ratio, method="eig", samples=8, seqlen=256, 
                              calib_samples=samples, seqlen=seqlen, progress=False, **flags))
 
 
-def ppl(model_dir, text_file, model=None):
+def ppl(model_dir, text_file, model=None, windows=EVAL_WINDOWS):
     model = model or streamsvd.load(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return perplexity(model, tokenizer, text_file.read_text(), EVAL_SEQLEN, EVAL_WINDOWS, progress=False)["perplexity"]
+    return perplexity(model, tokenizer, text_file.read_text(), EVAL_SEQLEN, windows, progress=False)["perplexity"]

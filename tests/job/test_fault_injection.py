@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from streamsvd.io.calibration import default_text
 from streamsvd.io.checkpoint import INDEX_NAME
 from streamsvd.io.output import RUN_LOG
 from streamsvd.job.lock import LOCK_NAME
@@ -37,7 +38,7 @@ from tiny_models import make_tiny_checkpoint
 
 SEED = 20261124
 KILLS = 8
-FLAGS = ["--calib-samples", "4", "--seqlen", "32", "--no-progress"]
+FLAGS = ["--calib-samples", "4", "--seqlen", "32", "--no-progress"]  # + --calib, a short text (tokenized in each process)
 CLI = [sys.executable, "-m", "streamsvd.cli", "run"]
 # (fault point, highest hit worth trying) for a 4-block job; a hit that is never reached lets the run finish.
 POINTS = [
@@ -93,8 +94,12 @@ def _damage(kind: str, out: Path, rng: random.Random) -> bool:
 
 def test_random_kills_and_damage_end_byte_identical_or_refused(tmp_path):
     model = make_tiny_checkpoint("llama", tmp_path / "model", num_hidden_layers=4)
+    calib = tmp_path / "calib.txt"  # every run is a new process: the built-in text cost each a second to tokenize
+    calib.write_text(default_text()[:40_000])
+    flags = FLAGS + ["--calib", str(calib)]
     straight = tmp_path / "straight"
-    run_job(JobConfig(model_dir=model, out_dir=straight, ratio=0.4, calib_samples=4, seqlen=32, progress=False))
+    run_job(JobConfig(model_dir=model, out_dir=straight, ratio=0.4, calib=[str(calib)], calib_samples=4, seqlen=32,
+                      progress=False))
     expected = _files(straight)
 
     rng = random.Random(SEED)
@@ -111,7 +116,7 @@ def test_random_kills_and_damage_end_byte_identical_or_refused(tmp_path):
     while kills < KILLS:
         name, top = rng.choice(POINTS)
         fault = f"{name}:{rng.randint(1, top)}"
-        args = CLI + [str(model), str(out)] + FLAGS + (["--restart"] if restart else [])
+        args = CLI + [str(model), str(out)] + flags + (["--restart"] if restart else [])
         proc = subprocess.run(args, env={**os.environ, "STREAMSVD_FAULT": fault}, capture_output=True, text=True, timeout=300)
         log.append(f"{fault}{' --restart' if restart else ''} -> {proc.returncode}")
         restart = False
@@ -143,7 +148,7 @@ def test_random_kills_and_damage_end_byte_identical_or_refused(tmp_path):
 
     # However the last kill left it, a plain rerun (with --restart after a refusal) finishes it byte-identical.
     for _ in range(2):
-        proc = subprocess.run(CLI + [str(model), str(out)] + FLAGS + (["--restart"] if restart else []),
+        proc = subprocess.run(CLI + [str(model), str(out)] + flags + (["--restart"] if restart else []),
                               capture_output=True, text=True, timeout=300)
         log.append(f"final{' --restart' if restart else ''} -> {proc.returncode}")
         if proc.returncode == 2 and not restart:
