@@ -84,6 +84,9 @@ SLACK_FRACTION = 0.05
 # doing the same thing (measured up to 42 MiB between `plan` and `run`); the minimum that `plan`
 # reports carries this margin so that `run` in another process accepts it.
 BASELINE_MARGIN_BYTES = 64 << 20
+# The job's stages a `streamsvd profile` never enters (job/profile.py's sampler): its plan leaves them out, so its
+# smallest budget is not set by a shard copy buffer it has none of (a probe, 2026-12-07)
+PROFILE_SKIPS = frozenset({"extra shard", "write", "propagate", "plots", "refine", "quantize"})
 STAGES = ("profile", "sensitivity (head)", "sensitivity (blocks)", "embed", "extra shard", "statistics", "factorize",
           "refine", "quantize", "propagate", "heldout", "write", "plots")
 # stages a plan has only when its settings need them: a profile's backward pass, the held-out windows' NLL
@@ -685,6 +688,8 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
                if settings.heldout_samples else {}),
             **sensitivity,
         }
+        if settings.profile:  # `streamsvd profile` writes no shards, propagates inside its statistics pass, draws nothing
+            parts = {stage: v for stage, v in parts.items() if stage not in PROFILE_SKIPS}
         for stage in parts:
             parts[stage] = {**held, **parts[stage]}
         return parts

@@ -471,3 +471,23 @@ def test_profile_into_a_folder_holding_another_settings_profile_says_to_give_ano
     err = capsys.readouterr().err
     assert err.count("error: ") == 1 and "other settings than this run: --seed" in err
     assert "give another PROFILE_DIR" in err and "make one with" not in err
+
+
+def test_a_profile_budget_too_small_names_a_stage_the_profile_runs(tmp_path, capsys):
+    """`streamsvd profile` writes no shards: its smallest budget was set by the job's extra-shard copy buffer (16 MiB,
+    the largest part on a tiny model), a stage it never enters. Its plan holds only the stages it runs."""
+    from streamsvd.cli import main
+    from streamsvd.job.plan import PROFILE_SKIPS
+
+    model = make_tiny_checkpoint("llama", tmp_path / "model", num_hidden_layers=2)
+    cfg = ProfileConfig(model_dir=model, profile_dir=tmp_path / "p", calib_samples=4, seqlen=32, progress=False)
+    from streamsvd.io.checkpoint import Checkpoint
+
+    plan = cfg.plan(Checkpoint(model))
+    assert plan.stage_bytes and not PROFILE_SKIPS & set(plan.stage_bytes), sorted(plan.stage_bytes)
+    capsys.readouterr()
+    assert main(["profile", str(model), str(tmp_path / "p"), "--calib-samples", "4", "--seqlen", "32",
+                 "--max-mem", "100M", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and f"set by the {plan.min_stage} stage" in err and "extra shard" not in err, err
+    assert not (tmp_path / "p").exists()
