@@ -725,8 +725,9 @@ def cmd_eval(args) -> int:
         from .job.device import gpu_budget, hold_to_budget, resolve_device
 
         device = resolve_device(args.device)  # refused before the model is read where torch sees no such GPU
+        gpu_bytes = gpu_budget(device, max_gpu_mem) if device.type == "cuda" else None
         if device.type == "cuda":
-            hold_to_budget(device, gpu_budget(device, max_gpu_mem))
+            hold_to_budget(device, gpu_bytes)
         import torch
 
         # float32, as the streamed evaluation computes (stream_eval.COMPUTE_DTYPE): a bfloat16 checkpoint loaded in its
@@ -738,6 +739,12 @@ def cmd_eval(args) -> int:
         text, _ = load_texts(args.text, "--text")
         result = perplexity(model, load_tokenizer(Path(args.model)), text, args.seqlen, args.max_windows,
                             progress=not args.no_progress, device=device)
+        # the streamed result's keys, so a script reads either the same way (one window per forward, nothing on disk)
+        result.update(batch_size=1, hidden_on_disk=False, device=str(device), in_memory=True)
+        if device.type == "cuda":
+            from .job.device import peak_bytes
+
+            result.update(head_on_device=True, gpu_peak_bytes=peak_bytes(device), max_gpu_mem_bytes=gpu_bytes)
     else:
         from .job.stream_eval import streaming_perplexity
 
@@ -751,6 +758,7 @@ def cmd_eval(args) -> int:
                                       verify=not args.no_verify)
         if not world.writes:
             return 0
+        result["in_memory"] = False
     source = ", ".join(args.text)  # as typed (load_texts gives the names, for what a job records)
     result = {"model": args.model, "text": source, **result}
     if not math.isfinite(result["perplexity"]):  # and `--json` would print NaN, which JSON does not have

@@ -117,7 +117,8 @@ def test_eval_cli_streams_by_default_and_in_memory_on_request(tmp_path, capsys):
     assert main(["eval", str(model_dir), "--text", str(text), "--seqlen", "40", "--max-windows", "3", "--json",
                  "--in-memory", "--no-progress"]) == 0
     loaded = json.loads(capsys.readouterr().out)
-    assert "hidden_on_disk" in streamed and "hidden_on_disk" not in loaded
+    assert streamed["in_memory"] is False and loaded["in_memory"] is True
+    assert set(loaded) == set(streamed) and loaded["batch_size"] == 1 and loaded["hidden_on_disk"] is False  # one schema
     assert streamed["perplexity"] == pytest.approx(loaded["perplexity"], rel=1e-4)
 
 
