@@ -721,8 +721,7 @@ def cmd_eval(args) -> int:
                                  "over the processes), or run it as one process")
         from .job.evaluate import perplexity
         from .model.loading import load
-
-        from .job.device import gpu_budget, hold_to_budget, resolve_device
+        from .job.device import gpu_budget, hold_to_budget, peak_bytes, resolve_device
 
         device = resolve_device(args.device)  # refused before the model is read where torch sees no such GPU
         gpu_bytes = gpu_budget(device, max_gpu_mem) if device.type == "cuda" else None
@@ -742,8 +741,6 @@ def cmd_eval(args) -> int:
         # the streamed result's keys, so a script reads either the same way (one window per forward, nothing on disk)
         result.update(batch_size=1, hidden_on_disk=False, device=str(device), in_memory=True)
         if device.type == "cuda":
-            from .job.device import peak_bytes
-
             result.update(head_on_device=True, gpu_peak_bytes=peak_bytes(device), max_gpu_mem_bytes=gpu_bytes)
     else:
         from .job.stream_eval import streaming_perplexity
