@@ -123,11 +123,8 @@ PROFILE_SAMPLES_HELP = (
 
 
 def _add_quality_flags(p) -> None:
-    from .job.pipeline import JobConfig
+    from .job.defaults import DEFAULT_ANCHOR, DEFAULT_REFINE_LR, DEFAULT_REFINE_STEPS
 
-    from .job.pipeline import DEFAULT_ANCHOR
-
-    d = JobConfig(model_dir=Path("."), out_dir=Path("."))
     p.add_argument("--calibrate", choices=["sequential", "block"], default=None,
                    help="sequential: each input group (q/k/v, o, gate/up, down) is calibrated on the inputs the block's "
                    "already-compressed groups give it; costs about 1.75 block forwards per batch instead of one. block: all "
@@ -145,15 +142,15 @@ def _add_quality_flags(p) -> None:
                    "||W - W'||^2 to the loss, so the fit does not follow the calibration text too closely; 0 turns it off "
                    f"(default {DEFAULT_ANCHOR} with --compensate, else 0; measured: without it compensation over-fits the "
                    "calibration text); no extra cost")
-    p.add_argument("--refine-steps", type=int, default=d.refine_steps,
+    p.add_argument("--refine-steps", type=int, default=DEFAULT_REFINE_STEPS,
                    help="after a block is factored, tune its factors (only them) with this many Adam steps so the block's "
                    "output matches the original block's; an eighth of the windows is held out and decides early stopping, "
                    "so a fit that does not generalise changes nothing. Costs a forward and a backward of the block per "
-                   f"step (time per block in the summary) and the optimiser state in memory; 0 turns it off (default {d.refine_steps}; "
+                   f"step (time per block in the summary) and the optimiser state in memory; 0 turns it off (default {DEFAULT_REFINE_STEPS}; "
                    "measured at 0.4 on SmolLM2 and Gemma 3, 40 steps: on top of compensation -0.8%% to +6%% held-out "
                    "perplexity in domain and -0.7%% to +15%% across for 2-7x the compression time; on plain uniform "
                    "truncation 20-28%% lower in domain, still above the compensated default across domains, docs/RESULTS.md)")
-    p.add_argument("--refine-lr", type=float, default=None, help=f"Adam step size for --refine-steps (default {d.refine_lr})")
+    p.add_argument("--refine-lr", type=float, default=None, help=f"Adam step size for --refine-steps (default {DEFAULT_REFINE_LR})")
 
 
 def _add_calibration_flags(p) -> None:
@@ -920,13 +917,13 @@ def _disk_full(args, path) -> StreamSVDError:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # without torch: --help and a refused flag answer at once
     try:  # torch's import takes seconds: a Ctrl-C then is an interruption like any other, not a traceback
         from .job.distributed import World, launched_distributed
     except KeyboardInterrupt:
         print("interrupted (before any work): run the command again", file=sys.stderr)
         return 130
 
-    args = build_parser().parse_args(argv)
     world = None
     terminated = _stop_on_sigterm(launched_distributed())
     try:

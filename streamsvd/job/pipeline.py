@@ -51,6 +51,7 @@ from ..model.quantized import dequantizing_getter, logical_keys
 from ..model.lowrank import module_from_tensors, replace_module
 from ..model.remote import modeling_source
 from ..model.embedding import materialize_base_mapped
+from .defaults import DEFAULT_ANCHOR, DEFAULT_REFINE_LR, DEFAULT_REFINE_STEPS
 from .device import check_device_flags, hold_to_budget, peak_bytes, resolve_device
 from .memory import format_size
 from .peak import JobHighWater, PeakSampler
@@ -71,7 +72,6 @@ from .preflight import check_paths
 
 COMPUTE_DTYPE = torch.float32
 CALIBRATE_MODES = ("block", "sequential")
-DEFAULT_ANCHOR = 0.1  # measured: 0 over-fits the calibration text (cross-domain 2671 vs 393 at 0.1; docs/RESULTS.md)
 WORK_DIR_NAME = ".streamsvd-work"
 OWN_PROFILE = "profile"  # where `run` profiles when no --profile is given
 # --max-ppl-increase's held-out windows: 8 x 512 = 4,096 scored tokens for one extra forward of 1/8 of the
@@ -109,8 +109,8 @@ class JobConfig:
     calibrate: str | None = None
     compensate: bool | None = None  # fit the original model's outputs (math/compensate.py); two activation streams
     anchor: float | None = None  # pull toward the original weights: lam = anchor x the Gram's mean diagonal
-    refine_steps: int = 0  # Adam steps tuning each block's factors to the original block's outputs (0: off)
-    refine_lr: float = 1e-4
+    refine_steps: int = DEFAULT_REFINE_STEPS  # Adam steps tuning each block's factors to the original block's outputs (0: off)
+    refine_lr: float = DEFAULT_REFINE_LR
     # rank allocation (math/allocate.py): uniform, v2 or global; None: the measured default (`resolve_defaults`)
     alloc: str | None = None
     rank_multiple: int = 1  # every rank a multiple of this (or full rank)

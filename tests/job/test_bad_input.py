@@ -548,6 +548,18 @@ def test_argument_errors_are_one_error_and_one_fix_line(capsys, argv):
     assert "usage:" not in err and len(err.strip().splitlines()) == 2
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["run", "M", "O", "--ratio", "abc"]])
+def test_help_and_a_refused_flag_answer_without_importing_torch(argv):
+    """The parser is built from job/defaults.py, not job/pipeline.py: `--help` took 5-7 s importing torch and
+    transformers for three defaults, now a fraction of a second."""
+    code = ("import sys\nfrom streamsvd.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:] + done.stderr[-500:]
+    assert ("usage:" in done.stdout) == ("--help" in argv)
+    assert ("error:" in done.stderr) == ("--help" not in argv)
+
+
 @pytest.mark.parametrize("changes, needle", [
     ({"vocab_size": 200}, "has shape"),  # finished, verified, then load and eval failed with a traceback
     ({"hidden_size": 32}, "has shape"),
