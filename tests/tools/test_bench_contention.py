@@ -1,0 +1,44 @@
+"""tools/bench_contention.py: a job alone and beside a busy process, per OpenMP variant; nothing left running."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+TOOL = REPO / "tools" / "bench_contention.py"
+
+
+def _busy_loops() -> list[int]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if (p.info["cmdline"] or [])[-1:] == ["while True: pass"]:
+            found.append(p.pid)
+    return found
+
+
+def test_every_condition_and_variant_is_a_row_and_the_busy_processes_are_gone(tiny_checkpoints, tmp_path):
+    model = tiny_checkpoints("llama")
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    before = _busy_loops()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(TOOL), "--model", str(model), "--layers", "0", "--calib", str(text),
+                           "--calib-samples", "4", "--seqlen", "32", "--variants", "default", "one-thread"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["row"], r["condition"], r["variant"]) for r in rows if r["row"] != "mean"] == [
+        (kind, c, v) for c in ("alone", "1 busy") for v in ("default", "one-thread") for kind in ("eigh", "job")]
+    for r in rows:
+        if r["row"] == "eigh":  # the variant's environment reached the process: OMP_NUM_THREADS, or the default's cores
+            assert r["threads"] == (1 if r["variant"] == "one-thread" else os.cpu_count())
+            assert 0 < r["best_s"] <= r["worst_s"]
+        if r["row"] == "job":
+            assert r["wall_s"] > 0 and {"statistics", "factorize"} <= set(r["seconds_by_stage"])
+    means = {(r["condition"], r["variant"]): r["wall_s"] for r in rows if r["row"] == "mean"}
+    assert len(means) == 4 and all(w > 0 for w in means.values())
+    assert _busy_loops() == before  # no busy loop outlives the tool
