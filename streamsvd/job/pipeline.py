@@ -1166,6 +1166,8 @@ class CompressionJob:
             "min_max_mem_bytes": self.plan.min_max_mem_bytes,
             "peak_over_budget": round(peak / self.plan.budget_bytes, 4),
             "device": str(self.cfg.torch_device),
+            # torch's CPU threads (OMP_NUM_THREADS; torchrun gives each process 1): speed, and float sums at round-off
+            "threads": torch.get_num_threads(),
             # run --device cuda: torch's count of the most the factorisations held on the GPU, against its budget
             **({"gpu_peak_bytes": peak_bytes(self.cfg.torch_device), "max_gpu_mem_bytes": self.plan.gpu_budget_bytes,
                 "planned_gpu_peak_bytes": self.plan.gpu_peak_bytes} if self.cfg.torch_device.type == "cuda" else {}),

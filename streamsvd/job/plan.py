@@ -280,6 +280,8 @@ class Plan:
     gpu_stage: str | None = None  # the stage that sets gpu_peak_bytes
     gpu_components: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> part -> bytes on the GPU
     gpu_stage_bytes: dict[str, int] = field(default_factory=dict)  # every stage's planned peak on the GPU
+    # torch's threads in this process (OMP_NUM_THREADS; torchrun sets 1): the speed above was measured with them
+    cpu_threads: int | None = None
 
     def fits(self) -> bool:
         """Whether the planned peaks (at the plan's batch) are within the budgets."""
@@ -318,13 +320,15 @@ class Plan:
         lines.append("tiles: " + ", ".join(f"{k} {v}" for k, v in self.tiles.items()))
         lines.append(f"disk: {format_size(self.disk_bytes)} (" + ", ".join(f"{k} {format_size(v)}" for k, v in self.disk.items()) + ")")
         split = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds_split.items())
-        lines.append(f"time (ESTIMATE from a {self._speed_text()} measurement of this machine): "
+        lines.append(f"time (ESTIMATE from a measurement of this machine: {self._speed_text()}): "
                      f"{self.seconds_per_block:.1f} s per block ({split}), {self.seconds_estimate:.0f} s in total")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def _speed_text(self) -> str:
-        return f"{self.speed['matmul_f32_gflops']:.0f} GFLOP/s float32 matmul, {self.speed['matmul_f64_gflops']:.0f} float64"
+        threads = "" if self.cpu_threads is None else f", {self.cpu_threads} CPU thread{'s' if self.cpu_threads != 1 else ''}"
+        return (f"{self.speed['matmul_f32_gflops']:.0f} GFLOP/s float32 matmul, {self.speed['matmul_f64_gflops']:.0f} "
+                f"float64{threads}")
 
 
 @dataclass
@@ -884,7 +888,7 @@ def make_plan(ckpt: Checkpoint, layers_path: str, settings: PlanInputs, budget: 
         layers=n_layers, baseline_bytes=baseline, notes=notes, device=settings.device,
         gpu_budget_bytes=gpu_budget if gpu_parts else None, gpu_peak_bytes=gpu_peak, gpu_min_bytes=gpu_min,
         gpu_components=gpu_stage_parts(batch), gpu_stage=gpu_stage,
-        gpu_stage_bytes=gpu_stages,
+        gpu_stage_bytes=gpu_stages, cpu_threads=torch.get_num_threads(),
     )
 
 

@@ -50,6 +50,7 @@ def test_plan_json_has_the_promised_figures(capsys, tiny, text):
     assert plan["batch_size"] == 4  # a roomy budget takes every sample in one batch
     assert plan["baseline_bytes"] > 50 << 20  # measured RSS of a process with torch loaded, not a constant
     assert plan["seconds_estimate"] > 0
+    assert plan["cpu_threads"] == torch.get_num_threads()  # the speed was measured with them (torchrun: 1 each)
     # Compensated (the default), down_proj (64 x 160) needs its 160 x 160 statistics: the input side.
     down = next(v for k, v in plan["routes"].items() if k.startswith("mlp.down_proj"))
     assert down.startswith("input side")
@@ -199,6 +200,7 @@ def test_measured_peak_stays_within_the_budget_in_a_subprocess(capsys, tiny, tex
     assert proc.returncode == 0, proc.stderr
     run = json.loads((out / "streamsvd_runs.jsonl").read_text().splitlines()[-1])
     assert run["max_mem_bytes"] == minimum
+    assert run["threads"] == torch.get_num_threads()  # the worker's share, through OMP_NUM_THREADS (tests/conftest.py)
     assert set(run["peak_rss_by_stage"]) <= set(STAGES) and {"statistics", "factorize", "write"} <= set(run["peak_rss_by_stage"])
     assert 0 < run["peak_rss_bytes"] <= minimum, run
     assert max(run["peak_rss_by_stage"].values()) <= run["peak_rss_bytes"]
