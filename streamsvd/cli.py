@@ -634,6 +634,8 @@ def _run_figures(run: dict) -> str:
     if not run:
         return "no figures recorded"
     figures = f"{run['seconds']:.1f} s, peak RSS {format_size(run['peak_rss_bytes'])}, batch {run['batch_size']}"
+    if run.get("cpu_seconds") is not None and run.get("threads") and run["seconds"] > 0:  # absent in older run logs
+        figures += f", {run['cpu_seconds'] / run['seconds']:.1f} of {run['threads']} CPU threads busy on average"
     if run.get("max_mem_bytes"):
         figures += (f" (measured peak / budget {format_size(run['peak_rss_bytes'])} / {format_size(run['max_mem_bytes'])}"
                     f" = {run['peak_rss_bytes'] / run['max_mem_bytes']:.2f}; planned {format_size(run['planned_peak_bytes'])})")

@@ -663,6 +663,7 @@ class CompressionJob:
 
     def _run_locked(self, on_block_done=None) -> dict:
         started = time.time()
+        self.cpu_started = _cpu_seconds()
         integrity = JobIntegrity(self)
         world = self.world
         world.agree(integrity.lock)
@@ -754,6 +755,9 @@ class CompressionJob:
         def complete():  # the state says complete before the index exists: an unfinished job never has one
             figures.update(self.out.log_run({
                 "seconds": round(time.time() - started, 2),
+                # this process's CPU time over the same span, every thread's: beside `threads`, how busy they were
+                # (well under threads x seconds on a machine shared with other work: README)
+                "cpu_seconds": round(_cpu_seconds() - self.cpu_started, 1),
                 "batch_size": self.batch_size,
                 # under torchrun: how many processes, and each one's windows [lo, hi) (absent for one process)
                 **({"processes": self.world.size, "windows_per_process": self.world.shares(self.cfg.calib_samples, self.batch_size)}
@@ -1196,6 +1200,12 @@ class CompressionJob:
             # In the model's own order, whichever run factored which block.
             "modules": {n: self.state.modules[n] for n, _ in self.model.named_modules() if n in self.state.modules},
         }
+
+
+def _cpu_seconds() -> float:
+    """User and system CPU seconds of this process so far (all its threads, not its children)."""
+    t = os.times()
+    return t.user + t.system
 
 
 def _other(activation_file: str) -> str:

@@ -201,6 +201,8 @@ def test_measured_peak_stays_within_the_budget_in_a_subprocess(capsys, tiny, tex
     run = json.loads((out / "streamsvd_runs.jsonl").read_text().splitlines()[-1])
     assert run["max_mem_bytes"] == minimum
     assert run["threads"] == torch.get_num_threads()  # the worker's share, through OMP_NUM_THREADS (tests/conftest.py)
+    assert 0 < run["cpu_seconds"] <= run["seconds"] * __import__("os").cpu_count() + 1
+    assert f"of {run['threads']} CPU threads busy on average" in proc.stdout
     assert set(run["peak_rss_by_stage"]) <= set(STAGES) and {"statistics", "factorize", "write"} <= set(run["peak_rss_by_stage"])
     assert 0 < run["peak_rss_bytes"] <= minimum, run
     assert max(run["peak_rss_by_stage"].values()) <= run["peak_rss_bytes"]
