@@ -11,7 +11,8 @@ Rows (JSON lines): for each condition (alone; with --busy busy-loop processes be
 (the default environment; OMP_WAIT_POLICY=PASSIVE; OMP_NUM_THREADS=1), taking turns --repeat times:
 - `eigh`: the best and worst of 3 float64 eighs of a 768 x 768 Gram, in a process with that environment;
 - `job`: `streamsvd run` in a process with that environment on the first --layers blocks of --model (default flags
-  otherwise, --no-plots), its wall time and its seconds per stage from OUT_DIR/streamsvd_runs.jsonl.
+  otherwise, --no-plots), its wall time, and from OUT_DIR/streamsvd_runs.jsonl its threads, its CPU seconds over its
+  `seconds` (how many threads were busy on average) and its seconds per stage.
 A last row per condition and variant averages the job's wall time over the repeats.
 
     python tools/bench_contention.py                                   # SmolLM2's first 4 blocks, 16 x 512, 1 busy
@@ -81,7 +82,8 @@ def job_row(model: Path, out: Path, env: dict, flags: list[str]) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"the job failed ({done.returncode}): {done.stderr[-2000:]}")
     run = json.loads((out / "streamsvd_runs.jsonl").read_text().splitlines()[-1])
-    return {"wall_s": round(wall, 2), "seconds_by_stage": {k: round(v, 2) for k, v in run["seconds_by_stage"].items()}}
+    return {"wall_s": round(wall, 2), "threads": run["threads"], "cpu_seconds": run["cpu_seconds"], "seconds": run["seconds"],
+            "seconds_by_stage": {k: round(v, 2) for k, v in run["seconds_by_stage"].items()}}
 
 
 def main() -> None:

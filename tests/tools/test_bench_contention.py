@@ -44,6 +44,7 @@ def test_every_condition_and_variant_is_a_row_and_the_busy_processes_are_gone(ti
             assert 0 < r["best_s"] <= r["worst_s"]
         if r["row"] == "job":
             assert r["wall_s"] > 0 and {"statistics", "factorize"} <= set(r["seconds_by_stage"])
+            assert r["threads"] == int(own.stdout.strip()) and 0 < r["cpu_seconds"] and 0 < r["seconds"] <= r["wall_s"]
     means = {(r["condition"], r["variant"]): r["wall_s"] for r in rows if r["row"] == "mean"}
     assert len(means) == 2 and all(w > 0 for w in means.values())
     assert _busy_loops() == before  # no busy loop outlives the tool
