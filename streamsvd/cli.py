@@ -713,7 +713,7 @@ def cmd_eval(args) -> int:
     max_gpu_mem = parse_size(args.max_gpu_mem) if args.max_gpu_mem else None
     check_device_flags(args.device, max_gpu_mem)
     if args.in_memory:
-        from .job.distributed import launched_distributed
+        from .job.launcher import launched_distributed
 
         if launched_distributed():
             raise StreamSVDError("--in-memory cannot run under torchrun", "drop --in-memory (the streamed evaluation splits "
@@ -920,11 +920,8 @@ def _disk_full(args, path) -> StreamSVDError:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # without torch: --help and a refused flag answer at once
-    try:  # torch's import takes seconds: a Ctrl-C then is an interruption like any other, not a traceback
-        from .job.distributed import World, launched_distributed
-    except KeyboardInterrupt:
-        print("interrupted (before any work): run the command again", file=sys.stderr)
-        return 130
+    from .job.launcher import launched_distributed  # torch-free: `verify` needs no torch; the commands that do import
+    # it inside the try below, where a Ctrl-C during its import is an interruption like any other, not a traceback
 
     world = None
     terminated = _stop_on_sigterm(launched_distributed())
@@ -935,6 +932,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise StreamSVDError(f"`streamsvd {args.command}` does not run under torchrun; only `streamsvd run`, "
                                          "`streamsvd profile` and `streamsvd eval` do",
                                          f"run `streamsvd {args.command}` as one process, without torchrun")
+                from .job.distributed import World
+
                 world = World.start()
                 world.rerun_fix = RERUN.get(args.command, world.rerun_fix)
             return COMMANDS[args.command](args)

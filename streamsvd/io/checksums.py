@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # no torch at import: `streamsvd verify` needs only file_sha256
+    import torch
 
 CHUNK = 8 << 20
 
@@ -33,6 +35,8 @@ def file_record(path: Path) -> dict:
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """Of the tensor's bytes as stored (dtype, shape and values; no copy for a contiguous tensor)."""
+    import torch
+
     t = tensor.detach().contiguous()
     h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
     if t.numel():

@@ -40,6 +40,7 @@ import torch
 
 from ..errors import RERUN, StreamSVDError
 from ..timing import charged
+from .launcher import env_world as _env_world, launched_distributed  # noqa: F401  (torch-free: cli.main reads it)
 
 # The longest any rank waits in one collective before the job ends with an error naming the ranks it
 # lost (a rank that died closes its connections and is noticed at once; this bounds a frozen one).
@@ -57,20 +58,6 @@ def collective_timeout_s() -> float:
 
 class RankLost(StreamSVDError):
     """A collective failed: a rank died or stopped answering."""
-
-
-def launched_distributed() -> bool:
-    """Whether torchrun (or another launcher setting RANK and WORLD_SIZE) started more than one process."""
-    return _env_world()[1] > 1
-
-
-def _env_world() -> tuple[int, int]:
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1
-    try:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    except ValueError:
-        return 0, 1
 
 
 class World:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CheckpointError, StreamSVDError
-from ..io.checkpoint import INDEX_NAME, read_safetensors_header
+from ..io.safetensors_header import INDEX_NAME, read_safetensors_header
 from ..io.checksums import file_sha256
 from .state import STATE_NAME, read_state
 
@@ -92,7 +92,7 @@ def stray_weights(out_dir: Path, files: dict[str, dict]) -> list[tuple[str, str]
     """(name, problem) for a model.safetensors the job did not write: transformers and the checkpoint reader load it in
     place of the index's shards, so a stray copy of the original weights was evaluated as the output (its perplexity
     exactly the original's) while `verify` said ok (a probe, 2026-12-07)."""
-    from ..io.checkpoint import SINGLE_NAME
+    from ..io.safetensors_header import SINGLE_NAME
 
     if SINGLE_NAME in files or not (Path(out_dir) / SINGLE_NAME).exists():
         return []
@@ -109,7 +109,7 @@ def output_problems(out_dir: Path, files: dict[str, dict], deep: bool = True) ->
 
 def problems_fix(out_dir: Path, state, problems: list[tuple[str, str]]) -> str:
     """The fix line for `problems`: removing a stray model.safetensors (a rerun leaves it there), else damaged_fix."""
-    from ..io.checkpoint import SINGLE_NAME
+    from ..io.safetensors_header import SINGLE_NAME
 
     if [name for name, _ in problems] == [SINGLE_NAME] and SINGLE_NAME not in state.files:
         return f"remove {Path(out_dir) / SINGLE_NAME}: a streamsvd output is its index and shards, never one model.safetensors"
