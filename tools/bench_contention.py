@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_memory import first_blocks  # noqa: E402
 from streamsvd import assets  # noqa: E402
+from streamsvd.io.output import last_run  # noqa: E402
 
 VARIANTS = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "one-thread": {"OMP_NUM_THREADS": "1"}}
 EIGH = """
@@ -81,7 +82,7 @@ def job_row(model: Path, out: Path, env: dict, flags: list[str]) -> dict:
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"the job failed ({done.returncode}): {done.stderr[-2000:]}")
-    run = json.loads((out / "streamsvd_runs.jsonl").read_text().splitlines()[-1])
+    run = last_run(out)
     return {"wall_s": round(wall, 2), "threads": run["threads"], "cpu_seconds": run["cpu_seconds"], "seconds": run["seconds"],
             "seconds_by_stage": {k: round(v, 2) for k, v in run["seconds_by_stage"].items()}}
 

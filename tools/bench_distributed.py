@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from streamsvd import assets  # noqa: E402
+from streamsvd.io.output import last_run  # noqa: E402
 
 VOLATILE = {"streamsvd_runs.jsonl", "streamsvd_state.json", "profile_log.json"}
 
@@ -59,7 +60,7 @@ def run_job(model: Path, out: Path, procs: int, threads: int, flags: list[str]) 
     if done.returncode != 0:
         sys.stderr.write(done.stderr[-4000:])
         raise SystemExit(f"the {procs}-process job failed (exit {done.returncode})")
-    return wall, json.loads((out / "streamsvd_runs.jsonl").read_text().splitlines()[-1])
+    return wall, last_run(out)
 
 
 def process_row(p: dict, blocks: int) -> dict:

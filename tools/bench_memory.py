@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from streamsvd import assets
+from streamsvd.io.output import last_run
 from streamsvd.job.memory import parse_size
 
 
@@ -96,7 +97,7 @@ def main() -> None:
                "extra": " ".join(args.extra), "max_mem_bytes": budget, "plan_min_max_mem_bytes": minimum,
                "exit": proc.returncode, "wall_s": round(wall, 1), "child_maxrss_bytes": usage.ru_maxrss * 1024}
         if proc.returncode == 0:
-            run = json.loads((out / "streamsvd_runs.jsonl").read_text().splitlines()[-1])
+            run = last_run(out)
             measured = max(run["peak_rss_bytes"], usage.ru_maxrss * 1024)
             row.update(batch_size=run["batch_size"], planned_peak_bytes=run["planned_peak_bytes"],
                        measured_peak_bytes=measured, measured_over_budget=round(measured / budget, 3),

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from streamsvd import assets
 from streamsvd.io.calibration import default_text
-from streamsvd.io.output import RUN_LOG
+from streamsvd.io.output import last_run
 
 MODELS = {"smollm2": ("SmolLM2-135M-Instruct (Q4_1 dequantised, float32)", assets.smollm2_checkpoint),
           "gemma3": ("Gemma 3 270M (float32)", assets.gemma3_checkpoint)}
@@ -138,7 +138,7 @@ def main() -> None:
             ran = (report.get("allocation") or {}).get("alloc", "uniform")
             if ran != alloc:  # a row must be what it says it is
                 raise SystemExit(f"the {alloc} row ran --alloc {ran}: {out}")
-            this_run = json.loads((out / RUN_LOG).read_text().strip().splitlines()[-1])  # wall time, peak RSS
+            this_run = last_run(out)  # wall time, peak RSS
             after = {key: evaluate(out, text, args.eval_seqlen, args.eval_windows) for key, text in texts.items()}
             print(json.dumps({**common, "method": method, "factors": factors, "alloc": alloc, "flags": variant,
                               "ratio": ratio,

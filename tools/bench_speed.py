@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from streamsvd.cli import main as streamsvd_main  # noqa: E402
 from streamsvd.io.calibration import load_texts, load_tokenizer, sample_windows  # noqa: E402
 from streamsvd.io.checkpoint import Checkpoint  # noqa: E402
-from streamsvd.io.output import RUN_LOG  # noqa: E402
+from streamsvd.io.output import last_run  # noqa: E402
 from streamsvd.model.architecture import decoder_layers, empty_model, load_config, load_layer  # noqa: E402
 from streamsvd.model.capture import capture_layer_kwargs, first_layer_inputs, run_layer  # noqa: E402
 from streamsvd.model.embedding import materialize_base_mapped  # noqa: E402
@@ -92,7 +92,7 @@ def run_variant(name: str, flags: list[str], model_dir: Path, calib: Path, args,
     wall = time.perf_counter() - started
     if code != 0:
         sys.exit(f"streamsvd {' '.join(argv)} exited with {code}")
-    run = json.loads((out / RUN_LOG).read_text().strip().splitlines()[-1])
+    run = last_run(out)
     stages, inside = run.get("seconds_by_stage", {}), run.get("seconds_in", {})
     accumulate, io = inside.get("accumulate", 0.0), inside.get("activation io", 0.0)
     in_forward_stages = sum(stages.get(s, 0.0) for s in FORWARD_STAGES)

@@ -165,14 +165,20 @@ class OutputWriter:
         return figures
 
     def last_run(self) -> dict:
-        try:
-            lines = (self.dir / RUN_LOG).read_text().splitlines()
-            return json.loads(lines[-1]) if lines else {}
-        except (OSError, ValueError):
-            return {}
+        return last_run(self.dir)
 
     def read_report(self) -> dict:
         return json.loads((self.dir / REPORT_JSON).read_text())
+
+
+def last_run(out_dir: Path) -> dict:
+    """The figures of OUT_DIR's latest run (the last line of its run log; {} where there is none): the summary reads
+    them, and so do the benchmarks under tools/."""
+    try:
+        lines = (Path(out_dir) / RUN_LOG).read_text().splitlines()
+        return json.loads(lines[-1]) if lines else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _intact(path: Path) -> bool:
