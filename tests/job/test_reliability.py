@@ -391,15 +391,20 @@ def test_verify_a_finished_output(straight, capsys):
     assert result["files_checked"] == len([f for f in files(straight) if not f.startswith("profile/")])
 
 
-def test_verify_imports_no_torch(straight, tmp_path):
-    """`streamsvd verify` read headers through io/checkpoint (torch at import) and joined torchrun's world through
-    job/distributed (torch again): 2 s before it checked anything, now about 0.2 s. A damaged copy is still found."""
-    damaged = tmp_path / "damaged"
-    shutil.copytree(straight, damaged)
-    shard = damaged / "model-00002-of-00005.safetensors"
+def _copy_with_a_flipped_byte(output: Path, dest: Path) -> tuple[Path, Path]:
+    """A copy of `output` with one bit of a shard's data flipped (its size and header intact): dest and that shard."""
+    shutil.copytree(output, dest)
+    shard = dest / "model-00002-of-00005.safetensors"
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0x01
     shard.write_bytes(bytes(data))
+    return dest, shard
+
+
+def test_verify_imports_no_torch(straight, tmp_path):
+    """`streamsvd verify` read headers through io/checkpoint (torch at import) and joined torchrun's world through
+    job/distributed (torch again): 2 s before it checked anything, now about 0.2 s. A damaged copy is still found."""
+    damaged, _ = _copy_with_a_flipped_byte(straight, tmp_path / "damaged")
     code = ("import sys\nfrom streamsvd.cli import main\nrc = main(sys.argv[1:])\n"
             "print(rc, sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))")
     for where, expected in ((straight, "0 []"), (damaged, "2 []")):
@@ -440,12 +445,7 @@ def test_run_on_a_damaged_finished_output_redoes_it(model, straight, tmp_path, c
 
 
 def test_verify_finds_a_flipped_byte_that_the_cheap_check_cannot(model, straight, tmp_path, capsys):
-    out = tmp_path / "out"
-    shutil.copytree(straight, out)
-    shard = out / "model-00002-of-00005.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-5] ^= 0x01
-    shard.write_bytes(bytes(data))
+    out, shard = _copy_with_a_flipped_byte(straight, tmp_path / "out")
     rc = cli(["verify", out])
     captured = capsys.readouterr()
     assert rc == 2 and "sha256 mismatch" in captured.out and shard.name in captured.out
