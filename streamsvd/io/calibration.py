@@ -83,6 +83,12 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def windows_digest(windows: torch.Tensor) -> str:
+    """Of token windows' ids: the same text cut by another tokenizer gives other windows (a job's and a profile's
+    identity carry it beside the text's digest)."""
+    return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
 def adds_bos(tokenizer) -> bool:
     """Whether the tokenizer prepends BOS by itself (Gemma's does and needs it; SmolLM2's does not)."""
     ids = tokenizer("a")["input_ids"]

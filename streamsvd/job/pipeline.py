@@ -38,7 +38,7 @@ from ..model.architecture import (
     check_seqlen,
 )
 from ..io.calibration import (heldout_windows, load_texts, load_tokenizer, sample_windows, text_digest,
-                              warn_thin_statistics)
+                              warn_thin_statistics, windows_digest)
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, layer_args_on, run_layer
 from ..io.checkpoint import Checkpoint
 from ..io.diskspace import check_free_space
@@ -298,11 +298,15 @@ class JobConfig:
         return self.compensate or self.calibrate == "sequential" or self.anchor > 0
 
 
-def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str, profile_digest: str | None = None) -> dict:
+def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str, profile_digest: str | None = None,
+                 windows: torch.Tensor | None = None) -> dict:
     """Everything that changes the output bytes; a resume must match it exactly.
 
     `profile_digest`: the digest of a given --profile; a job that profiles for itself records "own"
-    (its profile is fixed by the calibration settings already here).
+    (its profile is fixed by the calibration settings already here). `windows`: the calibration windows, whose token
+    ids' digest is recorded (`windows_digest`): a tokenizer changed in MODEL_DIR between a kill and the resume gave
+    other windows from the same text, and the resumed job mixed blocks made from both (a probe, 2026-12-07). A state
+    recorded before that key existed resumes without it (state.JobState.open).
     """
     cfg.resolve_defaults()
     identity = {
@@ -318,6 +322,8 @@ def job_identity(cfg: JobConfig, ckpt: Checkpoint, text: str, profile_digest: st
         "svd": cfg.svd,
         "version": __version__,
     }
+    if windows is not None:
+        identity["windows_digest"] = windows_digest(windows)
     if cfg.factors != "plain":
         # Jobs from before pivoted factors were plain and had no such key: they still resume with --factors plain.
         identity["factors"] = cfg.factors
@@ -427,9 +433,9 @@ class CompressionJob:
             self.ranks = self._allocate()
         elif not cfg.targeted:  # the allocation's refusal that needs no profile, before profiling (or any write)
             check_smallest_ranks(cfg.alloc, model_matrices(self.model), cfg.ratio, cfg.factors, cfg.rank_multiple)
-        self.identity = job_identity(cfg, self.ckpt, self.text, self.profile.digest if self.profile else None)
-        job_fp = fingerprint(self.identity)
-        self.job_fp = job_fp
+        self.identity = job_identity(cfg, self.ckpt, self.text, self.profile.digest if self.profile else None,
+                                     self.windows)
+        self.job_fp = fingerprint(self.identity)
         try:
             self.state = self._open_state()
         except JobMismatch:  # a job running there: its lock is the answer, not "add --restart" (a probe, 2026-12-07)
@@ -438,6 +444,8 @@ class CompressionJob:
                 raise JobLocked(f"OUT_DIR {cfg.out_dir} is in use by another streamsvd job: {holder}",
                                 "wait for that job to finish (or stop it), or choose another OUT_DIR") from None
             raise
+        # a state recorded before the identity had a key resumes under its own fingerprint (JobState.open)
+        job_fp = self.job_fp = self.state.fingerprint
         # Under --work-dir, a folder of this job's own, so finishing never removes the user's files.
         self.work = Path(cfg.out_dir) / WORK_DIR_NAME if cfg.work_dir is None else Path(cfg.work_dir) / f"streamsvd-{job_fp[:12]}"
         self.work = self.world.work_folder(self.work)  # under torchrun, each rank's activation files are its own

@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 from .. import __version__, faults
 from ..errors import StreamSVDError
 from ..io.activations import ActivationFile
-from ..io.calibration import heldout_windows, load_texts, load_tokenizer, sample_windows, text_digest
+from ..io.calibration import heldout_windows, load_texts, load_tokenizer, sample_windows, text_digest, windows_digest
 from ..io.checkpoint import Checkpoint
 from ..io.fsutil import atomic_path, atomic_write_json, fsync_dir, remove_temporaries, within
 from ..math.allocate import Matrix
@@ -206,7 +206,7 @@ def profile_identity(ckpt: Checkpoint, text: str, calib_samples: int, seqlen: in
     identity = {"checkpoint": ckpt.fingerprint(), "calib_digest": text_digest(text), "calib_samples": calib_samples,
                 "seqlen": seqlen, "seed": seed}
     if windows is not None:
-        identity["windows_digest"] = hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+        identity["windows_digest"] = windows_digest(windows)
     if heldout_samples:
         identity["heldout_samples"] = heldout_samples
     if statistics_windows is not None and statistics_windows < calib_samples:

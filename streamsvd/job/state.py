@@ -77,7 +77,7 @@ class JobState:
             raise StreamSVDError(f"OUT_DIR {out_dir} is a file", "choose a directory path for OUT_DIR")
         if path.exists() and not restart:
             state = check_state(path, n_layers=n_layers, calib_samples=calib_samples)
-            if state.fingerprint != fp:
+            if state.fingerprint != fp and not _predates(state, settings):
                 raise JobMismatch(f"{out_dir} holds a different streamsvd job ({mismatch(state.settings, settings)})",
                                   mismatch_fix(state.settings, settings))
             if state.settings is None and settings is not None:
@@ -111,8 +111,22 @@ _ABSENT = {"precision": "float64", "factors": "plain", "calibrate": "block", "co
            "alloc": "uniform", "rank_multiple": 1, "alloc_floor": 0.0, "shrink": 0.0, "max_loss": None, "profile": None, "quant": None,
            "processes": 1, "profile_samples": "all"}
 _WHAT = {"checkpoint": "another model or checkpoint files", "calib_digest": "another calibration text",
+         "windows_digest": "other calibration tokens from the same text: another tokenizer in MODEL_DIR",
          "version": "another streamsvd version", "profile": "another --profile",
          "made_by": "it is the output of `streamsvd quantize`, which a run does not resume"}
+
+
+# Identity keys that a state recorded before they existed lacks: such a state resumes when everything else matches
+# (`_predates`), as it did before, under the fingerprint it has.
+_LATER_KEYS = ("windows_digest",)
+
+
+def _predates(state: "JobState", settings: dict | None) -> bool:
+    """Whether `state` is this job's, recorded before the identity gained _LATER_KEYS: its fingerprint is that of
+    `settings` (this job's identity) without them."""
+    if settings is None or not set(_LATER_KEYS) & set(settings):
+        return False
+    return state.fingerprint == fingerprint({k: v for k, v in settings.items() if k not in _LATER_KEYS})
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -121,6 +135,10 @@ def _differences(old: dict, new: dict) -> list[str]:
         a, b = old.get(key, _ABSENT.get(key)), new.get(key, _ABSENT.get(key))
         if a == b:
             continue
+        if key in _LATER_KEYS and (key not in old or key not in new):
+            continue  # a state from before the key: it does not say
+        if key == "windows_digest" and any(old.get(k) != new.get(k) for k in ("calib_digest", "calib_samples", "seqlen", "seed")):
+            continue  # other windows because of a setting the message names already
         if key == "profile" and "own" in (a, b) and None in (a, b):
             continue  # a job that profiles for itself against one that needs no profile: the --alloc line says it
         if key in _WHAT:

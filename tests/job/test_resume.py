@@ -176,6 +176,54 @@ def test_a_state_without_recorded_settings_still_resumes_and_a_mismatch_names_th
     assert json.loads(path.read_text())["settings"]["ratio"] == 0.4
 
 
+@pytest.mark.parametrize("alloc", ["uniform", "global"])
+def test_a_tokenizer_changed_before_the_resume_is_another_job(model_dir, tmp_path, alloc):
+    """MODEL_DIR's tokenizer replaced between a kill and the resume: the same text gave other windows, the resumed
+    job reused the activation files of the old ones, and the output (shipping the new tokenizer) was neither job's
+    (a probe, 2026-12-07). The windows' digest is in the identity: refused, and --restart makes the new job's bytes.
+    (With its own profile the profile's own check used to meet it first, with a fix for a given --profile.)"""
+    from streamsvd.errors import JobMismatch
+    from streamsvd.job.pipeline import CompressionJob
+    from tiny_models import tiny_tokenizer
+
+    model = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    out = tmp_path / "out"
+    _interrupt_after(0, _cfg(model, out, alloc=alloc))
+    tiny_tokenizer(add_bos=True).save_pretrained(model)  # the same vocabulary, a BOS before every window
+    with pytest.raises(JobMismatch) as e:
+        CompressionJob(_cfg(model, out, alloc=alloc))
+    assert "another tokenizer" in e.value.problem and "another calibration text" not in e.value.problem
+    assert "--restart" in e.value.fix
+    run_job(_cfg(model, out, alloc=alloc, restart=True))
+    run_job(_cfg(model, tmp_path / "straight", alloc=alloc))
+    assert _files(out) == _files(tmp_path / "straight")
+
+
+def test_a_state_recorded_before_the_windows_digest_resumes_under_its_own_fingerprint(model_dir, tmp_path):
+    """The identity gained `windows_digest`: a job's state recorded before it (its fingerprint without the key) still
+    resumes, byte for byte, and keeps its fingerprint; another job there is still refused."""
+    from streamsvd.errors import JobMismatch
+    from streamsvd.job.pipeline import CompressionJob
+    from streamsvd.job.state import JobState, fingerprint
+
+    out = tmp_path / "out"
+    _interrupt_after(1, _cfg(model_dir, out))
+    path = out / STATE_NAME
+    data = json.loads(path.read_text())
+    del data["settings"]["windows_digest"]  # as the state of a job started before the key was written
+    data["fingerprint"] = fingerprint(data["settings"])
+    data["digest"] = JobState(**data).content_digest()
+    path.write_text(json.dumps(data))
+    with pytest.raises(JobMismatch):
+        CompressionJob(_cfg(model_dir, out, ratio=0.5))
+    resumed = []
+    run_job(_cfg(model_dir, out), on_block_done=resumed.append)
+    assert resumed == [2, 3, 4]
+    assert json.loads(path.read_text())["fingerprint"] == data["fingerprint"]
+    run_job(_cfg(model_dir, tmp_path / "straight"))
+    assert _files(out) == _files(tmp_path / "straight")
+
+
 def test_a_resume_at_a_lower_budget_before_any_block_was_finished_plans_the_batch_again(model_dir, tmp_path, monkeypatch,
                                                                                          capsys):
     """No block was made with the killed run's batch, so a budget it does not fit gets its own batch (and the output of
