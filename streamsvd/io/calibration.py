@@ -49,7 +49,9 @@ def read_text_file(path: Path, flag: str = "--calib") -> str:
         return raw
     texts = []
     # a UTF-8 byte-order mark (Windows editors write one) is not part of the first line's JSON
-    for lineno, line in enumerate(raw.removeprefix("\ufeff").splitlines(), 1):
+    # JSON Lines ends a line at \n alone (a \r before it is JSON whitespace): str.splitlines() also broke lines at
+    # U+2028, U+2029 and U+0085, which JSON allows raw inside a string (json.dumps(ensure_ascii=False) writes them)
+    for lineno, line in enumerate(raw.removeprefix("\ufeff").split("\n"), 1):
         if not line.strip():
             continue
         try:

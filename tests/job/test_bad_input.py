@@ -505,6 +505,19 @@ def test_a_jsonl_with_a_byte_order_mark_is_read():
         assert "one" in read_text_file(path) and "two" in read_text_file(path)
 
 
+def test_a_jsonl_whose_text_holds_unicode_line_separators_is_read(tmp_path):
+    """U+2028 / U+2029 / U+0085 are legal raw inside a JSON string (json.dumps(ensure_ascii=False) writes them): the
+    reader split lines at them too and refused valid JSON Lines. CRLF line ends still read."""
+    from streamsvd.io.calibration import read_text_file
+
+    texts = ["one\u2028two", "three\u2029four\u0085five", "six"]
+    path = tmp_path / "c.jsonl"
+    path.write_text("\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + "\r\n", encoding="utf-8",
+                    newline="")
+    assert "\u2028" in path.read_text(encoding="utf-8")
+    assert read_text_file(path) == "\n\n".join(texts)
+
+
 @pytest.mark.parametrize("line", ['{"text": 5}', '{"text": null}', '{"text": ["a"]}'])
 def test_calib_jsonl_whose_text_is_not_a_string_is_refused(capsys, pristine, out, tmp_path, line):
     calib = tmp_path / "data.jsonl"
