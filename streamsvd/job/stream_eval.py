@@ -34,7 +34,8 @@ from ..io.activations import ActivationFile, activation_bytes
 from ..io.calibration import load_tokenizer
 from ..io.checkpoint import Checkpoint
 from ..io.fsutil import new_held_folder, remove_abandoned_folders
-from ..model.architecture import decoder_layers, empty_model, load_config, check_seqlen, materialize_base
+from ..model.architecture import (check_seqlen, check_weights_match, decoder_layers, empty_model, load_config,
+                                  materialize_base)
 from ..model.capture import capture_layer_kwargs, first_layer_inputs, layer_args_on, run_layer
 from ..model.loading import materialize_head, stored_layer
 from .evaluate import LOGIT_CHUNK, add_in_order, eval_windows, result, states_nll
@@ -173,6 +174,9 @@ def _streaming_perplexity(path, text: str, seqlen: int, max_windows: int | None 
         windows = eval_windows(load_tokenizer(path), text, seqlen, max_windows)
     started = time.time()
     model = empty_model(config, COMPUTE_DTYPE)
+    if "streamsvd" not in ckpt.raw_config_dict:  # an original checkpoint: its weights against its config, as `run`
+        # checks them (a config with fewer layers, or without the biases the shards hold, scored another model)
+        check_weights_match(model, ckpt)
     materialize_base(model, ckpt, COMPUTE_DTYPE)
     materialize_head(model, ckpt, COMPUTE_DTYPE)
     layer_args = capture_layer_kwargs(model, windows[:1])

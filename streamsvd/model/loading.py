@@ -11,12 +11,13 @@ import torch
 from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
-from .architecture import decoder_layers, empty_model, layer_prefix, linear_modules, load_config
+from .architecture import check_weights_match, decoder_layers, empty_model, layer_prefix, linear_modules, load_config
 from ..io.checkpoint import Checkpoint
 from ..errors import CheckpointError, StreamSVDError
 from .lowrank import FORMS, module_from_tensors, replace_module
 from .quantized import dequantizing_getter, logical_keys
-from .remote.modeling_streamsvd import MODEL_TYPE, is_permutation, quant_readable, swap_compressed_linears, ties_embeddings
+from .remote.modeling_streamsvd import (MODEL_TYPE, compressed_class, is_permutation, is_saved_copy, quant_readable,
+                                       swap_compressed_linears, ties_embeddings)
 from ..job.state import STATE_NAME, read_state
 
 
@@ -54,16 +55,23 @@ def _load(path: Path, dtype: torch.dtype | None, device: str) -> nn.Module:
         form = forms.get(name, "plain")
         if form not in FORMS:
             raise StreamSVDError(f"{path} stores {name} in an unknown form {form!r}", "upgrade streamsvd to load this output")
-    if section:
+    if not section:  # an original checkpoint: its weights against its config.json, in `run`'s words
+        check_weights_match(model, ckpt)
+    else:
         # The same swap the remote code in OUT_DIR does (model/remote/modeling_streamsvd.py); dense modules
         # stay the nn.Linear the model already has.
         swap_compressed_linears(model, {"ranks": ranks, "forms": forms}, dtype=dtype, device="meta")
+        # the remote code's class: the same model, whose save_pretrained writes a folder transformers loads as this
+        model.__class__ = compressed_class(type(model))
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     computed = expected.keys() - model.state_dict().keys()  # non-persistent buffers (rotary inv_freq): from the config
     get, keys = tensor_reader(ckpt)
     for key in sorted(keys):
         if key not in expected:
-            raise StreamSVDError(f"{path} holds tensor {key}, which the model does not have", "re-run streamsvd into a new OUT_DIR")
+            # (an output's refusals are reworded by load: rerun its job)
+            raise CheckpointError(f"{path} holds tensor {key}, which the model its config.json makes does not have",
+                                  "check that config.json is the checkpoint's own (its model_type and settings such as "
+                                  "attention_bias make the tensors the model has), or download the checkpoint again")
         if key in computed:  # a stored copy (an older transformers saved inv_freq) is ignored, as transformers ignores it
             continue
         value = get(key)
@@ -76,7 +84,8 @@ def _load(path: Path, dtype: torch.dtype | None, device: str) -> nn.Module:
         model.tie_weights()
     missing = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
     if missing:
-        raise StreamSVDError(f"{path} lacks tensors: {', '.join(missing[:5])}", "the output is incomplete; re-run streamsvd")
+        raise CheckpointError(f"{path} lacks tensors its config.json calls for: {', '.join(missing[:5])}",
+                              "restore the checkpoint's own config.json, or download the checkpoint again")
     if (path / "generation_config.json").is_file():  # as from_pretrained reads it: eos ids, sampling defaults for generate()
         from transformers import GenerationConfig
 
@@ -140,10 +149,10 @@ def check_finished(path: Path, verify: bool = True):
         raise StreamSVDError(e.problem, "the output is damaged: run the `streamsvd run` command that made it again with "
                              "--restart (a `streamsvd quantize` output: remove that directory and quantize again)") from e
     config = _config_json(path) if state is None else {}
-    if config.get("model_type") == MODEL_TYPE:  # written by streamsvd's job or quantize, which always leave a state
+    if config.get("model_type") == MODEL_TYPE and not is_saved_copy(path):  # a job's or quantize's: they leave a state
         # Its files cannot be checked against anything: a changed byte would load as another model, silently. (A
-        # folder that save_pretrained wrote from a loaded output, its factors fine-tuned, say, has the base family's
-        # model_type and never had a state: it is read as it is.)
+        # folder that save_pretrained wrote from a loaded output, its factors fine-tuned, say, never had a state: it is
+        # read as it is. Its section says `saved_copy`; one saved before that has the base family's model_type.)
         if verify:
             # a quantize of an output read with --no-verify and without its state never had one to copy
             section = config.get("streamsvd")
@@ -213,8 +222,13 @@ def materialize_head(model: nn.Module, ckpt: Checkpoint, dtype: torch.dtype) -> 
     name = next(n for n, m in model.named_modules() if m is head) + ".weight"
     if name in ckpt:
         set_module_tensor_to_device(model, name, "cpu", value=ckpt.get(name).to(dtype))
-    else:
+    elif ties_embeddings(model.config):
         head.weight = model.get_input_embeddings().weight
+    else:  # the input embedding in its place scored another model (streamed eval of such a checkpoint, a probe)
+        raise CheckpointError(f"{ckpt.dir} has no tensor {name}, and its config.json says the output head is not the "
+                              "input embedding (tie_word_embeddings false)",
+                              "restore the checkpoint's own weights or config.json (a checkpoint whose head is its input "
+                              "embedding says tie_word_embeddings true)")
 
 
 _REMAKE_FIX = ("if it is a streamsvd output, rerun the `streamsvd run` command that made it (into a new OUT_DIR "

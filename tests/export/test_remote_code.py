@@ -72,6 +72,22 @@ CHILD = textwrap.dedent('''
             result[name] = "loaded"
         except Exception as e:
             result[name] = f"{type(e).__name__}: {e}"
+    # save_pretrained of a remote-loaded model (a pivoted and a quantised output), loaded again both ways
+    result["saved"] = {}
+    for case in [cases[0]] + [c for c in cases if c["out"].endswith("int8")]:
+        model = AutoModelForCausalLM.from_pretrained(case["out"], trust_remote_code=True)
+        ids = torch.load(case["ref"])["ids"]
+        dest = "saved-" + case["out"].rstrip("/").split("/")[-1]
+        model.save_pretrained(dest)
+        again = AutoModelForCausalLM.from_pretrained(dest, trust_remote_code=True)
+        with torch.no_grad():
+            equal = bool(torch.equal(again(ids).logits, model(ids).logits))
+        try:
+            AutoModelForCausalLM.from_pretrained(dest)
+            plain = "loaded"
+        except Exception as e:
+            plain = f"{type(e).__name__}: {e}"
+        result["saved"][case["out"]] = {"equal": equal, "plain": plain, "config": json.load(open(dest + "/config.json"))}
     result["modules"] = sorted(m for m in sys.modules if m.split(".")[0] == "streamsvd")
     print("RESULT " + json.dumps(result))
 ''')
@@ -233,6 +249,45 @@ def test_remote_code_dequantises_a_quantised_output_as_streamsvd_load_does(child
     assert case["equal"], f"max |diff| {case['max_diff']}"
     assert case["tokens"] == refs[out]
     assert case["classes"] == ["StreamSVDLlamaForCausalLM", "LlamaForCausalLM"] and case["layer"] == "PivotedLinear"
+
+
+def test_a_remote_loaded_model_saved_with_save_pretrained_loads_again_where_streamsvd_is_not_installed(child):
+    """transformers' own save_pretrained wrote the base family's config.json beside the factors: from_pretrained of
+    that folder, with or without trust_remote_code, built the base model with every compressed weight random (only a
+    load report said so; a probe, 2026-12-07). It is saved as an output now: the same logits with the remote code, a
+    refusal naming trust_remote_code without it."""
+    result, _ = child
+    assert len(result["saved"]) == 2
+    for out, saved in result["saved"].items():
+        assert saved["equal"], out
+        assert saved["plain"].startswith("ValueError") and "trust_remote_code=True" in saved["plain"], saved["plain"]
+        config = saved["config"]
+        assert config["model_type"] == "streamsvd" and config["auto_map"]["AutoModelForCausalLM"].endswith("ForCausalLM")
+        assert config[SECTION]["saved_copy"] is True and "quantization" not in config[SECTION]  # saved as floats
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_streamsvd_load_then_save_pretrained_loads_again_both_ways(outputs, tmp_path, quantized):
+    """streamsvd.load's model saves as an output too; streamsvd.load and the remote code read the copy (it has no
+    state file: it is read as it is), and a push to the hub straight from save_pretrained is refused."""
+    from transformers import AutoModelForCausalLM
+
+    out = outputs["llama"]
+    if quantized:
+        out = tmp_path / "int8"
+        assert main(["quantize", str(outputs["llama"]), str(out), "--quant", "int8"]) == 0
+    model = streamsvd.load(out)
+    with torch.no_grad():
+        ref = model(_ids()).logits
+    model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / STATE_NAME).exists()
+    assert (tmp_path / "saved" / MODELING_FILE).read_bytes() == modeling_source()
+    with torch.no_grad():
+        assert torch.equal(streamsvd.load(tmp_path / "saved")(_ids()).logits, ref)
+        remote = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+        assert torch.equal(remote(_ids()).logits, ref)
+    with pytest.raises(ValueError, match="upload_folder"):
+        model.save_pretrained(tmp_path / "pushed", push_to_hub=True)
 
 
 def test_plain_from_pretrained_refuses_and_names_trust_remote_code(child):

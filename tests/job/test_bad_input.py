@@ -582,12 +582,22 @@ def test_help_and_a_refused_flag_answer_without_importing_torch(argv):
     ({"rms_norm_eps": "abc"}, "cannot be built"),
     ({"rope_scaling": {"rope_type": "bogus"}}, "cannot be built"),
 ])
-@pytest.mark.parametrize("command", ["run", "plan"])
-def test_a_config_that_contradicts_the_weights_is_refused_before_any_write(capsys, model, out, changes, needle, command):
+@pytest.mark.parametrize("command", ["run", "plan", "eval", "eval --in-memory"])
+def test_a_config_that_contradicts_the_weights_is_refused_before_any_write(capsys, model, out, long_text, changes, needle,
+                                                                         command):
+    """Streamed eval (the default) scored a checkpoint whose config had fewer layers than its weights: another model's
+    perplexity (a probe, 2026-12-07); it now checks the weights against the config as run does."""
     edit_config(model, **changes)
-    rc = cli([command, model, *([out, *FAST] if command == "run" else FAST[:4])])
+    rc = cli(_argv(command, model, out, long_text))
     assert_clean_error(capsys, rc, needle, "config.json")
     assert not out.exists()
+
+
+def _argv(command: str, model: Path, out: Path, text: Path) -> list:
+    """`command` (run, plan, eval or eval --in-memory) on `model` with the tests' small settings."""
+    if command.startswith("eval"):
+        return [*command.split(), model, "--text", text, "--seqlen", "32", "--max-windows", "2"]
+    return [command, model, *([out, *FAST] if command == "run" else FAST[:4])]
 
 
 def _add_tensor(model, name: str, value) -> None:
@@ -602,15 +612,34 @@ def _add_tensor(model, name: str, value) -> None:
     (model / INDEX_NAME).write_text(json.dumps(idx))
 
 
-@pytest.mark.parametrize("command", ["run", "plan"])
-def test_a_tensor_the_model_does_not_have_is_refused_before_any_write(capsys, model, out, command):
+@pytest.mark.parametrize("command", ["run", "plan", "eval", "eval --in-memory"])
+def test_a_tensor_the_model_does_not_have_is_refused_before_any_write(capsys, model, out, long_text, command):
     """A tensor the model its config.json makes does not have was copied into the output: `done`, then
     streamsvd.load (and the output's remote code) refused the output. A q_proj bias beside attention_bias false is
-    another model than the checkpoint's (transformers would ignore the bias)."""
+    another model than the checkpoint's (transformers would ignore the bias; streamed eval scored it without)."""
     name = "model.layers.0.self_attn.q_proj.bias"
     _add_tensor(model, name, torch.ones(64))
-    rc = cli([command, model, *([out, *FAST] if command == "run" else FAST[:4])])
+    rc = cli(_argv(command, model, out, long_text))
     assert_clean_error(capsys, rc, name, "does not have", "attention_bias")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "eval", "eval --in-memory"])
+def test_an_untied_head_that_is_not_stored_is_refused(capsys, model, out, long_text, command):
+    """Streamed eval put the input embedding in the place of a missing lm_head.weight that config.json says is its
+    own tensor (tie_word_embeddings false): another model's perplexity, silently (a probe, 2026-12-07)."""
+    from safetensors.torch import load_file, save_file
+
+    assert not json.loads((model / "config.json").read_text()).get("tie_word_embeddings", False)
+    shard = shard_of(model, "lm_head.weight")
+    tensors = load_file(str(shard))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    idx = index(model)
+    del idx["weight_map"]["lm_head.weight"]
+    (model / INDEX_NAME).write_text(json.dumps(idx))
+    rc = cli(_argv(command, model, out, long_text))
+    assert_clean_error(capsys, rc, "lm_head.weight", "config.json")
     assert not out.exists()
 
 

@@ -271,6 +271,54 @@ def remote_config_dict(base_dict: dict, section: dict) -> dict:
     return config_dict
 
 
+SAVED_COPY = "saved_copy"  # in the section of a folder that save_pretrained wrote from a loaded output
+
+
+def is_saved_copy(path) -> bool:
+    """Whether `path` is a folder save_pretrained wrote from a loaded streamsvd output (`save_pretrained` below)."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            section = json.load(f).get(SECTION)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(section, dict) and section.get(SAVED_COPY) is True
+
+
+def save_pretrained(model: nn.Module, base_class: type, save_directory, *args, **kwargs) -> None:
+    """A loaded output saved as an output: transformers' own save_pretrained writes the base family's config.json
+    with the factors' tensors, which plain transformers then loaded, with or without trust_remote_code, as the base
+    model with every compressed linear's weight randomly initialised (it only printed a load report; a probe,
+    2026-12-07). Its config.json is made an output's (model_type "streamsvd", auto_map) and this file is written
+    beside it, so from_pretrained asks for trust_remote_code and then loads the factors. The section is marked
+    `saved_copy` (no state file records its files: it is read unchecked) and loses `quantization` (the saved
+    factors are the dequantised floating-point ones)."""
+    import json
+    import os
+
+    if kwargs.get("push_to_hub"):
+        raise ValueError("save a streamsvd model with save_pretrained(DIR) first, then upload DIR (huggingface_hub's "
+                         "upload_folder): pushed directly it would be uploaded as the base family's model, which "
+                         "transformers loads with random weights in place of the factors")
+    base_class.save_pretrained(model, save_directory, *args, **kwargs)
+    config_path = os.path.join(save_directory, "config.json")
+    with open(config_path) as f:
+        config_dict = json.load(f)
+    section = dict(config_dict.pop(SECTION))
+    for key in ("base_model_type", "base_architectures", "quantization"):
+        section.pop(key, None)
+    section[SAVED_COPY] = True
+    with open(__file__, "rb") as f:
+        source = f.read()
+    with open(os.path.join(save_directory, f"{MODELING_MODULE}.py"), "wb") as f:
+        f.write(source)
+    with open(config_path, "w") as f:
+        json.dump(remote_config_dict(config_dict, section), f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
 class StreamSVDConfig(PreTrainedConfig):
     """The config of a streamsvd output: the base family's fields, and the "streamsvd" section."""
 
@@ -312,6 +360,8 @@ def check_output(path, verify: bool = True) -> None:
         with open(os.path.join(path, STATE_FILE)) as f:
             state = json.load(f)
     except FileNotFoundError:
+        if is_saved_copy(path):  # save_pretrained of a loaded output: it never had a state to check against
+            return
         if verify:
             raise ValueError(f"{path} lacks {STATE_FILE}, which records the files its streamsvd job wrote, so they cannot "
                              "be checked; copy it from the folder the job wrote, or pass streamsvd_verify=False to load "
@@ -512,12 +562,18 @@ _CLASSES: dict[type, type] = {}
 
 
 def compressed_class(base_class: type) -> type:
-    """A subclass of the base family's *ForCausalLM whose __init__ swaps in the stored forms."""
+    """A subclass of the base family's *ForCausalLM whose __init__ swaps in the stored forms and whose save_pretrained
+    writes an output transformers loads with trust_remote_code (`save_pretrained` above)."""
     if base_class not in _CLASSES:
         def __init__(self, config, *args, **kwargs):
             base_class.__init__(self, config, *args, **kwargs)
             swap_compressed_linears(self, getattr(config, SECTION))
 
+        def save(self, save_directory, *args, **kwargs):
+            save_pretrained(self, base_class, save_directory, *args, **kwargs)
+
+        save.__doc__ = save_pretrained.__doc__
         name = "StreamSVD" + base_class.__name__
-        _CLASSES[base_class] = type(name, (base_class,), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
+        _CLASSES[base_class] = type(name, (base_class,), {"__init__": __init__, "save_pretrained": save,
+                                                          "__module__": __name__, "__qualname__": name})
     return _CLASSES[base_class]
