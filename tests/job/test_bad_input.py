@@ -671,10 +671,13 @@ def test_weights_out_of_range_are_refused_by_name(capsys, model, out, value, nee
     save_file(tensors, str(shard), metadata={"format": "pt"})
     rc = cli(["run", model, out, *FAST, "--alloc", alloc])
     if value == 1e30 and alloc == "global":
-        # the job's own profile meets the overflow first: every later figure and every sensitivity is non-finite, so
-        # no single linear is to blame there; its fix names --alloc uniform, which names the linear (the other case)
-        assert_clean_error(capsys, rc, needle, "overflows float32", "--alloc uniform")
-        assert not (out / "profile" / "profile.json").exists()  # not written, then refused as damaged
+        # with torch 2.13 the job's own profile meets the overflow first: every later figure and every sensitivity is
+        # non-finite, so no single linear is to blame there; its fix names --alloc uniform, which names the linear (the
+        # other case). With torch 2.6 the profile's figures stay finite and the job names the linear itself.
+        err = assert_clean_error(capsys, rc, needle)
+        if "q_proj" not in err:
+            assert "overflows float32" in err and "--alloc uniform" in err, err
+            assert not (out / "profile" / "profile.json").exists()  # not written, then refused as damaged
     else:
         assert_clean_error(capsys, rc, needle, "q_proj")
     assert_not_complete(out)
