@@ -54,7 +54,10 @@ class PivotedFactors:
 def _lu_pivots(b: torch.Tensor) -> torch.Tensor:
     """Permutation of the columns of B (r x n), pivots first, from the partial-pivoted LU of B^T."""
     n = b.shape[1]
-    _, pivots = torch.linalg.lu_factor(b.T.contiguous())  # LAPACK's 1-based successive row swaps
+    # LAPACK's 1-based successive row swaps; the _ex form gives them for a singular B too (a weight of zeros, or one
+    # too small for float64 after whitening: lu_factor raised and the job stopped in a traceback, a probe 2026-12-07),
+    # whose pivoted factors pivot_factors then makes from B's numerical rank
+    _, pivots, _ = torch.linalg.lu_factor_ex(b.T.contiguous())
     perm = torch.arange(n)
     for i, j in enumerate((pivots - 1).tolist()):
         if i != j:
@@ -88,7 +91,9 @@ def _maxvol_pivots(b: torch.Tensor, tol: float = 0.05, max_iters: int | None = N
     if r >= n:
         return perm
     # C = B[:, p]^-1 B (r x n); C[:, p] = I. Swapping pivot i for column j multiplies the volume by |C[i, j]|.
-    c = torch.linalg.solve(b[:, perm[:r]], b)
+    c, info = torch.linalg.solve_ex(b[:, perm[:r]], b)
+    if int(info) != 0:  # B[:, p] singular (B below full rank): nothing to improve; pivot_factors reduces B first
+        return perm
     pos = torch.empty(n, dtype=torch.long)  # pos[col] = index of col in perm
     pos[perm] = torch.arange(n)
     max_iters = max_iters if max_iters is not None else 4 * r + 100

@@ -44,6 +44,20 @@ def test_rank_deficient_factors_reduce_to_their_true_rank_and_stay_exact(method)
 
 
 @pytest.mark.parametrize("method", PIVOT_METHODS)
+@pytest.mark.parametrize("case", ["zero", "underflow", "repeated rows"])
+def test_exactly_singular_factors_are_pivoted_not_refused(method, case):
+    """A weight of zeros (or one scaled by 1e-30: its factors underflow) made LAPACK's LU raise 'U[1,1] is zero' and
+    the job stop in a traceback (a probe, 2026-12-07); such factors reduce to their numerical rank like any other
+    rank-deficient pair (at least 1), exactly."""
+    a, b = _pair(30, 50, 6, seed=3)
+    b = {"zero": torch.zeros_like(b), "underflow": b * 1e-300, "repeated rows": b[:2].repeat(3, 1)}[case]
+    f = pivot_factors(a, b, method)
+    assert sorted(f.pivots.tolist()) == list(range(50))
+    assert f.rank == {"zero": 1, "underflow": f.rank, "repeated rows": 2}[case]  # underflow: as float64 resolves it
+    assert float((f.matrix() - a @ b).abs().max()) <= 1e-12 * max(float((a @ b).abs().max()), 1e-300)
+
+
+@pytest.mark.parametrize("method", PIVOT_METHODS)
 def test_ill_conditioned_factors_reconstruct_to_float64_accuracy(method):
     a, b = _pair(60, 120, 40, seed=2, cond=1e8)
     f = pivot_factors(a, b, method)
