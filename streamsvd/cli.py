@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -918,6 +919,13 @@ def _disk_full(args, path) -> StreamSVDError:
     return DiskFull(where, fix)
 
 
+def _symlink_loop(e: Exception) -> StreamSVDError:
+    """A path given that is a symbolic-link loop (a traceback from pathlib.resolve, found by a probe)."""
+    where = getattr(e, "filename", None) or str(e).removeprefix("Symlink loop from ").strip("'")
+    return StreamSVDError(f"{where} is a loop of symbolic links", "remove the loop (ls -l shows where each link "
+                          "points), or give another path")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # without torch: --help and a refused flag answer at once
     from .job.launcher import launched_distributed  # torch-free: `verify` needs no torch; the commands that do import
@@ -944,6 +952,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise StreamSVDError(f"permission denied on {e.filename or 'a path this command needs'} ({e.strerror})",
                                      "check that path's owner and mode (and the immutable flag: lsattr), or give "
                                      "another directory") from e
+            if e.errno == errno.ELOOP:  # pathlib.resolve from Python 3.13 on
+                raise _symlink_loop(e) from e
             if not is_disk_full(e):
                 raise
             # a failed copy (shutil.copyfile, os.replace) names its source first and the file it wrote second
@@ -955,6 +965,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise _disk_full(args, e.path) from e
             if not isinstance(e, StreamSVDError) and is_disk_full(e):  # safetensors' SafetensorError is no OSError
                 raise _disk_full(args, None) from e
+            if isinstance(e, RuntimeError) and str(e).startswith("Symlink loop"):  # pathlib.resolve, Python <= 3.12
+                raise _symlink_loop(e) from e
             if type(e).__name__ != "OutOfMemoryError":
                 raise
             first = str(e).splitlines()[0] if str(e) else "torch.OutOfMemoryError"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -58,12 +59,17 @@ def read_text_file(path: Path, flag: str = "--calib") -> str:
             value = json.loads(line)["text"]
             if not isinstance(value, str):  # {"text": 5} or null was read as the text "5" or "None"
                 raise TypeError(f"its text is {type(value).__name__}")
-            texts.append(value)
-        except (ValueError, KeyError, TypeError) as e:
+            # a lone surrogate escape ("\ud800", valid JSON) cannot be encoded: the tokenizer raised UnicodeEncodeError
+            # (a probe); it is replaced, as stray bytes in a plain text file are
+            texts.append(_LONE_SURROGATE.sub("\ufffd", value))
+        except (ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: nesting deeper than Python's stack
             raise StreamSVDError(
                 f"{path}:{lineno} is not a JSON object with a \"text\" string", 'write one {"text": "..."} object per line'
             ) from e
     return "\n\n".join(texts)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads pairs a proper surrogate pair's escapes itself
 
 
 def load_texts(paths: list[str] | None, flag: str = "--calib") -> tuple[str, str]:
@@ -78,7 +84,13 @@ def load_texts(paths: list[str] | None, flag: str = "--calib") -> tuple[str, str
         if len(paths) > 1 and not text.strip():  # one alone is refused as empty text where the windows are cut
             raise StreamSVDError(f"{path} holds no text (one of the {len(paths)} {flag} files)",
                                  f"give it text, or leave it out of the {flag} files")
-    return "\n\n".join(texts), ", ".join(Path(p).name for p in paths)
+    return "\n\n".join(texts), ", ".join(printable_name(p) for p in paths)
+
+
+def printable_name(path) -> str:
+    """A file's name as UTF-8 text: a name of other bytes (Latin-1 'caf\\xe9.txt') held surrogates that the report
+    could not write, after every block was computed, on every rerun (a probe, 2026-12-07)."""
+    return Path(path).name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def text_digest(text: str) -> str:

@@ -46,7 +46,7 @@ class Checkpoint:
             )
         try:
             self.config_dict = json.loads(config_path.read_text())
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than Python's stack (a probe)
             raise CheckpointError(f"{config_path} is not valid JSON ({e})", "restore the original config.json") from e
         if not isinstance(self.config_dict, dict):
             raise CheckpointError(f"{config_path} is not a JSON object", "restore the original config.json")
@@ -79,7 +79,10 @@ class Checkpoint:
         if index_path.is_file() and not single.is_file():
             try:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
+                # a map of tensor names to shard file names: null, a list or a number there gave a traceback (a probe)
+                if not (isinstance(weight_map, dict) and all(isinstance(v, str) and v for v in weight_map.values())):
+                    raise ValueError("its weight_map is not a map of tensor names to shard file names")
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
                 raise CheckpointError(f"{index_path} is not a valid index ({e})", "re-download the index file") from e
             missing = sorted({s for s in weight_map.values() if not (self.dir / s).is_file()})
             if missing:

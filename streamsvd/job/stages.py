@@ -540,6 +540,16 @@ def store_dtype(ckpt: Checkpoint, key: str) -> torch.dtype:
 
 
 @torch.no_grad()
+def _not_finite(linear: str) -> StreamSVDError:
+    """NaN or inf in a linear's statistics or factors: the block's activations overflowed before it (a config.json
+    value such as rope_theta 0 or rms_norm_eps inf did it in a probe, 2026-12-07: a LinAlgError traceback)."""
+    return StreamSVDError(f"{linear}'s inputs on the calibration text hold NaN or infinite values, so it cannot be "
+                          "factored",
+                          "restore the checkpoint's own config.json (a value such as rms_norm_eps, rope_theta or a rope "
+                          "scaling factor out of range makes the activations overflow) and check its weights; then "
+                          "rerun with --restart")
+
+
 def factor_block(
     layer: nn.Module, prefix: str, ckpt: Checkpoint, stats, ratio: float, method: str,
     compute_dtype: torch.dtype = torch.float32, factors: str = "pivoted", svd: str = "exact",
@@ -586,6 +596,10 @@ def factor_block(
                                  f"rerun the same command with a larger {budget}"
                                  + (", or without --device to factor on the CPU" if device.type == "cuda" else "")
                                  + "; the finished blocks are kept") from e
+        except torch.linalg.LinAlgError as e:
+            if "non-finite" not in str(e):
+                raise
+            raise _not_finite(prefix + name) from e
 
     def solve_on_device(name: str):
         linear = linears[name]
@@ -625,6 +639,8 @@ def factor_block(
                     stats.grams[group].gram if keep and group in stats.grams else None)
                 f = factorize(weight, whitenings.get(group), rank, method, svd=route_svd, dtype=precision)
         del weight
+        if not (bool(torch.isfinite(f.out_factor).all()) and bool(torch.isfinite(f.in_factor).all())):
+            raise _not_finite(full)  # pivoting them raised a LinAlgError traceback (a probe)
         return group, f.to(cpu), error, input_gram
 
     out_side = set(stats.output_grams)

@@ -71,6 +71,9 @@ def check_moe(config_dict: dict) -> None:
 
 def check_supported(config_dict: dict) -> str:
     model_type = config_dict.get("model_type")
+    if not isinstance(model_type, str):  # a list or a map there gave a TypeError traceback (a probe)
+        raise UnsupportedArchitecture(f"config.json's model_type is {model_type!r}, not a model type's name",
+                                      "restore the checkpoint's own config.json")
     check_moe(config_dict)
     if model_type not in SUPPORTED:
         found = f"model_type={model_type!r}, architectures={config_dict.get('architectures')}"

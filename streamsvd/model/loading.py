@@ -89,7 +89,13 @@ def _load(path: Path, dtype: torch.dtype | None, device: str) -> nn.Module:
     if (path / "generation_config.json").is_file():  # as from_pretrained reads it: eos ids, sampling defaults for generate()
         from transformers import GenerationConfig
 
-        model.generation_config = GenerationConfig.from_pretrained(path)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except (OSError, ValueError) as e:  # as from_pretrained takes it: a warning, the config's defaults (export onnx
+            # and load stopped in a traceback on a file that the original checkpoint loads with; a probe)
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            print(f"warning: {path / 'generation_config.json'} cannot be read ({type(e).__name__}: {first}); "
+                  "generate() uses the model config's defaults", file=sys.stderr)
     model.to(device)
     return model.eval()
 

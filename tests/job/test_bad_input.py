@@ -956,3 +956,62 @@ def test_a_model_dir_that_is_a_file_is_called_a_file(capsys, pristine, tmp_path)
     for argv in (["eval", pristine / "config.json", "--text", pristine / "config.json"],
                  ["run", pristine / "config.json", tmp_path / "out", *FAST]):
         assert_clean_error(capsys, cli(argv), "config.json is a file, not a directory")
+
+
+# ------------------------------------------------------------------------------------------ a second probe, 2026-12-07
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: (m / INDEX_NAME).write_text('{"weight_map": null}'), "not a valid index"),
+    (lambda m: (m / INDEX_NAME).write_text('{"weight_map": {"model.norm.weight": 5}}'), "not a valid index"),
+    (lambda m: (m / INDEX_NAME).write_text("[]"), "not a valid index"),
+    (lambda m: edit_config(m, model_type=[]), "model_type"),
+    (lambda m: (m / "config.json").write_text("[" * 100000 + "]" * 100000), "not valid JSON"),
+    (lambda m: edit_config(m, rope_parameters={"rope_theta": 0, "rope_type": "default"}), "NaN or infinite"),
+])
+def test_malformed_files_and_configs_that_gave_tracebacks_are_refused(capsys, model, out, edit, needle):
+    """An index of the wrong types, a model_type that is a list, JSON nested deeper than Python's stack, and a config
+    whose rope makes the activations NaN each stopped the job in a traceback."""
+    edit(model)
+    assert_clean_error(capsys, cli(["run", model, out, *FAST, "--alloc", "uniform"]), needle)
+    assert_not_complete(out)
+
+
+def test_an_out_dir_that_is_a_symlink_loop_is_refused(capsys, model, tmp_path):
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    assert_clean_error(capsys, cli(["run", model, tmp_path / "loop1", *FAST]), "loop of symbolic links")
+
+
+def test_zero_weights_a_non_utf8_calib_name_and_a_broken_generation_config_make_a_loadable_output(capsys, model, out,
+                                                                                                   long_text, tmp_path):
+    """A weight of zeros made pivoting raise (math/pivot.py); a --calib file named in Latin-1 bytes stopped the job
+    writing its report after every block, on every rerun; a generation_config.json that transformers skips made
+    load and export onnx stop in a traceback. Each now finishes, and the output loads."""
+    from safetensors.torch import load_file, save_file
+
+    shard = shard_of(model, LAYER_TENSOR)
+    tensors = load_file(str(shard))
+    tensors[LAYER_TENSOR] = torch.zeros_like(tensors[LAYER_TENSOR])
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    (model / "generation_config.json").write_text("garbage{")
+    calib = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.txt"))
+    shutil.copyfile(long_text, calib)
+    assert cli(["run", model, out, *FAST, "--calib", calib]) == 0
+    assert "caf\ufffd.txt" in (out / "streamsvd_report.md").read_text()
+    capsys.readouterr()
+    logits = streamsvd.load(out)(torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits).all() and "generation_config.json cannot be read" in capsys.readouterr().err
+
+
+def test_a_jsonl_with_a_lone_surrogate_is_read_and_one_nested_too_deep_is_refused(tmp_path):
+    """'\\ud800' is valid JSON that no UTF-8 encoder takes: the tokenizer raised UnicodeEncodeError in run, plan,
+    profile and eval; it is replaced as stray bytes are. A line nested deeper than Python's stack raised
+    RecursionError."""
+    from streamsvd.io.calibration import read_text_file, text_digest
+
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"text": "abc \ud800 def"}) + "\n" + json.dumps({"text": "\U0001F600"}) + "\n")
+    text = read_text_file(path)
+    assert text == "abc \ufffd def\n\n\U0001F600" and text_digest(text)
+    path.write_text("[" * 100000 + "]" * 100000 + "\n")
+    with pytest.raises(StreamSVDError, match="not a JSON object"):
+        read_text_file(path)
