@@ -106,7 +106,22 @@ def load_config(checkpoint: Checkpoint) -> PretrainedConfig:
     except Exception as exc:  # transformers' own checks of the values: ValueError, KeyError, its validation errors
         raise _unbuildable(checkpoint, exc) from exc
     config._attn_implementation = attention_implementation(config)
+    _check_layer_count(config, checkpoint)
     return config
+
+
+def _check_layer_count(config: PretrainedConfig, checkpoint: Checkpoint) -> None:
+    """More decoder layers in config.json than the checkpoint holds, refused before the model is built: building
+    num_hidden_layers 10**30 of them on the meta device ran for as long as anyone waited, 20000 took 80 s and 1.3 GB
+    before check_weights_match refused them (a probe, 2026-12-07). (Fewer is check_weights_match's refusal.)"""
+    wanted = getattr(config, "num_hidden_layers", None)
+    stem = SUPPORTED[config.model_type] + "."
+    held = {k[len(stem):].split(".", 1)[0] for k in checkpoint.keys() if k.startswith(stem)}
+    count = sum(1 for i in range(len(held)) if str(i) in held)  # layers 0, 1, ... stored without a gap
+    if isinstance(wanted, int) and wanted > count:
+        raise CheckpointError(f"the checkpoint in {checkpoint.dir} has no tensor {stem}{count}.* (its config.json calls "
+                              f"for {wanted} decoder layers; it holds {count})",
+                              "restore the checkpoint's own config.json (num_hidden_layers), or re-download the checkpoint")
 
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}  # safetensors' names; F8 formats are scaled per tensor elsewhere

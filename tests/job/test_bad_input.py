@@ -578,6 +578,7 @@ def test_help_and_a_refused_flag_answer_without_importing_torch(argv):
     ({"hidden_size": 32}, "has shape"),
     ({"num_hidden_layers": 2}, "decoder layers up to 2"),  # finished with the last block silently dropped
     ({"num_hidden_layers": 5}, "has no tensor model.layers.3."),
+    ({"num_hidden_layers": 10**30}, "has no tensor model.layers.3."),  # built layer by layer until killed (a probe)
     ({"hidden_act": "nonexistent"}, "cannot be built"),
     ({"rms_norm_eps": "abc"}, "cannot be built"),
     ({"rope_scaling": {"rope_type": "bogus"}}, "cannot be built"),
