@@ -14,6 +14,9 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 def load(out_dir, dtype=None, device="cpu", verify=True):
     """Load a streamsvd output (or a plain checkpoint) as a transformers model.
 
+    `dtype`: a floating-point torch dtype or its name ("bfloat16"); default the stored one. `device`: cpu, cuda or
+    cuda:N. Arguments of the wrong kind are a StreamSVDError with its `problem` and `fix`.
+
     `verify`: first check a streamsvd OUT_DIR's files against the sha256 its job recorded (`streamsvd verify`'s
     check, one read of the output at about 1 GB/s per core); False checks their sizes and headers only."""
     from .model.loading import load as _load

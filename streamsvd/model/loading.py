@@ -26,9 +26,24 @@ def load(path, dtype: torch.dtype | None = None, device: str = "cpu", verify: bo
 
     `verify`: a streamsvd OUT_DIR's files are first checked against the sha256 its job recorded, as `streamsvd
     verify` does (one read of the output, about 1 GB/s per core; False checks sizes and headers only)."""
+    import os
+
+    from ..job.device import resolve_device
     from ..job.lock import reading_output
     from ..job.verify import damaged_fix
 
+    # the arguments as a user passes them: a path, a dtype or its name (as transformers takes it), a device's name
+    # (load(None), dtype="float16", device="bogus" or "meta" were raw TypeErrors, RuntimeErrors, or "re-run"; a probe)
+    if not isinstance(path, (str, os.PathLike)):
+        raise StreamSVDError(f"streamsvd.load takes a folder's path, not {type(path).__name__}",
+                             "pass the OUT_DIR (or a checkpoint directory) as a str or a pathlib.Path")
+    if isinstance(dtype, str):
+        named = getattr(torch, dtype.removeprefix("torch."), None)
+        if not (isinstance(named, torch.dtype) and named.is_floating_point):
+            raise StreamSVDError(f"dtype {dtype!r} is not a floating-point torch dtype",
+                                 "pass torch.float32, torch.bfloat16 or torch.float16 (or their names), or leave it out")
+        dtype = named
+    device = resolve_device(str(device))
     path = Path(path)
     with reading_output(path):  # no `run` rewrites it while it is checked and read
         state = check_finished(path, verify)

@@ -1016,3 +1016,15 @@ def test_a_jsonl_with_a_lone_surrogate_is_read_and_one_nested_too_deep_is_refuse
     path.write_text("[" * 100000 + "]" * 100000 + "\n")
     with pytest.raises(StreamSVDError, match="not a JSON object"):
         read_text_file(path)
+
+
+def test_load_takes_a_dtype_name_and_refuses_arguments_of_the_wrong_kind(pristine):
+    """load(None), dtype="float16" (which transformers takes), device="bogus" or "meta" were raw TypeErrors,
+    RuntimeErrors or AssertionErrors, and "meta" a refusal saying the output was incomplete (a probe)."""
+    assert next(streamsvd.load(pristine, dtype="bfloat16").parameters()).dtype == torch.bfloat16
+    for kwargs, needle in (({"dtype": "int8"}, "floating-point"), ({"dtype": "nonsense"}, "floating-point"),
+                           ({"device": "bogus"}, "--device"), ({"device": "meta"}, "--device")):
+        with pytest.raises(StreamSVDError, match=needle):
+            streamsvd.load(pristine, **kwargs)
+    with pytest.raises(StreamSVDError, match="folder's path"):
+        streamsvd.load(None)
