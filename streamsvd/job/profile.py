@@ -488,6 +488,17 @@ def _check_places(cfg: ProfileConfig) -> None:
     if (Path(cfg.profile_dir) / STATE_NAME).exists() or streamsvd_section(cfg.profile_dir):  # its files went among the output's
         raise StreamSVDError(f"PROFILE_DIR {cfg.profile_dir} is a streamsvd output",
                              "give the profile a folder of its own (a job's own profile is OUT_DIR/profile)")
+    folder = Path(cfg.profile_dir)
+    if folder.is_dir():
+        # a folder of other files (a finished output's spectra/, say) took the profile's files beside its own, and
+        # those of the same names were replaced (a probe, 2026-12-07): a new or empty folder, or a profile's
+        from .lock import LOCK_NAME
+
+        names = {entry.name for entry in folder.iterdir()}
+        ours = {PROFILE_JSON, WORK_NAME, SPECTRA_FILE, WEIGHTED_FILE, PROFILE_LOG, LOCK_NAME}
+        if names and not names & ours and not any(name.startswith(".") and ".tmp-" in name for name in names):
+            raise StreamSVDError(f"PROFILE_DIR {folder} is not empty and holds no profile",
+                                 "choose a new or empty folder for the profile, so nothing in it is overwritten")
     if cfg.work_dir is not None and within(cfg.work_dir, cfg.model_dir):  # a killed profile's files stayed there
         raise StreamSVDError(f"--work-dir {cfg.work_dir} is MODEL_DIR or inside it",
                              "give a directory outside the checkpoint's (it stays as it came), or leave --work-dir out")

@@ -473,6 +473,22 @@ def test_profile_into_a_folder_holding_another_settings_profile_says_to_give_ano
     assert "give another PROFILE_DIR" in err and "make one with" not in err
 
 
+def test_profile_into_a_folder_of_other_files_is_refused_and_leaves_them(tmp_path, capsys):
+    """`profile MODEL out/spectra` wrote profile.json and its tensors among a finished output's files (and replaced
+    any of the same names; a probe, 2026-12-07): a non-empty folder without a profile is refused."""
+    from streamsvd.cli import main
+
+    model_dir = make_tiny_checkpoint("llama", tmp_path / "model", num_hidden_layers=2)
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "plan.txt").write_text("mine")
+    flags = ["--calib-samples", "4", "--seqlen", "32", "--no-progress"]
+    assert main(["profile", str(model_dir), str(folder), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "not empty and holds no profile" in err and "fix:" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["plan.txt"]
+
+
 def test_a_profile_budget_too_small_names_a_stage_the_profile_runs(tmp_path, capsys):
     """`streamsvd profile` writes no shards: its smallest budget was set by the job's extra-shard copy buffer (16 MiB,
     the largest part on a tiny model), a stage it never enters. Its plan holds only the stages it runs."""
