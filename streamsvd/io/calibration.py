@@ -30,6 +30,9 @@ def default_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads pairs a proper surrogate pair's escapes itself
+
+
 def read_text_file(path: Path, flag: str = "--calib") -> str:
     """Plain text, or .jsonl with a "text" field per line. `flag`: the option that named it (--calib, or eval's --text)."""
     path = Path(path)
@@ -67,9 +70,6 @@ def read_text_file(path: Path, flag: str = "--calib") -> str:
                 f"{path}:{lineno} is not a JSON object with a \"text\" string", 'write one {"text": "..."} object per line'
             ) from e
     return "\n\n".join(texts)
-
-
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads pairs a proper surrogate pair's escapes itself
 
 
 def load_texts(paths: list[str] | None, flag: str = "--calib") -> tuple[str, str]:

@@ -40,7 +40,7 @@ import torch
 
 from ..errors import RERUN, StreamSVDError
 from ..timing import charged
-from .launcher import env_world as _env_world, launched_distributed  # noqa: F401  (torch-free: cli.main reads it)
+from .launcher import env_world  # torch-free, so cli.main asks it without importing torch
 
 # The longest any rank waits in one collective before the job ends with an error naming the ranks it
 # lost (a rank that died closes its connections and is noticed at once; this bounds a frozen one).
@@ -96,7 +96,7 @@ class World:
     @classmethod
     def start(cls) -> "World":
         """The world torchrun's environment describes (the single process without it); joins the process group."""
-        rank, size = _env_world()
+        rank, size = env_world()
         world = World(rank, size)
         if world.active:
             import torch.distributed as dist

@@ -539,7 +539,6 @@ def store_dtype(ckpt: Checkpoint, key: str) -> torch.dtype:
     return TORCH_DTYPES[ckpt.dtype_name(key)]
 
 
-@torch.no_grad()
 def _not_finite(linear: str) -> StreamSVDError:
     """NaN or inf in a linear's statistics or factors: the block's activations overflowed before it (a config.json
     value such as rope_theta 0 or rms_norm_eps inf did it in a probe, 2026-12-07: a LinAlgError traceback)."""
@@ -550,6 +549,7 @@ def _not_finite(linear: str) -> StreamSVDError:
                           "rerun with --restart")
 
 
+@torch.no_grad()
 def factor_block(
     layer: nn.Module, prefix: str, ckpt: Checkpoint, stats, ratio: float, method: str,
     compute_dtype: torch.dtype = torch.float32, factors: str = "pivoted", svd: str = "exact",

@@ -116,12 +116,18 @@ def _check_layer_count(config: PretrainedConfig, checkpoint: Checkpoint) -> None
     before check_weights_match refused them (a probe, 2026-12-07). (Fewer is check_weights_match's refusal.)"""
     wanted = getattr(config, "num_hidden_layers", None)
     stem = SUPPORTED[config.model_type] + "."
-    held = {k[len(stem):].split(".", 1)[0] for k in checkpoint.keys() if k.startswith(stem)}
-    count = sum(1 for i in range(len(held)) if str(i) in held)  # layers 0, 1, ... stored without a gap
+    held = stored_layers(checkpoint.keys(), stem)
+    count = sum(1 for i in range(len(held)) if i in held)  # layers 0, 1, ... stored without a gap
     if isinstance(wanted, int) and wanted > count:
         raise CheckpointError(f"the checkpoint in {checkpoint.dir} has no tensor {stem}{count}.* (its config.json calls "
                               f"for {wanted} decoder layers; it holds {count})",
                               "restore the checkpoint's own config.json (num_hidden_layers), or re-download the checkpoint")
+
+
+def stored_layers(keys, stem: str) -> set[int]:
+    """The decoder layer indices the tensor names `keys` hold under `stem` ("model.layers.")."""
+    found = (k[len(stem):].split(".", 1)[0] for k in keys if k.startswith(stem))
+    return {int(index) for index in found if index.isdigit()}
 
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}  # safetensors' names; F8 formats are scaled per tensor elsewhere
@@ -149,8 +155,7 @@ def check_weights_match(model: nn.Module, checkpoint: Checkpoint) -> None:
                                   "give a floating-point checkpoint (float32, float16 or bfloat16); a quantised one "
                                   "(int weights, GPTQ/AWQ) must be dequantised first")
     stem, n_layers = SUPPORTED[model.config.model_type] + ".", len(decoder_layers(model))
-    beyond = sorted({int(k[len(stem):].split(".", 1)[0]) for k in keys
-                     if k.startswith(stem) and k[len(stem):].split(".", 1)[0].isdigit()} - set(range(n_layers)))
+    beyond = sorted(stored_layers(keys, stem) - set(range(n_layers)))
     if beyond:
         raise CheckpointError(f"the checkpoint in {checkpoint.dir} has decoder layers up to {beyond[-1]}, its "
                               f"config.json only {n_layers} (num_hidden_layers)",
